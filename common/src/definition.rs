@@ -1,0 +1,607 @@
+//! Workflow definitions as users write them (SPEC.md "Workflow definition"), and their validation.
+//!
+//! Parsing (serde) rejects malformed JSON and unknown fields; [`WorkflowDefinition::validate`]
+//! rejects definitions that parse but cannot run, naming the offending step. Nothing here runs a
+//! step or touches a service.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use serde::{Deserialize, Serialize};
+
+use crate::jq;
+use crate::names;
+
+/// The longest a step id may be.
+pub const MAX_STEP_ID_LEN: usize = 64;
+
+/// A workflow: named steps with dependencies.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkflowDefinition {
+    /// The workflow's name; optional in an inline definition.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// The steps, in any order.
+    pub steps: Vec<StepDefinition>,
+    /// The id of the step whose output is the run's output.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output: Option<String>,
+}
+
+/// One step of a workflow, or a job enqueued on its own.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StepDefinition {
+    /// Unique in the workflow, `[A-Za-z0-9_-]{1,64}`.
+    pub id: String,
+    /// A Python function, `"module.path:function"`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub python: Option<String>,
+    /// Python source text that defines `main(input)`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub python_code: Option<String>,
+    /// A jq program.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dataflow: Option<String>,
+    /// The ids of the steps this one waits for.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub after: Vec<String>,
+    /// A jq program over `{"input", "steps"}` that computes the step's input.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub input: Option<String>,
+    /// A jq program over the step's input yielding the array to fan out over.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub for_each: Option<String>,
+    /// A jq program over the step's input; false skips the step.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub when: Option<String>,
+    /// How failed attempts are retried.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry: Option<RetryPolicy>,
+    /// The longest one attempt may run, in seconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_s: Option<f64>,
+    /// The task queue the step is dispatched to (default `default`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queue: Option<String>,
+    /// 0 to 9, higher first (default 0).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub priority: Option<u8>,
+}
+
+/// Exponential backoff with jitter between attempts of a failed step.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetryPolicy {
+    /// Attempts in all, the first included.
+    pub max_attempts: u32,
+    /// The delay before the second attempt.
+    pub initial_backoff_ms: u64,
+    /// The longest delay between two attempts.
+    pub max_backoff_ms: u64,
+    /// The factor by which the delay grows after each attempt.
+    pub multiplier: f64,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        Self {
+            max_attempts: 3,
+            initial_backoff_ms: 200,
+            max_backoff_ms: 30_000,
+            multiplier: 2.0,
+        }
+    }
+}
+
+/// What a step runs, taken from its one kind field.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum StepKind {
+    /// A Python function named `module.path:function`.
+    Python {
+        /// The module path.
+        module: String,
+        /// The function in that module.
+        function: String,
+    },
+    /// Python source text defining `main(input)`.
+    PythonCode {
+        /// The source text.
+        source: String,
+    },
+    /// A jq program.
+    Dataflow {
+        /// The program text.
+        program: String,
+    },
+}
+
+/// One thing wrong with a definition.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Problem {
+    /// The step concerned, if the problem belongs to one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub step: Option<String>,
+    /// What is wrong, in a lowercase sentence that names the field.
+    pub message: String,
+}
+
+impl std::fmt::Display for Problem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.step {
+            Some(step) => write!(f, "step {step:?}: {}", self.message),
+            None => f.write_str(&self.message),
+        }
+    }
+}
+
+/// Everything wrong with a definition, in the order found.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid workflow definition: {}", join(.problems))]
+pub struct ValidationError {
+    /// The problems, at least one.
+    pub problems: Vec<Problem>,
+}
+
+fn join(problems: &[Problem]) -> String {
+    problems
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+/// Returns whether `id` is a valid step id.
+pub fn is_valid_step_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= MAX_STEP_ID_LEN
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+}
+
+fn is_identifier(part: &str) -> bool {
+    let mut chars = part.chars();
+    matches!(chars.next(), Some(c) if c.is_alphabetic() || c == '_')
+        && chars.all(|c| c.is_alphanumeric() || c == '_')
+}
+
+/// Splits a `"module.path:function"` reference, or returns `None` if it is not one.
+pub fn parse_python_ref(reference: &str) -> Option<(&str, &str)> {
+    let (module, function) = reference.split_once(':')?;
+    let module_ok = module.split('.').all(is_identifier);
+    (module_ok && is_identifier(function)).then_some((module, function))
+}
+
+impl StepDefinition {
+    /// Returns what the step runs, or `None` if it does not name exactly one valid kind.
+    pub fn kind(&self) -> Option<StepKind> {
+        match (&self.python, &self.python_code, &self.dataflow) {
+            (Some(reference), None, None) => {
+                parse_python_ref(reference).map(|(module, function)| StepKind::Python {
+                    module: module.to_owned(),
+                    function: function.to_owned(),
+                })
+            }
+            (None, Some(source), None) => Some(StepKind::PythonCode {
+                source: source.clone(),
+            }),
+            (None, None, Some(program)) => Some(StepKind::Dataflow {
+                program: program.clone(),
+            }),
+            _ => None,
+        }
+    }
+
+    /// Returns the task queue the step goes to.
+    pub fn queue(&self) -> &str {
+        self.queue.as_deref().unwrap_or(names::DEFAULT_QUEUE)
+    }
+
+    /// Returns the step's priority, 0 to 9.
+    pub fn priority(&self) -> u8 {
+        self.priority.unwrap_or(0)
+    }
+
+    /// Appends to `problems` everything wrong with this step taken alone.
+    fn check(&self, problems: &mut Vec<Problem>) {
+        let mut problem = |message: String| {
+            problems.push(Problem {
+                step: Some(self.id.clone()),
+                message,
+            })
+        };
+        if !is_valid_step_id(&self.id) {
+            problem("id must be 1 to 64 characters among A-Z a-z 0-9 _ -".to_owned());
+        }
+        let kinds = [
+            self.python.is_some(),
+            self.python_code.is_some(),
+            self.dataflow.is_some(),
+        ];
+        match kinds.iter().filter(|set| **set).count() {
+            0 => problem("needs one of `python`, `python_code` or `dataflow`".to_owned()),
+            1 => {}
+            _ => problem(
+                "has more than one of `python`, `python_code` and `dataflow`; give exactly one"
+                    .to_owned(),
+            ),
+        }
+        if let Some(reference) = &self.python {
+            if parse_python_ref(reference).is_none() {
+                problem(format!(
+                    "`python` reference {reference:?} is not of the form \"module.path:function\""
+                ));
+            }
+        }
+        if let Some(source) = &self.python_code {
+            if source.trim().is_empty() {
+                problem("`python_code` is empty; it must define main(input)".to_owned());
+            }
+        }
+        let programs = [
+            ("dataflow", &self.dataflow),
+            ("input", &self.input),
+            ("for_each", &self.for_each),
+            ("when", &self.when),
+        ];
+        for (field, program) in programs {
+            if let Some(code) = program {
+                if let Err(error) = jq::Program::compile(code) {
+                    problem(format!("`{field}`: {error}"));
+                }
+            }
+        }
+        if let Some(retry) = &self.retry {
+            if retry.max_attempts == 0 || retry.max_attempts > 100 {
+                problem("`retry.max_attempts` must be between 1 and 100".to_owned());
+            }
+            if !(retry.multiplier.is_finite() && retry.multiplier >= 1.0) {
+                problem("`retry.multiplier` must be a number of at least 1".to_owned());
+            }
+            if retry.max_backoff_ms < retry.initial_backoff_ms {
+                problem("`retry.max_backoff_ms` is below `retry.initial_backoff_ms`".to_owned());
+            }
+        }
+        if let Some(timeout) = self.timeout_s {
+            if !(timeout.is_finite() && timeout > 0.0) {
+                problem("`timeout_s` must be a positive number of seconds".to_owned());
+            }
+        }
+        if let Some(queue) = &self.queue {
+            if let Err(error) = names::check_queue_name(queue) {
+                problem(format!("`queue`: {error}"));
+            }
+        }
+        if let Some(priority) = self.priority {
+            if priority > names::MAX_PRIORITY {
+                problem(format!(
+                    "`priority` must be between 0 and {}",
+                    names::MAX_PRIORITY
+                ));
+            }
+        }
+    }
+}
+
+impl WorkflowDefinition {
+    /// Checks the whole definition: each step, the references between steps, and that the
+    /// steps form a DAG. Returns every problem found.
+    pub fn validate(&self) -> Result<(), ValidationError> {
+        let mut problems = Vec::new();
+        if let Some(name) = &self.name {
+            if !names::is_valid_name(name) {
+                problems.push(Problem {
+                    step: None,
+                    message: format!(
+                        "workflow name {name:?} must be 1 to 64 characters among A-Z a-z 0-9 _ - ."
+                    ),
+                });
+            }
+        }
+        if self.steps.is_empty() {
+            problems.push(Problem {
+                step: None,
+                message: "a workflow needs at least one step".to_owned(),
+            });
+        }
+        let mut seen = BTreeSet::new();
+        for step in &self.steps {
+            step.check(&mut problems);
+            if !seen.insert(step.id.as_str()) {
+                problems.push(Problem {
+                    step: Some(step.id.clone()),
+                    message: "id is used by more than one step".to_owned(),
+                });
+            }
+        }
+        for step in &self.steps {
+            let mut deps = BTreeSet::new();
+            for dep in &step.after {
+                let message = if dep == &step.id {
+                    Some(format!("`after` names the step itself ({dep:?})"))
+                } else if !seen.contains(dep.as_str()) {
+                    Some(format!("`after` names unknown step {dep:?}"))
+                } else if !deps.insert(dep.as_str()) {
+                    Some(format!("`after` names {dep:?} twice"))
+                } else {
+                    None
+                };
+                if let Some(message) = message {
+                    problems.push(Problem {
+                        step: Some(step.id.clone()),
+                        message,
+                    });
+                }
+            }
+        }
+        if let Some(output) = &self.output {
+            if !seen.contains(output.as_str()) {
+                problems.push(Problem {
+                    step: None,
+                    message: format!("`output` names unknown step {output:?}"),
+                });
+            }
+        }
+        if problems.is_empty() {
+            if let Some(cycle) = self.find_cycle() {
+                problems.push(Problem {
+                    step: cycle.first().cloned(),
+                    message: format!("`after` forms a cycle: {}", cycle.join(" -> ")),
+                });
+            }
+        }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(ValidationError { problems })
+        }
+    }
+
+    /// Returns the step with the given id.
+    pub fn step(&self, id: &str) -> Option<&StepDefinition> {
+        self.steps.iter().find(|step| step.id == id)
+    }
+
+    /// Returns the ids of the steps no other step waits for, in definition order.
+    pub fn sinks(&self) -> Vec<&str> {
+        let depended: BTreeSet<&str> = self
+            .steps
+            .iter()
+            .flat_map(|step| step.after.iter().map(String::as_str))
+            .collect();
+        self.steps
+            .iter()
+            .map(|step| step.id.as_str())
+            .filter(|id| !depended.contains(id))
+            .collect()
+    }
+
+    /// Returns a cycle of `after` references as a list of step ids that starts and ends with the
+    /// same id, if there is one. Assumes every `after` id names a step.
+    fn find_cycle(&self) -> Option<Vec<String>> {
+        #[derive(Clone, Copy, PartialEq)]
+        enum Mark {
+            New,
+            Open,
+            Done,
+        }
+        let index: HashMap<&str, usize> = self
+            .steps
+            .iter()
+            .enumerate()
+            .map(|(i, step)| (step.id.as_str(), i))
+            .collect();
+        let mut marks = vec![Mark::New; self.steps.len()];
+        for start in 0..self.steps.len() {
+            if marks[start] != Mark::New {
+                continue;
+            }
+            // Iterative depth-first search; `path` holds the open steps with their next dependency.
+            let mut path: Vec<(usize, usize)> = vec![(start, 0)];
+            marks[start] = Mark::Open;
+            while let Some((node, next)) = path.last_mut() {
+                let node_id = *node;
+                match self.steps[node_id].after.get(*next) {
+                    Some(dep) => {
+                        *next += 1;
+                        let Some(&dep_index) = index.get(dep.as_str()) else {
+                            continue;
+                        };
+                        match marks[dep_index] {
+                            Mark::New => {
+                                marks[dep_index] = Mark::Open;
+                                path.push((dep_index, 0));
+                            }
+                            Mark::Open => {
+                                let from = path
+                                    .iter()
+                                    .position(|(open, _)| *open == dep_index)
+                                    .unwrap_or(0);
+                                let mut cycle: Vec<String> = path[from..]
+                                    .iter()
+                                    .map(|(open, _)| self.steps[*open].id.clone())
+                                    .collect();
+                                cycle.push(self.steps[dep_index].id.clone());
+                                return Some(cycle);
+                            }
+                            Mark::Done => {}
+                        }
+                    }
+                    None => {
+                        marks[node_id] = Mark::Done;
+                        path.pop();
+                    }
+                }
+            }
+        }
+        None
+    }
+
+    /// Returns the run's output given the outputs of the finished steps: the `output` step's,
+    /// else the single sink's, else an object keyed by the sinks' ids.
+    pub fn run_output(&self, outputs: &BTreeMap<String, serde_json::Value>) -> serde_json::Value {
+        let get = |id: &str| outputs.get(id).cloned().unwrap_or(serde_json::Value::Null);
+        if let Some(output) = &self.output {
+            return get(output);
+        }
+        match self.sinks().as_slice() {
+            [single] => get(single),
+            sinks => serde_json::Value::Object(
+                sinks.iter().map(|id| ((*id).to_owned(), get(id))).collect(),
+            ),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn parse(value: serde_json::Value) -> WorkflowDefinition {
+        serde_json::from_value(value).expect("definition parses")
+    }
+
+    fn check(value: serde_json::Value, expected: &[&str]) {
+        let definition = parse(value);
+        let problems: Vec<String> = match definition.validate() {
+            Ok(()) => Vec::new(),
+            Err(error) => error.problems.iter().map(ToString::to_string).collect(),
+        };
+        assert_eq!(problems.len(), expected.len(), "{problems:?}");
+        for (problem, want) in problems.iter().zip(expected) {
+            assert!(
+                problem.contains(want),
+                "{problem:?} should contain {want:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn valid_definitions_pass() {
+        check(
+            json!({"name": "orders", "steps": [
+                {"id": "load", "python": "etl.orders:load"},
+                {"id": "clean", "dataflow": "map(select(.qty > 0))", "after": ["load"]},
+                {"id": "total", "dataflow": "map(.price) | add", "after": ["clean"]}
+            ]}),
+            &[],
+        );
+        check(
+            json!({"steps": [{"id": "a", "python_code": "def main(input):\n    return input"}]}),
+            &[],
+        );
+    }
+
+    #[test]
+    fn bad_steps_are_named() {
+        check(json!({"steps": []}), &["at least one step"]);
+        check(
+            json!({"steps": [{"id": "a"}]}),
+            &["step \"a\": needs one of"],
+        );
+        check(
+            json!({"steps": [{"id": "a", "python": "m:f", "dataflow": "."}]}),
+            &["more than one"],
+        );
+        check(
+            json!({"steps": [{"id": "a", "python": "not a ref"}]}),
+            &["step \"a\": `python` reference \"not a ref\""],
+        );
+        check(
+            json!({"steps": [{"id": "a b", "dataflow": "."}]}),
+            &["id must be"],
+        );
+        check(
+            json!({"steps": [{"id": "a", "dataflow": "map("}]}),
+            &["step \"a\": `dataflow`: jq program does not compile"],
+        );
+        check(
+            json!({"steps": [{"id": "a", "dataflow": ".", "when": "nosuchfn"}]}),
+            &["`when`: jq program does not compile"],
+        );
+        check(
+            json!({"steps": [{"id": "a", "dataflow": "."}, {"id": "a", "dataflow": "."}]}),
+            &["used by more than one step"],
+        );
+        check(
+            json!({"steps": [{"id": "a", "dataflow": ".", "priority": 12, "queue": "x y"}]}),
+            &["`queue`", "`priority`"],
+        );
+        check(
+            json!({"steps": [{"id": "a", "dataflow": ".", "timeout_s": 0}]}),
+            &["`timeout_s`"],
+        );
+        check(
+            json!({"steps": [{"id": "a", "dataflow": ".", "retry": {"max_attempts": 0}}]}),
+            &["max_attempts"],
+        );
+    }
+
+    #[test]
+    fn bad_references_are_named() {
+        check(
+            json!({"steps": [{"id": "a", "dataflow": ".", "after": ["ghost"]}]}),
+            &["step \"a\": `after` names unknown step \"ghost\""],
+        );
+        check(
+            json!({"steps": [{"id": "a", "dataflow": ".", "after": ["a"]}]}),
+            &["names the step itself"],
+        );
+        check(
+            json!({"steps": [{"id": "a", "dataflow": "."}], "output": "zz"}),
+            &["`output` names unknown step \"zz\""],
+        );
+    }
+
+    #[test]
+    fn cycles_are_found() {
+        check(
+            json!({"steps": [
+                {"id": "a", "dataflow": ".", "after": ["c"]},
+                {"id": "b", "dataflow": ".", "after": ["a"]},
+                {"id": "c", "dataflow": ".", "after": ["b"]},
+                {"id": "d", "dataflow": "."}
+            ]}),
+            &["cycle: a -> c -> b -> a"],
+        );
+    }
+
+    #[test]
+    fn unknown_fields_are_refused() {
+        let error = serde_json::from_value::<WorkflowDefinition>(
+            json!({"steps": [{"id": "a", "dataflow": ".", "colour": 1}]}),
+        )
+        .expect_err("unknown field");
+        assert!(error.to_string().contains("colour"), "{error}");
+    }
+
+    #[test]
+    fn retry_defaults_fill_missing_fields() {
+        let step: StepDefinition = serde_json::from_value(
+            json!({"id": "a", "dataflow": ".", "retry": {"max_attempts": 5}}),
+        )
+        .expect("parses");
+        let retry = step.retry.expect("retry present");
+        assert_eq!(retry.max_attempts, 5);
+        assert_eq!(retry.initial_backoff_ms, 200);
+        assert_eq!(retry.max_backoff_ms, 30_000);
+    }
+
+    #[test]
+    fn run_output_follows_the_rules() {
+        let outputs: BTreeMap<String, serde_json::Value> =
+            [("a".to_owned(), json!(1)), ("b".to_owned(), json!(2))].into();
+        let chain = parse(json!({"steps": [
+            {"id": "a", "dataflow": "."}, {"id": "b", "dataflow": ".", "after": ["a"]}]}));
+        assert_eq!(chain.run_output(&outputs), json!(2));
+        let named = parse(json!({"output": "a", "steps": [
+            {"id": "a", "dataflow": "."}, {"id": "b", "dataflow": ".", "after": ["a"]}]}));
+        assert_eq!(named.run_output(&outputs), json!(1));
+        let two_sinks =
+            parse(json!({"steps": [{"id": "a", "dataflow": "."}, {"id": "b", "dataflow": "."}]}));
+        assert_eq!(two_sinks.run_output(&outputs), json!({"a": 1, "b": 2}));
+    }
+}

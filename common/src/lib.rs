@@ -1,0 +1,18 @@
+//! Shared vocabulary of taskfleet: workflow definitions, the wire protocol between scheduler and
+//! workers, identifiers, statuses, error types and the names of queues and Redis keys.
+//!
+//! This crate does no I/O: it never talks to a network, a database or a Python interpreter.
+
+pub mod definition;
+pub mod error;
+pub mod ids;
+pub mod jq;
+pub mod names;
+pub mod protocol;
+pub mod status;
+
+pub use definition::{StepDefinition, StepKind, WorkflowDefinition};
+pub use error::StepError;
+pub use ids::{RunId, TaskId};
+pub use names::Namespace;
+pub use status::{RunStatus, StepStatus};

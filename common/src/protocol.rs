@@ -1,0 +1,160 @@
+//! Messages between schedulers and workers. Every message carries an explicit `version`; a
+//! receiver refuses versions it does not know instead of guessing.
+//!
+//! Tasks travel scheduler → worker on the task queues; completions travel worker → scheduler on
+//! the completions queue. Both are JSON bodies of persistent AMQP messages.
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+use crate::definition::StepKind;
+use crate::error::StepError;
+use crate::ids::{RunId, TaskId};
+
+/// The protocol version this build writes and reads.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// One attempt of one task, as dispatched to a worker.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TaskMessage {
+    /// Always [`PROTOCOL_VERSION`] when written by this build.
+    pub version: u32,
+    /// The task.
+    pub task_id: TaskId,
+    /// The run the task belongs to.
+    pub run_id: RunId,
+    /// The step of the run's definition.
+    pub step_id: String,
+    /// The attempt number, from 1; also the fencing token of the completion.
+    pub attempt: u32,
+    /// What to run.
+    pub step: StepKind,
+    /// The step's input.
+    pub input: serde_json::Value,
+    /// The longest the attempt may run, in seconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_s: Option<f64>,
+}
+
+/// How an attempt ended.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "status", rename_all = "snake_case")]
+pub enum Outcome {
+    /// The step returned a value.
+    Succeeded {
+        /// The step's output.
+        output: serde_json::Value,
+    },
+    /// The step failed.
+    Failed {
+        /// Why.
+        error: StepError,
+    },
+}
+
+/// The report of one finished attempt, as sent by a worker.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CompletionMessage {
+    /// Always [`PROTOCOL_VERSION`] when written by this build.
+    pub version: u32,
+    /// The task.
+    pub task_id: TaskId,
+    /// The run the task belongs to.
+    pub run_id: RunId,
+    /// The attempt this reports on; a completion for any other attempt than the current one is ignored.
+    pub attempt: u32,
+    /// The worker that ran it.
+    pub worker_id: String,
+    /// How it ended.
+    pub outcome: Outcome,
+    /// When the worker started the attempt.
+    pub started_at: DateTime<Utc>,
+    /// When the attempt ended.
+    pub finished_at: DateTime<Utc>,
+}
+
+/// Describes why a message body could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum DecodeError {
+    /// The body is not a message of this protocol.
+    #[error("message is not valid: {0}")]
+    Invalid(#[from] serde_json::Error),
+    /// The message was written by a newer (or unknown) protocol version.
+    #[error("message has protocol version {0}, this build reads version {PROTOCOL_VERSION}")]
+    Version(u32),
+}
+
+#[derive(Deserialize)]
+struct VersionProbe {
+    version: u32,
+}
+
+/// Decodes a message body, refusing a protocol version other than [`PROTOCOL_VERSION`].
+pub fn decode<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, DecodeError> {
+    let probe: VersionProbe = serde_json::from_slice(body)?;
+    if probe.version != PROTOCOL_VERSION {
+        return Err(DecodeError::Version(probe.version));
+    }
+    Ok(serde_json::from_slice(body)?)
+}
+
+/// Encodes a message body.
+pub fn encode<T: Serialize>(message: &T) -> Vec<u8> {
+    // Serialising these types cannot fail: every map key is a string and no value is foreign.
+    serde_json::to_vec(message).expect("protocol messages always serialise")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn task_round_trips() {
+        let task = TaskMessage {
+            version: PROTOCOL_VERSION,
+            task_id: TaskId::new(),
+            run_id: RunId::new(),
+            step_id: "load".into(),
+            attempt: 1,
+            step: StepKind::Python {
+                module: "etl.orders".into(),
+                function: "load".into(),
+            },
+            input: json!({"a": [1, 2]}),
+            timeout_s: None,
+        };
+        let decoded: TaskMessage = decode(&encode(&task)).expect("decodes");
+        assert_eq!(decoded, task);
+    }
+
+    #[test]
+    fn completion_round_trips() {
+        let completion = CompletionMessage {
+            version: PROTOCOL_VERSION,
+            task_id: TaskId::new(),
+            run_id: RunId::new(),
+            attempt: 2,
+            worker_id: "w1".into(),
+            outcome: Outcome::Failed {
+                error: StepError::new("ValueError", "bad"),
+            },
+            started_at: Utc::now(),
+            finished_at: Utc::now(),
+        };
+        let decoded: CompletionMessage = decode(&encode(&completion)).expect("decodes");
+        assert_eq!(decoded, completion);
+    }
+
+    #[test]
+    fn other_versions_and_garbage_are_refused() {
+        assert!(matches!(
+            decode::<TaskMessage>(br#"{"version": 99}"#),
+            Err(DecodeError::Version(99))
+        ));
+        assert!(matches!(
+            decode::<TaskMessage>(b"not json"),
+            Err(DecodeError::Invalid(_))
+        ));
+    }
+}

@@ -1,0 +1,116 @@
+//! The API's one error type: every failure becomes `{"error": {"code", "message", "details"}}`
+//! with a fitting status. Database and broker failures are logged in full and answered briefly.
+
+use axum::Json;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use serde_json::{Value, json};
+
+use crate::accept::AcceptError;
+use crate::store::StoreError;
+
+/// An error answered to an API client.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+    details: Option<Value>,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            code,
+            message: message.into(),
+            details: None,
+        }
+    }
+
+    /// Returns the error prefixed with the position of the run in a batch request.
+    pub fn in_batch(mut self, index: usize) -> Self {
+        self.message = format!("runs[{index}]: {}", self.message);
+        self
+    }
+
+    /// Returns a 400: the request is malformed.
+    pub fn bad_request(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "bad_request", message)
+    }
+
+    /// Returns a 422: the definition (or another part of the request) cannot be run.
+    pub fn invalid(message: impl Into<String>, details: Option<Value>) -> Self {
+        Self {
+            details,
+            ..Self::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "invalid_definition",
+                message,
+            )
+        }
+    }
+
+    /// Returns a 404 naming what was not found.
+    pub fn not_found(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::NOT_FOUND, "not_found", message)
+    }
+
+    /// Returns a 413: the body is over the configured limit.
+    pub fn too_large(limit: usize) -> Self {
+        Self::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload_too_large",
+            format!("request body is over the limit of {limit} bytes"),
+        )
+    }
+
+    /// Returns a 503 naming the service that is down.
+    pub fn unavailable(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", message)
+    }
+
+    /// Returns a 500 after logging what went wrong.
+    pub fn internal(error: &dyn std::fmt::Display) -> Self {
+        tracing::error!(%error, "internal error");
+        Self::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "internal error; the scheduler's log has the details",
+        )
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(error: StoreError) -> Self {
+        if error.is_unavailable() {
+            tracing::warn!(%error, "database unavailable");
+            Self::unavailable("the database is unavailable; try again")
+        } else {
+            Self::internal(&error)
+        }
+    }
+}
+
+impl From<AcceptError> for ApiError {
+    fn from(error: AcceptError) -> Self {
+        match error {
+            AcceptError::Store(store) if store.is_unavailable() => {
+                tracing::warn!(error = %store, "database unavailable");
+                Self::unavailable("the database is unavailable; try again")
+            }
+            AcceptError::Store(store) => Self::internal(&store),
+            AcceptError::Stopped => Self::unavailable("the scheduler is shutting down"),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut error = json!({"code": self.code, "message": self.message});
+        if let Some(details) = self.details {
+            error["details"] = details;
+        }
+        (self.status, Json(json!({ "error": error }))).into_response()
+    }
+}

@@ -1,0 +1,161 @@
+//! The HTTP API (SPEC.md "HTTP API"): routes, shared state and the JSON body extractor.
+//!
+//! Handlers parse and validate, plan through [`crate::planner`], and read or write through
+//! [`crate::store`] and [`crate::accept`]; they hold no SQL.
+
+mod error;
+mod runs;
+mod views;
+mod workflows;
+
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::{FromRequest, Request};
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::de::DeserializeOwned;
+use serde_json::json;
+
+pub use error::ApiError;
+
+use crate::accept::Acceptor;
+use crate::broker::Broker;
+use crate::config::Config;
+use crate::notify::Notifier;
+use crate::planner::ProgramCache;
+use crate::store;
+
+/// What every handler can reach.
+#[derive(Clone)]
+pub struct AppState {
+    /// The configuration.
+    pub config: Arc<Config>,
+    /// The database.
+    pub db: sqlx::PgPool,
+    /// Redis, for leases and readiness.
+    pub redis: redis::aio::ConnectionManager,
+    /// The broker, for readiness.
+    pub broker: Arc<Broker>,
+    /// Where accepted runs are written.
+    pub acceptor: Acceptor,
+    /// Run-finished notifications for long polls.
+    pub notifier: Notifier,
+    /// Compiled jq programs.
+    pub programs: ProgramCache,
+}
+
+/// Returns the API's router.
+pub fn router(state: AppState) -> Router {
+    let limit = state.config.max_body_bytes;
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/v1/workflows", get(workflows::list))
+        .route(
+            "/v1/workflows/{name}",
+            get(workflows::show).put(workflows::register),
+        )
+        .route("/v1/runs", post(runs::create).get(runs::list))
+        .route("/v1/runs:batch", post(runs::create_batch))
+        .route("/v1/runs/{id}", get(runs::show))
+        .route("/v1/tasks", post(runs::create_job))
+        .route("/v1/tasks/{id}", get(runs::show_job))
+        .route("/v1/stats", get(stats))
+        .fallback(not_found)
+        .layer(axum::extract::DefaultBodyLimit::max(limit))
+        .layer(tower_http::catch_panic::CatchPanicLayer::new())
+        .with_state(state)
+}
+
+/// A JSON request body whose failures are answered as the API's errors: 413 over the size limit,
+/// 400 naming what does not parse (including unknown fields).
+pub struct JsonBody<T>(pub T);
+
+impl<T: DeserializeOwned> FromRequest<AppState> for JsonBody<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(request: Request, state: &AppState) -> Result<Self, Self::Rejection> {
+        let limit = state.config.max_body_bytes;
+        let bytes = Bytes::from_request(request, state)
+            .await
+            .map_err(|rejection| {
+                if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                    ApiError::too_large(limit)
+                } else {
+                    ApiError::bad_request(format!("reading the request body: {rejection}"))
+                }
+            })?;
+        serde_json::from_slice(&bytes)
+            .map(JsonBody)
+            .map_err(|error| ApiError::bad_request(format!("request body is not valid: {error}")))
+    }
+}
+
+async fn healthz() -> impl IntoResponse {
+    Json(json!({"status": "ok"}))
+}
+
+async fn readyz(axum::extract::State(state): axum::extract::State<AppState>) -> impl IntoResponse {
+    let database = store::ping(&state.db).await.is_ok();
+    let mut redis = state.redis.clone();
+    let redis_ok = redis::cmd("PING")
+        .query_async::<String>(&mut redis)
+        .await
+        .is_ok();
+    let broker = state.broker.is_connected();
+    let status = if database && redis_ok && broker {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (
+        status,
+        Json(json!({"postgres": database, "redis": redis_ok, "rabbitmq": broker})),
+    )
+}
+
+async fn stats(
+    axum::extract::State(state): axum::extract::State<AppState>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let (runs, tasks) = store::stats(&state.db).await?;
+    let to_object = |counts: Vec<(String, i64)>| {
+        counts
+            .into_iter()
+            .map(|(status, count)| (status, json!(count)))
+            .collect::<serde_json::Map<_, _>>()
+    };
+    Ok(Json(json!({
+        "namespace": state.config.namespace.as_str(),
+        "runs": to_object(runs),
+        "tasks": to_object(tasks),
+    })))
+}
+
+async fn not_found(uri: axum::http::Uri) -> ApiError {
+    ApiError::not_found(format!("no route for {}", uri.path()))
+}
+
+/// Query parameters whose failures are answered as the API's 400.
+pub struct QueryParams<T>(pub T);
+
+impl<T: DeserializeOwned, S: Send + Sync> axum::extract::FromRequestParts<S> for QueryParams<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        state: &S,
+    ) -> Result<Self, Self::Rejection> {
+        axum::extract::Query::<T>::from_request_parts(parts, state)
+            .await
+            .map(|query| QueryParams(query.0))
+            .map_err(|rejection| {
+                ApiError::bad_request(format!(
+                    "query string is not valid: {}",
+                    rejection.body_text()
+                ))
+            })
+    }
+}

@@ -1,0 +1,116 @@
+//! `/v1/workflows`: registering, listing and showing workflow definitions.
+
+use axum::Json;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use serde::Deserialize;
+use serde_json::{Value, json};
+use taskfleet_common::WorkflowDefinition;
+use taskfleet_common::names::is_valid_name;
+
+use super::{ApiError, AppState, JsonBody, QueryParams};
+use crate::store;
+
+/// Checks a definition as the API accepts it: valid, and using only what this scheduler runs.
+pub fn check_definition(definition: &WorkflowDefinition) -> Result<(), ApiError> {
+    if let Err(error) = definition.validate() {
+        let details = serde_json::to_value(&error.problems).ok();
+        return Err(ApiError::invalid(error.to_string(), details));
+    }
+    for step in &definition.steps {
+        let unsupported = [
+            ("for_each", step.for_each.is_some()),
+            ("retry", step.retry.is_some()),
+            ("timeout_s", step.timeout_s.is_some()),
+        ];
+        if let Some((field, _)) = unsupported.iter().find(|(_, set)| *set) {
+            return Err(ApiError::invalid(
+                format!(
+                    "invalid workflow definition: step {:?}: `{field}` is not supported by this scheduler version",
+                    step.id
+                ),
+                None,
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// `PUT /v1/workflows/{name}`: registers a definition; 201 for a new version, 200 if unchanged.
+pub async fn register(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+    JsonBody(mut definition): JsonBody<WorkflowDefinition>,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    if !is_valid_name(&name) {
+        return Err(ApiError::bad_request(format!(
+            "workflow name {name:?} must be 1 to 64 characters among A-Z a-z 0-9 _ - ."
+        )));
+    }
+    match &definition.name {
+        Some(inner) if inner != &name => {
+            return Err(ApiError::invalid(
+                format!(
+                    "the definition's name {inner:?} differs from the name in the path {name:?}"
+                ),
+                None,
+            ));
+        }
+        _ => definition.name = Some(name.clone()),
+    }
+    check_definition(&definition)?;
+    let value = serde_json::to_value(&definition).map_err(|error| ApiError::internal(&error))?;
+    let (version, created) = store::put_workflow(&state.db, &name, &value).await?;
+    let status = if created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    Ok((status, Json(json!({"name": name, "version": version}))))
+}
+
+/// `GET /v1/workflows`: the latest version of each workflow.
+pub async fn list(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
+    let rows = store::list_workflows(&state.db).await?;
+    let workflows: Vec<Value> = rows
+        .into_iter()
+        .map(|row| {
+            json!({
+                "name": row.name,
+                "version": row.version,
+                "steps": row.definition.0.get("steps").and_then(Value::as_array).map_or(0, Vec::len),
+                "created_at": row.created_at,
+            })
+        })
+        .collect();
+    Ok(Json(json!({ "workflows": workflows })))
+}
+
+/// The query of `GET /v1/workflows/{name}`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShowQuery {
+    version: Option<i32>,
+}
+
+/// `GET /v1/workflows/{name}`: one version (the latest unless `?version=N`).
+pub async fn show(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+    QueryParams(query): QueryParams<ShowQuery>,
+) -> Result<Json<Value>, ApiError> {
+    let row = store::get_workflow(&state.db, &name, query.version)
+        .await?
+        .ok_or_else(|| match query.version {
+            Some(version) => {
+                ApiError::not_found(format!("workflow {name:?} has no version {version}"))
+            }
+            None => ApiError::not_found(format!("no workflow named {name:?}")),
+        })?;
+    Ok(Json(json!({
+        "name": row.name,
+        "version": row.version,
+        "definition": row.definition.0,
+        "created_at": row.created_at,
+    })))
+}

@@ -1,0 +1,113 @@
+//! The taskfleet scheduler: takes work through the HTTP API, keeps the durable record in
+//! PostgreSQL, plans runs into tasks, dispatches them through RabbitMQ and advances runs as
+//! completions come back.
+//!
+//! [`run`] wires the parts together and runs them until the shutdown token is cancelled.
+
+pub mod accept;
+pub mod api;
+pub mod broker;
+pub mod completions;
+pub mod config;
+pub mod dispatch;
+pub mod engine;
+pub mod notify;
+pub mod planner;
+pub mod store;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+pub use config::Config;
+
+/// Runs a scheduler until `shutdown` is cancelled, then drains and returns.
+pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let config = Arc::new(config);
+    let db = store::connect(&config.database_url, config.database_pool_size)
+        .await
+        .context("connecting to postgresql")?;
+    let redis_client =
+        redis::Client::open(config.redis_url.as_str()).context("parsing the redis url")?;
+    let redis = redis_client
+        .get_connection_manager()
+        .await
+        .context("connecting to redis")?;
+    let broker = Arc::new(
+        broker::Broker::connect(&config.amqp_url, config.namespace.clone())
+            .await
+            .context("connecting to rabbitmq")?,
+    );
+    let tracker = TaskTracker::new();
+    let notifier = notify::Notifier::new(redis.clone(), config.namespace.run_finished_channel());
+    tracker.spawn(
+        notifier
+            .clone()
+            .listen(redis_client, shutdown.child_token()),
+    );
+
+    // The dispatcher outlives the accept and completion loops, so it gets its own token and
+    // stops after them.
+    let dispatch_shutdown = CancellationToken::new();
+    let (dispatcher, dispatch_loop) =
+        dispatch::dispatcher(broker.clone(), db.clone(), dispatch_shutdown.clone());
+    let dispatch_task = tokio::spawn(dispatch_loop);
+    tracker.spawn(dispatch::relay_loop(
+        dispatcher.clone(),
+        db.clone(),
+        config.relay_after,
+        Duration::from_secs(2),
+        shutdown.child_token(),
+    ));
+    let (acceptor, writer) = accept::acceptor(
+        db.clone(),
+        dispatcher.clone(),
+        notifier.clone(),
+        shutdown.child_token(),
+    );
+    tracker.spawn(writer);
+    let programs = planner::ProgramCache::default();
+    let consumer = broker
+        .consume_completions(completions::MAX_BATCH as u16)
+        .await
+        .context("consuming completions")?;
+    let completion_loop = completions::CompletionLoop {
+        db: db.clone(),
+        dispatcher: dispatcher.clone(),
+        notifier: notifier.clone(),
+        programs: programs.clone(),
+    };
+    tracker.spawn(completion_loop.run(consumer, shutdown.child_token()));
+
+    let state = api::AppState {
+        config: config.clone(),
+        db: db.clone(),
+        redis,
+        broker: broker.clone(),
+        acceptor,
+        notifier,
+        programs,
+    };
+    let listener = tokio::net::TcpListener::bind(config.http_addr)
+        .await
+        .with_context(|| format!("listening on {}", config.http_addr))?;
+    tracing::info!(addr = %listener.local_addr()?, namespace = %config.namespace, "scheduler listening");
+    let http_shutdown = shutdown.clone();
+    axum::serve(listener, api::router(state))
+        .with_graceful_shutdown(async move { http_shutdown.cancelled().await })
+        .await
+        .context("serving http")?;
+
+    tracker.close();
+    tracker.wait().await;
+    drop(dispatcher);
+    dispatch_shutdown.cancel();
+    let _ = dispatch_task.await;
+    broker.close().await;
+    db.close().await;
+    tracing::info!("scheduler stopped");
+    Ok(())
+}

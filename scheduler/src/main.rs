@@ -1,0 +1,60 @@
+//! `taskfleet-scheduler`: loads the configuration, installs logging and runs the scheduler until
+//! SIGTERM or Ctrl-C.
+
+use clap::Parser;
+use taskfleet_scheduler::config::{Config, Overrides};
+use tokio_util::sync::CancellationToken;
+
+/// The taskfleet scheduler: HTTP API, durable record, dispatch. Configured by TASKFLEET_*
+/// environment variables (see the README); flags override them.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Args {
+    /// Address of the HTTP API (TASKFLEET_HTTP_ADDR).
+    #[arg(long)]
+    http_addr: Option<String>,
+    /// PostgreSQL URL (TASKFLEET_DATABASE_URL).
+    #[arg(long)]
+    database_url: Option<String>,
+    /// Prefix of every queue and Redis key (TASKFLEET_NAMESPACE).
+    #[arg(long)]
+    namespace: Option<String>,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    let env = std::env::vars().collect();
+    let overrides = Overrides {
+        http_addr: args.http_addr,
+        database_url: args.database_url,
+        namespace: args.namespace,
+    };
+    let config = Config::load(&env, &overrides)?;
+    let shutdown = CancellationToken::new();
+    tokio::spawn(cancel_on_signal(shutdown.clone()));
+    taskfleet_scheduler::run(config, shutdown).await
+}
+
+async fn cancel_on_signal(shutdown: CancellationToken) {
+    let mut terminate =
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(signal) => signal,
+            Err(error) => {
+                tracing::error!(%error, "installing the SIGTERM handler");
+                return;
+            }
+        };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = terminate.recv() => {}
+    }
+    tracing::info!("shutting down");
+    shutdown.cancel();
+}

@@ -1,0 +1,444 @@
+//! Planning: given a run's definition, its input and what its steps have done so far, decides
+//! which steps start next (with their inputs), which are skipped, and whether the run is over.
+//!
+//! Pure logic on values: no I/O, no clock. jq programs are compiled through [`ProgramCache`].
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+
+use serde_json::{Map, Value, json};
+use taskfleet_common::definition::{StepDefinition, WorkflowDefinition};
+use taskfleet_common::error::DATAFLOW_ERROR;
+use taskfleet_common::jq::Program;
+use taskfleet_common::{StepError, StepStatus};
+
+/// What a planned step of a run has done so far.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StepState {
+    /// Pending while queued or running; otherwise how it finished.
+    pub status: StepStatus,
+    /// The output of a succeeded step.
+    pub output: Option<Value>,
+    /// The error of a failed step.
+    pub error: Option<StepError>,
+}
+
+impl StepState {
+    fn with_status(status: StepStatus) -> Self {
+        Self {
+            status,
+            output: None,
+            error: None,
+        }
+    }
+}
+
+/// A decision about one step that had no state yet.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Planned {
+    /// The step is ready: dispatch it with this input.
+    Dispatch {
+        /// The step.
+        step_id: String,
+        /// Its input.
+        input: Value,
+    },
+    /// The step does not run; its output is null.
+    Skip {
+        /// The step.
+        step_id: String,
+    },
+    /// The step failed before it could be dispatched (its `input` or `when` program failed).
+    Fail {
+        /// The step.
+        step_id: String,
+        /// Why.
+        error: StepError,
+    },
+}
+
+/// How a run ended.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RunEnd {
+    /// Every step succeeded or was skipped.
+    Succeeded {
+        /// The run's output.
+        output: Value,
+    },
+    /// A step failed.
+    Failed {
+        /// The run's error: the step's error with the step's id.
+        error: Value,
+    },
+}
+
+/// What to do next with a run.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Advance {
+    /// Decisions about steps that had no state.
+    pub planned: Vec<Planned>,
+    /// Set when the run is over.
+    pub end: Option<RunEnd>,
+}
+
+/// Compiled jq programs shared by every planning call, keyed by source text.
+#[derive(Clone, Default)]
+pub struct ProgramCache {
+    programs: Arc<Mutex<HashMap<String, Program>>>,
+}
+
+/// The most programs a cache keeps before it starts over; definitions are few, so this is only
+/// a bound against unbounded growth from many one-off inline definitions.
+const PROGRAM_CACHE_LIMIT: usize = 10_000;
+
+impl ProgramCache {
+    /// Returns the compiled program for `source`, compiling it on first use.
+    pub fn get(&self, source: &str) -> Result<Program, StepError> {
+        let mut programs = self
+            .programs
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(program) = programs.get(source) {
+            return Ok(program.clone());
+        }
+        let program = Program::compile(source)
+            .map_err(|error| StepError::new(DATAFLOW_ERROR, error.to_string()))?;
+        if programs.len() >= PROGRAM_CACHE_LIMIT {
+            programs.clear();
+        }
+        programs.insert(source.to_owned(), program.clone());
+        Ok(program)
+    }
+
+    fn run(&self, field: &str, source: &str, input: Value) -> Result<Value, StepError> {
+        self.get(source)?.run(input).map_err(|error| {
+            StepError::new(DATAFLOW_ERROR, format!("`{field}` program failed: {error}"))
+        })
+    }
+}
+
+/// Computes a step's input from the run input and the outputs of its dependencies: its `input`
+/// program if it has one, else the run input (no `after`), the one dependency's output, or an
+/// object keyed by dependency id.
+fn step_input(
+    programs: &ProgramCache,
+    step: &StepDefinition,
+    run_input: &Value,
+    states: &BTreeMap<String, StepState>,
+) -> Result<Value, StepError> {
+    let output_of = |id: &str| {
+        states
+            .get(id)
+            .and_then(|state| state.output.clone())
+            .unwrap_or(Value::Null)
+    };
+    if let Some(program) = &step.input {
+        let steps: Map<String, Value> = states
+            .iter()
+            .filter(|(_, state)| state.status.is_finished())
+            .map(|(id, state)| (id.clone(), state.output.clone().unwrap_or(Value::Null)))
+            .collect();
+        let scope = json!({"input": run_input, "steps": steps});
+        return programs.run("input", program, scope);
+    }
+    Ok(match step.after.as_slice() {
+        [] => run_input.clone(),
+        [single] => output_of(single),
+        several => Value::Object(
+            several
+                .iter()
+                .map(|id| (id.clone(), output_of(id)))
+                .collect(),
+        ),
+    })
+}
+
+/// Returns whether a jq value counts as true (everything but `false` and `null`).
+fn truthy(value: &Value) -> bool {
+    !matches!(value, Value::Bool(false) | Value::Null)
+}
+
+/// Decides what happens next in a run. `states` holds every step that has been planned; steps
+/// missing from it have not started. Planning repeats until nothing changes, so that a skipped
+/// step makes its dependents ready in the same call.
+pub fn advance(
+    programs: &ProgramCache,
+    definition: &WorkflowDefinition,
+    run_input: &Value,
+    states: &BTreeMap<String, StepState>,
+) -> Advance {
+    let mut states = states.clone();
+    let mut planned = Vec::new();
+    loop {
+        let mut changed = false;
+        for step in &definition.steps {
+            if states.contains_key(&step.id) {
+                continue;
+            }
+            let deps: Vec<StepStatus> = step
+                .after
+                .iter()
+                .map(|id| {
+                    states
+                        .get(id)
+                        .map_or(StepStatus::Pending, |state| state.status)
+                })
+                .collect();
+            if !deps.iter().all(|status| status.is_finished()) {
+                continue;
+            }
+            if deps
+                .iter()
+                .any(|status| matches!(status, StepStatus::Failed | StepStatus::Cancelled))
+            {
+                // The run is failing; its remaining steps never start.
+                continue;
+            }
+            let decision = if !deps.is_empty() && deps.iter().all(|s| *s == StepStatus::Skipped) {
+                Planned::Skip {
+                    step_id: step.id.clone(),
+                }
+            } else {
+                decide(programs, step, run_input, &states)
+            };
+            let state = match &decision {
+                Planned::Dispatch { .. } => StepState::with_status(StepStatus::Pending),
+                Planned::Skip { .. } => StepState::with_status(StepStatus::Skipped),
+                Planned::Fail { error, .. } => StepState {
+                    error: Some(error.clone()),
+                    ..StepState::with_status(StepStatus::Failed)
+                },
+            };
+            states.insert(step.id.clone(), state);
+            planned.push(decision);
+            changed = true;
+        }
+        if !changed {
+            break;
+        }
+    }
+    let end = run_end(definition, &states);
+    Advance { planned, end }
+}
+
+fn decide(
+    programs: &ProgramCache,
+    step: &StepDefinition,
+    run_input: &Value,
+    states: &BTreeMap<String, StepState>,
+) -> Planned {
+    let fail = |error| Planned::Fail {
+        step_id: step.id.clone(),
+        error,
+    };
+    let input = match step_input(programs, step, run_input, states) {
+        Ok(input) => input,
+        Err(error) => return fail(error),
+    };
+    if let Some(when) = &step.when {
+        match programs.run("when", when, input.clone()) {
+            Ok(verdict) if !truthy(&verdict) => {
+                return Planned::Skip {
+                    step_id: step.id.clone(),
+                };
+            }
+            Ok(_) => {}
+            Err(error) => return fail(error),
+        }
+    }
+    Planned::Dispatch {
+        step_id: step.id.clone(),
+        input,
+    }
+}
+
+/// Returns how the run ended, if it has: failed as soon as a step failed, succeeded once every
+/// step succeeded or was skipped.
+fn run_end(
+    definition: &WorkflowDefinition,
+    states: &BTreeMap<String, StepState>,
+) -> Option<RunEnd> {
+    let failed = definition.steps.iter().find_map(|step| {
+        let state = states.get(&step.id)?;
+        (state.status == StepStatus::Failed).then_some((step, state))
+    });
+    if let Some((step, state)) = failed {
+        let error = state
+            .error
+            .clone()
+            .unwrap_or_else(|| StepError::new("unknown", "step failed"));
+        return Some(RunEnd::Failed {
+            error: run_error(&step.id, &error),
+        });
+    }
+    let all_done = definition.steps.iter().all(|step| {
+        states.get(&step.id).is_some_and(|state| {
+            matches!(state.status, StepStatus::Succeeded | StepStatus::Skipped)
+        })
+    });
+    all_done.then(|| {
+        let outputs = states
+            .iter()
+            .map(|(id, state)| (id.clone(), state.output.clone().unwrap_or(Value::Null)))
+            .collect();
+        RunEnd::Succeeded {
+            output: definition.run_output(&outputs),
+        }
+    })
+}
+
+/// Returns the run error for a failed step: the step's error, with the step named.
+pub fn run_error(step_id: &str, error: &StepError) -> Value {
+    let mut value = json!({
+        "step": step_id,
+        "type": error.kind,
+        "message": format!("step {step_id:?} failed: {}", error.message),
+    });
+    if let Some(traceback) = &error.traceback {
+        value["traceback"] = Value::String(traceback.clone());
+    }
+    value
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn definition(value: Value) -> WorkflowDefinition {
+        let definition: WorkflowDefinition = serde_json::from_value(value).expect("parses");
+        definition.validate().expect("valid");
+        definition
+    }
+
+    fn done(output: Value) -> StepState {
+        StepState {
+            output: Some(output),
+            ..StepState::with_status(StepStatus::Succeeded)
+        }
+    }
+
+    fn check(
+        def: &WorkflowDefinition,
+        input: Value,
+        states: &[(&str, StepState)],
+        expected_planned: Vec<Planned>,
+        expected_end: Option<RunEnd>,
+    ) {
+        let states = states
+            .iter()
+            .map(|(id, state)| ((*id).to_owned(), state.clone()))
+            .collect();
+        let advance = advance(&ProgramCache::default(), def, &input, &states);
+        assert_eq!(advance.planned, expected_planned);
+        assert_eq!(advance.end, expected_end);
+    }
+
+    fn dispatch(step: &str, input: Value) -> Planned {
+        Planned::Dispatch {
+            step_id: step.into(),
+            input,
+        }
+    }
+
+    #[test]
+    fn chain_runs_step_by_step() {
+        let def = definition(json!({"steps": [
+            {"id": "a", "dataflow": "."},
+            {"id": "b", "dataflow": ".", "after": ["a"]}]}));
+        check(&def, json!(1), &[], vec![dispatch("a", json!(1))], None);
+        check(
+            &def,
+            json!(1),
+            &[("a", done(json!(2)))],
+            vec![dispatch("b", json!(2))],
+            None,
+        );
+        check(
+            &def,
+            json!(1),
+            &[("a", done(json!(2))), ("b", done(json!(3)))],
+            vec![],
+            Some(RunEnd::Succeeded { output: json!(3) }),
+        );
+    }
+
+    #[test]
+    fn several_dependencies_give_an_object_and_input_programs_see_everything() {
+        let def = definition(json!({"steps": [
+            {"id": "a", "dataflow": "."},
+            {"id": "b", "dataflow": "."},
+            {"id": "c", "dataflow": ".", "after": ["a", "b"]},
+            {"id": "d", "dataflow": ".", "after": ["a", "b"], "input": "{x: .input, s: .steps.a}"}]}));
+        check(
+            &def,
+            json!("in"),
+            &[("a", done(json!(1))), ("b", done(json!(2)))],
+            vec![
+                dispatch("c", json!({"a": 1, "b": 2})),
+                dispatch("d", json!({"x": "in", "s": 1})),
+            ],
+            None,
+        );
+    }
+
+    #[test]
+    fn when_false_skips_and_skips_propagate() {
+        let def = definition(json!({"steps": [
+            {"id": "a", "dataflow": ".", "when": ". > 5"},
+            {"id": "b", "dataflow": ".", "after": ["a"]}]}));
+        check(
+            &def,
+            json!(1),
+            &[],
+            vec![
+                Planned::Skip {
+                    step_id: "a".into(),
+                },
+                Planned::Skip {
+                    step_id: "b".into(),
+                },
+            ],
+            Some(RunEnd::Succeeded {
+                output: Value::Null,
+            }),
+        );
+    }
+
+    #[test]
+    fn a_failed_input_program_fails_the_run_naming_the_step() {
+        let def = definition(json!({"steps": [
+            {"id": "a", "dataflow": ".", "input": "error(\"nope\")"}]}));
+        let states = BTreeMap::new();
+        let advance = advance(&ProgramCache::default(), &def, &json!(1), &states);
+        let Some(RunEnd::Failed { error }) = advance.end else {
+            panic!("run should fail: {advance:?}");
+        };
+        assert_eq!(error["step"], "a");
+        assert_eq!(error["type"], DATAFLOW_ERROR);
+        assert!(
+            error["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("nope"))
+        );
+    }
+
+    #[test]
+    fn a_failed_step_fails_the_run_and_stops_planning() {
+        let def = definition(json!({"steps": [
+            {"id": "a", "dataflow": "."},
+            {"id": "b", "dataflow": "."},
+            {"id": "c", "dataflow": ".", "after": ["a", "b"]}]}));
+        let failed = StepState {
+            error: Some(StepError::new("ValueError", "bad")),
+            ..StepState::with_status(StepStatus::Failed)
+        };
+        let advance = advance(
+            &ProgramCache::default(),
+            &def,
+            &json!(1),
+            &[("a".to_owned(), failed), ("b".to_owned(), done(json!(1)))].into(),
+        );
+        assert!(advance.planned.is_empty());
+        assert!(matches!(advance.end, Some(RunEnd::Failed { .. })));
+    }
+}

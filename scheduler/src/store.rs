@@ -1,0 +1,655 @@
+//! All SQL of the scheduler. Handlers and loops call these functions; no SQL lives elsewhere.
+//!
+//! Every write that sits on the hot path takes a batch (arrays bound with `UNNEST`), so one round
+//! trip and one commit serve many runs or completions.
+
+use std::str::FromStr;
+
+use chrono::{DateTime, Utc};
+use serde_json::Value;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::types::Json;
+use sqlx::{ConnectOptions, PgPool, Postgres, Transaction};
+use uuid::Uuid;
+
+/// The schema, applied at start.
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations");
+
+/// Describes a failure of the store.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The database could not be reached or refused a statement.
+    #[error("database error: {0}")]
+    Database(#[from] sqlx::Error),
+    /// The schema could not be applied.
+    #[error("applying migrations: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+}
+
+impl StoreError {
+    /// Returns whether the error means the database cannot be reached right now, rather than
+    /// that it refused the statement.
+    pub fn is_unavailable(&self) -> bool {
+        matches!(
+            self,
+            Self::Database(
+                sqlx::Error::Io(_)
+                    | sqlx::Error::PoolTimedOut
+                    | sqlx::Error::PoolClosed
+                    | sqlx::Error::Tls(_)
+                    | sqlx::Error::WorkerCrashed
+            )
+        )
+    }
+}
+
+/// Opens a pool on `url`, creating the database first if it does not exist, and applies the
+/// migrations.
+pub async fn connect(url: &str, pool_size: u32) -> Result<PgPool, StoreError> {
+    let options = PgConnectOptions::from_str(url)?;
+    create_database_if_missing(&options).await?;
+    let pool = PgPoolOptions::new()
+        .max_connections(pool_size)
+        .acquire_timeout(std::time::Duration::from_secs(5))
+        .connect_with(options)
+        .await?;
+    MIGRATOR.run(&pool).await?;
+    Ok(pool)
+}
+
+async fn create_database_if_missing(options: &PgConnectOptions) -> Result<(), StoreError> {
+    let Some(name) = options.get_database().map(str::to_owned) else {
+        return Ok(());
+    };
+    let mut admin = options.clone().database("postgres").connect().await?;
+    let exists: bool =
+        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
+            .bind(&name)
+            .fetch_one(&mut admin)
+            .await?;
+    if !exists {
+        let statement = format!("CREATE DATABASE \"{}\"", name.replace('"', "\"\""));
+        match sqlx::query(sqlx::AssertSqlSafe(statement))
+            .execute(&mut admin)
+            .await
+        {
+            Ok(_) => tracing::info!(database = %name, "database created"),
+            // Another scheduler created it at the same moment.
+            Err(sqlx::Error::Database(error)) if error.code().as_deref() == Some("42P04") => {}
+            Err(error) => return Err(error.into()),
+        }
+    }
+    Ok(())
+}
+
+/// A registered workflow version.
+#[derive(Debug, sqlx::FromRow)]
+pub struct WorkflowRow {
+    /// Its name.
+    pub name: String,
+    /// Its version, from 1.
+    pub version: i32,
+    /// The definition.
+    pub definition: Json<Value>,
+    /// When this version was registered.
+    pub created_at: DateTime<Utc>,
+}
+
+/// Registers `definition` under `name` and returns its version: the latest version if the
+/// definition is unchanged, else a new one.
+pub async fn put_workflow(
+    db: &PgPool,
+    name: &str,
+    definition: &Value,
+) -> Result<(i32, bool), StoreError> {
+    let mut tx = db.begin().await?;
+    // Serialises concurrent registrations of one name, so versions never collide.
+    sqlx::query("SELECT pg_advisory_xact_lock(hashtext('workflow:' || $1))")
+        .bind(name)
+        .execute(&mut *tx)
+        .await?;
+    let latest: Option<(i32, Json<Value>)> = sqlx::query_as(
+        "SELECT version, definition FROM workflows WHERE name = $1 ORDER BY version DESC LIMIT 1",
+    )
+    .bind(name)
+    .fetch_optional(&mut *tx)
+    .await?;
+    if let Some((version, Json(existing))) = &latest {
+        if existing == definition {
+            return Ok((*version, false));
+        }
+    }
+    let version = latest.map_or(1, |(version, _)| version + 1);
+    sqlx::query("INSERT INTO workflows (name, version, definition) VALUES ($1, $2, $3)")
+        .bind(name)
+        .bind(version)
+        .bind(Json(definition))
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    Ok((version, true))
+}
+
+/// Returns one version of a workflow (the latest if `version` is `None`).
+pub async fn get_workflow(
+    db: &PgPool,
+    name: &str,
+    version: Option<i32>,
+) -> Result<Option<WorkflowRow>, StoreError> {
+    Ok(sqlx::query_as(
+        "SELECT name, version, definition, created_at FROM workflows
+         WHERE name = $1 AND ($2::integer IS NULL OR version = $2)
+         ORDER BY version DESC LIMIT 1",
+    )
+    .bind(name)
+    .bind(version)
+    .fetch_optional(db)
+    .await?)
+}
+
+/// Returns the latest version of every workflow, by name.
+pub async fn list_workflows(db: &PgPool) -> Result<Vec<WorkflowRow>, StoreError> {
+    Ok(sqlx::query_as(
+        "SELECT DISTINCT ON (name) name, version, definition, created_at FROM workflows
+         ORDER BY name, version DESC",
+    )
+    .fetch_all(db)
+    .await?)
+}
+
+/// A run to insert.
+#[derive(Debug, Clone)]
+pub struct NewRun {
+    /// Its id.
+    pub id: Uuid,
+    /// `workflow` or `job`.
+    pub kind: &'static str,
+    /// The registered workflow it runs, if any.
+    pub workflow: Option<String>,
+    /// The version of that workflow.
+    pub workflow_version: Option<i32>,
+    /// The definition it runs.
+    pub definition: Value,
+    /// Its input.
+    pub input: Value,
+    /// Its status at insertion.
+    pub status: &'static str,
+    /// Its output, if it finished at once.
+    pub output: Option<Value>,
+    /// Its error, if it failed at once.
+    pub error: Option<Value>,
+    /// The client's idempotency key.
+    pub idempotency_key: Option<String>,
+}
+
+/// A task to insert.
+#[derive(Debug, Clone)]
+pub struct NewTask {
+    /// Its id.
+    pub id: Uuid,
+    /// Its run.
+    pub run_id: Uuid,
+    /// Its step.
+    pub step_id: String,
+    /// `queued`, `skipped` or `failed`.
+    pub status: &'static str,
+    /// The task queue.
+    pub queue: String,
+    /// 0 to 9.
+    pub priority: i16,
+    /// The step's input (for a dispatched step).
+    pub input: Option<Value>,
+    /// The error of a step that failed while being planned.
+    pub error: Option<Value>,
+}
+
+/// Inserts runs; a run whose idempotency key is already taken is not inserted. Returns the ids
+/// of the runs inserted.
+pub async fn insert_runs(
+    tx: &mut Transaction<'_, Postgres>,
+    runs: &[NewRun],
+) -> Result<Vec<Uuid>, StoreError> {
+    if runs.is_empty() {
+        return Ok(Vec::new());
+    }
+    let ids: Vec<Uuid> = runs.iter().map(|run| run.id).collect();
+    let kinds: Vec<&str> = runs.iter().map(|run| run.kind).collect();
+    let workflows: Vec<Option<String>> = runs.iter().map(|run| run.workflow.clone()).collect();
+    let versions: Vec<Option<i32>> = runs.iter().map(|run| run.workflow_version).collect();
+    let definitions: Vec<Json<&Value>> = runs.iter().map(|run| Json(&run.definition)).collect();
+    let inputs: Vec<Json<&Value>> = runs.iter().map(|run| Json(&run.input)).collect();
+    let statuses: Vec<&str> = runs.iter().map(|run| run.status).collect();
+    let outputs: Vec<Option<Json<&Value>>> = runs
+        .iter()
+        .map(|run| run.output.as_ref().map(Json))
+        .collect();
+    let errors: Vec<Option<Json<&Value>>> = runs
+        .iter()
+        .map(|run| run.error.as_ref().map(Json))
+        .collect();
+    let keys: Vec<Option<String>> = runs.iter().map(|run| run.idempotency_key.clone()).collect();
+    Ok(sqlx::query_scalar(
+        "INSERT INTO runs (id, kind, workflow, workflow_version, definition, input, status,
+                           output, error, idempotency_key, finished_at)
+         SELECT id, kind, workflow, version, definition, input, status, output, error, key,
+                CASE WHEN status IN ('succeeded', 'failed') THEN now() END
+         FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::integer[], $5::jsonb[], $6::jsonb[],
+                     $7::text[], $8::jsonb[], $9::jsonb[], $10::text[])
+              AS t(id, kind, workflow, version, definition, input, status, output, error, key)
+         ON CONFLICT (kind, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
+         RETURNING id",
+    )
+    .bind(&ids)
+    .bind(&kinds)
+    .bind(&workflows)
+    .bind(&versions)
+    .bind(&definitions)
+    .bind(&inputs)
+    .bind(&statuses)
+    .bind(&outputs)
+    .bind(&errors)
+    .bind(&keys)
+    .fetch_all(&mut **tx)
+    .await?)
+}
+
+/// Returns the ids of the runs that hold the given idempotency keys.
+pub async fn runs_by_idempotency_key(
+    tx: &mut Transaction<'_, Postgres>,
+    kind: &str,
+    keys: &[String],
+) -> Result<Vec<(String, Uuid, String)>, StoreError> {
+    Ok(sqlx::query_as(
+        "SELECT idempotency_key, id, status FROM runs
+         WHERE kind = $1 AND idempotency_key = ANY($2)",
+    )
+    .bind(kind)
+    .bind(keys)
+    .fetch_all(&mut **tx)
+    .await?)
+}
+
+/// Inserts tasks in one statement.
+pub async fn insert_tasks(
+    tx: &mut Transaction<'_, Postgres>,
+    tasks: &[NewTask],
+) -> Result<(), StoreError> {
+    if tasks.is_empty() {
+        return Ok(());
+    }
+    let ids: Vec<Uuid> = tasks.iter().map(|task| task.id).collect();
+    let run_ids: Vec<Uuid> = tasks.iter().map(|task| task.run_id).collect();
+    let step_ids: Vec<&str> = tasks.iter().map(|task| task.step_id.as_str()).collect();
+    let statuses: Vec<&str> = tasks.iter().map(|task| task.status).collect();
+    let queues: Vec<&str> = tasks.iter().map(|task| task.queue.as_str()).collect();
+    let priorities: Vec<i16> = tasks.iter().map(|task| task.priority).collect();
+    let inputs: Vec<Option<Json<&Value>>> = tasks
+        .iter()
+        .map(|task| task.input.as_ref().map(Json))
+        .collect();
+    let errors: Vec<Option<Json<&Value>>> = tasks
+        .iter()
+        .map(|task| task.error.as_ref().map(Json))
+        .collect();
+    sqlx::query(
+        "INSERT INTO tasks (id, run_id, step_id, status, queue, priority, input, error, finished_at)
+         SELECT id, run_id, step_id, status, queue, priority, input, error,
+                CASE WHEN status = 'queued' THEN NULL ELSE now() END
+         FROM UNNEST($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::text[], $6::smallint[],
+                     $7::jsonb[], $8::jsonb[])
+              AS t(id, run_id, step_id, status, queue, priority, input, error)",
+    )
+    .bind(&ids)
+    .bind(&run_ids)
+    .bind(&step_ids)
+    .bind(&statuses)
+    .bind(&queues)
+    .bind(&priorities)
+    .bind(&inputs)
+    .bind(&errors)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+/// A run as the API shows it.
+#[derive(Debug, sqlx::FromRow)]
+pub struct RunRow {
+    /// Its id.
+    pub id: Uuid,
+    /// `workflow` or `job`.
+    pub kind: String,
+    /// The registered workflow, if any.
+    pub workflow: Option<String>,
+    /// Its version.
+    pub workflow_version: Option<i32>,
+    /// The definition it runs.
+    pub definition: Json<Value>,
+    /// Its input.
+    pub input: Json<Value>,
+    /// Its status.
+    pub status: String,
+    /// Its output.
+    pub output: Option<Json<Value>>,
+    /// Its error.
+    pub error: Option<Json<Value>>,
+    /// When it was accepted.
+    pub created_at: DateTime<Utc>,
+    /// When it finished.
+    pub finished_at: Option<DateTime<Utc>>,
+}
+
+const RUN_COLUMNS: &str = "id, kind, workflow, workflow_version, definition, input, status, \
+                           output, error, created_at, finished_at";
+
+/// A task as the API shows it.
+#[derive(Debug, sqlx::FromRow)]
+pub struct TaskRow {
+    /// Its id.
+    pub id: Uuid,
+    /// Its step.
+    pub step_id: String,
+    /// Its status.
+    pub status: String,
+    /// The current attempt.
+    pub attempt: i32,
+    /// Its output.
+    pub output: Option<Json<Value>>,
+    /// Its error.
+    pub error: Option<Json<Value>>,
+    /// When the worker started the attempt that finished it.
+    pub started_at: Option<DateTime<Utc>>,
+    /// When it finished.
+    pub finished_at: Option<DateTime<Utc>>,
+}
+
+/// Returns a run of the given kind.
+pub async fn get_run(db: &PgPool, id: Uuid, kind: &str) -> Result<Option<RunRow>, StoreError> {
+    let sql = format!("SELECT {RUN_COLUMNS} FROM runs WHERE id = $1 AND kind = $2");
+    Ok(sqlx::query_as(sqlx::AssertSqlSafe(sql))
+        .bind(id)
+        .bind(kind)
+        .fetch_optional(db)
+        .await?)
+}
+
+/// Returns the tasks of a run.
+pub async fn get_tasks(db: &PgPool, run_id: Uuid) -> Result<Vec<TaskRow>, StoreError> {
+    Ok(sqlx::query_as(
+        "SELECT id, step_id, status, attempt, output, error, started_at, finished_at
+         FROM tasks WHERE run_id = $1",
+    )
+    .bind(run_id)
+    .fetch_all(db)
+    .await?)
+}
+
+/// Filters of the run listing.
+#[derive(Debug, Default)]
+pub struct RunFilter {
+    /// Only runs in this status.
+    pub status: Option<String>,
+    /// Only runs of this registered workflow.
+    pub workflow: Option<String>,
+    /// Only runs older than this one (the cursor).
+    pub before: Option<Uuid>,
+    /// At most this many.
+    pub limit: i64,
+}
+
+/// Lists workflow runs, newest first.
+pub async fn list_runs(db: &PgPool, filter: &RunFilter) -> Result<Vec<RunRow>, StoreError> {
+    let sql = format!(
+        "SELECT {RUN_COLUMNS} FROM runs
+         WHERE kind = 'workflow'
+           AND ($1::text IS NULL OR status = $1)
+           AND ($2::text IS NULL OR workflow = $2)
+           AND ($3::uuid IS NULL OR id < $3)
+         ORDER BY id DESC LIMIT $4"
+    );
+    Ok(sqlx::query_as(sqlx::AssertSqlSafe(sql))
+        .bind(&filter.status)
+        .bind(&filter.workflow)
+        .bind(filter.before)
+        .bind(filter.limit)
+        .fetch_all(db)
+        .await?)
+}
+
+/// A completion to record.
+#[derive(Debug, Clone)]
+pub struct Completion {
+    /// The task.
+    pub task_id: Uuid,
+    /// The attempt it reports on.
+    pub attempt: i32,
+    /// `succeeded` or `failed`.
+    pub status: &'static str,
+    /// The output of a success.
+    pub output: Option<Value>,
+    /// The error of a failure.
+    pub error: Option<Value>,
+    /// The worker that ran it.
+    pub worker_id: String,
+    /// When the attempt started.
+    pub started_at: DateTime<Utc>,
+    /// When it ended.
+    pub finished_at: DateTime<Utc>,
+}
+
+/// Records completions whose task is still queued at that attempt, and returns the run ids of
+/// those recorded. Replays and late completions of other attempts change nothing.
+pub async fn record_completions(
+    tx: &mut Transaction<'_, Postgres>,
+    completions: &[Completion],
+) -> Result<Vec<Uuid>, StoreError> {
+    let ids: Vec<Uuid> = completions.iter().map(|c| c.task_id).collect();
+    let attempts: Vec<i32> = completions.iter().map(|c| c.attempt).collect();
+    let statuses: Vec<&str> = completions.iter().map(|c| c.status).collect();
+    let outputs: Vec<Option<Json<&Value>>> = completions
+        .iter()
+        .map(|c| c.output.as_ref().map(Json))
+        .collect();
+    let errors: Vec<Option<Json<&Value>>> = completions
+        .iter()
+        .map(|c| c.error.as_ref().map(Json))
+        .collect();
+    let workers: Vec<&str> = completions.iter().map(|c| c.worker_id.as_str()).collect();
+    let started: Vec<DateTime<Utc>> = completions.iter().map(|c| c.started_at).collect();
+    let finished: Vec<DateTime<Utc>> = completions.iter().map(|c| c.finished_at).collect();
+    Ok(sqlx::query_scalar(
+        "UPDATE tasks SET status = c.status, output = c.output, error = c.error,
+                worker_id = c.worker, started_at = c.started, finished_at = c.finished
+         FROM (SELECT DISTINCT ON (id) * FROM UNNEST($1::uuid[], $2::integer[], $3::text[],
+                      $4::jsonb[], $5::jsonb[], $6::text[], $7::timestamptz[], $8::timestamptz[])
+                      AS u(id, attempt, status, output, error, worker, started, finished)) AS c
+         WHERE tasks.id = c.id AND tasks.attempt = c.attempt AND tasks.status = 'queued'
+         RETURNING tasks.run_id",
+    )
+    .bind(&ids)
+    .bind(&attempts)
+    .bind(&statuses)
+    .bind(&outputs)
+    .bind(&errors)
+    .bind(&workers)
+    .bind(&started)
+    .bind(&finished)
+    .fetch_all(&mut **tx)
+    .await?)
+}
+
+/// A run being advanced, locked for the rest of the transaction.
+#[derive(Debug, sqlx::FromRow)]
+pub struct LockedRun {
+    /// Its id.
+    pub id: Uuid,
+    /// The definition it runs.
+    pub definition: Json<Value>,
+    /// Its input.
+    pub input: Json<Value>,
+    /// Its status.
+    pub status: String,
+}
+
+/// Locks the given runs (in id order, so two schedulers cannot deadlock) and returns them.
+pub async fn lock_runs(
+    tx: &mut Transaction<'_, Postgres>,
+    ids: &[Uuid],
+) -> Result<Vec<LockedRun>, StoreError> {
+    Ok(sqlx::query_as(
+        "SELECT id, definition, input, status FROM runs WHERE id = ANY($1) ORDER BY id FOR UPDATE",
+    )
+    .bind(ids)
+    .fetch_all(&mut **tx)
+    .await?)
+}
+
+/// The state of one task as planning needs it.
+#[derive(Debug, sqlx::FromRow)]
+pub struct TaskState {
+    /// Its run.
+    pub run_id: Uuid,
+    /// Its step.
+    pub step_id: String,
+    /// Its status.
+    pub status: String,
+    /// Its output.
+    pub output: Option<Json<Value>>,
+    /// Its error.
+    pub error: Option<Json<Value>>,
+}
+
+/// Returns the states of every task of the given runs.
+pub async fn task_states(
+    tx: &mut Transaction<'_, Postgres>,
+    run_ids: &[Uuid],
+) -> Result<Vec<TaskState>, StoreError> {
+    Ok(sqlx::query_as(
+        "SELECT run_id, step_id, status, output, error FROM tasks WHERE run_id = ANY($1)",
+    )
+    .bind(run_ids)
+    .fetch_all(&mut **tx)
+    .await?)
+}
+
+/// A run that just finished.
+#[derive(Debug, Clone)]
+pub struct FinishedRun {
+    /// Its id.
+    pub id: Uuid,
+    /// `succeeded` or `failed`.
+    pub status: &'static str,
+    /// Its output.
+    pub output: Option<Value>,
+    /// Its error.
+    pub error: Option<Value>,
+}
+
+/// Records finished runs and cancels their tasks that are still queued.
+pub async fn finish_runs(
+    tx: &mut Transaction<'_, Postgres>,
+    runs: &[FinishedRun],
+) -> Result<(), StoreError> {
+    if runs.is_empty() {
+        return Ok(());
+    }
+    let ids: Vec<Uuid> = runs.iter().map(|run| run.id).collect();
+    let statuses: Vec<&str> = runs.iter().map(|run| run.status).collect();
+    let outputs: Vec<Option<Json<&Value>>> = runs
+        .iter()
+        .map(|run| run.output.as_ref().map(Json))
+        .collect();
+    let errors: Vec<Option<Json<&Value>>> = runs
+        .iter()
+        .map(|run| run.error.as_ref().map(Json))
+        .collect();
+    sqlx::query(
+        "UPDATE runs SET status = f.status, output = f.output, error = f.error, finished_at = now()
+         FROM UNNEST($1::uuid[], $2::text[], $3::jsonb[], $4::jsonb[]) AS f(id, status, output, error)
+         WHERE runs.id = f.id",
+    )
+    .bind(&ids)
+    .bind(&statuses)
+    .bind(&outputs)
+    .bind(&errors)
+    .execute(&mut **tx)
+    .await?;
+    sqlx::query(
+        "UPDATE tasks SET status = 'cancelled', finished_at = now(),
+                error = '{\"type\": \"cancelled\", \"message\": \"the run ended before this step finished\"}'
+         WHERE run_id = ANY($1) AND status = 'queued'",
+    )
+    .bind(&ids)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+/// Marks tasks as confirmed by the broker, so the relay leaves them alone.
+pub async fn mark_dispatched(db: &PgPool, task_ids: &[Uuid]) -> Result<(), StoreError> {
+    sqlx::query(
+        "UPDATE tasks SET dispatched_at = now()
+         WHERE id = ANY($1) AND dispatched_at IS NULL",
+    )
+    .bind(task_ids)
+    .execute(db)
+    .await?;
+    Ok(())
+}
+
+/// A committed task that the broker has not confirmed, with what is needed to publish it.
+#[derive(Debug, sqlx::FromRow)]
+pub struct UndispatchedTask {
+    /// The task.
+    pub id: Uuid,
+    /// Its run.
+    pub run_id: Uuid,
+    /// Its step.
+    pub step_id: String,
+    /// The current attempt.
+    pub attempt: i32,
+    /// Its task queue.
+    pub queue: String,
+    /// Its priority.
+    pub priority: i16,
+    /// Its input.
+    pub input: Option<Json<Value>>,
+    /// The definition of its run.
+    pub definition: Json<Value>,
+}
+
+/// Returns queued tasks committed more than `older_than` ago that no broker confirmed.
+pub async fn undispatched_tasks(
+    db: &PgPool,
+    older_than: std::time::Duration,
+    limit: i64,
+) -> Result<Vec<UndispatchedTask>, StoreError> {
+    Ok(sqlx::query_as(
+        "SELECT t.id, t.run_id, t.step_id, t.attempt, t.queue, t.priority, t.input, r.definition
+         FROM tasks t JOIN runs r ON r.id = t.run_id
+         WHERE t.status = 'queued' AND t.dispatched_at IS NULL
+           AND t.created_at < now() - make_interval(secs => $1)
+         ORDER BY t.created_at LIMIT $2",
+    )
+    .bind(older_than.as_secs_f64())
+    .bind(limit)
+    .fetch_all(db)
+    .await?)
+}
+
+/// Returns counts of runs and of tasks by status.
+pub async fn stats(db: &PgPool) -> Result<(Vec<(String, i64)>, Vec<(String, i64)>), StoreError> {
+    let runs = sqlx::query_as("SELECT status, count(*) FROM runs GROUP BY status")
+        .fetch_all(db)
+        .await?;
+    let tasks = sqlx::query_as("SELECT status, count(*) FROM tasks GROUP BY status")
+        .fetch_all(db)
+        .await?;
+    Ok((runs, tasks))
+}
+
+/// Checks that the database answers.
+pub async fn ping(db: &PgPool) -> Result<(), StoreError> {
+    sqlx::query("SELECT 1").execute(db).await?;
+    Ok(())
+}

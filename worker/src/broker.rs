@@ -1,0 +1,147 @@
+//! RabbitMQ for the worker: the connection, the declarations it shares with the scheduler, the
+//! task consumers and the publisher of completions (in confirm mode).
+
+use std::time::Duration;
+
+use backon::{ExponentialBuilder, Retryable};
+use lapin::options::{
+    BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions,
+    QueueDeclareOptions,
+};
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, Consumer};
+use taskfleet_common::Namespace;
+use taskfleet_common::names::MAX_PRIORITY;
+
+/// Returns the arguments every task queue is declared with; they must match the scheduler's.
+fn task_queue_arguments() -> FieldTable {
+    let mut arguments = FieldTable::default();
+    arguments.insert(
+        "x-max-priority".into(),
+        AMQPValue::ShortShortUInt(MAX_PRIORITY),
+    );
+    arguments
+}
+
+/// The worker's connection with one channel for consuming and one for publishing.
+pub struct Broker {
+    connection: Connection,
+    consumer: Channel,
+    publisher: Channel,
+    namespace: Namespace,
+}
+
+impl Broker {
+    /// Connects (retrying with backoff so the worker may start before the broker), declares the
+    /// task queues and the completions queue, and sets the prefetch to `prefetch`.
+    pub async fn connect(
+        url: &str,
+        namespace: Namespace,
+        queues: &[String],
+        prefetch: u16,
+    ) -> Result<Self, lapin::Error> {
+        let connect = || Connection::connect(url, ConnectionProperties::default());
+        let connection = connect
+            .retry(
+                ExponentialBuilder::default()
+                    .with_max_delay(Duration::from_secs(5))
+                    .with_max_times(15),
+            )
+            .notify(|error, delay| tracing::warn!(%error, ?delay, "connecting to rabbitmq"))
+            .await?;
+        let consumer = connection.create_channel().await?;
+        let publisher = connection.create_channel().await?;
+        publisher
+            .confirm_select(ConfirmSelectOptions::default())
+            .await?;
+        for queue in queues {
+            consumer
+                .queue_declare(
+                    namespace.task_queue(queue).into(),
+                    QueueDeclareOptions::durable(),
+                    task_queue_arguments(),
+                )
+                .await?;
+        }
+        publisher
+            .queue_declare(
+                namespace.completions_queue().into(),
+                QueueDeclareOptions::durable(),
+                FieldTable::default(),
+            )
+            .await?;
+        consumer
+            .basic_qos(prefetch, BasicQosOptions::default())
+            .await?;
+        Ok(Self {
+            connection,
+            consumer,
+            publisher,
+            namespace,
+        })
+    }
+
+    /// Starts consuming one task queue under the consumer tag `tag`.
+    pub async fn consume(&self, queue: &str, tag: &str) -> Result<Consumer, lapin::Error> {
+        self.consumer
+            .basic_consume(
+                self.namespace.task_queue(queue).into(),
+                tag.into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+    }
+
+    /// Stops the consumer `tag`: the broker sends it nothing more.
+    pub async fn cancel(&self, tag: &str) {
+        if let Err(error) = self
+            .consumer
+            .basic_cancel(tag.into(), lapin::options::BasicCancelOptions::default())
+            .await
+        {
+            tracing::warn!(%error, tag, "cancelling consumer");
+        }
+    }
+
+    /// Publishes a completion as a persistent message and waits for the broker's confirm.
+    pub async fn publish_completion(&self, body: &[u8]) -> Result<(), PublishError> {
+        let confirm = self
+            .publisher
+            .basic_publish(
+                "".into(),
+                self.namespace.completions_queue().into(),
+                BasicPublishOptions::default(),
+                body,
+                BasicProperties::default()
+                    .with_delivery_mode(2)
+                    .with_content_type("application/json".into()),
+            )
+            .await?
+            .await?;
+        if confirm.is_ack() {
+            Ok(())
+        } else {
+            Err(PublishError::Refused)
+        }
+    }
+
+    /// Closes the channels and the connection; deliveries not acknowledged go back to their
+    /// queues.
+    pub async fn close(&self) {
+        if let Err(error) = self.connection.close(200, "worker stopping".into()).await {
+            tracing::debug!(%error, "closing rabbitmq connection");
+        }
+    }
+}
+
+/// Describes why a completion was not published.
+#[derive(Debug, thiserror::Error)]
+pub enum PublishError {
+    /// The connection or channel failed.
+    #[error("publishing the completion: {0}")]
+    Broker(#[from] lapin::Error),
+    /// The broker refused the message.
+    #[error("the broker refused the completion")]
+    Refused,
+}

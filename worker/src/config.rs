@@ -1,0 +1,197 @@
+//! The worker's configuration: defaults, then `TASKFLEET_*` environment variables, then flags.
+
+use std::collections::HashMap;
+use std::num::NonZeroUsize;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use taskfleet_common::Namespace;
+use taskfleet_common::names::{DEFAULT_NAMESPACE, DEFAULT_QUEUE, check_queue_name};
+
+/// Everything a worker needs to know to start.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// RabbitMQ URL.
+    pub amqp_url: String,
+    /// Redis URL.
+    pub redis_url: String,
+    /// Prefix of every queue and Redis key.
+    pub namespace: Namespace,
+    /// The task queues consumed.
+    pub queues: Vec<String>,
+    /// Tasks in flight at once.
+    pub concurrency: NonZeroUsize,
+    /// Directories prepended to Python's `sys.path`, first first.
+    pub python_path: Vec<PathBuf>,
+    /// The virtualenv whose packages steps may import.
+    pub virtual_env: Option<PathBuf>,
+    /// This worker's id, unique in the fleet.
+    pub worker_id: String,
+    /// How long a lease lives without renewal.
+    pub lease_ttl: Duration,
+    /// How long in-flight tasks may take to finish after SIGTERM.
+    pub shutdown_grace: Duration,
+}
+
+/// Describes a configuration value that could not be used.
+#[derive(Debug, thiserror::Error)]
+#[error("{variable}: {message}")]
+pub struct ConfigError {
+    variable: &'static str,
+    message: String,
+}
+
+/// Values given on the command line; each overrides its environment variable.
+#[derive(Debug, Default, Clone)]
+pub struct Overrides {
+    /// `--queues a,b`.
+    pub queues: Option<String>,
+    /// `--concurrency N`.
+    pub concurrency: Option<usize>,
+    /// `--python-path DIR`, repeatable.
+    pub python_path: Vec<PathBuf>,
+    /// `--venv DIR`.
+    pub virtual_env: Option<PathBuf>,
+    /// `--namespace`.
+    pub namespace: Option<String>,
+}
+
+fn parse<T: std::str::FromStr>(variable: &'static str, text: &str) -> Result<T, ConfigError>
+where
+    T::Err: std::fmt::Display,
+{
+    text.parse().map_err(|error: T::Err| ConfigError {
+        variable,
+        message: format!("{text:?} is not valid: {error}"),
+    })
+}
+
+impl Config {
+    /// Builds the configuration from an environment map and command-line overrides.
+    pub fn load(env: &HashMap<String, String>, overrides: &Overrides) -> Result<Self, ConfigError> {
+        let get = |name: &str| env.get(name).filter(|value| !value.is_empty()).cloned();
+        let namespace = overrides
+            .namespace
+            .clone()
+            .or_else(|| get("TASKFLEET_NAMESPACE"))
+            .unwrap_or_else(|| DEFAULT_NAMESPACE.to_owned());
+        let queues_text = overrides
+            .queues
+            .clone()
+            .or_else(|| get("TASKFLEET_QUEUES"))
+            .unwrap_or_else(|| DEFAULT_QUEUE.to_owned());
+        let queues: Vec<String> = queues_text
+            .split(',')
+            .map(str::trim)
+            .filter(|queue| !queue.is_empty())
+            .map(str::to_owned)
+            .collect();
+        if queues.is_empty() {
+            return Err(ConfigError {
+                variable: "--queues",
+                message: "names no queue".to_owned(),
+            });
+        }
+        for queue in &queues {
+            check_queue_name(queue).map_err(|error| ConfigError {
+                variable: "--queues",
+                message: error.to_string(),
+            })?;
+        }
+        let default_concurrency = std::thread::available_parallelism()
+            .map_or(4, |cores| cores.get() * 4)
+            .to_string();
+        let concurrency = match overrides.concurrency {
+            Some(concurrency) => concurrency.to_string(),
+            None => get("TASKFLEET_CONCURRENCY").unwrap_or(default_concurrency),
+        };
+        let mut python_path = overrides.python_path.clone();
+        if let Some(extra) = get("TASKFLEET_PYTHON_PATH") {
+            python_path.extend(std::env::split_paths(&extra));
+        }
+        let hostname = get("HOSTNAME").unwrap_or_else(|| "worker".to_owned());
+        Ok(Self {
+            amqp_url: get("TASKFLEET_AMQP_URL")
+                .unwrap_or_else(|| "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned()),
+            redis_url: get("TASKFLEET_REDIS_URL")
+                .unwrap_or_else(|| "redis://127.0.0.1:6379/0".to_owned()),
+            namespace: Namespace::new(&namespace).map_err(|error| ConfigError {
+                variable: "TASKFLEET_NAMESPACE",
+                message: error.to_string(),
+            })?,
+            queues,
+            concurrency: parse("--concurrency", &concurrency)?,
+            python_path,
+            virtual_env: overrides
+                .virtual_env
+                .clone()
+                .or_else(|| get("VIRTUAL_ENV").map(PathBuf::from)),
+            worker_id: format!(
+                "{hostname}-{}-{}",
+                std::process::id(),
+                &uuid::Uuid::new_v4().simple().to_string()[..8]
+            ),
+            lease_ttl: Duration::from_secs(parse(
+                "TASKFLEET_LEASE_TTL_S",
+                &get("TASKFLEET_LEASE_TTL_S").unwrap_or_else(|| "30".to_owned()),
+            )?),
+            shutdown_grace: Duration::from_secs(parse(
+                "TASKFLEET_SHUTDOWN_GRACE_S",
+                &get("TASKFLEET_SHUTDOWN_GRACE_S").unwrap_or_else(|| "30".to_owned()),
+            )?),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect()
+    }
+
+    #[test]
+    fn defaults_and_overrides() {
+        let config = Config::load(&env(&[]), &Overrides::default()).expect("defaults load");
+        assert_eq!(config.queues, vec!["default".to_owned()]);
+        assert_eq!(config.namespace.as_str(), "taskfleet");
+        let config = Config::load(
+            &env(&[("TASKFLEET_QUEUES", "x"), ("VIRTUAL_ENV", "/venv")]),
+            &Overrides {
+                queues: Some("a, b".into()),
+                concurrency: Some(3),
+                ..Overrides::default()
+            },
+        )
+        .expect("loads");
+        assert_eq!(config.queues, vec!["a".to_owned(), "b".to_owned()]);
+        assert_eq!(config.concurrency.get(), 3);
+        assert_eq!(config.virtual_env, Some(PathBuf::from("/venv")));
+    }
+
+    #[test]
+    fn bad_values_are_named() {
+        let error = Config::load(
+            &env(&[]),
+            &Overrides {
+                concurrency: Some(0),
+                ..Overrides::default()
+            },
+        )
+        .expect_err("zero concurrency");
+        assert!(error.to_string().starts_with("--concurrency"), "{error}");
+        let error = Config::load(
+            &env(&[]),
+            &Overrides {
+                queues: Some("a b".into()),
+                ..Overrides::default()
+            },
+        )
+        .expect_err("bad queue");
+        assert!(error.to_string().contains("a b"), "{error}");
+    }
+}

@@ -1,0 +1,1685 @@
+//! Runs Python steps in an interpreter embedded with pyo3; this is the only module of the project
+//! where pyo3 appears.
+//!
+//! One dedicated OS thread, named `python`, initialises the interpreter and owns it for the life of
+//! the process. [`PythonExecutor`] handles send that thread jobs over a bounded channel and await
+//! the reply on a oneshot, so no tokio thread ever waits for the GIL. Values cross between Rust and
+//! Python by direct conversion, never as JSON text. The module does not decide retries, timeouts or
+//! statuses: it returns the step's output or a [`StepError`] describing why the attempt failed.
+
+use std::collections::HashMap;
+use std::ffi::CStr;
+use std::hash::{Hash, Hasher};
+use std::panic::AssertUnwindSafe;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+
+use pyo3::exceptions::{PyBaseException, PyImportError};
+use pyo3::prelude::*;
+use pyo3::types::{
+    PyBool, PyDict, PyFloat, PyInt, PyList, PyModule, PyString, PyTraceback, PyTuple, PyType,
+};
+use serde_json::{Map, Number, Value};
+use taskfleet_common::StepError;
+use taskfleet_common::error::{IMPORT_ERROR, INVALID_OUTPUT, WORKER_LOST};
+use tokio::sync::{mpsc, oneshot};
+
+/// How many calls may wait for the interpreter thread before `call` waits to enqueue.
+const JOB_QUEUE_CAPACITY: usize = 256;
+/// The deepest nesting of lists and dicts converted in either direction; deeper values are
+/// rejected rather than risking the interpreter thread's stack (a list containing itself is
+/// infinitely deep).
+const MAX_DEPTH: usize = 256;
+/// Stack of the interpreter thread: Python code and the recursive converters run on it.
+const THREAD_STACK_SIZE: usize = 16 * 1024 * 1024;
+/// How many `python_code` sources stay compiled before the cache of them is emptied.
+const MAX_CACHED_CODE: usize = 256;
+/// Source of the bundled `taskfleet.context` module, used when the package is not installed.
+const CONTEXT_SOURCE: &CStr =
+    pyo3::ffi::c_str!(include_str!("../../../python/taskfleet/context.py"));
+/// Source of the bundled `taskfleet/__init__.py`, used when the package is not installed.
+const PACKAGE_SOURCE: &CStr =
+    pyo3::ffi::c_str!(include_str!("../../../python/taskfleet/__init__.py"));
+/// Moves the entries `site.addsitedir` added for a virtualenv in front of the interpreter's own
+/// site-packages, so the virtualenv's packages win, as they would in the virtualenv's own Python.
+const ADD_VIRTUALENV: &CStr = cr#"
+import site, sys
+before = set(sys.path)
+site.addsitedir(site_packages)
+added = [p for p in sys.path if p not in before]
+rest = [p for p in sys.path if p in before]
+base = set(site.getsitepackages())
+at = next((i for i, p in enumerate(rest) if p in base), len(rest))
+sys.path[:] = rest[:at] + added + rest[at:]
+"#;
+
+/// Settings of the embedded interpreter.
+#[derive(Debug, Clone, Default)]
+pub struct PythonSettings {
+    /// Directories prepended to `sys.path`, the first one searched first.
+    pub python_path: Vec<PathBuf>,
+    /// A virtualenv whose `lib/pythonX.Y/site-packages` is added, for the running X.Y.
+    pub virtual_env: Option<PathBuf>,
+}
+
+/// Describes what a Python step calls.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum PythonTarget {
+    /// A function in an importable module (`"module.path:function"` in a definition).
+    Function {
+        /// The dotted module path passed to the import system.
+        module: String,
+        /// The function's name in the module; dots reach nested attributes (`Class.method`).
+        function: String,
+    },
+    /// Source text that defines `main(input)` (a `python_code` step).
+    Code {
+        /// The Python source.
+        source: String,
+    },
+}
+
+/// Identity of the attempt, handed to steps that take a `ctx` parameter.
+#[derive(Debug, Clone)]
+pub struct StepContext {
+    /// The run (or standalone task) the step belongs to.
+    pub run_id: String,
+    /// The task being executed.
+    pub task_id: String,
+    /// The step's id in the workflow definition.
+    pub step_id: String,
+    /// The attempt number, 1 for the first try.
+    pub attempt: u32,
+}
+
+/// Describes why the interpreter could not be started.
+#[derive(Debug, thiserror::Error)]
+pub enum PythonStartError {
+    /// The interpreter thread could not be created.
+    #[error("spawning the python interpreter thread")]
+    Spawn(#[source] std::io::Error),
+    /// The interpreter thread ended before reporting whether it started.
+    #[error("the python interpreter thread stopped while starting")]
+    ThreadStopped,
+    /// The virtualenv has no site-packages directory for the running Python version.
+    #[error(
+        "virtualenv {virtual_env} has no site-packages for python {version}: {site_packages} is not a directory"
+    )]
+    MissingSitePackages {
+        /// The virtualenv from the settings.
+        virtual_env: PathBuf,
+        /// The running interpreter's `X.Y`.
+        version: String,
+        /// The directory that was expected.
+        site_packages: PathBuf,
+    },
+    /// A Python operation needed to set up the interpreter raised an exception.
+    #[error("{operation}: {message}")]
+    Python {
+        /// What was being done, such as `adding the virtualenv to sys.path`.
+        operation: &'static str,
+        /// The Python exception, as `Class: message`.
+        message: String,
+    },
+}
+
+/// A handle to the interpreter thread; cloning it is cheap, and the thread exits when the last
+/// handle is dropped.
+#[derive(Clone)]
+pub struct PythonExecutor {
+    jobs: mpsc::Sender<Job>,
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for PythonExecutor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PythonExecutor")
+            .field("queued", &(JOB_QUEUE_CAPACITY - self.jobs.capacity()))
+            .finish_non_exhaustive()
+    }
+}
+
+/// State shared by the handles and the interpreter thread, used to interrupt abandoned calls.
+#[derive(Default)]
+struct Shared {
+    /// Source of job ids; 0 is never used, so it can mean "no job".
+    next_job: AtomicU64,
+    /// The job the interpreter thread is running, or 0. Written only while that thread holds the
+    /// GIL, so a reader holding the GIL sees a value that cannot change under it.
+    running: AtomicU64,
+    /// The last job an interrupt was delivered to, so the thread can clear one that arrived late.
+    interrupted: AtomicU64,
+    /// `threading.get_ident()` of the interpreter thread.
+    thread_ident: OnceLock<u64>,
+    /// The exception class raised inside an interrupted step.
+    cancelled_type: OnceLock<Py<PyType>>,
+}
+
+/// One call travelling to the interpreter thread.
+struct Job {
+    id: u64,
+    target: PythonTarget,
+    input: Value,
+    ctx: StepContext,
+    reply: oneshot::Sender<Result<Value, StepError>>,
+}
+
+impl PythonExecutor {
+    /// Starts the interpreter on its own OS thread, named `python`, which owns it for the life of
+    /// the process, and applies the settings.
+    ///
+    /// Each `python_path` entry is prepended to `sys.path` in the given order (the first is
+    /// searched first). A virtualenv adds `<venv>/lib/pythonX.Y/site-packages` for the running
+    /// `X.Y` through `site.addsitedir` (so `.pth` files work), placed before the interpreter's own
+    /// site-packages; a missing directory is an error naming it. Blocks until the interpreter is
+    /// ready. A process has one interpreter: a second executor shares it, and its settings extend
+    /// the same `sys.path`.
+    pub fn start(settings: PythonSettings) -> Result<Self, PythonStartError> {
+        let (jobs_tx, jobs_rx) = mpsc::channel(JOB_QUEUE_CAPACITY);
+        let shared = Arc::new(Shared {
+            next_job: AtomicU64::new(1),
+            ..Shared::default()
+        });
+        let (ready_tx, ready_rx) = std::sync::mpsc::sync_channel(1);
+        let thread_shared = Arc::clone(&shared);
+        std::thread::Builder::new()
+            .name("python".to_owned())
+            .stack_size(THREAD_STACK_SIZE)
+            .spawn(move || interpreter_thread(&settings, jobs_rx, &thread_shared, &ready_tx))
+            .map_err(PythonStartError::Spawn)?;
+        match ready_rx.recv() {
+            Ok(Ok(())) => Ok(Self {
+                jobs: jobs_tx,
+                shared,
+            }),
+            Ok(Err(error)) => Err(error),
+            Err(_) => Err(PythonStartError::ThreadStopped),
+        }
+    }
+
+    /// Runs one call on the interpreter thread and returns the step's output, or the step error.
+    ///
+    /// Calls run one at a time, in the order they were made. Dropping the returned future (a
+    /// timeout or a cancellation) abandons the call: if it has not started it never runs, and if
+    /// it is running the step is interrupted by an exception raised in its Python code. Code
+    /// blocked in C (a `time.sleep`, a socket read) only sees the interrupt when it returns.
+    pub async fn call(
+        &self,
+        target: PythonTarget,
+        input: Value,
+        ctx: StepContext,
+    ) -> Result<Value, StepError> {
+        let id = self.shared.next_job.fetch_add(1, Ordering::Relaxed);
+        let (reply_tx, reply_rx) = oneshot::channel();
+        let job = Job {
+            id,
+            target,
+            input,
+            ctx,
+            reply: reply_tx,
+        };
+        // A future dropped while waiting here has not enqueued the job: `send` is cancel safe.
+        self.jobs
+            .send(job)
+            .await
+            .map_err(|_| interpreter_stopped())?;
+        let mut pending = PendingCall {
+            shared: &self.shared,
+            job: id,
+            reply: reply_rx,
+            finished: false,
+        };
+        let outcome = (&mut pending.reply).await;
+        pending.finished = true;
+        outcome.unwrap_or_else(|_| Err(interpreter_stopped()))
+    }
+}
+
+/// A call waiting for its reply; dropping it unfinished abandons the job.
+struct PendingCall<'a> {
+    shared: &'a Arc<Shared>,
+    job: u64,
+    reply: oneshot::Receiver<Result<Value, StepError>>,
+    finished: bool,
+}
+
+impl Drop for PendingCall<'_> {
+    fn drop(&mut self) {
+        if self.finished {
+            return;
+        }
+        // Closing the reply first pairs with the interpreter thread, which publishes `running`
+        // before checking whether the reply is closed: with a fence on each side, either that
+        // thread skips the job or this one sees it running.
+        self.reply.close();
+        std::sync::atomic::fence(Ordering::SeqCst);
+        if self.shared.running.load(Ordering::SeqCst) != self.job {
+            return;
+        }
+        let shared = Arc::clone(self.shared);
+        let job = self.job;
+        // Taking the GIL can take as long as the running step holds it, so the interrupt is
+        // delivered from a short-lived thread instead of the async task dropping the call.
+        let spawned = std::thread::Builder::new()
+            .name("python-interrupt".to_owned())
+            .spawn(move || interrupt(&shared, job));
+        if let Err(error) = spawned {
+            tracing::warn!(%error, "spawning a thread to interrupt an abandoned python step");
+        }
+    }
+}
+
+/// Raises the cancellation exception in the interpreter thread if it is still running `job`.
+fn interrupt(shared: &Shared, job: u64) {
+    Python::attach(|py| {
+        // Holding the GIL, the interpreter thread can neither start nor finish a job.
+        if shared.running.load(Ordering::SeqCst) != job {
+            return;
+        }
+        let (Some(ident), Some(cancelled)) =
+            (shared.thread_ident.get(), shared.cancelled_type.get())
+        else {
+            return;
+        };
+        match set_async_exc(py, *ident, Some(cancelled.bind(py).as_any())) {
+            Ok(()) => shared.interrupted.store(job, Ordering::SeqCst),
+            Err(error) => {
+                tracing::warn!(error = %describe(py, &error), "interrupting a python step")
+            }
+        }
+    });
+}
+
+/// Sets (or with `None` clears) the exception pending for a Python thread.
+///
+/// `PyThreadState_SetAsyncExc` is reached through ctypes because the workspace forbids unsafe
+/// code; ctypes passes Python's `None` as a NULL pointer, which clears the pending exception.
+fn set_async_exc(py: Python<'_>, ident: u64, exception: Option<&Bound<'_, PyAny>>) -> PyResult<()> {
+    let ctypes = py.import("ctypes")?;
+    let ident = ctypes.getattr("c_ulong")?.call1((ident,))?;
+    let exception = match exception {
+        Some(exception) => ctypes.getattr("py_object")?.call1((exception,))?,
+        None => py.None().into_bound(py),
+    };
+    ctypes
+        .getattr("pythonapi")?
+        .getattr("PyThreadState_SetAsyncExc")?
+        .call1((ident, exception))?;
+    Ok(())
+}
+
+/// The error of a call whose interpreter thread has gone away.
+fn interpreter_stopped() -> StepError {
+    StepError::new(WORKER_LOST, "the python interpreter thread has stopped")
+}
+
+/// Body of the interpreter thread: initialises Python, reports readiness, then serves jobs until
+/// every handle is dropped.
+fn interpreter_thread(
+    settings: &PythonSettings,
+    mut jobs: mpsc::Receiver<Job>,
+    shared: &Shared,
+    ready: &std::sync::mpsc::SyncSender<Result<(), PythonStartError>>,
+) {
+    Python::initialize();
+    Python::attach(|py| {
+        let mut runtime = match Runtime::start(py, settings, shared) {
+            Ok(runtime) => runtime,
+            Err(error) => {
+                // `start` is waiting for this reply; if it is gone there is nobody to tell.
+                let _ = ready.send(Err(error));
+                return;
+            }
+        };
+        let _ = ready.send(Ok(()));
+        // The GIL is released while waiting so other Python threads (started by steps) run.
+        while let Some(job) = py.detach(|| jobs.blocking_recv()) {
+            shared.running.store(job.id, Ordering::SeqCst);
+            std::sync::atomic::fence(Ordering::SeqCst);
+            if job.reply.is_closed() {
+                // The caller gave up before the job started.
+                shared.running.store(0, Ordering::SeqCst);
+                continue;
+            }
+            let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| {
+                runtime.run(py, &job.target, &job.input, &job.ctx)
+            }))
+            .unwrap_or_else(|panic| Err(panicked(&*panic)));
+            if shared.interrupted.load(Ordering::SeqCst) == job.id {
+                // An interrupt that arrived after the step's last bytecode is still pending and
+                // would hit the next job.
+                if let Some(ident) = shared.thread_ident.get()
+                    && let Err(error) = set_async_exc(py, *ident, None)
+                {
+                    tracing::warn!(error = %describe(py, &error), "clearing a python interrupt");
+                }
+            }
+            shared.running.store(0, Ordering::SeqCst);
+            // The caller may have given up meanwhile; then nobody wants the outcome.
+            let _ = job.reply.send(outcome);
+        }
+    });
+}
+
+/// The error of a job whose Rust side panicked.
+fn panicked(panic: &(dyn std::any::Any + Send)) -> StepError {
+    let detail = panic
+        .downcast_ref::<&str>()
+        .map(|text| (*text).to_owned())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "unknown panic".to_owned());
+    StepError::new(
+        "RuntimeError",
+        format!("the python executor panicked: {detail}"),
+    )
+}
+
+/// How a callable wants its `ctx`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum CtxPassing {
+    /// It has no parameter named `ctx`.
+    Omitted,
+    /// It has a `ctx` parameter that can be passed by keyword.
+    Keyword,
+    /// Its `ctx` parameter is positional-only, so it goes second.
+    Positional,
+}
+
+/// A resolved step callable.
+struct Loaded {
+    callable: Py<PyAny>,
+    ctx: CtxPassing,
+}
+
+/// A compiled `python_code` module, remembered so it can be forgotten when the cache is emptied.
+struct CodeModule {
+    module_name: String,
+    file_name: String,
+}
+
+/// Everything the interpreter thread keeps between jobs.
+struct Runtime {
+    /// `taskfleet.Context`, from the installed package or the bundled copy.
+    context_type: Py<PyAny>,
+    /// Callables resolved successfully; failures are not cached so a fixed module loads.
+    loaded: HashMap<PythonTarget, Loaded>,
+    code_modules: Vec<CodeModule>,
+}
+
+impl Runtime {
+    /// Applies the settings and prepares what every job needs.
+    fn start(
+        py: Python<'_>,
+        settings: &PythonSettings,
+        shared: &Shared,
+    ) -> Result<Self, PythonStartError> {
+        let site_packages = match &settings.virtual_env {
+            Some(virtual_env) => Some(virtualenv_site_packages(py, virtual_env)?),
+            None => None,
+        };
+        if let Some(site_packages) = site_packages {
+            let globals = PyDict::new(py);
+            globals
+                .set_item("site_packages", site_packages.as_os_str())
+                .and_then(|()| py.run(ADD_VIRTUALENV, Some(&globals), None))
+                .map_err(|error| start_error(py, "adding the virtualenv to sys.path", &error))?;
+        }
+        prepend_python_path(py, &settings.python_path)
+            .map_err(|error| start_error(py, "prepending the python path to sys.path", &error))?;
+
+        let ident: u64 = py
+            .import("threading")
+            .and_then(|threading| threading.call_method0("get_ident"))
+            .and_then(|ident| ident.extract())
+            .map_err(|error| start_error(py, "reading the interpreter thread's id", &error))?;
+        let _ = shared.thread_ident.set(ident);
+        let cancelled = PyErr::new_type(
+            py,
+            c"taskfleet.StepCancelled",
+            Some(c"Raised inside a step whose caller stopped waiting for it (a timeout or a cancellation)."),
+            Some(&py.get_type::<PyBaseException>()),
+            None,
+        )
+        .map_err(|error| start_error(py, "creating the cancellation exception", &error))?;
+        let _ = shared.cancelled_type.set(cancelled);
+
+        let context_type = context_type(py)
+            .map_err(|error| start_error(py, "loading taskfleet.Context", &error))?;
+        Ok(Self {
+            context_type,
+            loaded: HashMap::new(),
+            code_modules: Vec::new(),
+        })
+    }
+
+    /// Runs one step call: resolves the callable, converts the input, calls, settles a
+    /// coroutine and converts the output.
+    fn run(
+        &mut self,
+        py: Python<'_>,
+        target: &PythonTarget,
+        input: &Value,
+        ctx: &StepContext,
+    ) -> Result<Value, StepError> {
+        let (callable, ctx_passing) = self.load(py, target)?;
+        let callable = callable.bind(py);
+        let argument = to_python(py, input, 0)?;
+        let returned = match ctx_passing {
+            CtxPassing::Omitted => callable.call1((argument,)),
+            CtxPassing::Keyword => {
+                let kwargs = PyDict::new(py);
+                kwargs
+                    .set_item("ctx", self.context(py, ctx)?)
+                    .map_err(|error| exception_error(py, &error))?;
+                callable.call((argument,), Some(&kwargs))
+            }
+            CtxPassing::Positional => callable.call1((argument, self.context(py, ctx)?)),
+        }
+        .map_err(|error| exception_error(py, &error))?;
+        let output = settle(py, returned)?;
+        from_python(&output, &mut Vec::new())
+    }
+
+    /// Builds the `ctx` object for one attempt.
+    fn context<'py>(
+        &self,
+        py: Python<'py>,
+        ctx: &StepContext,
+    ) -> Result<Bound<'py, PyAny>, StepError> {
+        let kwargs = PyDict::new(py);
+        let built = kwargs
+            .set_item("run_id", &ctx.run_id)
+            .and_then(|()| kwargs.set_item("task_id", &ctx.task_id))
+            .and_then(|()| kwargs.set_item("step_id", &ctx.step_id))
+            .and_then(|()| kwargs.set_item("attempt", ctx.attempt))
+            .and_then(|()| self.context_type.bind(py).call((), Some(&kwargs)));
+        built.map_err(|error| exception_error(py, &error))
+    }
+
+    /// Returns the callable for a target, resolving and caching it on first use.
+    fn load(
+        &mut self,
+        py: Python<'_>,
+        target: &PythonTarget,
+    ) -> Result<(Py<PyAny>, CtxPassing), StepError> {
+        if let Some(loaded) = self.loaded.get(target) {
+            return Ok((loaded.callable.clone_ref(py), loaded.ctx));
+        }
+        let callable = match target {
+            PythonTarget::Function { module, function } => load_function(py, module, function)?,
+            PythonTarget::Code { source } => self.load_code(py, source)?,
+        };
+        let ctx = ctx_passing(py, &callable);
+        let loaded = Loaded {
+            callable: callable.clone().unbind(),
+            ctx,
+        };
+        self.loaded.insert(target.clone(), loaded);
+        Ok((callable.unbind(), ctx))
+    }
+
+    /// Compiles `python_code` source into a fresh module and returns its `main`.
+    fn load_code<'py>(
+        &mut self,
+        py: Python<'py>,
+        source: &str,
+    ) -> Result<Bound<'py, PyAny>, StepError> {
+        if self.code_modules.len() >= MAX_CACHED_CODE {
+            self.forget_code(py);
+        }
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        source.hash(&mut hasher);
+        let digest = format!("{:016x}", hasher.finish());
+        let code_module = CodeModule {
+            module_name: format!("taskfleet_code_{digest}"),
+            file_name: format!("<python_code {digest}>"),
+        };
+        let loaded = compile_code(py, source, &code_module);
+        // The module stays registered only while it is cached.
+        self.code_modules.push(code_module);
+        match loaded {
+            Ok(main) => Ok(main),
+            Err(error) => {
+                if let Some(code_module) = self.code_modules.pop() {
+                    forget_code_module(py, &code_module);
+                }
+                Err(error)
+            }
+        }
+    }
+
+    /// Drops every cached `python_code` module.
+    fn forget_code(&mut self, py: Python<'_>) {
+        self.loaded
+            .retain(|target, _| matches!(target, PythonTarget::Function { .. }));
+        for code_module in self.code_modules.drain(..) {
+            forget_code_module(py, &code_module);
+        }
+    }
+}
+
+/// Returns `<venv>/lib/pythonX.Y/site-packages` for the running interpreter, which must exist.
+fn virtualenv_site_packages(
+    py: Python<'_>,
+    virtual_env: &Path,
+) -> Result<PathBuf, PythonStartError> {
+    let virtual_env = std::path::absolute(virtual_env).unwrap_or_else(|_| virtual_env.to_owned());
+    let info = py.version_info();
+    let version = format!("{}.{}", info.major, info.minor);
+    let site_packages = virtual_env
+        .join("lib")
+        .join(format!("python{version}"))
+        .join("site-packages");
+    if site_packages.is_dir() {
+        Ok(site_packages)
+    } else {
+        Err(PythonStartError::MissingSitePackages {
+            virtual_env,
+            version,
+            site_packages,
+        })
+    }
+}
+
+/// Prepends the directories to `sys.path`, keeping their order, as absolute paths so a later
+/// change of working directory does not change what is imported.
+fn prepend_python_path(py: Python<'_>, python_path: &[PathBuf]) -> PyResult<()> {
+    let sys_path = py.import("sys")?.getattr("path")?;
+    for dir in python_path.iter().rev() {
+        let dir = std::path::absolute(dir).unwrap_or_else(|_| dir.clone());
+        sys_path.call_method1("insert", (0, dir.as_os_str()))?;
+    }
+    Ok(())
+}
+
+/// Returns `taskfleet.Context`: from the installed package if it imports, otherwise from the
+/// copy of its source bundled into the worker, registered as the `taskfleet` package so step
+/// modules can import it too.
+fn context_type(py: Python<'_>) -> PyResult<Py<PyAny>> {
+    match py
+        .import("taskfleet")
+        .and_then(|package| package.getattr("Context"))
+    {
+        Ok(context_type) => return Ok(context_type.unbind()),
+        Err(error) => tracing::debug!(
+            error = %describe(py, &error),
+            "taskfleet package not importable; using the bundled copy"
+        ),
+    }
+    let modules = py.import("sys")?.getattr("modules")?;
+    let taken = modules.contains("taskfleet")? || modules.contains("taskfleet.context")?;
+    if taken {
+        // Something else owns the name; keep the bundled copy out of its way.
+        let context = PyModule::from_code(
+            py,
+            CONTEXT_SOURCE,
+            c"taskfleet/context.py",
+            c"_taskfleet_context",
+        )?;
+        return Ok(context.getattr("Context")?.unbind());
+    }
+    let context = PyModule::from_code(
+        py,
+        CONTEXT_SOURCE,
+        c"taskfleet/context.py",
+        c"taskfleet.context",
+    )?;
+    let package = PyModule::from_code(py, PACKAGE_SOURCE, c"taskfleet/__init__.py", c"taskfleet")?;
+    package.setattr("context", &context)?;
+    // A `__path__` makes it a package, so `import taskfleet.context` finds the registered module.
+    package.setattr("__path__", PyList::empty(py))?;
+    Ok(context.getattr("Context")?.unbind())
+}
+
+/// Imports a module and returns the named function.
+fn load_function<'py>(
+    py: Python<'py>,
+    module: &str,
+    function: &str,
+) -> Result<Bound<'py, PyAny>, StepError> {
+    // A module added or fixed since the last attempt must be found: the import system caches
+    // directory listings.
+    if let Err(error) = py
+        .import("importlib")
+        .and_then(|importlib| importlib.call_method0("invalidate_caches"))
+    {
+        tracing::warn!(error = %describe(py, &error), "invalidating python import caches");
+    }
+    let imported = py.import(module).map_err(|error| {
+        let mut step_error = exception_error(py, &error);
+        let class = step_error.kind;
+        step_error.kind = IMPORT_ERROR.to_owned();
+        step_error.message = if error.is_instance_of::<PyImportError>(py) {
+            format!(
+                "cannot import module '{module}': {class}: {}; sys.path searched: {}",
+                step_error.message,
+                sys_path(py)
+            )
+        } else {
+            format!(
+                "cannot import module '{module}': {class}: {}",
+                step_error.message
+            )
+        };
+        step_error
+    })?;
+    let mut attribute = imported.into_any();
+    for name in function.split('.') {
+        attribute = match attribute.getattr_opt(name) {
+            Ok(Some(found)) => found,
+            Ok(None) => {
+                return Err(StepError::new(
+                    IMPORT_ERROR,
+                    format!(
+                        "module '{module}' has no function '{function}'{}",
+                        module_file(py, module)
+                    ),
+                ));
+            }
+            Err(error) => {
+                let step_error = exception_error(py, &error);
+                return Err(StepError {
+                    kind: IMPORT_ERROR.to_owned(),
+                    message: format!(
+                        "reading '{function}' from module '{module}': {}: {}",
+                        step_error.kind, step_error.message
+                    ),
+                    traceback: step_error.traceback,
+                });
+            }
+        };
+    }
+    if attribute.is_callable() {
+        Ok(attribute)
+    } else {
+        Err(StepError::new(
+            IMPORT_ERROR,
+            format!(
+                "'{module}:{function}' is not callable: it is a {}",
+                type_name(&attribute)
+            ),
+        ))
+    }
+}
+
+/// Returns ` (<file>)` for an imported module with a file, for messages.
+fn module_file(py: Python<'_>, module: &str) -> String {
+    py.import(module)
+        .and_then(|module| module.getattr("__file__"))
+        .and_then(|file| file.extract::<String>())
+        .map(|file| format!(" ({file})"))
+        .unwrap_or_default()
+}
+
+/// Returns `sys.path` as Python shows it, for messages.
+fn sys_path(py: Python<'_>) -> String {
+    py.import("sys")
+        .and_then(|sys| sys.getattr("path"))
+        .and_then(|path| path.repr())
+        .map(|repr| repr.to_string_lossy().into_owned())
+        .unwrap_or_else(|_| "<unavailable>".to_owned())
+}
+
+/// Compiles and executes `python_code` source as a new module and returns its `main`.
+///
+/// The source is put into `linecache` under the module's file name so tracebacks show its lines.
+fn compile_code<'py>(
+    py: Python<'py>,
+    source: &str,
+    code_module: &CodeModule,
+) -> Result<Bound<'py, PyAny>, StepError> {
+    let load_error = |what: &str, error: &PyErr| {
+        let step_error = exception_error(py, error);
+        StepError {
+            kind: IMPORT_ERROR.to_owned(),
+            message: format!(
+                "python_code {what}: {}: {}",
+                step_error.kind, step_error.message
+            ),
+            traceback: step_error.traceback,
+        }
+    };
+    let file_name = code_module.file_name.as_str();
+    let setup = || -> PyResult<(Bound<'py, PyAny>, Bound<'py, PyModule>)> {
+        let lines = PyString::new(py, source).call_method1("splitlines", (true,))?;
+        let entry = (source.len(), py.None(), lines, file_name);
+        py.import("linecache")?
+            .getattr("cache")?
+            .set_item(file_name, entry)?;
+        let builtins = py.import("builtins")?;
+        let compiled = builtins.call_method1("compile", (source, file_name, "exec"));
+        let module = PyModule::new(py, &code_module.module_name)?;
+        Ok((compiled?, module))
+    };
+    let (compiled, module) = setup().map_err(|error| load_error("does not compile", &error))?;
+    let executed = py
+        .import("sys")
+        .and_then(|sys| sys.getattr("modules"))
+        .and_then(|modules| modules.set_item(&code_module.module_name, &module))
+        .and_then(|()| py.import("builtins"))
+        .and_then(|builtins| builtins.call_method1("exec", (compiled, module.dict())));
+    executed.map_err(|error| load_error("failed while being executed", &error))?;
+    match module.getattr_opt("main") {
+        Ok(Some(main)) if main.is_callable() => Ok(main),
+        Ok(_) => Err(StepError::new(
+            IMPORT_ERROR,
+            "python_code does not define a function main(input)",
+        )),
+        Err(error) => Err(load_error("has an unreadable main", &error)),
+    }
+}
+
+/// Removes a `python_code` module from `sys.modules` and `linecache`.
+fn forget_code_module(py: Python<'_>, code_module: &CodeModule) {
+    let removed = py
+        .import("sys")
+        .and_then(|sys| sys.getattr("modules"))
+        .and_then(|modules| modules.call_method1("pop", (&code_module.module_name, py.None())))
+        .and_then(|_| py.import("linecache"))
+        .and_then(|linecache| linecache.getattr("cache"))
+        .and_then(|cache| cache.call_method1("pop", (&code_module.file_name, py.None())));
+    if let Err(error) = removed {
+        tracing::warn!(error = %describe(py, &error), "forgetting a python_code module");
+    }
+}
+
+/// Decides how a callable takes `ctx`, from `inspect.signature`; a callable without a readable
+/// signature gets none.
+fn ctx_passing(py: Python<'_>, callable: &Bound<'_, PyAny>) -> CtxPassing {
+    let kind = py
+        .import("inspect")
+        .and_then(|inspect| inspect.call_method1("signature", (callable,)))
+        .and_then(|signature| signature.getattr("parameters"))
+        .and_then(|parameters| parameters.call_method1("get", ("ctx",)))
+        .and_then(|parameter| {
+            if parameter.is_none() {
+                Ok(None)
+            } else {
+                parameter
+                    .getattr("kind")?
+                    .getattr("name")?
+                    .extract::<String>()
+                    .map(Some)
+            }
+        });
+    match kind.ok().flatten().as_deref() {
+        Some("POSITIONAL_OR_KEYWORD" | "KEYWORD_ONLY") => CtxPassing::Keyword,
+        Some("POSITIONAL_ONLY") => CtxPassing::Positional,
+        _ => CtxPassing::Omitted,
+    }
+}
+
+/// Runs a returned coroutine to completion and rejects generators.
+fn settle<'py>(
+    py: Python<'py>,
+    returned: Bound<'py, PyAny>,
+) -> Result<Bound<'py, PyAny>, StepError> {
+    let inspect = py
+        .import("inspect")
+        .map_err(|error| exception_error(py, &error))?;
+    let is = |predicate: &str| {
+        inspect
+            .call_method1(predicate, (&returned,))
+            .and_then(|answer| answer.is_truthy())
+            .map_err(|error| exception_error(py, &error))
+    };
+    if is("iscoroutine")? {
+        return py
+            .import("asyncio")
+            .and_then(|asyncio| asyncio.call_method1("run", (&returned,)))
+            .map_err(|error| {
+                skip_leading_frames(py, &error, "asyncio");
+                exception_error(py, &error)
+            });
+    }
+    if is("isgenerator")? || is("isasyncgen")? {
+        return Err(StepError::new(
+            INVALID_OUTPUT,
+            "step returned a generator; return a list instead",
+        ));
+    }
+    Ok(returned)
+}
+
+/// Drops the frames of `package` (the event loop that ran a coroutine step) from the start of an
+/// exception's traceback, so it starts at the step's own code. Keeps the traceback whole when
+/// every frame belongs to the package.
+fn skip_leading_frames(py: Python<'_>, error: &PyErr, package: &str) {
+    let inner = format!("{package}.");
+    let mut frame = error.traceback(py);
+    while let Some(current) = frame {
+        let module = current
+            .getattr("tb_frame")
+            .and_then(|frame| frame.getattr("f_globals"))
+            .and_then(|globals| globals.get_item("__name__"))
+            .and_then(|name| name.extract::<String>())
+            .unwrap_or_default();
+        if module != package && !module.starts_with(&inner) {
+            error.set_traceback(py, Some(current));
+            return;
+        }
+        frame = current
+            .getattr("tb_next")
+            .ok()
+            .and_then(|next| next.cast_into::<PyTraceback>().ok());
+    }
+}
+
+/// Describes a Python exception as a step error: its class name, `str(exc)` and the formatted
+/// traceback.
+fn exception_error(py: Python<'_>, error: &PyErr) -> StepError {
+    let kind = error
+        .get_type(py)
+        .name()
+        .map(|name| name.to_string_lossy().into_owned())
+        .unwrap_or_else(|_| "Exception".to_owned());
+    let message = error
+        .value(py)
+        .str()
+        .map(|text| text.to_string_lossy().into_owned())
+        .unwrap_or_else(|_| "<str() of the exception failed>".to_owned());
+    let traceback = py
+        .import("traceback")
+        .and_then(|traceback| {
+            traceback.call_method1(
+                "format_exception",
+                (error.get_type(py), error.value(py), error.traceback(py)),
+            )
+        })
+        .and_then(|lines| PyString::new(py, "").call_method1("join", (lines,)))
+        .and_then(|text| text.extract::<String>())
+        .ok();
+    StepError {
+        kind,
+        message,
+        traceback,
+    }
+}
+
+/// Formats an exception as `Class: message` for logs and start errors.
+fn describe(py: Python<'_>, error: &PyErr) -> String {
+    let step_error = exception_error(py, error);
+    format!("{}: {}", step_error.kind, step_error.message)
+}
+
+/// Turns an exception raised while starting into a start error.
+fn start_error(py: Python<'_>, operation: &'static str, error: &PyErr) -> PythonStartError {
+    PythonStartError::Python {
+        operation,
+        message: describe(py, error),
+    }
+}
+
+/// Converts a JSON value into the plain Python value a step receives.
+fn to_python<'py>(
+    py: Python<'py>,
+    value: &Value,
+    depth: usize,
+) -> Result<Bound<'py, PyAny>, StepError> {
+    if depth > MAX_DEPTH {
+        return Err(StepError::new(
+            "RecursionError",
+            format!("step input is nested deeper than {MAX_DEPTH} levels"),
+        ));
+    }
+    let converted = match value {
+        Value::Null => py.None().into_bound(py),
+        Value::Bool(flag) => PyBool::new(py, *flag).to_owned().into_any(),
+        Value::Number(number) => {
+            if let Some(integer) = number.as_i64() {
+                PyInt::new(py, integer).into_any()
+            } else if let Some(integer) = number.as_u64() {
+                PyInt::new(py, integer).into_any()
+            } else {
+                // Without serde_json's arbitrary_precision every other number is an f64.
+                PyFloat::new(py, number.as_f64().unwrap_or(f64::NAN)).into_any()
+            }
+        }
+        Value::String(text) => PyString::new(py, text).into_any(),
+        Value::Array(items) => {
+            let list = PyList::empty(py);
+            for item in items {
+                list.append(to_python(py, item, depth + 1)?)
+                    .map_err(|error| exception_error(py, &error))?;
+            }
+            list.into_any()
+        }
+        Value::Object(fields) => {
+            let dict = PyDict::new(py);
+            for (key, field) in fields {
+                dict.set_item(key, to_python(py, field, depth + 1)?)
+                    .map_err(|error| exception_error(py, &error))?;
+            }
+            dict.into_any()
+        }
+    };
+    Ok(converted)
+}
+
+/// One step of the path to a value inside a step's output, for error messages.
+enum Segment {
+    Key(String),
+    Index(usize),
+}
+
+/// Renders a path as `$`, `$.key`, `$.list[3]` or `$["odd key"]`.
+fn render_path(path: &[Segment]) -> String {
+    let mut rendered = String::from("$");
+    for segment in path {
+        match segment {
+            Segment::Key(key) => {
+                let plain = key
+                    .chars()
+                    .next()
+                    .is_some_and(|c| c.is_alphabetic() || c == '_')
+                    && key.chars().all(|c| c.is_alphanumeric() || c == '_');
+                if plain {
+                    rendered.push('.');
+                    rendered.push_str(key);
+                } else {
+                    rendered.push('[');
+                    rendered.push_str(&Value::String(key.clone()).to_string());
+                    rendered.push(']');
+                }
+            }
+            Segment::Index(index) => rendered.push_str(&format!("[{index}]")),
+        }
+    }
+    rendered
+}
+
+/// The error of an output that JSON cannot express.
+fn inexpressible(what: &str, path: &[Segment]) -> StepError {
+    StepError::new(
+        INVALID_OUTPUT,
+        format!(
+            "step returned a value JSON cannot express: {what} at {}",
+            render_path(path)
+        ),
+    )
+}
+
+/// Returns a type's name as Python code would write it: `set`, `datetime.datetime`.
+fn type_name(value: &Bound<'_, PyAny>) -> String {
+    value
+        .get_type()
+        .fully_qualified_name()
+        .map(|name| name.to_string_lossy().into_owned())
+        .unwrap_or_else(|_| "<unknown type>".to_owned())
+}
+
+/// Converts a step's returned value into JSON, naming the type and the place of anything JSON
+/// cannot express. Tuples become arrays; dict keys must be strings.
+fn from_python(value: &Bound<'_, PyAny>, path: &mut Vec<Segment>) -> Result<Value, StepError> {
+    if path.len() > MAX_DEPTH {
+        return Err(StepError::new(
+            INVALID_OUTPUT,
+            format!(
+                "step returned a value nested deeper than {MAX_DEPTH} levels at {} (does it contain itself?)",
+                render_path(path)
+            ),
+        ));
+    }
+    if value.is_none() {
+        return Ok(Value::Null);
+    }
+    // bool is a subclass of int, so it is recognised first.
+    if let Ok(flag) = value.cast::<PyBool>() {
+        return Ok(Value::Bool(flag.is_true()));
+    }
+    if value.is_instance_of::<PyInt>() {
+        if let Ok(integer) = value.extract::<i64>() {
+            return Ok(Value::from(integer));
+        }
+        if let Ok(integer) = value.extract::<u64>() {
+            return Ok(Value::from(integer));
+        }
+        let bits = value
+            .call_method0("bit_length")
+            .and_then(|bits| bits.extract::<u64>())
+            .map(|bits| format!(" ({bits} bits)"))
+            .unwrap_or_default();
+        return Err(inexpressible(
+            &format!("int outside the 64-bit range{bits}"),
+            path,
+        ));
+    }
+    if let Ok(float) = value.cast::<PyFloat>() {
+        let float = float.value();
+        return Number::from_f64(float).map(Value::Number).ok_or_else(|| {
+            let shown = if float.is_nan() {
+                "nan"
+            } else if float > 0.0 {
+                "inf"
+            } else {
+                "-inf"
+            };
+            inexpressible(&format!("float {shown}"), path)
+        });
+    }
+    if let Ok(text) = value.cast::<PyString>() {
+        return text
+            .to_str()
+            .map(|text| Value::String(text.to_owned()))
+            .map_err(|_| inexpressible("str with unpaired surrogates", path));
+    }
+    if let Ok(dict) = value.cast::<PyDict>() {
+        let mut fields = Map::new();
+        for (key, field) in dict.iter() {
+            let Ok(key) = key.cast::<PyString>() else {
+                return Err(inexpressible(
+                    &format!("dict key of type {}", type_name(&key)),
+                    path,
+                ));
+            };
+            let Ok(key) = key.to_str() else {
+                return Err(inexpressible("dict key with unpaired surrogates", path));
+            };
+            path.push(Segment::Key(key.to_owned()));
+            let field = from_python(&field, path)?;
+            path.pop();
+            fields.insert(key.to_owned(), field);
+        }
+        return Ok(Value::Object(fields));
+    }
+    if let Ok(list) = value.cast::<PyList>() {
+        return from_sequence(list.iter(), path);
+    }
+    if let Ok(tuple) = value.cast::<PyTuple>() {
+        return from_sequence(tuple.iter(), path);
+    }
+    Err(inexpressible(&type_name(value), path))
+}
+
+/// Converts the items of a list or tuple into a JSON array.
+fn from_sequence<'py>(
+    items: impl Iterator<Item = Bound<'py, PyAny>>,
+    path: &mut Vec<Segment>,
+) -> Result<Value, StepError> {
+    let mut converted = Vec::new();
+    for (index, item) in items.enumerate() {
+        path.push(Segment::Index(index));
+        converted.push(from_python(&item, path)?);
+        path.pop();
+    }
+    Ok(Value::Array(converted))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::{Path, PathBuf};
+    use std::sync::OnceLock;
+    use std::time::Duration;
+
+    use serde_json::{Value, json};
+    use taskfleet_common::StepError;
+    use taskfleet_common::error::{IMPORT_ERROR, INVALID_OUTPUT};
+
+    use super::{PythonExecutor, PythonSettings, PythonStartError, PythonTarget, StepContext};
+
+    /// The step module the tests call, written to a temporary directory on the python path.
+    const STEPS: &str = r#"
+import asyncio
+import datetime
+
+
+def transform(data):
+    return {"doubled": [n * 2 for n in data["numbers"]], "name": data["name"].upper()}
+
+
+def echo(value):
+    return value
+
+
+def describe_ctx(data, ctx):
+    ctx.logger.info("describing %s", data)
+    return {
+        "type": type(ctx).__module__ + "." + type(ctx).__name__,
+        "run_id": ctx.run_id,
+        "task_id": ctx.task_id,
+        "step_id": ctx.step_id,
+        "attempt": ctx.attempt,
+        "logger": ctx.logger.name,
+    }
+
+
+def keyword_only_ctx(data, *, ctx):
+    return ctx.attempt
+
+
+def positional_only_ctx(data, ctx, /):
+    return ctx.step_id
+
+
+def no_ctx(data, context=None):
+    return context
+
+
+def fail(data):
+    raise ValueError("bad value: " + str(data))
+
+
+class PricingError(Exception):
+    pass
+
+
+def fail_custom(data):
+    raise PricingError("no price")
+
+
+def fail_key(data):
+    return data["missing"]
+
+
+def returns_datetime(data):
+    return {"when": datetime.datetime(2024, 1, 1)}
+
+
+def returns_set(data):
+    return {"items": [1, {2, 3}]}
+
+
+def returns_big_int(data):
+    return {"n": 2 ** 64}
+
+
+def returns_nan(data):
+    return [float("nan")]
+
+
+def returns_int_keys(data):
+    return {"counts": {1: "one"}}
+
+
+def returns_tuple(data):
+    return (1, [2, (3, "x")])
+
+
+def returns_cycle(data):
+    items = []
+    items.append(items)
+    return items
+
+
+def returns_generator(data):
+    yield data
+
+
+async def async_step(data):
+    await asyncio.sleep(0.01)
+    return data + 1
+
+
+async def async_fail(data):
+    await asyncio.sleep(0)
+    raise KeyError("gone")
+
+
+def spin(data):
+    while True:
+        pass
+
+
+class Pricer:
+    @staticmethod
+    def price(order):
+        return order["qty"] * 2
+
+
+not_callable = 42
+"#;
+
+    struct Fixture {
+        executor: PythonExecutor,
+        dir: PathBuf,
+    }
+
+    fn unique_dir(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!(
+            "taskfleet-python-{name}-{}-{}",
+            std::process::id(),
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|elapsed| elapsed.as_nanos())
+                .unwrap_or_default()
+        ));
+        std::fs::create_dir_all(&dir).expect("creating a test directory");
+        dir
+    }
+
+    fn write(path: &Path, text: &str) {
+        std::fs::write(path, text).expect("writing a test module");
+    }
+
+    /// Returns the executor shared by all tests: a process has one interpreter.
+    fn fixture() -> &'static Fixture {
+        static FIXTURE: OnceLock<Fixture> = OnceLock::new();
+        FIXTURE.get_or_init(|| {
+            let dir = unique_dir("steps");
+            let first = dir.join("first");
+            let second = dir.join("second");
+            std::fs::create_dir_all(&first).expect("creating a python path entry");
+            std::fs::create_dir_all(&second).expect("creating a python path entry");
+            write(&first.join("steps_under_test.py"), STEPS);
+            write(
+                &first.join("shadowed.py"),
+                "def which(_):\n    return 'first'\n",
+            );
+            write(
+                &second.join("shadowed.py"),
+                "def which(_):\n    return 'second'\n",
+            );
+            write(
+                &first.join("broken_module.py"),
+                "x = 1\nraise RuntimeError('broken at import')\n",
+            );
+            let settings = PythonSettings {
+                python_path: vec![first, second],
+                virtual_env: None,
+            };
+            let executor = PythonExecutor::start(settings).expect("starting the interpreter");
+            Fixture { executor, dir }
+        })
+    }
+
+    fn ctx() -> StepContext {
+        StepContext {
+            run_id: "run-1".to_owned(),
+            task_id: "task-1".to_owned(),
+            step_id: "price".to_owned(),
+            attempt: 2,
+        }
+    }
+
+    fn function(module: &str, function: &str) -> PythonTarget {
+        PythonTarget::Function {
+            module: module.to_owned(),
+            function: function.to_owned(),
+        }
+    }
+
+    async fn call(target: PythonTarget, input: Value) -> Result<Value, StepError> {
+        let call = fixture().executor.call(target, input, ctx());
+        tokio::time::timeout(Duration::from_secs(30), call)
+            .await
+            .expect("the python call finished in time")
+    }
+
+    async fn step(name: &str, input: Value) -> Result<Value, StepError> {
+        call(function("steps_under_test", name), input).await
+    }
+
+    async fn output_error(name: &str) -> StepError {
+        let error = step(name, json!(null)).await.expect_err("the step fails");
+        assert_eq!(error.kind, INVALID_OUTPUT, "{error:?}");
+        error
+    }
+
+    #[tokio::test]
+    async fn function_returns_transformed_input() {
+        let output = step("transform", json!({"numbers": [1, 2, 3], "name": "ada"})).await;
+        assert_eq!(output, Ok(json!({"doubled": [2, 4, 6], "name": "ADA"})));
+    }
+
+    #[tokio::test]
+    async fn values_round_trip_unchanged() {
+        let input = json!({
+            "text": "héllo ✓ 😀 \u{0} \"quoted\"",
+            "ints": [0, -1, 42, i64::MIN, i64::MAX, u64::MAX],
+            "floats": [1.5, -0.25, 1e300, 2.0],
+            "flags": [true, false],
+            "nothing": null,
+            "nested": {"list": [[], {}, [{"deep": [1, {"deeper": null}]}]], "": "empty key"},
+        });
+        assert_eq!(step("echo", input.clone()).await, Ok(input));
+        for scalar in [json!(null), json!(true), json!(7), json!(0.5), json!("x")] {
+            assert_eq!(step("echo", scalar.clone()).await, Ok(scalar));
+        }
+    }
+
+    #[tokio::test]
+    async fn booleans_stay_booleans() {
+        let output = call(
+            PythonTarget::Code {
+                source: "def main(input):\n    return [type(v).__name__ for v in input]\n"
+                    .to_owned(),
+            },
+            json!([true, 1, 1.0, "1", null, [], {}]),
+        )
+        .await;
+        assert_eq!(
+            output,
+            Ok(json!([
+                "bool", "int", "float", "str", "NoneType", "list", "dict"
+            ]))
+        );
+    }
+
+    #[tokio::test]
+    async fn ctx_parameter_receives_the_attempt_identity() {
+        let output = step("describe_ctx", json!({"id": 1})).await;
+        assert_eq!(
+            output,
+            Ok(json!({
+                "type": "taskfleet.context.Context",
+                "run_id": "run-1",
+                "task_id": "task-1",
+                "step_id": "price",
+                "attempt": 2,
+                "logger": "taskfleet.step.price",
+            }))
+        );
+        assert_eq!(step("keyword_only_ctx", json!(null)).await, Ok(json!(2)));
+        assert_eq!(
+            step("positional_only_ctx", json!(null)).await,
+            Ok(json!("price"))
+        );
+        assert_eq!(step("no_ctx", json!(null)).await, Ok(json!(null)));
+    }
+
+    #[tokio::test]
+    async fn raised_exception_gives_class_message_and_traceback() {
+        let error = step("fail", json!(3)).await.expect_err("the step raises");
+        assert_eq!(error.kind, "ValueError");
+        assert_eq!(error.message, "bad value: 3");
+        let line = STEPS
+            .lines()
+            .position(|line| line.contains("raise ValueError"))
+            .expect("the fixture raises ValueError")
+            + 1;
+        let traceback = error.traceback.expect("a traceback");
+        assert!(
+            traceback.contains(&format!("steps_under_test.py\", line {line}, in fail")),
+            "{traceback}"
+        );
+        assert!(
+            traceback.contains("ValueError: bad value: 3"),
+            "{traceback}"
+        );
+
+        let error = step("fail_custom", json!(null))
+            .await
+            .expect_err("the step raises");
+        assert_eq!(
+            (error.kind.as_str(), error.message.as_str()),
+            ("PricingError", "no price")
+        );
+        let error = step("fail_key", json!({}))
+            .await
+            .expect_err("the step raises");
+        assert_eq!(
+            (error.kind.as_str(), error.message.as_str()),
+            ("KeyError", "'missing'")
+        );
+    }
+
+    #[tokio::test]
+    async fn missing_module_names_the_module_and_the_search_path() {
+        let error = call(function("no_such_module_here", "run"), json!(null))
+            .await
+            .expect_err("the import fails");
+        assert_eq!(error.kind, IMPORT_ERROR);
+        assert!(
+            error.message.contains("'no_such_module_here'"),
+            "{}",
+            error.message
+        );
+        assert!(
+            error.message.contains("ModuleNotFoundError"),
+            "{}",
+            error.message
+        );
+        let first = fixture().dir.join("first");
+        assert!(
+            error.message.contains(first.to_string_lossy().as_ref()),
+            "{}",
+            error.message
+        );
+    }
+
+    #[tokio::test]
+    async fn module_raising_at_import_reports_its_exception() {
+        let error = call(function("broken_module", "run"), json!(null))
+            .await
+            .expect_err("the import fails");
+        assert_eq!(error.kind, IMPORT_ERROR);
+        assert!(
+            error
+                .message
+                .contains("'broken_module': RuntimeError: broken at import"),
+            "{}",
+            error.message
+        );
+        let traceback = error.traceback.expect("a traceback");
+        assert!(
+            traceback.contains("broken_module.py\", line 2"),
+            "{traceback}"
+        );
+    }
+
+    #[tokio::test]
+    async fn missing_function_names_module_and_function() {
+        let error = step("nope", json!(null))
+            .await
+            .expect_err("the lookup fails");
+        assert_eq!(error.kind, IMPORT_ERROR);
+        assert!(
+            error
+                .message
+                .starts_with("module 'steps_under_test' has no function 'nope'"),
+            "{}",
+            error.message
+        );
+        let error = step("not_callable", json!(null))
+            .await
+            .expect_err("the lookup fails");
+        assert_eq!(error.kind, IMPORT_ERROR);
+        assert!(
+            error.message.contains("is not callable: it is a int"),
+            "{}",
+            error.message
+        );
+    }
+
+    #[tokio::test]
+    async fn nested_attribute_is_callable() {
+        assert_eq!(step("Pricer.price", json!({"qty": 4})).await, Ok(json!(8)));
+    }
+
+    #[tokio::test]
+    async fn module_fixed_after_a_failure_loads() {
+        let dir = fixture().dir.join("first");
+        let error = call(function("appears_later", "run"), json!(null)).await;
+        assert_eq!(
+            error.map_err(|error| error.kind),
+            Err(IMPORT_ERROR.to_owned())
+        );
+        write(
+            &dir.join("appears_later.py"),
+            "def run(_):\n    return 'here'\n",
+        );
+        assert_eq!(
+            call(function("appears_later", "run"), json!(null)).await,
+            Ok(json!("here"))
+        );
+    }
+
+    #[tokio::test]
+    async fn first_python_path_entry_wins() {
+        assert_eq!(
+            call(function("shadowed", "which"), json!(null)).await,
+            Ok(json!("first"))
+        );
+    }
+
+    #[tokio::test]
+    async fn inexpressible_output_names_type_and_place() {
+        let cases = [
+            ("returns_datetime", "datetime.datetime at $.when"),
+            ("returns_set", "set at $.items[1]"),
+            (
+                "returns_big_int",
+                "int outside the 64-bit range (65 bits) at $.n",
+            ),
+            ("returns_nan", "float nan at $[0]"),
+            ("returns_int_keys", "dict key of type int at $.counts"),
+        ];
+        for (name, expected) in cases {
+            let error = output_error(name).await;
+            assert_eq!(
+                error.message,
+                format!("step returned a value JSON cannot express: {expected}"),
+                "{name}"
+            );
+        }
+        let error = output_error("returns_generator").await;
+        assert_eq!(
+            error.message,
+            "step returned a generator; return a list instead"
+        );
+        let error = output_error("returns_cycle").await;
+        assert!(
+            error.message.contains("nested deeper than"),
+            "{}",
+            error.message
+        );
+    }
+
+    #[tokio::test]
+    async fn tuples_become_arrays() {
+        assert_eq!(
+            step("returns_tuple", json!(null)).await,
+            Ok(json!([1, [2, [3, "x"]]]))
+        );
+    }
+
+    #[tokio::test]
+    async fn python_code_defines_main() {
+        let source = "import math\n\ndef main(input, ctx):\n    return {'root': math.sqrt(input), 'step': ctx.step_id}\n";
+        let target = PythonTarget::Code {
+            source: source.to_owned(),
+        };
+        assert_eq!(
+            call(target.clone(), json!(16)).await,
+            Ok(json!({"root": 4.0, "step": "price"}))
+        );
+        assert_eq!(
+            call(target, json!(9)).await,
+            Ok(json!({"root": 3.0, "step": "price"}))
+        );
+    }
+
+    #[tokio::test]
+    async fn python_code_errors_are_clear() {
+        let code = |source: &str| PythonTarget::Code {
+            source: source.to_owned(),
+        };
+        let error = call(code("def helper(input):\n    return input\n"), json!(1))
+            .await
+            .expect_err("there is no main");
+        assert_eq!(error.kind, IMPORT_ERROR);
+        assert_eq!(
+            error.message,
+            "python_code does not define a function main(input)"
+        );
+
+        let error = call(code("def main(input)\n    return input\n"), json!(1))
+            .await
+            .expect_err("the source does not compile");
+        assert_eq!(error.kind, IMPORT_ERROR);
+        assert!(
+            error
+                .message
+                .starts_with("python_code does not compile: SyntaxError"),
+            "{}",
+            error.message
+        );
+
+        let error = call(code("def main(input):\n    return 1 / input\n"), json!(0))
+            .await
+            .expect_err("the step raises");
+        assert_eq!(error.kind, "ZeroDivisionError");
+        let traceback = error.traceback.expect("a traceback");
+        assert!(traceback.contains("line 2, in main"), "{traceback}");
+        assert!(traceback.contains("return 1 / input"), "{traceback}");
+    }
+
+    #[tokio::test]
+    async fn async_steps_are_awaited() {
+        assert_eq!(step("async_step", json!(41)).await, Ok(json!(42)));
+        let error = step("async_fail", json!(null))
+            .await
+            .expect_err("the step raises");
+        assert_eq!(
+            (error.kind.as_str(), error.message.as_str()),
+            ("KeyError", "'gone'")
+        );
+    }
+
+    #[tokio::test]
+    async fn abandoned_call_is_interrupted() {
+        let executor = &fixture().executor;
+        let spinning = executor.call(function("steps_under_test", "spin"), json!(null), ctx());
+        let abandoned = tokio::time::timeout(Duration::from_millis(300), spinning).await;
+        assert!(abandoned.is_err(), "spin never returns");
+        // The interpreter is free again only if the spinning step was interrupted.
+        assert_eq!(step("echo", json!("after")).await, Ok(json!("after")));
+    }
+
+    #[tokio::test]
+    async fn concurrent_calls_all_complete() {
+        let handles: Vec<_> = (0..50)
+            .map(|n| tokio::spawn(step("echo", json!(n))))
+            .collect();
+        for (n, handle) in handles.into_iter().enumerate() {
+            let output = handle.await.expect("the call task finished");
+            assert_eq!(output, Ok(json!(n)));
+        }
+    }
+
+    #[tokio::test]
+    async fn virtualenv_site_packages_are_importable() {
+        fixture();
+        let version = pyo3::Python::attach(|py| {
+            let info = py.version_info();
+            format!("{}.{}", info.major, info.minor)
+        });
+        let venv = unique_dir("venv");
+        let site_packages = venv
+            .join("lib")
+            .join(format!("python{version}"))
+            .join("site-packages");
+        std::fs::create_dir_all(&site_packages).expect("creating site-packages");
+        write(
+            &site_packages.join("venv_only_module.py"),
+            "def hello(name):\n    return 'hi ' + name\n",
+        );
+        let settings = PythonSettings {
+            python_path: Vec::new(),
+            virtual_env: Some(venv),
+        };
+        // A second executor shares the interpreter, and with it sys.path.
+        let executor = PythonExecutor::start(settings).expect("starting with a virtualenv");
+        let output = executor
+            .call(function("venv_only_module", "hello"), json!("venv"), ctx())
+            .await;
+        assert_eq!(output, Ok(json!("hi venv")));
+    }
+
+    #[test]
+    fn virtualenv_without_site_packages_is_an_error() {
+        fixture();
+        let venv = unique_dir("empty-venv");
+        let settings = PythonSettings {
+            python_path: Vec::new(),
+            virtual_env: Some(venv.clone()),
+        };
+        let error = PythonExecutor::start(settings).expect_err("the virtualenv is empty");
+        assert!(
+            matches!(&error, PythonStartError::MissingSitePackages { site_packages, .. } if site_packages.starts_with(&venv)),
+            "{error:?}"
+        );
+        assert!(error.to_string().contains("site-packages"), "{error}");
+    }
+}

@@ -1,0 +1,377 @@
+//! The worker's main loop: takes deliveries from the task queues, leases each task in Redis,
+//! runs it on its executor, reports the completion (confirmed by the broker), writes the result
+//! to Redis and only then acknowledges the delivery.
+//!
+//! The prefetch equals the concurrency and a delivery is acknowledged only when its task is
+//! done, so the broker never hands this worker more tasks than it has free slots.
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use chrono::Utc;
+use futures_util::StreamExt;
+use lapin::message::Delivery;
+use lapin::options::{BasicAckOptions, BasicNackOptions};
+use redis::aio::ConnectionManager;
+use serde_json::json;
+use taskfleet_common::definition::StepKind;
+use taskfleet_common::protocol::{self, CompletionMessage, Outcome, PROTOCOL_VERSION, TaskMessage};
+use taskfleet_common::{Namespace, StepError, TaskId};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::broker::Broker;
+use crate::config::Config;
+use crate::executor::Executor;
+use crate::executor::dataflow::DataflowExecutor;
+use crate::executor::python::{PythonExecutor, PythonTarget, StepContext};
+
+/// How long a task's result stays in Redis.
+const RESULT_TTL_S: u64 = 24 * 3600;
+
+/// The executors of every step kind.
+#[derive(Clone)]
+pub struct Executors {
+    /// jq programs.
+    pub dataflow: DataflowExecutor,
+    /// Python functions and code.
+    pub python: PythonExecutor,
+}
+
+impl Executors {
+    /// Runs `task` on the executor of its kind.
+    pub async fn execute(&self, task: &TaskMessage) -> Result<serde_json::Value, StepError> {
+        let context = || StepContext {
+            run_id: task.run_id.to_string(),
+            task_id: task.task_id.to_string(),
+            step_id: task.step_id.clone(),
+            attempt: task.attempt,
+        };
+        match &task.step {
+            StepKind::Dataflow { .. } => self.dataflow.execute(task).await,
+            StepKind::Python { module, function } => {
+                let target = PythonTarget::Function {
+                    module: module.clone(),
+                    function: function.clone(),
+                };
+                self.python
+                    .call(target, task.input.clone(), context())
+                    .await
+            }
+            StepKind::PythonCode { source } => {
+                let target = PythonTarget::Code {
+                    source: source.clone(),
+                };
+                self.python
+                    .call(target, task.input.clone(), context())
+                    .await
+            }
+        }
+    }
+}
+
+/// What every task handler shares.
+struct Shared {
+    broker: Broker,
+    redis: ConnectionManager,
+    namespace: Namespace,
+    worker_id: String,
+    executors: Executors,
+    lease_ttl: Duration,
+    /// The tasks running now, whose leases the renewal loop keeps alive.
+    running: Mutex<HashSet<TaskId>>,
+}
+
+/// Runs a worker until `shutdown` is cancelled, then drains within the grace period.
+pub async fn run(
+    config: Config,
+    executors: Executors,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    use anyhow::Context;
+    let prefetch = u16::try_from(config.concurrency.get()).unwrap_or(u16::MAX);
+    let broker = Broker::connect(
+        &config.amqp_url,
+        config.namespace.clone(),
+        &config.queues,
+        prefetch,
+    )
+    .await
+    .context("connecting to rabbitmq")?;
+    let redis = redis::Client::open(config.redis_url.as_str())
+        .context("parsing the redis url")?
+        .get_connection_manager()
+        .await
+        .context("connecting to redis")?;
+    let mut consumers = Vec::new();
+    let mut tags = Vec::new();
+    for queue in &config.queues {
+        let tag = format!("{}.{queue}", config.worker_id);
+        consumers.push(
+            broker
+                .consume(queue, &tag)
+                .await
+                .with_context(|| format!("consuming queue {queue}"))?,
+        );
+        tags.push(tag);
+    }
+    let shared = Arc::new(Shared {
+        broker,
+        redis,
+        namespace: config.namespace.clone(),
+        worker_id: config.worker_id.clone(),
+        executors,
+        lease_ttl: config.lease_ttl,
+        running: Mutex::new(HashSet::new()),
+    });
+    tracing::info!(
+        worker_id = %config.worker_id,
+        queues = ?config.queues,
+        concurrency = config.concurrency.get(),
+        namespace = %config.namespace,
+        "worker consuming"
+    );
+    let background = CancellationToken::new();
+    let background_tasks = TaskTracker::new();
+    background_tasks.spawn(heartbeat_loop(
+        shared.clone(),
+        config.clone(),
+        background.clone(),
+    ));
+    let tasks = TaskTracker::new();
+    let mut deliveries = futures_util::stream::select_all(consumers);
+    loop {
+        let next = tokio::select! {
+            next = deliveries.next() => next,
+            () = shutdown.cancelled() => break,
+        };
+        match next {
+            Some(Ok(delivery)) => {
+                tasks.spawn(handle(shared.clone(), delivery));
+            }
+            Some(Err(error)) => {
+                tracing::error!(%error, "task consumer failed");
+                break;
+            }
+            None => {
+                tracing::warn!("task consumers ended");
+                break;
+            }
+        }
+    }
+    tracing::info!(in_flight = tasks.len(), "worker draining");
+    for tag in &tags {
+        shared.broker.cancel(tag).await;
+    }
+    tasks.close();
+    if tokio::time::timeout(config.shutdown_grace, tasks.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            unfinished = tasks.len(),
+            "grace period over; unfinished tasks go back to their queues"
+        );
+    }
+    background.cancel();
+    background_tasks.close();
+    background_tasks.wait().await;
+    shared.broker.close().await;
+    tracing::info!("worker stopped");
+    Ok(())
+}
+
+async fn handle(shared: Arc<Shared>, delivery: Delivery) {
+    let task: TaskMessage = match protocol::decode(&delivery.data) {
+        Ok(task) => task,
+        Err(error) => {
+            // Redelivering a message this worker cannot read would loop forever.
+            tracing::error!(%error, "dropping undecodable task message");
+            let options = BasicNackOptions {
+                multiple: false,
+                requeue: false,
+            };
+            if let Err(error) = delivery.nack(options).await {
+                tracing::warn!(%error, "rejecting task message");
+            }
+            return;
+        }
+    };
+    let started_at = Utc::now();
+    shared.take_lease(&task, started_at).await;
+    let result = shared.executors.execute(&task).await;
+    shared.release(task.task_id);
+    let finished_at = Utc::now();
+    let outcome = match result {
+        Ok(output) => Outcome::Succeeded { output },
+        Err(error) => Outcome::Failed { error },
+    };
+    tracing::debug!(
+        task_id = %task.task_id,
+        step = %task.step_id,
+        attempt = task.attempt,
+        succeeded = matches!(outcome, Outcome::Succeeded { .. }),
+        "task finished"
+    );
+    let completion = CompletionMessage {
+        version: PROTOCOL_VERSION,
+        task_id: task.task_id,
+        run_id: task.run_id,
+        attempt: task.attempt,
+        worker_id: shared.worker_id.clone(),
+        outcome,
+        started_at,
+        finished_at,
+    };
+    if let Err(error) = shared
+        .broker
+        .publish_completion(&protocol::encode(&completion))
+        .await
+    {
+        tracing::error!(task_id = %task.task_id, %error, "reporting the completion failed; the task goes back to its queue");
+        let options = BasicNackOptions {
+            multiple: false,
+            requeue: true,
+        };
+        if let Err(error) = delivery.nack(options).await {
+            tracing::warn!(%error, "returning task message");
+        }
+        return;
+    }
+    shared.store_result(&completion).await;
+    if let Err(error) = delivery.ack(BasicAckOptions::default()).await {
+        tracing::warn!(task_id = %task.task_id, %error, "acknowledging task");
+    }
+}
+
+impl Shared {
+    /// Takes (or takes over) the lease on a task. Best effort: without Redis the task still
+    /// runs, and fencing by attempt keeps its completion safe.
+    async fn take_lease(&self, task: &TaskMessage, started_at: chrono::DateTime<Utc>) {
+        self.running
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(task.task_id);
+        let lease = json!({
+            "worker_id": self.worker_id,
+            "attempt": task.attempt,
+            "started_at": started_at,
+        });
+        let mut redis = self.redis.clone();
+        let result = redis::cmd("SET")
+            .arg(self.namespace.lease_key(task.task_id))
+            .arg(lease.to_string())
+            .arg("PX")
+            .arg(self.lease_ttl.as_millis() as u64)
+            .query_async::<()>(&mut redis)
+            .await;
+        if let Err(error) = result {
+            tracing::warn!(task_id = %task.task_id, %error, "taking the lease");
+        }
+    }
+
+    fn release(&self, task_id: TaskId) {
+        self.running
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(&task_id);
+    }
+
+    /// Writes the result for fast reads and drops the lease, in one round trip.
+    async fn store_result(&self, completion: &CompletionMessage) {
+        let result = json!({
+            "attempt": completion.attempt,
+            "outcome": completion.outcome,
+            "finished_at": completion.finished_at,
+        });
+        let mut redis = self.redis.clone();
+        let written = redis::pipe()
+            .cmd("SET")
+            .arg(self.namespace.result_key(completion.task_id))
+            .arg(result.to_string())
+            .arg("EX")
+            .arg(RESULT_TTL_S)
+            .ignore()
+            .cmd("DEL")
+            .arg(self.namespace.lease_key(completion.task_id))
+            .ignore()
+            .query_async::<()>(&mut redis)
+            .await;
+        if let Err(error) = written {
+            tracing::warn!(task_id = %completion.task_id, %error, "writing the result to redis");
+        }
+    }
+}
+
+/// Every third of the lease time: renews the leases of running tasks and records the worker's
+/// heartbeat. On the way out, removes the worker's record.
+async fn heartbeat_loop(shared: Arc<Shared>, config: Config, shutdown: CancellationToken) {
+    let period = (shared.lease_ttl / 3).max(Duration::from_millis(100));
+    let mut interval = tokio::time::interval(period);
+    let worker_key = shared.namespace.worker_key(&shared.worker_id);
+    let workers_key = shared.namespace.workers_key();
+    let host = std::env::var("HOSTNAME").unwrap_or_default();
+    loop {
+        tokio::select! {
+            _ = interval.tick() => {}
+            () = shutdown.cancelled() => break,
+        }
+        let running: Vec<TaskId> = shared
+            .running
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .iter()
+            .copied()
+            .collect();
+        let ttl_ms = shared.lease_ttl.as_millis() as u64;
+        let now_ms = Utc::now().timestamp_millis();
+        let mut pipe = redis::pipe();
+        for task_id in &running {
+            pipe.cmd("PEXPIRE")
+                .arg(shared.namespace.lease_key(*task_id))
+                .arg(ttl_ms)
+                .ignore();
+        }
+        pipe.cmd("HSET")
+            .arg(&worker_key)
+            .arg("host")
+            .arg(&host)
+            .arg("queues")
+            .arg(config.queues.join(","))
+            .arg("concurrency")
+            .arg(config.concurrency.get())
+            .arg("running")
+            .arg(running.len())
+            .arg("last_heartbeat_ms")
+            .arg(now_ms)
+            .ignore()
+            .cmd("PEXPIRE")
+            .arg(&worker_key)
+            .arg(ttl_ms)
+            .ignore()
+            .cmd("ZADD")
+            .arg(&workers_key)
+            .arg(now_ms)
+            .arg(&shared.worker_id)
+            .ignore();
+        let mut redis = shared.redis.clone();
+        if let Err(error) = pipe.query_async::<()>(&mut redis).await {
+            tracing::warn!(%error, "renewing leases and heartbeat");
+        }
+    }
+    let mut redis = shared.redis.clone();
+    let removed = redis::pipe()
+        .cmd("DEL")
+        .arg(&worker_key)
+        .ignore()
+        .cmd("ZREM")
+        .arg(&workers_key)
+        .arg(&shared.worker_id)
+        .ignore()
+        .query_async::<()>(&mut redis)
+        .await;
+    if let Err(error) = removed {
+        tracing::debug!(%error, "removing the worker record");
+    }
+}
