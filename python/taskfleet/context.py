@@ -25,8 +25,7 @@ class Context:
     Attributes:
         run_id: Identifier of the workflow run (or of the standalone task) the
             step belongs to.
-        task_id: Identifier of this task. A ``for_each`` step runs one task per
-            element, so each element has its own ``task_id``.
+        task_id: Identifier of the task executing this attempt.
         step_id: The step's ``id`` in the workflow definition.
         attempt: Which attempt this is, counting from 1 for the first try.
             Retries get 2, 3, ...; delivery is at least once, so a step should

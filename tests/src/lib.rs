@@ -1,1 +1,374 @@
-//! placeholder
+//! The test harness: starts a real fleet (one scheduler, N workers, as processes from the
+//! workspace's built binaries) against the real PostgreSQL, RabbitMQ and Redis, each fleet in
+//! its own database and namespace, and cleans up after it.
+//!
+//! The binaries must be built first (`cargo build --workspace --bins`); the harness finds them
+//! next to the test executable, or in `TASKFLEET_BIN_DIR`.
+
+#![allow(clippy::unwrap_used, clippy::print_stderr, missing_docs)]
+
+use std::fs::File;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use serde_json::{Value, json};
+
+/// PostgreSQL server the tests use (trust auth as `postgres`).
+pub const POSTGRES: &str = "postgres://postgres@127.0.0.1:5432";
+/// RabbitMQ the tests use.
+pub const AMQP: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+/// Redis the tests use.
+pub const REDIS: &str = "redis://127.0.0.1:6379/0";
+
+/// How a fleet is started.
+#[derive(Debug, Clone)]
+pub struct FleetOptions {
+    /// Workers to start.
+    pub workers: usize,
+    /// Tasks in flight per worker.
+    pub concurrency: usize,
+    /// Extra environment of the scheduler.
+    pub scheduler_env: Vec<(String, String)>,
+}
+
+impl Default for FleetOptions {
+    fn default() -> Self {
+        Self {
+            workers: 2,
+            concurrency: 4,
+            scheduler_env: Vec::new(),
+        }
+    }
+}
+
+/// A running fleet. Dropping it kills its processes and removes its database, queues and keys.
+pub struct TestFleet {
+    pub api: String,
+    pub namespace: String,
+    pub database: String,
+    pub http: reqwest::Client,
+    scheduler: Option<Child>,
+    workers: Vec<Child>,
+    options: FleetOptions,
+    log_dir: PathBuf,
+    started_workers: usize,
+}
+
+/// Returns the directory holding the workspace's binaries.
+pub fn bin_dir() -> PathBuf {
+    if let Ok(dir) = std::env::var("TASKFLEET_BIN_DIR") {
+        return PathBuf::from(dir);
+    }
+    // target/<profile>/deps/<test binary>
+    let exe = std::env::current_exe().unwrap();
+    exe.parent().and_then(Path::parent).unwrap().to_path_buf()
+}
+
+/// Returns the workspace root.
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn binary(name: &str) -> Result<PathBuf> {
+    let path = bin_dir().join(name);
+    if !path.exists() {
+        bail!(
+            "{} is missing: build the binaries first with `cargo build --workspace --bins`",
+            path.display()
+        );
+    }
+    Ok(path)
+}
+
+impl TestFleet {
+    /// Starts a scheduler and two workers.
+    pub async fn start() -> Result<Self> {
+        Self::start_with(FleetOptions::default()).await
+    }
+
+    /// Starts a fleet as `options` say and waits until the API is ready.
+    pub async fn start_with(options: FleetOptions) -> Result<Self> {
+        let id = uuid::Uuid::new_v4().simple().to_string();
+        let namespace = format!("tft-{}", &id[..12]);
+        let database = format!("tft_{}", &id[..12]);
+        let log_dir = workspace_root().join("target/test-logs").join(&namespace);
+        std::fs::create_dir_all(&log_dir)?;
+        let port = free_port();
+        let mut fleet = Self {
+            api: format!("http://127.0.0.1:{port}"),
+            namespace,
+            database,
+            http: reqwest::Client::builder()
+                .timeout(Duration::from_secs(120))
+                .build()?,
+            scheduler: None,
+            workers: Vec::new(),
+            options: options.clone(),
+            log_dir,
+            started_workers: 0,
+        };
+        fleet.start_scheduler(port)?;
+        for _ in 0..options.workers {
+            fleet.start_worker()?;
+        }
+        fleet.wait_ready().await?;
+        Ok(fleet)
+    }
+
+    fn log(&self, name: &str) -> Result<(Stdio, Stdio)> {
+        let file = File::create(self.log_dir.join(format!("{name}.log")))?;
+        Ok((file.try_clone()?.into(), file.into()))
+    }
+
+    fn start_scheduler(&mut self, port: u16) -> Result<()> {
+        let (stdout, stderr) = self.log("scheduler")?;
+        let mut command = Command::new(binary("taskfleet-scheduler")?);
+        command
+            .env(
+                "TASKFLEET_DATABASE_URL",
+                format!("{POSTGRES}/{}", self.database),
+            )
+            .env("TASKFLEET_AMQP_URL", AMQP)
+            .env("TASKFLEET_REDIS_URL", REDIS)
+            .env("TASKFLEET_HTTP_ADDR", format!("127.0.0.1:{port}"))
+            .env("TASKFLEET_NAMESPACE", &self.namespace)
+            .env("RUST_LOG", "info,taskfleet_scheduler=debug")
+            .stdout(stdout)
+            .stderr(stderr);
+        for (key, value) in &self.options.scheduler_env {
+            command.env(key, value);
+        }
+        self.scheduler = Some(command.spawn().context("starting the scheduler")?);
+        Ok(())
+    }
+
+    /// Starts one more worker.
+    pub fn start_worker(&mut self) -> Result<()> {
+        let index = self.started_workers;
+        self.started_workers += 1;
+        let (stdout, stderr) = self.log(&format!("worker-{index}"))?;
+        let root = workspace_root();
+        let child = Command::new(binary("taskfleet-worker")?)
+            .arg("--python-path")
+            .arg(root.join("tests/python"))
+            .arg("--python-path")
+            .arg(root.join("examples/steps"))
+            .arg("--concurrency")
+            .arg(self.options.concurrency.to_string())
+            .env("TASKFLEET_AMQP_URL", AMQP)
+            .env("TASKFLEET_REDIS_URL", REDIS)
+            .env("TASKFLEET_NAMESPACE", &self.namespace)
+            .env("TASKFLEET_LEASE_TTL_S", "3")
+            .env("RUST_LOG", "info,taskfleet_worker=debug")
+            .stdout(stdout)
+            .stderr(stderr)
+            .spawn()
+            .context("starting a worker")?;
+        self.workers.push(child);
+        Ok(())
+    }
+
+    /// Kills every worker with SIGKILL.
+    pub fn kill_workers(&mut self) {
+        for mut worker in self.workers.drain(..) {
+            let _ = worker.kill();
+            let _ = worker.wait();
+        }
+    }
+
+    /// Returns whether the scheduler process is still running.
+    pub fn scheduler_alive(&mut self) -> bool {
+        self.scheduler
+            .as_mut()
+            .is_some_and(|child| matches!(child.try_wait(), Ok(None)))
+    }
+
+    async fn wait_ready(&mut self) -> Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Ok(response) = self.http.get(format!("{}/readyz", self.api)).send().await {
+                if response.status().is_success() {
+                    return Ok(());
+                }
+            }
+            if !self.scheduler_alive() {
+                bail!(
+                    "the scheduler exited during start; see {}",
+                    self.log_dir.join("scheduler.log").display()
+                );
+            }
+            if Instant::now() > deadline {
+                bail!("the scheduler was not ready within 60 s");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Sends a request with an optional JSON body and returns the status and JSON answer.
+    pub async fn request(&self, method: &str, path: &str, body: Option<&Value>) -> (u16, Value) {
+        let method = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
+        let mut request = self.http.request(method, format!("{}{path}", self.api));
+        if let Some(body) = body {
+            request = request
+                .header("content-type", "application/json")
+                .body(body.to_string());
+        }
+        self.send(request).await
+    }
+
+    /// Sends a request with a raw body.
+    pub async fn request_raw(&self, method: &str, path: &str, body: Vec<u8>) -> (u16, Value) {
+        let method = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
+        let request = self
+            .http
+            .request(method, format!("{}{path}", self.api))
+            .header("content-type", "application/json")
+            .body(body);
+        self.send(request).await
+    }
+
+    async fn send(&self, request: reqwest::RequestBuilder) -> (u16, Value) {
+        let response = request.send().await.expect("the scheduler answers");
+        let status = response.status().as_u16();
+        let text = response.text().await.unwrap_or_default();
+        let value = serde_json::from_str(&text).unwrap_or(Value::String(text));
+        (status, value)
+    }
+
+    /// Starts a run of an inline definition and returns its id.
+    pub async fn submit(&self, definition: &Value, input: &Value) -> String {
+        let (status, body) = self
+            .request(
+                "POST",
+                "/v1/runs",
+                Some(&json!({"definition": definition, "input": input})),
+            )
+            .await;
+        assert_eq!(status, 201, "{body}");
+        body["id"].as_str().unwrap().to_owned()
+    }
+
+    /// Waits (long-polling) until the run finishes and returns it.
+    pub async fn wait_run(&self, id: &str, within: Duration) -> Value {
+        self.wait_path(&format!("/v1/runs/{id}"), within).await
+    }
+
+    /// Waits until the job finishes and returns it.
+    pub async fn wait_job(&self, id: &str, within: Duration) -> Value {
+        self.wait_path(&format!("/v1/tasks/{id}"), within).await
+    }
+
+    async fn wait_path(&self, path: &str, within: Duration) -> Value {
+        let deadline = Instant::now() + within;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let wait = left.as_secs_f64().min(10.0);
+            let (status, body) = self
+                .request("GET", &format!("{path}?wait={wait}"), None)
+                .await;
+            assert_eq!(status, 200, "{body}");
+            let finished = matches!(
+                body["status"].as_str(),
+                Some("succeeded" | "failed" | "cancelled")
+            );
+            if finished {
+                return body;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{path} did not finish within {within:?}: {body:#}"
+            );
+        }
+    }
+
+    /// Runs an inline definition to its end and returns the run.
+    pub async fn run(&self, definition: &Value, input: &Value) -> Value {
+        let id = self.submit(definition, input).await;
+        self.wait_run(&id, Duration::from_secs(60)).await
+    }
+
+    fn cleanup(&mut self) {
+        if let Some(mut scheduler) = self.scheduler.take() {
+            let _ = scheduler.kill();
+            let _ = scheduler.wait();
+        }
+        self.kill_workers();
+        let database = self.database.clone();
+        let namespace = self.namespace.clone();
+        // Drop runs outside any runtime the test may still hold, on a thread of its own.
+        let cleaner = std::thread::spawn(move || {
+            let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            else {
+                return;
+            };
+            runtime.block_on(remove_fleet_state(&database, &namespace));
+        });
+        let _ = cleaner.join();
+    }
+}
+
+impl Drop for TestFleet {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!(
+                "fleet {} failed; its logs are in {}",
+                self.namespace,
+                self.log_dir.display()
+            );
+        }
+        self.cleanup();
+    }
+}
+
+async fn remove_fleet_state(database: &str, namespace: &str) {
+    use sqlx::Connection;
+    if let Ok(mut db) = sqlx::PgConnection::connect(&format!("{POSTGRES}/postgres")).await {
+        let statement = format!("DROP DATABASE IF EXISTS \"{database}\" WITH (FORCE)");
+        let _ = sqlx::query(sqlx::AssertSqlSafe(statement))
+            .execute(&mut db)
+            .await;
+    }
+    if let Ok(connection) =
+        lapin::Connection::connect(AMQP, lapin::ConnectionProperties::default()).await
+    {
+        if let Ok(channel) = connection.create_channel().await {
+            for queue in [
+                format!("{namespace}.tasks.default"),
+                format!("{namespace}.completions"),
+            ] {
+                let _ = channel
+                    .queue_delete(queue.into(), lapin::options::QueueDeleteOptions::default())
+                    .await;
+            }
+        }
+        let _ = connection.close(200, "test done".into()).await;
+    }
+    if let Ok(client) = redis::Client::open(REDIS) {
+        if let Ok(mut redis) = client.get_multiplexed_async_connection().await {
+            let keys: Vec<String> = redis::cmd("KEYS")
+                .arg(format!("{namespace}:*"))
+                .query_async(&mut redis)
+                .await
+                .unwrap_or_default();
+            if !keys.is_empty() {
+                let _: Result<(), _> = redis::cmd("DEL").arg(&keys).query_async(&mut redis).await;
+            }
+        }
+    }
+}

@@ -135,7 +135,7 @@ pub struct PythonExecutor {
 impl std::fmt::Debug for PythonExecutor {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("PythonExecutor")
-            .field("queued", &(JOB_QUEUE_CAPACITY - self.jobs.capacity()))
+            .field("queued", &(self.jobs.max_capacity() - self.jobs.capacity()))
             .finish_non_exhaustive()
     }
 }
@@ -535,15 +535,14 @@ impl Runtime {
             module_name: format!("taskfleet_code_{digest}"),
             file_name: format!("<python_code {digest}>"),
         };
-        let loaded = compile_code(py, source, &code_module);
-        // The module stays registered only while it is cached.
-        self.code_modules.push(code_module);
-        match loaded {
-            Ok(main) => Ok(main),
+        // The module stays registered in sys.modules and linecache only while it is cached.
+        match compile_code(py, source, &code_module) {
+            Ok(main) => {
+                self.code_modules.push(code_module);
+                Ok(main)
+            }
             Err(error) => {
-                if let Some(code_module) = self.code_modules.pop() {
-                    forget_code_module(py, &code_module);
-                }
+                forget_code_module(py, &code_module);
                 Err(error)
             }
         }
@@ -1615,6 +1614,13 @@ not_callable = 42
             (error.kind.as_str(), error.message.as_str()),
             ("KeyError", "'gone'")
         );
+        // The traceback starts at the step, not in the event loop that ran it.
+        let traceback = error.traceback.expect("a traceback");
+        let first_frame = traceback.lines().nth(1).unwrap_or_default();
+        assert!(
+            first_frame.contains("steps_under_test.py") && first_frame.contains("in async_fail"),
+            "{traceback}"
+        );
     }
 
     #[tokio::test]
@@ -1657,14 +1663,17 @@ not_callable = 42
         );
         let settings = PythonSettings {
             python_path: Vec::new(),
-            virtual_env: Some(venv),
+            virtual_env: Some(venv.clone()),
         };
+        let venv_dir = venv;
         // A second executor shares the interpreter, and with it sys.path.
         let executor = PythonExecutor::start(settings).expect("starting with a virtualenv");
         let output = executor
             .call(function("venv_only_module", "hello"), json!("venv"), ctx())
             .await;
         assert_eq!(output, Ok(json!("hi venv")));
+        drop(executor);
+        let _ = std::fs::remove_dir_all(venv_dir);
     }
 
     #[test]
@@ -1681,5 +1690,6 @@ not_callable = 42
             "{error:?}"
         );
         assert!(error.to_string().contains("site-packages"), "{error}");
+        let _ = std::fs::remove_dir_all(venv);
     }
 }

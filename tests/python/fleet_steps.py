@@ -1,0 +1,33 @@
+"""Step functions used by the integration tests."""
+
+import time
+
+
+def double(value):
+    return value * 2
+
+
+def add_tax(orders, ctx):
+    return {
+        "orders": [dict(order, price=order["qty"] * 1.5) for order in orders],
+        "attempt": ctx.attempt,
+        "step": ctx.step_id,
+        "run_id": ctx.run_id,
+    }
+
+
+def merge(inputs):
+    return sorted(inputs.keys())
+
+
+def fail(_value):
+    raise ValueError("the input was not acceptable")
+
+
+def slow(value):
+    time.sleep(value.get("sleep", 1.0))
+    return value
+
+
+def echo(value):
+    return value

@@ -1,0 +1,339 @@
+//! Bad input gets the documented status and a message naming the problem, and no process
+//! crashes on it.
+
+#![allow(clippy::unwrap_used, missing_docs)]
+
+use serde_json::{Value, json};
+use taskfleet_tests::{FleetOptions, TestFleet};
+
+async fn check(
+    fleet: &TestFleet,
+    method: &str,
+    path: &str,
+    body: Option<Value>,
+    status: u16,
+    needles: &[&str],
+) {
+    let (got, answer) = fleet.request(method, path, body.as_ref()).await;
+    assert_eq!(got, status, "{method} {path}: {answer}");
+    let message = answer["error"]["message"].as_str().unwrap_or_default();
+    assert!(answer["error"]["code"].is_string(), "{answer}");
+    for needle in needles {
+        assert!(
+            message.contains(needle),
+            "{message:?} should contain {needle:?}"
+        );
+    }
+}
+
+fn run_of(steps: Value) -> Option<Value> {
+    Some(json!({"definition": {"steps": steps}, "input": null}))
+}
+
+#[tokio::test]
+async fn every_bad_input_gets_its_status_and_names_the_problem() {
+    let mut fleet = TestFleet::start_with(FleetOptions {
+        workers: 0,
+        scheduler_env: vec![("TASKFLEET_MAX_BODY_BYTES".into(), "65536".into())],
+        ..FleetOptions::default()
+    })
+    .await
+    .unwrap();
+
+    // 400: malformed JSON and unknown fields.
+    let (status, answer) = fleet
+        .request_raw("POST", "/v1/runs", b"{not json".to_vec())
+        .await;
+    assert_eq!(status, 400, "{answer}");
+    assert!(
+        answer["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("not valid")
+    );
+    check(
+        &fleet,
+        "POST",
+        "/v1/runs",
+        Some(json!({"definition": {"steps": []}, "colour": 1})),
+        400,
+        &["colour"],
+    )
+    .await;
+    check(
+        &fleet,
+        "POST",
+        "/v1/runs",
+        run_of(json!([{"id": "a", "dataflow": ".", "retries": 3}])),
+        400,
+        &["retries"],
+    )
+    .await;
+    check(
+        &fleet,
+        "POST",
+        "/v1/runs",
+        Some(json!({"input": 1})),
+        400,
+        &["workflow", "definition"],
+    )
+    .await;
+    check(
+        &fleet,
+        "POST",
+        "/v1/tasks",
+        Some(json!({"python": "m:f", "nonsense": true})),
+        400,
+        &["nonsense"],
+    )
+    .await;
+    check(&fleet, "GET", "/v1/runs?limit=abc", None, 400, &["limit"]).await;
+    check(
+        &fleet,
+        "GET",
+        "/v1/runs?status=sleeping",
+        None,
+        400,
+        &["sleeping"],
+    )
+    .await;
+
+    // 422: definitions that parse but cannot run, each naming the step and the problem.
+    check(
+        &fleet,
+        "POST",
+        "/v1/runs",
+        run_of(json!([
+        {"id": "a", "dataflow": ".", "after": ["b"]},
+        {"id": "b", "dataflow": ".", "after": ["a"]}])),
+        422,
+        &["cycle", "a -> b -> a"],
+    )
+    .await;
+    check(
+        &fleet,
+        "POST",
+        "/v1/runs",
+        run_of(json!([
+        {"id": "a", "dataflow": ".", "after": ["ghost"]}])),
+        422,
+        &["\"a\"", "unknown step \"ghost\""],
+    )
+    .await;
+    check(
+        &fleet,
+        "POST",
+        "/v1/runs",
+        run_of(json!([
+        {"id": "bad_jq", "dataflow": "map(."}])),
+        422,
+        &["\"bad_jq\"", "does not compile"],
+    )
+    .await;
+    check(
+        &fleet,
+        "POST",
+        "/v1/runs",
+        run_of(json!([
+        {"id": "bad_input", "dataflow": ".", "input": "nosuch(1)"}])),
+        422,
+        &["\"bad_input\"", "`input`"],
+    )
+    .await;
+    check(
+        &fleet,
+        "POST",
+        "/v1/runs",
+        run_of(json!([
+        {"id": "bad_ref", "python": "no colon here"}])),
+        422,
+        &["\"bad_ref\"", "module.path:function"],
+    )
+    .await;
+    check(
+        &fleet,
+        "POST",
+        "/v1/runs",
+        run_of(json!([
+        {"id": "two", "python": "m:f", "dataflow": "."}])),
+        422,
+        &["\"two\"", "exactly one"],
+    )
+    .await;
+    check(
+        &fleet,
+        "POST",
+        "/v1/runs",
+        run_of(json!([
+        {"id": "a", "dataflow": "."}, {"id": "a", "dataflow": "."}])),
+        422,
+        &["more than one step"],
+    )
+    .await;
+    check(
+        &fleet,
+        "POST",
+        "/v1/runs",
+        run_of(json!([])),
+        422,
+        &["at least one step"],
+    )
+    .await;
+    check(
+        &fleet,
+        "PUT",
+        "/v1/workflows/w",
+        Some(json!({"steps": [{"id": "x"}]})),
+        422,
+        &["\"x\"", "python"],
+    )
+    .await;
+    check(
+        &fleet,
+        "PUT",
+        "/v1/workflows/w",
+        Some(json!({"name": "other", "steps": [{"id": "x", "dataflow": "."}]})),
+        422,
+        &["other"],
+    )
+    .await;
+    check(
+        &fleet,
+        "POST",
+        "/v1/tasks",
+        Some(json!({"dataflow": "{"})),
+        422,
+        &["does not compile"],
+    )
+    .await;
+
+    // 404: unknown workflows, versions, runs, jobs and routes.
+    check(
+        &fleet,
+        "POST",
+        "/v1/runs",
+        Some(json!({"workflow": "nope"})),
+        404,
+        &["nope"],
+    )
+    .await;
+    check(&fleet, "GET", "/v1/workflows/nope", None, 404, &["nope"]).await;
+    let (status, _) = fleet
+        .request(
+            "PUT",
+            "/v1/workflows/w",
+            Some(&json!({"steps": [{"id": "x", "dataflow": "."}]})),
+        )
+        .await;
+    assert_eq!(status, 201);
+    check(
+        &fleet,
+        "GET",
+        "/v1/workflows/w?version=7",
+        None,
+        404,
+        &["version 7"],
+    )
+    .await;
+    check(
+        &fleet,
+        "POST",
+        "/v1/runs",
+        Some(json!({"workflow": "w", "version": 9})),
+        404,
+        &["version 9"],
+    )
+    .await;
+    check(
+        &fleet,
+        "GET",
+        "/v1/runs/0198c4b6-0000-7000-8000-000000000000",
+        None,
+        404,
+        &["no run"],
+    )
+    .await;
+    check(
+        &fleet,
+        "GET",
+        "/v1/runs/not-a-uuid",
+        None,
+        404,
+        &["not-a-uuid"],
+    )
+    .await;
+    check(
+        &fleet,
+        "GET",
+        "/v1/tasks/0198c4b6-0000-7000-8000-000000000000",
+        None,
+        404,
+        &["no task"],
+    )
+    .await;
+    check(
+        &fleet,
+        "GET",
+        "/v1/nothing-here",
+        None,
+        404,
+        &["/v1/nothing-here"],
+    )
+    .await;
+
+    // 413: a body over the configured limit.
+    let big = format!(
+        "{{\"definition\": {{\"steps\": []}}, \"input\": \"{}\"}}",
+        "x".repeat(70_000)
+    );
+    let (status, answer) = fleet
+        .request_raw("POST", "/v1/runs", big.into_bytes())
+        .await;
+    assert_eq!(status, 413, "{answer}");
+    assert!(
+        answer["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("65536")
+    );
+
+    // Nothing crashed, and the API still works.
+    assert!(fleet.scheduler_alive());
+    let (status, _) = fleet.request("GET", "/readyz", None).await;
+    assert_eq!(status, 200);
+}
+
+#[tokio::test]
+async fn a_missing_python_module_fails_the_step_with_an_import_error_naming_it() {
+    let fleet = TestFleet::start().await.unwrap();
+    let run = fleet
+        .run(
+            &json!({"steps": [{"id": "imp", "python": "no_such_module:run"}]}),
+            &json!(null),
+        )
+        .await;
+    assert_eq!(run["status"], "failed", "{run:#}");
+    let error = &run["steps"]["imp"]["error"];
+    assert!(error["type"].as_str().unwrap().contains("Error"), "{error}");
+    assert!(
+        error["message"]
+            .as_str()
+            .unwrap()
+            .contains("no_such_module"),
+        "{error}"
+    );
+}
+
+#[tokio::test]
+async fn a_jq_error_at_run_time_fails_the_step_as_dataflow_error() {
+    let fleet = TestFleet::start().await.unwrap();
+    let run = fleet
+        .run(
+            &json!({"steps": [{"id": "j", "dataflow": ".a.b"}]}),
+            &json!(5),
+        )
+        .await;
+    assert_eq!(run["status"], "failed", "{run:#}");
+    assert_eq!(run["steps"]["j"]["error"]["type"], "dataflow_error");
+    assert_eq!(run["error"]["step"], "j");
+}
