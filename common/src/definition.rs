@@ -228,17 +228,17 @@ impl StepDefinition {
                     .to_owned(),
             ),
         }
-        if let Some(reference) = &self.python {
-            if parse_python_ref(reference).is_none() {
-                problem(format!(
-                    "`python` reference {reference:?} is not of the form \"module.path:function\""
-                ));
-            }
+        if let Some(reference) = &self.python
+            && parse_python_ref(reference).is_none()
+        {
+            problem(format!(
+                "`python` reference {reference:?} is not of the form \"module.path:function\""
+            ));
         }
-        if let Some(source) = &self.python_code {
-            if source.trim().is_empty() {
-                problem("`python_code` is empty; it must define main(input)".to_owned());
-            }
+        if let Some(source) = &self.python_code
+            && source.trim().is_empty()
+        {
+            problem("`python_code` is empty; it must define main(input)".to_owned());
         }
         let programs = [
             ("dataflow", &self.dataflow),
@@ -247,10 +247,10 @@ impl StepDefinition {
             ("when", &self.when),
         ];
         for (field, program) in programs {
-            if let Some(code) = program {
-                if let Err(error) = jq::Program::compile(code) {
-                    problem(format!("`{field}`: {error}"));
-                }
+            if let Some(code) = program
+                && let Err(error) = jq::Program::compile(code)
+            {
+                problem(format!("`{field}`: {error}"));
             }
         }
         if let Some(retry) = &self.retry {
@@ -264,23 +264,23 @@ impl StepDefinition {
                 problem("`retry.max_backoff_ms` is below `retry.initial_backoff_ms`".to_owned());
             }
         }
-        if let Some(timeout) = self.timeout_s {
-            if !(timeout.is_finite() && timeout > 0.0) {
-                problem("`timeout_s` must be a positive number of seconds".to_owned());
-            }
+        if let Some(timeout) = self.timeout_s
+            && !(timeout.is_finite() && timeout > 0.0)
+        {
+            problem("`timeout_s` must be a positive number of seconds".to_owned());
         }
-        if let Some(queue) = &self.queue {
-            if let Err(error) = names::check_queue_name(queue) {
-                problem(format!("`queue`: {error}"));
-            }
+        if let Some(queue) = &self.queue
+            && let Err(error) = names::check_queue_name(queue)
+        {
+            problem(format!("`queue`: {error}"));
         }
-        if let Some(priority) = self.priority {
-            if priority > names::MAX_PRIORITY {
-                problem(format!(
-                    "`priority` must be between 0 and {}",
-                    names::MAX_PRIORITY
-                ));
-            }
+        if let Some(priority) = self.priority
+            && priority > names::MAX_PRIORITY
+        {
+            problem(format!(
+                "`priority` must be between 0 and {}",
+                names::MAX_PRIORITY
+            ));
         }
     }
 }
@@ -290,15 +290,15 @@ impl WorkflowDefinition {
     /// steps form a DAG. Returns every problem found.
     pub fn validate(&self) -> Result<(), ValidationError> {
         let mut problems = Vec::new();
-        if let Some(name) = &self.name {
-            if !names::is_valid_name(name) {
-                problems.push(Problem {
-                    step: None,
-                    message: format!(
-                        "workflow name {name:?} must be 1 to 64 characters among A-Z a-z 0-9 _ - ."
-                    ),
-                });
-            }
+        if let Some(name) = &self.name
+            && !names::is_valid_name(name)
+        {
+            problems.push(Problem {
+                step: None,
+                message: format!(
+                    "workflow name {name:?} must be 1 to 64 characters among A-Z a-z 0-9 _ - ."
+                ),
+            });
         }
         if self.steps.is_empty() {
             problems.push(Problem {
@@ -336,21 +336,21 @@ impl WorkflowDefinition {
                 }
             }
         }
-        if let Some(output) = &self.output {
-            if !seen.contains(output.as_str()) {
-                problems.push(Problem {
-                    step: None,
-                    message: format!("`output` names unknown step {output:?}"),
-                });
-            }
+        if let Some(output) = &self.output
+            && !seen.contains(output.as_str())
+        {
+            problems.push(Problem {
+                step: None,
+                message: format!("`output` names unknown step {output:?}"),
+            });
         }
-        if problems.is_empty() {
-            if let Some(cycle) = self.find_cycle() {
-                problems.push(Problem {
-                    step: cycle.first().cloned(),
-                    message: format!("`after` forms a cycle: {}", cycle.join(" -> ")),
-                });
-            }
+        if problems.is_empty()
+            && let Some(cycle) = self.find_cycle()
+        {
+            problems.push(Problem {
+                step: cycle.first().cloned(),
+                message: format!("`after` forms a cycle: {}", cycle.join(" -> ")),
+            });
         }
         if problems.is_empty() {
             Ok(())

@@ -159,13 +159,13 @@ async fn write(db: &sqlx::PgPool, submissions: &[Submission]) -> Result<Vec<Acce
     let mut existing: HashMap<(&str, String), (Uuid, String)> = HashMap::new();
     let mut keys_by_kind: HashMap<&str, Vec<String>> = HashMap::new();
     for submission in submissions {
-        if !inserted.contains(&submission.run.id) {
-            if let Some(key) = &submission.run.idempotency_key {
-                keys_by_kind
-                    .entry(submission.run.kind)
-                    .or_default()
-                    .push(key.clone());
-            }
+        if !inserted.contains(&submission.run.id)
+            && let Some(key) = &submission.run.idempotency_key
+        {
+            keys_by_kind
+                .entry(submission.run.kind)
+                .or_default()
+                .push(key.clone());
         }
     }
     for (kind, keys) in keys_by_kind {

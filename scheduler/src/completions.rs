@@ -105,10 +105,10 @@ impl CompletionLoop {
                 }
             }
         }
-        if let Some(last) = deliveries.last() {
-            if let Err(error) = last.ack(BasicAckOptions { multiple: true }).await {
-                tracing::warn!(%error, "acknowledging completions");
-            }
+        if let Some(last) = deliveries.last()
+            && let Err(error) = last.ack(BasicAckOptions { multiple: true }).await
+        {
+            tracing::warn!(%error, "acknowledging completions");
         }
     }
 

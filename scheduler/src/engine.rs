@@ -34,12 +34,11 @@ impl Materialized {
                 continue;
             };
             let task_id = Uuid::now_v7();
-            if let Some(input) = &input {
-                if let Some(dispatch) =
+            if let Some(input) = &input
+                && let Some(dispatch) =
                     Dispatch::new(definition, run_id, task_id, &step_id, 1, input.clone())
-                {
-                    self.dispatches.push(dispatch);
-                }
+            {
+                self.dispatches.push(dispatch);
             }
             self.tasks.push(NewTask {
                 id: task_id,

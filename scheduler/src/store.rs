@@ -114,10 +114,10 @@ pub async fn put_workflow(
     .bind(name)
     .fetch_optional(&mut *tx)
     .await?;
-    if let Some((version, Json(existing))) = &latest {
-        if existing == definition {
-            return Ok((*version, false));
-        }
+    if let Some((version, Json(existing))) = &latest
+        && existing == definition
+    {
+        return Ok((*version, false));
     }
     let version = latest.map_or(1, |(version, _)| version + 1);
     sqlx::query("INSERT INTO workflows (name, version, definition) VALUES ($1, $2, $3)")

@@ -200,10 +200,10 @@ impl TestFleet {
     async fn wait_ready(&mut self) -> Result<()> {
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
-            if let Ok(response) = self.http.get(format!("{}/readyz", self.api)).send().await {
-                if response.status().is_success() {
-                    return Ok(());
-                }
+            if let Ok(response) = self.http.get(format!("{}/readyz", self.api)).send().await
+                && response.status().is_success()
+            {
+                return Ok(());
             }
             if !self.scheduler_alive() {
                 bail!(
@@ -359,16 +359,16 @@ async fn remove_fleet_state(database: &str, namespace: &str) {
         }
         let _ = connection.close(200, "test done".into()).await;
     }
-    if let Ok(client) = redis::Client::open(REDIS) {
-        if let Ok(mut redis) = client.get_multiplexed_async_connection().await {
-            let keys: Vec<String> = redis::cmd("KEYS")
-                .arg(format!("{namespace}:*"))
-                .query_async(&mut redis)
-                .await
-                .unwrap_or_default();
-            if !keys.is_empty() {
-                let _: Result<(), _> = redis::cmd("DEL").arg(&keys).query_async(&mut redis).await;
-            }
+    if let Ok(client) = redis::Client::open(REDIS)
+        && let Ok(mut redis) = client.get_multiplexed_async_connection().await
+    {
+        let keys: Vec<String> = redis::cmd("KEYS")
+            .arg(format!("{namespace}:*"))
+            .query_async(&mut redis)
+            .await
+            .unwrap_or_default();
+        if !keys.is_empty() {
+            let _: Result<(), _> = redis::cmd("DEL").arg(&keys).query_async(&mut redis).await;
         }
     }
 }

@@ -335,12 +335,12 @@ pub async fn list(
     State(state): State<AppState>,
     QueryParams(query): QueryParams<ListQuery>,
 ) -> Result<Json<Value>, ApiError> {
-    if let Some(status) = &query.status {
-        if taskfleet_common::RunStatus::parse(status).is_none() {
-            return Err(ApiError::bad_request(format!(
-                "status {status:?} is not one of pending, running, succeeded, failed, cancelled"
-            )));
-        }
+    if let Some(status) = &query.status
+        && taskfleet_common::RunStatus::parse(status).is_none()
+    {
+        return Err(ApiError::bad_request(format!(
+            "status {status:?} is not one of pending, running, succeeded, failed, cancelled"
+        )));
     }
     let limit = query.limit.unwrap_or(50);
     if !(1..=1000).contains(&limit) {
