@@ -1,0 +1,168 @@
+//! The command line: commands and flags, and the parsing of flag values into typed ones.
+//!
+//! It does no I/O; reading files and standard input belongs to [`crate::body`].
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+
+/// Runs workflows on a taskfleet fleet through the scheduler's HTTP API.
+#[derive(Debug, Parser)]
+#[command(name = "taskfleet", version, about)]
+pub struct Cli {
+    /// The scheduler's base URL [env: TASKFLEET_API_URL] [default: http://127.0.0.1:8080]
+    #[arg(long, global = true, value_name = "URL")]
+    pub api_url: Option<String>,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The commands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Starts a run of a registered workflow or of a definition file
+    ///
+    /// Without --wait, prints {"id", "status"} as JSON. With --wait, prints the run's output as
+    /// JSON when it succeeds (exit 0), or its error on stderr when it fails or is cancelled
+    /// (exit 1); exit 2 when --timeout runs out first.
+    Submit(SubmitArgs),
+    /// Prints a run (or, with --job, a job) as JSON
+    Status(StatusArgs),
+    /// Waits for a run (or, with --job, a job) to finish and prints its output as JSON
+    ///
+    /// Exits 0 when it succeeded, 1 when it failed or was cancelled, 2 when --timeout ran out.
+    Wait(WaitArgs),
+}
+
+/// The arguments of `taskfleet submit`.
+#[derive(Debug, Args)]
+pub struct SubmitArgs {
+    /// A registered workflow's name, or a definition file (an existing file, or any name ending
+    /// in .json)
+    #[arg(value_name = "WORKFLOW_OR_FILE")]
+    pub target: String,
+    /// The run's input.
+    #[command(flatten)]
+    pub input: InputArgs,
+    /// The version of the registered workflow to run [default: the latest]
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=i64::from(i32::MAX)))]
+    pub version: Option<u32>,
+    /// A key that makes the submission idempotent: repeating it returns the existing run
+    #[arg(long, value_name = "K")]
+    pub idempotency_key: Option<String>,
+    /// Waits for the run to finish and prints its output
+    #[arg(long)]
+    pub wait: bool,
+    /// With --wait, gives up after this many seconds (exit 2) [default: no limit]
+    #[arg(long, value_name = "SECONDS", value_parser = parse_seconds, requires = "wait")]
+    pub timeout: Option<Duration>,
+}
+
+/// Where a run's input comes from; without either flag the input is `null`.
+#[derive(Debug, Args)]
+pub struct InputArgs {
+    /// The run's input as JSON text
+    #[arg(long, value_name = "JSON", conflicts_with = "input_file")]
+    pub input: Option<String>,
+    /// A file holding the run's input as JSON; - reads standard input
+    #[arg(long, value_name = "PATH")]
+    pub input_file: Option<PathBuf>,
+}
+
+/// The arguments of `taskfleet status`.
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// The run's (or job's) id
+    #[arg(value_name = "RUN_ID")]
+    pub id: String,
+    /// The id is a job's (POST /v1/tasks), not a workflow run's
+    #[arg(long)]
+    pub job: bool,
+}
+
+/// The arguments of `taskfleet wait`.
+#[derive(Debug, Args)]
+pub struct WaitArgs {
+    /// The run's (or job's) id
+    #[arg(value_name = "RUN_ID")]
+    pub id: String,
+    /// The id is a job's (POST /v1/tasks), not a workflow run's
+    #[arg(long)]
+    pub job: bool,
+    /// Gives up after this many seconds (exit 2) [default: no limit]
+    #[arg(long, value_name = "SECONDS", value_parser = parse_seconds)]
+    pub timeout: Option<Duration>,
+}
+
+/// Parses a number of seconds (fractions allowed, 0 or more) into a duration.
+fn parse_seconds(text: &str) -> Result<Duration, String> {
+    let seconds: f64 = text
+        .trim()
+        .parse()
+        .map_err(|_| format!("{text:?} is not a number of seconds"))?;
+    if !(seconds.is_finite() && seconds >= 0.0) {
+        return Err(format!("{text:?} is not a number of seconds, 0 or more"));
+    }
+    Duration::try_from_secs_f64(seconds).map_err(|_| format!("{text:?} seconds is too long"))
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::*;
+
+    fn check(text: &str, expected: Option<Duration>) {
+        assert_eq!(parse_seconds(text).ok(), expected, "{text:?}");
+    }
+
+    #[test]
+    fn seconds_parse_as_non_negative_durations() {
+        check("0", Some(Duration::ZERO));
+        check("30", Some(Duration::from_secs(30)));
+        check("1.5", Some(Duration::from_millis(1500)));
+        check("-1", None);
+        check("NaN", None);
+        check("inf", None);
+        check("1e300", None);
+        check("soon", None);
+    }
+
+    #[test]
+    fn command_line_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn submit_version_does_not_clash_with_the_program_version() {
+        let cli = Cli::try_parse_from(["taskfleet", "submit", "orders", "--version", "3"]);
+        let Ok(Cli {
+            command: Command::Submit(submit_args),
+            ..
+        }) = cli
+        else {
+            panic!("submit should parse: {cli:?}");
+        };
+        assert_eq!(submit_args.version, Some(3));
+    }
+
+    #[test]
+    fn input_flags_conflict_and_timeout_needs_wait() {
+        assert!(
+            Cli::try_parse_from([
+                "taskfleet",
+                "submit",
+                "w",
+                "--input",
+                "1",
+                "--input-file",
+                "-"
+            ])
+            .is_err()
+        );
+        assert!(Cli::try_parse_from(["taskfleet", "submit", "w", "--timeout", "5"]).is_err());
+        assert!(Cli::try_parse_from(["taskfleet", "submit", "w", "--version", "0"]).is_err());
+    }
+}

@@ -1,0 +1,323 @@
+//! Building the body of `POST /v1/runs` from `taskfleet submit`'s arguments: telling a
+//! definition file from a workflow name, reading and parsing the input.
+//!
+//! It reads the files and standard input the arguments name, but never talks to the API.
+
+use std::fmt;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use serde_json::{Map, Value};
+
+use crate::args::{InputArgs, SubmitArgs};
+
+/// An argument, file or standard input that cannot be used.
+#[derive(Debug)]
+pub enum InputError {
+    /// A file, or standard input, could not be read.
+    Read {
+        /// What was being read, as the user named it.
+        what: String,
+        /// Why it failed.
+        source: std::io::Error,
+    },
+    /// Text that should be JSON is not.
+    BadJson {
+        /// Where the text came from, as the user named it.
+        what: String,
+        /// Where and why parsing failed.
+        source: serde_json::Error,
+    },
+    /// `--version` was given together with a definition file.
+    VersionWithDefinition,
+}
+
+impl fmt::Display for InputError {
+    fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Read { what, source } => write!(formatter, "reading {what}: {source}"),
+            Self::BadJson { what, source } => {
+                write!(formatter, "{what} is not valid JSON: {source}")
+            }
+            Self::VersionWithDefinition => formatter.write_str(
+                "--version only applies to a registered workflow name, not a definition file",
+            ),
+        }
+    }
+}
+
+impl std::error::Error for InputError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            Self::Read { source, .. } => Some(source),
+            Self::BadJson { source, .. } => Some(source),
+            Self::VersionWithDefinition => None,
+        }
+    }
+}
+
+/// What `submit`'s first argument names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    /// A workflow registered with `PUT /v1/workflows/{name}`.
+    Workflow(String),
+    /// A file holding a workflow definition, to be run inline.
+    DefinitionFile(PathBuf),
+}
+
+/// Returns what `argument` names: a definition file when it is an existing file (`is_file`) or
+/// ends in `.json`, otherwise a registered workflow.
+pub fn classify(argument: &str, is_file: bool) -> Target {
+    let looks_like_json = Path::new(argument)
+        .extension()
+        .is_some_and(|extension| extension.eq_ignore_ascii_case("json"));
+    if is_file || looks_like_json {
+        Target::DefinitionFile(PathBuf::from(argument))
+    } else {
+        Target::Workflow(argument.to_owned())
+    }
+}
+
+/// What a run is started from, once any definition file has been read.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Source {
+    /// A registered workflow, optionally pinned to a version.
+    Workflow {
+        /// The workflow's name.
+        name: String,
+        /// The version to run; the latest when absent.
+        version: Option<u32>,
+    },
+    /// An inline definition.
+    Definition(Value),
+}
+
+/// Returns the body of `POST /v1/runs` for `submit`'s arguments, reading the files they name.
+pub fn run_request(submit_args: &SubmitArgs) -> Result<Value, InputError> {
+    let is_file = Path::new(&submit_args.target).is_file();
+    let source = match classify(&submit_args.target, is_file) {
+        Target::Workflow(name) => Source::Workflow {
+            name,
+            version: submit_args.version,
+        },
+        Target::DefinitionFile(_) if submit_args.version.is_some() => {
+            return Err(InputError::VersionWithDefinition);
+        }
+        Target::DefinitionFile(path) => Source::Definition(read_definition(&path)?),
+    };
+    let input = read_input(&submit_args.input)?;
+    Ok(build_request(
+        source,
+        input,
+        submit_args.idempotency_key.as_deref(),
+    ))
+}
+
+/// Returns the body of `POST /v1/runs`: the source's fields, `input` and any idempotency key.
+pub fn build_request(source: Source, input: Value, idempotency_key: Option<&str>) -> Value {
+    let mut body = Map::new();
+    match source {
+        Source::Workflow { name, version } => {
+            body.insert("workflow".to_owned(), Value::String(name));
+            if let Some(version) = version {
+                body.insert("version".to_owned(), Value::from(version));
+            }
+        }
+        Source::Definition(definition) => {
+            body.insert("definition".to_owned(), definition);
+        }
+    }
+    body.insert("input".to_owned(), input);
+    if let Some(key) = idempotency_key {
+        body.insert("idempotency_key".to_owned(), Value::String(key.to_owned()));
+    }
+    Value::Object(body)
+}
+
+/// Returns the definition held in the file at `path`.
+fn read_definition(path: &Path) -> Result<Value, InputError> {
+    let what = format!("definition file {}", path.display());
+    let text = std::fs::read_to_string(path).map_err(|source| InputError::Read {
+        what: what.clone(),
+        source,
+    })?;
+    parse_json(&text, what)
+}
+
+/// Returns the run input named by `--input` or `--input-file`, or `null` without either.
+pub fn read_input(input_args: &InputArgs) -> Result<Value, InputError> {
+    match (&input_args.input, &input_args.input_file) {
+        (Some(text), _) => parse_json(text, "--input".to_owned()),
+        (None, Some(path)) if path.as_os_str() == "-" => {
+            let what = "--input-file - (standard input)".to_owned();
+            let mut text = String::new();
+            std::io::stdin()
+                .read_to_string(&mut text)
+                .map_err(|source| InputError::Read {
+                    what: what.clone(),
+                    source,
+                })?;
+            parse_json(&text, what)
+        }
+        (None, Some(path)) => {
+            let what = format!("--input-file {}", path.display());
+            let text = std::fs::read_to_string(path).map_err(|source| InputError::Read {
+                what: what.clone(),
+                source,
+            })?;
+            parse_json(&text, what)
+        }
+        (None, None) => Ok(Value::Null),
+    }
+}
+
+/// Parses `text` as JSON; `what` names where it came from in the error.
+pub fn parse_json(text: &str, what: String) -> Result<Value, InputError> {
+    serde_json::from_str(text).map_err(|source| InputError::BadJson { what, source })
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    fn check_classify(argument: &str, is_file: bool, expected: Target) {
+        assert_eq!(classify(argument, is_file), expected, "{argument:?}");
+    }
+
+    #[test]
+    fn existing_files_and_json_names_are_definitions() {
+        let file = |path: &str| Target::DefinitionFile(PathBuf::from(path));
+        let workflow = |name: &str| Target::Workflow(name.to_owned());
+        check_classify("orders", false, workflow("orders"));
+        check_classify("orders", true, file("orders"));
+        check_classify("examples/orders.json", false, file("examples/orders.json"));
+        check_classify("ORDERS.JSON", false, file("ORDERS.JSON"));
+        check_classify("orders.json5", false, workflow("orders.json5"));
+        check_classify("json", false, workflow("json"));
+    }
+
+    fn check_request(source: Source, input: Value, key: Option<&str>, expected: Value) {
+        assert_eq!(build_request(source, input, key), expected);
+    }
+
+    #[test]
+    fn requests_name_the_workflow_or_inline_the_definition() {
+        let workflow = |version| Source::Workflow {
+            name: "orders".to_owned(),
+            version,
+        };
+        check_request(
+            workflow(None),
+            Value::Null,
+            None,
+            json!({"workflow": "orders", "input": null}),
+        );
+        check_request(
+            workflow(Some(2)),
+            json!([1, 2]),
+            Some("k-1"),
+            json!({"workflow": "orders", "version": 2, "input": [1, 2], "idempotency_key": "k-1"}),
+        );
+        check_request(
+            Source::Definition(json!({"steps": []})),
+            json!({"a": 1}),
+            None,
+            json!({"definition": {"steps": []}, "input": {"a": 1}}),
+        );
+    }
+
+    fn check_input(input: Option<&str>, expected: Option<Value>) {
+        let input_args = InputArgs {
+            input: input.map(str::to_owned),
+            input_file: None,
+        };
+        assert_eq!(read_input(&input_args).ok(), expected, "{input:?}");
+    }
+
+    #[test]
+    fn inline_input_parses_as_json() {
+        check_input(None, Some(Value::Null));
+        check_input(Some("{\"qty\": 3}"), Some(json!({"qty": 3})));
+        check_input(Some(" [1, 2] "), Some(json!([1, 2])));
+        check_input(Some("\"text\""), Some(json!("text")));
+        check_input(Some("text"), None);
+        check_input(Some(""), None);
+        check_input(Some("{\"a\": 1"), None);
+    }
+
+    #[test]
+    fn bad_inline_input_names_the_flag() {
+        let input_args = InputArgs {
+            input: Some("{qty: 3}".to_owned()),
+            input_file: None,
+        };
+        let message = read_input(&input_args)
+            .err()
+            .map(|error| error.to_string())
+            .unwrap_or_default();
+        assert!(
+            message.starts_with("--input is not valid JSON: "),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn missing_input_file_names_the_flag_and_path() {
+        let input_args = InputArgs {
+            input: None,
+            input_file: Some(PathBuf::from("/nonexistent/input.json")),
+        };
+        let message = read_input(&input_args)
+            .err()
+            .map(|error| error.to_string())
+            .unwrap_or_default();
+        assert!(
+            message.starts_with("reading --input-file /nonexistent/input.json: "),
+            "{message}"
+        );
+    }
+
+    fn submit_args(target: &str, version: Option<u32>) -> SubmitArgs {
+        SubmitArgs {
+            target: target.to_owned(),
+            input: InputArgs {
+                input: Some("1".to_owned()),
+                input_file: None,
+            },
+            version,
+            idempotency_key: None,
+            wait: false,
+            timeout: None,
+        }
+    }
+
+    #[test]
+    fn version_is_refused_with_a_definition_file() {
+        let result = run_request(&submit_args("/nonexistent/orders.json", Some(1)));
+        assert!(matches!(result, Err(InputError::VersionWithDefinition)));
+    }
+
+    #[test]
+    fn missing_definition_file_is_reported_not_sent_as_a_name() {
+        let result = run_request(&submit_args("/nonexistent/orders.json", None));
+        assert!(matches!(result, Err(InputError::Read { .. })), "{result:?}");
+    }
+
+    #[test]
+    fn definition_file_is_read_and_inlined() {
+        let path = std::env::temp_dir().join(format!(
+            "taskfleet-cli-definition-{}.json",
+            std::process::id()
+        ));
+        std::fs::write(&path, r#"{"steps": [{"id": "a", "dataflow": "."}]}"#)
+            .expect("the temporary directory is writable");
+        let result = run_request(&submit_args(&path.to_string_lossy(), None));
+        let _ = std::fs::remove_file(&path);
+        assert_eq!(
+            result.ok(),
+            Some(json!({"definition": {"steps": [{"id": "a", "dataflow": "."}]}, "input": 1}))
+        );
+    }
+}

@@ -1,0 +1,167 @@
+//! Waiting for a run or job to finish: repeated long polls, each capped, until it finishes or
+//! an optional deadline passes, with progress on stderr.
+//!
+//! It decides when a run is finished; what to print about the result belongs to
+//! [`crate::report`].
+
+use std::time::Duration;
+
+use serde_json::Value;
+use tokio::time::Instant;
+
+use crate::client::{ApiError, Client, Kind};
+
+/// The longest single long poll; the server may cap it lower.
+const MAX_POLL: Duration = Duration::from_secs(30);
+/// The least time between two polls, so that a server that answers at once is not hammered.
+const MIN_POLL_INTERVAL: Duration = Duration::from_secs(1);
+
+/// How a finished run or job ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// It succeeded; its `output` is the result.
+    Succeeded,
+    /// A step failed; its `error` says which and why.
+    Failed,
+    /// It was cancelled.
+    Cancelled,
+}
+
+/// Returns how a run with `status` ended, or `None` while it is not finished (pending, running
+/// or a status this client does not know).
+pub fn outcome(status: &str) -> Option<Outcome> {
+    match status {
+        "succeeded" => Some(Outcome::Succeeded),
+        "failed" => Some(Outcome::Failed),
+        "cancelled" => Some(Outcome::Cancelled),
+        _ => None,
+    }
+}
+
+/// What waiting came to; each holds the run (or job) as last read.
+#[derive(Debug)]
+pub enum Waited {
+    /// It finished.
+    Finished(Outcome, Value),
+    /// The deadline passed first.
+    TimedOut(Value),
+}
+
+/// Waits for the run or job `id` to finish, for at most `timeout` (no limit without one).
+pub async fn wait_until_finished(
+    client: &Client,
+    kind: Kind,
+    id: &str,
+    timeout: Option<Duration>,
+) -> Result<Waited, ApiError> {
+    let deadline = timeout.map(|timeout| Instant::now() + timeout);
+    let mut last_progress = String::new();
+    loop {
+        let started = Instant::now();
+        let remaining = deadline.map(|deadline| deadline.saturating_duration_since(started));
+        let wait = remaining.map_or(MAX_POLL, |remaining| remaining.min(MAX_POLL));
+        let run = client.show(kind, id, Some(wait)).await?;
+        // The client has checked that the answer has a status.
+        if let Some(outcome) = run_status(&run).and_then(outcome) {
+            return Ok(Waited::Finished(outcome, run));
+        }
+        if deadline.is_some_and(|deadline| Instant::now() >= deadline) {
+            return Ok(Waited::TimedOut(run));
+        }
+        let progress = describe_progress(kind, id, &run);
+        if progress != last_progress {
+            eprintln!("{progress}");
+            last_progress = progress;
+        }
+        pace(started, deadline).await;
+    }
+}
+
+/// Sleeps when a poll came back early without the run finishing, so polls stay at least
+/// [`MIN_POLL_INTERVAL`] apart (never past the deadline).
+async fn pace(started: Instant, deadline: Option<Instant>) {
+    let mut next = started + MIN_POLL_INTERVAL;
+    if let Some(deadline) = deadline {
+        next = next.min(deadline);
+    }
+    tokio::time::sleep_until(next).await;
+}
+
+/// Returns a run's status, if the answer has one.
+pub fn run_status(run: &Value) -> Option<&str> {
+    run.get("status").and_then(Value::as_str)
+}
+
+/// Returns the ids of a run's steps that are running, in id order.
+pub fn running_steps(run: &Value) -> Vec<&str> {
+    run.get("steps")
+        .and_then(Value::as_object)
+        .map(|steps| {
+            steps
+                .iter()
+                .filter(|(_, step)| run_status(step) == Some("running"))
+                .map(|(id, _)| id.as_str())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Returns a one-line account of where a run stands, for stderr.
+pub fn describe_progress(kind: Kind, id: &str, run: &Value) -> String {
+    let status = run_status(run).unwrap_or("unknown");
+    let running = running_steps(run);
+    if running.is_empty() {
+        format!("{} {id}: {status}", kind.noun())
+    } else {
+        format!(
+            "{} {id}: {status}, running {}",
+            kind.noun(),
+            running.join(", ")
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    fn check(status: &str, expected: Option<Outcome>) {
+        assert_eq!(outcome(status), expected, "{status:?}");
+    }
+
+    #[test]
+    fn only_terminal_statuses_are_finished() {
+        check("succeeded", Some(Outcome::Succeeded));
+        check("failed", Some(Outcome::Failed));
+        check("cancelled", Some(Outcome::Cancelled));
+        check("pending", None);
+        check("running", None);
+        check("skipped", None);
+        check("", None);
+        check("SUCCEEDED", None);
+    }
+
+    #[test]
+    fn progress_names_the_running_steps() {
+        let run = json!({"status": "running", "steps": {
+            "b": {"status": "running"}, "a": {"status": "running"},
+            "c": {"status": "succeeded"}, "d": {"status": "pending"},
+        }});
+        assert_eq!(running_steps(&run), ["a", "b"]);
+        assert_eq!(
+            describe_progress(Kind::Run, "r1", &run),
+            "run r1: running, running a, b"
+        );
+        let pending = json!({"status": "pending", "steps": {}});
+        assert_eq!(
+            describe_progress(Kind::Job, "j1", &pending),
+            "job j1: pending"
+        );
+        assert_eq!(
+            running_steps(&json!({"status": "running"})),
+            Vec::<&str>::new()
+        );
+    }
+}
