@@ -64,8 +64,12 @@ impl Config {
     /// Builds the configuration from an environment map (normally the process environment) and
     /// command-line overrides.
     pub fn load(env: &HashMap<String, String>, overrides: &Overrides) -> Result<Self, ConfigError> {
+        // An empty variable counts as unset, as shells and env files often leave them.
         let get = |name: &str, default: &str| -> String {
-            env.get(name).cloned().unwrap_or_else(|| default.to_owned())
+            env.get(name)
+                .filter(|value| !value.is_empty())
+                .cloned()
+                .unwrap_or_else(|| default.to_owned())
         };
         let http_addr = overrides
             .http_addr

@@ -9,7 +9,7 @@ use chrono::{DateTime, Utc};
 use serde_json::Value;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::types::Json;
-use sqlx::{ConnectOptions, PgPool, Postgres, Transaction};
+use sqlx::{ConnectOptions, Connection, PgPool, Postgres, Transaction};
 use uuid::Uuid;
 
 /// The schema, applied at start.
@@ -57,28 +57,33 @@ pub async fn connect(url: &str, pool_size: u32) -> Result<PgPool, StoreError> {
     Ok(pool)
 }
 
+/// Creates the database named in `options` if it does not exist. Connects to the maintenance
+/// database `postgres` only when the target database is missing, so deployments that deny that
+/// connection still start against an existing database.
 async fn create_database_if_missing(options: &PgConnectOptions) -> Result<(), StoreError> {
     let Some(name) = options.get_database().map(str::to_owned) else {
         return Ok(());
     };
-    let mut admin = options.clone().database("postgres").connect().await?;
-    let exists: bool =
-        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
-            .bind(&name)
-            .fetch_one(&mut admin)
-            .await?;
-    if !exists {
-        let statement = format!("CREATE DATABASE \"{}\"", name.replace('"', "\"\""));
-        match sqlx::query(sqlx::AssertSqlSafe(statement))
-            .execute(&mut admin)
-            .await
-        {
-            Ok(_) => tracing::info!(database = %name, "database created"),
-            // Another scheduler created it at the same moment.
-            Err(sqlx::Error::Database(error)) if error.code().as_deref() == Some("42P04") => {}
-            Err(error) => return Err(error.into()),
+    match options.connect().await {
+        Ok(connection) => {
+            let _ = connection.close().await;
+            return Ok(());
         }
+        Err(sqlx::Error::Database(error)) if error.code().as_deref() == Some("3D000") => {}
+        Err(error) => return Err(error.into()),
     }
+    let mut admin = options.clone().database("postgres").connect().await?;
+    let statement = format!("CREATE DATABASE \"{}\"", name.replace('"', "\"\""));
+    match sqlx::query(sqlx::AssertSqlSafe(statement))
+        .execute(&mut admin)
+        .await
+    {
+        Ok(_) => tracing::info!(database = %name, "database created"),
+        // Another scheduler created it at the same moment.
+        Err(sqlx::Error::Database(error)) if error.code().as_deref() == Some("42P04") => {}
+        Err(error) => return Err(error.into()),
+    }
+    let _ = admin.close().await;
     Ok(())
 }
 

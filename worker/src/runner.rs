@@ -141,6 +141,7 @@ pub async fn run(
     ));
     let tasks = TaskTracker::new();
     let mut deliveries = futures_util::stream::select_all(consumers);
+    let mut failure = None;
     loop {
         let next = tokio::select! {
             next = deliveries.next() => next,
@@ -152,10 +153,12 @@ pub async fn run(
             }
             Some(Err(error)) => {
                 tracing::error!(%error, "task consumer failed");
+                failure = Some(anyhow::anyhow!("task consumer failed: {error}"));
                 break;
             }
             None => {
                 tracing::warn!("task consumers ended");
+                failure = Some(anyhow::anyhow!("the broker ended the task consumers"));
                 break;
             }
         }
@@ -179,7 +182,8 @@ pub async fn run(
     background_tasks.wait().await;
     shared.broker.close().await;
     tracing::info!("worker stopped");
-    Ok(())
+    // A worker that lost its broker exits non-zero, so supervisors restart it.
+    failure.map_or(Ok(()), Err)
 }
 
 async fn handle(shared: Arc<Shared>, delivery: Delivery) {
