@@ -14,6 +14,9 @@ pub const WORKER_LOST: &str = "worker_lost";
 pub const DATAFLOW_ERROR: &str = "dataflow_error";
 /// The error type recorded when a step produced a value JSON cannot express.
 pub const INVALID_OUTPUT: &str = "invalid_output";
+/// The error type recorded when a worker could not read a task it was sent (a protocol version it
+/// does not know, a malformed message or an input that cannot travel).
+pub const INVALID_TASK: &str = "invalid_task";
 /// The error type recorded when a Python step could not be loaded (bad module or function).
 pub const IMPORT_ERROR: &str = "ImportError";
 

@@ -7,7 +7,20 @@
 //! (`halt` and `halt_error` end the program, see [`Program::run_all`]; `debug` and `stderr` only
 //! emit records to the `log` facade, which this project does not route anywhere). It does not
 //! decide timeouts: a program that loops without producing output runs until it finishes, so
-//! callers that run untrusted programs should do so on a blocking thread they can abandon.
+//! callers should run programs on a blocking thread they can abandon.
+//!
+//! Programs are trusted configuration, written by the people who define workflows, not data. This
+//! module keeps what it can from overflowing the stack, which aborts the whole process: a program
+//! nested deeper than [`MAX_PROGRAM_NESTING`] brackets or longer than [`MAX_PROGRAM_LEN`] bytes
+//! is refused before jaq lexes it (jaq's lexer, parser and compiler recurse once per level and
+//! once per operator in a row; callers run programs on threads with large stacks), an output nested deeper than [`MAX_DEPTH`]
+//! is refused and dropped without recursing into it, and an error value is shown only when it is
+//! nested no deeper than that either. What recurses inside jaq is beyond its reach: a program that
+//! recurses without end (`def f: 1 + f; f`), one whose syntax is deep without brackets (thousands
+//! of operators or keywords in a row, such as a literal array of thousands of items), or one that
+//! builds a value nested many thousands deep and then works on it (`length`, `tojson`, comparing)
+//! or drops it can overflow the stack of its thread; and a program that never ends ties up its
+//! thread for good.
 //!
 //! Numbers follow jaq: integers stay integers (of any size) and floats stay floats, so `4 / 2`
 //! yields `2.0` and `. + 0` keeps an integer input an integer. Values that JSON cannot express
@@ -15,13 +28,15 @@
 //! ±`f64::MAX`, integers beyond the range of `serde_json` numbers become the nearest float) and
 //! rejected with [`RunError::NotJson`] otherwise (byte strings, non-string object keys).
 
-use std::fmt;
+use std::fmt::{self, Write as _};
 use std::sync::Arc;
 
 use jaq_core::load::{self, Arena, File, Loader};
 use jaq_core::{Compiler, Ctx, Vars, data};
 use jaq_json::{Num, Val};
 use serde_json::Value;
+
+use crate::value::MAX_DEPTH;
 
 /// The value type the compiled filters work on.
 type Data = data::JustLut<Val>;
@@ -31,6 +46,15 @@ const DEFAULT_OUTPUT_LIMIT: usize = 1_000_000;
 
 /// The longest excerpt of a program or a value that an error message quotes.
 const EXCERPT_CHARS: usize = 40;
+
+/// The deepest nesting of brackets (`(`, `[`, `{`) and string interpolations (`\(`) a program may
+/// have; jaq's lexer, parser and compiler each recurse once per level.
+pub const MAX_PROGRAM_NESTING: usize = 128;
+
+/// The longest program accepted, in bytes. jaq recurses once per operator in a row too, so a
+/// bound on the length bounds the stack a program's syntax can take: with the 32 MiB threads
+/// the scheduler and worker run programs on, programs of this size stay far from the limit.
+pub const MAX_PROGRAM_LEN: usize = 8 * 1024;
 
 /// Native jaq filters that are left out because they read the worker's process state.
 const EXCLUDED_FUNS: &[&str] = &["env"];
@@ -61,7 +85,8 @@ impl fmt::Debug for Program {
 #[error("{message}")]
 pub struct CompileError {
     /// Starts with "jq program does not compile: " followed by every problem found, joined with
-    /// "; ", each naming its byte offset in the program where jaq reports one.
+    /// "; ", each naming its byte offset in the program where jaq reports one; or is
+    /// "jq program is nested deeper than 128 levels" for a program refused before parsing.
     pub message: String,
 }
 
@@ -77,7 +102,8 @@ pub enum RunError {
     #[error("jq program yielded more than {0} outputs")]
     TooManyOutputs(usize),
     /// An output holds a value JSON cannot express: a byte string (from `tobytes`) or an object
-    /// key that is not a string. NaN and infinite numbers are not errors (see the module docs).
+    /// key that is not a string, or is nested deeper than [`MAX_DEPTH`] levels. NaN and
+    /// infinite numbers are not errors (see the module docs).
     #[error("jq output is not JSON: {0}")]
     NotJson(String),
 }
@@ -86,8 +112,22 @@ impl Program {
     /// Compiles `code` (jq syntax, with jaq's core + std + json definitions available, e.g. map,
     /// select, add, length, keys, to_entries, tostring, tojson...).
     ///
-    /// `env`, `$ENV`, `input`, `inputs` and module imports are not available.
+    /// `env`, `$ENV`, `input`, `inputs` and module imports are not available. A program nested
+    /// deeper than [`MAX_PROGRAM_NESTING`] levels is refused without being parsed.
     pub fn compile(code: &str) -> Result<Program, CompileError> {
+        if code.len() > MAX_PROGRAM_LEN {
+            return Err(CompileError {
+                message: format!(
+                    "jq program is {} bytes long, more than the limit of {MAX_PROGRAM_LEN}",
+                    code.len()
+                ),
+            });
+        }
+        if nesting_exceeds(code, MAX_PROGRAM_NESTING) {
+            return Err(CompileError {
+                message: format!("jq program is nested deeper than {MAX_PROGRAM_NESTING} levels"),
+            });
+        }
         let defs = jaq_core::defs()
             .chain(jaq_std::defs())
             .chain(jaq_json::defs());
@@ -135,7 +175,9 @@ impl Program {
     ///
     /// The first error the program raises ends the run, discarding earlier outputs. `halt` (exit
     /// code 0) ends the run successfully with the outputs produced so far; `halt_error` or `halt`
-    /// with any other exit code fails with [`RunError::Failed`].
+    /// with any other exit code fails with [`RunError::Failed`]. An output nested deeper than
+    /// [`MAX_DEPTH`] levels fails with [`RunError::NotJson`]. The input is converted recursively,
+    /// so it should be nested no deeper than values `serde_json` reads (128 levels).
     pub fn run_all(&self, input: Value, limit: usize) -> Result<Vec<Value>, RunError> {
         let filter = &self.inner.filter;
         let ctx = Ctx::<Data>::new(&filter.lut, Vars::new([]));
@@ -163,7 +205,7 @@ impl Program {
             if outputs.len() == limit {
                 return Err(RunError::TooManyOutputs(limit));
             }
-            outputs.push(json_from_val(value)?);
+            outputs.push(json_from_output(value)?);
         }
         Ok(outputs)
     }
@@ -289,9 +331,147 @@ fn excerpt(text: &str) -> String {
 /// Returns the message of a jq run-time error: a string error value verbatim, any other value as
 /// compact JSON.
 fn error_message(error: jaq_core::Error<Val>) -> String {
+    // Showing an error recurses into the values it holds, and so does dropping it; jaq offers no
+    // way to take an error apart without showing it. An error holding a value nested too deep is
+    // therefore leaked rather than shown or dropped: a leak beats overflowing the stack.
+    let mut probe = DepthProbe::new(MAX_DEPTH);
+    if write!(probe, "{error}").is_err() {
+        std::mem::forget(error);
+        return format!(
+            "jq program raised an error whose value is nested deeper than {MAX_DEPTH} levels"
+        );
+    }
     match error.into_val() {
         Val::TStr(bytes) => String::from_utf8_lossy(&bytes).into_owned(),
         other => other.to_string(),
+    }
+}
+
+/// Returns whether `code` nests brackets (`(`, `[`, `{`) and string interpolations (`\(`) deeper
+/// than `limit`, reading strings and comments the way jaq's lexer does so that brackets inside
+/// them do not count.
+///
+/// A closing bracket closes the innermost open level whatever its kind; jaq's lexer may close more
+/// levels at a mismatched bracket (a program that does not compile anyway), so this never counts
+/// fewer levels than jaq recurses.
+fn nesting_exceeds(code: &str, limit: usize) -> bool {
+    /// What an open level is.
+    #[derive(PartialEq)]
+    enum Open {
+        /// `(`, `[` or `{` in code.
+        Bracket,
+        /// `\(` inside a string: code up to the matching `)`.
+        Interpolation,
+        /// A string literal.
+        Str,
+    }
+    let bytes = code.as_bytes();
+    let mut open: Vec<Open> = Vec::new();
+    let mut depth = 0;
+    let mut at = 0;
+    while let Some(&byte) = bytes.get(at) {
+        at += 1;
+        if open.last() == Some(&Open::Str) {
+            match byte {
+                b'"' => {
+                    open.pop();
+                }
+                b'\\' if bytes.get(at) == Some(&b'(') => {
+                    at += 1;
+                    open.push(Open::Interpolation);
+                    depth += 1;
+                }
+                // Any other escape is one character long (`\u` is followed by hex digits only).
+                b'\\' => at += 1,
+                _ => {}
+            }
+        } else {
+            match byte {
+                b'"' => open.push(Open::Str),
+                b'(' | b'[' | b'{' => {
+                    open.push(Open::Bracket);
+                    depth += 1;
+                }
+                // Outside strings the innermost open level is a bracket or an interpolation.
+                b')' | b']' | b'}' if depth > 0 => {
+                    open.pop();
+                    depth -= 1;
+                }
+                b'#' => at = comment_end(bytes, at),
+                _ => {}
+            }
+        }
+        if depth > limit {
+            return true;
+        }
+    }
+    false
+}
+
+/// Returns the offset just past the comment whose text starts at `at` (after its `#`): the end of
+/// its line, or of a later line when the line ends with an odd number of backslashes, as in jaq.
+fn comment_end(bytes: &[u8], mut at: usize) -> usize {
+    loop {
+        let rest = &bytes[at..];
+        let (line, next) = match rest.iter().position(|&b| b == b'\n') {
+            Some(newline) => (&rest[..newline], at + newline + 1),
+            None => (rest, bytes.len()),
+        };
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        let backslashes = line.iter().rev().take_while(|&&b| b == b'\\').count();
+        at = next;
+        if backslashes % 2 == 0 || at == bytes.len() {
+            return at;
+        }
+    }
+}
+
+/// A `fmt::Write` sink that keeps nothing and fails once the JSON-like text written to it opens
+/// more than `limit` arrays and objects at once. jaq writes a value's `[` or `{` before it recurses
+/// into the value's items, so formatting into a probe recurses at most `limit` levels deep.
+struct DepthProbe {
+    limit: usize,
+    depth: usize,
+    in_string: bool,
+    escaped: bool,
+}
+
+impl DepthProbe {
+    fn new(limit: usize) -> Self {
+        Self {
+            limit,
+            depth: 0,
+            in_string: false,
+            escaped: false,
+        }
+    }
+}
+
+impl fmt::Write for DepthProbe {
+    fn write_str(&mut self, text: &str) -> fmt::Result {
+        for byte in text.bytes() {
+            if self.in_string {
+                match byte {
+                    _ if self.escaped => self.escaped = false,
+                    b'\\' => self.escaped = true,
+                    b'"' => self.in_string = false,
+                    _ => {}
+                }
+                continue;
+            }
+            match byte {
+                b'"' => self.in_string = true,
+                b'[' | b'{' => {
+                    self.depth += 1;
+                    if self.depth > self.limit {
+                        return Err(fmt::Error);
+                    }
+                }
+                b']' | b'}' => self.depth = self.depth.saturating_sub(1),
+                _ => {}
+            }
+        }
+        Ok(())
     }
 }
 
@@ -331,7 +511,69 @@ fn num_from_json(n: &serde_json::Number) -> Num {
     Num::Float(n.as_f64().unwrap_or(f64::NAN))
 }
 
-/// Returns the JSON value for a jaq value, or why there is none.
+/// Returns the JSON value for a jaq output, or why there is none.
+///
+/// The depth is checked first, without recursion, so that the conversion (which recurses) goes at
+/// most [`MAX_DEPTH`] levels deep and no deeply nested `serde_json::Value` is ever built (they drop
+/// recursively too).
+fn json_from_output(value: Val) -> Result<Value, RunError> {
+    if nested_deeper_than(&value, MAX_DEPTH) {
+        drop_iteratively(value);
+        return Err(RunError::NotJson(format!(
+            "value is nested deeper than {MAX_DEPTH} levels"
+        )));
+    }
+    json_from_val(value)
+}
+
+/// Returns whether `value` has arrays or objects nested more than `limit` levels deep, counting
+/// object keys as one level below their object.
+fn nested_deeper_than(value: &Val, limit: usize) -> bool {
+    // Each value still to look at, with the number of arrays and objects around it.
+    let mut pending = vec![(value, 0)];
+    while let Some((value, around)) = pending.pop() {
+        match value {
+            Val::Arr(_) | Val::Obj(_) if around == limit => return true,
+            Val::Arr(items) => pending.extend(items.iter().map(|item| (item, around + 1))),
+            Val::Obj(map) => {
+                for (key, item) in map.iter() {
+                    pending.push((key, around + 1));
+                    pending.push((item, around + 1));
+                }
+            }
+            Val::Null | Val::Bool(_) | Val::Num(_) | Val::BStr(_) | Val::TStr(_) => {}
+        }
+    }
+    false
+}
+
+/// Drops `value` without recursion. jaq's values drop recursively, so dropping one nested many
+/// thousands of levels deep the usual way could overflow the stack. Parts shared with values that
+/// live on are only released, and are dropped with the last of them.
+fn drop_iteratively(value: Val) {
+    let mut pending = vec![value];
+    while let Some(value) = pending.pop() {
+        match value {
+            Val::Arr(items) => {
+                if let Ok(items) = jaq_json::Rc::try_unwrap(items) {
+                    pending.extend(items);
+                }
+            }
+            Val::Obj(map) => {
+                if let Ok(map) = jaq_json::Rc::try_unwrap(map) {
+                    for (key, item) in map {
+                        pending.push(key);
+                        pending.push(item);
+                    }
+                }
+            }
+            Val::Null | Val::Bool(_) | Val::Num(_) | Val::BStr(_) | Val::TStr(_) => {}
+        }
+    }
+}
+
+/// Returns the JSON value for a jaq value nested at most [`MAX_DEPTH`] levels deep, or why there
+/// is none.
 fn json_from_val(value: Val) -> Result<Value, RunError> {
     Ok(match value {
         Val::Null => Value::Null,
@@ -669,5 +911,148 @@ mod tests {
         assert_eq!(handle.join().expect("thread finishes"), json!([2, 3]));
         assert_eq!(program.run(json!([0])).expect("runs"), json!([1]));
         assert!(format!("{program:?}").contains("map(. + 1)"));
+    }
+
+    const TOO_DEEP_PROGRAM: &str = "jq program is nested deeper than 128 levels";
+
+    /// Returns `inner` wrapped in `levels` copies of `open` and `close`.
+    fn nest(levels: usize, open: &str, inner: &str, close: &str) -> String {
+        format!("{}{inner}{}", open.repeat(levels), close.repeat(levels))
+    }
+
+    /// Returns a program whose output is `0` inside `levels` arrays.
+    fn deep_array(levels: usize) -> String {
+        format!("reduce range({levels}) as $i (0; [.])")
+    }
+
+    #[test]
+    fn programs_nested_up_to_the_limit_compile() {
+        let limit = MAX_PROGRAM_NESTING;
+        for (open, close) in [("(", ")"), ("[", "]"), ("{a: ", "}"), ("\"\\(", ")\"")] {
+            let program = nest(limit, open, "1", close);
+            assert!(Program::compile(&program).is_ok(), "{program}");
+        }
+        check(&nest(limit, "(", ".", ")"), json!(1), json!(1));
+        check(&nest(limit, "\"\\(", "1", ")\""), json!(null), json!("1"));
+    }
+
+    #[test]
+    fn programs_nested_deeper_are_refused_before_parsing() {
+        let limit = MAX_PROGRAM_NESTING;
+        for program in [
+            nest(limit + 1, "(", ".", ")"),
+            nest(limit + 1, "[", ".", "]"),
+            nest(limit + 1, "{a: ", ".", "}"),
+            nest(limit + 1, "\"\\(", "1", ")\""),
+            nest(limit / 2 + 1, "[(", ".", ")]"),
+            nest(limit / 2 + 1, "\"\\((", "1", "))\""),
+            nest(2_000, "(", ".", ")"),
+            "(".repeat(4_000),
+            format!(". | {}", "[".repeat(4_000)),
+            format!("# \"\n{}", nest(limit + 1, "(", ".", ")")),
+        ] {
+            assert_eq!(compile_err(&program), TOO_DEEP_PROGRAM, "{program}");
+        }
+    }
+
+    #[test]
+    fn programs_longer_than_the_limit_are_refused() {
+        let long = vec!["1"; MAX_PROGRAM_LEN / 2 + 1].join("+");
+        assert!(
+            compile_err(&long).contains("bytes long"),
+            "{}",
+            compile_err(&long)
+        );
+        // The longest program compiles and runs on a thread with the stack the scheduler and
+        // the worker give their runtime threads.
+        let fits = vec!["1"; MAX_PROGRAM_LEN / 2].join("+");
+        let output = std::thread::Builder::new()
+            .stack_size(32 * 1024 * 1024)
+            .spawn(move || Program::compile(&fits).map(|program| program.run(json!(null))))
+            .expect("thread starts")
+            .join()
+            .expect("thread finishes");
+        assert_eq!(output, Ok(Ok(json!(MAX_PROGRAM_LEN / 2))));
+    }
+
+    #[test]
+    fn brackets_in_strings_and_comments_do_not_count() {
+        let deep = "(".repeat(1000);
+        check(&format!("\"{deep}\""), json!(null), json!(deep));
+        check(
+            &format!("\"\\\"{deep}\""),
+            json!(null),
+            json!(format!("\"{deep}")),
+        );
+        check(&format!("\"\\\\\" | \"{deep}\""), json!(null), json!(deep));
+        check(
+            &format!("\"\\(1){deep}\""),
+            json!(null),
+            json!(format!("1{deep}")),
+        );
+        check(&format!(". # {deep}\n"), json!(1), json!(1));
+        check(&format!(". # {deep}"), json!(1), json!(1));
+        check(
+            &format!(". # a comment \\\n {deep}\n| . + 1"),
+            json!(1),
+            json!(2),
+        );
+        check(
+            &format!("\"#\" + \"{deep}\""),
+            json!(null),
+            json!(format!("#{deep}")),
+        );
+    }
+
+    #[test]
+    fn outputs_nested_deeper_than_max_depth_are_refused() {
+        let nested = (0..MAX_DEPTH).fold(json!(0), |value, _| json!([value]));
+        check(&deep_array(MAX_DEPTH), json!(null), nested);
+        let too_deep = RunError::NotJson("value is nested deeper than 64 levels".to_owned());
+        assert_eq!(run_err(&deep_array(MAX_DEPTH + 1), json!(null)), too_deep);
+        assert_eq!(run_err(&deep_array(100_000), json!(null)), too_deep);
+        assert_eq!(
+            run_err("reduce range(100000) as $i (0; {a: .})", json!(null)),
+            too_deep
+        );
+        let deep_key = format!("{{({}): 1}}", deep_array(MAX_DEPTH));
+        assert_eq!(run_err(&deep_key, json!(null)), too_deep);
+        let after_others = format!("1, [2], {}", deep_array(100_000));
+        assert_eq!(run_err(&after_others, json!(null)), too_deep);
+        assert_eq!(
+            too_deep.to_string(),
+            "jq output is not JSON: value is nested deeper than 64 levels"
+        );
+    }
+
+    #[test]
+    fn errors_holding_values_nested_too_deep_are_not_shown() {
+        let not_shown = RunError::Failed(
+            "jq program raised an error whose value is nested deeper than 64 levels".to_owned(),
+        );
+        for program in [
+            format!("error({})", deep_array(MAX_DEPTH + 1)),
+            format!("error({})", deep_array(100_000)),
+            format!("{} | .a", deep_array(100_000)),
+            format!("error({{a: {}}})", deep_array(100_000)),
+        ] {
+            assert_eq!(run_err(&program, json!(null)), not_shown, "{program}");
+        }
+        let shown = format!("{}0{}", "[".repeat(MAX_DEPTH), "]".repeat(MAX_DEPTH));
+        assert_eq!(
+            run_err(&format!("error({})", deep_array(MAX_DEPTH)), json!(null)),
+            RunError::Failed(shown)
+        );
+        assert_eq!(
+            run_err(&format!("error(\"{}\")", "[".repeat(1000)), json!(null)),
+            RunError::Failed("[".repeat(1000))
+        );
+        assert_eq!(
+            run_err(
+                &format!("error({{a: \"{}\"}})", "[".repeat(1000)),
+                json!(null)
+            ),
+            RunError::Failed(format!("{{\"a\":\"{}\"}}", "[".repeat(1000)))
+        );
     }
 }

@@ -10,6 +10,7 @@ pub mod jq;
 pub mod names;
 pub mod protocol;
 pub mod status;
+pub mod value;
 
 pub use definition::{StepDefinition, StepKind, WorkflowDefinition};
 pub use error::StepError;

@@ -1,13 +1,17 @@
 //! Accepting runs with group commit: concurrent requests share one transaction and one commit.
 //!
-//! Handlers validate and plan a run, then submit it here and wait for the reply; the writer loop
-//! takes every submission waiting, writes them in one transaction and answers each. Tasks are
-//! handed to the dispatcher only after the commit, so nothing is published that is not durable.
+//! Handlers validate and plan runs, then submit them here and wait for the reply; the writer
+//! loop takes every request waiting, writes them in one transaction and answers each. A request
+//! (one run, or the runs of one batch request) is written all or nothing: if the shared
+//! transaction fails for a reason other than the database being unreachable, each request is
+//! written again in a transaction of its own, so one bad request never fails the others. Tasks
+//! are handed to the dispatcher only after the commit, so nothing is published that is not
+//! durable. The loop ends when every [`Acceptor`] is dropped, after answering what it holds.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
 
 use tokio::sync::{mpsc, oneshot};
-use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::dispatch::{Dispatch, Dispatcher};
@@ -49,28 +53,29 @@ pub enum Accepted {
 /// Describes why a submission was not written.
 #[derive(Debug, thiserror::Error)]
 pub enum AcceptError {
-    /// The database failed; the error is shared by every submission of the batch.
+    /// The database failed; the error may be shared by every request of a batch.
     #[error(transparent)]
-    Store(#[from] std::sync::Arc<StoreError>),
+    Store(#[from] Arc<StoreError>),
     /// The writer loop has stopped.
     #[error("the scheduler is shutting down")]
     Stopped,
 }
 
-type Reply = oneshot::Sender<Result<Accepted, AcceptError>>;
+type Reply = oneshot::Sender<Result<Vec<Accepted>, AcceptError>>;
 
 /// The handle through which handlers submit runs.
 #[derive(Clone)]
 pub struct Acceptor {
-    tx: mpsc::Sender<(Submission, Reply)>,
+    tx: mpsc::Sender<(Vec<Submission>, Reply)>,
 }
 
 impl Acceptor {
-    /// Submits a run and waits until it is durable (or refused).
-    pub async fn submit(&self, submission: Submission) -> Result<Accepted, AcceptError> {
+    /// Submits runs that are written together or not at all, and waits until they are durable
+    /// (or refused). Returns one outcome per submission, in order.
+    pub async fn submit(&self, submissions: Vec<Submission>) -> Result<Vec<Accepted>, AcceptError> {
         let (reply, answer) = oneshot::channel();
         self.tx
-            .send((submission, reply))
+            .send((submissions, reply))
             .await
             .map_err(|_| AcceptError::Stopped)?;
         answer.await.map_err(|_| AcceptError::Stopped)?
@@ -80,125 +85,135 @@ impl Acceptor {
 /// Returns the acceptor and its writer loop, to be spawned.
 pub fn acceptor(
     db: sqlx::PgPool,
+    namespace: String,
     dispatcher: Dispatcher,
     notifier: Notifier,
-    shutdown: CancellationToken,
 ) -> (Acceptor, impl Future<Output = ()>) {
-    let (tx, rx) = mpsc::channel(4 * MAX_BATCH);
-    (
-        Acceptor { tx },
-        writer_loop(db, dispatcher, notifier, rx, shutdown),
-    )
+    let (tx, rx) = mpsc::channel(MAX_BATCH);
+    let writer = Writer {
+        db,
+        namespace,
+        dispatcher,
+        notifier,
+    };
+    (Acceptor { tx }, writer.run(rx))
 }
 
-async fn writer_loop(
+struct Writer {
     db: sqlx::PgPool,
+    namespace: String,
     dispatcher: Dispatcher,
     notifier: Notifier,
-    mut rx: mpsc::Receiver<(Submission, Reply)>,
-    shutdown: CancellationToken,
-) {
-    let mut batch = Vec::with_capacity(MAX_BATCH);
-    loop {
-        let received = tokio::select! {
-            received = rx.recv_many(&mut batch, MAX_BATCH) => received,
-            () = shutdown.cancelled() => 0,
-        };
-        if received == 0 {
-            break;
-        }
-        let (submissions, replies): (Vec<Submission>, Vec<Reply>) = batch.drain(..).unzip();
-        match write(&db, &submissions).await {
-            Ok(outcomes) => {
-                let created: std::collections::HashSet<Uuid> = outcomes
-                    .iter()
-                    .filter_map(|outcome| match outcome {
-                        Accepted::Created { id, .. } => Some(*id),
-                        Accepted::Existing { .. } => None,
-                    })
-                    .collect();
-                let mut finished = Vec::new();
-                for submission in submissions {
-                    if created.contains(&submission.run.id) {
-                        if submission.run.status != "running" {
-                            finished.push(submission.run.id);
-                        }
-                        dispatcher.send(submission.dispatches);
+}
+
+impl Writer {
+    async fn run(self, mut rx: mpsc::Receiver<(Vec<Submission>, Reply)>) {
+        let mut batch = Vec::with_capacity(MAX_BATCH);
+        while rx.recv_many(&mut batch, MAX_BATCH).await > 0 {
+            let requests = std::mem::take(&mut batch);
+            match self.write(&requests).await {
+                Ok(outcomes) => self.finish(requests, outcomes).await,
+                Err(error) if error.is_unavailable() || requests.len() == 1 => {
+                    tracing::warn!(%error, requests = requests.len(), "writing accepted runs failed");
+                    let error = Arc::new(error);
+                    for (_, reply) in requests {
+                        let _ = reply.send(Err(AcceptError::Store(error.clone())));
                     }
                 }
-                for (reply, outcome) in replies.into_iter().zip(outcomes) {
-                    let _ = reply.send(Ok(outcome));
-                }
-                notifier.announce(&finished).await;
-            }
-            Err(error) => {
-                tracing::warn!(%error, runs = replies.len(), "writing accepted runs failed");
-                let error = std::sync::Arc::new(error);
-                for reply in replies {
-                    let _ = reply.send(Err(AcceptError::Store(error.clone())));
+                Err(error) => {
+                    tracing::warn!(%error, requests = requests.len(), "writing accepted runs together failed; writing each request alone");
+                    for request in requests {
+                        let single = [request];
+                        match self.write(&single).await {
+                            Ok(outcomes) => self.finish(Vec::from(single), outcomes).await,
+                            Err(error) => {
+                                let [(_, reply)] = single;
+                                tracing::warn!(%error, "writing an accepted run failed");
+                                let _ = reply.send(Err(AcceptError::Store(Arc::new(error))));
+                            }
+                        }
+                    }
                 }
             }
         }
     }
-}
 
-/// Writes a batch of submissions in one transaction and returns the outcome of each, in order.
-async fn write(db: &sqlx::PgPool, submissions: &[Submission]) -> Result<Vec<Accepted>, StoreError> {
-    let mut tx = db.begin().await?;
-    let runs: Vec<NewRun> = submissions.iter().map(|s| s.run.clone()).collect();
-    let inserted: std::collections::HashSet<Uuid> = store::insert_runs(&mut tx, &runs)
-        .await?
-        .into_iter()
-        .collect();
-    let tasks: Vec<NewTask> = submissions
-        .iter()
-        .filter(|s| inserted.contains(&s.run.id))
-        .flat_map(|s| s.tasks.iter().cloned())
-        .collect();
-    store::insert_tasks(&mut tx, &tasks).await?;
-    let mut existing: HashMap<(&str, String), (Uuid, String)> = HashMap::new();
-    let mut keys_by_kind: HashMap<&str, Vec<String>> = HashMap::new();
-    for submission in submissions {
-        if !inserted.contains(&submission.run.id)
-            && let Some(key) = &submission.run.idempotency_key
-        {
-            keys_by_kind
-                .entry(submission.run.kind)
-                .or_default()
-                .push(key.clone());
-        }
-    }
-    for (kind, keys) in keys_by_kind {
-        for (key, id, status) in store::runs_by_idempotency_key(&mut tx, kind, &keys).await? {
-            existing.insert((kind, key), (id, status));
-        }
-    }
-    tx.commit().await?;
-    Ok(submissions
-        .iter()
-        .map(|submission| {
-            let run = &submission.run;
-            if inserted.contains(&run.id) {
-                return Accepted::Created {
-                    id: run.id,
-                    status: run.status.to_owned(),
-                };
+    /// Answers written requests, hands their tasks to the dispatcher and announces runs that
+    /// ended as soon as they were planned.
+    async fn finish(&self, requests: Vec<(Vec<Submission>, Reply)>, outcomes: Vec<Vec<Accepted>>) {
+        let mut finished = Vec::new();
+        for ((submissions, reply), outcomes) in requests.into_iter().zip(outcomes) {
+            for (submission, outcome) in submissions.into_iter().zip(&outcomes) {
+                if matches!(outcome, Accepted::Created { .. }) {
+                    if submission.run.status != "running" {
+                        finished.push(submission.run.id);
+                    }
+                    self.dispatcher.send(submission.dispatches);
+                }
             }
+            let _ = reply.send(Ok(outcomes));
+        }
+        self.notifier.announce(&finished).await;
+    }
+
+    /// Writes requests in one transaction and returns the outcome of each submission.
+    async fn write(
+        &self,
+        requests: &[(Vec<Submission>, Reply)],
+    ) -> Result<Vec<Vec<Accepted>>, StoreError> {
+        let submissions: Vec<&Submission> = requests.iter().flat_map(|(s, _)| s).collect();
+        let mut tx = self.db.begin().await?;
+        let runs: Vec<NewRun> = submissions.iter().map(|s| s.run.clone()).collect();
+        let inserted: HashSet<Uuid> = store::insert_runs(&mut tx, &self.namespace, &runs)
+            .await?
+            .into_iter()
+            .collect();
+        let tasks: Vec<NewTask> = submissions
+            .iter()
+            .filter(|s| inserted.contains(&s.run.id))
+            .flat_map(|s| s.tasks.iter().cloned())
+            .collect();
+        store::insert_tasks(&mut tx, &tasks).await?;
+        let mut keys_by_kind: HashMap<&str, Vec<String>> = HashMap::new();
+        for submission in &submissions {
+            if !inserted.contains(&submission.run.id)
+                && let Some(key) = &submission.run.idempotency_key
+            {
+                keys_by_kind
+                    .entry(submission.run.kind)
+                    .or_default()
+                    .push(key.clone());
+            }
+        }
+        let mut existing: HashMap<(&str, String), (Uuid, String)> = HashMap::new();
+        for (kind, keys) in keys_by_kind {
+            for (key, id, status) in
+                store::runs_by_idempotency_key(&mut tx, &self.namespace, kind, &keys).await?
+            {
+                existing.insert((kind, key), (id, status));
+            }
+        }
+        tx.commit().await?;
+        let outcome = |submission: &Submission| {
+            let run = &submission.run;
             let found = run
                 .idempotency_key
                 .as_ref()
                 .and_then(|key| existing.get(&(run.kind, key.clone())));
             match found {
-                Some((id, status)) => Accepted::Existing {
+                Some((id, status)) if !inserted.contains(&run.id) => Accepted::Existing {
                     id: *id,
                     status: status.clone(),
                 },
-                // Unreachable in practice: a run is only skipped for a key that exists.
-                None => Accepted::Created {
+                _ => Accepted::Created {
                     id: run.id,
                     status: run.status.to_owned(),
                 },
             }
-        })
-        .collect())
+        };
+        Ok(requests
+            .iter()
+            .map(|(submissions, _)| submissions.iter().map(outcome).collect())
+            .collect())
+    }
 }

@@ -3,19 +3,24 @@
 //! then the new tasks are published and the batch is acknowledged.
 //!
 //! Runs touched by a batch are locked in id order, so two schedulers consuming the same queue
-//! never plan the same run at once.
+//! never plan the same run at once. A completion the database refuses (rather than a database
+//! that is down) never blocks the others: the batch is retried one completion at a time, and a
+//! completion refused on its own is recorded as a failed step.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::Duration;
 
+use chrono::Utc;
 use futures_util::{FutureExt, StreamExt};
 use lapin::Consumer;
 use lapin::message::Delivery;
-use lapin::options::{BasicAckOptions, BasicNackOptions};
-use serde_json::Value;
+use lapin::options::BasicAckOptions;
+use serde::Deserialize;
+use serde_json::{Value, json};
 use taskfleet_common::definition::WorkflowDefinition;
+use taskfleet_common::error::INVALID_OUTPUT;
 use taskfleet_common::protocol::{self, CompletionMessage, Outcome};
-use taskfleet_common::{StepError, StepStatus};
+use taskfleet_common::{RunId, StepError, StepStatus, TaskId};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
@@ -23,10 +28,27 @@ use crate::dispatch::{Dispatch, Dispatcher};
 use crate::engine::{Materialized, finished_run};
 use crate::notify::Notifier;
 use crate::planner::{self, ProgramCache, StepState};
-use crate::store::{self, Completion, StoreError};
+use crate::store::{self, Completion, FinishedRun, LockedRun, StoreError};
 
 /// The most completions handled in one transaction; also the consumer's prefetch.
 pub const MAX_BATCH: usize = 512;
+
+/// Describes why a batch of completions was not recorded.
+#[derive(Debug, thiserror::Error)]
+pub enum AdvanceError {
+    /// The database failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// Planning panicked; a bug, logged and treated like a refused statement.
+    #[error("planning failed: {0}")]
+    Planning(String),
+}
+
+impl AdvanceError {
+    fn is_unavailable(&self) -> bool {
+        matches!(self, Self::Store(error) if error.is_unavailable())
+    }
+}
 
 /// What the completion loop needs.
 pub struct CompletionLoop {
@@ -41,14 +63,21 @@ pub struct CompletionLoop {
 }
 
 impl CompletionLoop {
-    /// Consumes until shutdown or until the consumer ends.
-    pub async fn run(self, mut consumer: Consumer, shutdown: CancellationToken) {
+    /// Consumes until shutdown (returning `Ok`) or until the broker ends the consumer
+    /// (returning an error, since this scheduler can no longer advance runs).
+    pub async fn run(
+        self,
+        mut consumer: Consumer,
+        shutdown: CancellationToken,
+    ) -> anyhow::Result<()> {
         loop {
             let first = tokio::select! {
                 next = consumer.next() => next,
-                () = shutdown.cancelled() => None,
+                () = shutdown.cancelled() => return Ok(()),
             };
-            let Some(first) = first else { break };
+            let Some(first) = first else {
+                anyhow::bail!("the broker ended the completion consumer");
+            };
             let mut results = vec![first];
             while results.len() < MAX_BATCH {
                 match consumer.next().now_or_never() {
@@ -56,76 +85,119 @@ impl CompletionLoop {
                     _ => break,
                 }
             }
-            let deliveries: Vec<Delivery> = results
-                .into_iter()
-                .filter_map(|result| {
-                    result
-                        .map_err(|error| tracing::warn!(%error, "completion consumer error"))
-                        .ok()
-                })
-                .collect();
-            if deliveries.is_empty() {
-                continue;
+            let mut deliveries = Vec::with_capacity(results.len());
+            for result in results {
+                match result {
+                    Ok(delivery) => deliveries.push(delivery),
+                    Err(error) => anyhow::bail!("completion consumer failed: {error}"),
+                }
             }
-            self.handle(deliveries).await;
+            if !self.handle(&deliveries, &shutdown).await {
+                // Shutting down with the batch unrecorded: the broker redelivers it.
+                return Ok(());
+            }
+            if let Some(last) = deliveries.last()
+                && let Err(error) = last.ack(BasicAckOptions { multiple: true }).await
+            {
+                tracing::warn!(%error, "acknowledging completions");
+            }
         }
     }
 
-    async fn handle(&self, deliveries: Vec<Delivery>) {
-        let mut completions = Vec::with_capacity(deliveries.len());
-        for delivery in &deliveries {
-            match protocol::decode::<CompletionMessage>(&delivery.data) {
-                Ok(message) => completions.push(message),
-                // A message no scheduler can read would be redelivered forever; drop it loudly.
-                Err(error) => tracing::error!(%error, "dropping undecodable completion"),
-            }
-        }
-        let mut delay = Duration::from_millis(100);
-        loop {
-            match self.advance(&completions).await {
-                Ok(()) => break,
-                Err(error) => {
-                    tracing::warn!(%error, completions = completions.len(), ?delay, "recording completions failed; retrying");
-                    tokio::time::sleep(delay).await;
-                    delay = (delay * 2).min(Duration::from_secs(5));
-                    if delay == Duration::from_secs(5) && !error.is_unavailable() {
-                        // A statement the database keeps refusing would block every run; hand
-                        // the batch back to the broker and go on.
-                        if let Some(last) = deliveries.last() {
-                            let options = BasicNackOptions {
-                                multiple: true,
-                                requeue: true,
-                            };
-                            if let Err(error) = last.nack(options).await {
-                                tracing::warn!(%error, "returning completions to the broker");
-                            }
-                        }
-                        return;
+    /// Records a batch; returns false if shutdown came first.
+    async fn handle(&self, deliveries: &[Delivery], shutdown: &CancellationToken) -> bool {
+        let completions: Vec<Completion> = deliveries
+            .iter()
+            .filter_map(|delivery| read_completion(&delivery.data))
+            .collect();
+        match self.record_with_retries(&completions, shutdown).await {
+            Some(Ok(())) => true,
+            None => false,
+            Some(Err(error)) => {
+                tracing::warn!(%error, completions = completions.len(), "recording completions together failed; recording each alone");
+                for completion in completions {
+                    if !self.record_alone(completion, shutdown).await {
+                        return false;
                     }
                 }
+                true
             }
         }
-        if let Some(last) = deliveries.last()
-            && let Err(error) = last.ack(BasicAckOptions { multiple: true }).await
+    }
+
+    /// Records one completion; if the database refuses it, records its step as failed instead.
+    /// Returns false if shutdown came first.
+    async fn record_alone(&self, completion: Completion, shutdown: &CancellationToken) -> bool {
+        let error = match self
+            .record_with_retries(std::slice::from_ref(&completion), shutdown)
+            .await
         {
-            tracing::warn!(%error, "acknowledging completions");
+            None => return false,
+            Some(Ok(())) => return true,
+            Some(Err(error)) => error,
+        };
+        tracing::warn!(task_id = %completion.task_id, %error, "the result of a task cannot be recorded; failing the step");
+        let failed = Completion {
+            status: "failed",
+            output: None,
+            error: Some(json!({
+                "type": INVALID_OUTPUT,
+                "message": format!("the step's result could not be recorded: {error}"),
+            })),
+            ..completion
+        };
+        match self
+            .record_with_retries(std::slice::from_ref(&failed), shutdown)
+            .await
+        {
+            None => false,
+            Some(Ok(())) => true,
+            Some(Err(error)) => {
+                tracing::error!(task_id = %failed.task_id, %error, "dropping a completion that cannot be recorded");
+                true
+            }
+        }
+    }
+
+    /// Records completions, retrying with backoff while the database is unreachable. Returns
+    /// `None` if shutdown came first, else the outcome; a refusal is returned after one try.
+    async fn record_with_retries(
+        &self,
+        completions: &[Completion],
+        shutdown: &CancellationToken,
+    ) -> Option<Result<(), AdvanceError>> {
+        let mut delay = Duration::from_millis(100);
+        loop {
+            match self.advance(completions).await {
+                Err(error) if error.is_unavailable() => {
+                    tracing::warn!(%error, ?delay, "database unavailable; retrying completions");
+                    tokio::select! {
+                        () = tokio::time::sleep(delay) => {}
+                        () = shutdown.cancelled() => return None,
+                    }
+                    delay = (delay * 2).min(Duration::from_secs(5));
+                }
+                outcome => return Some(outcome),
+            }
         }
     }
 
     /// Records one batch and plans what follows, in one transaction.
-    async fn advance(&self, messages: &[CompletionMessage]) -> Result<(), StoreError> {
-        let completions: Vec<Completion> = messages.iter().map(to_completion).collect();
-        let mut tx = self.db.begin().await?;
-        let mut run_ids: Vec<Uuid> = messages.iter().map(|m| m.run_id.0).collect();
+    async fn advance(&self, completions: &[Completion]) -> Result<(), AdvanceError> {
+        if completions.is_empty() {
+            return Ok(());
+        }
+        let mut tx = self.db.begin().await.map_err(StoreError::from)?;
+        let mut run_ids: Vec<Uuid> = completions.iter().map(|c| c.run_id).collect();
         run_ids.sort_unstable();
         run_ids.dedup();
         // Lock first: another scheduler advancing the same run waits here, then sees our rows.
         let runs = store::lock_runs(&mut tx, &run_ids).await?;
-        let recorded: HashSet<Uuid> = store::record_completions(&mut tx, &completions)
+        let recorded: HashSet<Uuid> = store::record_completions(&mut tx, completions)
             .await?
             .into_iter()
             .collect();
-        let runs: Vec<_> = runs
+        let runs: Vec<LockedRun> = runs
             .into_iter()
             .filter(|run| recorded.contains(&run.id) && run.status == "running")
             .collect();
@@ -137,27 +209,12 @@ impl CompletionLoop {
                 .or_default()
                 .insert(row.step_id, step_state(&row.status, row.output, row.error));
         }
-        let mut materialized = Materialized::default();
-        let mut finished = Vec::new();
-        for run in runs {
-            let definition: WorkflowDefinition = match serde_json::from_value(run.definition.0) {
-                Ok(definition) => definition,
-                Err(error) => {
-                    tracing::error!(run_id = %run.id, %error, "stored definition does not parse");
-                    continue;
-                }
-            };
-            let advance = planner::advance(
-                &self.programs,
-                &definition,
-                &run.input.0,
-                states.get(&run.id).unwrap_or(&BTreeMap::new()),
-            );
-            materialized.add(&definition, run.id, advance.planned);
-            if let Some(end) = advance.end {
-                finished.push(finished_run(run.id, end));
-            }
-        }
+        // Planning runs user jq programs: keep it off the async threads.
+        let programs = self.programs.clone();
+        let (materialized, finished) =
+            tokio::task::spawn_blocking(move || plan_runs(&programs, runs, states))
+                .await
+                .map_err(|error| AdvanceError::Planning(error.to_string()))?;
         let finished_ids: HashSet<Uuid> = finished.iter().map(|run| run.id).collect();
         // A run that ended in this batch dispatches nothing more: its queued tasks are
         // cancelled by `finish_runs`.
@@ -169,7 +226,7 @@ impl CompletionLoop {
             .collect();
         store::insert_tasks(&mut tx, &materialized.tasks).await?;
         store::finish_runs(&mut tx, &finished).await?;
-        tx.commit().await?;
+        tx.commit().await.map_err(StoreError::from)?;
         let dispatches: Vec<Dispatch> = materialized
             .dispatches
             .into_iter()
@@ -179,6 +236,77 @@ impl CompletionLoop {
         let finished_ids: Vec<Uuid> = finished_ids.into_iter().collect();
         self.notifier.announce(&finished_ids).await;
         Ok(())
+    }
+}
+
+/// Plans the next steps of each run; returns the rows to write and the runs that ended.
+fn plan_runs(
+    programs: &ProgramCache,
+    runs: Vec<LockedRun>,
+    states: HashMap<Uuid, BTreeMap<String, StepState>>,
+) -> (Materialized, Vec<FinishedRun>) {
+    let mut materialized = Materialized::default();
+    let mut finished = Vec::new();
+    let empty = BTreeMap::new();
+    for run in runs {
+        let definition: WorkflowDefinition = match serde_json::from_value(run.definition.0) {
+            Ok(definition) => definition,
+            Err(error) => {
+                tracing::error!(run_id = %run.id, %error, "stored definition does not parse");
+                continue;
+            }
+        };
+        let advance = planner::advance(
+            programs,
+            &definition,
+            &run.input.0,
+            states.get(&run.id).unwrap_or(&empty),
+        );
+        materialized.add(&definition, run.id, advance.planned);
+        if let Some(end) = advance.end {
+            finished.push(finished_run(run.id, end));
+        }
+    }
+    (materialized, finished)
+}
+
+/// The identity of a completion, readable even when the rest of the message is not.
+#[derive(Deserialize)]
+struct CompletionIdentity {
+    task_id: TaskId,
+    run_id: RunId,
+    attempt: u32,
+}
+
+/// Reads a completion body. One that cannot be read but names its task becomes a failure of
+/// that attempt, so its run still ends; one that names nothing is logged and dropped.
+fn read_completion(body: &[u8]) -> Option<Completion> {
+    match protocol::decode::<CompletionMessage>(body) {
+        Ok(message) => Some(to_completion(&message)),
+        Err(error) => match serde_json::from_slice::<CompletionIdentity>(body) {
+            Ok(identity) => {
+                tracing::error!(task_id = %identity.task_id, %error, "failing the step of an unreadable completion");
+                let now = Utc::now();
+                Some(Completion {
+                    task_id: identity.task_id.0,
+                    run_id: identity.run_id.0,
+                    attempt: i32::try_from(identity.attempt).unwrap_or(i32::MAX),
+                    status: "failed",
+                    output: None,
+                    error: Some(json!({
+                        "type": INVALID_OUTPUT,
+                        "message": format!("the scheduler cannot read this step's completion: {error}"),
+                    })),
+                    worker_id: String::new(),
+                    started_at: now,
+                    finished_at: now,
+                })
+            }
+            Err(_) => {
+                tracing::error!(%error, "dropping a completion that names no task");
+                None
+            }
+        },
     }
 }
 
@@ -193,6 +321,7 @@ fn to_completion(message: &CompletionMessage) -> Completion {
     };
     Completion {
         task_id: message.task_id.0,
+        run_id: message.run_id.0,
         attempt: i32::try_from(message.attempt).unwrap_or(i32::MAX),
         status,
         output,

@@ -83,30 +83,21 @@ impl Dispatcher {
     }
 }
 
-/// Starts the dispatch loop and returns its sender and the loop itself, to be spawned.
-pub fn dispatcher(
-    broker: Arc<Broker>,
-    db: sqlx::PgPool,
-    shutdown: CancellationToken,
-) -> (Dispatcher, impl Future<Output = ()>) {
+/// Starts the dispatch loop and returns its sender and the loop itself, to be spawned. The loop
+/// runs until every [`Dispatcher`] is dropped and it has published what they sent.
+pub fn dispatcher(broker: Arc<Broker>, db: sqlx::PgPool) -> (Dispatcher, impl Future<Output = ()>) {
     // Unbounded on purpose: every item was already committed and must not be refused; the
     // accept path is bounded upstream by its own channel.
     let (tx, rx) = mpsc::unbounded_channel();
-    (Dispatcher { tx }, dispatch_loop(broker, db, rx, shutdown))
+    (Dispatcher { tx }, dispatch_loop(broker, db, rx))
 }
 
 async fn dispatch_loop(
     broker: Arc<Broker>,
     db: sqlx::PgPool,
     mut rx: mpsc::UnboundedReceiver<Vec<Dispatch>>,
-    shutdown: CancellationToken,
 ) {
-    loop {
-        let first = tokio::select! {
-            first = rx.recv() => first,
-            () = shutdown.cancelled() => None,
-        };
-        let Some(mut batch) = first else { break };
+    while let Some(mut batch) = rx.recv().await {
         while batch.len() < MAX_BATCH {
             match rx.try_recv() {
                 Ok(more) => batch.extend(more),
@@ -143,10 +134,11 @@ async fn publish_batch(broker: &Broker, db: &sqlx::PgPool, batch: &[Dispatch]) {
     }
 }
 
-/// Re-publishes tasks that were committed but never confirmed, every `period`.
+/// Re-publishes tasks of `namespace` that were committed but never confirmed, every `period`.
 pub async fn relay_loop(
     dispatcher: Dispatcher,
     db: sqlx::PgPool,
+    namespace: String,
     older_than: Duration,
     period: Duration,
     shutdown: CancellationToken,
@@ -157,7 +149,7 @@ pub async fn relay_loop(
             _ = interval.tick() => {}
             () = shutdown.cancelled() => break,
         }
-        match store::undispatched_tasks(&db, older_than, MAX_BATCH as i64).await {
+        match store::claim_undispatched(&db, &namespace, older_than, MAX_BATCH as i64).await {
             Ok(rows) if rows.is_empty() => {}
             Ok(rows) => {
                 tracing::info!(tasks = rows.len(), "relaying undispatched tasks");

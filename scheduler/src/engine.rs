@@ -54,6 +54,23 @@ impl Materialized {
     }
 }
 
+impl Materialized {
+    /// Cancels every planned task that would have been dispatched, for a run that ended while
+    /// being planned (a step that failed at once fails the whole run).
+    pub fn cancel_dispatches(&mut self) {
+        self.dispatches.clear();
+        for task in &mut self.tasks {
+            if task.status == "queued" {
+                task.status = "cancelled";
+                task.error = Some(serde_json::json!({
+                    "type": taskfleet_common::error::CANCELLED,
+                    "message": "the run ended before this step started",
+                }));
+            }
+        }
+    }
+}
+
 /// Returns the record of a run that ended.
 pub fn finished_run(run_id: Uuid, end: RunEnd) -> FinishedRun {
     match end {

@@ -49,26 +49,25 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
             .listen(redis_client, shutdown.child_token()),
     );
 
-    // The dispatcher outlives the accept and completion loops, so it gets its own token and
-    // stops after them.
-    let dispatch_shutdown = CancellationToken::new();
-    let (dispatcher, dispatch_loop) =
-        dispatch::dispatcher(broker.clone(), db.clone(), dispatch_shutdown.clone());
+    // The dispatcher and the accept writer end when their senders are all dropped, after
+    // handling what they hold, so nothing accepted before the shutdown is left unwritten.
+    let (dispatcher, dispatch_loop) = dispatch::dispatcher(broker.clone(), db.clone());
     let dispatch_task = tokio::spawn(dispatch_loop);
     tracker.spawn(dispatch::relay_loop(
         dispatcher.clone(),
         db.clone(),
+        config.namespace.as_str().to_owned(),
         config.relay_after,
         Duration::from_secs(2),
         shutdown.child_token(),
     ));
     let (acceptor, writer) = accept::acceptor(
         db.clone(),
+        config.namespace.as_str().to_owned(),
         dispatcher.clone(),
         notifier.clone(),
-        shutdown.child_token(),
     );
-    tracker.spawn(writer);
+    let writer_task = tokio::spawn(writer);
     let programs = planner::ProgramCache::default();
     let consumer = broker
         .consume_completions(completions::MAX_BATCH as u16)
@@ -80,7 +79,22 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         notifier: notifier.clone(),
         programs: programs.clone(),
     };
-    tracker.spawn(completion_loop.run(consumer, shutdown.child_token()));
+    // Losing the completion consumer (the broker went away) stops the scheduler with an error,
+    // so that its supervisor starts a fresh one.
+    let fatal: Arc<std::sync::Mutex<Option<anyhow::Error>>> = Arc::default();
+    {
+        let fatal = fatal.clone();
+        let shutdown = shutdown.clone();
+        tracker.spawn(async move {
+            if let Err(error) = completion_loop.run(consumer, shutdown.child_token()).await {
+                tracing::error!(%error, "completion consumer lost; stopping");
+                *fatal
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(error);
+                shutdown.cancel();
+            }
+        });
+    }
 
     let state = api::AppState {
         config: config.clone(),
@@ -90,6 +104,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         acceptor,
         notifier,
         programs,
+        shutdown: shutdown.clone(),
     };
     let listener = tokio::net::TcpListener::bind(config.http_addr)
         .await
@@ -101,13 +116,21 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         .await
         .context("serving http")?;
 
+    // The router (and its acceptor) is gone: the writer finishes what it holds and ends.
+    let _ = writer_task.await;
     tracker.close();
     tracker.wait().await;
     drop(dispatcher);
-    dispatch_shutdown.cancel();
     let _ = dispatch_task.await;
     broker.close().await;
     db.close().await;
     tracing::info!("scheduler stopped");
+    if let Some(error) = fatal
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .take()
+    {
+        return Err(error);
+    }
     Ok(())
 }

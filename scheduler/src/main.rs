@@ -21,8 +21,19 @@ struct Args {
     namespace: Option<String>,
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+/// Stack of every runtime thread. Definitions' jq programs are compiled and run on these
+/// threads, and jaq recurses on the stack; the memory is only reserved, not used.
+const THREAD_STACK_SIZE: usize = 32 * 1024 * 1024;
+
+fn main() -> anyhow::Result<()> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_stack_size(THREAD_STACK_SIZE)
+        .build()?
+        .block_on(serve())
+}
+
+async fn serve() -> anyhow::Result<()> {
     let args = Args::parse();
     tracing_subscriber::fmt()
         .with_env_filter(

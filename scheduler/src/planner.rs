@@ -235,6 +235,12 @@ fn decide(
         Ok(input) => input,
         Err(error) => return fail(error),
     };
+    if let Err(error) = taskfleet_common::value::check(&input) {
+        return fail(StepError::new(
+            DATAFLOW_ERROR,
+            format!("the step's input cannot be sent: {error}"),
+        ));
+    }
     if let Some(when) = &step.when {
         match programs.run("when", when, input.clone()) {
             Ok(verdict) if !truthy(&verdict) => {

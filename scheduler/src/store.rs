@@ -104,18 +104,22 @@ pub struct WorkflowRow {
 /// definition is unchanged, else a new one.
 pub async fn put_workflow(
     db: &PgPool,
+    namespace: &str,
     name: &str,
     definition: &Value,
 ) -> Result<(i32, bool), StoreError> {
     let mut tx = db.begin().await?;
     // Serialises concurrent registrations of one name, so versions never collide.
-    sqlx::query("SELECT pg_advisory_xact_lock(hashtext('workflow:' || $1))")
+    sqlx::query("SELECT pg_advisory_xact_lock(hashtext('workflow:' || $1 || ':' || $2))")
+        .bind(namespace)
         .bind(name)
         .execute(&mut *tx)
         .await?;
     let latest: Option<(i32, Json<Value>)> = sqlx::query_as(
-        "SELECT version, definition FROM workflows WHERE name = $1 ORDER BY version DESC LIMIT 1",
+        "SELECT version, definition FROM workflows WHERE namespace = $1 AND name = $2
+         ORDER BY version DESC LIMIT 1",
     )
+    .bind(namespace)
     .bind(name)
     .fetch_optional(&mut *tx)
     .await?;
@@ -125,12 +129,15 @@ pub async fn put_workflow(
         return Ok((*version, false));
     }
     let version = latest.map_or(1, |(version, _)| version + 1);
-    sqlx::query("INSERT INTO workflows (name, version, definition) VALUES ($1, $2, $3)")
-        .bind(name)
-        .bind(version)
-        .bind(Json(definition))
-        .execute(&mut *tx)
-        .await?;
+    sqlx::query(
+        "INSERT INTO workflows (namespace, name, version, definition) VALUES ($1, $2, $3, $4)",
+    )
+    .bind(namespace)
+    .bind(name)
+    .bind(version)
+    .bind(Json(definition))
+    .execute(&mut *tx)
+    .await?;
     tx.commit().await?;
     Ok((version, true))
 }
@@ -138,14 +145,16 @@ pub async fn put_workflow(
 /// Returns one version of a workflow (the latest if `version` is `None`).
 pub async fn get_workflow(
     db: &PgPool,
+    namespace: &str,
     name: &str,
     version: Option<i32>,
 ) -> Result<Option<WorkflowRow>, StoreError> {
     Ok(sqlx::query_as(
         "SELECT name, version, definition, created_at FROM workflows
-         WHERE name = $1 AND ($2::integer IS NULL OR version = $2)
+         WHERE namespace = $1 AND name = $2 AND ($3::integer IS NULL OR version = $3)
          ORDER BY version DESC LIMIT 1",
     )
+    .bind(namespace)
     .bind(name)
     .bind(version)
     .fetch_optional(db)
@@ -153,11 +162,12 @@ pub async fn get_workflow(
 }
 
 /// Returns the latest version of every workflow, by name.
-pub async fn list_workflows(db: &PgPool) -> Result<Vec<WorkflowRow>, StoreError> {
+pub async fn list_workflows(db: &PgPool, namespace: &str) -> Result<Vec<WorkflowRow>, StoreError> {
     Ok(sqlx::query_as(
         "SELECT DISTINCT ON (name) name, version, definition, created_at FROM workflows
-         ORDER BY name, version DESC",
+         WHERE namespace = $1 ORDER BY name, version DESC",
     )
+    .bind(namespace)
     .fetch_all(db)
     .await?)
 }
@@ -196,7 +206,7 @@ pub struct NewTask {
     pub run_id: Uuid,
     /// Its step.
     pub step_id: String,
-    /// `queued`, `skipped` or `failed`.
+    /// `queued`, `skipped`, `failed` or `cancelled`.
     pub status: &'static str,
     /// The task queue.
     pub queue: String,
@@ -212,6 +222,7 @@ pub struct NewTask {
 /// of the runs inserted.
 pub async fn insert_runs(
     tx: &mut Transaction<'_, Postgres>,
+    namespace: &str,
     runs: &[NewRun],
 ) -> Result<Vec<Uuid>, StoreError> {
     if runs.is_empty() {
@@ -234,14 +245,15 @@ pub async fn insert_runs(
         .collect();
     let keys: Vec<Option<String>> = runs.iter().map(|run| run.idempotency_key.clone()).collect();
     Ok(sqlx::query_scalar(
-        "INSERT INTO runs (id, kind, workflow, workflow_version, definition, input, status,
-                           output, error, idempotency_key, finished_at)
-         SELECT id, kind, workflow, version, definition, input, status, output, error, key,
+        "INSERT INTO runs (namespace, id, kind, workflow, workflow_version, definition, input,
+                           status, output, error, idempotency_key, finished_at)
+         SELECT $11, id, kind, workflow, version, definition, input, status, output, error, key,
                 CASE WHEN status IN ('succeeded', 'failed') THEN now() END
          FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::integer[], $5::jsonb[], $6::jsonb[],
                      $7::text[], $8::jsonb[], $9::jsonb[], $10::text[])
               AS t(id, kind, workflow, version, definition, input, status, output, error, key)
-         ON CONFLICT (kind, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
+         ON CONFLICT (namespace, kind, idempotency_key) WHERE idempotency_key IS NOT NULL
+         DO NOTHING
          RETURNING id",
     )
     .bind(&ids)
@@ -254,6 +266,7 @@ pub async fn insert_runs(
     .bind(&outputs)
     .bind(&errors)
     .bind(&keys)
+    .bind(namespace)
     .fetch_all(&mut **tx)
     .await?)
 }
@@ -261,13 +274,15 @@ pub async fn insert_runs(
 /// Returns the ids of the runs that hold the given idempotency keys.
 pub async fn runs_by_idempotency_key(
     tx: &mut Transaction<'_, Postgres>,
+    namespace: &str,
     kind: &str,
     keys: &[String],
 ) -> Result<Vec<(String, Uuid, String)>, StoreError> {
     Ok(sqlx::query_as(
         "SELECT idempotency_key, id, status FROM runs
-         WHERE kind = $1 AND idempotency_key = ANY($2)",
+         WHERE namespace = $1 AND kind = $2 AND idempotency_key = ANY($3)",
     )
+    .bind(namespace)
     .bind(kind)
     .bind(keys)
     .fetch_all(&mut **tx)
@@ -369,11 +384,18 @@ pub struct TaskRow {
 }
 
 /// Returns a run of the given kind.
-pub async fn get_run(db: &PgPool, id: Uuid, kind: &str) -> Result<Option<RunRow>, StoreError> {
-    let sql = format!("SELECT {RUN_COLUMNS} FROM runs WHERE id = $1 AND kind = $2");
+pub async fn get_run(
+    db: &PgPool,
+    namespace: &str,
+    id: Uuid,
+    kind: &str,
+) -> Result<Option<RunRow>, StoreError> {
+    let sql =
+        format!("SELECT {RUN_COLUMNS} FROM runs WHERE id = $1 AND kind = $2 AND namespace = $3");
     Ok(sqlx::query_as(sqlx::AssertSqlSafe(sql))
         .bind(id)
         .bind(kind)
+        .bind(namespace)
         .fetch_optional(db)
         .await?)
 }
@@ -403,10 +425,14 @@ pub struct RunFilter {
 }
 
 /// Lists workflow runs, newest first.
-pub async fn list_runs(db: &PgPool, filter: &RunFilter) -> Result<Vec<RunRow>, StoreError> {
+pub async fn list_runs(
+    db: &PgPool,
+    namespace: &str,
+    filter: &RunFilter,
+) -> Result<Vec<RunRow>, StoreError> {
     let sql = format!(
         "SELECT {RUN_COLUMNS} FROM runs
-         WHERE kind = 'workflow'
+         WHERE namespace = $5 AND kind = 'workflow'
            AND ($1::text IS NULL OR status = $1)
            AND ($2::text IS NULL OR workflow = $2)
            AND ($3::uuid IS NULL OR id < $3)
@@ -417,6 +443,7 @@ pub async fn list_runs(db: &PgPool, filter: &RunFilter) -> Result<Vec<RunRow>, S
         .bind(&filter.workflow)
         .bind(filter.before)
         .bind(filter.limit)
+        .bind(namespace)
         .fetch_all(db)
         .await?)
 }
@@ -426,6 +453,8 @@ pub async fn list_runs(db: &PgPool, filter: &RunFilter) -> Result<Vec<RunRow>, S
 pub struct Completion {
     /// The task.
     pub task_id: Uuid,
+    /// Its run.
+    pub run_id: Uuid,
     /// The attempt it reports on.
     pub attempt: i32,
     /// `succeeded` or `failed`.
@@ -465,9 +494,12 @@ pub async fn record_completions(
     Ok(sqlx::query_scalar(
         "UPDATE tasks SET status = c.status, output = c.output, error = c.error,
                 worker_id = c.worker, started_at = c.started, finished_at = c.finished
-         FROM (SELECT DISTINCT ON (id) * FROM UNNEST($1::uuid[], $2::integer[], $3::text[],
-                      $4::jsonb[], $5::jsonb[], $6::text[], $7::timestamptz[], $8::timestamptz[])
-                      AS u(id, attempt, status, output, error, worker, started, finished)) AS c
+         FROM (SELECT DISTINCT ON (u.id) u.*
+               FROM UNNEST($1::uuid[], $2::integer[], $3::text[], $4::jsonb[], $5::jsonb[],
+                           $6::text[], $7::timestamptz[], $8::timestamptz[])
+                    AS u(id, attempt, status, output, error, worker, started, finished)
+               JOIN tasks t ON t.id = u.id AND t.attempt = u.attempt
+               ORDER BY u.id) AS c
          WHERE tasks.id = c.id AND tasks.attempt = c.attempt AND tasks.status = 'queued'
          RETURNING tasks.run_id",
     )
@@ -623,19 +655,29 @@ pub struct UndispatchedTask {
     pub definition: Json<Value>,
 }
 
-/// Returns queued tasks committed more than `older_than` ago that no broker confirmed.
-pub async fn undispatched_tasks(
+/// Claims queued tasks of running runs in `namespace` that no broker confirmed and that were
+/// committed (or last relayed) more than `older_than` ago, moving their relay time forward so
+/// that no other relay takes them in the same period.
+pub async fn claim_undispatched(
     db: &PgPool,
+    namespace: &str,
     older_than: std::time::Duration,
     limit: i64,
 ) -> Result<Vec<UndispatchedTask>, StoreError> {
     Ok(sqlx::query_as(
-        "SELECT t.id, t.run_id, t.step_id, t.attempt, t.queue, t.priority, t.input, r.definition
-         FROM tasks t JOIN runs r ON r.id = t.run_id
-         WHERE t.status = 'queued' AND t.dispatched_at IS NULL
-           AND t.created_at < now() - make_interval(secs => $1)
-         ORDER BY t.created_at LIMIT $2",
+        "WITH claimed AS (
+             SELECT t.id FROM tasks t JOIN runs r ON r.id = t.run_id
+             WHERE r.namespace = $1 AND r.status = 'running'
+               AND t.status = 'queued' AND t.dispatched_at IS NULL
+               AND coalesce(t.relayed_at, t.created_at) < now() - make_interval(secs => $2)
+             ORDER BY t.created_at LIMIT $3
+             FOR UPDATE OF t SKIP LOCKED)
+         UPDATE tasks t SET relayed_at = now()
+         FROM claimed, runs r
+         WHERE t.id = claimed.id AND r.id = t.run_id
+         RETURNING t.id, t.run_id, t.step_id, t.attempt, t.queue, t.priority, t.input, r.definition",
     )
+    .bind(namespace)
     .bind(older_than.as_secs_f64())
     .bind(limit)
     .fetch_all(db)
@@ -643,13 +685,22 @@ pub async fn undispatched_tasks(
 }
 
 /// Returns counts of runs and of tasks by status.
-pub async fn stats(db: &PgPool) -> Result<(Vec<(String, i64)>, Vec<(String, i64)>), StoreError> {
-    let runs = sqlx::query_as("SELECT status, count(*) FROM runs GROUP BY status")
-        .fetch_all(db)
-        .await?;
-    let tasks = sqlx::query_as("SELECT status, count(*) FROM tasks GROUP BY status")
-        .fetch_all(db)
-        .await?;
+pub async fn stats(
+    db: &PgPool,
+    namespace: &str,
+) -> Result<(Vec<(String, i64)>, Vec<(String, i64)>), StoreError> {
+    let runs =
+        sqlx::query_as("SELECT status, count(*) FROM runs WHERE namespace = $1 GROUP BY status")
+            .bind(namespace)
+            .fetch_all(db)
+            .await?;
+    let tasks = sqlx::query_as(
+        "SELECT t.status, count(*) FROM tasks t JOIN runs r ON r.id = t.run_id
+         WHERE r.namespace = $1 GROUP BY t.status",
+    )
+    .bind(namespace)
+    .fetch_all(db)
+    .await?;
     Ok((runs, tasks))
 }
 

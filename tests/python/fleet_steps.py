@@ -31,3 +31,21 @@ def slow(value):
 
 def echo(value):
     return value
+
+
+def deep(n):
+    value = 0
+    for _ in range(n):
+        value = [value]
+    return value
+
+
+def ctx_first(ctx, value):
+    return {"step": ctx.step_id, "value": value}
+
+
+def grab_sigterm(_value):
+    import signal
+
+    signal.signal(signal.SIGTERM, lambda *_: None)
+    return "took SIGTERM"

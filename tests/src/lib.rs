@@ -32,6 +32,8 @@ pub struct FleetOptions {
     pub concurrency: usize,
     /// Extra environment of the scheduler.
     pub scheduler_env: Vec<(String, String)>,
+    /// Use this existing database (of another fleet) instead of a new one; it is left in place.
+    pub shared_database: Option<String>,
 }
 
 impl Default for FleetOptions {
@@ -40,6 +42,7 @@ impl Default for FleetOptions {
             workers: 2,
             concurrency: 4,
             scheduler_env: Vec::new(),
+            shared_database: None,
         }
     }
 }
@@ -109,7 +112,10 @@ impl TestFleet {
     pub async fn start_with(options: FleetOptions) -> Result<Self> {
         let id = uuid::Uuid::new_v4().simple().to_string();
         let namespace = format!("tft-{}", &id[..12]);
-        let database = format!("tft_{}", &id[..12]);
+        let database = options
+            .shared_database
+            .clone()
+            .unwrap_or_else(|| format!("tft_{}", &id[..12]));
         let log_dir = workspace_root().join("target/test-logs").join(&namespace);
         std::fs::create_dir_all(&log_dir)?;
         let port = free_port();
@@ -312,7 +318,11 @@ impl TestFleet {
             let _ = scheduler.wait();
         }
         self.kill_workers();
-        let database = self.database.clone();
+        let database = self
+            .options
+            .shared_database
+            .is_none()
+            .then(|| self.database.clone());
         let namespace = self.namespace.clone();
         // Drop runs outside any runtime the test may still hold, on a thread of its own.
         let cleaner = std::thread::spawn(move || {
@@ -322,7 +332,7 @@ impl TestFleet {
             else {
                 return;
             };
-            runtime.block_on(remove_fleet_state(&database, &namespace));
+            runtime.block_on(remove_fleet_state(database.as_deref(), &namespace));
         });
         let _ = cleaner.join();
     }
@@ -341,9 +351,11 @@ impl Drop for TestFleet {
     }
 }
 
-async fn remove_fleet_state(database: &str, namespace: &str) {
+async fn remove_fleet_state(database: Option<&str>, namespace: &str) {
     use sqlx::Connection;
-    if let Ok(mut db) = sqlx::PgConnection::connect(&format!("{POSTGRES}/postgres")).await {
+    if let Some(database) = database
+        && let Ok(mut db) = sqlx::PgConnection::connect(&format!("{POSTGRES}/postgres")).await
+    {
         let statement = format!("DROP DATABASE IF EXISTS \"{database}\" WITH (FORCE)");
         let _ = sqlx::query(sqlx::AssertSqlSafe(statement))
             .execute(&mut db)

@@ -206,6 +206,26 @@ async fn every_bad_input_gets_its_status_and_names_the_problem() {
         &["does not compile"],
     )
     .await;
+    let long = vec!["1"; 5000].join("+");
+    check(
+        &fleet,
+        "POST",
+        "/v1/tasks",
+        Some(json!({"dataflow": long})),
+        422,
+        &["bytes long"],
+    )
+    .await;
+    let deep = format!("{}.{}", "(".repeat(200), ")".repeat(200));
+    check(
+        &fleet,
+        "POST",
+        "/v1/tasks",
+        Some(json!({"dataflow": deep})),
+        422,
+        &["nested deeper"],
+    )
+    .await;
 
     // 404: unknown workflows, versions, runs, jobs and routes.
     check(
@@ -280,6 +300,71 @@ async fn every_bad_input_gets_its_status_and_names_the_problem() {
         &["/v1/nothing-here"],
     )
     .await;
+
+    // Inputs the durable store cannot hold are refused up front.
+    check(&fleet, "POST", "/v1/runs", Some(json!({"definition": {"steps": [{"id": "a", "dataflow": "."}]}, "input": {"s": "a\u{0}b"}})), 400, &["NUL", "$.s"]).await;
+    let mut deep = json!(1);
+    for _ in 0..70 {
+        deep = json!([deep]);
+    }
+    check(
+        &fleet,
+        "POST",
+        "/v1/tasks",
+        Some(json!({"dataflow": ".", "input": deep})),
+        400,
+        &["nested deeper"],
+    )
+    .await;
+    check(
+        &fleet,
+        "POST",
+        "/v1/runs",
+        Some(json!({"workflow": "w", "idempotency_key": "a\u{0}"})),
+        400,
+        &["idempotency_key"],
+    )
+    .await;
+    check(&fleet, "GET", "/v1/workflows/a%00b", None, 404, &[r"a\0b"]).await;
+    check(
+        &fleet,
+        "GET",
+        "/v1/runs/0198c4b6-0000-7000-8000-000000000000?wait=1e20",
+        None,
+        404,
+        &["no run"],
+    )
+    .await;
+    check(
+        &fleet,
+        "GET",
+        "/v1/runs/0198c4b6-0000-7000-8000-000000000000?wait=-1",
+        None,
+        400,
+        &["wait"],
+    )
+    .await;
+
+    // A batch with one bad run writes none of them.
+    let good = json!({"definition": {"steps": [{"id": "a", "dataflow": "."}]}, "input": 1});
+    let bad = json!({"workflow": "no-such-workflow"});
+    let (status, answer) = fleet
+        .request(
+            "POST",
+            "/v1/runs:batch",
+            Some(&json!({"runs": [good, bad]})),
+        )
+        .await;
+    assert_eq!(status, 404, "{answer}");
+    assert!(
+        answer["error"]["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("runs[1]: "),
+        "{answer}"
+    );
+    let (_, stats) = fleet.request("GET", "/v1/stats", None).await;
+    assert_eq!(stats["runs"], json!({}), "{stats}");
 
     // 413: a body over the configured limit.
     let big = format!(

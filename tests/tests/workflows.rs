@@ -264,3 +264,96 @@ async fn a_batch_of_runs_and_a_repeated_idempotency_key_give_one_run() {
         assert_eq!(run["output"], json!(n * 3));
     }
 }
+
+#[tokio::test]
+async fn a_run_that_fails_while_planned_never_runs_its_other_steps() {
+    let fleet = TestFleet::start_with(taskfleet_tests::FleetOptions {
+        scheduler_env: vec![("TASKFLEET_RELAY_AFTER_S".into(), "1".into())],
+        ..taskfleet_tests::FleetOptions::default()
+    })
+    .await
+    .unwrap();
+    let definition = json!({"steps": [
+        {"id": "bad", "dataflow": ".", "input": "error(\"nope\")"},
+        {"id": "other", "dataflow": "\"ran\""}
+    ]});
+    let run = fleet.run(&definition, &json!(1)).await;
+    assert_eq!(run["status"], "failed", "{run:#}");
+    assert_eq!(run["error"]["step"], "bad");
+    assert_eq!(run["steps"]["other"]["status"], "cancelled");
+    // Long past the relay's age limit, the cancelled step has still not run.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let (_, run) = fleet
+        .request(
+            "GET",
+            &format!("/v1/runs/{}", run["id"].as_str().unwrap()),
+            None,
+        )
+        .await;
+    assert_eq!(run["steps"]["other"]["status"], "cancelled", "{run:#}");
+    assert!(run["steps"]["other"]["output"].is_null());
+}
+
+#[tokio::test]
+async fn fleets_sharing_a_database_see_only_their_own_namespace() {
+    let first = TestFleet::start().await.unwrap();
+    let second = TestFleet::start_with(taskfleet_tests::FleetOptions {
+        shared_database: Some(first.database.clone()),
+        ..taskfleet_tests::FleetOptions::default()
+    })
+    .await
+    .unwrap();
+    let definition = json!({"steps": [{"id": "a", "dataflow": ". + 1"}]});
+    let run = first.run(&definition, &json!(1)).await;
+    assert_eq!(run["output"], 2);
+    let (status, _) = first
+        .request("PUT", "/v1/workflows/mine", Some(&definition))
+        .await;
+    assert_eq!(status, 201);
+
+    let (_, listed) = second.request("GET", "/v1/runs", None).await;
+    assert_eq!(listed["runs"], json!([]), "{listed}");
+    let (_, stats) = second.request("GET", "/v1/stats", None).await;
+    assert_eq!(stats["runs"], json!({}), "{stats}");
+    let (status, _) = second
+        .request(
+            "GET",
+            &format!("/v1/runs/{}", run["id"].as_str().unwrap()),
+            None,
+        )
+        .await;
+    assert_eq!(status, 404);
+    let (status, _) = second.request("GET", "/v1/workflows/mine", None).await;
+    assert_eq!(status, 404);
+    let run = second.run(&definition, &json!(10)).await;
+    assert_eq!(run["output"], 11);
+    let (_, stats) = first.request("GET", "/v1/stats", None).await;
+    assert_eq!(stats["runs"], json!({"succeeded": 1}), "{stats}");
+}
+
+#[tokio::test]
+async fn a_step_may_take_ctx_first_and_cannot_take_over_the_workers_signals() {
+    let fleet = TestFleet::start().await.unwrap();
+    let run = fleet
+        .run(
+            &json!({"steps": [{"id": "first", "python": "fleet_steps:ctx_first"}]}),
+            &json!(7),
+        )
+        .await;
+    assert_eq!(
+        run["output"],
+        json!({"step": "first", "value": 7}),
+        "{run:#}"
+    );
+    let run = fleet
+        .run(
+            &json!({"steps": [{"id": "sig", "python": "fleet_steps:grab_sigterm"}]}),
+            &json!(null),
+        )
+        .await;
+    assert_eq!(run["status"], "failed", "{run:#}");
+    assert_eq!(
+        run["steps"]["sig"]["error"]["type"], "ValueError",
+        "{run:#}"
+    );
+}

@@ -33,7 +33,8 @@ pub struct Broker {
 
 impl Broker {
     /// Connects (retrying with backoff so the worker may start before the broker), declares the
-    /// task queues and the completions queue, and sets the prefetch to `prefetch`.
+    /// task queues and the completions queue, and sets the prefetch of the consuming channel to
+    /// `prefetch` unacknowledged deliveries across all its consumers.
     pub async fn connect(
         url: &str,
         namespace: Namespace,
@@ -70,8 +71,11 @@ impl Broker {
                 FieldTable::default(),
             )
             .await?;
+        // RabbitMQ applies a prefetch with `global: false` to each consumer, and this channel has
+        // one consumer per task queue; `global: true` makes the limit the channel's, shared by
+        // all of them, so the worker never holds more than `prefetch` tasks in total.
         consumer
-            .basic_qos(prefetch, BasicQosOptions::default())
+            .basic_qos(prefetch, BasicQosOptions { global: true })
             .await?;
         Ok(Self {
             connection,

@@ -61,6 +61,9 @@ fn main() -> anyhow::Result<()> {
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
+        // jq programs run on the blocking threads, and jaq recurses on the stack; the memory is
+        // only reserved, not used.
+        .thread_stack_size(32 * 1024 * 1024)
         .build()
         .context("starting the tokio runtime")?;
     runtime.block_on(async {

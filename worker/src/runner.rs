@@ -4,6 +4,11 @@
 //!
 //! The prefetch equals the concurrency and a delivery is acknowledged only when its task is
 //! done, so the broker never hands this worker more tasks than it has free slots.
+//!
+//! Every task message ends in a completion, so no run waits forever on a task: one this worker
+//! cannot read fails with `invalid_task` (only a message that names no task at all is dropped),
+//! and an input or output that cannot be stored or sent (see `taskfleet_common::value`) fails
+//! the task instead of reaching the scheduler.
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
@@ -14,10 +19,14 @@ use futures_util::StreamExt;
 use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicNackOptions};
 use redis::aio::ConnectionManager;
+use serde::Deserialize;
 use serde_json::json;
 use taskfleet_common::definition::StepKind;
-use taskfleet_common::protocol::{self, CompletionMessage, Outcome, PROTOCOL_VERSION, TaskMessage};
-use taskfleet_common::{Namespace, StepError, TaskId};
+use taskfleet_common::error::{INVALID_OUTPUT, INVALID_TASK};
+use taskfleet_common::protocol::{
+    self, CompletionMessage, DecodeError, Outcome, PROTOCOL_VERSION, TaskMessage,
+};
+use taskfleet_common::{Namespace, RunId, StepError, TaskId, value};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -186,31 +195,24 @@ pub async fn run(
     failure.map_or(Ok(()), Err)
 }
 
+/// Reads, runs and reports one task. A task is failed without running when its input cannot
+/// travel, and a success is turned into a failure when its output cannot.
 async fn handle(shared: Arc<Shared>, delivery: Delivery) {
     let task: TaskMessage = match protocol::decode(&delivery.data) {
         Ok(task) => task,
         Err(error) => {
-            // Redelivering a message this worker cannot read would loop forever.
-            tracing::error!(%error, "dropping undecodable task message");
-            let options = BasicNackOptions {
-                multiple: false,
-                requeue: false,
-            };
-            if let Err(error) = delivery.nack(options).await {
-                tracing::warn!(%error, "rejecting task message");
-            }
+            refuse(&shared, delivery, &error).await;
             return;
         }
     };
     let started_at = Utc::now();
-    shared.take_lease(&task, started_at).await;
-    let result = shared.executors.execute(&task).await;
-    shared.release(task.task_id);
-    let finished_at = Utc::now();
-    let outcome = match result {
-        Ok(output) => Outcome::Succeeded { output },
-        Err(error) => Outcome::Failed { error },
+    let outcome = match value::check(&task.input) {
+        Ok(()) => shared.execute(&task, started_at).await,
+        Err(error) => Outcome::Failed {
+            error: StepError::new(INVALID_TASK, format!("step input cannot be used: {error}")),
+        },
     };
+    let finished_at = Utc::now();
     tracing::debug!(
         task_id = %task.task_id,
         step = %task.step_id,
@@ -228,28 +230,107 @@ async fn handle(shared: Arc<Shared>, delivery: Delivery) {
         started_at,
         finished_at,
     };
-    if let Err(error) = shared
-        .broker
-        .publish_completion(&protocol::encode(&completion))
-        .await
-    {
-        tracing::error!(task_id = %task.task_id, %error, "reporting the completion failed; the task goes back to its queue");
+    shared.report(delivery, &completion).await;
+}
+
+/// The identity of a task, read from a message that does not decode as a whole (a protocol
+/// version or a step kind this build does not know, an input nested too deep to read). Every
+/// other field is skipped; `serde_json` skips values without a depth limit.
+#[derive(Deserialize)]
+struct TaskIdentity {
+    task_id: TaskId,
+    run_id: RunId,
+    attempt: u32,
+    #[serde(default)]
+    step_id: Option<String>,
+}
+
+/// Fails a task this worker cannot read, so that its run does not wait for it forever. A message
+/// without even a task's identity is rejected instead: redelivering it would loop forever.
+async fn refuse(shared: &Shared, delivery: Delivery, error: &DecodeError) {
+    let Ok(identity) = serde_json::from_slice::<TaskIdentity>(&delivery.data) else {
+        tracing::error!(%error, "dropping a task message that names no task");
         let options = BasicNackOptions {
             multiple: false,
-            requeue: true,
+            requeue: false,
         };
         if let Err(error) = delivery.nack(options).await {
-            tracing::warn!(%error, "returning task message");
+            tracing::warn!(%error, "rejecting task message");
         }
         return;
-    }
-    shared.store_result(&completion).await;
-    if let Err(error) = delivery.ack(BasicAckOptions::default()).await {
-        tracing::warn!(task_id = %task.task_id, %error, "acknowledging task");
-    }
+    };
+    tracing::error!(
+        task_id = %identity.task_id,
+        run_id = %identity.run_id,
+        step = identity.step_id.as_deref().unwrap_or_default(),
+        attempt = identity.attempt,
+        %error,
+        "failing a task this worker cannot read"
+    );
+    let now = Utc::now();
+    let completion = CompletionMessage {
+        version: PROTOCOL_VERSION,
+        task_id: identity.task_id,
+        run_id: identity.run_id,
+        attempt: identity.attempt,
+        worker_id: shared.worker_id.clone(),
+        outcome: Outcome::Failed {
+            error: StepError::new(
+                INVALID_TASK,
+                format!("the worker cannot read this task: {error}"),
+            ),
+        },
+        started_at: now,
+        finished_at: now,
+    };
+    shared.report(delivery, &completion).await;
 }
 
 impl Shared {
+    /// Runs `task` under a lease and returns how it ended; an output that cannot be stored or
+    /// sent fails the task.
+    async fn execute(&self, task: &TaskMessage, started_at: chrono::DateTime<Utc>) -> Outcome {
+        self.take_lease(task, started_at).await;
+        let result = self.executors.execute(task).await;
+        self.release(task.task_id);
+        match result {
+            Ok(output) => match value::check(&output) {
+                Ok(()) => Outcome::Succeeded { output },
+                Err(error) => Outcome::Failed {
+                    error: StepError::new(
+                        INVALID_OUTPUT,
+                        format!("step output cannot be stored: {error}"),
+                    ),
+                },
+            },
+            Err(error) => Outcome::Failed { error },
+        }
+    }
+
+    /// Publishes `completion` and waits for the broker's confirm, writes the result to Redis and
+    /// only then acknowledges the delivery. Without a confirm the task goes back to its queue.
+    async fn report(&self, delivery: Delivery, completion: &CompletionMessage) {
+        if let Err(error) = self
+            .broker
+            .publish_completion(&protocol::encode(completion))
+            .await
+        {
+            tracing::error!(task_id = %completion.task_id, %error, "reporting the completion failed; the task goes back to its queue");
+            let options = BasicNackOptions {
+                multiple: false,
+                requeue: true,
+            };
+            if let Err(error) = delivery.nack(options).await {
+                tracing::warn!(%error, "returning task message");
+            }
+            return;
+        }
+        self.store_result(completion).await;
+        if let Err(error) = delivery.ack(BasicAckOptions::default()).await {
+            tracing::warn!(task_id = %completion.task_id, %error, "acknowledging task");
+        }
+    }
+
     /// Takes (or takes over) the lease on a task. Best effort: without Redis the task still
     /// runs, and fencing by attempt keeps its completion safe.
     async fn take_lease(&self, task: &TaskMessage, started_at: chrono::DateTime<Utc>) {
@@ -377,5 +458,71 @@ async fn heartbeat_loop(shared: Arc<Shared>, config: Config, shutdown: Cancellat
         .await;
     if let Err(error) = removed {
         tracing::debug!(%error, "removing the worker record");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Returns a task message body with `version`, `step` and `input` as given.
+    fn body(task_id: TaskId, run_id: RunId, version: u32, step: &str, input: &str) -> Vec<u8> {
+        format!(
+            r#"{{"version":{version},"task_id":"{task_id}","run_id":"{run_id}","step_id":"s","attempt":3,"step":{step},"input":{input}}}"#
+        )
+        .into_bytes()
+    }
+
+    fn check(body: &[u8], expected: Option<(TaskId, RunId, u32)>) {
+        let identity = serde_json::from_slice::<TaskIdentity>(body)
+            .ok()
+            .map(|identity| (identity.task_id, identity.run_id, identity.attempt));
+        assert_eq!(identity, expected, "{}", String::from_utf8_lossy(body));
+    }
+
+    #[test]
+    fn identity_is_read_from_tasks_that_do_not_decode() {
+        let (task_id, run_id) = (TaskId::new(), RunId::new());
+        let expected = Some((task_id, run_id, 3));
+        let dataflow = r#"{"kind":"dataflow","program":"."}"#;
+        let deep = format!("{}1{}", "[".repeat(1000), "]".repeat(1000));
+
+        let readable = body(task_id, run_id, PROTOCOL_VERSION, dataflow, "1");
+        assert!(protocol::decode::<TaskMessage>(&readable).is_ok());
+        check(&readable, expected);
+
+        let newer = body(task_id, run_id, 2, dataflow, "1");
+        let error = protocol::decode::<TaskMessage>(&newer).expect_err("version 2 is refused");
+        assert_eq!(
+            error.to_string(),
+            "message has protocol version 2, this build reads version 1"
+        );
+        check(&newer, expected);
+
+        let unknown_kind = body(task_id, run_id, 1, r#"{"kind":"rust"}"#, "1");
+        assert!(protocol::decode::<TaskMessage>(&unknown_kind).is_err());
+        check(&unknown_kind, expected);
+
+        let too_deep = body(task_id, run_id, 1, dataflow, &deep);
+        assert!(protocol::decode::<TaskMessage>(&too_deep).is_err());
+        check(&too_deep, expected);
+    }
+
+    #[test]
+    fn messages_without_an_identity_have_none() {
+        check(b"not json", None);
+        check(b"[]", None);
+        check(br#"{"version":1,"attempt":1}"#, None);
+        let no_attempt = format!(
+            r#"{{"task_id":"{}","run_id":"{}"}}"#,
+            TaskId::new(),
+            RunId::new()
+        );
+        check(no_attempt.as_bytes(), None);
+        let bad_id = format!(
+            r#"{{"task_id":"x","run_id":"{}","attempt":1}}"#,
+            RunId::new()
+        );
+        check(bad_id.as_bytes(), None);
     }
 }

@@ -45,6 +45,8 @@ pub struct AppState {
     pub notifier: Notifier,
     /// Compiled jq programs.
     pub programs: ProgramCache,
+    /// Cancelled when the scheduler stops; long polls then answer at once.
+    pub shutdown: tokio_util::sync::CancellationToken,
 }
 
 /// Returns the API's router.
@@ -120,7 +122,7 @@ async fn readyz(axum::extract::State(state): axum::extract::State<AppState>) -> 
 async fn stats(
     axum::extract::State(state): axum::extract::State<AppState>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    let (runs, tasks) = store::stats(&state.db).await?;
+    let (runs, tasks) = store::stats(&state.db, state.config.namespace.as_str()).await?;
     let to_object = |counts: Vec<(String, i64)>| {
         counts
             .into_iter()

@@ -2,7 +2,7 @@
 //!
 //! A job is a run of a one-step definition, kept apart from workflow runs by its kind.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::Duration;
 
 use axum::Json;
@@ -11,7 +11,8 @@ use axum::http::StatusCode;
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
 use taskfleet_common::definition::StepDefinition;
-use taskfleet_common::{Namespace, TaskId, WorkflowDefinition};
+use taskfleet_common::names::is_valid_name;
+use taskfleet_common::{TaskId, WorkflowDefinition};
 use uuid::Uuid;
 
 use super::views::run_view;
@@ -20,7 +21,7 @@ use super::{ApiError, AppState, JsonBody, QueryParams};
 use crate::accept::{Accepted, Submission};
 use crate::engine::{Materialized, finished_run};
 use crate::notify::Notifier;
-use crate::planner;
+use crate::planner::{self, ProgramCache};
 use crate::store::{self, NewRun, RunFilter};
 
 /// The longest idempotency key accepted.
@@ -58,18 +59,36 @@ impl RunKind {
 
 fn check_idempotency_key(key: Option<&String>) -> Result<(), ApiError> {
     match key {
-        Some(key) if key.is_empty() || key.len() > MAX_IDEMPOTENCY_KEY_LEN => {
+        Some(key)
+            if key.is_empty()
+                || key.len() > MAX_IDEMPOTENCY_KEY_LEN
+                || key.chars().any(char::is_control) =>
+        {
             Err(ApiError::bad_request(format!(
-                "idempotency_key must be 1 to {MAX_IDEMPOTENCY_KEY_LEN} characters"
+                "idempotency_key must be 1 to {MAX_IDEMPOTENCY_KEY_LEN} characters, none of them a control character"
             )))
         }
         _ => Ok(()),
     }
 }
 
+/// Checks that a run input can be stored and sent.
+fn check_input(input: &Value) -> Result<(), ApiError> {
+    taskfleet_common::value::check(input)
+        .map_err(|error| ApiError::bad_request(format!("input: {error}")))
+}
+
+/// Registered definitions already read while handling one request, by name and version.
+type Resolved = HashMap<(String, Option<i32>), (WorkflowDefinition, i32)>;
+
 /// Resolves, validates and plans a run request into a submission.
-async fn prepare(state: &AppState, request: RunRequest) -> Result<Submission, ApiError> {
+async fn prepare(
+    state: &AppState,
+    request: RunRequest,
+    resolved: &mut Resolved,
+) -> Result<Submission, ApiError> {
     check_idempotency_key(request.idempotency_key.as_ref())?;
+    check_input(&request.input)?;
     let (definition, workflow, version) = match (request.workflow, request.definition) {
         (Some(_), Some(_)) => {
             return Err(ApiError::bad_request(
@@ -82,17 +101,16 @@ async fn prepare(state: &AppState, request: RunRequest) -> Result<Submission, Ap
             ));
         }
         (Some(name), None) => {
-            let row = store::get_workflow(&state.db, &name, request.version)
-                .await?
-                .ok_or_else(|| match request.version {
-                    Some(version) => {
-                        ApiError::not_found(format!("workflow {name:?} has no version {version}"))
-                    }
-                    None => ApiError::not_found(format!("no workflow named {name:?}")),
-                })?;
-            let definition: WorkflowDefinition = serde_json::from_value(row.definition.0)
-                .map_err(|error| ApiError::internal(&error))?;
-            (definition, Some(name), Some(row.version))
+            let key = (name.clone(), request.version);
+            let (definition, version) = match resolved.get(&key) {
+                Some(found) => found.clone(),
+                None => {
+                    let found = resolve(state, &name, request.version).await?;
+                    resolved.insert(key, found.clone());
+                    found
+                }
+            };
+            (definition, Some(name), Some(version))
         }
         (None, Some(definition)) => {
             if request.version.is_some() {
@@ -104,68 +122,105 @@ async fn prepare(state: &AppState, request: RunRequest) -> Result<Submission, Ap
             (definition, None, None)
         }
     };
-    Ok(plan(
+    plan(
         state,
-        RunKind::Workflow,
-        definition,
-        workflow,
-        version,
-        request.input,
-        request.idempotency_key,
-    ))
+        NewRunParts {
+            kind: RunKind::Workflow,
+            definition,
+            workflow,
+            version,
+            input: request.input,
+            idempotency_key: request.idempotency_key,
+        },
+    )
+    .await
 }
 
-/// Plans a new run's first steps and returns what to write.
-fn plan(
+/// Returns a registered workflow's definition and version.
+async fn resolve(
     state: &AppState,
+    name: &str,
+    version: Option<i32>,
+) -> Result<(WorkflowDefinition, i32), ApiError> {
+    let not_found = || match version {
+        Some(version) => ApiError::not_found(format!("workflow {name:?} has no version {version}")),
+        None => ApiError::not_found(format!("no workflow named {name:?}")),
+    };
+    if !is_valid_name(name) {
+        return Err(not_found());
+    }
+    let row = store::get_workflow(&state.db, state.config.namespace.as_str(), name, version)
+        .await?
+        .ok_or_else(not_found)?;
+    let definition =
+        serde_json::from_value(row.definition.0).map_err(|error| ApiError::internal(&error))?;
+    Ok((definition, row.version))
+}
+
+/// What a new run is made of, before planning.
+struct NewRunParts {
     kind: RunKind,
     definition: WorkflowDefinition,
     workflow: Option<String>,
     version: Option<i32>,
     input: Value,
     idempotency_key: Option<String>,
-) -> Submission {
+}
+
+/// Plans a new run's first steps and returns what to write. Planning runs the `input` and
+/// `when` programs of the first steps, so it happens off the async threads.
+async fn plan(state: &AppState, parts: NewRunParts) -> Result<Submission, ApiError> {
+    let programs = state.programs.clone();
+    tokio::task::spawn_blocking(move || plan_blocking(&programs, parts))
+        .await
+        .map_err(|error| ApiError::internal(&error))
+}
+
+fn plan_blocking(programs: &ProgramCache, parts: NewRunParts) -> Submission {
     let id = Uuid::now_v7();
-    let advance = planner::advance(&state.programs, &definition, &input, &BTreeMap::new());
+    let advance = planner::advance(programs, &parts.definition, &parts.input, &BTreeMap::new());
     let mut materialized = Materialized::default();
-    materialized.add(&definition, id, advance.planned);
+    materialized.add(&parts.definition, id, advance.planned);
     let (status, output, error) = match advance.end.map(|end| finished_run(id, end)) {
-        Some(finished) => (finished.status, finished.output, finished.error),
+        Some(finished) => {
+            // The run ended while being planned: nothing of it may run later.
+            materialized.cancel_dispatches();
+            (finished.status, finished.output, finished.error)
+        }
         None => ("running", None, None),
-    };
-    let definition_value = serde_json::to_value(&definition).unwrap_or(Value::Null);
-    let dispatches = if status == "running" {
-        materialized.dispatches
-    } else {
-        Vec::new()
     };
     Submission {
         run: NewRun {
             id,
-            kind: kind.as_str(),
-            workflow,
-            workflow_version: version,
-            definition: definition_value,
-            input,
+            kind: parts.kind.as_str(),
+            workflow: parts.workflow,
+            workflow_version: parts.version,
+            definition: serde_json::to_value(&parts.definition).unwrap_or(Value::Null),
+            input: parts.input,
             status,
             output,
             error,
-            idempotency_key,
+            idempotency_key: parts.idempotency_key,
         },
         tasks: materialized.tasks,
-        dispatches,
+        dispatches: materialized.dispatches,
     }
 }
 
-fn accepted_response(accepted: Accepted) -> (StatusCode, Json<Value>) {
-    match accepted {
-        Accepted::Created { id, status } => (
+/// Writes one run and answers 201 for a new run, 200 for an existing idempotency key.
+async fn submit_one(
+    state: &AppState,
+    submission: Submission,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    match state.acceptor.submit(vec![submission]).await?.pop() {
+        Some(Accepted::Created { id, status }) => Ok((
             StatusCode::CREATED,
             Json(json!({"id": id, "status": status})),
-        ),
-        Accepted::Existing { id, status } => {
-            (StatusCode::OK, Json(json!({"id": id, "status": status})))
+        )),
+        Some(Accepted::Existing { id, status }) => {
+            Ok((StatusCode::OK, Json(json!({"id": id, "status": status}))))
         }
+        None => Err(ApiError::internal(&"the writer answered nothing")),
     }
 }
 
@@ -174,8 +229,8 @@ pub async fn create(
     State(state): State<AppState>,
     JsonBody(request): JsonBody<RunRequest>,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
-    let submission = prepare(&state, request).await?;
-    Ok(accepted_response(state.acceptor.submit(submission).await?))
+    let submission = prepare(&state, request, &mut Resolved::new()).await?;
+    submit_one(&state, submission).await
 }
 
 /// The body of `POST /v1/runs:batch`.
@@ -185,7 +240,8 @@ pub struct BatchRequest {
     runs: Vec<RunRequest>,
 }
 
-/// `POST /v1/runs:batch`: starts many runs; all are checked before any is written.
+/// `POST /v1/runs:batch`: starts many runs, all or none: every run is checked before any is
+/// written, and they are written in one transaction.
 pub async fn create_batch(
     State(state): State<AppState>,
     JsonBody(request): JsonBody<BatchRequest>,
@@ -197,24 +253,22 @@ pub async fn create_batch(
         )));
     }
     let mut submissions = Vec::with_capacity(request.runs.len());
+    let mut resolved = Resolved::new();
     for (index, run) in request.runs.into_iter().enumerate() {
-        let submission = prepare(&state, run)
+        let submission = prepare(&state, run, &mut resolved)
             .await
             .map_err(|error| error.in_batch(index))?;
         submissions.push(submission);
     }
-    let results = futures_util::future::join_all(
-        submissions
-            .into_iter()
-            .map(|submission| state.acceptor.submit(submission)),
-    )
-    .await;
-    let mut ids = Vec::with_capacity(results.len());
-    for result in results {
-        match result? {
-            Accepted::Created { id, .. } | Accepted::Existing { id, .. } => ids.push(id),
-        }
-    }
+    let ids: Vec<Uuid> = state
+        .acceptor
+        .submit(submissions)
+        .await?
+        .into_iter()
+        .map(|outcome| match outcome {
+            Accepted::Created { id, .. } | Accepted::Existing { id, .. } => id,
+        })
+        .collect();
     Ok((StatusCode::CREATED, Json(json!({ "ids": ids }))))
 }
 
@@ -247,24 +301,33 @@ async fn show_kind(
                 "wait must be a number of seconds, 0 or more",
             ));
         }
-        Some(seconds) => Duration::from_secs_f64(seconds).min(state.config.max_wait),
+        Some(seconds) => Duration::from_secs_f64(seconds.min(state.config.max_wait.as_secs_f64())),
         None => Duration::ZERO,
     };
     // Subscribe before reading, so an end recorded in between wakes us.
     let mut finished = state.notifier.subscribe();
     let deadline = tokio::time::Instant::now() + wait;
     loop {
-        let run = store::get_run(&state.db, id, kind.as_str())
-            .await?
-            .ok_or_else(|| ApiError::not_found(format!("no {what} with id {id}")))?;
+        let run = store::get_run(
+            &state.db,
+            state.config.namespace.as_str(),
+            id,
+            kind.as_str(),
+        )
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("no {what} with id {id}")))?;
         let done = matches!(run.status.as_str(), "succeeded" | "failed" | "cancelled");
         let now = tokio::time::Instant::now();
-        if done || now >= deadline {
+        // A stopping scheduler answers long polls at once with what it has.
+        if done || now >= deadline || state.shutdown.is_cancelled() {
             let tasks = store::get_tasks(&state.db, id).await?;
             let running = leased_tasks(state, &tasks).await;
             return Ok(Json(run_view(run, tasks, &running)));
         }
-        Notifier::wait(&mut finished, id, deadline - now).await;
+        tokio::select! {
+            () = Notifier::wait(&mut finished, id, deadline - now) => {}
+            () = state.shutdown.cancelled() => {}
+        }
     }
 }
 
@@ -279,10 +342,9 @@ async fn leased_tasks(state: &AppState, tasks: &[store::TaskRow]) -> HashSet<Uui
     if queued.is_empty() {
         return HashSet::new();
     }
-    let namespace: &Namespace = &state.config.namespace;
     let keys: Vec<String> = queued
         .iter()
-        .map(|id| namespace.lease_key(TaskId(*id)))
+        .map(|id| state.config.namespace.lease_key(TaskId(*id)))
         .collect();
     let mut redis = state.redis.clone();
     match redis::cmd("MGET")
@@ -342,6 +404,13 @@ pub async fn list(
             "status {status:?} is not one of pending, running, succeeded, failed, cancelled"
         )));
     }
+    if let Some(workflow) = &query.workflow
+        && !is_valid_name(workflow)
+    {
+        return Err(ApiError::bad_request(format!(
+            "workflow {workflow:?} is not a valid workflow name"
+        )));
+    }
     let limit = query.limit.unwrap_or(50);
     if !(1..=1000).contains(&limit) {
         return Err(ApiError::bad_request("limit must be between 1 and 1000"));
@@ -356,6 +425,7 @@ pub async fn list(
     };
     let rows = store::list_runs(
         &state.db,
+        state.config.namespace.as_str(),
         &RunFilter {
             status: query.status,
             workflow: query.workflow,
@@ -425,14 +495,15 @@ pub async fn create_job(
     };
     check_definition(&definition)?;
     let input = extra.remove("input").unwrap_or(Value::Null);
-    let submission = plan(
-        &state,
-        RunKind::Job,
+    check_input(&input)?;
+    let parts = NewRunParts {
+        kind: RunKind::Job,
         definition,
-        None,
-        None,
+        workflow: None,
+        version: None,
         input,
         idempotency_key,
-    );
-    Ok(accepted_response(state.acceptor.submit(submission).await?))
+    };
+    let submission = plan(&state, parts).await?;
+    submit_one(&state, submission).await
 }

@@ -60,7 +60,8 @@ pub async fn register(
     }
     check_definition(&definition)?;
     let value = serde_json::to_value(&definition).map_err(|error| ApiError::internal(&error))?;
-    let (version, created) = store::put_workflow(&state.db, &name, &value).await?;
+    let (version, created) =
+        store::put_workflow(&state.db, state.config.namespace.as_str(), &name, &value).await?;
     let status = if created {
         StatusCode::CREATED
     } else {
@@ -71,7 +72,7 @@ pub async fn register(
 
 /// `GET /v1/workflows`: the latest version of each workflow.
 pub async fn list(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
-    let rows = store::list_workflows(&state.db).await?;
+    let rows = store::list_workflows(&state.db, state.config.namespace.as_str()).await?;
     let workflows: Vec<Value> = rows
         .into_iter()
         .map(|row| {
@@ -99,14 +100,21 @@ pub async fn show(
     Path(name): Path<String>,
     QueryParams(query): QueryParams<ShowQuery>,
 ) -> Result<Json<Value>, ApiError> {
-    let row = store::get_workflow(&state.db, &name, query.version)
+    let row = if is_valid_name(&name) {
+        store::get_workflow(
+            &state.db,
+            state.config.namespace.as_str(),
+            &name,
+            query.version,
+        )
         .await?
-        .ok_or_else(|| match query.version {
-            Some(version) => {
-                ApiError::not_found(format!("workflow {name:?} has no version {version}"))
-            }
-            None => ApiError::not_found(format!("no workflow named {name:?}")),
-        })?;
+    } else {
+        None
+    };
+    let row = row.ok_or_else(|| match query.version {
+        Some(version) => ApiError::not_found(format!("workflow {name:?} has no version {version}")),
+        None => ApiError::not_found(format!("no workflow named {name:?}")),
+    })?;
     Ok(Json(json!({
         "name": row.name,
         "version": row.version,

@@ -49,7 +49,8 @@ before = set(sys.path)
 site.addsitedir(site_packages)
 added = [p for p in sys.path if p not in before]
 rest = [p for p in sys.path if p in before]
-base = set(site.getsitepackages())
+# The user site counts too: a virtualenv's own Python does not see it at all.
+base = set(site.getsitepackages()) | {site.getusersitepackages()}
 at = next((i for i, p in enumerate(rest) if p in base), len(rest))
 sys.path[:] = rest[:at] + added + rest[at:]
 "#;
@@ -176,6 +177,10 @@ impl PythonExecutor {
     /// ready. A process has one interpreter: a second executor shares it, and its settings extend
     /// the same `sys.path`.
     pub fn start(settings: PythonSettings) -> Result<Self, PythonStartError> {
+        // Initialised here, not on the interpreter thread: Python takes the initialising thread
+        // for its main thread, and only the main thread may install signal handlers, so a step
+        // calling `signal.signal` cannot take SIGTERM away from the worker's own shutdown.
+        Python::initialize();
         let (jobs_tx, jobs_rx) = mpsc::channel(JOB_QUEUE_CAPACITY);
         let shared = Arc::new(Shared {
             next_job: AtomicU64::new(1),
@@ -282,8 +287,20 @@ fn interrupt(shared: &Shared, job: u64) {
         else {
             return;
         };
-        match set_async_exc(py, *ident, Some(cancelled.bind(py).as_any())) {
-            Ok(()) => shared.interrupted.store(job, Ordering::SeqCst),
+        // Preparing the call runs Python code, during which the interpreter thread may take the
+        // GIL and move on to another job; the second check, with no Python code between it and
+        // the call, makes sure the exception only ever reaches the job it was meant for.
+        let raise = prepare_async_exc(py, *ident, Some(cancelled.bind(py).as_any())).and_then(
+            |(function, args)| {
+                if shared.running.load(Ordering::SeqCst) != job {
+                    return Ok(false);
+                }
+                function.call1(args).map(|_| true)
+            },
+        );
+        match raise {
+            Ok(true) => shared.interrupted.store(job, Ordering::SeqCst),
+            Ok(false) => {}
             Err(error) => {
                 tracing::warn!(error = %describe(py, &error), "interrupting a python step")
             }
@@ -296,17 +313,28 @@ fn interrupt(shared: &Shared, job: u64) {
 /// `PyThreadState_SetAsyncExc` is reached through ctypes because the workspace forbids unsafe
 /// code; ctypes passes Python's `None` as a NULL pointer, which clears the pending exception.
 fn set_async_exc(py: Python<'_>, ident: u64, exception: Option<&Bound<'_, PyAny>>) -> PyResult<()> {
+    let (function, args) = prepare_async_exc(py, ident, exception)?;
+    function.call1(args)?;
+    Ok(())
+}
+
+/// Returns `PyThreadState_SetAsyncExc` and its arguments, ready to call.
+#[allow(clippy::type_complexity, reason = "a function and its argument tuple")]
+fn prepare_async_exc<'py>(
+    py: Python<'py>,
+    ident: u64,
+    exception: Option<&Bound<'py, PyAny>>,
+) -> PyResult<(Bound<'py, PyAny>, (Bound<'py, PyAny>, Bound<'py, PyAny>))> {
     let ctypes = py.import("ctypes")?;
     let ident = ctypes.getattr("c_ulong")?.call1((ident,))?;
     let exception = match exception {
         Some(exception) => ctypes.getattr("py_object")?.call1((exception,))?,
         None => py.None().into_bound(py),
     };
-    ctypes
+    let function = ctypes
         .getattr("pythonapi")?
-        .getattr("PyThreadState_SetAsyncExc")?
-        .call1((ident, exception))?;
-    Ok(())
+        .getattr("PyThreadState_SetAsyncExc")?;
+    Ok((function, (ident, exception)))
 }
 
 /// The error of a call whose interpreter thread has gone away.
@@ -322,7 +350,6 @@ fn interpreter_thread(
     shared: &Shared,
     ready: &std::sync::mpsc::SyncSender<Result<(), PythonStartError>>,
 ) {
-    Python::initialize();
     Python::attach(|py| {
         let mut runtime = match Runtime::start(py, settings, shared) {
             Ok(runtime) => runtime,
@@ -384,6 +411,8 @@ enum CtxPassing {
     Keyword,
     /// Its `ctx` parameter is positional-only, so it goes second.
     Positional,
+    /// Its first parameter is `ctx`, so it goes first and the input second.
+    First,
 }
 
 /// A resolved step callable.
@@ -475,6 +504,7 @@ impl Runtime {
                 callable.call((argument,), Some(&kwargs))
             }
             CtxPassing::Positional => callable.call1((argument, self.context(py, ctx)?)),
+            CtxPassing::First => callable.call1((self.context(py, ctx)?, argument)),
         }
         .map_err(|error| exception_error(py, &error))?;
         let output = settle(py, returned)?;
@@ -786,10 +816,20 @@ fn forget_code_module(py: Python<'_>, code_module: &CodeModule) {
 /// Decides how a callable takes `ctx`, from `inspect.signature`; a callable without a readable
 /// signature gets none.
 fn ctx_passing(py: Python<'_>, callable: &Bound<'_, PyAny>) -> CtxPassing {
-    let kind = py
+    let parameters = py
         .import("inspect")
         .and_then(|inspect| inspect.call_method1("signature", (callable,)))
-        .and_then(|signature| signature.getattr("parameters"))
+        .and_then(|signature| signature.getattr("parameters"));
+    let first_is_ctx = parameters
+        .as_ref()
+        .ok()
+        .and_then(|parameters| parameters.try_iter().ok()?.next()?.ok())
+        .and_then(|name| name.extract::<String>().ok())
+        .is_some_and(|name| name == "ctx");
+    if first_is_ctx {
+        return CtxPassing::First;
+    }
+    let kind = parameters
         .and_then(|parameters| parameters.call_method1("get", ("ctx",)))
         .and_then(|parameter| {
             if parameter.is_none() {

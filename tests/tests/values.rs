@@ -1,0 +1,168 @@
+//! A step whose output cannot be stored (a NUL character) or sent (nested too deep), and a task
+//! message the worker cannot read, fail with a step error naming the problem, and the run
+//! finishes instead of waiting forever.
+
+#![allow(clippy::unwrap_used, missing_docs)]
+
+use std::time::{Duration, Instant};
+
+use lapin::options::{
+    BasicGetOptions, BasicPublishOptions, QueueDeclareOptions, QueueDeleteOptions,
+};
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{BasicProperties, ConnectionProperties};
+use serde_json::{Value, json};
+use taskfleet_tests::{AMQP, TestFleet};
+
+/// Runs a one-step workflow and checks that it fails at that step with an error of one of
+/// `kinds` whose message contains `needle`.
+async fn check(fleet: &TestFleet, step: Value, input: Value, kinds: &[&str], needle: &str) {
+    let mut step = step;
+    step["id"] = json!("bad");
+    let definition = json!({"steps": [step, {"id": "next", "dataflow": ".", "after": ["bad"]}]});
+    let run = fleet.run(&definition, &input).await;
+    assert_eq!(run["status"], "failed", "{run:#}");
+    assert_eq!(run["error"]["step"], "bad", "{run:#}");
+    let error = &run["steps"]["bad"]["error"];
+    let kind = error["type"].as_str().unwrap_or_default();
+    assert!(
+        kinds.contains(&kind),
+        "{kind:?} is not one of {kinds:?}: {run:#}"
+    );
+    let message = error["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains(needle),
+        "{message:?} should contain {needle:?}"
+    );
+    assert_eq!(run["steps"]["bad"]["status"], "failed", "{run:#}");
+    assert_eq!(run["steps"]["next"]["status"], "pending", "{run:#}");
+}
+
+#[tokio::test]
+async fn an_output_with_a_nul_character_fails_the_step_as_invalid_output() {
+    let fleet = TestFleet::start().await.unwrap();
+    check(
+        &fleet,
+        json!({"dataflow": "\"a\\u0000b\""}),
+        json!(null),
+        &["invalid_output"],
+        "step output cannot be stored: string at $ contains a NUL character",
+    )
+    .await;
+    check(
+        &fleet,
+        json!({"dataflow": "{list: [1, \"\\u0000\"]}"}),
+        json!(null),
+        &["invalid_output"],
+        "string at $.list[1] contains a NUL character",
+    )
+    .await;
+    check(
+        &fleet,
+        json!({"dataflow": "{\"key\\u0000\": 1}"}),
+        json!(null),
+        &["invalid_output"],
+        "string at $[\"key\\u0000\"] contains a NUL character",
+    )
+    .await;
+    check(
+        &fleet,
+        json!({"python_code": "def main(value):\n    return {'text': 'a\\x00b'}\n"}),
+        json!(null),
+        &["invalid_output"],
+        "string at $.text contains a NUL character",
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn an_output_nested_too_deep_fails_the_step() {
+    let fleet = TestFleet::start().await.unwrap();
+    check(
+        &fleet,
+        json!({"dataflow": "reduce range(100) as $i (0; [.])"}),
+        json!(null),
+        &["invalid_output", "dataflow_error"],
+        "nested deeper than 64 levels",
+    )
+    .await;
+    check(
+        &fleet,
+        json!({"python": "fleet_steps:deep"}),
+        json!(100),
+        &["invalid_output"],
+        "nested deeper than 64 levels",
+    )
+    .await;
+    // Just within the limit: the step succeeds and the next step gets the value.
+    let definition = json!({"output": "next", "steps": [
+        {"id": "deep", "python": "fleet_steps:deep"},
+        {"id": "next", "dataflow": "[paths] | length", "after": ["deep"]}
+    ]});
+    let run = fleet.run(&definition, &json!(63)).await;
+    assert_eq!(run["status"], "succeeded", "{run:#}");
+    assert_eq!(run["output"], 63, "{run:#}");
+}
+
+#[tokio::test]
+async fn a_task_of_an_unknown_protocol_version_fails_the_step_as_invalid_task() {
+    let fleet = TestFleet::start().await.unwrap();
+    let connection = lapin::Connection::connect(AMQP, ConnectionProperties::default())
+        .await
+        .unwrap();
+    let channel = connection.create_channel().await.unwrap();
+    // A queue no worker consumes holds the task until the test rewrites it as version 2 and
+    // passes it on to the queue the workers consume.
+    let held = format!("{}.tasks.held", fleet.namespace);
+    let mut arguments = FieldTable::default();
+    arguments.insert("x-max-priority".into(), AMQPValue::ShortShortUInt(9));
+    channel
+        .queue_declare(
+            held.as_str().into(),
+            QueueDeclareOptions::durable(),
+            arguments,
+        )
+        .await
+        .unwrap();
+    let definition = json!({"steps": [{"id": "held", "dataflow": ".", "queue": "held"}]});
+    let id = fleet.submit(&definition, &json!(1)).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let message = loop {
+        let options = BasicGetOptions { no_ack: true };
+        if let Some(message) = channel
+            .basic_get(held.as_str().into(), options)
+            .await
+            .unwrap()
+        {
+            break message;
+        }
+        assert!(Instant::now() < deadline, "the task was not dispatched");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let mut task: Value = serde_json::from_slice(&message.delivery.data).unwrap();
+    task["version"] = json!(2);
+    channel
+        .basic_publish(
+            "".into(),
+            format!("{}.tasks.default", fleet.namespace).as_str().into(),
+            BasicPublishOptions::default(),
+            &serde_json::to_vec(&task).unwrap(),
+            BasicProperties::default().with_delivery_mode(2),
+        )
+        .await
+        .unwrap();
+
+    let run = fleet.wait_run(&id, Duration::from_secs(60)).await;
+    assert_eq!(run["status"], "failed", "{run:#}");
+    let error = &run["steps"]["held"]["error"];
+    assert_eq!(error["type"], "invalid_task", "{run:#}");
+    assert_eq!(
+        error["message"],
+        "the worker cannot read this task: message has protocol version 2, \
+         this build reads version 1"
+    );
+    let _ = channel
+        .queue_delete(held.as_str().into(), QueueDeleteOptions::default())
+        .await;
+    let _ = connection.close(200, "test done".into()).await;
+}
