@@ -28,6 +28,7 @@ use crate::dispatch::{Dispatch, Dispatcher};
 use crate::engine::{Materialized, finished_run};
 use crate::notify::Notifier;
 use crate::planner::{self, ProgramCache, StepState};
+use crate::retry;
 use crate::store::{self, Completion, FinishedRun, LockedRun, StoreError};
 
 /// The most completions handled in one transaction; also the consumer's prefetch.
@@ -182,6 +183,58 @@ impl CompletionLoop {
         }
     }
 
+    /// Separates the failed attempts that get another try (under their step's `retry`) from
+    /// the completions that are final.
+    async fn split_retries(
+        &self,
+        tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+        runs: &[RunToPlan],
+        completions: &[Completion],
+    ) -> Result<(Vec<store::Retry>, Vec<Completion>), StoreError> {
+        let failed: Vec<Uuid> = completions
+            .iter()
+            .filter(|c| c.status == "failed")
+            .map(|c| c.task_id)
+            .collect();
+        if failed.is_empty() {
+            return Ok((Vec::new(), completions.to_vec()));
+        }
+        let current: HashMap<Uuid, store::CurrentAttempt> = store::current_attempts(tx, &failed)
+            .await?
+            .into_iter()
+            .map(|row| (row.id, row))
+            .collect();
+        let definitions: HashMap<Uuid, &WorkflowDefinition> =
+            runs.iter().map(|run| (run.id, &run.definition)).collect();
+        let mut retries = Vec::new();
+        let mut finals = Vec::new();
+        for completion in completions {
+            let retry = current
+                .get(&completion.task_id)
+                .filter(|task| task.attempt == completion.attempt && completion.status == "failed")
+                .and_then(|task| {
+                    let step = definitions.get(&completion.run_id)?.step(&task.step_id)?;
+                    let policy = step.retry.as_ref()?;
+                    let error: StepError =
+                        serde_json::from_value(completion.error.clone()?).ok()?;
+                    let attempt = u32::try_from(task.attempt).ok()?;
+                    retry::should_retry(Some(policy), attempt, &error).then(|| store::Retry {
+                        task_id: completion.task_id,
+                        attempt: task.attempt,
+                        error: completion.error.clone().unwrap_or(Value::Null),
+                        worker_id: completion.worker_id.clone(),
+                        started_at: completion.started_at,
+                        delay: retry::backoff(policy, attempt),
+                    })
+                });
+            match retry {
+                Some(retry) => retries.push(retry),
+                None => finals.push(completion.clone()),
+            }
+        }
+        Ok((retries, finals))
+    }
+
     /// Records one batch and plans what follows, in one transaction.
     async fn advance(&self, completions: &[Completion]) -> Result<(), AdvanceError> {
         if completions.is_empty() {
@@ -192,12 +245,18 @@ impl CompletionLoop {
         run_ids.sort_unstable();
         run_ids.dedup();
         // Lock first: another scheduler advancing the same run waits here, then sees our rows.
-        let runs = store::lock_runs(&mut tx, &run_ids).await?;
-        let recorded: HashSet<Uuid> = store::record_completions(&mut tx, completions)
+        let runs: Vec<RunToPlan> = store::lock_runs(&mut tx, &run_ids)
+            .await?
+            .into_iter()
+            .filter_map(RunToPlan::parse)
+            .collect();
+        let (retries, finals) = self.split_retries(&mut tx, &runs, completions).await?;
+        store::schedule_retries(&mut tx, &retries).await?;
+        let recorded: HashSet<Uuid> = store::record_completions(&mut tx, &finals)
             .await?
             .into_iter()
             .collect();
-        let runs: Vec<LockedRun> = runs
+        let runs: Vec<RunToPlan> = runs
             .into_iter()
             .filter(|run| recorded.contains(&run.id) && run.status == "running")
             .collect();
@@ -239,30 +298,48 @@ impl CompletionLoop {
     }
 }
 
+/// A locked run with its definition parsed.
+struct RunToPlan {
+    id: Uuid,
+    definition: WorkflowDefinition,
+    input: Value,
+    status: String,
+}
+
+impl RunToPlan {
+    fn parse(run: LockedRun) -> Option<Self> {
+        match serde_json::from_value(run.definition.0) {
+            Ok(definition) => Some(Self {
+                id: run.id,
+                definition,
+                input: run.input.0,
+                status: run.status,
+            }),
+            Err(error) => {
+                tracing::error!(run_id = %run.id, %error, "stored definition does not parse");
+                None
+            }
+        }
+    }
+}
+
 /// Plans the next steps of each run; returns the rows to write and the runs that ended.
 fn plan_runs(
     programs: &ProgramCache,
-    runs: Vec<LockedRun>,
+    runs: Vec<RunToPlan>,
     states: HashMap<Uuid, BTreeMap<String, StepState>>,
 ) -> (Materialized, Vec<FinishedRun>) {
     let mut materialized = Materialized::default();
     let mut finished = Vec::new();
     let empty = BTreeMap::new();
     for run in runs {
-        let definition: WorkflowDefinition = match serde_json::from_value(run.definition.0) {
-            Ok(definition) => definition,
-            Err(error) => {
-                tracing::error!(run_id = %run.id, %error, "stored definition does not parse");
-                continue;
-            }
-        };
         let advance = planner::advance(
             programs,
-            &definition,
-            &run.input.0,
+            &run.definition,
+            &run.input,
             states.get(&run.id).unwrap_or(&empty),
         );
-        materialized.add(&definition, run.id, advance.planned);
+        materialized.add(&run.definition, run.id, advance.planned);
         if let Some(end) = advance.end {
             finished.push(finished_run(run.id, end));
         }

@@ -153,24 +153,52 @@ pub async fn relay_loop(
             Ok(rows) if rows.is_empty() => {}
             Ok(rows) => {
                 tracing::info!(tasks = rows.len(), "relaying undispatched tasks");
-                let dispatches = rows
-                    .into_iter()
-                    .filter_map(|row| {
-                        let definition: WorkflowDefinition =
-                            serde_json::from_value(row.definition.0).ok()?;
-                        Dispatch::new(
-                            &definition,
-                            row.run_id,
-                            row.id,
-                            &row.step_id,
-                            u32::try_from(row.attempt).ok()?,
-                            row.input.map_or(Value::Null, |input| input.0),
-                        )
-                    })
-                    .collect();
-                dispatcher.send(dispatches);
+                dispatcher.send(to_dispatches(rows));
             }
             Err(error) => tracing::warn!(%error, "reading the outbox failed"),
         }
     }
+}
+
+/// Dispatches tasks of `namespace` whose retry is due, checking every `period`.
+pub async fn timer_loop(
+    dispatcher: Dispatcher,
+    db: sqlx::PgPool,
+    namespace: String,
+    period: Duration,
+    shutdown: CancellationToken,
+) {
+    let mut interval = tokio::time::interval(period);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = interval.tick() => {}
+            () = shutdown.cancelled() => break,
+        }
+        match store::claim_due(&db, &namespace, MAX_BATCH as i64).await {
+            Ok(rows) if rows.is_empty() => {}
+            Ok(rows) => {
+                tracing::debug!(tasks = rows.len(), "dispatching due retries");
+                dispatcher.send(to_dispatches(rows));
+            }
+            Err(error) => tracing::warn!(%error, "reading due retries failed"),
+        }
+    }
+}
+
+/// Builds the messages of tasks read back from the database.
+fn to_dispatches(rows: Vec<store::UndispatchedTask>) -> Vec<Dispatch> {
+    rows.into_iter()
+        .filter_map(|row| {
+            let definition: WorkflowDefinition = serde_json::from_value(row.definition.0).ok()?;
+            Dispatch::new(
+                &definition,
+                row.run_id,
+                row.id,
+                &row.step_id,
+                u32::try_from(row.attempt).ok()?,
+                row.input.map_or(Value::Null, |input| input.0),
+            )
+        })
+        .collect()
 }

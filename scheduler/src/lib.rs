@@ -13,6 +13,7 @@ pub mod dispatch;
 pub mod engine;
 pub mod notify;
 pub mod planner;
+pub mod retry;
 pub mod store;
 
 use std::sync::Arc;
@@ -59,6 +60,13 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         config.namespace.as_str().to_owned(),
         config.relay_after,
         Duration::from_secs(2),
+        shutdown.child_token(),
+    ));
+    tracker.spawn(dispatch::timer_loop(
+        dispatcher.clone(),
+        db.clone(),
+        config.namespace.as_str().to_owned(),
+        Duration::from_millis(100),
         shutdown.child_token(),
     ));
     let (acceptor, writer) = accept::acceptor(

@@ -668,7 +668,7 @@ pub async fn claim_undispatched(
         "WITH claimed AS (
              SELECT t.id FROM tasks t JOIN runs r ON r.id = t.run_id
              WHERE r.namespace = $1 AND r.status = 'running'
-               AND t.status = 'queued' AND t.dispatched_at IS NULL
+               AND t.status = 'queued' AND t.dispatched_at IS NULL AND t.due_at IS NULL
                AND coalesce(t.relayed_at, t.created_at) < now() - make_interval(secs => $2)
              ORDER BY t.created_at LIMIT $3
              FOR UPDATE OF t SKIP LOCKED)
@@ -682,6 +682,107 @@ pub async fn claim_undispatched(
     .bind(limit)
     .fetch_all(db)
     .await?)
+}
+
+/// Claims queued tasks of running runs in `namespace` whose retry is due, clearing their due
+/// time so they are dispatched once.
+pub async fn claim_due(
+    db: &PgPool,
+    namespace: &str,
+    limit: i64,
+) -> Result<Vec<UndispatchedTask>, StoreError> {
+    Ok(sqlx::query_as(
+        "WITH due AS (
+             SELECT t.id FROM tasks t JOIN runs r ON r.id = t.run_id
+             WHERE t.due_at IS NOT NULL AND t.due_at <= now() AND t.status = 'queued'
+               AND r.namespace = $1 AND r.status = 'running'
+             ORDER BY t.due_at LIMIT $2
+             FOR UPDATE OF t SKIP LOCKED)
+         UPDATE tasks t SET due_at = NULL, relayed_at = now()
+         FROM due, runs r
+         WHERE t.id = due.id AND r.id = t.run_id
+         RETURNING t.id, t.run_id, t.step_id, t.attempt, t.queue, t.priority, t.input, r.definition",
+    )
+    .bind(namespace)
+    .bind(limit)
+    .fetch_all(db)
+    .await?)
+}
+
+/// The current attempt of a queued task.
+#[derive(Debug, sqlx::FromRow)]
+pub struct CurrentAttempt {
+    /// The task.
+    pub id: Uuid,
+    /// Its step.
+    pub step_id: String,
+    /// Its current attempt.
+    pub attempt: i32,
+}
+
+/// Returns the current attempt of those of the given tasks that are still queued.
+pub async fn current_attempts(
+    tx: &mut Transaction<'_, Postgres>,
+    task_ids: &[Uuid],
+) -> Result<Vec<CurrentAttempt>, StoreError> {
+    Ok(sqlx::query_as(
+        "SELECT id, step_id, attempt FROM tasks WHERE id = ANY($1) AND status = 'queued'",
+    )
+    .bind(task_ids)
+    .fetch_all(&mut **tx)
+    .await?)
+}
+
+/// A failed attempt to be followed by another after a delay.
+#[derive(Debug, Clone)]
+pub struct Retry {
+    /// The task.
+    pub task_id: Uuid,
+    /// The attempt that failed.
+    pub attempt: i32,
+    /// Its error, shown on the step until the next attempt ends.
+    pub error: Value,
+    /// The worker that ran it.
+    pub worker_id: String,
+    /// When it started.
+    pub started_at: DateTime<Utc>,
+    /// How long to wait before the next attempt.
+    pub delay: std::time::Duration,
+}
+
+/// Moves failed tasks to their next attempt, due after their delay. Fenced like completions:
+/// only a task still queued at the failed attempt moves.
+pub async fn schedule_retries(
+    tx: &mut Transaction<'_, Postgres>,
+    retries: &[Retry],
+) -> Result<(), StoreError> {
+    if retries.is_empty() {
+        return Ok(());
+    }
+    let ids: Vec<Uuid> = retries.iter().map(|r| r.task_id).collect();
+    let attempts: Vec<i32> = retries.iter().map(|r| r.attempt).collect();
+    let errors: Vec<Json<&Value>> = retries.iter().map(|r| Json(&r.error)).collect();
+    let workers: Vec<&str> = retries.iter().map(|r| r.worker_id.as_str()).collect();
+    let started: Vec<DateTime<Utc>> = retries.iter().map(|r| r.started_at).collect();
+    let delays: Vec<f64> = retries.iter().map(|r| r.delay.as_secs_f64()).collect();
+    sqlx::query(
+        "UPDATE tasks SET attempt = tasks.attempt + 1, error = r.error, worker_id = r.worker,
+                started_at = r.started, due_at = now() + make_interval(secs => r.delay),
+                dispatched_at = NULL, relayed_at = NULL
+         FROM (SELECT DISTINCT ON (id) * FROM UNNEST($1::uuid[], $2::integer[], $3::jsonb[],
+                      $4::text[], $5::timestamptz[], $6::float8[])
+                      AS u(id, attempt, error, worker, started, delay) ORDER BY id) AS r
+         WHERE tasks.id = r.id AND tasks.attempt = r.attempt AND tasks.status = 'queued'",
+    )
+    .bind(&ids)
+    .bind(&attempts)
+    .bind(&errors)
+    .bind(&workers)
+    .bind(&started)
+    .bind(&delays)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
 }
 
 /// Returns counts of runs and of tasks by status.

@@ -49,3 +49,15 @@ def grab_sigterm(_value):
 
     signal.signal(signal.SIGTERM, lambda *_: None)
     return "took SIGTERM"
+
+
+def flaky(value, ctx):
+    """Fails until attempt ``value["succeed_on"]``."""
+    if ctx.attempt < value["succeed_on"]:
+        raise RuntimeError(f"attempt {ctx.attempt} fails")
+    return {"attempt": ctx.attempt}
+
+
+def spin(_value):
+    while True:
+        pass

@@ -22,7 +22,7 @@ use redis::aio::ConnectionManager;
 use serde::Deserialize;
 use serde_json::json;
 use taskfleet_common::definition::StepKind;
-use taskfleet_common::error::{INVALID_OUTPUT, INVALID_TASK};
+use taskfleet_common::error::{INVALID_OUTPUT, INVALID_TASK, TIMEOUT};
 use taskfleet_common::protocol::{
     self, CompletionMessage, DecodeError, Outcome, PROTOCOL_VERSION, TaskMessage,
 };
@@ -291,7 +291,25 @@ impl Shared {
     /// sent fails the task.
     async fn execute(&self, task: &TaskMessage, started_at: chrono::DateTime<Utc>) -> Outcome {
         self.take_lease(task, started_at).await;
-        let result = self.executors.execute(task).await;
+        let limit = task
+            .timeout_s
+            .and_then(|seconds| Duration::try_from_secs_f64(seconds).ok());
+        let result = match limit {
+            // Dropping the execution on timeout stops a Python step in place (an exception
+            // raised in it); a jq program cannot be stopped and finishes on its blocking thread.
+            Some(limit) => tokio::time::timeout(limit, self.executors.execute(task))
+                .await
+                .unwrap_or_else(|_| {
+                    Err(StepError::new(
+                        TIMEOUT,
+                        format!(
+                            "the step ran longer than its timeout of {} s",
+                            limit.as_secs_f64()
+                        ),
+                    ))
+                }),
+            None => self.executors.execute(task).await,
+        };
         self.release(task.task_id);
         match result {
             Ok(output) => match value::check(&output) {

@@ -18,11 +18,7 @@ pub fn check_definition(definition: &WorkflowDefinition) -> Result<(), ApiError>
         return Err(ApiError::invalid(error.to_string(), details));
     }
     for step in &definition.steps {
-        let unsupported = [
-            ("for_each", step.for_each.is_some()),
-            ("retry", step.retry.is_some()),
-            ("timeout_s", step.timeout_s.is_some()),
-        ];
+        let unsupported = [("for_each", step.for_each.is_some())];
         if let Some((field, _)) = unsupported.iter().find(|(_, set)| *set) {
             return Err(ApiError::invalid(
                 format!(
