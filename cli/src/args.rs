@@ -34,6 +34,21 @@ pub enum Command {
     ///
     /// Exits 0 when it succeeded, 1 when it failed or was cancelled, 2 when --timeout ran out.
     Wait(WaitArgs),
+    /// Cancels a run (or, with --job, a job): no new step starts and running ones are stopped
+    Cancel(StatusArgs),
+    /// Lists the registered workflows, or shows one (its latest version, or --version N)
+    Workflows(WorkflowsArgs),
+}
+
+/// The arguments of `taskfleet workflows`.
+#[derive(Debug, Args)]
+pub struct WorkflowsArgs {
+    /// A workflow to show; without it, every workflow is listed
+    #[arg(value_name = "NAME")]
+    pub name: Option<String>,
+    /// The version to show [default: the latest]
+    #[arg(long, value_name = "N", requires = "name", value_parser = clap::value_parser!(u32).range(1..=i64::from(i32::MAX)))]
+    pub version: Option<u32>,
 }
 
 /// The arguments of `taskfleet submit`.

@@ -236,6 +236,31 @@ impl Client {
         Ok(value)
     }
 
+    /// Cancels a run or job with `POST /v1/{runs|tasks}/{id}/cancel`.
+    pub async fn cancel(&self, kind: Kind, id: &str) -> Result<Value, ApiError> {
+        let url = self.url(&["v1", kind.collection(), id, "cancel"]);
+        let request = self.http.post(url.clone()).timeout(REQUEST_TIMEOUT);
+        self.send(Method::POST, &url, request).await
+    }
+
+    /// Returns `GET /v1/workflows`, or `GET /v1/workflows/{name}[?version=N]` for one.
+    pub async fn workflows(
+        &self,
+        name: Option<&str>,
+        version: Option<u32>,
+    ) -> Result<Value, ApiError> {
+        let mut url = match name {
+            Some(name) => self.url(&["v1", "workflows", name]),
+            None => self.url(&["v1", "workflows"]),
+        };
+        if let Some(version) = version {
+            url.query_pairs_mut()
+                .append_pair("version", &version.to_string());
+        }
+        let request = self.http.get(url.clone()).timeout(REQUEST_TIMEOUT);
+        self.send(Method::GET, &url, request).await
+    }
+
     /// Returns the URL of the API path made of `segments`, each percent-encoded.
     fn url(&self, segments: &[&str]) -> Url {
         let mut url = self.base.clone();

@@ -19,7 +19,7 @@ use std::time::Duration;
 
 pub use args::{Cli, Command};
 
-use args::{StatusArgs, SubmitArgs, WaitArgs};
+use args::{StatusArgs, SubmitArgs, WaitArgs, WorkflowsArgs};
 use body::InputError;
 use client::{ApiError, Client, Kind};
 use poll::{Outcome, Waited};
@@ -118,7 +118,29 @@ async fn dispatch(command: Command, api_url: &str) -> Result<Exit, CliError> {
         Command::Submit(submit_args) => submit(&client, submit_args).await,
         Command::Status(status_args) => status(&client, status_args).await,
         Command::Wait(wait_args) => wait(&client, wait_args).await,
+        Command::Cancel(cancel_args) => cancel(&client, cancel_args).await,
+        Command::Workflows(workflows_args) => workflows(&client, workflows_args).await,
     }
+}
+
+/// `taskfleet cancel`: cancels a run or job and prints the answer.
+async fn cancel(client: &Client, cancel_args: StatusArgs) -> Result<Exit, CliError> {
+    let kind = Kind::from_job_flag(cancel_args.job);
+    let answer = client
+        .cancel(kind, &cancel_args.id)
+        .await
+        .map_err(|error| lookup_error(kind, error))?;
+    emit(&report::pretty(&answer))?;
+    Ok(Exit::Success)
+}
+
+/// `taskfleet workflows`: lists workflows, or shows one.
+async fn workflows(client: &Client, workflows_args: WorkflowsArgs) -> Result<Exit, CliError> {
+    let answer = client
+        .workflows(workflows_args.name.as_deref(), workflows_args.version)
+        .await?;
+    emit(&report::pretty(&answer))?;
+    Ok(Exit::Success)
 }
 
 /// `taskfleet submit`: starts a run; with `--wait`, waits for it like `taskfleet wait`.

@@ -1,7 +1,7 @@
 //! Names of every queue, exchange and Redis key, derived from the fleet's namespace, so that
 //! several fleets (and test runs) can share one broker and one Redis without seeing each other.
 
-use crate::ids::TaskId;
+use crate::ids::{RunId, TaskId};
 
 /// The default namespace, used when `TASKFLEET_NAMESPACE` is not set.
 pub const DEFAULT_NAMESPACE: &str = "taskfleet";
@@ -89,6 +89,18 @@ impl Namespace {
     /// Returns the Redis sorted set of live workers, scored by last heartbeat (unix ms).
     pub fn workers_key(&self) -> String {
         format!("{}:workers", self.0)
+    }
+
+    /// Returns the Redis key that marks a run as cancelled, so workers drop its tasks when
+    /// they are delivered.
+    pub fn cancelled_key(&self, run_id: RunId) -> String {
+        format!("{}:cancelled:{run_id}", self.0)
+    }
+
+    /// Returns the Redis pub/sub channel on which cancelled run ids are announced to workers,
+    /// which stop the run's running tasks.
+    pub fn cancel_channel(&self) -> String {
+        format!("{}:cancel", self.0)
     }
 
     /// Returns the Redis pub/sub channel on which finished run ids are announced.

@@ -292,6 +292,13 @@ impl CompletionLoop {
             .filter(|dispatch| !cancelled.contains(&dispatch.task_id))
             .collect();
         self.dispatcher.send(dispatches);
+        // A failed run's steps still running elsewhere are stopped.
+        let failed: Vec<Uuid> = finished
+            .iter()
+            .filter(|run| run.status == "failed")
+            .map(|run| run.id)
+            .collect();
+        self.notifier.stop_runs(&failed).await;
         let finished_ids: Vec<Uuid> = finished_ids.into_iter().collect();
         self.notifier.announce(&finished_ids).await;
         Ok(())

@@ -49,12 +49,24 @@ impl Materialized {
                 status,
                 input,
                 error,
+                delay_s: None,
             });
         }
     }
 }
 
 impl Materialized {
+    /// Delays the dispatch of every planned task by `seconds`: the tasks are written with a due
+    /// time and the timer loop dispatches them, so nothing is published now.
+    pub fn delay(&mut self, seconds: f64) {
+        self.dispatches.clear();
+        for task in &mut self.tasks {
+            if task.status == "queued" {
+                task.delay_s = Some(seconds);
+            }
+        }
+    }
+
     /// Cancels every planned task that would have been dispatched, for a run that ended while
     /// being planned (a step that failed at once fails the whole run).
     pub fn cancel_dispatches(&mut self) {

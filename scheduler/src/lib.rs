@@ -43,7 +43,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
             .context("connecting to rabbitmq")?,
     );
     let tracker = TaskTracker::new();
-    let notifier = notify::Notifier::new(redis.clone(), config.namespace.run_finished_channel());
+    let notifier = notify::Notifier::new(redis.clone(), config.namespace.clone());
     tracker.spawn(
         notifier
             .clone()

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 use redis::aio::ConnectionManager;
+use taskfleet_common::{Namespace, RunId};
 use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
@@ -18,17 +19,48 @@ use uuid::Uuid;
 pub struct Notifier {
     local: broadcast::Sender<Uuid>,
     redis: ConnectionManager,
+    namespace: Namespace,
     channel: String,
 }
 
+/// How long workers are told to drop a stopped run's tasks when they are delivered.
+const STOPPED_FLAG_TTL_S: u64 = 7 * 24 * 3600;
+
 impl Notifier {
-    /// Returns a notifier publishing on the Redis `channel`.
-    pub fn new(redis: ConnectionManager, channel: String) -> Self {
+    /// Returns a notifier for the runs of `namespace`.
+    pub fn new(redis: ConnectionManager, namespace: Namespace) -> Self {
         let (local, _) = broadcast::channel(4096);
         Self {
             local,
             redis,
-            channel,
+            channel: namespace.run_finished_channel(),
+            namespace,
+        }
+    }
+
+    /// Tells workers that these runs ended (cancelled, or failed): their tasks still queued are
+    /// dropped when delivered, and their running tasks are stopped. Best effort: the durable
+    /// record already says the runs ended, so a task that runs on regardless is ignored.
+    pub async fn stop_runs(&self, run_ids: &[Uuid]) {
+        if run_ids.is_empty() {
+            return;
+        }
+        let mut pipe = redis::pipe();
+        for id in run_ids {
+            pipe.cmd("SET")
+                .arg(self.namespace.cancelled_key(RunId(*id)))
+                .arg(1)
+                .arg("EX")
+                .arg(STOPPED_FLAG_TTL_S)
+                .ignore()
+                .cmd("PUBLISH")
+                .arg(self.namespace.cancel_channel())
+                .arg(id.to_string())
+                .ignore();
+        }
+        let mut redis = self.redis.clone();
+        if let Err(error) = pipe.query_async::<()>(&mut redis).await {
+            tracing::warn!(%error, "telling workers to stop runs");
         }
     }
 

@@ -216,6 +216,8 @@ pub struct NewTask {
     pub input: Option<Value>,
     /// The error of a step that failed while being planned.
     pub error: Option<Value>,
+    /// For a delayed job: seconds until it is due; the timer loop dispatches it then.
+    pub delay_s: Option<f64>,
 }
 
 /// Inserts runs; a run whose idempotency key is already taken is not inserted. Returns the ids
@@ -311,13 +313,16 @@ pub async fn insert_tasks(
         .iter()
         .map(|task| task.error.as_ref().map(Json))
         .collect();
+    let delays: Vec<Option<f64>> = tasks.iter().map(|task| task.delay_s).collect();
     sqlx::query(
-        "INSERT INTO tasks (id, run_id, step_id, status, queue, priority, input, error, finished_at)
+        "INSERT INTO tasks (id, run_id, step_id, status, queue, priority, input, error,
+                            finished_at, due_at)
          SELECT id, run_id, step_id, status, queue, priority, input, error,
-                CASE WHEN status = 'queued' THEN NULL ELSE now() END
+                CASE WHEN status = 'queued' THEN NULL ELSE now() END,
+                now() + make_interval(secs => delay)
          FROM UNNEST($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::text[], $6::smallint[],
-                     $7::jsonb[], $8::jsonb[])
-              AS t(id, run_id, step_id, status, queue, priority, input, error)",
+                     $7::jsonb[], $8::jsonb[], $9::float8[])
+              AS t(id, run_id, step_id, status, queue, priority, input, error, delay)",
     )
     .bind(&ids)
     .bind(&run_ids)
@@ -327,6 +332,7 @@ pub async fn insert_tasks(
     .bind(&priorities)
     .bind(&inputs)
     .bind(&errors)
+    .bind(&delays)
     .execute(&mut **tx)
     .await?;
     Ok(())
@@ -783,6 +789,61 @@ pub async fn schedule_retries(
     .execute(&mut **tx)
     .await?;
     Ok(())
+}
+
+/// What became of a cancellation.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Cancellation {
+    /// No such run (of that kind, in that namespace).
+    NotFound,
+    /// The run had already finished, in this status.
+    Finished(String),
+    /// The run is now cancelled, with its queued and waiting tasks.
+    Cancelled,
+}
+
+/// Cancels a run: records it as cancelled and cancels its tasks that have not finished, so no
+/// new task of it starts and no completion of it is recorded any more.
+pub async fn cancel_run(
+    db: &PgPool,
+    namespace: &str,
+    id: Uuid,
+    kind: &str,
+) -> Result<Cancellation, StoreError> {
+    let mut tx = db.begin().await?;
+    let status: Option<String> = sqlx::query_scalar(
+        "SELECT status FROM runs WHERE id = $1 AND kind = $2 AND namespace = $3 FOR UPDATE",
+    )
+    .bind(id)
+    .bind(kind)
+    .bind(namespace)
+    .fetch_optional(&mut *tx)
+    .await?;
+    match status.as_deref() {
+        None => return Ok(Cancellation::NotFound),
+        Some("succeeded" | "failed" | "cancelled") => {
+            return Ok(Cancellation::Finished(status.unwrap_or_default()));
+        }
+        Some(_) => {}
+    }
+    sqlx::query(
+        "UPDATE runs SET status = 'cancelled', finished_at = now(),
+                error = '{\"type\": \"cancelled\", \"message\": \"the run was cancelled\"}'
+         WHERE id = $1",
+    )
+    .bind(id)
+    .execute(&mut *tx)
+    .await?;
+    sqlx::query(
+        "UPDATE tasks SET status = 'cancelled', finished_at = now(), due_at = NULL,
+                error = '{\"type\": \"cancelled\", \"message\": \"the run was cancelled\"}'
+         WHERE run_id = $1 AND status = 'queued'",
+    )
+    .bind(id)
+    .execute(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok(Cancellation::Cancelled)
 }
 
 /// Returns counts of runs and of tasks by status.

@@ -10,7 +10,7 @@
 //! and an input or output that cannot be stored or sent (see `taskfleet_common::value`) fails
 //! the task instead of reaching the scheduler.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -22,7 +22,7 @@ use redis::aio::ConnectionManager;
 use serde::Deserialize;
 use serde_json::json;
 use taskfleet_common::definition::StepKind;
-use taskfleet_common::error::{INVALID_OUTPUT, INVALID_TASK, TIMEOUT};
+use taskfleet_common::error::{CANCELLED, INVALID_OUTPUT, INVALID_TASK, TIMEOUT};
 use taskfleet_common::protocol::{
     self, CompletionMessage, DecodeError, Outcome, PROTOCOL_VERSION, TaskMessage,
 };
@@ -88,8 +88,9 @@ struct Shared {
     worker_id: String,
     executors: Executors,
     lease_ttl: Duration,
-    /// The tasks running now, whose leases the renewal loop keeps alive.
-    running: Mutex<HashSet<TaskId>>,
+    /// The tasks running now, whose leases the renewal loop keeps alive, with their run and
+    /// the token that stops them when their run is cancelled.
+    running: Mutex<HashMap<TaskId, (RunId, CancellationToken)>>,
 }
 
 /// Runs a worker until `shutdown` is cancelled, then drains within the grace period.
@@ -108,8 +109,9 @@ pub async fn run(
     )
     .await
     .context("connecting to rabbitmq")?;
-    let redis = redis::Client::open(config.redis_url.as_str())
-        .context("parsing the redis url")?
+    let redis_client =
+        redis::Client::open(config.redis_url.as_str()).context("parsing the redis url")?;
+    let redis = redis_client
         .get_connection_manager()
         .await
         .context("connecting to redis")?;
@@ -132,7 +134,7 @@ pub async fn run(
         worker_id: config.worker_id.clone(),
         executors,
         lease_ttl: config.lease_ttl,
-        running: Mutex::new(HashSet::new()),
+        running: Mutex::new(HashMap::new()),
     });
     tracing::info!(
         worker_id = %config.worker_id,
@@ -146,6 +148,11 @@ pub async fn run(
     background_tasks.spawn(heartbeat_loop(
         shared.clone(),
         config.clone(),
+        background.clone(),
+    ));
+    background_tasks.spawn(cancel_listener(
+        shared.clone(),
+        redis_client,
         background.clone(),
     ));
     let tasks = TaskTracker::new();
@@ -290,14 +297,18 @@ impl Shared {
     /// Runs `task` under a lease and returns how it ended; an output that cannot be stored or
     /// sent fails the task.
     async fn execute(&self, task: &TaskMessage, started_at: chrono::DateTime<Utc>) -> Outcome {
-        self.take_lease(task, started_at).await;
+        let Some(cancelled) = self.take_lease(task, started_at).await else {
+            return Outcome::Failed {
+                error: StepError::new(CANCELLED, "the run was cancelled before this task started"),
+            };
+        };
         let limit = task
             .timeout_s
             .and_then(|seconds| Duration::try_from_secs_f64(seconds).ok());
         let result = match limit {
             // Dropping the execution on timeout stops a Python step in place (an exception
             // raised in it); a jq program cannot be stopped and finishes on its blocking thread.
-            Some(limit) => tokio::time::timeout(limit, self.executors.execute(task))
+            Some(limit) => tokio::time::timeout(limit, self.cancellable(task, &cancelled))
                 .await
                 .unwrap_or_else(|_| {
                     Err(StepError::new(
@@ -308,7 +319,7 @@ impl Shared {
                         ),
                     ))
                 }),
-            None => self.executors.execute(task).await,
+            None => self.cancellable(task, &cancelled).await,
         };
         self.release(task.task_id);
         match result {
@@ -349,28 +360,62 @@ impl Shared {
         }
     }
 
-    /// Takes (or takes over) the lease on a task. Best effort: without Redis the task still
-    /// runs, and fencing by attempt keeps its completion safe.
-    async fn take_lease(&self, task: &TaskMessage, started_at: chrono::DateTime<Utc>) {
+    /// Runs the task's step until it ends or its run is cancelled; dropping the execution
+    /// stops a Python step in place.
+    async fn cancellable(
+        &self,
+        task: &TaskMessage,
+        cancelled: &CancellationToken,
+    ) -> Result<serde_json::Value, StepError> {
+        tokio::select! {
+            result = self.executors.execute(task) => result,
+            () = cancelled.cancelled() => {
+                Err(StepError::new(CANCELLED, "the run was cancelled while this task ran"))
+            }
+        }
+    }
+
+    /// Takes (or takes over) the lease on a task, in the same round trip as checking that its
+    /// run was not cancelled. Returns the token that stops the task, or `None` if the run was
+    /// cancelled. Best effort: without Redis the task still runs, and fencing by attempt keeps
+    /// its completion safe.
+    async fn take_lease(
+        &self,
+        task: &TaskMessage,
+        started_at: chrono::DateTime<Utc>,
+    ) -> Option<CancellationToken> {
+        let token = CancellationToken::new();
         self.running
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .insert(task.task_id);
+            .insert(task.task_id, (task.run_id, token.clone()));
         let lease = json!({
             "worker_id": self.worker_id,
             "attempt": task.attempt,
             "started_at": started_at,
         });
         let mut redis = self.redis.clone();
-        let result = redis::cmd("SET")
+        let result = redis::pipe()
+            .cmd("EXISTS")
+            .arg(self.namespace.cancelled_key(task.run_id))
+            .cmd("SET")
             .arg(self.namespace.lease_key(task.task_id))
             .arg(lease.to_string())
             .arg("PX")
             .arg(self.lease_ttl.as_millis() as u64)
-            .query_async::<()>(&mut redis)
+            .ignore()
+            .query_async::<(bool,)>(&mut redis)
             .await;
-        if let Err(error) = result {
-            tracing::warn!(task_id = %task.task_id, %error, "taking the lease");
+        match result {
+            Ok((true,)) => {
+                self.release(task.task_id);
+                None
+            }
+            Ok((false,)) => Some(token),
+            Err(error) => {
+                tracing::warn!(task_id = %task.task_id, %error, "taking the lease");
+                Some(token)
+            }
         }
     }
 
@@ -407,6 +452,57 @@ impl Shared {
     }
 }
 
+/// Listens for cancelled runs and stops this worker's running tasks of them, resubscribing
+/// after errors, until shutdown.
+async fn cancel_listener(shared: Arc<Shared>, client: redis::Client, shutdown: CancellationToken) {
+    let channel = shared.namespace.cancel_channel();
+    while !shutdown.is_cancelled() {
+        match client.get_async_pubsub().await {
+            Ok(mut pubsub) => match pubsub.subscribe(&channel).await {
+                Ok(()) => {
+                    let mut messages = pubsub.on_message();
+                    loop {
+                        let message = tokio::select! {
+                            message = messages.next() => message,
+                            () = shutdown.cancelled() => return,
+                        };
+                        let Some(message) = message else { break };
+                        let run_id = message
+                            .get_payload::<String>()
+                            .ok()
+                            .and_then(|text| text.parse::<RunId>().ok());
+                        if let Some(run_id) = run_id {
+                            shared.cancel_run(run_id);
+                        }
+                    }
+                }
+                Err(error) => tracing::warn!(%error, "subscribing to cancellations"),
+            },
+            Err(error) => tracing::warn!(%error, "connecting to redis for cancellations"),
+        }
+        tokio::select! {
+            () = tokio::time::sleep(Duration::from_secs(1)) => {}
+            () = shutdown.cancelled() => return,
+        }
+    }
+}
+
+impl Shared {
+    /// Stops the running tasks of a cancelled run.
+    fn cancel_run(&self, run_id: RunId) {
+        let running = self
+            .running
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        for (task_id, (task_run, token)) in running.iter() {
+            if *task_run == run_id {
+                tracing::info!(%task_id, %run_id, "stopping a task of a cancelled run");
+                token.cancel();
+            }
+        }
+    }
+}
+
 /// Every third of the lease time: renews the leases of running tasks and records the worker's
 /// heartbeat. On the way out, removes the worker's record.
 async fn heartbeat_loop(shared: Arc<Shared>, config: Config, shutdown: CancellationToken) {
@@ -424,7 +520,7 @@ async fn heartbeat_loop(shared: Arc<Shared>, config: Config, shutdown: Cancellat
             .running
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .iter()
+            .keys()
             .copied()
             .collect();
         let ttl_ms = shared.lease_ttl.as_millis() as u64;

@@ -56,6 +56,11 @@ impl ApiError {
         Self::new(StatusCode::NOT_FOUND, "not_found", message)
     }
 
+    /// Returns a 409: the request conflicts with the resource's state.
+    pub fn conflict(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::CONFLICT, "conflict", message)
+    }
+
     /// Returns a 413: the body is over the configured limit.
     pub fn too_large(limit: usize) -> Self {
         Self::new(

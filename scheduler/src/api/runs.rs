@@ -26,6 +26,8 @@ use crate::store::{self, NewRun, RunFilter};
 
 /// The longest idempotency key accepted.
 const MAX_IDEMPOTENCY_KEY_LEN: usize = 256;
+/// The longest `delay_s` accepted: a year.
+const MAX_DELAY_S: f64 = 365.0 * 24.0 * 3600.0;
 /// The most runs in one batch request.
 const MAX_BATCH_RUNS: usize = 1000;
 
@@ -131,6 +133,7 @@ async fn prepare(
             version,
             input: request.input,
             idempotency_key: request.idempotency_key,
+            delay_s: None,
         },
     )
     .await
@@ -165,6 +168,8 @@ struct NewRunParts {
     version: Option<i32>,
     input: Value,
     idempotency_key: Option<String>,
+    /// Seconds before the first steps are dispatched (jobs' `delay_s`).
+    delay_s: Option<f64>,
 }
 
 /// Plans a new run's first steps and returns what to write. Planning runs the `input` and
@@ -187,7 +192,12 @@ fn plan_blocking(programs: &ProgramCache, parts: NewRunParts) -> Submission {
             materialized.cancel_dispatches();
             (finished.status, finished.output, finished.error)
         }
-        None => ("running", None, None),
+        None => {
+            if let Some(seconds) = parts.delay_s {
+                materialized.delay(seconds);
+            }
+            ("running", None, None)
+        }
     };
     Submission {
         run: NewRun {
@@ -477,17 +487,19 @@ pub async fn create_job(
         Some(_) => return Err(ApiError::bad_request("idempotency_key must be a string")),
     };
     check_idempotency_key(idempotency_key.as_ref())?;
-    match extra.remove("delay_s") {
-        None | Some(Value::Null) => {}
-        Some(Value::Number(delay)) if delay.as_f64() == Some(0.0) => {}
-        Some(Value::Number(_)) => {
-            return Err(ApiError::invalid(
-                "`delay_s` is not supported by this scheduler version",
-                None,
-            ));
-        }
+    let delay_s = match extra.remove("delay_s") {
+        None | Some(Value::Null) => None,
+        Some(Value::Number(delay)) => match delay.as_f64() {
+            Some(0.0) => None,
+            Some(seconds) if seconds > 0.0 && seconds <= MAX_DELAY_S => Some(seconds),
+            _ => {
+                return Err(ApiError::bad_request(format!(
+                    "delay_s must be between 0 and {MAX_DELAY_S} seconds"
+                )));
+            }
+        },
         Some(_) => return Err(ApiError::bad_request("delay_s must be a number of seconds")),
-    }
+    };
     let definition = WorkflowDefinition {
         name: None,
         steps: vec![step],
@@ -503,7 +515,47 @@ pub async fn create_job(
         version: None,
         input,
         idempotency_key,
+        delay_s,
     };
     let submission = plan(&state, parts).await?;
     submit_one(&state, submission).await
+}
+
+/// `POST /v1/runs/{id}/cancel`: cancels a run. No new task of it starts, tasks delivered later
+/// are dropped, and workers stop its running tasks. A finished run answers 409.
+pub async fn cancel(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    cancel_kind(&state, &id, RunKind::Workflow).await
+}
+
+/// `POST /v1/tasks/{id}/cancel`: cancels a job, as a run is cancelled.
+pub async fn cancel_job(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    cancel_kind(&state, &id, RunKind::Job).await
+}
+
+async fn cancel_kind(state: &AppState, id: &str, kind: RunKind) -> Result<Json<Value>, ApiError> {
+    let what = match kind {
+        RunKind::Workflow => "run",
+        RunKind::Job => "task",
+    };
+    let id = parse_id(id, what)?;
+    let namespace = &state.config.namespace;
+    match store::cancel_run(&state.db, namespace.as_str(), id, kind.as_str()).await? {
+        store::Cancellation::NotFound => {
+            Err(ApiError::not_found(format!("no {what} with id {id}")))
+        }
+        store::Cancellation::Finished(status) => Err(ApiError::conflict(format!(
+            "{what} {id} has already finished ({status})"
+        ))),
+        store::Cancellation::Cancelled => {
+            state.notifier.stop_runs(&[id]).await;
+            state.notifier.announce(&[id]).await;
+            Ok(Json(json!({"id": id, "status": "cancelled"})))
+        }
+    }
 }
