@@ -252,10 +252,8 @@ impl CompletionLoop {
             .collect();
         let (retries, finals) = self.split_retries(&mut tx, &runs, completions).await?;
         store::schedule_retries(&mut tx, &retries).await?;
-        let recorded: HashSet<Uuid> = store::record_completions(&mut tx, &finals)
-            .await?
-            .into_iter()
-            .collect();
+        let recorded = store::record_completions(&mut tx, &finals).await?;
+        let recorded = fan_in(&mut tx, recorded).await?;
         let runs: Vec<RunToPlan> = runs
             .into_iter()
             .filter(|run| recorded.contains(&run.id) && run.status == "running")
@@ -303,6 +301,42 @@ impl CompletionLoop {
         self.notifier.announce(&finished_ids).await;
         Ok(())
     }
+}
+
+/// Carries recorded item completions into their `for_each` steps: counts succeeded items, joins
+/// steps whose items all succeeded and fails steps one of whose items failed. Returns the runs
+/// whose planning may move on: those with a step that finished.
+async fn fan_in(
+    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    recorded: Vec<store::Recorded>,
+) -> Result<HashSet<Uuid>, StoreError> {
+    let mut finished_steps = HashSet::new();
+    let mut counts: HashMap<(Uuid, String), i32> = HashMap::new();
+    let mut failures = Vec::new();
+    for task in recorded {
+        if task.item < 0 {
+            finished_steps.insert(task.run_id);
+        } else if task.status == "succeeded" {
+            *counts.entry((task.run_id, task.step_id)).or_default() += 1;
+        } else {
+            let mut error = task.error.map_or(Value::Null, |error| error.0);
+            if let Some(message) = error.get("message").and_then(Value::as_str) {
+                error["message"] = json!(format!("item {}: {message}", task.item));
+            }
+            error["item"] = json!(task.item);
+            failures.push((task.run_id, task.step_id, error));
+            finished_steps.insert(task.run_id);
+        }
+    }
+    store::fail_items(tx, &failures).await?;
+    let counts: Vec<(Uuid, String, i32)> = counts
+        .into_iter()
+        .map(|((run, step), added)| (run, step, added))
+        .collect();
+    let complete = store::count_items(tx, &counts).await?;
+    store::join_items(tx, &complete).await?;
+    finished_steps.extend(complete.into_iter().map(|(run, _)| run));
+    Ok(finished_steps)
 }
 
 /// A locked run with its definition parsed.

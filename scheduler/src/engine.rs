@@ -22,36 +22,112 @@ impl Materialized {
     /// Adds the rows and messages for `planned`, decisions about steps of run `run_id`.
     pub fn add(&mut self, definition: &WorkflowDefinition, run_id: Uuid, planned: Vec<Planned>) {
         for decision in planned {
-            let (step_id, status, input, error) = match decision {
-                Planned::Dispatch { step_id, input } => (step_id, "queued", Some(input), None),
-                Planned::Skip { step_id } => (step_id, "skipped", None, None),
+            match decision {
+                Planned::Dispatch { step_id, input } => {
+                    self.task(
+                        definition,
+                        run_id,
+                        &step_id,
+                        -1,
+                        "queued",
+                        Some(input),
+                        None,
+                    );
+                }
+                Planned::Skip { step_id } => {
+                    self.task(definition, run_id, &step_id, -1, "skipped", None, None);
+                }
                 Planned::Fail { step_id, error } => {
                     let error = serde_json::to_value(&error).unwrap_or(Value::Null);
-                    (step_id, "failed", None, Some(error))
+                    self.task(
+                        definition,
+                        run_id,
+                        &step_id,
+                        -1,
+                        "failed",
+                        None,
+                        Some(error),
+                    );
                 }
-            };
-            let Some(step) = definition.step(&step_id) else {
-                continue;
-            };
-            let task_id = Uuid::now_v7();
-            if let Some(input) = &input
-                && let Some(dispatch) =
-                    Dispatch::new(definition, run_id, task_id, &step_id, 1, input.clone())
-            {
-                self.dispatches.push(dispatch);
+                Planned::FanOut { step_id, items } => {
+                    self.fan_out(definition, run_id, &step_id, items);
+                }
             }
-            self.tasks.push(NewTask {
-                id: task_id,
-                run_id,
-                queue: step.queue().to_owned(),
-                priority: i16::from(step.priority()),
-                step_id,
-                status,
-                input,
-                error,
-                delay_s: None,
-            });
         }
+    }
+
+    /// Adds the row of a `for_each` step, which holds no input of its own and is never
+    /// dispatched (it waits for its items), and one dispatched task per item.
+    fn fan_out(
+        &mut self,
+        definition: &WorkflowDefinition,
+        run_id: Uuid,
+        step_id: &str,
+        items: Vec<Value>,
+    ) {
+        let total = i32::try_from(items.len()).unwrap_or(i32::MAX);
+        let status = if items.is_empty() {
+            "succeeded"
+        } else {
+            "queued"
+        };
+        let Some(parent) = self.task(definition, run_id, step_id, -1, status, None, None) else {
+            return;
+        };
+        parent.items_total = Some(total);
+        if items.is_empty() {
+            parent.output = Some(Value::Array(Vec::new()));
+        }
+        for (index, item) in items.into_iter().enumerate() {
+            let index = i32::try_from(index).unwrap_or(i32::MAX);
+            self.task(
+                definition,
+                run_id,
+                step_id,
+                index,
+                "queued",
+                Some(item),
+                None,
+            );
+        }
+    }
+
+    /// Adds one task row (and its dispatch, if it is queued with an input) and returns it.
+    #[allow(clippy::too_many_arguments, reason = "the columns of one row")]
+    fn task(
+        &mut self,
+        definition: &WorkflowDefinition,
+        run_id: Uuid,
+        step_id: &str,
+        item: i32,
+        status: &'static str,
+        input: Option<Value>,
+        error: Option<Value>,
+    ) -> Option<&mut NewTask> {
+        let step = definition.step(step_id)?;
+        let task_id = Uuid::now_v7();
+        if status == "queued"
+            && let Some(input) = &input
+            && let Some(dispatch) =
+                Dispatch::new(definition, run_id, task_id, step_id, 1, input.clone())
+        {
+            self.dispatches.push(dispatch);
+        }
+        self.tasks.push(NewTask {
+            id: task_id,
+            run_id,
+            step_id: step_id.to_owned(),
+            status,
+            queue: step.queue().to_owned(),
+            priority: i16::from(step.priority()),
+            input,
+            error,
+            delay_s: None,
+            item,
+            items_total: None,
+            output: None,
+        });
+        self.tasks.last_mut()
     }
 }
 

@@ -43,6 +43,14 @@ pub enum Planned {
         /// Its input.
         input: Value,
     },
+    /// The step runs once per item, in parallel; an empty `items` means it succeeded at once
+    /// with the output `[]`.
+    FanOut {
+        /// The step.
+        step_id: String,
+        /// The items, each the input of one task.
+        items: Vec<Value>,
+    },
     /// The step does not run; its output is null.
     Skip {
         /// The step.
@@ -203,6 +211,11 @@ pub fn advance(
             };
             let state = match &decision {
                 Planned::Dispatch { .. } => StepState::with_status(StepStatus::Pending),
+                Planned::FanOut { items, .. } if items.is_empty() => StepState {
+                    output: Some(Value::Array(Vec::new())),
+                    ..StepState::with_status(StepStatus::Succeeded)
+                },
+                Planned::FanOut { .. } => StepState::with_status(StepStatus::Pending),
                 Planned::Skip { .. } => StepState::with_status(StepStatus::Skipped),
                 Planned::Fail { error, .. } => StepState {
                     error: Some(error.clone()),
@@ -252,9 +265,61 @@ fn decide(
             Err(error) => return fail(error),
         }
     }
-    Planned::Dispatch {
-        step_id: step.id.clone(),
-        input,
+    let Some(for_each) = &step.for_each else {
+        return Planned::Dispatch {
+            step_id: step.id.clone(),
+            input,
+        };
+    };
+    match programs.run("for_each", for_each, input).map(items) {
+        Ok(Ok(items)) => Planned::FanOut {
+            step_id: step.id.clone(),
+            items,
+        },
+        Ok(Err(error)) | Err(error) => fail(error),
+    }
+}
+
+/// The most items one `for_each` step may fan out to.
+pub const MAX_ITEMS: usize = 100_000;
+
+/// Returns the items a `for_each` program yielded: an array of at most [`MAX_ITEMS`] values
+/// that can each be sent.
+fn items(value: Value) -> Result<Vec<Value>, StepError> {
+    let Value::Array(items) = value else {
+        return Err(StepError::new(
+            DATAFLOW_ERROR,
+            format!("`for_each` must yield an array, not {}", json_type(&value)),
+        ));
+    };
+    if items.len() > MAX_ITEMS {
+        return Err(StepError::new(
+            DATAFLOW_ERROR,
+            format!(
+                "`for_each` yielded {} items, more than the limit of {MAX_ITEMS}",
+                items.len()
+            ),
+        ));
+    }
+    for (index, item) in items.iter().enumerate() {
+        if let Err(error) = taskfleet_common::value::check(item) {
+            return Err(StepError::new(
+                DATAFLOW_ERROR,
+                format!("`for_each` item {index} cannot be sent: {error}"),
+            ));
+        }
+    }
+    Ok(items)
+}
+
+fn json_type(value: &Value) -> &'static str {
+    match value {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
     }
 }
 

@@ -218,6 +218,12 @@ pub struct NewTask {
     pub error: Option<Value>,
     /// For a delayed job: seconds until it is due; the timer loop dispatches it then.
     pub delay_s: Option<f64>,
+    /// The item of a `for_each` step this task runs, or -1 for a step's own row.
+    pub item: i32,
+    /// For the row of a `for_each` step: how many items it has.
+    pub items_total: Option<i32>,
+    /// The output of a step that finished while being planned (a `for_each` over nothing).
+    pub output: Option<Value>,
 }
 
 /// Inserts runs; a run whose idempotency key is already taken is not inserted. Returns the ids
@@ -314,15 +320,23 @@ pub async fn insert_tasks(
         .map(|task| task.error.as_ref().map(Json))
         .collect();
     let delays: Vec<Option<f64>> = tasks.iter().map(|task| task.delay_s).collect();
+    let items: Vec<i32> = tasks.iter().map(|task| task.item).collect();
+    let totals: Vec<Option<i32>> = tasks.iter().map(|task| task.items_total).collect();
+    let outputs: Vec<Option<Json<&Value>>> = tasks
+        .iter()
+        .map(|task| task.output.as_ref().map(Json))
+        .collect();
     sqlx::query(
         "INSERT INTO tasks (id, run_id, step_id, status, queue, priority, input, error,
-                            finished_at, due_at)
+                            finished_at, due_at, item, items_total, output)
          SELECT id, run_id, step_id, status, queue, priority, input, error,
                 CASE WHEN status = 'queued' THEN NULL ELSE now() END,
-                now() + make_interval(secs => delay)
+                now() + make_interval(secs => delay), item, items_total, output
          FROM UNNEST($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::text[], $6::smallint[],
-                     $7::jsonb[], $8::jsonb[], $9::float8[])
-              AS t(id, run_id, step_id, status, queue, priority, input, error, delay)",
+                     $7::jsonb[], $8::jsonb[], $9::float8[], $10::integer[], $11::integer[],
+                     $12::jsonb[])
+              AS t(id, run_id, step_id, status, queue, priority, input, error, delay, item,
+                   items_total, output)",
     )
     .bind(&ids)
     .bind(&run_ids)
@@ -333,6 +347,9 @@ pub async fn insert_tasks(
     .bind(&inputs)
     .bind(&errors)
     .bind(&delays)
+    .bind(&items)
+    .bind(&totals)
+    .bind(&outputs)
     .execute(&mut **tx)
     .await?;
     Ok(())
@@ -387,6 +404,10 @@ pub struct TaskRow {
     pub started_at: Option<DateTime<Utc>>,
     /// When it finished.
     pub finished_at: Option<DateTime<Utc>>,
+    /// For a `for_each` step: how many items it has.
+    pub items_total: Option<i32>,
+    /// For a `for_each` step: how many items succeeded.
+    pub items_done: i32,
 }
 
 /// Returns a run of the given kind.
@@ -409,8 +430,9 @@ pub async fn get_run(
 /// Returns the tasks of a run.
 pub async fn get_tasks(db: &PgPool, run_id: Uuid) -> Result<Vec<TaskRow>, StoreError> {
     Ok(sqlx::query_as(
-        "SELECT id, step_id, status, attempt, output, error, started_at, finished_at
-         FROM tasks WHERE run_id = $1",
+        "SELECT id, step_id, status, attempt, output, error, started_at, finished_at,
+                items_total, items_done
+         FROM tasks WHERE run_id = $1 AND item = -1",
     )
     .bind(run_id)
     .fetch_all(db)
@@ -477,12 +499,27 @@ pub struct Completion {
     pub finished_at: DateTime<Utc>,
 }
 
-/// Records completions whose task is still queued at that attempt, and returns the run ids of
-/// those recorded. Replays and late completions of other attempts change nothing.
+/// A completion that was recorded.
+#[derive(Debug, sqlx::FromRow)]
+pub struct Recorded {
+    /// Its run.
+    pub run_id: Uuid,
+    /// Its step.
+    pub step_id: String,
+    /// Its item of a `for_each` step, or -1.
+    pub item: i32,
+    /// `succeeded` or `failed`.
+    pub status: String,
+    /// The error of a failure.
+    pub error: Option<Json<Value>>,
+}
+
+/// Records completions whose task is still queued at that attempt, and returns those
+/// recorded. Replays and late completions of other attempts change nothing.
 pub async fn record_completions(
     tx: &mut Transaction<'_, Postgres>,
     completions: &[Completion],
-) -> Result<Vec<Uuid>, StoreError> {
+) -> Result<Vec<Recorded>, StoreError> {
     let ids: Vec<Uuid> = completions.iter().map(|c| c.task_id).collect();
     let attempts: Vec<i32> = completions.iter().map(|c| c.attempt).collect();
     let statuses: Vec<&str> = completions.iter().map(|c| c.status).collect();
@@ -497,7 +534,7 @@ pub async fn record_completions(
     let workers: Vec<&str> = completions.iter().map(|c| c.worker_id.as_str()).collect();
     let started: Vec<DateTime<Utc>> = completions.iter().map(|c| c.started_at).collect();
     let finished: Vec<DateTime<Utc>> = completions.iter().map(|c| c.finished_at).collect();
-    Ok(sqlx::query_scalar(
+    Ok(sqlx::query_as(
         "UPDATE tasks SET status = c.status, output = c.output, error = c.error,
                 worker_id = c.worker, started_at = c.started, finished_at = c.finished
          FROM (SELECT DISTINCT ON (u.id) u.*
@@ -507,7 +544,7 @@ pub async fn record_completions(
                JOIN tasks t ON t.id = u.id AND t.attempt = u.attempt
                ORDER BY u.id) AS c
          WHERE tasks.id = c.id AND tasks.attempt = c.attempt AND tasks.status = 'queued'
-         RETURNING tasks.run_id",
+         RETURNING tasks.run_id, tasks.step_id, tasks.item, tasks.status, tasks.error",
     )
     .bind(&ids)
     .bind(&attempts)
@@ -519,6 +556,89 @@ pub async fn record_completions(
     .bind(&finished)
     .fetch_all(&mut **tx)
     .await?)
+}
+
+/// Adds succeeded items to the counters of their `for_each` steps, and returns the steps whose
+/// items have now all succeeded.
+pub async fn count_items(
+    tx: &mut Transaction<'_, Postgres>,
+    counts: &[(Uuid, String, i32)],
+) -> Result<Vec<(Uuid, String)>, StoreError> {
+    if counts.is_empty() {
+        return Ok(Vec::new());
+    }
+    let runs: Vec<Uuid> = counts.iter().map(|(run, _, _)| *run).collect();
+    let steps: Vec<&str> = counts.iter().map(|(_, step, _)| step.as_str()).collect();
+    let added: Vec<i32> = counts.iter().map(|(_, _, n)| *n).collect();
+    Ok(sqlx::query_as(
+        "UPDATE tasks SET items_done = items_done + c.added
+         FROM UNNEST($1::uuid[], $2::text[], $3::integer[]) AS c(run_id, step_id, added)
+         WHERE tasks.run_id = c.run_id AND tasks.step_id = c.step_id AND tasks.item = -1
+           AND tasks.status = 'queued'
+         RETURNING tasks.run_id, tasks.step_id, tasks.items_done = tasks.items_total",
+    )
+    .bind(&runs)
+    .bind(&steps)
+    .bind(&added)
+    .fetch_all(&mut **tx)
+    .await?
+    .into_iter()
+    .filter_map(|(run, step, complete): (Uuid, String, bool)| complete.then_some((run, step)))
+    .collect())
+}
+
+/// Joins `for_each` steps whose items all succeeded: each step's output becomes the array of
+/// its items' outputs, in item order.
+pub async fn join_items(
+    tx: &mut Transaction<'_, Postgres>,
+    steps: &[(Uuid, String)],
+) -> Result<(), StoreError> {
+    if steps.is_empty() {
+        return Ok(());
+    }
+    let runs: Vec<Uuid> = steps.iter().map(|(run, _)| *run).collect();
+    let names: Vec<&str> = steps.iter().map(|(_, step)| step.as_str()).collect();
+    sqlx::query(
+        "UPDATE tasks p SET status = 'succeeded', finished_at = now(),
+                output = (SELECT coalesce(jsonb_agg(i.output ORDER BY i.item), '[]'::jsonb)
+                          FROM tasks i
+                          WHERE i.run_id = p.run_id AND i.step_id = p.step_id AND i.item >= 0)
+         FROM UNNEST($1::uuid[], $2::text[]) AS j(run_id, step_id)
+         WHERE p.run_id = j.run_id AND p.step_id = j.step_id AND p.item = -1
+           AND p.status = 'queued'",
+    )
+    .bind(&runs)
+    .bind(&names)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+/// Fails `for_each` steps one of whose items failed, with that item's error.
+pub async fn fail_items(
+    tx: &mut Transaction<'_, Postgres>,
+    failures: &[(Uuid, String, Value)],
+) -> Result<(), StoreError> {
+    if failures.is_empty() {
+        return Ok(());
+    }
+    let runs: Vec<Uuid> = failures.iter().map(|(run, _, _)| *run).collect();
+    let steps: Vec<&str> = failures.iter().map(|(_, step, _)| step.as_str()).collect();
+    let errors: Vec<Json<&Value>> = failures.iter().map(|(_, _, error)| Json(error)).collect();
+    sqlx::query(
+        "UPDATE tasks p SET status = 'failed', finished_at = now(), error = f.error
+         FROM (SELECT DISTINCT ON (run_id, step_id) *
+               FROM UNNEST($1::uuid[], $2::text[], $3::jsonb[]) AS u(run_id, step_id, error)
+               ORDER BY run_id, step_id) AS f
+         WHERE p.run_id = f.run_id AND p.step_id = f.step_id AND p.item = -1
+           AND p.status = 'queued'",
+    )
+    .bind(&runs)
+    .bind(&steps)
+    .bind(&errors)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
 }
 
 /// A run being advanced, locked for the rest of the transaction.
@@ -568,7 +688,8 @@ pub async fn task_states(
     run_ids: &[Uuid],
 ) -> Result<Vec<TaskState>, StoreError> {
     Ok(sqlx::query_as(
-        "SELECT run_id, step_id, status, output, error FROM tasks WHERE run_id = ANY($1)",
+        "SELECT run_id, step_id, status, output, error FROM tasks
+         WHERE run_id = ANY($1) AND item = -1",
     )
     .bind(run_ids)
     .fetch_all(&mut **tx)

@@ -46,13 +46,16 @@ pub fn run_view(run: RunRow, tasks: Vec<TaskRow>, running: &HashSet<Uuid>) -> Va
 }
 
 fn step_view(task: TaskRow, running: &HashSet<Uuid>) -> Value {
+    let fanned_out = task.items_total.is_some_and(|total| total > 0);
     let (status, attempts) = match task.status.as_str() {
-        "queued" if running.contains(&task.id) => ("running", task.attempt),
+        "queued" if fanned_out || running.contains(&task.id) => ("running", task.attempt),
         "queued" => ("pending", task.attempt - 1),
         "skipped" => ("skipped", 0),
+        // A step cancelled or failed before any attempt started shows no attempt.
+        other if task.started_at.is_none() && task.items_total.is_none() => (other, 0),
         other => (other, task.attempt),
     };
-    json!({
+    let mut view = json!({
         "task_id": task.id,
         "status": status,
         "attempts": attempts,
@@ -61,5 +64,9 @@ fn step_view(task: TaskRow, running: &HashSet<Uuid>) -> Value {
         "logs": null,
         "started_at": task.started_at,
         "finished_at": task.finished_at,
-    })
+    });
+    if let Some(total) = task.items_total {
+        view["items"] = json!({"done": task.items_done, "total": total});
+    }
+    view
 }

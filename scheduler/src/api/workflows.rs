@@ -11,23 +11,11 @@ use taskfleet_common::names::is_valid_name;
 use super::{ApiError, AppState, JsonBody, QueryParams};
 use crate::store;
 
-/// Checks a definition as the API accepts it: valid, and using only what this scheduler runs.
+/// Checks a definition as the API accepts it.
 pub fn check_definition(definition: &WorkflowDefinition) -> Result<(), ApiError> {
     if let Err(error) = definition.validate() {
         let details = serde_json::to_value(&error.problems).ok();
         return Err(ApiError::invalid(error.to_string(), details));
-    }
-    for step in &definition.steps {
-        let unsupported = [("for_each", step.for_each.is_some())];
-        if let Some((field, _)) = unsupported.iter().find(|(_, set)| *set) {
-            return Err(ApiError::invalid(
-                format!(
-                    "invalid workflow definition: step {:?}: `{field}` is not supported by this scheduler version",
-                    step.id
-                ),
-                None,
-            ));
-        }
     }
     Ok(())
 }
