@@ -28,6 +28,50 @@ struct Args {
     /// Tasks in flight per worker.
     #[arg(long, default_value_t = 64)]
     concurrency: usize,
+    /// Items of the fan-out workload (a no-op Python step per item, then a join).
+    #[arg(long, default_value_t = 10_000)]
+    fan_out_items: usize,
+    /// Times each fan-out is run; the median is reported.
+    #[arg(long, default_value_t = 3)]
+    fan_out_rounds: usize,
+}
+
+/// Runs a `for_each` of a no-op Python step over `items` elements followed by a jq join, and
+/// returns the time from submit to the run's end.
+async fn fan_out(fleet: &TestFleet, items: usize) -> Result<Duration> {
+    let definition = json!({"steps": [
+        {"id": "items", "dataflow": "[range(.)]"},
+        {"id": "each", "python": "fleet_steps:echo", "after": ["items"], "for_each": "."},
+        {"id": "join", "dataflow": "length", "after": ["each"]}
+    ]});
+    let started = Instant::now();
+    let (status, body) = fleet
+        .request(
+            "POST",
+            "/v1/runs",
+            Some(&json!({"definition": definition, "input": items})),
+        )
+        .await;
+    ensure!(status == 201, "submit failed: {body}");
+    let id = body["id"].as_str().context("run id")?;
+    loop {
+        let (status, run) = fleet
+            .request("GET", &format!("/v1/runs/{id}?wait=30"), None)
+            .await;
+        ensure!(status == 200, "reading the run failed: {run}");
+        match run["status"].as_str() {
+            Some("succeeded") => {
+                ensure!(
+                    run["output"] == json!(items),
+                    "wrong join: {}",
+                    run["output"]
+                );
+                return Ok(started.elapsed());
+            }
+            Some("running") => {}
+            _ => anyhow::bail!("fan-out failed: {}", run["error"]),
+        }
+    }
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
@@ -146,6 +190,24 @@ async fn main() -> Result<()> {
             ms(percentile(&timings, 0.5)),
             ms(percentile(&timings, 0.99)),
             ms(percentile(&timings, 1.0)),
+        );
+    }
+    let mut fan_outs = Vec::with_capacity(args.fan_out_rounds);
+    for _ in 0..args.fan_out_rounds {
+        fan_outs.push(fan_out(&fleet, args.fan_out_items).await?);
+    }
+    fan_outs.sort();
+    if !fan_outs.is_empty() {
+        println!(
+            "fan-out of {} no-op Python items + join: median {:.2} s of {} (all: {})",
+            args.fan_out_items,
+            fan_outs[fan_outs.len() / 2].as_secs_f64(),
+            fan_outs.len(),
+            fan_outs
+                .iter()
+                .map(|d| format!("{:.2} s", d.as_secs_f64()))
+                .collect::<Vec<_>>()
+                .join(", ")
         );
     }
     drop(fleet);

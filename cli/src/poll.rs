@@ -11,10 +11,15 @@ use tokio::time::Instant;
 
 use crate::client::{ApiError, Client, Kind};
 
-/// The longest single long poll; the server may cap it lower.
-const MAX_POLL: Duration = Duration::from_secs(30);
+/// The longest single long poll: short, so that progress (steps running, items of a
+/// `for_each` step done) shows as it happens; a finished run ends the poll at once anyway.
+const MAX_POLL: Duration = Duration::from_secs(1);
 /// The least time between two polls, so that a server that answers at once is not hammered.
 const MIN_POLL_INTERVAL: Duration = Duration::from_secs(1);
+/// How often a run with a `for_each` step under way is polled, to show its progress.
+const PROGRESS_INTERVAL: Duration = Duration::from_millis(500);
+/// The width of the progress bar, in characters.
+const BAR_WIDTH: usize = 30;
 
 /// How a finished run or job ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -56,31 +61,92 @@ pub async fn wait_until_finished(
 ) -> Result<Waited, ApiError> {
     let deadline = timeout.map(|timeout| Instant::now() + timeout);
     let mut last_progress = String::new();
+    let mut bar_shown = false;
+    let mut fanning_out = false;
     loop {
         let started = Instant::now();
         let remaining = deadline.map(|deadline| deadline.saturating_duration_since(started));
-        let wait = remaining.map_or(MAX_POLL, |remaining| remaining.min(MAX_POLL));
+        let most = if fanning_out {
+            Duration::ZERO
+        } else {
+            MAX_POLL
+        };
+        let wait = remaining.map_or(most, |remaining| remaining.min(most));
         let run = client.show(kind, id, Some(wait)).await?;
         // The client has checked that the answer has a status.
         if let Some(outcome) = run_status(&run).and_then(outcome) {
+            if bar_shown {
+                eprintln!();
+            }
             return Ok(Waited::Finished(outcome, run));
         }
         if deadline.is_some_and(|deadline| Instant::now() >= deadline) {
+            if bar_shown {
+                eprintln!();
+            }
             return Ok(Waited::TimedOut(run));
         }
-        let progress = describe_progress(kind, id, &run);
+        let fan_out = fan_out_progress(&run);
+        fanning_out = fan_out.is_some();
+        let progress = match fan_out {
+            Some((step, done, total)) => progress_bar(step, done, total),
+            None => describe_progress(kind, id, &run),
+        };
         if progress != last_progress {
-            eprintln!("{progress}");
+            if fanning_out && std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+                // Redrawn in place on a terminal.
+                eprint!("\r{progress}");
+                bar_shown = true;
+            } else {
+                if bar_shown {
+                    eprintln!();
+                    bar_shown = false;
+                }
+                eprintln!("{progress}");
+            }
             last_progress = progress;
         }
-        pace(started, deadline).await;
+        let interval = if fanning_out {
+            PROGRESS_INTERVAL
+        } else {
+            MIN_POLL_INTERVAL
+        };
+        pace(started, interval, deadline).await;
     }
 }
 
+/// Returns the first running `for_each` step of a run with its items done and in all.
+pub fn fan_out_progress(run: &Value) -> Option<(&str, u64, u64)> {
+    run.get("steps")?
+        .as_object()?
+        .iter()
+        .filter(|(_, step)| run_status(step) == Some("running"))
+        .find_map(|(id, step)| {
+            let items = step.get("items")?;
+            let done = items.get("done")?.as_u64()?;
+            let total = items.get("total")?.as_u64()?;
+            Some((id.as_str(), done, total))
+        })
+}
+
+/// Returns a progress bar line: `step [#####.....] done/total`.
+pub fn progress_bar(step: &str, done: u64, total: u64) -> String {
+    let filled = (done.min(total) * BAR_WIDTH as u64)
+        .checked_div(total)
+        .map_or(BAR_WIDTH, |filled| {
+            usize::try_from(filled).unwrap_or(BAR_WIDTH)
+        });
+    format!(
+        "{step} [{}{}] {done}/{total}",
+        "#".repeat(filled),
+        ".".repeat(BAR_WIDTH - filled)
+    )
+}
+
 /// Sleeps when a poll came back early without the run finishing, so polls stay at least
-/// [`MIN_POLL_INTERVAL`] apart (never past the deadline).
-async fn pace(started: Instant, deadline: Option<Instant>) {
-    let mut next = started + MIN_POLL_INTERVAL;
+/// `interval` apart (never past the deadline).
+async fn pace(started: Instant, interval: Duration, deadline: Option<Instant>) {
+    let mut next = started + interval;
     if let Some(deadline) = deadline {
         next = next.min(deadline);
     }
@@ -126,6 +192,26 @@ mod tests {
     use serde_json::json;
 
     use super::*;
+
+    #[test]
+    fn progress_bars_fill_with_the_items_done() {
+        assert_eq!(
+            progress_bar("each", 0, 10),
+            format!("each [{}] 0/10", ".".repeat(30))
+        );
+        assert_eq!(
+            progress_bar("each", 5, 10),
+            format!("each [{}{}] 5/10", "#".repeat(15), ".".repeat(15))
+        );
+        assert_eq!(
+            progress_bar("each", 10, 10),
+            format!("each [{}] 10/10", "#".repeat(30))
+        );
+        let run = json!({"status": "running", "steps": {
+            "a": {"status": "succeeded"},
+            "b": {"status": "running", "items": {"done": 3, "total": 9}}}});
+        assert_eq!(fan_out_progress(&run), Some(("b", 3, 9)));
+    }
 
     fn check(status: &str, expected: Option<Outcome>) {
         assert_eq!(outcome(status), expected, "{status:?}");
