@@ -61,3 +61,11 @@ def flaky(value, ctx):
 def spin(_value):
     while True:
         pass
+
+
+def crash(_value):
+    """Takes its worker down, as a segfaulting C extension would."""
+    import os
+    import signal
+
+    os.kill(os.getpid(), signal.SIGKILL)

@@ -193,6 +193,18 @@ impl TestFleet {
         Ok(())
     }
 
+    /// Starts a new worker for each one that has exited; returns how many were replaced.
+    pub fn replace_dead_workers(&mut self) -> Result<usize> {
+        let before = self.workers.len();
+        self.workers
+            .retain_mut(|worker| matches!(worker.try_wait(), Ok(None)));
+        let dead = before - self.workers.len();
+        for _ in 0..dead {
+            self.start_worker()?;
+        }
+        Ok(dead)
+    }
+
     /// Kills every worker with SIGKILL.
     pub fn kill_workers(&mut self) {
         for mut worker in self.workers.drain(..) {

@@ -42,3 +42,50 @@ async fn a_run_finishes_after_its_workers_are_killed_and_a_new_one_starts() {
     assert_eq!(run["status"], "succeeded", "{run:#}");
     assert_eq!(run["output"], 3.0);
 }
+
+#[tokio::test]
+async fn a_task_that_takes_its_worker_down_three_times_fails_with_worker_lost() {
+    let mut fleet = TestFleet::start_with(FleetOptions {
+        workers: 1,
+        ..FleetOptions::default()
+    })
+    .await
+    .unwrap();
+    let id = fleet
+        .submit(
+            &json!({"steps": [{"id": "crash", "python": "fleet_steps:crash"}]}),
+            &json!(null),
+        )
+        .await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut replaced = 0;
+    let run = loop {
+        let (_, run) = fleet
+            .request("GET", &format!("/v1/runs/{id}?wait=0.2"), None)
+            .await;
+        if run["status"] != "running" {
+            break run;
+        }
+        // Whatever runs the fleet restarts the workers the task takes down.
+        replaced += fleet.replace_dead_workers().unwrap();
+        assert!(Instant::now() < deadline, "the run never ended: {run:#}");
+    };
+    assert_eq!(run["status"], "failed", "{run:#}");
+    assert_eq!(
+        run["steps"]["crash"]["error"]["type"], "worker_lost",
+        "{run:#}"
+    );
+    assert_eq!(
+        replaced, 3,
+        "the task should take down exactly three workers"
+    );
+    // The fleet goes on serving.
+    fleet.replace_dead_workers().unwrap();
+    let next = fleet
+        .run(
+            &json!({"steps": [{"id": "ok", "python": "fleet_steps:double"}]}),
+            &json!(2),
+        )
+        .await;
+    assert_eq!(next["output"], 4);
+}

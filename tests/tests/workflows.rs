@@ -235,6 +235,24 @@ async fn long_poll_returns_when_the_run_finishes_and_listing_pages_newest_first(
         .request("GET", "/v1/runs?status=succeeded&limit=10", None)
         .await;
     assert_eq!(page["runs"].as_array().unwrap().len(), 5);
+    let (status, _) = fleet
+        .request("PUT", "/v1/workflows/quick", Some(&quick))
+        .await;
+    assert_eq!(status, 201);
+    let (_, body) = fleet
+        .request(
+            "POST",
+            "/v1/runs",
+            Some(&json!({"workflow": "quick", "input": 1})),
+        )
+        .await;
+    fleet
+        .wait_run(body["id"].as_str().unwrap(), Duration::from_secs(30))
+        .await;
+    let (_, page) = fleet.request("GET", "/v1/runs?workflow=quick", None).await;
+    let listed = page["runs"].as_array().unwrap();
+    assert_eq!(listed.len(), 1, "{page}");
+    assert_eq!(listed[0]["id"], body["id"]);
 }
 
 #[tokio::test]
@@ -247,6 +265,17 @@ async fn a_batch_of_runs_and_a_repeated_idempotency_key_give_one_run() {
     let (status, second) = fleet.request("POST", "/v1/runs", Some(&body)).await;
     assert_eq!(status, 200, "{second}");
     assert_eq!(first["id"], second["id"]);
+
+    // Jobs take idempotency keys too, in their own space.
+    let job = json!({"dataflow": ". + 1", "input": 1, "idempotency_key": "order-17"});
+    let (status, first_job) = fleet.request("POST", "/v1/tasks", Some(&job)).await;
+    assert_eq!(status, 201, "{first_job}");
+    assert_ne!(first_job["id"], first["id"]);
+    let (status, second_job) = fleet.request("POST", "/v1/tasks", Some(&job)).await;
+    assert_eq!(
+        (status, second_job["id"].clone()),
+        (200, first_job["id"].clone())
+    );
 
     let runs: Vec<_> = (0..20)
         .map(|n| json!({"definition": definition, "input": n}))

@@ -22,7 +22,7 @@ use redis::aio::ConnectionManager;
 use serde::Deserialize;
 use serde_json::json;
 use taskfleet_common::definition::StepKind;
-use taskfleet_common::error::{CANCELLED, INVALID_OUTPUT, INVALID_TASK, TIMEOUT};
+use taskfleet_common::error::{CANCELLED, INVALID_OUTPUT, INVALID_TASK, TIMEOUT, WORKER_LOST};
 use taskfleet_common::protocol::{
     self, CompletionMessage, DecodeError, Outcome, PROTOCOL_VERSION, TaskMessage,
 };
@@ -78,6 +78,22 @@ impl Executors {
             }
         }
     }
+}
+
+/// How many times an attempt may lose its worker (be delivered again without having finished)
+/// before it fails with `worker_lost`.
+const MAX_LOST_WORKERS: u32 = 3;
+/// How long the count of an attempt's deliveries is kept.
+const DELIVERIES_TTL_S: u64 = 24 * 3600;
+
+/// What taking a lease found.
+enum Lease {
+    /// Run the task; the token stops it when its run is cancelled.
+    Granted(CancellationToken),
+    /// The run was cancelled: drop the task.
+    Cancelled,
+    /// The attempt was delivered this many times: its workers were lost too often.
+    WorkerLost(u32),
 }
 
 /// What every task handler shares.
@@ -297,10 +313,27 @@ impl Shared {
     /// Runs `task` under a lease and returns how it ended; an output that cannot be stored or
     /// sent fails the task.
     async fn execute(&self, task: &TaskMessage, started_at: chrono::DateTime<Utc>) -> Outcome {
-        let Some(cancelled) = self.take_lease(task, started_at).await else {
-            return Outcome::Failed {
-                error: StepError::new(CANCELLED, "the run was cancelled before this task started"),
-            };
+        let cancelled = match self.take_lease(task, started_at).await {
+            Lease::Granted(token) => token,
+            Lease::Cancelled => {
+                return Outcome::Failed {
+                    error: StepError::new(
+                        CANCELLED,
+                        "the run was cancelled before this task started",
+                    ),
+                };
+            }
+            Lease::WorkerLost(deliveries) => {
+                return Outcome::Failed {
+                    error: StepError::new(
+                        WORKER_LOST,
+                        format!(
+                            "the task lost its worker {} times (delivered {deliveries} times without finishing)",
+                            deliveries - 1
+                        ),
+                    ),
+                };
+            }
         };
         let limit = task
             .timeout_s
@@ -376,14 +409,9 @@ impl Shared {
     }
 
     /// Takes (or takes over) the lease on a task, in the same round trip as checking that its
-    /// run was not cancelled. Returns the token that stops the task, or `None` if the run was
-    /// cancelled. Best effort: without Redis the task still runs, and fencing by attempt keeps
-    /// its completion safe.
-    async fn take_lease(
-        &self,
-        task: &TaskMessage,
-        started_at: chrono::DateTime<Utc>,
-    ) -> Option<CancellationToken> {
+    /// run was not cancelled and counting the deliveries of this attempt. Best effort: without
+    /// Redis the task still runs, and fencing by attempt keeps its completion safe.
+    async fn take_lease(&self, task: &TaskMessage, started_at: chrono::DateTime<Utc>) -> Lease {
         let token = CancellationToken::new();
         self.running
             .lock()
@@ -394,27 +422,38 @@ impl Shared {
             "attempt": task.attempt,
             "started_at": started_at,
         });
+        let deliveries_key = self.namespace.deliveries_key(task.task_id, task.attempt);
         let mut redis = self.redis.clone();
         let result = redis::pipe()
             .cmd("EXISTS")
             .arg(self.namespace.cancelled_key(task.run_id))
+            .cmd("INCR")
+            .arg(&deliveries_key)
+            .cmd("EXPIRE")
+            .arg(&deliveries_key)
+            .arg(DELIVERIES_TTL_S)
+            .ignore()
             .cmd("SET")
             .arg(self.namespace.lease_key(task.task_id))
             .arg(lease.to_string())
             .arg("PX")
             .arg(self.lease_ttl.as_millis() as u64)
             .ignore()
-            .query_async::<(bool,)>(&mut redis)
+            .query_async::<(bool, u32)>(&mut redis)
             .await;
         match result {
-            Ok((true,)) => {
+            Ok((true, _)) => {
                 self.release(task.task_id);
-                None
+                Lease::Cancelled
             }
-            Ok((false,)) => Some(token),
+            Ok((false, deliveries)) if deliveries > MAX_LOST_WORKERS => {
+                self.release(task.task_id);
+                Lease::WorkerLost(deliveries)
+            }
+            Ok((false, _)) => Lease::Granted(token),
             Err(error) => {
                 tracing::warn!(task_id = %task.task_id, %error, "taking the lease");
-                Some(token)
+                Lease::Granted(token)
             }
         }
     }
