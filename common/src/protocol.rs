@@ -71,6 +71,9 @@ pub struct CompletionMessage {
     pub started_at: DateTime<Utc>,
     /// When the attempt ended.
     pub finished_at: DateTime<Utc>,
+    /// What the step printed or logged during the attempt (capped by the worker).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub logs: Option<String>,
 }
 
 /// Describes why a message body could not be read.
@@ -141,6 +144,7 @@ mod tests {
             },
             started_at: Utc::now(),
             finished_at: Utc::now(),
+            logs: Some("working\n".into()),
         };
         let decoded: CompletionMessage = decode(&encode(&completion)).expect("decodes");
         assert_eq!(decoded, completion);

@@ -225,6 +225,7 @@ impl CompletionLoop {
                         worker_id: completion.worker_id.clone(),
                         started_at: completion.started_at,
                         delay: retry::backoff(policy, attempt),
+                        logs: completion.logs.clone(),
                     })
                 });
             match retry {
@@ -418,6 +419,7 @@ fn read_completion(body: &[u8]) -> Option<Completion> {
                     worker_id: String::new(),
                     started_at: now,
                     finished_at: now,
+                    logs: None,
                 })
             }
             Err(_) => {
@@ -447,6 +449,7 @@ fn to_completion(message: &CompletionMessage) -> Completion {
         worker_id: message.worker_id.clone(),
         started_at: message.started_at,
         finished_at: message.finished_at,
+        logs: message.logs.clone(),
     }
 }
 

@@ -408,6 +408,8 @@ pub struct TaskRow {
     pub items_total: Option<i32>,
     /// For a `for_each` step: how many items succeeded.
     pub items_done: i32,
+    /// What the latest attempt printed or logged.
+    pub logs: Option<String>,
 }
 
 /// Returns a run of the given kind.
@@ -431,7 +433,7 @@ pub async fn get_run(
 pub async fn get_tasks(db: &PgPool, run_id: Uuid) -> Result<Vec<TaskRow>, StoreError> {
     Ok(sqlx::query_as(
         "SELECT id, step_id, status, attempt, output, error, started_at, finished_at,
-                items_total, items_done
+                items_total, items_done, logs
          FROM tasks WHERE run_id = $1 AND item = -1",
     )
     .bind(run_id)
@@ -497,6 +499,8 @@ pub struct Completion {
     pub started_at: DateTime<Utc>,
     /// When it ended.
     pub finished_at: DateTime<Utc>,
+    /// What the step printed or logged.
+    pub logs: Option<String>,
 }
 
 /// A completion that was recorded.
@@ -534,13 +538,15 @@ pub async fn record_completions(
     let workers: Vec<&str> = completions.iter().map(|c| c.worker_id.as_str()).collect();
     let started: Vec<DateTime<Utc>> = completions.iter().map(|c| c.started_at).collect();
     let finished: Vec<DateTime<Utc>> = completions.iter().map(|c| c.finished_at).collect();
+    let logs: Vec<Option<&str>> = completions.iter().map(|c| c.logs.as_deref()).collect();
     Ok(sqlx::query_as(
         "UPDATE tasks SET status = c.status, output = c.output, error = c.error,
-                worker_id = c.worker, started_at = c.started, finished_at = c.finished
+                worker_id = c.worker, started_at = c.started, finished_at = c.finished,
+                logs = c.logs
          FROM (SELECT DISTINCT ON (u.id) u.*
                FROM UNNEST($1::uuid[], $2::integer[], $3::text[], $4::jsonb[], $5::jsonb[],
-                           $6::text[], $7::timestamptz[], $8::timestamptz[])
-                    AS u(id, attempt, status, output, error, worker, started, finished)
+                           $6::text[], $7::timestamptz[], $8::timestamptz[], $9::text[])
+                    AS u(id, attempt, status, output, error, worker, started, finished, logs)
                JOIN tasks t ON t.id = u.id AND t.attempt = u.attempt
                ORDER BY u.id) AS c
          WHERE tasks.id = c.id AND tasks.attempt = c.attempt AND tasks.status = 'queued'
@@ -554,6 +560,7 @@ pub async fn record_completions(
     .bind(&workers)
     .bind(&started)
     .bind(&finished)
+    .bind(&logs)
     .fetch_all(&mut **tx)
     .await?)
 }
@@ -875,6 +882,8 @@ pub struct Retry {
     pub started_at: DateTime<Utc>,
     /// How long to wait before the next attempt.
     pub delay: std::time::Duration,
+    /// What the failed attempt printed or logged.
+    pub logs: Option<String>,
 }
 
 /// Moves failed tasks to their next attempt, due after their delay. Fenced like completions:
@@ -892,13 +901,14 @@ pub async fn schedule_retries(
     let workers: Vec<&str> = retries.iter().map(|r| r.worker_id.as_str()).collect();
     let started: Vec<DateTime<Utc>> = retries.iter().map(|r| r.started_at).collect();
     let delays: Vec<f64> = retries.iter().map(|r| r.delay.as_secs_f64()).collect();
+    let logs: Vec<Option<&str>> = retries.iter().map(|r| r.logs.as_deref()).collect();
     sqlx::query(
         "UPDATE tasks SET attempt = tasks.attempt + 1, error = r.error, worker_id = r.worker,
                 started_at = r.started, due_at = now() + make_interval(secs => r.delay),
-                dispatched_at = NULL, relayed_at = NULL
+                dispatched_at = NULL, relayed_at = NULL, logs = r.logs
          FROM (SELECT DISTINCT ON (id) * FROM UNNEST($1::uuid[], $2::integer[], $3::jsonb[],
-                      $4::text[], $5::timestamptz[], $6::float8[])
-                      AS u(id, attempt, error, worker, started, delay) ORDER BY id) AS r
+                      $4::text[], $5::timestamptz[], $6::float8[], $7::text[])
+                      AS u(id, attempt, error, worker, started, delay, logs) ORDER BY id) AS r
          WHERE tasks.id = r.id AND tasks.attempt = r.attempt AND tasks.status = 'queued'",
     )
     .bind(&ids)
@@ -907,6 +917,7 @@ pub async fn schedule_retries(
     .bind(&workers)
     .bind(&started)
     .bind(&delays)
+    .bind(&logs)
     .execute(&mut **tx)
     .await?;
     Ok(())

@@ -386,3 +386,25 @@ async fn a_step_may_take_ctx_first_and_cannot_take_over_the_workers_signals() {
         "{run:#}"
     );
 }
+
+#[tokio::test]
+async fn what_a_python_step_prints_and_logs_is_kept_as_its_logs() {
+    let fleet = TestFleet::start().await.unwrap();
+    let source = "def main(input, ctx):\n    print('starting with', input)\n    ctx.logger.info('attempt %d', ctx.attempt)\n    return input\n";
+    let run = fleet
+        .run(
+            &json!({"steps": [
+                {"id": "talk", "python_code": source},
+                {"id": "quiet", "dataflow": ".", "after": ["talk"]}]}),
+            &json!(3),
+        )
+        .await;
+    assert_eq!(run["status"], "succeeded", "{run:#}");
+    let logs = run["steps"]["talk"]["logs"].as_str().unwrap();
+    assert!(logs.contains("starting with 3\n"), "{logs:?}");
+    assert!(
+        logs.contains("INFO taskfleet.step.talk: attempt 1"),
+        "{logs:?}"
+    );
+    assert!(run["steps"]["quiet"]["logs"].is_null());
+}

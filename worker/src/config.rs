@@ -31,6 +31,8 @@ pub struct Config {
     pub lease_ttl: Duration,
     /// How long in-flight tasks may take to finish after SIGTERM.
     pub shutdown_grace: Duration,
+    /// The most characters of a Python step's printed and logged output kept per attempt.
+    pub max_log_chars: usize,
 }
 
 /// Describes a configuration value that could not be used.
@@ -135,6 +137,10 @@ impl Config {
                 "TASKFLEET_LEASE_TTL_S",
                 &get("TASKFLEET_LEASE_TTL_S").unwrap_or_else(|| "30".to_owned()),
             )?),
+            max_log_chars: parse(
+                "TASKFLEET_MAX_LOG_CHARS",
+                &get("TASKFLEET_MAX_LOG_CHARS").unwrap_or_else(|| "65536".to_owned()),
+            )?,
             shutdown_grace: Duration::from_secs(parse(
                 "TASKFLEET_SHUTDOWN_GRACE_S",
                 &get("TASKFLEET_SHUTDOWN_GRACE_S").unwrap_or_else(|| "30".to_owned()),

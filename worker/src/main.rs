@@ -51,6 +51,7 @@ fn main() -> anyhow::Result<()> {
     };
     let config = Config::load(&env, &overrides)?;
     let python = PythonExecutor::start(PythonSettings {
+        max_log_chars: config.max_log_chars,
         python_path: config.python_path.clone(),
         virtual_env: config.virtual_env.clone(),
     })

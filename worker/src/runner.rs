@@ -49,34 +49,34 @@ pub struct Executors {
 }
 
 impl Executors {
-    /// Runs `task` on the executor of its kind.
-    pub async fn execute(&self, task: &TaskMessage) -> Result<serde_json::Value, StepError> {
+    /// Runs `task` on the executor of its kind; returns its output or error, and what it
+    /// printed or logged (Python steps).
+    pub async fn execute(
+        &self,
+        task: &TaskMessage,
+    ) -> (Result<serde_json::Value, StepError>, Option<String>) {
         let context = || StepContext {
             run_id: task.run_id.to_string(),
             task_id: task.task_id.to_string(),
             step_id: task.step_id.clone(),
             attempt: task.attempt,
         };
-        match &task.step {
-            StepKind::Dataflow { .. } => self.dataflow.execute(task).await,
-            StepKind::Python { module, function } => {
-                let target = PythonTarget::Function {
-                    module: module.clone(),
-                    function: function.clone(),
-                };
-                self.python
-                    .call(target, task.input.clone(), context())
-                    .await
-            }
-            StepKind::PythonCode { source } => {
-                let target = PythonTarget::Code {
-                    source: source.clone(),
-                };
-                self.python
-                    .call(target, task.input.clone(), context())
-                    .await
-            }
-        }
+        let target = match &task.step {
+            StepKind::Dataflow { .. } => return (self.dataflow.execute(task).await, None),
+            StepKind::Python { module, function } => PythonTarget::Function {
+                module: module.clone(),
+                function: function.clone(),
+            },
+            StepKind::PythonCode { source } => PythonTarget::Code {
+                source: source.clone(),
+            },
+        };
+        let output = self
+            .python
+            .call(target, task.input.clone(), context())
+            .await;
+        let logs = (!output.logs.is_empty()).then_some(output.logs);
+        (output.result, logs)
     }
 }
 
@@ -229,11 +229,12 @@ async fn handle(shared: Arc<Shared>, delivery: Delivery) {
         }
     };
     let started_at = Utc::now();
-    let outcome = match value::check(&task.input) {
+    let (outcome, logs) = match value::check(&task.input) {
         Ok(()) => shared.execute(&task, started_at).await,
-        Err(error) => Outcome::Failed {
-            error: StepError::new(INVALID_TASK, format!("step input cannot be used: {error}")),
-        },
+        Err(error) => {
+            let error = StepError::new(INVALID_TASK, format!("step input cannot be used: {error}"));
+            (Outcome::Failed { error }, None)
+        }
     };
     let finished_at = Utc::now();
     tracing::debug!(
@@ -252,6 +253,7 @@ async fn handle(shared: Arc<Shared>, delivery: Delivery) {
         outcome,
         started_at,
         finished_at,
+        logs,
     };
     shared.report(delivery, &completion).await;
 }
@@ -305,6 +307,7 @@ async fn refuse(shared: &Shared, delivery: Delivery, error: &DecodeError) {
         },
         started_at: now,
         finished_at: now,
+        logs: None,
     };
     shared.report(delivery, &completion).await;
 }
@@ -312,50 +315,51 @@ async fn refuse(shared: &Shared, delivery: Delivery, error: &DecodeError) {
 impl Shared {
     /// Runs `task` under a lease and returns how it ended; an output that cannot be stored or
     /// sent fails the task.
-    async fn execute(&self, task: &TaskMessage, started_at: chrono::DateTime<Utc>) -> Outcome {
+    async fn execute(
+        &self,
+        task: &TaskMessage,
+        started_at: chrono::DateTime<Utc>,
+    ) -> (Outcome, Option<String>) {
         let cancelled = match self.take_lease(task, started_at).await {
             Lease::Granted(token) => token,
             Lease::Cancelled => {
-                return Outcome::Failed {
-                    error: StepError::new(
-                        CANCELLED,
-                        "the run was cancelled before this task started",
-                    ),
-                };
+                let error =
+                    StepError::new(CANCELLED, "the run was cancelled before this task started");
+                return (Outcome::Failed { error }, None);
             }
             Lease::WorkerLost(deliveries) => {
-                return Outcome::Failed {
-                    error: StepError::new(
-                        WORKER_LOST,
-                        format!(
-                            "the task lost its worker {} times (delivered {deliveries} times without finishing)",
-                            deliveries - 1
-                        ),
+                let error = StepError::new(
+                    WORKER_LOST,
+                    format!(
+                        "the task lost its worker {} times (delivered {deliveries} times without finishing)",
+                        deliveries - 1
                     ),
-                };
+                );
+                return (Outcome::Failed { error }, None);
             }
         };
         let limit = task
             .timeout_s
             .and_then(|seconds| Duration::try_from_secs_f64(seconds).ok());
-        let result = match limit {
+        let (result, logs) = match limit {
             // Dropping the execution on timeout stops a Python step in place (an exception
             // raised in it); a jq program cannot be stopped and finishes on its blocking thread.
             Some(limit) => tokio::time::timeout(limit, self.cancellable(task, &cancelled))
                 .await
                 .unwrap_or_else(|_| {
-                    Err(StepError::new(
+                    let error = StepError::new(
                         TIMEOUT,
                         format!(
                             "the step ran longer than its timeout of {} s",
                             limit.as_secs_f64()
                         ),
-                    ))
+                    );
+                    (Err(error), None)
                 }),
             None => self.cancellable(task, &cancelled).await,
         };
         self.release(task.task_id);
-        match result {
+        let outcome = match result {
             Ok(output) => match value::check(&output) {
                 Ok(()) => Outcome::Succeeded { output },
                 Err(error) => Outcome::Failed {
@@ -366,7 +370,8 @@ impl Shared {
                 },
             },
             Err(error) => Outcome::Failed { error },
-        }
+        };
+        (outcome, logs)
     }
 
     /// Publishes `completion` and waits for the broker's confirm, writes the result to Redis and
@@ -399,11 +404,12 @@ impl Shared {
         &self,
         task: &TaskMessage,
         cancelled: &CancellationToken,
-    ) -> Result<serde_json::Value, StepError> {
+    ) -> (Result<serde_json::Value, StepError>, Option<String>) {
         tokio::select! {
-            result = self.executors.execute(task) => result,
+            executed = self.executors.execute(task) => executed,
             () = cancelled.cancelled() => {
-                Err(StepError::new(CANCELLED, "the run was cancelled while this task ran"))
+                let error = StepError::new(CANCELLED, "the run was cancelled while this task ran");
+                (Err(error), None)
             }
         }
     }

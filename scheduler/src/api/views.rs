@@ -61,7 +61,7 @@ fn step_view(task: TaskRow, running: &HashSet<Uuid>) -> Value {
         "attempts": attempts,
         "output": task.output.map(|output| output.0),
         "error": task.error.map(|error| error.0),
-        "logs": null,
+        "logs": task.logs,
         "started_at": task.started_at,
         "finished_at": task.finished_at,
     });

@@ -55,9 +55,69 @@ at = next((i for i, p in enumerate(rest) if p in base), len(rest))
 sys.path[:] = rest[:at] + added + rest[at:]
 "#;
 
+/// Captures what a step prints or logs: `sys.stdout`, `sys.stderr` and a handler on the root
+/// logger are pointed at a capped buffer for the duration of one call. The `taskfleet.step`
+/// loggers (the `ctx.logger` of every step) record from INFO; other loggers keep their levels.
+const CAPTURE_SOURCE: &CStr = cr#"
+import io, logging, sys
+
+class Capture(io.TextIOBase):
+    def __init__(self, limit):
+        self.parts, self.size, self.limit, self.truncated = [], 0, limit, False
+    def writable(self):
+        return True
+    def write(self, text):
+        text = text if isinstance(text, str) else str(text)
+        room = self.limit - self.size
+        piece = text[:max(room, 0)]
+        if len(piece) < len(text):
+            self.truncated = True
+        if piece:
+            self.parts.append(piece)
+            self.size += len(piece)
+        return len(text)
+    def value(self):
+        text = "".join(self.parts)
+        if self.truncated:
+            text += "\n[logs truncated at %d characters]\n" % self.limit
+        return text
+
+FORMAT = logging.Formatter("%(levelname)s %(name)s: %(message)s")
+logging.getLogger("taskfleet.step").setLevel(logging.INFO)
+
+def start(limit):
+    capture = Capture(limit)
+    handler = logging.StreamHandler(capture)
+    handler.setFormatter(FORMAT)
+    logging.getLogger().addHandler(handler)
+    saved = (sys.stdout, sys.stderr)
+    sys.stdout = sys.stderr = capture
+    return (capture, handler, saved)
+
+def finish(state):
+    capture, handler, saved = state
+    sys.stdout, sys.stderr = saved
+    logging.getLogger().removeHandler(handler)
+    return capture.value()
+"#;
+
+/// The default cap on the captured output of one call, in characters.
+pub const DEFAULT_MAX_LOG_CHARS: usize = 64 * 1024;
+
+/// What a call came to: the step's output or error, and what it printed or logged.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PythonOutput {
+    /// The output, or why the step failed.
+    pub result: Result<Value, StepError>,
+    /// What the step printed or logged, capped; empty if nothing.
+    pub logs: String,
+}
+
 /// Settings of the embedded interpreter.
 #[derive(Debug, Clone, Default)]
 pub struct PythonSettings {
+    /// The most characters of a call's output kept as its logs (0: the default).
+    pub max_log_chars: usize,
     /// Directories prepended to `sys.path`, the first one searched first.
     pub python_path: Vec<PathBuf>,
     /// A virtualenv whose `lib/pythonX.Y/site-packages` is added, for the running X.Y.
@@ -163,7 +223,7 @@ struct Job {
     target: PythonTarget,
     input: Value,
     ctx: StepContext,
-    reply: oneshot::Sender<Result<Value, StepError>>,
+    reply: oneshot::Sender<PythonOutput>,
 }
 
 impl PythonExecutor {
@@ -209,12 +269,11 @@ impl PythonExecutor {
     /// timeout or a cancellation) abandons the call: if it has not started it never runs, and if
     /// it is running the step is interrupted by an exception raised in its Python code. Code
     /// blocked in C (a `time.sleep`, a socket read) only sees the interrupt when it returns.
-    pub async fn call(
-        &self,
-        target: PythonTarget,
-        input: Value,
-        ctx: StepContext,
-    ) -> Result<Value, StepError> {
+    pub async fn call(&self, target: PythonTarget, input: Value, ctx: StepContext) -> PythonOutput {
+        let stopped = || PythonOutput {
+            result: Err(interpreter_stopped()),
+            logs: String::new(),
+        };
         let id = self.shared.next_job.fetch_add(1, Ordering::Relaxed);
         let (reply_tx, reply_rx) = oneshot::channel();
         let job = Job {
@@ -225,10 +284,9 @@ impl PythonExecutor {
             reply: reply_tx,
         };
         // A future dropped while waiting here has not enqueued the job: `send` is cancel safe.
-        self.jobs
-            .send(job)
-            .await
-            .map_err(|_| interpreter_stopped())?;
+        if self.jobs.send(job).await.is_err() {
+            return stopped();
+        }
         let mut pending = PendingCall {
             shared: &self.shared,
             job: id,
@@ -237,7 +295,7 @@ impl PythonExecutor {
         };
         let outcome = (&mut pending.reply).await;
         pending.finished = true;
-        outcome.unwrap_or_else(|_| Err(interpreter_stopped()))
+        outcome.unwrap_or_else(|_| stopped())
     }
 }
 
@@ -245,7 +303,7 @@ impl PythonExecutor {
 struct PendingCall<'a> {
     shared: &'a Arc<Shared>,
     job: u64,
-    reply: oneshot::Receiver<Result<Value, StepError>>,
+    reply: oneshot::Receiver<PythonOutput>,
     finished: bool,
 }
 
@@ -369,10 +427,13 @@ fn interpreter_thread(
                 shared.running.store(0, Ordering::SeqCst);
                 continue;
             }
-            let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| {
+            let capture = runtime.start_capture(py);
+            let result = std::panic::catch_unwind(AssertUnwindSafe(|| {
                 runtime.run(py, &job.target, &job.input, &job.ctx)
             }))
             .unwrap_or_else(|panic| Err(panicked(&*panic)));
+            let logs = runtime.finish_capture(py, capture);
+            let outcome = PythonOutput { result, logs };
             if shared.interrupted.load(Ordering::SeqCst) == job.id {
                 // An interrupt that arrived after the step's last bytecode is still pending and
                 // would hit the next job.
@@ -431,6 +492,10 @@ struct CodeModule {
 struct Runtime {
     /// `taskfleet.Context`, from the installed package or the bundled copy.
     context_type: Py<PyAny>,
+    /// The module of [`CAPTURE_SOURCE`].
+    capture: Py<PyModule>,
+    /// The cap on a call's captured output, in characters.
+    max_log_chars: usize,
     /// Callables resolved successfully; failures are not cached so a fixed module loads.
     loaded: HashMap<PythonTarget, Loaded>,
     code_modules: Vec<CodeModule>,
@@ -475,11 +540,61 @@ impl Runtime {
 
         let context_type = context_type(py)
             .map_err(|error| start_error(py, "loading taskfleet.Context", &error))?;
+        let capture = PyModule::from_code(
+            py,
+            CAPTURE_SOURCE,
+            c"taskfleet_capture.py",
+            c"_taskfleet_capture",
+        )
+        .map_err(|error| start_error(py, "loading the output capture", &error))?
+        .unbind();
+        let max_log_chars = if settings.max_log_chars == 0 {
+            DEFAULT_MAX_LOG_CHARS
+        } else {
+            settings.max_log_chars
+        };
         Ok(Self {
             context_type,
+            capture,
+            max_log_chars,
             loaded: HashMap::new(),
             code_modules: Vec::new(),
         })
+    }
+
+    /// Points the step's output at a capture; `None` (logged) if that failed, and the step
+    /// then runs uncaptured.
+    fn start_capture<'py>(&self, py: Python<'py>) -> Option<Bound<'py, PyAny>> {
+        match self
+            .capture
+            .bind(py)
+            .call_method1("start", (self.max_log_chars,))
+        {
+            Ok(state) => Some(state),
+            Err(error) => {
+                tracing::warn!(error = %describe(py, &error), "capturing a python step's output");
+                None
+            }
+        }
+    }
+
+    /// Restores the output and returns what the step printed or logged.
+    fn finish_capture(&self, py: Python<'_>, state: Option<Bound<'_, PyAny>>) -> String {
+        let Some(state) = state else {
+            return String::new();
+        };
+        match self
+            .capture
+            .bind(py)
+            .call_method1("finish", (state,))
+            .and_then(|logs| logs.extract::<String>())
+        {
+            Ok(logs) => logs,
+            Err(error) => {
+                tracing::warn!(error = %describe(py, &error), "reading a python step's output");
+                String::new()
+            }
+        }
     }
 
     /// Runs one step call: resolves the callable, converts the input, calls, settles a
@@ -1316,6 +1431,7 @@ not_callable = 42
             let settings = PythonSettings {
                 python_path: vec![first, second],
                 virtual_env: None,
+                max_log_chars: 0,
             };
             let executor = PythonExecutor::start(settings).expect("starting the interpreter");
             Fixture { executor, dir }
@@ -1343,6 +1459,41 @@ not_callable = 42
         tokio::time::timeout(Duration::from_secs(30), call)
             .await
             .expect("the python call finished in time")
+            .result
+    }
+
+    #[tokio::test]
+    async fn printed_and_logged_output_is_captured_per_call() {
+        let target = PythonTarget::Code {
+            source: "import logging, sys\n\ndef main(input, ctx):\n    print('hello', input)\n    ctx.logger.info('working on %s', input)\n    logging.getLogger('quiet').info('not captured below WARNING')\n    logging.getLogger('loud').warning('careful')\n    print('oops', file=sys.stderr)\n    return input\n".to_owned(),
+        };
+        let output = fixture().executor.call(target, json!(7), ctx()).await;
+        assert_eq!(output.result, Ok(json!(7)));
+        let logs = output.logs;
+        assert!(logs.contains("hello 7\n"), "{logs:?}");
+        assert!(
+            logs.contains("INFO taskfleet.step.price: working on 7"),
+            "{logs:?}"
+        );
+        assert!(logs.contains("WARNING loud: careful"), "{logs:?}");
+        assert!(logs.contains("oops"), "{logs:?}");
+        assert!(!logs.contains("not captured"), "{logs:?}");
+        // The next call starts with nothing, and output is capped.
+        let chatty = PythonTarget::Code {
+            source: "def main(input):\n    print('x' * 200000)\n".to_owned(),
+        };
+        let output = fixture().executor.call(chatty, json!(null), ctx()).await;
+        assert!(
+            output.logs.len() < super::DEFAULT_MAX_LOG_CHARS + 100,
+            "{}",
+            output.logs.len()
+        );
+        assert!(
+            output
+                .logs
+                .ends_with("[logs truncated at 65536 characters]\n")
+        );
+        assert!(!output.logs.contains("hello"));
     }
 
     async fn step(name: &str, input: Value) -> Result<Value, StepError> {
@@ -1704,13 +1855,15 @@ not_callable = 42
         let settings = PythonSettings {
             python_path: Vec::new(),
             virtual_env: Some(venv.clone()),
+            max_log_chars: 0,
         };
         let venv_dir = venv;
         // A second executor shares the interpreter, and with it sys.path.
         let executor = PythonExecutor::start(settings).expect("starting with a virtualenv");
         let output = executor
             .call(function("venv_only_module", "hello"), json!("venv"), ctx())
-            .await;
+            .await
+            .result;
         assert_eq!(output, Ok(json!("hi venv")));
         drop(executor);
         let _ = std::fs::remove_dir_all(venv_dir);
@@ -1723,6 +1876,7 @@ not_callable = 42
         let settings = PythonSettings {
             python_path: Vec::new(),
             virtual_env: Some(venv.clone()),
+            max_log_chars: 0,
         };
         let error = PythonExecutor::start(settings).expect_err("the virtualenv is empty");
         assert!(
