@@ -803,6 +803,7 @@ pub async fn claim_undispatched(
              SELECT t.id FROM tasks t JOIN runs r ON r.id = t.run_id
              WHERE r.namespace = $1 AND r.status = 'running'
                AND t.status = 'queued' AND t.dispatched_at IS NULL AND t.due_at IS NULL
+               AND t.items_total IS NULL
                AND coalesce(t.relayed_at, t.created_at) < now() - make_interval(secs => $2)
              ORDER BY t.created_at LIMIT $3
              FOR UPDATE OF t SKIP LOCKED)

@@ -141,3 +141,22 @@ async fn cancelling_a_running_fan_out_cancels_its_items() {
         started.elapsed()
     );
 }
+
+#[tokio::test]
+async fn the_relay_leaves_a_fan_out_step_waiting_for_its_items_alone() {
+    let fleet = TestFleet::start_with(FleetOptions {
+        workers: 1,
+        concurrency: 2,
+        scheduler_env: vec![("TASKFLEET_RELAY_AFTER_S".into(), "1".into())],
+        ..FleetOptions::default()
+    })
+    .await
+    .unwrap();
+    // Long enough for the relay to look at the step's own row several times.
+    let definition = json!({"steps": [
+        {"id": "each", "python": "fleet_steps:slow", "for_each": "[range(.) | {sleep: 0.2}]"}
+    ]});
+    let run = fleet.run(&definition, &json!(20)).await;
+    assert_eq!(run["status"], "succeeded", "{run:#}");
+    assert_eq!(run["output"].as_array().unwrap().len(), 20);
+}
