@@ -149,6 +149,32 @@ impl Broker {
             .await
     }
 
+    /// Returns the messages ready and the consumers of a task queue, or `None` if the broker
+    /// has no such queue. Each look-up uses a channel of its own: a passive declaration of a
+    /// missing queue closes its channel.
+    pub async fn queue_counts(&self, queue: &str) -> Result<Option<(u32, u32)>, lapin::Error> {
+        let channel = self.connection.create_channel().await?;
+        let declared = channel
+            .queue_declare(
+                self.namespace.task_queue(queue).into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..QueueDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await;
+        match declared {
+            Ok(found) => {
+                let _ = channel.close(200, "done".into()).await;
+                Ok(Some((found.message_count(), found.consumer_count())))
+            }
+            // NOT_FOUND closes the channel by itself; any other error is the connection's.
+            Err(error) if error.to_string().contains("NOT_FOUND") => Ok(None),
+            Err(error) => Err(error),
+        }
+    }
+
     /// Returns whether the connection is up.
     pub fn is_connected(&self) -> bool {
         self.connection.status().connected()

@@ -999,6 +999,23 @@ pub async fn stats(
     Ok((runs, tasks))
 }
 
+/// Returns, per task queue of `namespace`, how many tasks are dispatched and not finished
+/// (waiting in the broker or held by a worker).
+pub async fn dispatched_by_queue(
+    db: &PgPool,
+    namespace: &str,
+) -> Result<Vec<(String, i64)>, StoreError> {
+    Ok(sqlx::query_as(
+        "SELECT t.queue, count(*) FROM tasks t JOIN runs r ON r.id = t.run_id
+         WHERE r.namespace = $1 AND r.status = 'running' AND t.status = 'queued'
+           AND t.dispatched_at IS NOT NULL
+         GROUP BY t.queue",
+    )
+    .bind(namespace)
+    .fetch_all(db)
+    .await?)
+}
+
 /// Checks that the database answers.
 pub async fn ping(db: &PgPool) -> Result<(), StoreError> {
     sqlx::query("SELECT 1").execute(db).await?;

@@ -4,6 +4,7 @@
 //! [`crate::store`] and [`crate::accept`]; they hold no SQL.
 
 mod error;
+mod fleet;
 mod runs;
 mod views;
 mod workflows;
@@ -68,6 +69,8 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/tasks/{id}", get(runs::show_job))
         .route("/v1/tasks/{id}/cancel", post(runs::cancel_job))
         .route("/v1/stats", get(stats))
+        .route("/v1/workers", get(fleet::workers))
+        .route("/v1/queues", get(fleet::queues))
         .fallback(not_found)
         .layer(axum::extract::DefaultBodyLimit::max(limit))
         .layer(tower_http::catch_panic::CatchPanicLayer::new())
