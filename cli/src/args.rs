@@ -38,6 +38,10 @@ pub enum Command {
     Cancel(StatusArgs),
     /// Lists the registered workflows, or shows one (its latest version, or --version N)
     Workflows(WorkflowsArgs),
+    /// Lists the live workers: queues, concurrency, tasks running, last heartbeat
+    Workers,
+    /// Lists the task queues: tasks ready, in flight, consumers
+    Queues,
 }
 
 /// The arguments of `taskfleet workflows`.

@@ -243,6 +243,13 @@ impl Client {
         self.send(Method::POST, &url, request).await
     }
 
+    /// Returns the answer of a `GET` of the API path made of `segments`.
+    pub async fn get(&self, segments: &[&str]) -> Result<Value, ApiError> {
+        let url = self.url(segments);
+        let request = self.http.get(url.clone()).timeout(REQUEST_TIMEOUT);
+        self.send(Method::GET, &url, request).await
+    }
+
     /// Returns `GET /v1/workflows`, or `GET /v1/workflows/{name}[?version=N]` for one.
     pub async fn workflows(
         &self,

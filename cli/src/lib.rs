@@ -120,7 +120,16 @@ async fn dispatch(command: Command, api_url: &str) -> Result<Exit, CliError> {
         Command::Wait(wait_args) => wait(&client, wait_args).await,
         Command::Cancel(cancel_args) => cancel(&client, cancel_args).await,
         Command::Workflows(workflows_args) => workflows(&client, workflows_args).await,
+        Command::Workers => show(&client, &["v1", "workers"]).await,
+        Command::Queues => show(&client, &["v1", "queues"]).await,
     }
+}
+
+/// `taskfleet workers` and `taskfleet queues`: prints what the API answers at a path.
+async fn show(client: &Client, segments: &[&str]) -> Result<Exit, CliError> {
+    let answer = client.get(segments).await?;
+    emit(&report::pretty(&answer))?;
+    Ok(Exit::Success)
 }
 
 /// `taskfleet cancel`: cancels a run or job and prints the answer.

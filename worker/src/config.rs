@@ -27,6 +27,8 @@ pub struct Config {
     pub virtual_env: Option<PathBuf>,
     /// This worker's id, unique in the fleet.
     pub worker_id: String,
+    /// The host the worker runs on, as shown by `GET /v1/workers`.
+    pub host: String,
     /// How long a lease lives without renewal.
     pub lease_ttl: Duration,
     /// How long in-flight tasks may take to finish after SIGTERM.
@@ -111,7 +113,14 @@ impl Config {
         if let Some(extra) = get("TASKFLEET_PYTHON_PATH") {
             python_path.extend(std::env::split_paths(&extra));
         }
-        let hostname = get("HOSTNAME").unwrap_or_else(|| "worker".to_owned());
+        let hostname = get("HOSTNAME")
+            .or_else(|| {
+                std::fs::read_to_string("/proc/sys/kernel/hostname")
+                    .ok()
+                    .map(|name| name.trim().to_owned())
+                    .filter(|name| !name.is_empty())
+            })
+            .unwrap_or_else(|| "worker".to_owned());
         Ok(Self {
             amqp_url: get("TASKFLEET_AMQP_URL")
                 .unwrap_or_else(|| "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned()),
@@ -128,6 +137,7 @@ impl Config {
                 .virtual_env
                 .clone()
                 .or_else(|| get("VIRTUAL_ENV").map(PathBuf::from)),
+            host: hostname.clone(),
             worker_id: format!(
                 "{hostname}-{}-{}",
                 std::process::id(),

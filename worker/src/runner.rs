@@ -555,7 +555,7 @@ async fn heartbeat_loop(shared: Arc<Shared>, config: Config, shutdown: Cancellat
     let mut interval = tokio::time::interval(period);
     let worker_key = shared.namespace.worker_key(&shared.worker_id);
     let workers_key = shared.namespace.workers_key();
-    let host = std::env::var("HOSTNAME").unwrap_or_default();
+    let host = config.host.clone();
     loop {
         tokio::select! {
             _ = interval.tick() => {}
