@@ -330,11 +330,8 @@ impl TestFleet {
             let _ = scheduler.wait();
         }
         self.kill_workers();
-        let database = self
-            .options
-            .shared_database
-            .is_none()
-            .then(|| self.database.clone());
+        let database = self.database.clone();
+        let owns_database = self.options.shared_database.is_none();
         let namespace = self.namespace.clone();
         // Drop runs outside any runtime the test may still hold, on a thread of its own.
         let cleaner = std::thread::spawn(move || {
@@ -344,7 +341,7 @@ impl TestFleet {
             else {
                 return;
             };
-            runtime.block_on(remove_fleet_state(database.as_deref(), &namespace));
+            runtime.block_on(remove_fleet_state(&database, owns_database, &namespace));
         });
         let _ = cleaner.join();
     }
@@ -363,9 +360,23 @@ impl Drop for TestFleet {
     }
 }
 
-async fn remove_fleet_state(database: Option<&str>, namespace: &str) {
+async fn remove_fleet_state(database: &str, owns_database: bool, namespace: &str) {
     use sqlx::Connection;
-    if let Some(database) = database
+    // Every task queue the fleet used, from its own record.
+    let mut queues = vec!["default".to_owned()];
+    if let Ok(mut db) = sqlx::PgConnection::connect(&format!("{POSTGRES}/{database}")).await {
+        let used: Vec<String> = sqlx::query_scalar(
+            "SELECT DISTINCT t.queue FROM tasks t JOIN runs r ON r.id = t.run_id
+             WHERE r.namespace = $1",
+        )
+        .bind(namespace)
+        .fetch_all(&mut db)
+        .await
+        .unwrap_or_default();
+        queues.extend(used);
+        let _ = db.close().await;
+    }
+    if owns_database
         && let Ok(mut db) = sqlx::PgConnection::connect(&format!("{POSTGRES}/postgres")).await
     {
         let statement = format!("DROP DATABASE IF EXISTS \"{database}\" WITH (FORCE)");
@@ -376,13 +387,15 @@ async fn remove_fleet_state(database: Option<&str>, namespace: &str) {
     if let Ok(connection) =
         lapin::Connection::connect(AMQP, lapin::ConnectionProperties::default()).await
     {
-        if let Ok(channel) = connection.create_channel().await {
-            for queue in [
-                format!("{namespace}.tasks.default"),
-                format!("{namespace}.completions"),
-            ] {
+        let names = queues
+            .iter()
+            .map(|queue| format!("{namespace}.tasks.{queue}"))
+            .chain([format!("{namespace}.completions")]);
+        for name in names {
+            // One channel each: deleting a queue that is not there closes its channel.
+            if let Ok(channel) = connection.create_channel().await {
                 let _ = channel
-                    .queue_delete(queue.into(), lapin::options::QueueDeleteOptions::default())
+                    .queue_delete(name.into(), lapin::options::QueueDeleteOptions::default())
                     .await;
             }
         }
