@@ -644,6 +644,35 @@ fn json_from_f64(f: f64) -> Value {
     serde_json::Number::from_f64(finite).map_or(Value::Null, Value::Number)
 }
 
+/// The most programs a [`ProgramCache`] keeps before it starts over: definitions are few, so this
+/// only bounds the growth that many one-off inline definitions would cause.
+pub const PROGRAM_CACHE_LIMIT: usize = 10_000;
+
+/// Compiled programs keyed by source text, shared by every caller that clones the cache.
+#[derive(Clone, Default)]
+pub struct ProgramCache {
+    programs: Arc<std::sync::Mutex<std::collections::HashMap<String, Program>>>,
+}
+
+impl ProgramCache {
+    /// Returns the compiled program for `source`, compiling it on first use.
+    pub fn get(&self, source: &str) -> Result<Program, CompileError> {
+        let mut programs = self
+            .programs
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(program) = programs.get(source) {
+            return Ok(program.clone());
+        }
+        let program = Program::compile(source)?;
+        if programs.len() >= PROGRAM_CACHE_LIMIT {
+            programs.clear();
+        }
+        programs.insert(source.to_owned(), program.clone());
+        Ok(program)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -27,9 +27,10 @@ use uuid::Uuid;
 use crate::dispatch::{Dispatch, Dispatcher};
 use crate::engine::{Materialized, finished_run};
 use crate::notify::Notifier;
-use crate::planner::{self, ProgramCache, StepState};
+use crate::planner::{self, StepState};
 use crate::retry;
 use crate::store::{self, Completion, FinishedRun, LockedRun, StoreError};
+use taskfleet_common::jq::ProgramCache;
 
 /// The most completions handled in one transaction; also the consumer's prefetch.
 pub const MAX_BATCH: usize = 512;

@@ -76,7 +76,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         notifier.clone(),
     );
     let writer_task = tokio::spawn(writer);
-    let programs = planner::ProgramCache::default();
+    let programs = taskfleet_common::jq::ProgramCache::default();
     let consumer = broker
         .consume_completions(completions::MAX_BATCH as u16)
         .await

@@ -1,15 +1,14 @@
 //! Planning: given a run's definition, its input and what its steps have done so far, decides
 //! which steps start next (with their inputs), which are skipped, and whether the run is over.
 //!
-//! Pure logic on values: no I/O, no clock. jq programs are compiled through [`ProgramCache`].
+//! Pure logic on values: no I/O, no clock. jq programs come compiled from a [`ProgramCache`].
 
-use std::collections::{BTreeMap, HashMap};
-use std::sync::{Arc, Mutex};
+use std::collections::BTreeMap;
 
 use serde_json::{Map, Value, json};
 use taskfleet_common::definition::{StepDefinition, WorkflowDefinition};
 use taskfleet_common::error::DATAFLOW_ERROR;
-use taskfleet_common::jq::Program;
+use taskfleet_common::jq::ProgramCache;
 use taskfleet_common::{StepError, StepStatus};
 
 /// What a planned step of a run has done so far.
@@ -89,40 +88,20 @@ pub struct Advance {
     pub end: Option<RunEnd>,
 }
 
-/// Compiled jq programs shared by every planning call, keyed by source text.
-#[derive(Clone, Default)]
-pub struct ProgramCache {
-    programs: Arc<Mutex<HashMap<String, Program>>>,
-}
-
-/// The most programs a cache keeps before it starts over; definitions are few, so this is only
-/// a bound against unbounded growth from many one-off inline definitions.
-const PROGRAM_CACHE_LIMIT: usize = 10_000;
-
-impl ProgramCache {
-    /// Returns the compiled program for `source`, compiling it on first use.
-    pub fn get(&self, source: &str) -> Result<Program, StepError> {
-        let mut programs = self
-            .programs
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if let Some(program) = programs.get(source) {
-            return Ok(program.clone());
-        }
-        let program = Program::compile(source)
-            .map_err(|error| StepError::new(DATAFLOW_ERROR, error.to_string()))?;
-        if programs.len() >= PROGRAM_CACHE_LIMIT {
-            programs.clear();
-        }
-        programs.insert(source.to_owned(), program.clone());
-        Ok(program)
-    }
-
-    fn run(&self, field: &str, source: &str, input: Value) -> Result<Value, StepError> {
-        self.get(source)?.run(input).map_err(|error| {
-            StepError::new(DATAFLOW_ERROR, format!("`{field}` program failed: {error}"))
-        })
-    }
+/// Runs the program `source` of a step's `field` from the cache; any failure is the step's
+/// `dataflow_error`.
+fn run_program(
+    programs: &ProgramCache,
+    field: &str,
+    source: &str,
+    input: Value,
+) -> Result<Value, StepError> {
+    let program = programs
+        .get(source)
+        .map_err(|error| StepError::new(DATAFLOW_ERROR, error.to_string()))?;
+    program.run(input).map_err(|error| {
+        StepError::new(DATAFLOW_ERROR, format!("`{field}` program failed: {error}"))
+    })
 }
 
 /// Computes a step's input from the run input and the outputs of its dependencies: its `input`
@@ -147,7 +126,7 @@ fn step_input(
             .map(|(id, state)| (id.clone(), state.output.clone().unwrap_or(Value::Null)))
             .collect();
         let scope = json!({"input": run_input, "steps": steps});
-        return programs.run("input", program, scope);
+        return run_program(programs, "input", program, scope);
     }
     Ok(match step.after.as_slice() {
         [] => run_input.clone(),
@@ -255,7 +234,7 @@ fn decide(
         ));
     }
     if let Some(when) = &step.when {
-        match programs.run("when", when, input.clone()) {
+        match run_program(programs, "when", when, input.clone()) {
             Ok(verdict) if !truthy(&verdict) => {
                 return Planned::Skip {
                     step_id: step.id.clone(),
@@ -271,7 +250,7 @@ fn decide(
             input,
         };
     };
-    match programs.run("for_each", for_each, input).map(items) {
+    match run_program(programs, "for_each", for_each, input).map(items) {
         Ok(Ok(items)) => Planned::FanOut {
             step_id: step.id.clone(),
             items,

@@ -26,8 +26,8 @@ use crate::accept::Acceptor;
 use crate::broker::Broker;
 use crate::config::Config;
 use crate::notify::Notifier;
-use crate::planner::ProgramCache;
 use crate::store;
+use taskfleet_common::jq::ProgramCache;
 
 /// What every handler can reach.
 #[derive(Clone)]

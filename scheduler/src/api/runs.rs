@@ -12,7 +12,7 @@ use serde::Deserialize;
 use serde_json::{Map, Value, json};
 use taskfleet_common::definition::StepDefinition;
 use taskfleet_common::names::is_valid_name;
-use taskfleet_common::{TaskId, WorkflowDefinition};
+use taskfleet_common::{RunStatus, TaskId, WorkflowDefinition};
 use uuid::Uuid;
 
 use super::views::run_view;
@@ -21,8 +21,9 @@ use super::{ApiError, AppState, JsonBody, QueryParams};
 use crate::accept::{Accepted, Submission};
 use crate::engine::{Materialized, finished_run};
 use crate::notify::Notifier;
-use crate::planner::{self, ProgramCache};
+use crate::planner;
 use crate::store::{self, NewRun, RunFilter};
+use taskfleet_common::jq::ProgramCache;
 
 /// The longest idempotency key accepted.
 const MAX_IDEMPOTENCY_KEY_LEN: usize = 256;
@@ -51,6 +52,14 @@ enum RunKind {
 }
 
 impl RunKind {
+    /// Returns what the API calls one of this kind in messages.
+    fn noun(self) -> &'static str {
+        match self {
+            Self::Workflow => "run",
+            Self::Job => "task",
+        }
+    }
+
     fn as_str(self) -> &'static str {
         match self {
             Self::Workflow => "workflow",
@@ -300,10 +309,7 @@ async fn show_kind(
     kind: RunKind,
     wait: Option<f64>,
 ) -> Result<Json<Value>, ApiError> {
-    let what = match kind {
-        RunKind::Workflow => "run",
-        RunKind::Job => "task",
-    };
+    let what = kind.noun();
     let id = parse_id(id, what)?;
     let wait = match wait {
         Some(seconds) if !(seconds.is_finite() && seconds >= 0.0) => {
@@ -326,7 +332,7 @@ async fn show_kind(
         )
         .await?
         .ok_or_else(|| ApiError::not_found(format!("no {what} with id {id}")))?;
-        let done = matches!(run.status.as_str(), "succeeded" | "failed" | "cancelled");
+        let done = RunStatus::parse(&run.status).is_some_and(RunStatus::is_finished);
         let now = tokio::time::Instant::now();
         // A stopping scheduler answers long polls at once with what it has.
         if done || now >= deadline || state.shutdown.is_cancelled() {
@@ -408,7 +414,7 @@ pub async fn list(
     QueryParams(query): QueryParams<ListQuery>,
 ) -> Result<Json<Value>, ApiError> {
     if let Some(status) = &query.status
-        && taskfleet_common::RunStatus::parse(status).is_none()
+        && RunStatus::parse(status).is_none()
     {
         return Err(ApiError::bad_request(format!(
             "status {status:?} is not one of pending, running, succeeded, failed, cancelled"
@@ -539,10 +545,7 @@ pub async fn cancel_job(
 }
 
 async fn cancel_kind(state: &AppState, id: &str, kind: RunKind) -> Result<Json<Value>, ApiError> {
-    let what = match kind {
-        RunKind::Workflow => "run",
-        RunKind::Job => "task",
-    };
+    let what = kind.noun();
     let id = parse_id(id, what)?;
     let namespace = &state.config.namespace;
     match store::cancel_run(&state.db, namespace.as_str(), id, kind.as_str()).await? {
