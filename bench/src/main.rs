@@ -2,18 +2,30 @@
 //! binaries beside this one) against the local PostgreSQL, RabbitMQ and Redis:
 //! - latency: submit → result of one-step runs, one at a time (p50, p99);
 //! - throughput: many one-step jq runs submitted at once through the batch API, from the first
-//!   submit to the last completion as recorded by the scheduler.
+//!   submit to the last completion as recorded by the scheduler;
+//! - fan-out: a `for_each` of a no-op Python step and its join;
+//! - Python on one worker: no-op Python runs per second on a fleet of one worker;
+//! - executor cost: a worker's own time for one no-op step of each kind, through the executors
+//!   the worker uses, with no broker or database in the way.
 //!
 //! Run it from a release build: `cargo build --release --bins && target/release/taskfleet-bench`.
 
 #![allow(clippy::print_stdout, reason = "a benchmark's report is its output")]
 
+use std::num::NonZeroUsize;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
 use clap::Parser;
 use serde_json::{Value, json};
+use taskfleet_common::definition::StepKind;
+use taskfleet_common::protocol::{PROTOCOL_VERSION, TaskMessage};
+use taskfleet_common::{RunId, TaskId};
 use taskfleet_tests::{FleetOptions, TestFleet};
+use taskfleet_worker::executor::dataflow::DataflowExecutor;
+use taskfleet_worker::executor::pool::{PoolSettings, PythonPool};
+use taskfleet_worker::executor::python::PythonSettings;
+use taskfleet_worker::runner::Executors;
 
 /// Benchmarks of a real fleet on this machine.
 #[derive(Debug, Parser)]
@@ -34,6 +46,12 @@ struct Args {
     /// Times each fan-out is run; the median is reported.
     #[arg(long, default_value_t = 3)]
     fan_out_rounds: usize,
+    /// One-step no-op Python runs submitted at once to a fleet of one worker.
+    #[arg(long, default_value_t = 10_000)]
+    python_runs: usize,
+    /// Sequential calls of each kind timed for the executor cost.
+    #[arg(long, default_value_t = 20_000)]
+    executor_calls: usize,
 }
 
 /// Runs a `for_each` of a no-op Python step over `items` elements followed by a jq join, and
@@ -113,8 +131,63 @@ async fn latency(fleet: &TestFleet, step: &Value, runs: usize) -> Result<Vec<Dur
     Ok(timings)
 }
 
-async fn throughput(fleet: &TestFleet, runs: usize) -> Result<(Duration, f64)> {
-    let definition = json!({"steps": [{"id": "noop", "dataflow": "."}]});
+/// Times `calls` sequential no-op steps of each kind through the worker's executors (a jq `.`
+/// on the blocking pool; a Python no-op on one executor process); returns the sorted timings of
+/// (jq, Python).
+async fn executor_cost(calls: usize) -> Result<(Vec<Duration>, Vec<Duration>)> {
+    let python = PythonPool::start(PoolSettings {
+        program: taskfleet_tests::bin_dir().join("taskfleet-worker"),
+        executors: NonZeroUsize::MIN,
+        max_tasks: None,
+        max_rss_bytes: None,
+        kill_grace: Duration::from_secs(2),
+        python: PythonSettings::default(),
+    })
+    .await?;
+    let executors = Executors {
+        dataflow: DataflowExecutor::default(),
+        python,
+    };
+    let task = |step: StepKind| TaskMessage {
+        version: PROTOCOL_VERSION,
+        task_id: TaskId::new(),
+        run_id: RunId::new(),
+        step_id: "noop".to_owned(),
+        attempt: 1,
+        step,
+        input: json!({"n": 1}),
+        timeout_s: None,
+    };
+    let jq = task(StepKind::Dataflow {
+        program: ".".to_owned(),
+    });
+    let python = task(StepKind::PythonCode {
+        source: "def main(input):\n    return input\n".to_owned(),
+    });
+    let mut timings = (Vec::with_capacity(calls), Vec::with_capacity(calls));
+    // Alternating the kinds spreads the machine's noise over both alike.
+    for round in 0..calls + 100 {
+        for (task, kind_timings) in [(&jq, &mut timings.0), (&python, &mut timings.1)] {
+            let started = Instant::now();
+            let (result, _) = executors.execute(task, None).await;
+            let elapsed = started.elapsed();
+            ensure!(result.is_ok(), "a no-op step failed: {result:?}");
+            if round >= 100 {
+                kind_timings.push(elapsed);
+            }
+        }
+    }
+    timings.0.sort();
+    timings.1.sort();
+    Ok(timings)
+}
+
+fn us(duration: Duration) -> String {
+    format!("{:.1} µs", duration.as_secs_f64() * 1e6)
+}
+
+async fn throughput(fleet: &TestFleet, runs: usize, step: &Value) -> Result<(Duration, f64)> {
+    let definition = json!({ "steps": [step] });
     let batches: Vec<Value> = (0..runs)
         .collect::<Vec<_>>()
         .chunks(1000)
@@ -217,12 +290,41 @@ async fn main() -> Result<()> {
         ..FleetOptions::default()
     })
     .await?;
-    let (wall, rate) = throughput(&fleet, args.throughput_runs).await?;
+    let jq = json!({"id": "noop", "dataflow": "."});
+    let (wall, rate) = throughput(&fleet, args.throughput_runs, &jq).await?;
     println!(
         "throughput, {} one-step jq runs submitted at once: {:.0} runs/s (first accepted to last finished), {:.2} s wall",
         args.throughput_runs,
         rate,
         wall.as_secs_f64()
+    );
+    drop(fleet);
+    let fleet = TestFleet::start_with(FleetOptions {
+        workers: 1,
+        concurrency: args.concurrency,
+        ..FleetOptions::default()
+    })
+    .await?;
+    let python = json!({"id": "noop", "python": "fleet_steps:echo"});
+    let (wall, rate) = throughput(&fleet, args.python_runs, &python).await?;
+    println!(
+        "python on one worker ({} executors, one per core), {} one-step no-op runs submitted at once: {:.0} runs/s (first accepted to last finished), {:.2} s wall",
+        std::thread::available_parallelism().map_or(1, NonZeroUsize::get),
+        args.python_runs,
+        rate,
+        wall.as_secs_f64()
+    );
+    drop(fleet);
+    let (jq, python) = executor_cost(args.executor_calls).await?;
+    let (jq_p50, python_p50) = (percentile(&jq, 0.5), percentile(&python, 0.5));
+    println!(
+        "executor cost, {} sequential no-op calls each: jq p50 {}, p99 {}; python p50 {}, p99 {}; python over jq p50 +{}",
+        args.executor_calls,
+        us(jq_p50),
+        us(percentile(&jq, 0.99)),
+        us(python_p50),
+        us(percentile(&python, 0.99)),
+        us(python_p50.saturating_sub(jq_p50)),
     );
     Ok(())
 }

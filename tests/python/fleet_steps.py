@@ -64,7 +64,16 @@ def spin(_value):
 
 
 def crash(_value):
-    """Takes its worker down, as a segfaulting C extension would."""
+    """Takes its worker down (the parent of the executor process running it)."""
+    import os
+    import signal
+
+    os.kill(os.getppid(), signal.SIGKILL)
+    time.sleep(60)
+
+
+def crash_executor(_value):
+    """Ends the executor process running it, as a segfaulting C extension would."""
     import os
     import signal
 

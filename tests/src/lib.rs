@@ -34,6 +34,8 @@ pub struct FleetOptions {
     pub scheduler_env: Vec<(String, String)>,
     /// Use this existing database (of another fleet) instead of a new one; it is left in place.
     pub shared_database: Option<String>,
+    /// Extra command-line arguments of every worker.
+    pub worker_args: Vec<String>,
 }
 
 impl Default for FleetOptions {
@@ -43,6 +45,7 @@ impl Default for FleetOptions {
             concurrency: 4,
             scheduler_env: Vec::new(),
             shared_database: None,
+            worker_args: Vec::new(),
         }
     }
 }
@@ -169,6 +172,11 @@ impl TestFleet {
 
     /// Starts one more worker.
     pub fn start_worker(&mut self) -> Result<()> {
+        self.start_worker_with(&[])
+    }
+
+    /// Starts one more worker with extra command-line arguments (after those of the options).
+    pub fn start_worker_with(&mut self, extra: &[&str]) -> Result<()> {
         let index = self.started_workers;
         self.started_workers += 1;
         let (stdout, stderr) = self.log(&format!("worker-{index}"))?;
@@ -180,6 +188,8 @@ impl TestFleet {
             .arg(root.join("examples/steps"))
             .arg("--concurrency")
             .arg(self.options.concurrency.to_string())
+            .args(&self.options.worker_args)
+            .args(extra)
             .env("TASKFLEET_AMQP_URL", AMQP)
             .env("TASKFLEET_REDIS_URL", REDIS)
             .env("TASKFLEET_NAMESPACE", &self.namespace)

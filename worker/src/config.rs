@@ -35,6 +35,14 @@ pub struct Config {
     pub shutdown_grace: Duration,
     /// The most characters of a Python step's printed and logged output kept per attempt.
     pub max_log_chars: usize,
+    /// How many Python executor processes run at once.
+    pub python_executors: NonZeroUsize,
+    /// Retire a Python executor after this many calls.
+    pub python_max_tasks: Option<u64>,
+    /// Retire a Python executor whose resident memory is above this many MiB after a call.
+    pub python_max_rss_mb: Option<u64>,
+    /// How long an interrupted Python step has to end before its executor is killed.
+    pub python_kill_grace: Duration,
 }
 
 /// Describes a configuration value that could not be used.
@@ -58,6 +66,12 @@ pub struct Overrides {
     pub virtual_env: Option<PathBuf>,
     /// `--namespace`.
     pub namespace: Option<String>,
+    /// `--python-executors N`.
+    pub python_executors: Option<usize>,
+    /// `--python-max-tasks N`.
+    pub python_max_tasks: Option<u64>,
+    /// `--python-max-rss-mb N`.
+    pub python_max_rss_mb: Option<u64>,
 }
 
 fn parse<T: std::str::FromStr>(variable: &'static str, text: &str) -> Result<T, ConfigError>
@@ -113,6 +127,39 @@ impl Config {
         if let Some(extra) = get("TASKFLEET_PYTHON_PATH") {
             python_path.extend(std::env::split_paths(&extra));
         }
+        let cores = std::thread::available_parallelism().map_or(1, NonZeroUsize::get);
+        let setting = |flag: Option<String>, variable: &'static str, default: String| {
+            let text = flag.or_else(|| get(variable)).unwrap_or(default);
+            (variable, text)
+        };
+        let (variable, executors) = setting(
+            overrides.python_executors.map(|n| n.to_string()),
+            "TASKFLEET_PYTHON_EXECUTORS",
+            cores.to_string(),
+        );
+        let python_executors = parse(variable, &executors)?;
+        // 0 means no limit, for both recycling settings.
+        let (variable, max_tasks) = setting(
+            overrides.python_max_tasks.map(|n| n.to_string()),
+            "TASKFLEET_PYTHON_MAX_TASKS",
+            "0".to_owned(),
+        );
+        let python_max_tasks = Some(parse::<u64>(variable, &max_tasks)?).filter(|n| *n > 0);
+        let (variable, max_rss) = setting(
+            overrides.python_max_rss_mb.map(|n| n.to_string()),
+            "TASKFLEET_PYTHON_MAX_RSS_MB",
+            "0".to_owned(),
+        );
+        let python_max_rss_mb = Some(parse::<u64>(variable, &max_rss)?).filter(|n| *n > 0);
+        let kill_grace: f64 = parse(
+            "TASKFLEET_PYTHON_KILL_GRACE_S",
+            &get("TASKFLEET_PYTHON_KILL_GRACE_S").unwrap_or_else(|| "2".to_owned()),
+        )?;
+        let python_kill_grace =
+            Duration::try_from_secs_f64(kill_grace).map_err(|error| ConfigError {
+                variable: "TASKFLEET_PYTHON_KILL_GRACE_S",
+                message: format!("{kill_grace} is not a duration in seconds: {error}"),
+            })?;
         let hostname = get("HOSTNAME")
             .or_else(|| {
                 std::fs::read_to_string("/proc/sys/kernel/hostname")
@@ -151,6 +198,10 @@ impl Config {
                 "TASKFLEET_MAX_LOG_CHARS",
                 &get("TASKFLEET_MAX_LOG_CHARS").unwrap_or_else(|| "65536".to_owned()),
             )?,
+            python_executors,
+            python_max_tasks,
+            python_max_rss_mb,
+            python_kill_grace,
             shutdown_grace: Duration::from_secs(parse(
                 "TASKFLEET_SHUTDOWN_GRACE_S",
                 &get("TASKFLEET_SHUTDOWN_GRACE_S").unwrap_or_else(|| "30".to_owned()),
@@ -187,6 +238,26 @@ mod tests {
         assert_eq!(config.queues, vec!["a".to_owned(), "b".to_owned()]);
         assert_eq!(config.concurrency.get(), 3);
         assert_eq!(config.virtual_env, Some(PathBuf::from("/venv")));
+        assert_eq!(config.python_max_tasks, None);
+        assert_eq!(config.python_max_rss_mb, None);
+        assert_eq!(config.python_kill_grace, Duration::from_secs(2));
+        let config = Config::load(
+            &env(&[
+                ("TASKFLEET_PYTHON_EXECUTORS", "3"),
+                ("TASKFLEET_PYTHON_MAX_TASKS", "100"),
+                ("TASKFLEET_PYTHON_KILL_GRACE_S", "0.5"),
+            ]),
+            &Overrides {
+                python_executors: Some(5),
+                python_max_rss_mb: Some(512),
+                ..Overrides::default()
+            },
+        )
+        .expect("loads");
+        assert_eq!(config.python_executors.get(), 5);
+        assert_eq!(config.python_max_tasks, Some(100));
+        assert_eq!(config.python_max_rss_mb, Some(512));
+        assert_eq!(config.python_kill_grace, Duration::from_millis(500));
     }
 
     #[test]
@@ -209,5 +280,14 @@ mod tests {
         )
         .expect_err("bad queue");
         assert!(error.to_string().contains("a b"), "{error}");
+        for (variable, value) in [
+            ("TASKFLEET_PYTHON_EXECUTORS", "0"),
+            ("TASKFLEET_PYTHON_MAX_RSS_MB", "lots"),
+            ("TASKFLEET_PYTHON_KILL_GRACE_S", "-1"),
+        ] {
+            let error = Config::load(&env(&[(variable, value)]), &Overrides::default())
+                .expect_err("a bad value");
+            assert!(error.to_string().starts_with(variable), "{error}");
+        }
     }
 }

@@ -1,5 +1,6 @@
-//! `taskfleet-worker`: loads the configuration, starts the Python interpreter, installs logging
-//! and runs the worker until SIGTERM or Ctrl-C, then drains.
+//! `taskfleet-worker`: loads the configuration, starts the pool of Python executor processes,
+//! installs logging and runs the worker until SIGTERM or Ctrl-C, then drains. Started with the
+//! hidden `--python-executor SOCKET` flag, it is one of those executor processes instead.
 
 use std::path::PathBuf;
 
@@ -7,7 +8,9 @@ use anyhow::Context;
 use clap::Parser;
 use taskfleet_worker::config::{Config, Overrides};
 use taskfleet_worker::executor::dataflow::DataflowExecutor;
-use taskfleet_worker::executor::python::{PythonExecutor, PythonSettings};
+use taskfleet_worker::executor::pool::{PoolSettings, PythonPool};
+use taskfleet_worker::executor::process;
+use taskfleet_worker::executor::python::PythonSettings;
 use taskfleet_worker::runner::{self, Executors};
 use tokio_util::sync::CancellationToken;
 
@@ -31,6 +34,22 @@ struct Args {
     /// Prefix of every queue and Redis key (TASKFLEET_NAMESPACE).
     #[arg(long)]
     namespace: Option<String>,
+    /// Python executor processes, each running one Python step at a time (default: one per
+    /// core; TASKFLEET_PYTHON_EXECUTORS).
+    #[arg(long)]
+    python_executors: Option<usize>,
+    /// Replace a Python executor after it ran this many steps (default: 0, never;
+    /// TASKFLEET_PYTHON_MAX_TASKS).
+    #[arg(long)]
+    python_max_tasks: Option<u64>,
+    /// Replace a Python executor whose resident memory is above this many MiB after a step
+    /// (default: 0, no limit; TASKFLEET_PYTHON_MAX_RSS_MB).
+    #[arg(long, value_name = "MIB")]
+    python_max_rss_mb: Option<u64>,
+    /// Run as a Python executor serving the worker listening on this socket (started by the
+    /// worker itself).
+    #[arg(long = "python-executor", hide = true, value_name = "SOCKET")]
+    python_executor: Option<PathBuf>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -41,6 +60,12 @@ fn main() -> anyhow::Result<()> {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .init();
+    if let Some(socket) = args.python_executor {
+        // The executor leaves as soon as its worker closes the connection, even with a step
+        // still running on its interpreter thread.
+        process::serve(&socket)?;
+        std::process::exit(0);
+    }
     let env = std::env::vars().collect();
     let overrides = Overrides {
         queues: args.queues,
@@ -48,17 +73,22 @@ fn main() -> anyhow::Result<()> {
         python_path: args.python_path,
         virtual_env: args.venv,
         namespace: args.namespace,
+        python_executors: args.python_executors,
+        python_max_tasks: args.python_max_tasks,
+        python_max_rss_mb: args.python_max_rss_mb,
     };
     let config = Config::load(&env, &overrides)?;
-    let python = PythonExecutor::start(PythonSettings {
-        max_log_chars: config.max_log_chars,
-        python_path: config.python_path.clone(),
-        virtual_env: config.virtual_env.clone(),
-    })
-    .context("starting the python interpreter")?;
-    let executors = Executors {
-        dataflow: DataflowExecutor::default(),
-        python,
+    let pool = PoolSettings {
+        program: std::env::current_exe().context("finding the worker's own executable")?,
+        executors: config.python_executors,
+        max_tasks: config.python_max_tasks,
+        max_rss_bytes: config.python_max_rss_mb.map(|mib| mib * 1024 * 1024),
+        kill_grace: config.python_kill_grace,
+        python: PythonSettings {
+            max_log_chars: config.max_log_chars,
+            python_path: config.python_path.clone(),
+            virtual_env: config.virtual_env.clone(),
+        },
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -68,6 +98,10 @@ fn main() -> anyhow::Result<()> {
         .build()
         .context("starting the tokio runtime")?;
     runtime.block_on(async {
+        let executors = Executors {
+            dataflow: DataflowExecutor::default(),
+            python: PythonPool::start(pool).await?,
+        };
         let shutdown = CancellationToken::new();
         tokio::spawn(cancel_on_signal(shutdown.clone()));
         runner::run(config, executors, shutdown).await

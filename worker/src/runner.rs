@@ -22,7 +22,7 @@ use redis::aio::ConnectionManager;
 use serde::Deserialize;
 use serde_json::json;
 use taskfleet_common::definition::StepKind;
-use taskfleet_common::error::{CANCELLED, INVALID_OUTPUT, INVALID_TASK, TIMEOUT, WORKER_LOST};
+use taskfleet_common::error::{CANCELLED, INVALID_OUTPUT, INVALID_TASK, WORKER_LOST};
 use taskfleet_common::protocol::{
     self, CompletionMessage, DecodeError, Outcome, PROTOCOL_VERSION, TaskMessage,
 };
@@ -34,7 +34,9 @@ use crate::broker::Broker;
 use crate::config::Config;
 use crate::executor::Executor;
 use crate::executor::dataflow::DataflowExecutor;
-use crate::executor::python::{PythonExecutor, PythonTarget, StepContext};
+use crate::executor::pool::PythonPool;
+use crate::executor::python::{PythonTarget, StepContext};
+use crate::executor::timeout_error;
 
 /// How long a task's result stays in Redis.
 const RESULT_TTL_S: u64 = 24 * 3600;
@@ -45,24 +47,31 @@ pub struct Executors {
     /// jq programs.
     pub dataflow: DataflowExecutor,
     /// Python functions and code.
-    pub python: PythonExecutor,
+    pub python: PythonPool,
 }
 
 impl Executors {
-    /// Runs `task` on the executor of its kind; returns its output or error, and what it
-    /// printed or logged (Python steps).
+    /// Runs `task` on the executor of its kind, failing it with `timeout` past `limit`; returns
+    /// its output or error, and what it printed or logged (Python steps). Dropping the future
+    /// stops a Python step.
     pub async fn execute(
         &self,
         task: &TaskMessage,
+        limit: Option<Duration>,
     ) -> (Result<serde_json::Value, StepError>, Option<String>) {
-        let context = || StepContext {
-            run_id: task.run_id.to_string(),
-            task_id: task.task_id.to_string(),
-            step_id: task.step_id.clone(),
-            attempt: task.attempt,
-        };
         let target = match &task.step {
-            StepKind::Dataflow { .. } => return (self.dataflow.execute(task).await, None),
+            StepKind::Dataflow { .. } => {
+                let executed = self.dataflow.execute(task);
+                // A jq program cannot be stopped: past its limit it finishes on its blocking
+                // thread and its output is dropped.
+                let result = match limit {
+                    Some(limit) => tokio::time::timeout(limit, executed)
+                        .await
+                        .unwrap_or_else(|_| Err(timeout_error(limit))),
+                    None => executed.await,
+                };
+                return (result, None);
+            }
             StepKind::Python { module, function } => PythonTarget::Function {
                 module: module.clone(),
                 function: function.clone(),
@@ -71,9 +80,15 @@ impl Executors {
                 source: source.clone(),
             },
         };
+        let context = StepContext {
+            run_id: task.run_id.to_string(),
+            task_id: task.task_id.to_string(),
+            step_id: task.step_id.clone(),
+            attempt: task.attempt,
+        };
         let output = self
             .python
-            .call(target, task.input.clone(), context())
+            .call(target, task.input.clone(), context, limit)
             .await;
         let logs = (!output.logs.is_empty()).then_some(output.logs);
         (output.result, logs)
@@ -341,23 +356,7 @@ impl Shared {
         let limit = task
             .timeout_s
             .and_then(|seconds| Duration::try_from_secs_f64(seconds).ok());
-        let (result, logs) = match limit {
-            // Dropping the execution on timeout stops a Python step in place (an exception
-            // raised in it); a jq program cannot be stopped and finishes on its blocking thread.
-            Some(limit) => tokio::time::timeout(limit, self.cancellable(task, &cancelled))
-                .await
-                .unwrap_or_else(|_| {
-                    let error = StepError::new(
-                        TIMEOUT,
-                        format!(
-                            "the step ran longer than its timeout of {} s",
-                            limit.as_secs_f64()
-                        ),
-                    );
-                    (Err(error), None)
-                }),
-            None => self.cancellable(task, &cancelled).await,
-        };
+        let (result, logs) = self.cancellable(task, limit, &cancelled).await;
         self.release(task.task_id);
         let outcome = match result {
             Ok(output) => match value::check(&output) {
@@ -398,15 +397,16 @@ impl Shared {
         }
     }
 
-    /// Runs the task's step until it ends or its run is cancelled; dropping the execution
-    /// stops a Python step in place.
+    /// Runs the task's step until it ends, runs out of time or its run is cancelled; dropping
+    /// the execution stops a Python step.
     async fn cancellable(
         &self,
         task: &TaskMessage,
+        limit: Option<Duration>,
         cancelled: &CancellationToken,
     ) -> (Result<serde_json::Value, StepError>, Option<String>) {
         tokio::select! {
-            executed = self.executors.execute(task) => executed,
+            executed = self.executors.execute(task, limit) => executed,
             () = cancelled.cancelled() => {
                 let error = StepError::new(CANCELLED, "the run was cancelled while this task ran");
                 (Err(error), None)

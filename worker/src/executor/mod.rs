@@ -1,15 +1,35 @@
 //! Executors: one per step runtime. Each turns a task's step and input into an output or a step
 //! error; none of them touches the broker or Redis.
+//!
+//! jq programs run in the worker process ([`dataflow`]); Python steps run in a supervised pool of
+//! executor processes ([`pool`]), each embedding one interpreter ([`python`]) and serving the
+//! worker over a socket ([`process`]).
 
 pub mod dataflow;
+pub mod pool;
+pub mod process;
 pub mod python;
+
+use std::time::Duration;
 
 use serde_json::Value;
 use taskfleet_common::StepError;
+use taskfleet_common::error::TIMEOUT;
 use taskfleet_common::protocol::TaskMessage;
 
 /// Runs steps of one kind.
 pub trait Executor {
     /// Runs the step of `task` on its input.
     fn execute(&self, task: &TaskMessage) -> impl Future<Output = Result<Value, StepError>> + Send;
+}
+
+/// The error of an attempt that ran longer than its step's `timeout_s`.
+pub fn timeout_error(limit: Duration) -> StepError {
+    StepError::new(
+        TIMEOUT,
+        format!(
+            "the step ran longer than its timeout of {} s",
+            limit.as_secs_f64()
+        ),
+    )
 }

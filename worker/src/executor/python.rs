@@ -20,9 +20,10 @@ use pyo3::prelude::*;
 use pyo3::types::{
     PyBool, PyDict, PyFloat, PyInt, PyList, PyModule, PyString, PyTraceback, PyTuple, PyType,
 };
+use serde::{Deserialize, Serialize};
 use serde_json::{Map, Number, Value};
 use taskfleet_common::StepError;
-use taskfleet_common::error::{IMPORT_ERROR, INVALID_OUTPUT, WORKER_LOST};
+use taskfleet_common::error::{CANCELLED, IMPORT_ERROR, INVALID_OUTPUT, WORKER_LOST};
 use tokio::sync::{mpsc, oneshot};
 
 /// How many calls may wait for the interpreter thread before `call` waits to enqueue.
@@ -105,7 +106,7 @@ def finish(state):
 pub const DEFAULT_MAX_LOG_CHARS: usize = 64 * 1024;
 
 /// What a call came to: the step's output or error, and what it printed or logged.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct PythonOutput {
     /// The output, or why the step failed.
     pub result: Result<Value, StepError>,
@@ -114,7 +115,7 @@ pub struct PythonOutput {
 }
 
 /// Settings of the embedded interpreter.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct PythonSettings {
     /// The most characters of a call's output kept as its logs (0: the default).
     pub max_log_chars: usize,
@@ -125,7 +126,7 @@ pub struct PythonSettings {
 }
 
 /// Describes what a Python step calls.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum PythonTarget {
     /// A function in an importable module (`"module.path:function"` in a definition).
     Function {
@@ -142,7 +143,7 @@ pub enum PythonTarget {
 }
 
 /// Identity of the attempt, handed to steps that take a `ctx` parameter.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct StepContext {
     /// The run (or standalone task) the step belongs to.
     pub run_id: String,
@@ -211,6 +212,8 @@ struct Shared {
     running: AtomicU64,
     /// The last job an interrupt was delivered to, so the thread can clear one that arrived late.
     interrupted: AtomicU64,
+    /// The last job given up by [`PythonExecutor::abandon`]: skipped if it has not started.
+    abandoned: AtomicU64,
     /// `threading.get_ident()` of the interpreter thread.
     thread_ident: OnceLock<u64>,
     /// The exception class raised inside an interrupted step.
@@ -223,8 +226,40 @@ struct Job {
     target: PythonTarget,
     input: Value,
     ctx: StepContext,
-    reply: oneshot::Sender<PythonOutput>,
+    reply: Reply,
 }
+
+/// Where the outcome of a job goes.
+enum Reply {
+    /// To an async caller awaiting it; a closed receiver means the caller gave up.
+    Awaited(oneshot::Sender<PythonOutput>),
+    /// To a function called on the interpreter thread, without the GIL.
+    Callback(Box<dyn FnOnce(PythonOutput) + Send>),
+}
+
+impl Reply {
+    /// Whether nobody waits for the outcome any more.
+    fn is_closed(&self) -> bool {
+        match self {
+            Self::Awaited(sender) => sender.is_closed(),
+            Self::Callback(_) => false,
+        }
+    }
+
+    fn send(self, output: PythonOutput) {
+        match self {
+            // The caller may have given up meanwhile; then nobody wants the outcome.
+            Self::Awaited(sender) => {
+                let _ = sender.send(output);
+            }
+            Self::Callback(callback) => callback(output),
+        }
+    }
+}
+
+/// Identifies a job handed to [`PythonExecutor::submit`], so it can be abandoned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct JobId(u64);
 
 impl PythonExecutor {
     /// Starts the interpreter on its own OS thread, named `python`, which owns it for the life of
@@ -281,7 +316,7 @@ impl PythonExecutor {
             target,
             input,
             ctx,
-            reply: reply_tx,
+            reply: Reply::Awaited(reply_tx),
         };
         // A future dropped while waiting here has not enqueued the job: `send` is cancel safe.
         if self.jobs.send(job).await.is_err() {
@@ -299,6 +334,80 @@ impl PythonExecutor {
     }
 }
 
+impl PythonExecutor {
+    /// Queues one call from a thread outside any async runtime and returns at once; `done` is
+    /// called with the outcome on the interpreter thread, without the GIL, exactly once (with a
+    /// `worker_lost` error if the interpreter thread has stopped).
+    ///
+    /// Waits while [`JOB_QUEUE_CAPACITY`] calls are queued. Must not be called from async code.
+    pub fn submit(
+        &self,
+        target: PythonTarget,
+        input: Value,
+        ctx: StepContext,
+        done: impl FnOnce(PythonOutput) + Send + 'static,
+    ) -> JobId {
+        let id = self.shared.next_job.fetch_add(1, Ordering::Relaxed);
+        let job = Job {
+            id,
+            target,
+            input,
+            ctx,
+            reply: Reply::Callback(Box::new(done)),
+        };
+        if let Err(mpsc::error::SendError(job)) = self.jobs.blocking_send(job) {
+            job.reply.send(PythonOutput {
+                result: Err(interpreter_stopped()),
+                logs: String::new(),
+            });
+        }
+        JobId(id)
+    }
+
+    /// Gives up a job from [`submit`](Self::submit): if it has not started it is skipped (its
+    /// outcome is a `cancelled` error), and if it is running the step is interrupted by an
+    /// exception raised in its Python code. Either way its `done` is still called when it ends.
+    pub fn abandon(&self, job: JobId) {
+        abandon(&self.shared, job.0);
+    }
+}
+
+/// Marks `job` abandoned and interrupts it if it is running.
+fn abandon(shared: &Arc<Shared>, job: u64) {
+    // Publishing the abandonment first pairs with the interpreter thread, which publishes
+    // `running` before checking it: with a fence on each side, either that thread skips the job
+    // or this one sees it running.
+    shared.abandoned.store(job, Ordering::SeqCst);
+    std::sync::atomic::fence(Ordering::SeqCst);
+    if shared.running.load(Ordering::SeqCst) != job {
+        return;
+    }
+    let shared = Arc::clone(shared);
+    // Taking the GIL can take as long as the running step holds it, so the interrupt is
+    // delivered from a short-lived thread instead of the caller.
+    let spawned = std::thread::Builder::new()
+        .name("python-interrupt".to_owned())
+        .spawn(move || interrupt(&shared, job));
+    if let Err(error) = spawned {
+        tracing::warn!(%error, "spawning a thread to interrupt an abandoned python step");
+    }
+}
+
+/// Makes this process ignore SIGINT and SIGTERM. Call it on the thread that started the first
+/// executor (Python's main thread, the only one that may set signal handlers). Executor
+/// processes use it: the worker they serve decides when they stop, by closing their connection.
+pub fn ignore_termination_signals() -> Result<(), PythonStartError> {
+    const IGNORE: &CStr = cr#"
+import signal
+signal.signal(signal.SIGINT, signal.SIG_IGN)
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+"#;
+    Python::attach(|py| {
+        py.run(IGNORE, None, None)
+            .map_err(|error| start_error(py, "ignoring SIGINT and SIGTERM", &error))
+    })
+}
+
 /// A call waiting for its reply; dropping it unfinished abandons the job.
 struct PendingCall<'a> {
     shared: &'a Arc<Shared>,
@@ -312,24 +421,8 @@ impl Drop for PendingCall<'_> {
         if self.finished {
             return;
         }
-        // Closing the reply first pairs with the interpreter thread, which publishes `running`
-        // before checking whether the reply is closed: with a fence on each side, either that
-        // thread skips the job or this one sees it running.
         self.reply.close();
-        std::sync::atomic::fence(Ordering::SeqCst);
-        if self.shared.running.load(Ordering::SeqCst) != self.job {
-            return;
-        }
-        let shared = Arc::clone(self.shared);
-        let job = self.job;
-        // Taking the GIL can take as long as the running step holds it, so the interrupt is
-        // delivered from a short-lived thread instead of the async task dropping the call.
-        let spawned = std::thread::Builder::new()
-            .name("python-interrupt".to_owned())
-            .spawn(move || interrupt(&shared, job));
-        if let Err(error) = spawned {
-            tracing::warn!(%error, "spawning a thread to interrupt an abandoned python step");
-        }
+        abandon(self.shared, self.job);
     }
 }
 
@@ -422,9 +515,14 @@ fn interpreter_thread(
         while let Some(job) = py.detach(|| jobs.blocking_recv()) {
             shared.running.store(job.id, Ordering::SeqCst);
             std::sync::atomic::fence(Ordering::SeqCst);
-            if job.reply.is_closed() {
+            if job.reply.is_closed() || shared.abandoned.load(Ordering::SeqCst) == job.id {
                 // The caller gave up before the job started.
                 shared.running.store(0, Ordering::SeqCst);
+                let error = StepError::new(CANCELLED, "the step was given up before it started");
+                job.reply.send(PythonOutput {
+                    result: Err(error),
+                    logs: String::new(),
+                });
                 continue;
             }
             let capture = runtime.start_capture(py);
@@ -444,8 +542,7 @@ fn interpreter_thread(
                 }
             }
             shared.running.store(0, Ordering::SeqCst);
-            // The caller may have given up meanwhile; then nobody wants the outcome.
-            let _ = job.reply.send(outcome);
+            py.detach(|| job.reply.send(outcome));
         }
     });
 }

@@ -1,0 +1,240 @@
+//! The Python executor process, and the frames it exchanges with the worker that started it.
+//!
+//! A worker runs its Python steps in executor processes (see [`super::pool`]): each is the
+//! worker's own binary started with [`EXECUTOR_FLAG`] and the path of a Unix socket on which the
+//! worker listens. The executor connects, receives its [`PythonSettings`], starts its interpreter
+//! and then serves one call at a time: its main thread reads frames, the interpreter thread runs
+//! the steps and writes each outcome back itself. A frame is a little-endian `u32` length followed
+//! by that many bytes of JSON.
+//!
+//! The executor ignores SIGINT and SIGTERM: it leaves when the worker closes the connection (or
+//! dies), at once, even in the middle of a step.
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use anyhow::Context;
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use super::python::{
+    PythonExecutor, PythonOutput, PythonSettings, PythonTarget, StepContext,
+    ignore_termination_signals,
+};
+
+/// The hidden command-line flag that makes `taskfleet-worker` an executor process; its value is
+/// the socket to connect to.
+pub const EXECUTOR_FLAG: &str = "--python-executor";
+
+/// The largest frame either side accepts: 512 MiB.
+pub(crate) const MAX_FRAME: usize = 512 * 1024 * 1024;
+
+/// A frame from the worker to an executor.
+#[derive(Debug, Serialize, Deserialize)]
+pub(crate) enum Request {
+    /// The first frame: how to set up the interpreter.
+    Start(PythonSettings),
+    /// Run one step call; the executor answers [`Reply::Done`] with the same id.
+    Run {
+        /// Chosen by the worker, echoed in the reply.
+        id: u64,
+        /// The call.
+        call: Call,
+    },
+    /// Give up the call with this id: skip it or interrupt it. Its `Done` still follows.
+    Stop {
+        /// The call's id.
+        id: u64,
+    },
+}
+
+/// One step call.
+#[derive(Debug, Serialize, Deserialize)]
+pub(crate) struct Call {
+    /// What to call.
+    pub target: PythonTarget,
+    /// The step's input.
+    pub input: Value,
+    /// The attempt's identity.
+    pub ctx: StepContext,
+}
+
+/// [`Request::Run`] made from a borrowed call, so the caller keeps it if sending fails.
+#[derive(Serialize)]
+enum RunRef<'a> {
+    Run { id: u64, call: &'a Call },
+}
+
+/// Encodes a [`Request::Run`] frame.
+pub(crate) fn encode_run(id: u64, call: &Call) -> Vec<u8> {
+    encode(&RunRef::Run { id, call })
+}
+
+/// A frame from an executor to the worker.
+#[derive(Debug, Serialize, Deserialize)]
+pub(crate) enum Reply {
+    /// The interpreter is ready.
+    Ready {
+        /// The executor's process id.
+        pid: u32,
+    },
+    /// The interpreter could not be set up; the executor exits after sending this.
+    StartFailed {
+        /// Why, for the worker's operator.
+        message: String,
+    },
+    /// A call ended.
+    Done {
+        /// The id of its [`Request::Run`].
+        id: u64,
+        /// Its output or error, and what it printed or logged.
+        output: PythonOutput,
+    },
+}
+
+/// Encodes a frame: length prefix and JSON.
+pub(crate) fn encode<T: Serialize>(message: &T) -> Vec<u8> {
+    let mut frame = vec![0; 4];
+    // Serialising these types into a Vec cannot fail: every map key is a string.
+    if let Err(error) = serde_json::to_writer(&mut frame, message) {
+        tracing::error!(%error, "encoding an executor frame");
+    }
+    let length = u32::try_from(frame.len() - 4).unwrap_or(u32::MAX);
+    frame[..4].copy_from_slice(&length.to_le_bytes());
+    frame
+}
+
+/// Reads the length prefix of a frame and checks it.
+pub(crate) fn frame_length(prefix: [u8; 4]) -> std::io::Result<usize> {
+    let length = usize::try_from(u32::from_le_bytes(prefix)).unwrap_or(usize::MAX);
+    if length > MAX_FRAME {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("an executor frame of {length} bytes is over the limit of {MAX_FRAME}"),
+        ));
+    }
+    Ok(length)
+}
+
+/// Decodes a frame's body.
+pub(crate) fn decode<T: DeserializeOwned>(body: &[u8]) -> std::io::Result<T> {
+    serde_json::from_slice(body)
+        .map_err(|error| std::io::Error::new(std::io::ErrorKind::InvalidData, error))
+}
+
+/// Reads one frame, blocking; `None` at the end of the stream.
+fn read_frame<T: DeserializeOwned>(stream: &mut impl Read) -> std::io::Result<Option<T>> {
+    let mut prefix = [0; 4];
+    match stream.read_exact(&mut prefix) {
+        Ok(()) => {}
+        Err(error) if error.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(error) => return Err(error),
+    }
+    let mut body = vec![0; frame_length(prefix)?];
+    stream.read_exact(&mut body)?;
+    decode(&body).map(Some)
+}
+
+/// Runs this process as a Python executor serving the worker listening on `socket`. Returns when
+/// the worker closes the connection; an error if the executor could not start.
+pub fn serve(socket: &Path) -> anyhow::Result<()> {
+    let mut reader = UnixStream::connect(socket)
+        .with_context(|| format!("connecting to the worker at {}", socket.display()))?;
+    let writer = Arc::new(Mutex::new(
+        reader
+            .try_clone()
+            .context("cloning the worker connection")?,
+    ));
+    let send = {
+        let writer = Arc::clone(&writer);
+        move |reply: &Reply| -> std::io::Result<()> {
+            writer
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .write_all(&encode(reply))
+        }
+    };
+    let Some(Request::Start(settings)) = read_frame(&mut reader)? else {
+        anyhow::bail!("the worker did not send the executor's settings first");
+    };
+    let executor = match PythonExecutor::start(settings)
+        .and_then(|executor| ignore_termination_signals().map(|()| executor))
+    {
+        Ok(executor) => executor,
+        Err(error) => {
+            let message = format!("starting the python interpreter: {error}");
+            send(&Reply::StartFailed {
+                message: message.clone(),
+            })?;
+            anyhow::bail!(message);
+        }
+    };
+    send(&Reply::Ready {
+        pid: std::process::id(),
+    })?;
+    // The job the worker is waiting for, if any, so a Stop can reach it.
+    let mut current = None;
+    while let Some(request) = read_frame(&mut reader)? {
+        match request {
+            Request::Run { id, call } => {
+                let send = send.clone();
+                let job = executor.submit(call.target, call.input, call.ctx, move |output| {
+                    if let Err(error) = send(&Reply::Done { id, output }) {
+                        tracing::warn!(%error, "sending a step's outcome to the worker");
+                    }
+                });
+                current = Some((id, job));
+            }
+            Request::Stop { id } => {
+                if let Some((running, job)) = current
+                    && running == id
+                {
+                    executor.abandon(job);
+                }
+            }
+            Request::Start(_) => anyhow::bail!("the worker sent the executor's settings twice"),
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    #[test]
+    fn run_frames_decode_as_requests() {
+        let call = Call {
+            target: PythonTarget::Code {
+                source: "def main(input):\n    return input\n".to_owned(),
+            },
+            input: json!({"n": [1, 2.5, "x", null, u64::MAX]}),
+            ctx: StepContext {
+                run_id: "r".to_owned(),
+                task_id: "t".to_owned(),
+                step_id: "s".to_owned(),
+                attempt: 1,
+            },
+        };
+        let frame = encode_run(7, &call);
+        let length = frame_length(frame[..4].try_into().expect("a prefix")).expect("a length");
+        assert_eq!(length, frame.len() - 4);
+        let Request::Run { id, call: decoded } = decode(&frame[4..]).expect("decodes") else {
+            panic!("not a run request");
+        };
+        assert_eq!(id, 7);
+        assert_eq!(decoded.input, call.input);
+        assert_eq!(decoded.target, call.target);
+    }
+
+    #[test]
+    fn oversized_frames_are_refused() {
+        let prefix = u32::try_from(MAX_FRAME + 1).expect("fits").to_le_bytes();
+        assert!(frame_length(prefix).is_err());
+    }
+}
