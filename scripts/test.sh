@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite: starts (or installs) the services, checks formatting and lints, builds
 # the binaries once, runs every Rust test (unit and integration, against the real PostgreSQL,
-# Redis and RabbitMQ) and the Python package's tests.
+# Redis and RabbitMQ) and the Python package's tests (against a fleet started from those binaries,
+# by scripts/python-tests.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -20,10 +21,5 @@ else
   cargo test --workspace --no-fail-fast
 fi
 
-echo "== python package tests"
-venv=target/python-venv
-if [ ! -x "$venv/bin/python" ]; then
-  python3 -m venv "$venv"
-fi
-"$venv/bin/python" -m pip install --quiet --disable-pip-version-check pytest ./python
-"$venv/bin/python" -m pytest -q python/tests
+echo "== python package tests (against a fleet of their own, from the binaries built above)"
+scripts/python-tests.sh

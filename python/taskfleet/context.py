@@ -9,7 +9,19 @@ from __future__ import annotations
 import logging
 from typing import Optional
 
-__all__ = ["Context"]
+__all__ = ["Context", "StepCancelled"]
+
+
+class StepCancelled(BaseException):
+    """Raised inside a step that must stop: its attempt ran past its ``timeout_s``, or its run
+    was cancelled or failed elsewhere.
+
+    It derives from :class:`BaseException`, like :class:`KeyboardInterrupt`, so that
+    ``except Exception`` blocks in step code do not swallow it. ``finally`` blocks and context
+    managers still run; a step that catches it should clean up and re-raise quickly, because
+    the worker kills the executor process of a step that does not stop within its grace period
+    (``TASKFLEET_PYTHON_KILL_GRACE_S``).
+    """
 
 
 class Context:

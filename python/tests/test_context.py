@@ -67,3 +67,10 @@ def test_context_module_loads_standalone():
 def test_package_is_typed():
     package_dir = pathlib.Path(taskfleet.__file__).parent
     assert (package_dir / "py.typed").is_file()
+
+
+def test_step_cancelled_is_not_an_exception():
+    from taskfleet import StepCancelled
+
+    assert issubclass(StepCancelled, BaseException)
+    assert not issubclass(StepCancelled, Exception)

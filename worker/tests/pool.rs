@@ -127,6 +127,33 @@ async fn spinning_step_is_interrupted_and_its_executor_kept() {
 }
 
 #[tokio::test]
+async fn interrupted_step_can_catch_taskfleet_step_cancelled() {
+    let pool = start(settings(1)).await;
+    let marker = std::env::temp_dir().join(format!("step-cancelled-{}", std::process::id()));
+    let _ = std::fs::remove_file(&marker);
+    let target = PythonTarget::Code {
+        source: "import taskfleet\n\ndef main(path):\n    try:\n        while True:\n            pass\n    except taskfleet.StepCancelled:\n        open(path, 'w').write('cleaned up')\n        raise\n".to_owned(),
+    };
+    let output = pool
+        .call(
+            target,
+            json!(marker.to_str().expect("a UTF-8 path")),
+            ctx(),
+            Some(Duration::from_millis(300)),
+        )
+        .await;
+    assert_eq!(
+        output.result.map_err(|error| error.kind),
+        Err(TIMEOUT.to_owned())
+    );
+    // The step's handler runs after the caller got its answer; the executor waits for it.
+    pid(&pool).await;
+    let written = std::fs::read_to_string(&marker).expect("the handler ran");
+    let _ = std::fs::remove_file(&marker);
+    assert_eq!(written, "cleaned up");
+}
+
+#[tokio::test]
 async fn abandoned_call_is_stopped() {
     let pool = start(settings(1)).await;
     let before = pid(&pool).await;

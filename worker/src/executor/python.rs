@@ -625,18 +625,11 @@ impl Runtime {
             .and_then(|ident| ident.extract())
             .map_err(|error| start_error(py, "reading the interpreter thread's id", &error))?;
         let _ = shared.thread_ident.set(ident);
-        let cancelled = PyErr::new_type(
-            py,
-            c"taskfleet.StepCancelled",
-            Some(c"Raised inside a step whose caller stopped waiting for it (a timeout or a cancellation)."),
-            Some(&py.get_type::<PyBaseException>()),
-            None,
-        )
-        .map_err(|error| start_error(py, "creating the cancellation exception", &error))?;
-        let _ = shared.cancelled_type.set(cancelled);
-
         let context_type = context_type(py)
             .map_err(|error| start_error(py, "loading taskfleet.Context", &error))?;
+        let cancelled = step_cancelled_type(py, context_type.bind(py))
+            .map_err(|error| start_error(py, "creating the cancellation exception", &error))?;
+        let _ = shared.cancelled_type.set(cancelled);
         let capture = PyModule::from_code(
             py,
             CAPTURE_SOURCE,
@@ -871,6 +864,29 @@ fn context_type(py: Python<'_>) -> PyResult<Py<PyAny>> {
     // A `__path__` makes it a package, so `import taskfleet.context` finds the registered module.
     package.setattr("__path__", PyList::empty(py))?;
     Ok(context.getattr("Context")?.unbind())
+}
+
+/// `StepCancelled` from the module that defines `Context`, so steps can catch it as
+/// `taskfleet.StepCancelled`; an installed package too old to have it gets one made here.
+fn step_cancelled_type(py: Python<'_>, context_type: &Bound<'_, PyAny>) -> PyResult<Py<PyType>> {
+    let module: String = context_type.getattr("__module__")?.extract()?;
+    if let Ok(class) = py
+        .import(module.as_str())
+        .and_then(|module| module.getattr("StepCancelled"))
+        && let Ok(class) = class.cast_into::<PyType>()
+        && class.is_subclass_of::<PyBaseException>()?
+    {
+        return Ok(class.unbind());
+    }
+    PyErr::new_type(
+        py,
+        c"taskfleet.StepCancelled",
+        Some(
+            c"Raised inside a step that must stop (its timeout passed, or its run was cancelled).",
+        ),
+        Some(&py.get_type::<PyBaseException>()),
+        None,
+    )
 }
 
 /// Imports a module and returns the named function.

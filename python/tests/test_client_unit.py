@@ -1,0 +1,268 @@
+"""Tests of taskfleet.Client that need no fleet: arguments, and answers from a stub server."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from datetime import datetime, timedelta, timezone
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, Callable, Dict, Iterator, List, Tuple
+from urllib.parse import parse_qs, urlsplit
+
+import pytest
+
+from taskfleet import (
+    ApiError,
+    Client,
+    Conflict,
+    InvalidRequest,
+    NotFound,
+    RunRequest,
+    SchedulerUnreachable,
+    Unavailable,
+    UnexpectedResponse,
+    WaitTimeout,
+)
+from taskfleet.client import DEFAULT_API_URL, _parse_time
+
+# A stub answer: status, content type, body.
+Answer = Tuple[int, str, bytes]
+
+
+def json_answer(status: int, value: Any) -> Answer:
+    return status, "application/json", json.dumps(value).encode()
+
+
+def poll_wait(path: str) -> float:
+    """Returns the ``wait`` parameter of a polled path."""
+    return float(parse_qs(urlsplit(path).query)["wait"][0])
+
+
+RUNNING_RUN = {
+    "id": "r1",
+    "workflow": None,
+    "version": None,
+    "status": "running",
+    "input": None,
+    "output": None,
+    "error": None,
+    "created_at": "2026-11-26T12:00:00.123456Z",
+    "finished_at": None,
+    "steps": {
+        "a": {
+            "task_id": "t1",
+            "status": "running",
+            "attempts": 1,
+            "output": None,
+            "error": None,
+            "logs": None,
+            "started_at": "2026-11-26T12:00:00.2Z",
+            "finished_at": None,
+            "items": {"done": 3, "total": 10},
+        }
+    },
+}
+
+
+class Stub:
+    """An HTTP server answering every request with what ``respond`` returns for it."""
+
+    def __init__(self, respond: Callable[[str, str, bytes], Answer]) -> None:
+        self.requests: List[Tuple[str, str, bytes]] = []
+        stub = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def handle_any(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(length) if length else b""
+                stub.requests.append((self.command, self.path, body))
+                status, content_type, answer = respond(self.command, self.path, body)
+                self.send_response(status)
+                self.send_header("Content-Type", content_type)
+                self.send_header("Content-Length", str(len(answer)))
+                self.end_headers()
+                self.wfile.write(answer)
+
+            do_GET = do_POST = do_PUT = handle_any
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def stub() -> Iterator[Callable[[Callable[[str, str, bytes], Answer]], Stub]]:
+    started: List[Stub] = []
+
+    def start(respond: Callable[[str, str, bytes], Answer]) -> Stub:
+        server = Stub(respond)
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.close()
+
+
+def test_base_url_comes_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TASKFLEET_API_URL", "http://scheduler.example:9000/")
+    assert Client().base_url == "http://scheduler.example:9000"
+    assert Client("http://other:1/api/").base_url == "http://other:1/api"
+    monkeypatch.delenv("TASKFLEET_API_URL")
+    assert Client().base_url == DEFAULT_API_URL == "http://127.0.0.1:8080"
+
+
+def test_bad_arguments_are_refused_before_any_request(monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(ValueError, match="base_url '127.0.0.1:8080' is not an http"):
+        Client("127.0.0.1:8080")
+    monkeypatch.setenv("TASKFLEET_API_URL", "ftp://files")
+    with pytest.raises(ValueError, match="TASKFLEET_API_URL 'ftp://files'"):
+        Client()
+    with pytest.raises(ValueError, match="timeout"):
+        Client("http://127.0.0.1:1", timeout=0)
+    client = Client("http://127.0.0.1:1")
+    with pytest.raises(ValueError, match="version applies to a registered workflow"):
+        client.submit({"steps": []}, version=2)
+    with pytest.raises(TypeError, match="not int"):
+        RunRequest(7).to_json()  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="give input as submit_job's argument"):
+        client.submit_job({"dataflow": ".", "input": 1})
+    with pytest.raises(ValueError, match="needs a name"):
+        client.put_workflow({"steps": []})
+    with pytest.raises(ValueError, match="timeout must be"):
+        client.wait("r1", timeout=-1)
+    with pytest.raises(TypeError, match="cannot be sent as JSON"):
+        client.submit("orders", {1, 2})
+
+
+def test_run_requests_take_the_api_shape() -> None:
+    assert RunRequest("orders", [1], version=3, idempotency_key="k").to_json() == {
+        "workflow": "orders",
+        "version": 3,
+        "input": [1],
+        "idempotency_key": "k",
+    }
+    assert RunRequest({"steps": []}).to_json() == {"definition": {"steps": []}, "input": None}
+
+
+def test_timestamps_are_parsed_whatever_their_precision() -> None:
+    utc = timezone.utc
+    assert _parse_time("2026-11-26T12:41:00Z") == datetime(2026, 11, 26, 12, 41, tzinfo=utc)
+    assert _parse_time("2026-11-26T12:41:00.5Z").microsecond == 500000
+    assert _parse_time("2026-11-26T12:41:00.123456789Z").microsecond == 123456
+    assert _parse_time("2026-11-26T13:41:00.1+01:00") == datetime(
+        2026, 11, 26, 12, 41, 0, 100000, tzinfo=utc
+    )
+
+
+def test_runs_are_read_into_types(stub: Any) -> None:
+    server = stub(lambda method, path, body: json_answer(200, RUNNING_RUN))
+
+    run = Client(server.url).status("r1")
+
+    assert (run.id, run.kind, run.status, run.finished) == ("r1", "run", "running", False)
+    assert run.created_at == datetime(2026, 11, 26, 12, 0, 0, 123456, tzinfo=timezone.utc)
+    step = run.steps["a"]
+    assert (step.id, step.status, step.attempts, step.task_id) == ("a", "running", 1, "t1")
+    assert step.items is not None and (step.items.done, step.items.total) == (3, 10)
+    assert step.started_at is not None and step.started_at - run.created_at == timedelta(
+        microseconds=76544
+    )
+    assert run.raw == RUNNING_RUN
+    assert server.requests == [("GET", "/v1/runs/r1", b"")]
+
+
+def test_error_answers_become_typed_errors(stub: Any) -> None:
+    answers: Dict[str, Answer] = {
+        "/v1/runs/r1/cancel": json_answer(
+            409, {"error": {"code": "conflict", "message": "run r1 has already finished"}}
+        ),
+        "/v1/runs": json_answer(
+            422,
+            {
+                "error": {
+                    "code": "invalid_definition",
+                    "message": 'invalid workflow definition: step "b": bad',
+                    "details": [{"step": "b", "message": "bad"}],
+                }
+            },
+        ),
+        "/v1/runs/r2": json_answer(404, {"error": {"code": "not_found", "message": "no run"}}),
+        "/v1/stats": json_answer(503, {"error": {"code": "unavailable", "message": "db down"}}),
+        "/v1/workers": (502, "text/html", b"<html>bad gateway</html>"),
+        "/v1/queues": (200, "text/plain", b"not json"),
+        "/v1/runs/r3": json_answer(200, {"id": "r3"}),
+    }
+    server = stub(lambda method, path, body: answers[path.split("?")[0]])
+    client = Client(server.url)
+
+    with pytest.raises(Conflict) as conflict:
+        client.cancel("r1")
+    assert str(conflict.value) == (
+        f"POST {server.url}/v1/runs/r1/cancel: 409 conflict: run r1 has already finished"
+    )
+    with pytest.raises(InvalidRequest) as invalid:
+        client.submit({"steps": []})
+    assert invalid.value.details == [{"step": "b", "message": "bad"}]
+    with pytest.raises(NotFound):
+        client.status("r2")
+    with pytest.raises(Unavailable, match="db down"):
+        client.stats()
+    with pytest.raises(ApiError) as gateway:
+        client.workers()
+    assert type(gateway.value) is ApiError
+    assert (gateway.value.status, gateway.value.code) == (502, None)
+    assert gateway.value.message == "<html>bad gateway</html>"
+    with pytest.raises(UnexpectedResponse, match="the body is not JSON"):
+        client.queues()
+    with pytest.raises(UnexpectedResponse, match="run has no 'status'"):
+        client.status("r3")
+
+
+def test_wait_polls_with_a_wait_and_paces_early_answers(stub: Any) -> None:
+    # The stub answers at once, as a scheduler with a low TASKFLEET_MAX_WAIT_S would.
+    server = stub(lambda method, path, body: json_answer(200, RUNNING_RUN))
+    client = Client(server.url)
+
+    started = time.monotonic()
+    with pytest.raises(WaitTimeout) as caught:
+        client.wait("r1", timeout=1.2)
+    elapsed = time.monotonic() - started
+
+    assert 1.2 <= elapsed < 5
+    assert caught.value.run.status == "running"
+    assert 1.1 < poll_wait(server.requests[0][1]) <= 1.2
+    assert 2 <= len(server.requests) <= 5, server.requests
+
+
+def test_a_wait_ends_when_the_run_finishes(stub: Any) -> None:
+    polls: List[str] = []
+
+    def respond(method: str, path: str, body: bytes) -> Answer:
+        polls.append(path)
+        status = "succeeded" if len(polls) >= 2 else "running"
+        return json_answer(200, {**RUNNING_RUN, "status": status, "output": [1]})
+
+    client = Client(stub(respond).url)
+
+    assert client.result("r1", timeout=10) == [1]
+    assert len(polls) == 2
+    assert 9 < poll_wait(polls[0]) <= 10
+
+
+def test_refused_connection_names_the_url() -> None:
+    with pytest.raises(SchedulerUnreachable) as caught:
+        Client("http://127.0.0.1:1").workflows()
+    assert str(caught.value) == (
+        "GET http://127.0.0.1:1/v1/workflows: cannot reach the scheduler: connection refused"
+    )
+    assert isinstance(caught.value, ConnectionError)

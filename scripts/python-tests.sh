@@ -1,0 +1,124 @@
+#!/usr/bin/env bash
+# The Python package's tests against a fleet of their own: starts one scheduler and one worker
+# from the debug binaries (build them first: cargo build --workspace --bins) with their own
+# database, namespace and port, waits until the API is ready and the worker has reported in,
+# runs pytest on python/tests with TASKFLEET_API_URL pointing at the fleet, then stops the
+# fleet and removes its database, queues and Redis keys. Needs PostgreSQL, Redis and RabbitMQ
+# running (scripts/services.sh). Arguments go to pytest: scripts/python-tests.sh -k cancel
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+bin=target/debug
+for binary in taskfleet-scheduler taskfleet-worker; do
+  if [ ! -x "$bin/$binary" ]; then
+    echo "$bin/$binary is missing: run cargo build --workspace --bins first" >&2
+    exit 1
+  fi
+done
+
+venv=target/python-venv
+if [ ! -x "$venv/bin/python" ]; then
+  python3 -m venv "$venv"
+fi
+"$venv/bin/python" -m pip install --quiet --disable-pip-version-check pytest ./python
+
+suffix=$(python3 -c 'import secrets; print(secrets.token_hex(6))')
+port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+database="taskfleet_pytest_$suffix"
+export TASKFLEET_NAMESPACE="pytest$suffix"
+export TASKFLEET_DATABASE_URL="postgres://postgres@127.0.0.1:5432/$database"
+export TASKFLEET_HTTP_ADDR="127.0.0.1:$port"
+export TASKFLEET_API_URL="http://127.0.0.1:$port"
+# A slow step left running must not hold the worker's shutdown for long.
+export TASKFLEET_SHUTDOWN_GRACE_S=5
+logs=target/python-tests
+mkdir -p "$logs"
+scheduler_log="$logs/scheduler.log"
+worker_log="$logs/worker.log"
+
+show_logs() {
+  for log in "$scheduler_log" "$worker_log"; do
+    echo "== $log (last 200 lines)" >&2
+    tail -n 200 "$log" >&2 || true
+  done
+}
+
+pids=()
+stop_fleet() {
+  local status=$?
+  for pid in ${pids[@]+"${pids[@]}"}; do kill "$pid" 2>/dev/null || true; done
+  # Give them the worker's grace period and a little more, then kill what is left.
+  for _ in $(seq 1 100); do
+    local alive=0
+    for pid in ${pids[@]+"${pids[@]}"}; do
+      if kill -0 "$pid" 2>/dev/null; then alive=1; fi
+    done
+    if [ "$alive" = 0 ]; then break; fi
+    sleep 0.1
+  done
+  for pid in ${pids[@]+"${pids[@]}"}; do kill -9 "$pid" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  # Best effort: whatever cannot be removed is named by the fleet's suffix.
+  local queues="default"
+  if command -v psql >/dev/null; then
+    queues=$(psql -U postgres -h 127.0.0.1 -d "$database" -Atq \
+      -c "SELECT DISTINCT queue FROM tasks UNION SELECT 'default'" 2>/dev/null || echo default)
+    psql -U postgres -h 127.0.0.1 -d postgres -q \
+      -c "DROP DATABASE IF EXISTS \"$database\" WITH (FORCE)" >/dev/null 2>&1 || true
+  fi
+  if command -v rabbitmqctl >/dev/null; then
+    for queue in $queues; do
+      timeout 30 rabbitmqctl -q delete_queue "$TASKFLEET_NAMESPACE.tasks.$queue" >/dev/null 2>&1 || true
+    done
+    timeout 30 rabbitmqctl -q delete_queue "$TASKFLEET_NAMESPACE.completions" >/dev/null 2>&1 || true
+  fi
+  if command -v redis-cli >/dev/null; then
+    redis-cli --scan --pattern "$TASKFLEET_NAMESPACE:*" 2>/dev/null \
+      | xargs -r redis-cli del >/dev/null 2>&1 || true
+  fi
+  exit "$status"
+}
+trap stop_fleet EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+NO_COLOR=1 "$bin/taskfleet-scheduler" >"$scheduler_log" 2>&1 &
+pids+=($!)
+NO_COLOR=1 "$bin/taskfleet-worker" >"$worker_log" 2>&1 &
+pids+=($!)
+
+# Ready: the scheduler answers /readyz with 200 and the worker's heartbeat is listed.
+ready() {
+  python3 - "$TASKFLEET_API_URL" <<'PY' 2>/dev/null
+import json, sys, urllib.request
+base = sys.argv[1]
+urllib.request.urlopen(base + "/readyz", timeout=2)
+workers = json.load(urllib.request.urlopen(base + "/v1/workers", timeout=2))
+sys.exit(0 if workers.get("workers") else 1)
+PY
+}
+deadline=$((SECONDS + 60))
+until ready; do
+  for pid in "${pids[@]}"; do
+    if ! kill -0 "$pid" 2>/dev/null; then
+      echo "a fleet process exited before the fleet was ready" >&2
+      show_logs
+      exit 1
+    fi
+  done
+  if [ "$SECONDS" -ge "$deadline" ]; then
+    echo "the fleet was not ready within 60 s ($TASKFLEET_API_URL/readyz and /v1/workers)" >&2
+    show_logs
+    exit 1
+  fi
+  sleep 0.1
+done
+echo "== fleet up: $TASKFLEET_API_URL, namespace $TASKFLEET_NAMESPACE, database $database, logs in $logs/"
+
+pytest_status=0
+TASKFLEET_REQUIRE_FLEET=1 "$venv/bin/python" -m pytest -q python/tests "$@" || pytest_status=$?
+if [ "$pytest_status" != 0 ]; then
+  echo "python tests failed (pytest exit status $pytest_status); the fleet's logs follow" >&2
+  show_logs
+  exit "$pytest_status"
+fi
