@@ -1,13 +1,16 @@
-//! RabbitMQ for the scheduler: the connection, task queue declarations, publishing tasks with
-//! publisher confirms, and the consumer of completions.
+//! RabbitMQ for the scheduler: the connection (re-established in place when lost), task queue
+//! declarations, publishing tasks with publisher confirms, and the consumer of completions.
 //!
 //! Task queues are declared here with the same arguments the workers use, so whichever side
 //! comes first creates them.
 
 use std::collections::HashSet;
+use std::sync::Arc;
 use std::time::Duration;
 
 use backon::{ExponentialBuilder, Retryable};
+use futures_util::{Stream, StreamExt};
+use lapin::message::Delivery;
 use lapin::options::{
     BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions,
     QueueDeclareOptions,
@@ -17,13 +20,27 @@ use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, Consumer
 use taskfleet_common::Namespace;
 use taskfleet_common::names::MAX_PRIORITY;
 use tokio::sync::Mutex;
+use tokio_util::sync::CancellationToken;
 
-/// A connection to RabbitMQ with a publishing channel in confirm mode.
+/// The scheduler's RabbitMQ connection, re-established in place when it is lost (a broker
+/// restart, a network cut): whoever meets the failure first reconnects, with backoff, and the
+/// others wait for that and carry on with the new connection.
 pub struct Broker {
+    url: String,
+    namespace: Namespace,
+    link: std::sync::RwLock<Arc<Link>>,
+    /// Held while reconnecting, so one caller reconnects and the others wait for it.
+    reconnecting: Mutex<()>,
+    shutdown: CancellationToken,
+}
+
+/// One connection with a publishing channel in confirm mode.
+struct Link {
     connection: Connection,
     publisher: Channel,
-    namespace: Namespace,
     declared: Mutex<HashSet<String>>,
+    /// Counts the connections this process made; tells a stale link from the current one.
+    generation: u64,
 }
 
 /// One message to publish to a task queue.
@@ -37,6 +54,9 @@ pub struct Outgoing {
     pub body: Vec<u8>,
 }
 
+/// The longest wait between attempts to reach RabbitMQ, at start and after a lost connection.
+const RECONNECT_MAX_DELAY: Duration = Duration::from_secs(2);
+
 /// Returns the arguments every task queue is declared with.
 pub fn task_queue_arguments() -> FieldTable {
     let mut arguments = FieldTable::default();
@@ -48,112 +68,125 @@ pub fn task_queue_arguments() -> FieldTable {
 }
 
 impl Broker {
-    /// Connects to `url`, retrying with backoff for up to about a minute so that the scheduler
-    /// can start before the broker.
-    pub async fn connect(url: &str, namespace: Namespace) -> Result<Self, lapin::Error> {
-        let connect = || Connection::connect(url, ConnectionProperties::default());
-        let connection = connect
-            .retry(
-                ExponentialBuilder::default()
-                    .with_max_delay(Duration::from_secs(5))
-                    .with_max_times(15),
-            )
-            .notify(|error, delay| tracing::warn!(%error, ?delay, "connecting to rabbitmq"))
-            .await?;
-        let publisher = connection.create_channel().await?;
-        publisher
-            .confirm_select(ConfirmSelectOptions::default())
-            .await?;
-        let broker = Self {
-            connection,
-            publisher,
+    /// Connects to `url`, retrying with backoff (capped at 2 s) until it succeeds or `shutdown`
+    /// is cancelled (then `None`), so the scheduler can start before the broker.
+    pub async fn connect(
+        url: &str,
+        namespace: Namespace,
+        shutdown: CancellationToken,
+    ) -> Option<Self> {
+        let link = Link::connect_until(url, &namespace, 0, &shutdown).await?;
+        Some(Self {
+            url: url.to_owned(),
             namespace,
-            declared: Mutex::new(HashSet::new()),
-        };
-        broker.declare_completions().await?;
-        Ok(broker)
+            link: std::sync::RwLock::new(Arc::new(link)),
+            reconnecting: Mutex::new(()),
+            shutdown,
+        })
     }
 
-    async fn declare_completions(&self) -> Result<(), lapin::Error> {
-        self.publisher
-            .queue_declare(
-                self.namespace.completions_queue().into(),
-                QueueDeclareOptions::durable(),
-                FieldTable::default(),
-            )
-            .await?;
-        Ok(())
+    fn link(&self) -> Arc<Link> {
+        self.link
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
     }
 
-    /// Declares a task queue unless this process already did.
-    async fn ensure_task_queue(&self, queue: &str) -> Result<(), lapin::Error> {
-        let mut declared = self.declared.lock().await;
-        if declared.contains(queue) {
-            return Ok(());
+    /// Replaces `failed` with a new connection, unless another caller already did; waits for
+    /// the broker to come back. `None` if shutdown came first.
+    async fn reconnect(&self, failed: &Link) -> Option<Arc<Link>> {
+        let _one_at_a_time = self.reconnecting.lock().await;
+        let current = self.link();
+        if current.generation != failed.generation {
+            return Some(current);
         }
-        self.publisher
-            .queue_declare(
-                self.namespace.task_queue(queue).into(),
-                QueueDeclareOptions::durable(),
-                task_queue_arguments(),
+        tracing::warn!("lost the rabbitmq connection; reconnecting");
+        if let Err(error) = failed.connection.close(200, "reconnecting".into()).await {
+            tracing::debug!(%error, "closing the lost rabbitmq connection");
+        }
+        let link = Arc::new(
+            Link::connect_until(
+                &self.url,
+                &self.namespace,
+                failed.generation + 1,
+                &self.shutdown,
             )
-            .await?;
-        declared.insert(queue.to_owned());
-        Ok(())
+            .await?,
+        );
+        *self
+            .link
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = link.clone();
+        tracing::info!("reconnected to rabbitmq");
+        Some(link)
     }
 
     /// Publishes messages as persistent, all in flight at once, and waits for the broker's
-    /// confirms. Returns, for each message, whether the broker confirmed it.
+    /// confirms. Returns, for each message, whether the broker confirmed it. A publish that
+    /// fails on a lost connection is made again, once, on the next connection.
     pub async fn publish(&self, messages: &[Outgoing]) -> Result<Vec<bool>, lapin::Error> {
-        for message in messages {
-            self.ensure_task_queue(&message.queue).await?;
+        let link = self.link();
+        match link.publish(&self.namespace, messages).await {
+            Ok(acked) => Ok(acked),
+            Err(error) => {
+                tracing::warn!(%error, "publishing tasks failed");
+                match self.reconnect(&link).await {
+                    Some(link) => link.publish(&self.namespace, messages).await,
+                    None => Err(error),
+                }
+            }
         }
-        let mut confirms = Vec::with_capacity(messages.len());
-        for message in messages {
-            let properties = BasicProperties::default()
-                .with_delivery_mode(2)
-                .with_priority(message.priority)
-                .with_content_type("application/json".into());
-            let confirm = self
-                .publisher
-                .basic_publish(
-                    "".into(),
-                    self.namespace.task_queue(&message.queue).into(),
-                    BasicPublishOptions::default(),
-                    &message.body,
-                    properties,
-                )
-                .await?;
-            confirms.push(confirm);
-        }
-        let mut acked = Vec::with_capacity(confirms.len());
-        for confirm in confirms {
-            acked.push(confirm.await?.is_ack());
-        }
-        Ok(acked)
     }
 
-    /// Starts consuming completions on a channel of their own with the given prefetch.
-    pub async fn consume_completions(&self, prefetch: u16) -> Result<Consumer, lapin::Error> {
-        let channel = self.connection.create_channel().await?;
-        channel
-            .basic_qos(prefetch, BasicQosOptions::default())
-            .await?;
-        channel
-            .basic_consume(
-                self.namespace.completions_queue().into(),
-                "".into(),
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            )
-            .await
+    /// Consumes completions with the given prefetch, on a channel of their own, for as long as
+    /// the process lives: after a lost connection the consumer is started again on the next
+    /// one. Deliveries of a lost connection cannot be acknowledged; the broker hands them out
+    /// again. The stream ends only at shutdown.
+    pub fn completions(self: &Arc<Self>, prefetch: u16) -> impl Stream<Item = Delivery> + use<> {
+        let broker = Arc::clone(self);
+        futures_util::stream::unfold(
+            (broker, None::<(Arc<Link>, Consumer)>),
+            move |(broker, mut current)| async move {
+                loop {
+                    let (link, consumer) = match current.take() {
+                        Some(consuming) => consuming,
+                        None => {
+                            let link = broker.link();
+                            match link.consume_completions(&broker.namespace, prefetch).await {
+                                Ok(consumer) => (link, consumer),
+                                Err(error) => {
+                                    tracing::warn!(%error, "consuming completions failed");
+                                    broker.reconnect(&link).await?;
+                                    continue;
+                                }
+                            }
+                        }
+                    };
+                    let mut consumer = consumer;
+                    let next = tokio::select! {
+                        next = consumer.next() => next,
+                        () = broker.shutdown.cancelled() => return None,
+                    };
+                    match next {
+                        Some(Ok(delivery)) => {
+                            return Some((delivery, (broker, Some((link, consumer)))));
+                        }
+                        Some(Err(error)) => {
+                            tracing::warn!(%error, "the completion consumer failed");
+                        }
+                        None => tracing::warn!("the broker ended the completion consumer"),
+                    }
+                    broker.reconnect(&link).await?;
+                }
+            },
+        )
     }
 
     /// Returns the messages ready and the consumers of a task queue, or `None` if the broker
     /// has no such queue. Each look-up uses a channel of its own: a passive declaration of a
     /// missing queue closes its channel.
     pub async fn queue_counts(&self, queue: &str) -> Result<Option<(u32, u32)>, lapin::Error> {
-        let channel = self.connection.create_channel().await?;
+        let channel = self.link().connection.create_channel().await?;
         let declared = channel
             .queue_declare(
                 self.namespace.task_queue(queue).into(),
@@ -177,17 +210,140 @@ impl Broker {
 
     /// Returns whether the connection is up.
     pub fn is_connected(&self) -> bool {
-        self.connection.status().connected()
+        self.link().connection.status().connected()
     }
 
     /// Closes the connection.
     pub async fn close(&self) {
         if let Err(error) = self
+            .link()
             .connection
             .close(200, "scheduler stopping".into())
             .await
         {
             tracing::debug!(%error, "closing rabbitmq connection");
         }
+    }
+}
+
+impl Link {
+    async fn connect_until(
+        url: &str,
+        namespace: &Namespace,
+        generation: u64,
+        shutdown: &CancellationToken,
+    ) -> Option<Self> {
+        let connect = || Self::connect(url, namespace, generation);
+        let retried = connect
+            .retry(
+                ExponentialBuilder::default()
+                    .with_min_delay(Duration::from_millis(100))
+                    .with_max_delay(RECONNECT_MAX_DELAY)
+                    .with_jitter()
+                    .without_max_times(),
+            )
+            .notify(|error, delay| tracing::warn!(%error, ?delay, "connecting to rabbitmq"));
+        tokio::select! {
+            connected = retried => connected.ok(),
+            () = shutdown.cancelled() => None,
+        }
+    }
+
+    async fn connect(
+        url: &str,
+        namespace: &Namespace,
+        generation: u64,
+    ) -> Result<Self, lapin::Error> {
+        let connection = Connection::connect(url, ConnectionProperties::default()).await?;
+        let publisher = connection.create_channel().await?;
+        publisher
+            .confirm_select(ConfirmSelectOptions::default())
+            .await?;
+        publisher
+            .queue_declare(
+                namespace.completions_queue().into(),
+                QueueDeclareOptions::durable(),
+                FieldTable::default(),
+            )
+            .await?;
+        Ok(Self {
+            connection,
+            publisher,
+            declared: Mutex::new(HashSet::new()),
+            generation,
+        })
+    }
+
+    /// Declares a task queue unless this connection already did.
+    async fn ensure_task_queue(
+        &self,
+        namespace: &Namespace,
+        queue: &str,
+    ) -> Result<(), lapin::Error> {
+        let mut declared = self.declared.lock().await;
+        if declared.contains(queue) {
+            return Ok(());
+        }
+        self.publisher
+            .queue_declare(
+                namespace.task_queue(queue).into(),
+                QueueDeclareOptions::durable(),
+                task_queue_arguments(),
+            )
+            .await?;
+        declared.insert(queue.to_owned());
+        Ok(())
+    }
+
+    async fn publish(
+        &self,
+        namespace: &Namespace,
+        messages: &[Outgoing],
+    ) -> Result<Vec<bool>, lapin::Error> {
+        for message in messages {
+            self.ensure_task_queue(namespace, &message.queue).await?;
+        }
+        let mut confirms = Vec::with_capacity(messages.len());
+        for message in messages {
+            let properties = BasicProperties::default()
+                .with_delivery_mode(2)
+                .with_priority(message.priority)
+                .with_content_type("application/json".into());
+            let confirm = self
+                .publisher
+                .basic_publish(
+                    "".into(),
+                    namespace.task_queue(&message.queue).into(),
+                    BasicPublishOptions::default(),
+                    &message.body,
+                    properties,
+                )
+                .await?;
+            confirms.push(confirm);
+        }
+        let mut acked = Vec::with_capacity(confirms.len());
+        for confirm in confirms {
+            acked.push(confirm.await?.is_ack());
+        }
+        Ok(acked)
+    }
+
+    async fn consume_completions(
+        &self,
+        namespace: &Namespace,
+        prefetch: u16,
+    ) -> Result<Consumer, lapin::Error> {
+        let channel = self.connection.create_channel().await?;
+        channel
+            .basic_qos(prefetch, BasicQosOptions::default())
+            .await?;
+        channel
+            .basic_consume(
+                namespace.completions_queue().into(),
+                "".into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
     }
 }

@@ -11,8 +11,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::Duration;
 
 use chrono::Utc;
-use futures_util::{FutureExt, StreamExt};
-use lapin::Consumer;
+use futures_util::{FutureExt, Stream, StreamExt};
 use lapin::message::Delivery;
 use lapin::options::BasicAckOptions;
 use serde::Deserialize;
@@ -65,40 +64,30 @@ pub struct CompletionLoop {
 }
 
 impl CompletionLoop {
-    /// Consumes until shutdown (returning `Ok`) or until the broker ends the consumer
-    /// (returning an error, since this scheduler can no longer advance runs).
-    pub async fn run(
-        self,
-        mut consumer: Consumer,
-        shutdown: CancellationToken,
-    ) -> anyhow::Result<()> {
+    /// Records completions in batches until the stream of deliveries ends (at shutdown).
+    pub async fn run(self, deliveries: impl Stream<Item = Delivery>, shutdown: CancellationToken) {
+        let mut deliveries = std::pin::pin!(deliveries);
         loop {
             let first = tokio::select! {
-                next = consumer.next() => next,
-                () = shutdown.cancelled() => return Ok(()),
+                next = deliveries.next() => next,
+                () = shutdown.cancelled() => return,
             };
-            let Some(first) = first else {
-                anyhow::bail!("the broker ended the completion consumer");
-            };
-            let mut results = vec![first];
-            while results.len() < MAX_BATCH {
-                match consumer.next().now_or_never() {
-                    Some(Some(result)) => results.push(result),
+            let Some(first) = first else { return };
+            let mut batch = vec![first];
+            while batch.len() < MAX_BATCH {
+                match deliveries.next().now_or_never() {
+                    Some(Some(delivery)) => batch.push(delivery),
                     _ => break,
                 }
             }
-            let mut deliveries = Vec::with_capacity(results.len());
-            for result in results {
-                match result {
-                    Ok(delivery) => deliveries.push(delivery),
-                    Err(error) => anyhow::bail!("completion consumer failed: {error}"),
-                }
-            }
-            if !self.handle(&deliveries, &shutdown).await {
+            if !self.handle(&batch, &shutdown).await {
                 // Shutting down with the batch unrecorded: the broker redelivers it.
-                return Ok(());
+                return;
             }
-            if let Some(last) = deliveries.last()
+            // A batch read across a reconnect also holds deliveries of the lost connection;
+            // those cannot be acknowledged, the broker hands them out again and the fencing
+            // ignores them the second time.
+            if let Some(last) = batch.last()
                 && let Err(error) = last.ack(BasicAckOptions { multiple: true }).await
             {
                 tracing::warn!(%error, "acknowledging completions");

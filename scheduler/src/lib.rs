@@ -37,11 +37,16 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         .get_connection_manager()
         .await
         .context("connecting to redis")?;
-    let broker = Arc::new(
-        broker::Broker::connect(&config.amqp_url, config.namespace.clone())
-            .await
-            .context("connecting to rabbitmq")?,
-    );
+    let Some(broker) = broker::Broker::connect(
+        &config.amqp_url,
+        config.namespace.clone(),
+        shutdown.child_token(),
+    )
+    .await
+    else {
+        return Ok(());
+    };
+    let broker = Arc::new(broker);
     let tracker = TaskTracker::new();
     let notifier = notify::Notifier::new(redis.clone(), config.namespace.clone());
     tracker.spawn(
@@ -77,32 +82,16 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     );
     let writer_task = tokio::spawn(writer);
     let programs = taskfleet_common::jq::ProgramCache::default();
-    let consumer = broker
-        .consume_completions(completions::MAX_BATCH as u16)
-        .await
-        .context("consuming completions")?;
     let completion_loop = completions::CompletionLoop {
         db: db.clone(),
         dispatcher: dispatcher.clone(),
         notifier: notifier.clone(),
         programs: programs.clone(),
     };
-    // Losing the completion consumer (the broker went away) stops the scheduler with an error,
-    // so that its supervisor starts a fresh one.
-    let fatal: Arc<std::sync::Mutex<Option<anyhow::Error>>> = Arc::default();
-    {
-        let fatal = fatal.clone();
-        let shutdown = shutdown.clone();
-        tracker.spawn(async move {
-            if let Err(error) = completion_loop.run(consumer, shutdown.child_token()).await {
-                tracing::error!(%error, "completion consumer lost; stopping");
-                *fatal
-                    .lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(error);
-                shutdown.cancel();
-            }
-        });
-    }
+    tracker.spawn(completion_loop.run(
+        broker.completions(completions::MAX_BATCH as u16),
+        shutdown.child_token(),
+    ));
 
     let state = api::AppState {
         config: config.clone(),
@@ -133,12 +122,5 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     broker.close().await;
     db.close().await;
     tracing::info!("scheduler stopped");
-    if let Some(error) = fatal
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-        .take()
-    {
-        return Err(error);
-    }
     Ok(())
 }

@@ -223,6 +223,15 @@ impl TestFleet {
         }
     }
 
+    /// Returns how many of the workers started are still running.
+    pub fn workers_alive(&mut self) -> usize {
+        self.workers
+            .iter_mut()
+            .filter_map(|worker| worker.try_wait().ok())
+            .filter(Option::is_none)
+            .count()
+    }
+
     /// Returns whether the scheduler process is still running.
     pub fn scheduler_alive(&mut self) -> bool {
         self.scheduler

@@ -12,6 +12,10 @@ use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, Consumer};
 use taskfleet_common::Namespace;
 use taskfleet_common::names::MAX_PRIORITY;
+use tokio_util::sync::CancellationToken;
+
+/// The longest wait between attempts to reach RabbitMQ, at start and after a lost connection.
+const RECONNECT_MAX_DELAY: Duration = Duration::from_secs(2);
 
 /// Returns the arguments every task queue is declared with; they must match the scheduler's.
 fn task_queue_arguments() -> FieldTable {
@@ -32,24 +36,41 @@ pub struct Broker {
 }
 
 impl Broker {
-    /// Connects (retrying with backoff so the worker may start before the broker), declares the
-    /// task queues and the completions queue, and sets the prefetch of the consuming channel to
-    /// `prefetch` unacknowledged deliveries across all its consumers.
+    /// Connects, retrying with backoff (capped at 2 s) until it succeeds or `shutdown` is
+    /// cancelled (then `None`), so the worker may start before the broker and comes back after
+    /// a broker restart. Declares the task queues and the completions queue, and sets the
+    /// prefetch of the consuming channel to `prefetch` unacknowledged deliveries across all its
+    /// consumers.
     pub async fn connect(
+        url: &str,
+        namespace: &Namespace,
+        queues: &[String],
+        prefetch: u16,
+        shutdown: &CancellationToken,
+    ) -> Option<Self> {
+        let connect = || Self::connect_once(url, namespace.clone(), queues, prefetch);
+        let retried = connect
+            .retry(
+                ExponentialBuilder::default()
+                    .with_min_delay(Duration::from_millis(100))
+                    .with_max_delay(RECONNECT_MAX_DELAY)
+                    .with_jitter()
+                    .without_max_times(),
+            )
+            .notify(|error, delay| tracing::warn!(%error, ?delay, "connecting to rabbitmq"));
+        tokio::select! {
+            connected = retried => connected.ok(),
+            () = shutdown.cancelled() => None,
+        }
+    }
+
+    async fn connect_once(
         url: &str,
         namespace: Namespace,
         queues: &[String],
         prefetch: u16,
     ) -> Result<Self, lapin::Error> {
-        let connect = || Connection::connect(url, ConnectionProperties::default());
-        let connection = connect
-            .retry(
-                ExponentialBuilder::default()
-                    .with_max_delay(Duration::from_secs(5))
-                    .with_max_times(15),
-            )
-            .notify(|error, delay| tracing::warn!(%error, ?delay, "connecting to rabbitmq"))
-            .await?;
+        let connection = Connection::connect(url, ConnectionProperties::default()).await?;
         let consumer = connection.create_channel().await?;
         let publisher = connection.create_channel().await?;
         publisher

@@ -11,7 +11,7 @@
 //! the task instead of reaching the scheduler.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use chrono::Utc;
@@ -113,7 +113,8 @@ enum Lease {
 
 /// What every task handler shares.
 struct Shared {
-    broker: Broker,
+    /// The current connection; replaced after a reconnect.
+    broker: RwLock<Arc<Broker>>,
     redis: ConnectionManager,
     namespace: Namespace,
     worker_id: String,
@@ -125,6 +126,12 @@ struct Shared {
 }
 
 /// Runs a worker until `shutdown` is cancelled, then drains within the grace period.
+///
+/// A lost RabbitMQ connection (a broker restart, a network cut) is re-established in place:
+/// the worker reconnects with backoff, declares its queues again and resumes consuming. Tasks
+/// running when the connection dropped run to their end and report on the new connection; their
+/// deliveries died with the old one, so RabbitMQ hands them out again, and the second
+/// completion of the same attempt is ignored by the scheduler's fencing.
 pub async fn run(
     config: Config,
     executors: Executors,
@@ -132,34 +139,26 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     use anyhow::Context;
     let prefetch = u16::try_from(config.concurrency.get()).unwrap_or(u16::MAX);
-    let broker = Broker::connect(
-        &config.amqp_url,
-        config.namespace.clone(),
-        &config.queues,
-        prefetch,
-    )
-    .await
-    .context("connecting to rabbitmq")?;
+    let connect = || {
+        Broker::connect(
+            &config.amqp_url,
+            &config.namespace,
+            &config.queues,
+            prefetch,
+            &shutdown,
+        )
+    };
+    let Some(broker) = connect().await else {
+        return Ok(());
+    };
     let redis_client =
         redis::Client::open(config.redis_url.as_str()).context("parsing the redis url")?;
     let redis = redis_client
         .get_connection_manager()
         .await
         .context("connecting to redis")?;
-    let mut consumers = Vec::new();
-    let mut tags = Vec::new();
-    for queue in &config.queues {
-        let tag = format!("{}.{queue}", config.worker_id);
-        consumers.push(
-            broker
-                .consume(queue, &tag)
-                .await
-                .with_context(|| format!("consuming queue {queue}"))?,
-        );
-        tags.push(tag);
-    }
     let shared = Arc::new(Shared {
-        broker,
+        broker: RwLock::new(Arc::new(broker)),
         redis,
         namespace: config.namespace.clone(),
         worker_id: config.worker_id.clone(),
@@ -167,13 +166,6 @@ pub async fn run(
         lease_ttl: config.lease_ttl,
         running: Mutex::new(HashMap::new()),
     });
-    tracing::info!(
-        worker_id = %config.worker_id,
-        queues = ?config.queues,
-        concurrency = config.concurrency.get(),
-        namespace = %config.namespace,
-        "worker consuming"
-    );
     let background = CancellationToken::new();
     let background_tasks = TaskTracker::new();
     background_tasks.spawn(heartbeat_loop(
@@ -187,33 +179,57 @@ pub async fn run(
         background.clone(),
     ));
     let tasks = TaskTracker::new();
-    let mut deliveries = futures_util::stream::select_all(consumers);
-    let mut failure = None;
     loop {
-        let next = tokio::select! {
-            next = deliveries.next() => next,
-            () = shutdown.cancelled() => break,
+        let broker = shared.broker();
+        let lost = match consume(&broker, &config).await {
+            Ok((tags, mut deliveries)) => {
+                tracing::info!(
+                    worker_id = %config.worker_id,
+                    queues = ?config.queues,
+                    concurrency = config.concurrency.get(),
+                    namespace = %config.namespace,
+                    "worker consuming"
+                );
+                let lost = loop {
+                    let next = tokio::select! {
+                        next = deliveries.next() => next,
+                        () = shutdown.cancelled() => break None,
+                    };
+                    match next {
+                        Some(Ok(delivery)) => {
+                            tasks.spawn(handle(shared.clone(), delivery));
+                        }
+                        Some(Err(error)) => break Some(error.to_string()),
+                        None => break Some("the broker ended the task consumers".to_owned()),
+                    }
+                };
+                if lost.is_none() {
+                    for tag in &tags {
+                        broker.cancel(tag).await;
+                    }
+                }
+                lost
+            }
+            Err(error) => Some(error.to_string()),
         };
-        match next {
-            Some(Ok(delivery)) => {
-                tasks.spawn(handle(shared.clone(), delivery));
+        let Some(lost) = lost else { break };
+        tracing::warn!(
+            error = lost,
+            in_flight = tasks.len(),
+            "lost the rabbitmq connection; reconnecting"
+        );
+        broker.close().await;
+        match connect().await {
+            Some(broker) => {
+                *shared
+                    .broker
+                    .write()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(broker)
             }
-            Some(Err(error)) => {
-                tracing::error!(%error, "task consumer failed");
-                failure = Some(anyhow::anyhow!("task consumer failed: {error}"));
-                break;
-            }
-            None => {
-                tracing::warn!("task consumers ended");
-                failure = Some(anyhow::anyhow!("the broker ended the task consumers"));
-                break;
-            }
+            None => break,
         }
     }
     tracing::info!(in_flight = tasks.len(), "worker draining");
-    for tag in &tags {
-        shared.broker.cancel(tag).await;
-    }
     tasks.close();
     if tokio::time::timeout(config.shutdown_grace, tasks.wait())
         .await
@@ -227,10 +243,31 @@ pub async fn run(
     background.cancel();
     background_tasks.close();
     background_tasks.wait().await;
-    shared.broker.close().await;
+    shared.broker().close().await;
     tracing::info!("worker stopped");
-    // A worker that lost its broker exits non-zero, so supervisors restart it.
-    failure.map_or(Ok(()), Err)
+    Ok(())
+}
+
+/// Starts consuming every task queue of the worker; returns the consumer tags and the merged
+/// stream of deliveries.
+async fn consume(
+    broker: &Broker,
+    config: &Config,
+) -> Result<
+    (
+        Vec<String>,
+        futures_util::stream::SelectAll<lapin::Consumer>,
+    ),
+    lapin::Error,
+> {
+    let mut consumers = Vec::new();
+    let mut tags = Vec::new();
+    for queue in &config.queues {
+        let tag = format!("{}.{queue}", config.worker_id);
+        consumers.push(broker.consume(queue, &tag).await?);
+        tags.push(tag);
+    }
+    Ok((tags, futures_util::stream::select_all(consumers)))
 }
 
 /// Reads, runs and reports one task. A task is failed without running when its input cannot
@@ -328,6 +365,14 @@ async fn refuse(shared: &Shared, delivery: Delivery, error: &DecodeError) {
 }
 
 impl Shared {
+    /// The current RabbitMQ connection.
+    fn broker(&self) -> Arc<Broker> {
+        self.broker
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
     /// Runs `task` under a lease and returns how it ended; an output that cannot be stored or
     /// sent fails the task.
     async fn execute(
@@ -377,7 +422,7 @@ impl Shared {
     /// only then acknowledges the delivery. Without a confirm the task goes back to its queue.
     async fn report(&self, delivery: Delivery, completion: &CompletionMessage) {
         if let Err(error) = self
-            .broker
+            .broker()
             .publish_completion(&protocol::encode(completion))
             .await
         {
