@@ -36,6 +36,8 @@ pub struct FleetOptions {
     pub shared_database: Option<String>,
     /// Extra command-line arguments of every worker.
     pub worker_args: Vec<String>,
+    /// Extra environment of every worker.
+    pub worker_env: Vec<(String, String)>,
 }
 
 impl Default for FleetOptions {
@@ -46,6 +48,7 @@ impl Default for FleetOptions {
             scheduler_env: Vec::new(),
             shared_database: None,
             worker_args: Vec::new(),
+            worker_env: Vec::new(),
         }
     }
 }
@@ -190,6 +193,7 @@ impl TestFleet {
             .arg(self.options.concurrency.to_string())
             .args(&self.options.worker_args)
             .args(extra)
+            .envs(self.options.worker_env.iter().map(|(k, v)| (k, v)))
             .env("TASKFLEET_AMQP_URL", AMQP)
             .env("TASKFLEET_REDIS_URL", REDIS)
             .env("TASKFLEET_NAMESPACE", &self.namespace)
@@ -220,6 +224,34 @@ impl TestFleet {
         for mut worker in self.workers.drain(..) {
             let _ = worker.kill();
             let _ = worker.wait();
+        }
+    }
+
+    /// Sends SIGTERM to the oldest running worker, waits for it to exit (up to `within`) and
+    /// returns its exit code (`None` if a signal ended it).
+    pub async fn terminate_oldest_worker(&mut self, within: Duration) -> Result<Option<i32>> {
+        let Some(pid) = self.workers.first().map(Child::id) else {
+            bail!("no worker to terminate");
+        };
+        let status = Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status()
+            .context("running kill")?;
+        if !status.success() {
+            bail!("kill -TERM {pid} failed");
+        }
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(status) = self.workers[0].try_wait()? {
+                // Reaped by try_wait; wait returns the same status at once.
+                let _ = self.workers.remove(0).wait();
+                return Ok(status.code());
+            }
+            if Instant::now() > deadline {
+                // Left in the list: the fleet kills it when dropped.
+                bail!("the worker did not exit within {within:?} of SIGTERM");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
 
