@@ -3,6 +3,7 @@
 //!
 //! This crate does no I/O: it never talks to a network, a database or a Python interpreter.
 
+pub mod amqp;
 pub mod definition;
 pub mod error;
 pub mod ids;

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use taskfleet_common::Namespace;
+use taskfleet_common::{Namespace, amqp};
 
 /// Everything the scheduler needs to know to start.
 #[derive(Debug, Clone)]
@@ -88,9 +88,12 @@ impl Config {
                     "postgres://postgres@127.0.0.1:5432/taskfleet",
                 )
             }),
-            amqp_url: get(
-                "TASKFLEET_AMQP_URL",
-                "amqp://guest:guest@127.0.0.1:5672/%2f",
+            amqp_url: amqp::with_heartbeat(
+                &get(
+                    "TASKFLEET_AMQP_URL",
+                    "amqp://guest:guest@127.0.0.1:5672/%2f",
+                ),
+                amqp::DEFAULT_HEARTBEAT_S,
             ),
             redis_url: get("TASKFLEET_REDIS_URL", "redis://127.0.0.1:6379/0"),
             http_addr: parse("TASKFLEET_HTTP_ADDR", &http_addr)?,

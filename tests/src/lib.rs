@@ -193,12 +193,12 @@ impl TestFleet {
             .arg(self.options.concurrency.to_string())
             .args(&self.options.worker_args)
             .args(extra)
-            .envs(self.options.worker_env.iter().map(|(k, v)| (k, v)))
             .env("TASKFLEET_AMQP_URL", AMQP)
             .env("TASKFLEET_REDIS_URL", REDIS)
             .env("TASKFLEET_NAMESPACE", &self.namespace)
             .env("TASKFLEET_LEASE_TTL_S", "3")
             .env("RUST_LOG", "info,taskfleet_worker=debug")
+            .envs(self.options.worker_env.iter().map(|(k, v)| (k, v)))
             .stdout(stdout)
             .stderr(stderr)
             .spawn()
@@ -253,6 +253,24 @@ impl TestFleet {
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+    }
+
+    /// Sends `signal` (a name such as `STOP` or `CONT`) to the worker at `index` (in order of
+    /// start, among those still listed); returns its process id.
+    pub fn signal_worker(&self, index: usize, signal: &str) -> Result<u32> {
+        let pid = self
+            .workers
+            .get(index)
+            .map(Child::id)
+            .context("no such worker")?;
+        let status = Command::new("kill")
+            .args([format!("-{signal}"), pid.to_string()])
+            .status()
+            .context("running kill")?;
+        if !status.success() {
+            bail!("kill -{signal} {pid} failed");
+        }
+        Ok(pid)
     }
 
     /// Returns how many of the workers started are still running.

@@ -1,11 +1,11 @@
 //! Faults injected into a real fleet.
 
-#![allow(clippy::unwrap_used, missing_docs)]
+#![allow(clippy::unwrap_used, clippy::print_stderr, missing_docs)]
 
 use std::time::{Duration, Instant};
 
 use serde_json::json;
-use taskfleet_tests::{FleetOptions, TestFleet};
+use taskfleet_tests::{AMQP, FleetOptions, TestFleet};
 
 #[tokio::test]
 async fn a_run_finishes_after_its_workers_are_killed_and_a_new_one_starts() {
@@ -88,4 +88,76 @@ async fn a_task_that_takes_its_worker_down_three_times_fails_with_worker_lost() 
         )
         .await;
     assert_eq!(next["output"], 4);
+}
+
+/// Wakes a stopped process even when the test fails half-way.
+struct Continue(u32);
+
+impl Drop for Continue {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("kill")
+            .args(["-CONT", &self.0.to_string()])
+            .status();
+    }
+}
+
+#[tokio::test]
+async fn a_frozen_workers_task_runs_elsewhere_and_is_recorded_once() {
+    // A 2 s heartbeat, so the broker gives up on the frozen worker within a few seconds.
+    let mut fleet = TestFleet::start_with(FleetOptions {
+        workers: 1,
+        worker_env: vec![(
+            "TASKFLEET_AMQP_URL".to_owned(),
+            format!("{AMQP}?heartbeat=2"),
+        )],
+        ..FleetOptions::default()
+    })
+    .await
+    .unwrap();
+    let definition = json!({"steps": [
+        {"id": "slow", "python": "fleet_steps:slow"},
+        {"id": "last", "dataflow": ".sleep", "after": ["slow"]}
+    ]});
+    let id = fleet.submit(&definition, &json!({"sleep": 1.0})).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (_, run) = fleet.request("GET", &format!("/v1/runs/{id}"), None).await;
+        if run["steps"]["slow"]["status"] == "running" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the slow step never started");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let frozen = Continue(fleet.signal_worker(0, "STOP").unwrap());
+    let stopped = Instant::now();
+    fleet.start_worker().unwrap();
+    let run = fleet.wait_run(&id, Duration::from_secs(60)).await;
+    let recovered = stopped.elapsed();
+    eprintln!("a frozen worker's task finished elsewhere {recovered:?} after the freeze");
+    assert_eq!(run["status"], "succeeded", "{run:#}");
+    assert_eq!(run["output"], 1.0);
+    // The frozen worker wakes and finds its connection gone; whatever it reports is late.
+    drop(frozen);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let (_, after) = fleet.request("GET", &format!("/v1/runs/{id}"), None).await;
+    assert_eq!(
+        after["steps"], run["steps"],
+        "the recorded results did not change"
+    );
+    assert_eq!(after["steps"]["slow"]["attempts"], 1);
+    assert_eq!(
+        fleet.workers_alive(),
+        2,
+        "the woken worker reconnected and runs on"
+    );
+    // Both workers still serve.
+    for n in 0..6 {
+        let run = fleet
+            .run(
+                &json!({"steps": [{"id": "echo", "python": "fleet_steps:echo"}]}),
+                &json!(n),
+            )
+            .await;
+        assert_eq!(run["output"], n);
+    }
 }

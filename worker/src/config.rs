@@ -5,8 +5,8 @@ use std::num::NonZeroUsize;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use taskfleet_common::Namespace;
 use taskfleet_common::names::{DEFAULT_NAMESPACE, DEFAULT_QUEUE, check_queue_name};
+use taskfleet_common::{Namespace, amqp};
 
 /// Everything a worker needs to know to start.
 #[derive(Debug, Clone)]
@@ -169,8 +169,11 @@ impl Config {
             })
             .unwrap_or_else(|| "worker".to_owned());
         Ok(Self {
-            amqp_url: get("TASKFLEET_AMQP_URL")
-                .unwrap_or_else(|| "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned()),
+            amqp_url: amqp::with_heartbeat(
+                &get("TASKFLEET_AMQP_URL")
+                    .unwrap_or_else(|| "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned()),
+                amqp::DEFAULT_HEARTBEAT_S,
+            ),
             redis_url: get("TASKFLEET_REDIS_URL")
                 .unwrap_or_else(|| "redis://127.0.0.1:6379/0".to_owned()),
             namespace: Namespace::new(&namespace).map_err(|error| ConfigError {
