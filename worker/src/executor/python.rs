@@ -56,19 +56,28 @@ at = next((i for i, p in enumerate(rest) if p in base), len(rest))
 sys.path[:] = rest[:at] + added + rest[at:]
 "#;
 
-/// Captures what a step prints or logs: `sys.stdout`, `sys.stderr` and a handler on the root
-/// logger are pointed at a capped buffer for the duration of one call. The `taskfleet.step`
-/// loggers (the `ctx.logger` of every step) record from INFO; other loggers keep their levels.
+/// Captures what a step prints or logs: `sys.stdout` and `sys.stderr` point at a capped buffer
+/// for the duration of one call, and a handler on the root logger, installed once, writes to the
+/// same buffer. The `taskfleet.step` loggers (the `ctx.logger` of every step) record from INFO;
+/// other loggers keep their levels. Between calls the buffer passes what it gets (a log record
+/// of a thread a step left running) to the process's standard error.
 const CAPTURE_SOURCE: &CStr = cr#"
 import io, logging, sys
 
 class Capture(io.TextIOBase):
-    def __init__(self, limit):
+    def __init__(self):
+        self.active = False
+        self.reset(0)
+    def reset(self, limit):
         self.parts, self.size, self.limit, self.truncated = [], 0, limit, False
     def writable(self):
         return True
     def write(self, text):
         text = text if isinstance(text, str) else str(text)
+        if not self.active:
+            if sys.__stderr__ is not None:
+                sys.__stderr__.write(text)
+            return len(text)
         room = self.limit - self.size
         piece = text[:max(room, 0)]
         if len(piece) < len(text):
@@ -81,25 +90,29 @@ class Capture(io.TextIOBase):
         text = "".join(self.parts)
         if self.truncated:
             text += "\n[logs truncated at %d characters]\n" % self.limit
+        self.parts = []
         return text
 
-FORMAT = logging.Formatter("%(levelname)s %(name)s: %(message)s")
+CAPTURE = Capture()
+HANDLER = logging.StreamHandler(CAPTURE)
+HANDLER.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+ROOT = logging.getLogger()
 logging.getLogger("taskfleet.step").setLevel(logging.INFO)
 
 def start(limit):
-    capture = Capture(limit)
-    handler = logging.StreamHandler(capture)
-    handler.setFormatter(FORMAT)
-    logging.getLogger().addHandler(handler)
+    # A step may have removed the root logger's handlers.
+    if HANDLER not in ROOT.handlers:
+        ROOT.addHandler(HANDLER)
+    CAPTURE.reset(limit)
+    CAPTURE.active = True
     saved = (sys.stdout, sys.stderr)
-    sys.stdout = sys.stderr = capture
-    return (capture, handler, saved)
+    sys.stdout = sys.stderr = CAPTURE
+    return saved
 
-def finish(state):
-    capture, handler, saved = state
+def finish(saved):
     sys.stdout, sys.stderr = saved
-    logging.getLogger().removeHandler(handler)
-    return capture.value()
+    CAPTURE.active = False
+    return CAPTURE.value()
 "#;
 
 /// The default cap on the captured output of one call, in characters.
