@@ -1,0 +1,169 @@
+//! The services restarted under a running fleet: RabbitMQ (`rabbitmqctl stop_app` /
+//! `start_app`), Redis (shut down without saving, so it forgets everything) and PostgreSQL (a
+//! fast shutdown). The scheduler and the workers carry on without a restart, and every run
+//! accepted before, during and after finishes with its output. These tests run alone (see
+//! .config/nextest.toml): they stop what every other test uses.
+
+#![allow(clippy::unwrap_used, clippy::print_stderr, missing_docs)]
+
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use taskfleet_tests::services::{self, Restore};
+use taskfleet_tests::{FleetOptions, TestFleet};
+
+fn definition() -> Value {
+    json!({"steps": [
+        {"id": "nap", "python": "fleet_steps:slow"},
+        {"id": "double", "dataflow": ".sleep * 2", "after": ["nap"]},
+    ]})
+}
+
+async fn fleet() -> TestFleet {
+    TestFleet::start_with(FleetOptions {
+        workers: 2,
+        ..FleetOptions::default()
+    })
+    .await
+    .unwrap()
+}
+
+/// Submits a run sleeping `sleep` seconds; returns its id and expected output.
+async fn submit(fleet: &TestFleet, sleep: f64) -> (String, Value) {
+    let id = fleet
+        .submit(&definition(), &json!({ "sleep": sleep }))
+        .await;
+    (id, json!(sleep * 2.0))
+}
+
+async fn all_succeed(fleet: &TestFleet, runs: &[(String, Value)]) {
+    for (id, output) in runs {
+        let run = fleet.wait_run(id, Duration::from_secs(90)).await;
+        assert_eq!(run["status"], "succeeded", "{run}");
+        assert_eq!(&run["output"], output, "{run}");
+        assert_eq!(run["steps"]["nap"]["attempts"], 1, "{run}");
+    }
+}
+
+#[tokio::test]
+async fn fleet_reconnects_after_a_broker_restart_and_loses_nothing() {
+    let mut fleet = fleet().await;
+    // Some runs are in flight when the broker stops: sleeping in a worker, or queued.
+    let mut runs = Vec::new();
+    for n in 0..12 {
+        runs.push(submit(&fleet, 0.5 + f64::from(n) * 0.1).await);
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let _restore = Restore;
+    services::stop_rabbitmq().unwrap();
+    // Accepted while the broker is down: durable in PostgreSQL, published once it is back.
+    for n in 0..4 {
+        runs.push(submit(&fleet, 0.1 * f64::from(n)).await);
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    services::start_rabbitmq().unwrap();
+    let back = Instant::now();
+    for n in 0..4 {
+        runs.push(submit(&fleet, 0.05 * f64::from(n)).await);
+    }
+    all_succeed(&fleet, &runs).await;
+    eprintln!(
+        "broker restart: all {} runs finished {:?} after the broker came back",
+        runs.len(),
+        back.elapsed()
+    );
+    assert!(fleet.scheduler_alive(), "the scheduler kept running");
+    assert_eq!(fleet.workers_alive(), 2, "the workers kept running");
+}
+
+#[tokio::test]
+async fn runs_finish_when_redis_restarts_and_forgets_everything() {
+    let mut fleet = fleet().await;
+    let mut runs = Vec::new();
+    for n in 0..12 {
+        runs.push(submit(&fleet, 0.3 + f64::from(n) * 0.05).await);
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let _restore = Restore;
+    services::stop_redis().unwrap();
+    // Redis holds nothing that accepting or running needs.
+    for n in 0..4 {
+        runs.push(submit(&fleet, 0.1 * f64::from(n)).await);
+    }
+    let (status, ready) = fleet.request("GET", "/readyz", None).await;
+    assert_eq!((status, &ready["redis"]), (503, &json!(false)), "{ready}");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    services::start_redis().unwrap();
+    let back = Instant::now();
+    for n in 0..4 {
+        runs.push(submit(&fleet, 0.05 * f64::from(n)).await);
+    }
+    all_succeed(&fleet, &runs).await;
+    eprintln!(
+        "redis restart: all {} runs finished {:?} after redis came back",
+        runs.len(),
+        back.elapsed()
+    );
+    // What lived only in Redis comes back: the workers' heartbeats.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, workers) = fleet.request("GET", "/v1/workers", None).await;
+        if workers["workers"].as_array().map_or(0, Vec::len) == 2 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "workers not listed again: {workers}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(fleet.scheduler_alive(), "the scheduler kept running");
+    assert_eq!(fleet.workers_alive(), 2, "the workers kept running");
+}
+
+#[tokio::test]
+async fn postgres_restart_answers_503_meanwhile_and_loses_nothing_accepted() {
+    let mut fleet = fleet().await;
+    let mut runs = Vec::new();
+    for n in 0..12 {
+        runs.push(submit(&fleet, 0.3 + f64::from(n) * 0.05).await);
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let _restore = Restore;
+    services::stop_postgres().unwrap();
+    let body = json!({"definition": definition(), "input": {"sleep": 0.1}});
+    let (status, answer) = fleet.request("POST", "/v1/runs", Some(&body)).await;
+    assert_eq!(status, 503, "{answer}");
+    let (status, answer) = fleet
+        .request("GET", &format!("/v1/runs/{}", runs[0].0), None)
+        .await;
+    assert_eq!(status, 503, "{answer}");
+    // Steps finishing meanwhile are recorded once the database is back.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    services::start_postgres().unwrap();
+    let back = Instant::now();
+    // The scheduler resumes by itself: new runs are accepted again within moments.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (status, answer) = fleet.request("POST", "/v1/runs", Some(&body)).await;
+        if status == 201 {
+            runs.push((answer["id"].as_str().unwrap().to_owned(), json!(0.2)));
+            break;
+        }
+        assert_eq!(status, 503, "{answer}");
+        assert!(Instant::now() < deadline, "not accepting again: {answer}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    eprintln!(
+        "postgres restart: accepting again {:?} after it came back",
+        back.elapsed()
+    );
+    all_succeed(&fleet, &runs).await;
+    eprintln!(
+        "postgres restart: all {} runs finished {:?} after postgres came back",
+        runs.len(),
+        back.elapsed()
+    );
+    assert!(fleet.scheduler_alive(), "the scheduler kept running");
+    assert_eq!(fleet.workers_alive(), 2, "the workers kept running");
+}
