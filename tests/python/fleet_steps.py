@@ -78,3 +78,18 @@ def crash_executor(_value):
     import signal
 
     os.kill(os.getpid(), signal.SIGKILL)
+
+
+def mark(value, ctx):
+    """Records that this task ran, in ``value["dir"]``: a file named after the task, and one
+    more file for each further run of it. Returns the input with ``n`` one higher."""
+    import os
+    import uuid
+
+    path = os.path.join(value["dir"], ctx.task_id)
+    try:
+        os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        os.close(os.open(f"{path}.again.{uuid.uuid4().hex}", os.O_CREAT | os.O_WRONLY))
+    time.sleep(value.get("sleep", 0))
+    return dict(value, n=value["n"] + 1)

@@ -60,6 +60,9 @@ pub struct TestFleet {
     pub database: String,
     pub http: reqwest::Client,
     scheduler: Option<Child>,
+    scheduler_port: u16,
+    started_schedulers: usize,
+    other_schedulers: Vec<Child>,
     workers: Vec<Child>,
     options: FleetOptions,
     log_dir: PathBuf,
@@ -133,6 +136,9 @@ impl TestFleet {
                 .timeout(Duration::from_secs(120))
                 .build()?,
             scheduler: None,
+            scheduler_port: port,
+            started_schedulers: 0,
+            other_schedulers: Vec::new(),
             workers: Vec::new(),
             options: options.clone(),
             log_dir,
@@ -152,7 +158,54 @@ impl TestFleet {
     }
 
     fn start_scheduler(&mut self, port: u16) -> Result<()> {
-        let (stdout, stderr) = self.log("scheduler")?;
+        self.scheduler_port = port;
+        self.scheduler = Some(self.spawn_scheduler(port, "scheduler")?);
+        Ok(())
+    }
+
+    /// Kills the scheduler with SIGKILL.
+    pub fn kill_scheduler(&mut self) {
+        if let Some(mut scheduler) = self.scheduler.take() {
+            let _ = scheduler.kill();
+            let _ = scheduler.wait();
+        }
+    }
+
+    /// Starts the scheduler again on its address (after [`kill_scheduler`](Self::kill_scheduler))
+    /// and waits until it is ready.
+    pub async fn restart_scheduler(&mut self) -> Result<()> {
+        self.kill_scheduler();
+        self.started_schedulers += 1;
+        let name = format!("scheduler-{}", self.started_schedulers);
+        self.scheduler = Some(self.spawn_scheduler(self.scheduler_port, &name)?);
+        self.wait_ready().await
+    }
+
+    /// Starts another scheduler of the same fleet (same database and namespace) on an address
+    /// of its own, waits until it is ready and returns its API URL.
+    pub async fn start_another_scheduler(&mut self) -> Result<String> {
+        self.started_schedulers += 1;
+        let name = format!("scheduler-{}", self.started_schedulers);
+        let port = free_port();
+        self.other_schedulers
+            .push(self.spawn_scheduler(port, &name)?);
+        let api = format!("http://127.0.0.1:{port}");
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Ok(response) = self.http.get(format!("{api}/readyz")).send().await
+                && response.status().is_success()
+            {
+                return Ok(api);
+            }
+            if Instant::now() > deadline {
+                bail!("the other scheduler was not ready within 60 s");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    fn spawn_scheduler(&self, port: u16, name: &str) -> Result<Child> {
+        let (stdout, stderr) = self.log(name)?;
         let mut command = Command::new(binary("taskfleet-scheduler")?);
         command
             .env(
@@ -169,8 +222,7 @@ impl TestFleet {
         for (key, value) in &self.options.scheduler_env {
             command.env(key, value);
         }
-        self.scheduler = Some(command.spawn().context("starting the scheduler")?);
-        Ok(())
+        command.spawn().context("starting the scheduler")
     }
 
     /// Starts one more worker.
@@ -394,7 +446,8 @@ impl TestFleet {
     }
 
     fn cleanup(&mut self) {
-        if let Some(mut scheduler) = self.scheduler.take() {
+        self.kill_scheduler();
+        for mut scheduler in self.other_schedulers.drain(..) {
             let _ = scheduler.kill();
             let _ = scheduler.wait();
         }
