@@ -1,9 +1,9 @@
 //! AMQP connection settings shared by the scheduler and the workers.
 
 /// The heartbeat interval asked of RabbitMQ when the URL names none, in seconds. A peer that
-/// stays silent for about twice this long (a frozen process, a vanished host) loses its
+/// stays silent for about three times this long (a frozen process, a vanished host) loses its
 /// connection, and the broker hands its unacknowledged tasks to other workers.
-pub const DEFAULT_HEARTBEAT_S: u16 = 10;
+pub const DEFAULT_HEARTBEAT_S: u16 = 5;
 
 /// Returns `url` with a `heartbeat` query parameter of `seconds`, unless it already has one
 /// (which then wins).
