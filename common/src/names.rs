@@ -71,6 +71,12 @@ impl Namespace {
         format!("{}.completions", self.0)
     }
 
+    /// Returns the RabbitMQ queue where messages nobody can read are kept for an operator: a
+    /// task or completion that names no task, which no retry could ever handle.
+    pub fn dead_letters_queue(&self) -> String {
+        format!("{}.dead-letters", self.0)
+    }
+
     /// Returns the Redis key of a task's latest result.
     pub fn result_key(&self, task_id: TaskId) -> String {
         format!("{}:result:{task_id}", self.0)

@@ -138,6 +138,25 @@ impl Broker {
         }
     }
 
+    /// Keeps a completion nobody can read in the dead-letters queue, with why in its headers;
+    /// best effort (logged): the completion is acknowledged either way, since no retry could
+    /// ever read it.
+    pub async fn dead_letter(&self, body: &[u8], reason: &str) {
+        let link = self.link();
+        let kept = match link.dead_letter(&self.namespace, body, reason).await {
+            Ok(kept) => Ok(kept),
+            Err(_) => match self.reconnect(&link).await {
+                Some(link) => link.dead_letter(&self.namespace, body, reason).await,
+                None => Ok(false),
+            },
+        };
+        match kept {
+            Ok(true) => {}
+            Ok(false) => tracing::error!(reason, "the broker refused a dead letter; dropped"),
+            Err(error) => tracing::error!(%error, reason, "keeping a dead letter failed; dropped"),
+        }
+    }
+
     /// Consumes completions with the given prefetch, on a channel of their own, for as long as
     /// the process lives: after a lost connection the consumer is started again on the next
     /// one. Deliveries of a lost connection cannot be acknowledged; the broker hands them out
@@ -326,6 +345,45 @@ impl Link {
             acked.push(confirm.await?.is_ack());
         }
         Ok(acked)
+    }
+
+    async fn dead_letter(
+        &self,
+        namespace: &Namespace,
+        body: &[u8],
+        reason: &str,
+    ) -> Result<bool, lapin::Error> {
+        let queue = namespace.dead_letters_queue();
+        self.publisher
+            .queue_declare(
+                queue.as_str().into(),
+                QueueDeclareOptions::durable(),
+                FieldTable::default(),
+            )
+            .await?;
+        let mut headers = FieldTable::default();
+        headers.insert(
+            "x-taskfleet-reason".into(),
+            AMQPValue::LongString(reason.into()),
+        );
+        headers.insert(
+            "x-taskfleet-source".into(),
+            AMQPValue::LongString(namespace.completions_queue().into()),
+        );
+        let confirm = self
+            .publisher
+            .basic_publish(
+                "".into(),
+                queue.as_str().into(),
+                BasicPublishOptions::default(),
+                body,
+                BasicProperties::default()
+                    .with_delivery_mode(2)
+                    .with_headers(headers),
+            )
+            .await?
+            .await?;
+        Ok(confirm.is_ack())
     }
 
     async fn consume_completions(

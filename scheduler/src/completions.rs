@@ -8,6 +8,7 @@
 //! completion refused on its own is recorded as a failed step.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::Utc;
@@ -23,6 +24,7 @@ use taskfleet_common::{RunId, StepError, StepStatus, TaskId};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
+use crate::broker::Broker;
 use crate::dispatch::{Dispatch, Dispatcher};
 use crate::engine::{Materialized, finished_run};
 use crate::notify::Notifier;
@@ -61,6 +63,8 @@ pub struct CompletionLoop {
     pub notifier: Notifier,
     /// Compiled jq programs.
     pub programs: ProgramCache,
+    /// Where unreadable completions go.
+    pub broker: Arc<Broker>,
 }
 
 impl CompletionLoop {
@@ -97,10 +101,17 @@ impl CompletionLoop {
 
     /// Records a batch; returns false if shutdown came first.
     async fn handle(&self, deliveries: &[Delivery], shutdown: &CancellationToken) -> bool {
-        let completions: Vec<Completion> = deliveries
-            .iter()
-            .filter_map(|delivery| read_completion(&delivery.data))
-            .collect();
+        let mut completions = Vec::with_capacity(deliveries.len());
+        for delivery in deliveries {
+            match read_completion(&delivery.data) {
+                Some(completion) => completions.push(completion),
+                None => {
+                    self.broker
+                        .dead_letter(&delivery.data, "a completion that names no task")
+                        .await;
+                }
+            }
+        }
         match self.record_with_retries(&completions, shutdown).await {
             Some(Ok(())) => true,
             None => false,
@@ -413,7 +424,7 @@ fn read_completion(body: &[u8]) -> Option<Completion> {
                 })
             }
             Err(_) => {
-                tracing::error!(%error, "dropping a completion that names no task");
+                tracing::error!(%error, "a completion names no task; moving it to the dead letters");
                 None
             }
         },

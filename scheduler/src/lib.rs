@@ -87,6 +87,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         dispatcher: dispatcher.clone(),
         notifier: notifier.clone(),
         programs: programs.clone(),
+        broker: broker.clone(),
     };
     tracker.spawn(completion_loop.run(
         broker.completions(completions::MAX_BATCH as u16),

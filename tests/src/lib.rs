@@ -512,7 +512,10 @@ async fn remove_fleet_state(database: &str, owns_database: bool, namespace: &str
         let names = queues
             .iter()
             .map(|queue| format!("{namespace}.tasks.{queue}"))
-            .chain([format!("{namespace}.completions")]);
+            .chain([
+                format!("{namespace}.completions"),
+                format!("{namespace}.dead-letters"),
+            ]);
         for name in names {
             // One channel each: deleting a queue that is not there closes its channel.
             if let Ok(channel) = connection.create_channel().await {

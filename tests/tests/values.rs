@@ -166,3 +166,87 @@ async fn a_task_of_an_unknown_protocol_version_fails_the_step_as_invalid_task() 
         .await;
     let _ = connection.close(200, "test done".into()).await;
 }
+
+#[tokio::test]
+async fn messages_naming_no_task_are_dead_lettered_and_the_fleet_goes_on() {
+    let fleet = TestFleet::start().await.unwrap();
+    let connection = lapin::Connection::connect(AMQP, ConnectionProperties::default())
+        .await
+        .unwrap();
+    let channel = connection.create_channel().await.unwrap();
+    for (queue, body) in [
+        ("tasks.default", b"not json at all".as_slice()),
+        ("completions", br#"{"hello": "world"}"#.as_slice()),
+    ] {
+        channel
+            .basic_publish(
+                "".into(),
+                format!("{}.{queue}", fleet.namespace).as_str().into(),
+                BasicPublishOptions::default(),
+                body,
+                BasicProperties::default().with_delivery_mode(2),
+            )
+            .await
+            .unwrap();
+    }
+    let dead = format!("{}.dead-letters", fleet.namespace);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut reasons = Vec::new();
+    while reasons.len() < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "dead letters so far: {reasons:?}"
+        );
+        channel
+            .queue_declare(
+                dead.as_str().into(),
+                QueueDeclareOptions::durable(),
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        let got = channel
+            .basic_get(dead.as_str().into(), BasicGetOptions { no_ack: true })
+            .await
+            .unwrap();
+        match got {
+            Some(message) => {
+                let headers = message
+                    .delivery
+                    .properties
+                    .headers()
+                    .clone()
+                    .unwrap_or_default();
+                let header = |name: &str| {
+                    headers
+                        .inner()
+                        .get(name)
+                        .and_then(|value| value.as_long_string())
+                        .map(ToString::to_string)
+                        .unwrap_or_default()
+                };
+                reasons.push((
+                    header("x-taskfleet-source"),
+                    String::from_utf8_lossy(&message.delivery.data).into_owned(),
+                    header("x-taskfleet-reason"),
+                ));
+            }
+            None => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+    reasons.sort();
+    assert_eq!(reasons[0].0, format!("{}.completions", fleet.namespace));
+    assert_eq!(reasons[0].1, r#"{"hello": "world"}"#);
+    assert_eq!(reasons[1].0, format!("{}.tasks.default", fleet.namespace));
+    assert_eq!(reasons[1].1, "not json at all");
+    assert!(!reasons[1].2.is_empty(), "{reasons:?}");
+    // Nothing went round in a loop and both sides still serve.
+    let run = fleet
+        .run(
+            &json!({"steps": [{"id": "echo", "python": "fleet_steps:echo"}]}),
+            &json!("after"),
+        )
+        .await;
+    assert_eq!(run["output"], "after", "{run:#}");
+    let _ = connection.close(200, "test done".into()).await;
+}

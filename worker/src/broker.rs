@@ -151,6 +151,51 @@ impl Broker {
         }
     }
 
+    /// Keeps a message nobody can read in the dead-letters queue, with why and where it came
+    /// from in its headers, and waits for the broker's confirm.
+    pub async fn dead_letter(
+        &self,
+        body: &[u8],
+        reason: &str,
+        source: &str,
+    ) -> Result<(), PublishError> {
+        let queue = self.namespace.dead_letters_queue();
+        self.publisher
+            .queue_declare(
+                queue.as_str().into(),
+                QueueDeclareOptions::durable(),
+                FieldTable::default(),
+            )
+            .await?;
+        let mut headers = FieldTable::default();
+        headers.insert(
+            "x-taskfleet-reason".into(),
+            AMQPValue::LongString(reason.into()),
+        );
+        headers.insert(
+            "x-taskfleet-source".into(),
+            AMQPValue::LongString(source.into()),
+        );
+        let confirm = self
+            .publisher
+            .basic_publish(
+                "".into(),
+                queue.as_str().into(),
+                BasicPublishOptions::default(),
+                body,
+                BasicProperties::default()
+                    .with_delivery_mode(2)
+                    .with_headers(headers),
+            )
+            .await?
+            .await?;
+        if confirm.is_ack() {
+            Ok(())
+        } else {
+            Err(PublishError::Refused)
+        }
+    }
+
     /// Closes the channels and the connection; deliveries not acknowledged go back to their
     /// queues.
     pub async fn close(&self) {

@@ -6,7 +6,8 @@
 //! done, so the broker never hands this worker more tasks than it has free slots.
 //!
 //! Every task message ends in a completion, so no run waits forever on a task: one this worker
-//! cannot read fails with `invalid_task` (only a message that names no task at all is dropped),
+//! cannot read fails with `invalid_task` (a message that names no task at all is moved to the
+//! dead-letters queue),
 //! and an input or output that cannot be stored or sent (see `taskfleet_common::value`) fails
 //! the task instead of reaching the scheduler.
 
@@ -323,16 +324,32 @@ struct TaskIdentity {
 }
 
 /// Fails a task this worker cannot read, so that its run does not wait for it forever. A message
-/// without even a task's identity is rejected instead: redelivering it would loop forever.
+/// without even a task's identity is moved to the dead-letters queue instead (dropped if even
+/// that fails): redelivering it would loop forever.
 async fn refuse(shared: &Shared, delivery: Delivery, error: &DecodeError) {
     let Ok(identity) = serde_json::from_slice::<TaskIdentity>(&delivery.data) else {
-        tracing::error!(%error, "dropping a task message that names no task");
-        let options = BasicNackOptions {
-            multiple: false,
-            requeue: false,
-        };
-        if let Err(error) = delivery.nack(options).await {
-            tracing::warn!(%error, "rejecting task message");
+        let source = delivery.routing_key.as_str().to_owned();
+        match shared
+            .broker()
+            .dead_letter(&delivery.data, &error.to_string(), &source)
+            .await
+        {
+            Ok(()) => {
+                tracing::error!(%error, queue = source, "a task message names no task; moved to the dead letters");
+                if let Err(error) = delivery.ack(BasicAckOptions::default()).await {
+                    tracing::warn!(%error, "acknowledging a dead-lettered task message");
+                }
+            }
+            Err(publish_error) => {
+                tracing::error!(%error, %publish_error, "dropping a task message that names no task");
+                let options = BasicNackOptions {
+                    multiple: false,
+                    requeue: false,
+                };
+                if let Err(error) = delivery.nack(options).await {
+                    tracing::warn!(%error, "rejecting task message");
+                }
+            }
         }
         return;
     };
