@@ -167,3 +167,53 @@ async fn postgres_restart_answers_503_meanwhile_and_loses_nothing_accepted() {
     assert!(fleet.scheduler_alive(), "the scheduler kept running");
     assert_eq!(fleet.workers_alive(), 2, "the workers kept running");
 }
+
+/// Puts RabbitMQ's consumer timeout back when dropped.
+struct ConsumerTimeout;
+
+fn set_consumer_timeout(timeout_ms: u64, tick_ms: u64) {
+    let expression = format!(
+        "application:set_env(rabbit, consumer_timeout, {timeout_ms}), application:set_env(rabbit, channel_tick_interval, {tick_ms})."
+    );
+    let status = std::process::Command::new("rabbitmqctl")
+        .args(["-q", "eval", &expression])
+        .status()
+        .expect("running rabbitmqctl");
+    assert!(status.success(), "rabbitmqctl eval failed");
+}
+
+impl Drop for ConsumerTimeout {
+    fn drop(&mut self) {
+        set_consumer_timeout(1_800_000, 60_000);
+    }
+}
+
+#[tokio::test]
+async fn a_task_longer_than_the_consumer_timeout_completes_once() {
+    // RabbitMQ closes the channel of a consumer that holds a delivery past its consumer timeout
+    // (30 min by default); here 2 s, checked every second, for the channels opened from now on.
+    let _restore = ConsumerTimeout;
+    set_consumer_timeout(2_000, 1_000);
+    let fleet = TestFleet::start_with(FleetOptions {
+        workers: 1,
+        ..FleetOptions::default()
+    })
+    .await
+    .unwrap();
+    let dir = std::env::temp_dir().join(format!("consumer-timeout-{}", fleet.namespace));
+    std::fs::create_dir_all(&dir).unwrap();
+    let definition = json!({"steps": [{"id": "long", "python": "fleet_steps:mark"}]});
+    let input = json!({"dir": dir.to_str().unwrap(), "n": 0, "sleep": 5});
+    let started = Instant::now();
+    let id = fleet.submit(&definition, &input).await;
+    let run = fleet.wait_run(&id, Duration::from_secs(90)).await;
+    let executions = std::fs::read_dir(&dir).unwrap().count();
+    let _ = std::fs::remove_dir_all(&dir);
+    eprintln!(
+        "a 5 s task under a 2 s consumer timeout: finished after {:?}, executed {executions} times",
+        started.elapsed()
+    );
+    assert_eq!(run["status"], "succeeded", "{run}");
+    assert_eq!(run["output"]["n"], 1, "{run}");
+    assert_eq!(run["steps"]["long"]["attempts"], 1, "{run}");
+}

@@ -283,7 +283,11 @@ async fn handle(shared: Arc<Shared>, delivery: Delivery) {
     };
     let started_at = Utc::now();
     let (outcome, logs) = match value::check(&task.input) {
-        Ok(()) => shared.execute(&task, started_at).await,
+        Ok(()) => {
+            shared
+                .execute(&task, started_at, delivery.redelivered)
+                .await
+        }
         Err(error) => {
             let error = StepError::new(INVALID_TASK, format!("step input cannot be used: {error}"));
             (Outcome::Failed { error }, None)
@@ -396,7 +400,12 @@ impl Shared {
         &self,
         task: &TaskMessage,
         started_at: chrono::DateTime<Utc>,
+        redelivered: bool,
     ) -> (Outcome, Option<String>) {
+        if redelivered && let Some(outcome) = self.finished_outcome(task).await {
+            tracing::info!(task_id = %task.task_id, attempt = task.attempt, "a redelivered task had already finished; reporting its outcome again");
+            return (outcome, None);
+        }
         let cancelled = match self.take_lease(task, started_at).await {
             Lease::Granted(token) => token,
             Lease::Cancelled => {
@@ -524,6 +533,26 @@ impl Shared {
                 Lease::Granted(token)
             }
         }
+    }
+
+    /// The outcome stored for this attempt of the task, if it already finished: a redelivered
+    /// task whose report went out but whose acknowledgement was lost with a connection. Its
+    /// outcome is reported again instead of running it again.
+    async fn finished_outcome(&self, task: &TaskMessage) -> Option<Outcome> {
+        #[derive(Deserialize)]
+        struct Stored {
+            attempt: u32,
+            outcome: Outcome,
+        }
+        let mut redis = self.redis.clone();
+        let stored: Option<String> = redis::cmd("GET")
+            .arg(self.namespace.result_key(task.task_id))
+            .query_async(&mut redis)
+            .await
+            .inspect_err(|error| tracing::warn!(%error, "reading a redelivered task's result"))
+            .ok()?;
+        let stored: Stored = serde_json::from_str(&stored?).ok()?;
+        (stored.attempt == task.attempt).then_some(stored.outcome)
     }
 
     fn release(&self, task_id: TaskId) {
