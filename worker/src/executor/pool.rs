@@ -30,8 +30,8 @@ use serde_json::Value;
 use taskfleet_common::StepError;
 use taskfleet_common::error::WORKER_LOST;
 use tokio::io::AsyncWriteExt;
-use tokio::net::UnixListener;
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::{UnixListener, UnixStream};
 use tokio::process::{Child, Command};
 use tokio::sync::{Mutex, mpsc, oneshot};
 use tokio::time::Instant;
@@ -238,8 +238,12 @@ enum Ran {
 struct Executor {
     child: Child,
     pid: u32,
+    /// Outcomes, read from the calls connection.
     frames: FramedRead<OwnedReadHalf, LengthDelimitedCodec>,
+    /// Calls, written to the calls connection.
     writer: OwnedWriteHalf,
+    /// `Stop` requests, written to the control connection.
+    control: UnixStream,
     /// Calls served so far.
     calls: u64,
 }
@@ -267,19 +271,28 @@ impl Executor {
                 )
             })?;
         let pid = child.id().unwrap_or_default();
+        // The executor connects twice, calls first; the listener hands connections out in the
+        // order they were made.
+        let accept_both = async {
+            let (calls, _) = listener.accept().await?;
+            let (control, _) = listener.accept().await?;
+            Ok::<_, std::io::Error>((calls, control))
+        };
         let connected = tokio::select! {
-            accepted = listener.accept() => accepted.map(|(stream, _)| stream).context("accepting a python executor's connection"),
+            accepted = accept_both => accepted.context("accepting a python executor's connections"),
             status = child.wait() => Err(anyhow::anyhow!("the python executor {pid} exited before connecting: {}", describe_exit(status))),
             () = tokio::time::sleep(START_TIMEOUT) => Err(anyhow::anyhow!("the python executor {pid} did not connect within {START_TIMEOUT:?}")),
         };
         drop(listener);
         let _ = std::fs::remove_file(&path);
-        let (reader, writer) = connected?.into_split();
+        let (calls, control) = connected?;
+        let (reader, writer) = calls.into_split();
         let mut executor = Self {
             child,
             pid,
             frames: FramedRead::new(reader, codec()),
             writer,
+            control,
             calls: 0,
         };
         executor
@@ -399,7 +412,12 @@ impl Executor {
     /// Interrupts call `id` and waits for it to end within the grace period; past it, the
     /// executor is lost.
     async fn stop(&mut self, id: u64, kill_grace: Duration) -> Ran {
-        if self.send(&Request::Stop { id }).await.is_err() {
+        if self
+            .control
+            .write_all(&process::encode(&Request::Stop { id }))
+            .await
+            .is_err()
+        {
             return Ran::Lost;
         }
         match tokio::time::timeout(kill_grace, self.until_done(id)).await {
@@ -443,10 +461,11 @@ impl Executor {
             mut child,
             frames,
             writer,
+            control,
             pid,
             ..
         } = self;
-        drop((frames, writer));
+        drop((frames, writer, control));
         match tokio::time::timeout(RETIRE_TIMEOUT, child.wait()).await {
             Ok(_) => tracing::debug!(pid, "python executor retired"),
             Err(_) => {

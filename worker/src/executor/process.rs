@@ -2,10 +2,12 @@
 //!
 //! A worker runs its Python steps in executor processes (see [`super::pool`]): each is the
 //! worker's own binary started with [`EXECUTOR_FLAG`] and the path of a Unix socket on which the
-//! worker listens. The executor connects, receives its [`PythonSettings`], starts its interpreter
-//! and then serves one call at a time: its main thread reads frames, the interpreter thread runs
-//! the steps and writes each outcome back itself. A frame is a little-endian `u32` length followed
-//! by that many bytes of JSON.
+//! worker listens. The executor connects twice (calls, then control), receives its
+//! [`PythonSettings`] on the calls connection, starts its interpreter and then serves one call at
+//! a time: the interpreter thread reads each call and writes its outcome back itself, so a call
+//! crosses no other thread of the executor; the main thread reads `Stop` requests from the
+//! control connection. A frame is a little-endian `u32` length followed by that many bytes of
+//! JSON.
 //!
 //! The executor ignores SIGINT and SIGTERM: it leaves when the worker closes the connection (or
 //! dies), at once, even in the middle of a step.
@@ -21,8 +23,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::python::{
-    PythonExecutor, PythonOutput, PythonSettings, PythonTarget, StepContext,
-    ignore_termination_signals,
+    IncomingCall, PythonOutput, PythonSettings, PythonTarget, StepContext,
+    ignore_termination_signals, serve_calls,
 };
 
 /// The hidden command-line flag that makes `taskfleet-worker` an executor process; its value is
@@ -140,30 +142,60 @@ fn read_frame<T: DeserializeOwned>(stream: &mut impl Read) -> std::io::Result<Op
 
 /// Runs this process as a Python executor serving the worker listening on `socket`. Returns when
 /// the worker closes the connection; an error if the executor could not start.
+///
+/// The executor makes two connections: calls and their outcomes travel on the first, read and
+/// answered by the interpreter thread itself; `Stop` requests arrive on the second, read by
+/// this (main) thread, which interrupts the running call.
 pub fn serve(socket: &Path) -> anyhow::Result<()> {
-    let mut reader = UnixStream::connect(socket)
-        .with_context(|| format!("connecting to the worker at {}", socket.display()))?;
-    let writer = Arc::new(Mutex::new(
-        reader
-            .try_clone()
-            .context("cloning the worker connection")?,
-    ));
-    let send = {
-        let writer = Arc::clone(&writer);
-        move |reply: &Reply| -> std::io::Result<()> {
-            writer
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .write_all(&encode(reply))
-        }
+    let connect = || {
+        UnixStream::connect(socket)
+            .with_context(|| format!("connecting to the worker at {}", socket.display()))
     };
-    let Some(Request::Start(settings)) = read_frame(&mut reader)? else {
+    let mut calls = connect()?;
+    let mut control = connect()?;
+    let writer = Arc::new(Mutex::new(
+        calls.try_clone().context("cloning the worker connection")?,
+    ));
+    let send = move |reply: &Reply| -> std::io::Result<()> {
+        writer
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .write_all(&encode(reply))
+    };
+    let Some(Request::Start(settings)) = read_frame(&mut calls)? else {
         anyhow::bail!("the worker did not send the executor's settings first");
     };
-    let executor = match PythonExecutor::start(settings)
-        .and_then(|executor| ignore_termination_signals().map(|()| executor))
+    let done = send.clone();
+    // Runs on the interpreter thread, without the GIL, between calls.
+    let next_call = move || loop {
+        match read_frame::<Request>(&mut calls) {
+            Ok(Some(Request::Run { id, call })) => {
+                let done = done.clone();
+                return Some(IncomingCall {
+                    id,
+                    target: call.target,
+                    input: call.input,
+                    ctx: call.ctx,
+                    done: Box::new(move |output| {
+                        if let Err(error) = done(&Reply::Done { id, output }) {
+                            tracing::warn!(%error, "sending a step's outcome to the worker");
+                        }
+                    }),
+                });
+            }
+            Ok(Some(other)) => tracing::warn!(?other, "unexpected frame on the calls connection"),
+            // The worker is gone: so is this executor, even in the middle of nothing.
+            Ok(None) => std::process::exit(0),
+            Err(error) => {
+                tracing::error!(%error, "reading a call from the worker");
+                std::process::exit(1);
+            }
+        }
+    };
+    let stopper = match serve_calls(settings, next_call)
+        .and_then(|stopper| ignore_termination_signals().map(|()| stopper))
     {
-        Ok(executor) => executor,
+        Ok(stopper) => stopper,
         Err(error) => {
             let message = format!("starting the python interpreter: {error}");
             send(&Reply::StartFailed {
@@ -175,27 +207,10 @@ pub fn serve(socket: &Path) -> anyhow::Result<()> {
     send(&Reply::Ready {
         pid: std::process::id(),
     })?;
-    // The job the worker is waiting for, if any, so a Stop can reach it.
-    let mut current = None;
-    while let Some(request) = read_frame(&mut reader)? {
+    while let Some(request) = read_frame(&mut control)? {
         match request {
-            Request::Run { id, call } => {
-                let send = send.clone();
-                let job = executor.submit(call.target, call.input, call.ctx, move |output| {
-                    if let Err(error) = send(&Reply::Done { id, output }) {
-                        tracing::warn!(%error, "sending a step's outcome to the worker");
-                    }
-                });
-                current = Some((id, job));
-            }
-            Request::Stop { id } => {
-                if let Some((running, job)) = current
-                    && running == id
-                {
-                    executor.abandon(job);
-                }
-            }
-            Request::Start(_) => anyhow::bail!("the worker sent the executor's settings twice"),
+            Request::Stop { id } => stopper.stop(id),
+            other => tracing::warn!(?other, "unexpected frame on the control connection"),
         }
     }
     Ok(())

@@ -270,10 +270,6 @@ impl Reply {
     }
 }
 
-/// Identifies a job handed to [`PythonExecutor::submit`], so it can be abandoned.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct JobId(u64);
-
 impl PythonExecutor {
     /// Starts the interpreter on its own OS thread, named `python`, which owns it for the life of
     /// the process, and applies the settings.
@@ -285,30 +281,12 @@ impl PythonExecutor {
     /// ready. A process has one interpreter: a second executor shares it, and its settings extend
     /// the same `sys.path`.
     pub fn start(settings: PythonSettings) -> Result<Self, PythonStartError> {
-        // Initialised here, not on the interpreter thread: Python takes the initialising thread
-        // for its main thread, and only the main thread may install signal handlers, so a step
-        // calling `signal.signal` cannot take SIGTERM away from the worker's own shutdown.
-        Python::initialize();
-        let (jobs_tx, jobs_rx) = mpsc::channel(JOB_QUEUE_CAPACITY);
-        let shared = Arc::new(Shared {
-            next_job: AtomicU64::new(1),
-            ..Shared::default()
-        });
-        let (ready_tx, ready_rx) = std::sync::mpsc::sync_channel(1);
-        let thread_shared = Arc::clone(&shared);
-        std::thread::Builder::new()
-            .name("python".to_owned())
-            .stack_size(THREAD_STACK_SIZE)
-            .spawn(move || interpreter_thread(&settings, jobs_rx, &thread_shared, &ready_tx))
-            .map_err(PythonStartError::Spawn)?;
-        match ready_rx.recv() {
-            Ok(Ok(())) => Ok(Self {
-                jobs: jobs_tx,
-                shared,
-            }),
-            Ok(Err(error)) => Err(error),
-            Err(_) => Err(PythonStartError::ThreadStopped),
-        }
+        let (jobs_tx, mut jobs_rx) = mpsc::channel(JOB_QUEUE_CAPACITY);
+        let shared = spawn_interpreter(settings, move || jobs_rx.blocking_recv())?;
+        Ok(Self {
+            jobs: jobs_tx,
+            shared,
+        })
     }
 
     /// Runs one call on the interpreter thread and returns the step's output, or the step error.
@@ -347,41 +325,78 @@ impl PythonExecutor {
     }
 }
 
-impl PythonExecutor {
-    /// Queues one call from a thread outside any async runtime and returns at once; `done` is
-    /// called with the outcome on the interpreter thread, without the GIL, exactly once (with a
-    /// `worker_lost` error if the interpreter thread has stopped).
-    ///
-    /// Waits while [`JOB_QUEUE_CAPACITY`] calls are queued. Must not be called from async code.
-    pub fn submit(
-        &self,
-        target: PythonTarget,
-        input: Value,
-        ctx: StepContext,
-        done: impl FnOnce(PythonOutput) + Send + 'static,
-    ) -> JobId {
-        let id = self.shared.next_job.fetch_add(1, Ordering::Relaxed);
-        let job = Job {
-            id,
-            target,
-            input,
-            ctx,
-            reply: Reply::Callback(Box::new(done)),
-        };
-        if let Err(mpsc::error::SendError(job)) = self.jobs.blocking_send(job) {
-            job.reply.send(PythonOutput {
-                result: Err(interpreter_stopped()),
-                logs: String::new(),
-            });
-        }
-        JobId(id)
-    }
+/// A call handed to the interpreter thread by the source given to [`serve_calls`].
+pub struct IncomingCall {
+    /// Identifies the call for [`CallStopper::stop`]; not 0.
+    pub id: u64,
+    /// What to call.
+    pub target: PythonTarget,
+    /// The step's input.
+    pub input: Value,
+    /// The attempt's identity.
+    pub ctx: StepContext,
+    /// Called with the outcome on the interpreter thread, without the GIL, exactly once.
+    pub done: Box<dyn FnOnce(PythonOutput) + Send>,
+}
 
-    /// Gives up a job from [`submit`](Self::submit): if it has not started it is skipped (its
-    /// outcome is a `cancelled` error), and if it is running the step is interrupted by an
-    /// exception raised in its Python code. Either way its `done` is still called when it ends.
-    pub fn abandon(&self, job: JobId) {
-        abandon(&self.shared, job.0);
+/// Stops calls of [`serve_calls`].
+#[derive(Clone)]
+pub struct CallStopper(Arc<Shared>);
+
+impl CallStopper {
+    /// Gives up call `id`: if it has not started it is skipped (its outcome is a `cancelled`
+    /// error), and if it is running the step is interrupted by an exception raised in its
+    /// Python code. Either way its `done` is still called when it ends.
+    pub fn stop(&self, id: u64) {
+        abandon(&self.0, id);
+    }
+}
+
+/// Starts the interpreter on its own OS thread, as [`PythonExecutor::start`] does, serving the
+/// calls `next` returns, one at a time, until it returns `None`. `next` runs on the interpreter
+/// thread without the GIL, so it may block (reading a socket, say) while threads that steps
+/// started run on. Blocks until the interpreter is ready.
+pub fn serve_calls(
+    settings: PythonSettings,
+    mut next: impl FnMut() -> Option<IncomingCall> + Send + 'static,
+) -> Result<CallStopper, PythonStartError> {
+    let shared = spawn_interpreter(settings, move || {
+        next().map(|call| Job {
+            id: call.id,
+            target: call.target,
+            input: call.input,
+            ctx: call.ctx,
+            reply: Reply::Callback(call.done),
+        })
+    })?;
+    Ok(CallStopper(shared))
+}
+
+/// Initialises Python on the calling thread and starts the interpreter thread taking jobs from
+/// `next`; returns once the interpreter is ready.
+fn spawn_interpreter(
+    settings: PythonSettings,
+    next: impl FnMut() -> Option<Job> + Send + 'static,
+) -> Result<Arc<Shared>, PythonStartError> {
+    // Initialised here, not on the interpreter thread: Python takes the initialising thread for
+    // its main thread, and only the main thread may install signal handlers, so a step calling
+    // `signal.signal` cannot take SIGTERM away from the process's own shutdown.
+    Python::initialize();
+    let shared = Arc::new(Shared {
+        next_job: AtomicU64::new(1),
+        ..Shared::default()
+    });
+    let (ready_tx, ready_rx) = std::sync::mpsc::sync_channel(1);
+    let thread_shared = Arc::clone(&shared);
+    std::thread::Builder::new()
+        .name("python".to_owned())
+        .stack_size(THREAD_STACK_SIZE)
+        .spawn(move || interpreter_thread(&settings, next, &thread_shared, &ready_tx))
+        .map_err(PythonStartError::Spawn)?;
+    match ready_rx.recv() {
+        Ok(Ok(())) => Ok(shared),
+        Ok(Err(error)) => Err(error),
+        Err(_) => Err(PythonStartError::ThreadStopped),
     }
 }
 
@@ -506,11 +521,11 @@ fn interpreter_stopped() -> StepError {
     StepError::new(WORKER_LOST, "the python interpreter thread has stopped")
 }
 
-/// Body of the interpreter thread: initialises Python, reports readiness, then serves jobs until
-/// every handle is dropped.
+/// Body of the interpreter thread: sets up the runtime, reports readiness, then serves the jobs
+/// `next` returns until it returns `None` (for an executor: when every handle is dropped).
 fn interpreter_thread(
     settings: &PythonSettings,
-    mut jobs: mpsc::Receiver<Job>,
+    mut next: impl FnMut() -> Option<Job> + Send,
     shared: &Shared,
     ready: &std::sync::mpsc::SyncSender<Result<(), PythonStartError>>,
 ) {
@@ -525,7 +540,7 @@ fn interpreter_thread(
         };
         let _ = ready.send(Ok(()));
         // The GIL is released while waiting so other Python threads (started by steps) run.
-        while let Some(job) = py.detach(|| jobs.blocking_recv()) {
+        while let Some(job) = py.detach(&mut next) {
             shared.running.store(job.id, Ordering::SeqCst);
             std::sync::atomic::fence(Ordering::SeqCst);
             if job.reply.is_closed() || shared.abandoned.load(Ordering::SeqCst) == job.id {
