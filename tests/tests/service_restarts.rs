@@ -217,3 +217,31 @@ async fn a_task_longer_than_the_consumer_timeout_completes_once() {
     assert_eq!(run["output"]["n"], 1, "{run}");
     assert_eq!(run["steps"]["long"]["attempts"], 1, "{run}");
 }
+
+#[tokio::test]
+async fn tasks_committed_but_never_published_are_published_after_a_scheduler_crash() {
+    let mut fleet = TestFleet::start_with(FleetOptions {
+        workers: 1,
+        scheduler_env: vec![("TASKFLEET_RELAY_AFTER_S".to_owned(), "2".to_owned())],
+        ..FleetOptions::default()
+    })
+    .await
+    .unwrap();
+    let _restore = Restore;
+    // With the broker down the runs are committed but cannot be published; then the scheduler
+    // dies before it could publish them.
+    services::stop_rabbitmq().unwrap();
+    let mut runs = Vec::new();
+    for n in 0..5 {
+        runs.push(submit(&fleet, 0.05 * f64::from(n)).await);
+    }
+    fleet.kill_scheduler();
+    services::start_rabbitmq().unwrap();
+    let restarted = Instant::now();
+    fleet.restart_scheduler().await.unwrap();
+    all_succeed(&fleet, &runs).await;
+    eprintln!(
+        "outbox: runs accepted by a scheduler that died unpublished finished {:?} after its restart",
+        restarted.elapsed()
+    );
+}
