@@ -28,7 +28,8 @@ async fn fleet() -> TestFleet {
     .unwrap()
 }
 
-/// Submits a run sleeping `sleep` seconds; returns its id and expected output.
+/// Submits a run sleeping `sleep` seconds (a binary fraction, so doubling it is exact however
+/// the value travels); returns its id and expected output.
 async fn submit(fleet: &TestFleet, sleep: f64) -> (String, Value) {
     let id = fleet
         .submit(&definition(), &json!({ "sleep": sleep }))
@@ -45,27 +46,47 @@ async fn all_succeed(fleet: &TestFleet, runs: &[(String, Value)]) {
     }
 }
 
+/// Submits runs before (some still running when the service stops), during and after an
+/// outage of 2 s made by `stop` and `start`, calling `during` while the service is down; returns
+/// the runs and when the service was back.
+async fn runs_around_an_outage(
+    fleet: &TestFleet,
+    stop: fn() -> anyhow::Result<()>,
+    start: fn() -> anyhow::Result<()>,
+    during: impl AsyncFnOnce(&TestFleet),
+) -> (Vec<(String, Value)>, Instant) {
+    let mut runs = Vec::new();
+    for n in 0..12 {
+        runs.push(submit(fleet, 0.25 + f64::from(n) / 8.0).await);
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop().unwrap();
+    for n in 0..4 {
+        runs.push(submit(fleet, f64::from(n) / 16.0).await);
+    }
+    during(fleet).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    start().unwrap();
+    let back = Instant::now();
+    for n in 0..4 {
+        runs.push(submit(fleet, f64::from(n) / 32.0).await);
+    }
+    (runs, back)
+}
+
 #[tokio::test]
 async fn fleet_reconnects_after_a_broker_restart_and_loses_nothing() {
     let mut fleet = fleet().await;
-    // Some runs are in flight when the broker stops: sleeping in a worker, or queued.
-    let mut runs = Vec::new();
-    for n in 0..12 {
-        runs.push(submit(&fleet, 0.5 + f64::from(n) * 0.1).await);
-    }
-    tokio::time::sleep(Duration::from_millis(300)).await;
     let _restore = Restore;
-    services::stop_rabbitmq().unwrap();
-    // Accepted while the broker is down: durable in PostgreSQL, published once it is back.
-    for n in 0..4 {
-        runs.push(submit(&fleet, 0.1 * f64::from(n)).await);
-    }
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    services::start_rabbitmq().unwrap();
-    let back = Instant::now();
-    for n in 0..4 {
-        runs.push(submit(&fleet, 0.05 * f64::from(n)).await);
-    }
+    // Runs accepted while the broker is down are durable in PostgreSQL and published once it is
+    // back; those in flight when it stopped are handed out again.
+    let (runs, back) = runs_around_an_outage(
+        &fleet,
+        services::stop_rabbitmq,
+        services::start_rabbitmq,
+        async |_| {},
+    )
+    .await;
     all_succeed(&fleet, &runs).await;
     eprintln!(
         "broker restart: all {} runs finished {:?} after the broker came back",
@@ -79,25 +100,18 @@ async fn fleet_reconnects_after_a_broker_restart_and_loses_nothing() {
 #[tokio::test]
 async fn runs_finish_when_redis_restarts_and_forgets_everything() {
     let mut fleet = fleet().await;
-    let mut runs = Vec::new();
-    for n in 0..12 {
-        runs.push(submit(&fleet, 0.3 + f64::from(n) * 0.05).await);
-    }
-    tokio::time::sleep(Duration::from_millis(300)).await;
     let _restore = Restore;
-    services::stop_redis().unwrap();
     // Redis holds nothing that accepting or running needs.
-    for n in 0..4 {
-        runs.push(submit(&fleet, 0.1 * f64::from(n)).await);
-    }
-    let (status, ready) = fleet.request("GET", "/readyz", None).await;
-    assert_eq!((status, &ready["redis"]), (503, &json!(false)), "{ready}");
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    services::start_redis().unwrap();
-    let back = Instant::now();
-    for n in 0..4 {
-        runs.push(submit(&fleet, 0.05 * f64::from(n)).await);
-    }
+    let (runs, back) = runs_around_an_outage(
+        &fleet,
+        services::stop_redis,
+        services::start_redis,
+        async |fleet| {
+            let (status, ready) = fleet.request("GET", "/readyz", None).await;
+            assert_eq!((status, &ready["redis"]), (503, &json!(false)), "{ready}");
+        },
+    )
+    .await;
     all_succeed(&fleet, &runs).await;
     eprintln!(
         "redis restart: all {} runs finished {:?} after redis came back",
@@ -126,12 +140,12 @@ async fn postgres_restart_answers_503_meanwhile_and_loses_nothing_accepted() {
     let mut fleet = fleet().await;
     let mut runs = Vec::new();
     for n in 0..12 {
-        runs.push(submit(&fleet, 0.3 + f64::from(n) * 0.05).await);
+        runs.push(submit(&fleet, 0.25 + f64::from(n) / 16.0).await);
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
     let _restore = Restore;
     services::stop_postgres().unwrap();
-    let body = json!({"definition": definition(), "input": {"sleep": 0.1}});
+    let body = json!({"definition": definition(), "input": {"sleep": 0.125}});
     let (status, answer) = fleet.request("POST", "/v1/runs", Some(&body)).await;
     assert_eq!(status, 503, "{answer}");
     let (status, answer) = fleet
@@ -147,7 +161,7 @@ async fn postgres_restart_answers_503_meanwhile_and_loses_nothing_accepted() {
     loop {
         let (status, answer) = fleet.request("POST", "/v1/runs", Some(&body)).await;
         if status == 201 {
-            runs.push((answer["id"].as_str().unwrap().to_owned(), json!(0.2)));
+            runs.push((answer["id"].as_str().unwrap().to_owned(), json!(0.25)));
             break;
         }
         assert_eq!(status, 503, "{answer}");
@@ -233,7 +247,7 @@ async fn tasks_committed_but_never_published_are_published_after_a_scheduler_cra
     services::stop_rabbitmq().unwrap();
     let mut runs = Vec::new();
     for n in 0..5 {
-        runs.push(submit(&fleet, 0.05 * f64::from(n)).await);
+        runs.push(submit(&fleet, f64::from(n) / 32.0).await);
     }
     fleet.kill_scheduler();
     services::start_rabbitmq().unwrap();

@@ -131,24 +131,9 @@ impl Broker {
 
     /// Publishes a completion as a persistent message and waits for the broker's confirm.
     pub async fn publish_completion(&self, body: &[u8]) -> Result<(), PublishError> {
-        let confirm = self
-            .publisher
-            .basic_publish(
-                "".into(),
-                self.namespace.completions_queue().into(),
-                BasicPublishOptions::default(),
-                body,
-                BasicProperties::default()
-                    .with_delivery_mode(2)
-                    .with_content_type("application/json".into()),
-            )
-            .await?
-            .await?;
-        if confirm.is_ack() {
-            Ok(())
-        } else {
-            Err(PublishError::Refused)
-        }
+        let properties = BasicProperties::default().with_content_type("application/json".into());
+        self.publish_confirmed(&self.namespace.completions_queue(), body, properties)
+            .await
     }
 
     /// Keeps a message nobody can read in the dead-letters queue, with why and where it came
@@ -176,16 +161,29 @@ impl Broker {
             "x-taskfleet-source".into(),
             AMQPValue::LongString(source.into()),
         );
+        self.publish_confirmed(
+            &queue,
+            body,
+            BasicProperties::default().with_headers(headers),
+        )
+        .await
+    }
+
+    /// Publishes a persistent message to `queue` and waits for the broker's confirm.
+    async fn publish_confirmed(
+        &self,
+        queue: &str,
+        body: &[u8],
+        properties: BasicProperties,
+    ) -> Result<(), PublishError> {
         let confirm = self
             .publisher
             .basic_publish(
                 "".into(),
-                queue.as_str().into(),
+                queue.into(),
                 BasicPublishOptions::default(),
                 body,
-                BasicProperties::default()
-                    .with_delivery_mode(2)
-                    .with_headers(headers),
+                properties.with_delivery_mode(2),
             )
             .await?
             .await?;
