@@ -3,18 +3,18 @@
 //! Python runs one thread at a time per interpreter, so a worker that should use every core for
 //! Python steps needs several interpreters, and a step blocked in C (a `time.sleep`, a socket
 //! read, a C extension) can only be stopped by ending the process it runs in. The pool starts
-//! `executors` processes (see [`super::process`]), each serving one call at a time, and a
-//! supervising task per process that:
+//! `executors` processes (see [`super::process`]), each serving one call at a time. A call
+//! takes an idle executor and travels from the caller's own task, so no other task of the
+//! worker is woken on its way. The pool:
 //!
-//! - takes the next call from the pool's queue, sends it and waits for its outcome;
-//! - at the call's time limit answers `timeout` at once, asks the executor to interrupt the step
+//! - at a call's time limit answers `timeout` at once, asks the executor to interrupt the step
 //!   (an exception raised in its Python code) and, if the executor is not free again within the
-//!   kill grace period, kills it with SIGKILL and starts a replacement;
+//!   kill grace period, kills it with SIGKILL and starts a replacement, in the background;
 //! - does the same when the caller gives up the call (its run was cancelled);
 //! - answers `worker_lost` when the executor dies during a call (a crash, `os._exit`, the OOM
-//!   killer), and replaces it; an executor that dies while idle is replaced before it is given
-//!   a call, so no call is lost to it;
-//! - retires its executor after `max_tasks` calls or when its resident memory is above
+//!   killer), and replaces it; an executor found dead when taken for a call is replaced and the
+//!   call goes to another, so no call is lost to an executor that died while idle;
+//! - retires an executor after `max_tasks` calls or when its resident memory is above
 //!   `max_rss_bytes` after a call (whose outcome was already delivered), and starts a new one.
 
 use std::num::NonZeroUsize;
@@ -33,8 +33,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::process::{Child, Command};
-use tokio::sync::{Mutex, mpsc, oneshot};
-use tokio::time::Instant;
+use tokio::sync::Semaphore;
 use tokio_util::codec::{FramedRead, LengthDelimitedCodec};
 
 use super::process::{self, Call, EXECUTOR_FLAG, Reply, Request};
@@ -68,7 +67,7 @@ pub struct PoolSettings {
 /// A handle to the pool; cloning it is cheap. The executors stop when the last handle is dropped.
 #[derive(Clone)]
 pub struct PythonPool {
-    calls: mpsc::Sender<Job>,
+    inner: Arc<Inner>,
 }
 
 impl std::fmt::Debug for PythonPool {
@@ -77,18 +76,13 @@ impl std::fmt::Debug for PythonPool {
     }
 }
 
-/// One call waiting for an executor.
-struct Job {
-    call: Call,
-    limit: Option<Duration>,
-    reply: oneshot::Sender<PythonOutput>,
-}
-
-/// What the supervising tasks share.
+/// What the pool's handles and its background tasks share.
 struct Inner {
     settings: PoolSettings,
-    /// The calls, taken by whichever supervisor is free first.
-    calls: Mutex<mpsc::Receiver<Job>>,
+    /// Executors ready for a call.
+    idle: std::sync::Mutex<Vec<Executor>>,
+    /// One permit per executor in `idle`.
+    available: Semaphore,
     /// Where the executors' sockets are made; removed with the pool.
     sockets: SocketDir,
     /// Numbers the sockets.
@@ -100,29 +94,31 @@ impl PythonPool {
     /// fails to start fails the pool, with the executor's own explanation (a missing virtualenv,
     /// an unusable Python path).
     pub async fn start(settings: PoolSettings) -> anyhow::Result<Self> {
-        let sockets = SocketDir::create()?;
-        let (calls_tx, calls_rx) = mpsc::channel(1024);
+        let executors = settings.executors.get();
         let inner = Arc::new(Inner {
             settings,
-            calls: Mutex::new(calls_rx),
-            sockets,
+            idle: std::sync::Mutex::new(Vec::with_capacity(executors)),
+            available: Semaphore::new(0),
+            sockets: SocketDir::create()?,
             spawned: AtomicU64::new(0),
         });
-        let started = futures_util::future::try_join_all(
-            (0..inner.settings.executors.get()).map(|_| Executor::start(&inner)),
-        )
-        .await
-        .context("starting the python executors")?;
+        let started =
+            futures_util::future::try_join_all((0..executors).map(|_| Executor::start(&inner)))
+                .await
+                .context("starting the python executors")?;
         for executor in started {
-            tokio::spawn(supervise(Arc::clone(&inner), executor));
+            inner.give_back(executor);
         }
-        Ok(Self { calls: calls_tx })
+        Ok(Self { inner })
     }
 
     /// Runs one call on the next free executor and returns its outcome. With a `limit`, a call
     /// that runs longer fails with `timeout` when the limit passes (waiting for a free executor
     /// does not count). Dropping the returned future gives the call up: it is skipped if it has
     /// not started, and its step is interrupted (then its executor killed) if it has.
+    ///
+    /// The call travels from the caller's own task: no other task of the worker is woken on
+    /// its way there and back.
     pub async fn call(
         &self,
         target: PythonTarget,
@@ -130,18 +126,101 @@ impl PythonPool {
         ctx: StepContext,
         limit: Option<Duration>,
     ) -> PythonOutput {
-        let (reply_tx, reply_rx) = oneshot::channel();
-        let job = Job {
-            call: Call { target, input, ctx },
-            limit,
-            reply: reply_tx,
-        };
-        if self.calls.send(job).await.is_err() {
-            return lost("the python executors have stopped".to_owned());
+        let mut call = Call { target, input, ctx };
+        loop {
+            let Ok(permit) = self.inner.available.acquire().await else {
+                return lost("the python executors have stopped".to_owned());
+            };
+            permit.forget();
+            let Some(mut executor) = self
+                .inner
+                .idle
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .pop()
+            else {
+                continue;
+            };
+            // One that died while idle is replaced, and the call waits for another.
+            if let Ok(Some(status)) = executor.child.try_wait() {
+                tracing::warn!(
+                    pid = executor.pid,
+                    status = describe_exit(Ok(status)),
+                    "a python executor exited while idle; starting another"
+                );
+                Arc::clone(&self.inner).replace(executor);
+                continue;
+            }
+            let mut held = Held {
+                inner: &self.inner,
+                executor: Some(executor),
+                running: None,
+            };
+            match held.run(call, limit).await {
+                Ok(output) => return output,
+                // Not sent: the executor is gone and the call never started.
+                Err(unsent) => call = unsent,
+            }
         }
-        reply_rx
-            .await
-            .unwrap_or_else(|_| lost("the python executors have stopped".to_owned()))
+    }
+}
+
+impl Inner {
+    /// Puts an executor back for the next call, or retires it first if it has served its time.
+    fn give_back(self: &Arc<Self>, executor: Executor) {
+        if let Some(reason) = executor.should_retire(&self.settings) {
+            tracing::info!(
+                pid = executor.pid,
+                calls = executor.calls,
+                reason,
+                "retiring a python executor"
+            );
+            tokio::spawn(executor.retire());
+            self.start_replacement();
+            return;
+        }
+        self.idle
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push(executor);
+        self.available.add_permits(1);
+    }
+
+    /// Kills an executor that is lost and starts another in its place.
+    fn replace(self: Arc<Self>, executor: Executor) {
+        tokio::spawn(executor.kill());
+        self.start_replacement();
+    }
+
+    /// Starts a new executor in the background, retrying with backoff while it fails to start,
+    /// and adds it to the pool; gives up if the pool is dropped meanwhile.
+    fn start_replacement(self: &Arc<Self>) {
+        let pool = Arc::downgrade(self);
+        tokio::spawn(async move {
+            let mut failures: u32 = 0;
+            loop {
+                let Some(inner) = pool.upgrade() else { return };
+                match Executor::start(&inner).await {
+                    Ok(executor) => {
+                        inner.give_back(executor);
+                        return;
+                    }
+                    Err(error) => {
+                        drop(inner);
+                        failures = failures.saturating_add(1);
+                        let delay = Duration::from_millis(100)
+                            .saturating_mul(2u32.saturating_pow(failures.min(10)))
+                            .min(MAX_RESTART_DELAY);
+                        tracing::error!(
+                            error = format!("{error:#}"),
+                            ?delay,
+                            "starting a python executor failed; trying again"
+                        );
+                        tokio::time::sleep(delay).await;
+                    }
+                }
+            }
+        });
     }
 }
 
@@ -153,85 +232,91 @@ fn lost(message: String) -> PythonOutput {
     }
 }
 
-/// Keeps one executor serving calls for as long as the pool lives, replacing it whenever it
-/// dies, is killed or is retired.
-async fn supervise(inner: Arc<Inner>, first: Executor) {
-    let mut executor = Some(first);
-    let mut failures: u32 = 0;
-    // A call whose Run frame could not be sent: the executor died while idle; it goes to the
-    // replacement.
-    let mut carried: Option<Job> = None;
-    loop {
-        let mut current = match executor.take() {
-            Some(current) => current,
-            None => match Executor::start(&inner).await {
-                Ok(started) => {
-                    failures = 0;
-                    started
-                }
-                Err(error) => {
-                    failures = failures.saturating_add(1);
-                    let delay = Duration::from_millis(100)
-                        .saturating_mul(2u32.saturating_pow(failures.min(10)))
-                        .min(MAX_RESTART_DELAY);
-                    tracing::error!(
-                        error = format!("{error:#}"),
-                        ?delay,
-                        "starting a python executor failed; trying again"
-                    );
-                    tokio::time::sleep(delay).await;
-                    continue;
-                }
-            },
+/// An executor taken from the pool for one call. Dropped, it goes back to the pool; dropped
+/// with its call still running (a timeout, or the caller gave the call up), a background task
+/// stops the call and then gives the executor back, or kills and replaces it if the step does
+/// not stop within the kill grace period.
+struct Held<'a> {
+    inner: &'a Arc<Inner>,
+    executor: Option<Executor>,
+    /// The id of the call sent and not yet answered.
+    running: Option<u64>,
+}
+
+impl Held<'_> {
+    /// Runs one call to its end or its time limit; `Err` gives the call back if it could not be
+    /// sent (the executor is gone).
+    async fn run(&mut self, call: Call, limit: Option<Duration>) -> Result<PythonOutput, Call> {
+        let Some(executor) = self.executor.as_mut() else {
+            return Err(call);
         };
-        let job = match carried.take() {
-            Some(job) => job,
-            None => {
-                let next = async { inner.calls.lock().await.recv().await };
-                tokio::select! {
-                    job = next => match job {
-                        Some(job) => job,
-                        // Every pool handle is gone: dropping the executor stops it.
-                        None => return,
-                    },
-                    status = current.child.wait() => {
-                        tracing::warn!(pid = current.pid, status = describe_exit(status), "a python executor exited while idle; starting another");
-                        continue;
-                    }
-                }
+        executor.calls += 1;
+        let id = executor.calls;
+        if let Err(error) = executor
+            .writer
+            .write_all(&process::encode_run(id, &call))
+            .await
+        {
+            tracing::warn!(pid = executor.pid, %error, "sending a call to a python executor failed");
+            if let Some(executor) = self.executor.take() {
+                Arc::clone(self.inner).replace(executor);
+            }
+            return Err(call);
+        }
+        self.running = Some(id);
+        let expired = async {
+            match limit {
+                Some(limit) => tokio::time::sleep(limit).await,
+                None => std::future::pending().await,
             }
         };
-        match current.run(job, inner.settings.kill_grace).await {
-            Ran::Kept => {
-                if let Some(reason) = current.should_retire(&inner.settings) {
-                    tracing::info!(
-                        pid = current.pid,
-                        calls = current.calls,
-                        reason,
-                        "retiring a python executor"
-                    );
-                    tokio::spawn(current.retire());
-                } else {
-                    executor = Some(current);
-                }
+        let ended = tokio::select! {
+            ended = executor.until_done(id) => ended,
+            // Left running: dropping `self` stops it.
+            () = expired => {
+                return Ok(PythonOutput {
+                    result: Err(timeout_error(limit.unwrap_or_default())),
+                    logs: String::new(),
+                });
             }
-            Ran::Lost => current.kill().await,
-            Ran::NotSent(job) => {
-                carried = Some(job);
-                current.kill().await;
+        };
+        self.running = None;
+        match ended {
+            Ok(output) => Ok(output),
+            Err(error) => {
+                let status = executor.exit_status().await;
+                let pid = executor.pid;
+                tracing::warn!(pid, %error, status, "a python executor died during a call");
+                if let Some(executor) = self.executor.take() {
+                    Arc::clone(self.inner).replace(executor);
+                }
+                Ok(lost(format!(
+                    "the python executor process running this step ({pid}) died: {status}"
+                )))
             }
         }
     }
 }
 
-/// How a call left its executor.
-enum Ran {
-    /// Free for the next call.
-    Kept,
-    /// Dead, or killed because its step would not stop.
-    Lost,
-    /// The call could not be sent; the executor is gone and the call never started.
-    NotSent(Job),
+impl Drop for Held<'_> {
+    fn drop(&mut self) {
+        let Some(mut executor) = self.executor.take() else {
+            return;
+        };
+        let inner = Arc::clone(self.inner);
+        let Some(id) = self.running else {
+            inner.give_back(executor);
+            return;
+        };
+        let grace = inner.settings.kill_grace;
+        tokio::spawn(async move {
+            if executor.stop(id, grace).await {
+                inner.give_back(executor);
+            } else {
+                inner.replace(executor);
+            }
+        });
+    }
 }
 
 /// One executor process and its connection.
@@ -338,65 +423,11 @@ impl Executor {
         }
     }
 
-    /// Runs one call to its end, its time limit, or the caller giving it up.
-    async fn run(&mut self, job: Job, kill_grace: Duration) -> Ran {
-        let Job {
-            call,
-            limit,
-            mut reply,
-        } = job;
-        if reply.is_closed() {
-            // Given up while waiting for an executor.
-            return Ran::Kept;
-        }
-        self.calls += 1;
-        let id = self.calls;
-        if let Err(error) = self.writer.write_all(&process::encode_run(id, &call)).await {
-            tracing::warn!(pid = self.pid, %error, "sending a call to a python executor failed");
-            return Ran::NotSent(Job { call, limit, reply });
-        }
-        let deadline = limit.map(|limit| Instant::now() + limit);
-        let expired = async {
-            match deadline {
-                Some(deadline) => tokio::time::sleep_until(deadline).await,
-                None => std::future::pending().await,
-            }
-        };
-        let ended = tokio::select! {
-            ended = self.until_done(id) => ended,
-            () = reply.closed() => None,
-            () = expired => {
-                let _ = reply.send(PythonOutput {
-                    result: Err(timeout_error(limit.unwrap_or_default())),
-                    logs: String::new(),
-                });
-                return self.stop(id, kill_grace).await;
-            }
-        };
-        match ended {
-            Some(Ok(output)) => {
-                let _ = reply.send(output);
-                Ran::Kept
-            }
-            Some(Err(error)) => {
-                let status = self.exit_status().await;
-                tracing::warn!(pid = self.pid, %error, status, "a python executor died during a call");
-                let _ = reply.send(lost(format!(
-                    "the python executor process running this step ({}) died: {status}",
-                    self.pid
-                )));
-                Ran::Lost
-            }
-            // The caller gave up (its run was cancelled).
-            None => self.stop(id, kill_grace).await,
-        }
-    }
-
     /// Waits for the outcome of call `id`; cancel safe. An error when the executor is gone.
-    async fn until_done(&mut self, id: u64) -> Option<std::io::Result<PythonOutput>> {
+    async fn until_done(&mut self, id: u64) -> std::io::Result<PythonOutput> {
         loop {
             match self.next_reply().await {
-                Ok(Reply::Done { id: done, output }) if done == id => return Some(Ok(output)),
+                Ok(Reply::Done { id: done, output }) if done == id => return Ok(output),
                 Ok(other) => {
                     tracing::warn!(
                         pid = self.pid,
@@ -404,32 +435,31 @@ impl Executor {
                         "unexpected frame from a python executor"
                     )
                 }
-                Err(error) => return Some(Err(error)),
+                Err(error) => return Err(error),
             }
         }
     }
 
-    /// Interrupts call `id` and waits for it to end within the grace period; past it, the
-    /// executor is lost.
-    async fn stop(&mut self, id: u64, kill_grace: Duration) -> Ran {
+    /// Interrupts call `id` and waits for it to end within the grace period; false if it did
+    /// not (the executor is then lost).
+    async fn stop(&mut self, id: u64, kill_grace: Duration) -> bool {
         if self
             .control
             .write_all(&process::encode(&Request::Stop { id }))
             .await
             .is_err()
         {
-            return Ran::Lost;
+            return false;
         }
         match tokio::time::timeout(kill_grace, self.until_done(id)).await {
-            Ok(Some(Ok(_))) => Ran::Kept,
-            Ok(_) => Ran::Lost,
+            Ok(ended) => ended.is_ok(),
             Err(_) => {
                 tracing::warn!(
                     pid = self.pid,
                     ?kill_grace,
                     "a python step did not stop when interrupted; killing its executor"
                 );
-                Ran::Lost
+                false
             }
         }
     }
