@@ -194,6 +194,11 @@ impl Broker {
         }
     }
 
+    /// Whether the connection is up.
+    pub fn is_connected(&self) -> bool {
+        self.connection.status().connected()
+    }
+
     /// Closes the channels and the connection; deliveries not acknowledged go back to their
     /// queues.
     pub async fn close(&self) {

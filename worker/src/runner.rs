@@ -39,6 +39,9 @@ use crate::executor::pool::PythonPool;
 use crate::executor::python::{PythonTarget, StepContext};
 use crate::executor::timeout_error;
 
+/// How long a finished task waits for a new RabbitMQ connection to report on, after its own was
+/// lost.
+const REPORT_AFTER_RECONNECT: Duration = Duration::from_secs(30);
 /// How long a task's result stays in Redis.
 const RESULT_TTL_S: u64 = 24 * 3600;
 
@@ -446,26 +449,52 @@ impl Shared {
 
     /// Publishes `completion` and waits for the broker's confirm, writes the result to Redis and
     /// only then acknowledges the delivery. Without a confirm the task goes back to its queue.
+    ///
+    /// A completion that could not be published because the connection was lost is published
+    /// on the next connection once the worker has reconnected (waiting up to
+    /// [`REPORT_AFTER_RECONNECT`]): the delivery died with the old connection and comes back,
+    /// and the copy then finds the stored result instead of running again.
     async fn report(&self, delivery: Delivery, completion: &CompletionMessage) {
-        if let Err(error) = self
-            .broker()
-            .publish_completion(&protocol::encode(completion))
-            .await
+        let body = protocol::encode(completion);
+        let broker = self.broker();
+        let mut published = broker.publish_completion(&body).await;
+        if published.is_err()
+            && !broker.is_connected()
+            && let Some(next) = self.next_broker(&broker).await
         {
+            published = next.publish_completion(&body).await;
+        }
+        if let Err(error) = published {
             tracing::error!(task_id = %completion.task_id, %error, "reporting the completion failed; the task goes back to its queue");
             let options = BasicNackOptions {
                 multiple: false,
                 requeue: true,
             };
             if let Err(error) = delivery.nack(options).await {
-                tracing::warn!(%error, "returning task message");
+                tracing::debug!(%error, "returning task message");
             }
             return;
         }
         self.store_result(completion).await;
         if let Err(error) = delivery.ack(BasicAckOptions::default()).await {
-            tracing::warn!(task_id = %completion.task_id, %error, "acknowledging task");
+            // Its connection is gone: the broker hands the task out again, and the copy finds
+            // the stored result.
+            tracing::debug!(task_id = %completion.task_id, %error, "acknowledging task");
         }
+    }
+
+    /// Waits for the worker to replace `lost` with a new connection; `None` if it has not within
+    /// [`REPORT_AFTER_RECONNECT`].
+    async fn next_broker(&self, lost: &Arc<Broker>) -> Option<Arc<Broker>> {
+        let deadline = tokio::time::Instant::now() + REPORT_AFTER_RECONNECT;
+        while tokio::time::Instant::now() < deadline {
+            let current = self.broker();
+            if !Arc::ptr_eq(&current, lost) {
+                return Some(current);
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        None
     }
 
     /// Runs the task's step until it ends, runs out of time or its run is cancelled; dropping

@@ -252,6 +252,9 @@ impl Held<'_> {
         };
         executor.calls += 1;
         let id = executor.calls;
+        // Set before sending: a caller that gives up half-way through the frame leaves the
+        // executor to the stop-or-kill path, never back in the pool with half a frame sent.
+        self.running = Some(id);
         if let Err(error) = executor
             .writer
             .write_all(&process::encode_run(id, &call))
@@ -263,7 +266,6 @@ impl Held<'_> {
             }
             return Err(call);
         }
-        self.running = Some(id);
         let expired = async {
             match limit {
                 Some(limit) => tokio::time::sleep(limit).await,
