@@ -97,12 +97,6 @@ impl Namespace {
         format!("{}:workers", self.0)
     }
 
-    /// Returns the Redis key counting the deliveries of one attempt of a task; each delivery
-    /// beyond the first means a worker was lost while holding it.
-    pub fn deliveries_key(&self, task_id: TaskId, attempt: u32) -> String {
-        format!("{}:deliveries:{task_id}:{attempt}", self.0)
-    }
-
     /// Returns the Redis key that marks a run as cancelled, so workers drop its tasks when
     /// they are delivered.
     pub fn cancelled_key(&self, run_id: RunId) -> String {

@@ -259,3 +259,43 @@ async fn tasks_committed_but_never_published_are_published_after_a_scheduler_cra
         restarted.elapsed()
     );
 }
+
+#[tokio::test]
+async fn the_count_of_lost_workers_survives_a_redis_restart() {
+    let mut fleet = TestFleet::start_with(FleetOptions {
+        workers: 1,
+        ..FleetOptions::default()
+    })
+    .await
+    .unwrap();
+    let _restore = Restore;
+    let id = fleet
+        .submit(
+            &json!({"steps": [{"id": "crash", "python": "fleet_steps:crash"}]}),
+            &json!(null),
+        )
+        .await;
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let mut replaced = 0;
+    let run = loop {
+        let (_, run) = fleet
+            .request("GET", &format!("/v1/runs/{id}?wait=0.2"), None)
+            .await;
+        if run["status"] != "running" {
+            break run;
+        }
+        let dead = fleet.replace_dead_workers().unwrap();
+        if dead > 0 && replaced == 0 {
+            // Everything Redis knew is gone after the first lost worker.
+            services::stop_redis().unwrap();
+            services::start_redis().unwrap();
+        }
+        replaced += dead;
+        assert!(Instant::now() < deadline, "the run never ended: {run}");
+    };
+    assert_eq!(
+        run["steps"]["crash"]["error"]["type"], "worker_lost",
+        "{run}"
+    );
+    assert_eq!(replaced, 3, "the task took down exactly three workers");
+}

@@ -169,6 +169,17 @@ impl Broker {
         .await
     }
 
+    /// Puts a task message back in its queue with the given properties (persistent) and waits
+    /// for the broker's confirm.
+    pub async fn republish(
+        &self,
+        queue: &str,
+        body: &[u8],
+        properties: BasicProperties,
+    ) -> Result<(), PublishError> {
+        self.publish_confirmed(queue, body, properties).await
+    }
+
     /// Publishes a persistent message to `queue` and waits for the broker's confirm.
     async fn publish_confirmed(
         &self,

@@ -19,6 +19,7 @@ use chrono::Utc;
 use futures_util::StreamExt;
 use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicNackOptions};
+use lapin::types::AMQPValue;
 use redis::aio::ConnectionManager;
 use serde::Deserialize;
 use serde_json::json;
@@ -102,8 +103,10 @@ impl Executors {
 /// How many times an attempt may lose its worker (be delivered again without having finished)
 /// before it fails with `worker_lost`.
 const MAX_LOST_WORKERS: u32 = 3;
-/// How long the count of an attempt's deliveries is kept.
-const DELIVERIES_TTL_S: u64 = 24 * 3600;
+/// The header of a task message that counts its deliveries (absent: 1). The count travels in
+/// the message itself, durable with it in RabbitMQ, so it survives restarts of every process
+/// and of Redis.
+const DELIVERIES_HEADER: &str = "x-taskfleet-deliveries";
 
 /// What taking a lease found.
 enum Lease {
@@ -111,7 +114,18 @@ enum Lease {
     Granted(CancellationToken),
     /// The run was cancelled: drop the task.
     Cancelled,
-    /// The attempt was delivered this many times: its workers were lost too often.
+}
+
+/// What to do with a delivery the broker marked redelivered (its previous holder lost its
+/// connection without acknowledging it).
+enum Redelivery {
+    /// Run it.
+    Run,
+    /// It had already finished: report this outcome again.
+    Finished(Outcome),
+    /// A copy carrying the count of deliveries went back to the queue; this one is done.
+    Requeued,
+    /// It was delivered this many times without finishing: fail it with `worker_lost`.
     WorkerLost(u32),
 }
 
@@ -285,13 +299,26 @@ async fn handle(shared: Arc<Shared>, delivery: Delivery) {
         }
     };
     let started_at = Utc::now();
-    let (outcome, logs) = match value::check(&task.input) {
-        Ok(()) => {
-            shared
-                .execute(&task, started_at, delivery.redelivered)
-                .await
+    let checked = value::check(&task.input);
+    let redelivery = match (&checked, delivery.redelivered) {
+        (Ok(()), true) => shared.redelivered(&task, &delivery).await,
+        _ => Redelivery::Run,
+    };
+    let (outcome, logs) = match (checked, redelivery) {
+        (_, Redelivery::Requeued) => return,
+        (_, Redelivery::Finished(outcome)) => (outcome, None),
+        (_, Redelivery::WorkerLost(deliveries)) => {
+            let error = StepError::new(
+                WORKER_LOST,
+                format!(
+                    "the task lost its worker {} times (delivered {deliveries} times without finishing)",
+                    deliveries - 1
+                ),
+            );
+            (Outcome::Failed { error }, None)
         }
-        Err(error) => {
+        (Ok(()), Redelivery::Run) => shared.execute(&task, started_at).await,
+        (Err(error), Redelivery::Run) => {
             let error = StepError::new(INVALID_TASK, format!("step input cannot be used: {error}"));
             (Outcome::Failed { error }, None)
         }
@@ -403,27 +430,12 @@ impl Shared {
         &self,
         task: &TaskMessage,
         started_at: chrono::DateTime<Utc>,
-        redelivered: bool,
     ) -> (Outcome, Option<String>) {
-        if redelivered && let Some(outcome) = self.finished_outcome(task).await {
-            tracing::info!(task_id = %task.task_id, attempt = task.attempt, "a redelivered task had already finished; reporting its outcome again");
-            return (outcome, None);
-        }
         let cancelled = match self.take_lease(task, started_at).await {
             Lease::Granted(token) => token,
             Lease::Cancelled => {
                 let error =
                     StepError::new(CANCELLED, "the run was cancelled before this task started");
-                return (Outcome::Failed { error }, None);
-            }
-            Lease::WorkerLost(deliveries) => {
-                let error = StepError::new(
-                    WORKER_LOST,
-                    format!(
-                        "the task lost its worker {} times (delivered {deliveries} times without finishing)",
-                        deliveries - 1
-                    ),
-                );
                 return (Outcome::Failed { error }, None);
             }
         };
@@ -528,38 +540,73 @@ impl Shared {
             "attempt": task.attempt,
             "started_at": started_at,
         });
-        let deliveries_key = self.namespace.deliveries_key(task.task_id, task.attempt);
         let mut redis = self.redis.clone();
         let result = redis::pipe()
             .cmd("EXISTS")
             .arg(self.namespace.cancelled_key(task.run_id))
-            .cmd("INCR")
-            .arg(&deliveries_key)
-            .cmd("EXPIRE")
-            .arg(&deliveries_key)
-            .arg(DELIVERIES_TTL_S)
-            .ignore()
             .cmd("SET")
             .arg(self.namespace.lease_key(task.task_id))
             .arg(lease.to_string())
             .arg("PX")
             .arg(self.lease_ttl.as_millis() as u64)
             .ignore()
-            .query_async::<(bool, u32)>(&mut redis)
+            .query_async::<(bool,)>(&mut redis)
             .await;
         match result {
-            Ok((true, _)) => {
+            Ok((true,)) => {
                 self.release(task.task_id);
                 Lease::Cancelled
             }
-            Ok((false, deliveries)) if deliveries > MAX_LOST_WORKERS => {
-                self.release(task.task_id);
-                Lease::WorkerLost(deliveries)
-            }
-            Ok((false, _)) => Lease::Granted(token),
+            Ok((false,)) => Lease::Granted(token),
             Err(error) => {
                 tracing::warn!(task_id = %task.task_id, %error, "taking the lease");
                 Lease::Granted(token)
+            }
+        }
+    }
+
+    /// Decides what to do with a redelivered task: report its outcome if it already finished;
+    /// fail it with `worker_lost` if it was delivered more than [`MAX_LOST_WORKERS`] times
+    /// beyond the first; otherwise put a copy carrying the new count back in its queue (with
+    /// the broker's confirm) and acknowledge this delivery, so the count is durable. If the copy
+    /// cannot be published, this delivery runs.
+    async fn redelivered(&self, task: &TaskMessage, delivery: &Delivery) -> Redelivery {
+        if let Some(outcome) = self.finished_outcome(task).await {
+            tracing::info!(task_id = %task.task_id, attempt = task.attempt, "a redelivered task had already finished; reporting its outcome again");
+            return Redelivery::Finished(outcome);
+        }
+        let mut headers = delivery.properties.headers().clone().unwrap_or_default();
+        let delivered_before = headers
+            .inner()
+            .get(DELIVERIES_HEADER)
+            .and_then(AMQPValue::as_long_long_int)
+            .and_then(|count| u32::try_from(count).ok())
+            .unwrap_or(1);
+        let deliveries = delivered_before.saturating_add(1);
+        if deliveries > MAX_LOST_WORKERS {
+            return Redelivery::WorkerLost(deliveries);
+        }
+        headers.insert(
+            DELIVERIES_HEADER.into(),
+            AMQPValue::LongLongInt(i64::from(deliveries)),
+        );
+        let properties = delivery.properties.clone().with_headers(headers);
+        let queue = delivery.routing_key.as_str();
+        match self
+            .broker()
+            .republish(queue, &delivery.data, properties)
+            .await
+        {
+            Ok(()) => {
+                tracing::info!(task_id = %task.task_id, deliveries, "a task came back from a lost worker; queued again with its count");
+                if let Err(error) = delivery.ack(BasicAckOptions::default()).await {
+                    tracing::debug!(%error, "acknowledging a requeued task");
+                }
+                Redelivery::Requeued
+            }
+            Err(error) => {
+                tracing::warn!(task_id = %task.task_id, %error, "requeueing a redelivered task with its count failed; running it");
+                Redelivery::Run
             }
         }
     }
