@@ -141,6 +141,21 @@ mod tests {
     use super::*;
     use serde_json::json;
 
+    #[test]
+    fn floats_read_from_text_are_the_floats_written() {
+        // Values cross the system as JSON text (the API, PostgreSQL's jsonb, messages): each
+        // float must parse back to exactly the float that was printed.
+        let mut x = 0.3_f64;
+        for n in 0..2000 {
+            let value = json!({ "x": x });
+            let back: Value = serde_json::from_str(&value.to_string()).expect("parses");
+            assert_eq!(back["x"].as_f64(), Some(x), "{x} (step {n})");
+            x = x * 1.37 + 0.1 * f64::from(n);
+        }
+        let back: Value = serde_json::from_str("0.9000000000000001").expect("parses");
+        assert_eq!(back.as_f64(), Some(0.3 + 6.0 * 0.1));
+    }
+
     fn check_value(value: &Value, expected: Result<(), ValueError>) {
         assert_eq!(check(value), expected);
     }
