@@ -271,6 +271,33 @@ impl TestFleet {
         Ok(dead)
     }
 
+    /// Waits until run `id` ends, starting a new worker for each one that dies meanwhile, as a
+    /// supervisor would; `after_losses(lost_so_far)` is called after each replacement. Returns
+    /// the run and how many workers were replaced.
+    pub async fn wait_run_replacing_workers(
+        &mut self,
+        id: &str,
+        within: Duration,
+        mut after_losses: impl FnMut(usize),
+    ) -> (Value, usize) {
+        let deadline = Instant::now() + within;
+        let mut replaced = 0;
+        loop {
+            let (_, run) = self
+                .request("GET", &format!("/v1/runs/{id}?wait=0.2"), None)
+                .await;
+            if run["status"] != "running" {
+                return (run, replaced);
+            }
+            let dead = self.replace_dead_workers().expect("replacing dead workers");
+            if dead > 0 {
+                replaced += dead;
+                after_losses(replaced);
+            }
+            assert!(Instant::now() < deadline, "the run never ended: {run:#}");
+        }
+    }
+
     /// Kills every worker with SIGKILL.
     pub fn kill_workers(&mut self) {
         for mut worker in self.workers.drain(..) {

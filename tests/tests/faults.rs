@@ -57,19 +57,10 @@ async fn a_task_that_takes_its_worker_down_three_times_fails_with_worker_lost() 
             &json!(null),
         )
         .await;
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let mut replaced = 0;
-    let run = loop {
-        let (_, run) = fleet
-            .request("GET", &format!("/v1/runs/{id}?wait=0.2"), None)
-            .await;
-        if run["status"] != "running" {
-            break run;
-        }
-        // Whatever runs the fleet restarts the workers the task takes down.
-        replaced += fleet.replace_dead_workers().unwrap();
-        assert!(Instant::now() < deadline, "the run never ended: {run:#}");
-    };
+    // Whatever runs the fleet restarts the workers the task takes down.
+    let (run, replaced) = fleet
+        .wait_run_replacing_workers(&id, Duration::from_secs(60), |_| {})
+        .await;
     assert_eq!(run["status"], "failed", "{run:#}");
     assert_eq!(
         run["steps"]["crash"]["error"]["type"], "worker_lost",

@@ -275,24 +275,15 @@ async fn the_count_of_lost_workers_survives_a_redis_restart() {
             &json!(null),
         )
         .await;
-    let deadline = Instant::now() + Duration::from_secs(90);
-    let mut replaced = 0;
-    let run = loop {
-        let (_, run) = fleet
-            .request("GET", &format!("/v1/runs/{id}?wait=0.2"), None)
-            .await;
-        if run["status"] != "running" {
-            break run;
-        }
-        let dead = fleet.replace_dead_workers().unwrap();
-        if dead > 0 && replaced == 0 {
-            // Everything Redis knew is gone after the first lost worker.
-            services::stop_redis().unwrap();
-            services::start_redis().unwrap();
-        }
-        replaced += dead;
-        assert!(Instant::now() < deadline, "the run never ended: {run}");
-    };
+    let (run, replaced) = fleet
+        .wait_run_replacing_workers(&id, Duration::from_secs(90), |lost| {
+            if lost == 1 {
+                // Everything Redis knew is gone after the first lost worker.
+                services::stop_redis().unwrap();
+                services::start_redis().unwrap();
+            }
+        })
+        .await;
     assert_eq!(
         run["steps"]["crash"]["error"]["type"], "worker_lost",
         "{run}"
