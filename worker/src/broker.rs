@@ -33,6 +33,7 @@ pub struct Broker {
     consumer: Channel,
     publisher: Channel,
     namespace: Namespace,
+    prefetch: u16,
 }
 
 impl Broker {
@@ -103,6 +104,7 @@ impl Broker {
             consumer,
             publisher,
             namespace,
+            prefetch,
         })
     }
 
@@ -203,6 +205,15 @@ impl Broker {
         } else {
             Err(PublishError::Refused)
         }
+    }
+
+    /// Returns once the broker has processed every method sent on the consuming channel so far
+    /// (acknowledgements included), by making a synchronous call on that channel: RabbitMQ
+    /// handles a channel's methods in order, and an acknowledgement has no reply of its own.
+    pub async fn sync_consumer(&self) -> Result<(), lapin::Error> {
+        self.consumer
+            .basic_qos(self.prefetch, BasicQosOptions { global: true })
+            .await
     }
 
     /// Whether the connection is up.

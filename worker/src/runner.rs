@@ -29,6 +29,7 @@ use taskfleet_common::protocol::{
     self, CompletionMessage, DecodeError, Outcome, PROTOCOL_VERSION, TaskMessage,
 };
 use taskfleet_common::{Namespace, RunId, StepError, TaskId, value};
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -141,6 +142,9 @@ struct Shared {
     /// The tasks running now, whose leases the renewal loop keeps alive, with their run and
     /// the token that stops them when their run is cancelled.
     running: Mutex<HashMap<TaskId, (RunId, CancellationToken)>>,
+    /// Attempts this worker put back in their queue with a new count whose original delivery
+    /// it has not yet seen acknowledged; dropping the sender says it has.
+    requeueing: Mutex<HashMap<(TaskId, u32), watch::Receiver<()>>>,
 }
 
 /// Runs a worker until `shutdown` is cancelled, then drains within the grace period.
@@ -183,6 +187,7 @@ pub async fn run(
         executors,
         lease_ttl: config.lease_ttl,
         running: Mutex::new(HashMap::new()),
+        requeueing: Mutex::new(HashMap::new()),
     });
     let background = CancellationToken::new();
     let background_tasks = TaskTracker::new();
@@ -298,6 +303,7 @@ async fn handle(shared: Arc<Shared>, delivery: Delivery) {
             return;
         }
     };
+    shared.until_requeued(&task, &delivery).await;
     let started_at = Utc::now();
     let checked = value::check(&task.input);
     let redelivery = match (&checked, delivery.redelivered) {
@@ -592,14 +598,24 @@ impl Shared {
         );
         let properties = delivery.properties.clone().with_headers(headers);
         let queue = delivery.routing_key.as_str();
-        match self
-            .broker()
-            .republish(queue, &delivery.data, properties)
-            .await
-        {
+        // The copy may come straight back to this worker. Until the broker has processed the
+        // acknowledgement of this delivery, the copy waits (see `until_requeued`): were it to
+        // take this worker down first, this delivery would come back too and run once more.
+        let key = (task.task_id, task.attempt);
+        let (acknowledged, waiting) = watch::channel(());
+        self.requeueing
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(key, waiting);
+        let broker = self.broker();
+        let redelivery = match broker.republish(queue, &delivery.data, properties).await {
             Ok(()) => {
                 tracing::info!(task_id = %task.task_id, deliveries, "a task came back from a lost worker; queued again with its count");
-                if let Err(error) = delivery.ack(BasicAckOptions::default()).await {
+                let acked = match delivery.ack(BasicAckOptions::default()).await {
+                    Ok(_) => broker.sync_consumer().await,
+                    Err(error) => Err(error),
+                };
+                if let Err(error) = acked {
                     tracing::debug!(%error, "acknowledging a requeued task");
                 }
                 Redelivery::Requeued
@@ -608,6 +624,36 @@ impl Shared {
                 tracing::warn!(task_id = %task.task_id, %error, "requeueing a redelivered task with its count failed; running it");
                 Redelivery::Run
             }
+        };
+        self.requeueing
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(&key);
+        drop(acknowledged);
+        redelivery
+    }
+
+    /// Waits while `delivery` is a copy this worker is putting back in its queue and the
+    /// acknowledgement of its original is not yet processed by the broker. Only copies carry
+    /// the count header, so other tasks pass at once.
+    async fn until_requeued(&self, task: &TaskMessage, delivery: &Delivery) {
+        let is_copy = delivery
+            .properties
+            .headers()
+            .as_ref()
+            .is_some_and(|headers| headers.inner().contains_key(DELIVERIES_HEADER));
+        if !is_copy {
+            return;
+        }
+        let waiting = self
+            .requeueing
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(&(task.task_id, task.attempt))
+            .cloned();
+        if let Some(mut waiting) = waiting {
+            // Ends with an error when the sender is dropped, which is the only signal sent.
+            let _ = waiting.changed().await;
         }
     }
 
