@@ -504,8 +504,31 @@ impl Drop for TestFleet {
                 self.namespace,
                 self.log_dir.display()
             );
+            print_log_tails(&self.log_dir);
         }
         self.cleanup();
+    }
+}
+
+/// Prints the last lines of every log of a failed fleet, so that a failure seen only in a CI
+/// log can be read there.
+fn print_log_tails(log_dir: &Path) {
+    const LINES: usize = 30;
+    let Ok(entries) = std::fs::read_dir(log_dir) else {
+        return;
+    };
+    let mut paths: Vec<PathBuf> = entries.flatten().map(|entry| entry.path()).collect();
+    paths.sort();
+    for path in paths {
+        let Ok(text) = std::fs::read_to_string(&path) else {
+            continue;
+        };
+        let lines: Vec<&str> = text.lines().collect();
+        let tail = &lines[lines.len().saturating_sub(LINES)..];
+        eprintln!("--- last {} lines of {}", tail.len(), path.display());
+        for line in tail {
+            eprintln!("{line}");
+        }
     }
 }
 
