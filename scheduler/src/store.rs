@@ -30,31 +30,64 @@ impl StoreError {
     /// Returns whether the error means the database cannot be reached right now, rather than
     /// that it refused the statement.
     pub fn is_unavailable(&self) -> bool {
-        matches!(
-            self,
+        match self {
             Self::Database(
                 sqlx::Error::Io(_)
-                    | sqlx::Error::PoolTimedOut
-                    | sqlx::Error::PoolClosed
-                    | sqlx::Error::Tls(_)
-                    | sqlx::Error::WorkerCrashed
-            )
-        )
+                | sqlx::Error::PoolTimedOut
+                | sqlx::Error::PoolClosed
+                | sqlx::Error::Tls(_)
+                | sqlx::Error::WorkerCrashed,
+            ) => true,
+            // The server going away answers on connections it had: a shutdown (57P01, 57P02),
+            // a start not yet finished (57P03), a connection failure (class 08), too many
+            // connections or no room (class 53). None of them says anything about the statement.
+            Self::Database(sqlx::Error::Database(error)) => error.code().is_some_and(|code| {
+                code.starts_with("08")
+                    || code.starts_with("53")
+                    || matches!(code.as_ref(), "57P01" | "57P02" | "57P03")
+            }),
+            _ => false,
+        }
     }
 }
 
 /// Opens a pool on `url`, creating the database first if it does not exist, and applies the
 /// migrations.
 pub async fn connect(url: &str, pool_size: u32) -> Result<PgPool, StoreError> {
-    let options = PgConnectOptions::from_str(url)?;
+    let options = connect_options(url)?;
     create_database_if_missing(&options).await?;
     let pool = PgPoolOptions::new()
         .max_connections(pool_size)
         .acquire_timeout(std::time::Duration::from_secs(5))
+        // A ping before every use doubles the round trips of every statement; a connection
+        // that broke (a database restart) fails its next statement instead, is dropped, and
+        // that error is handled like the database being down.
+        .test_before_acquire(false)
         .connect_with(options)
         .await?;
     MIGRATOR.run(&pool).await?;
     Ok(pool)
+}
+
+/// Reads a database URL. Where neither the URL nor `PGSSLMODE` names an `sslmode`, TLS is
+/// `prefer` (PostgreSQL's default), except to a server on this machine: TLS over loopback
+/// protects nothing and doubles the cost of every round trip.
+fn connect_options(url: &str) -> Result<PgConnectOptions, StoreError> {
+    use sqlx::postgres::PgSslMode;
+    let options = PgConnectOptions::from_str(url)?;
+    let names_ssl_mode = url
+        .split_once('?')
+        .is_some_and(|(_, query)| query.split('&').any(|pair| pair.starts_with("sslmode=")));
+    let loopback = matches!(
+        options.get_host(),
+        "localhost" | "127.0.0.1" | "::1" | "[::1]"
+    );
+    let default_mode = matches!(options.get_ssl_mode(), PgSslMode::Prefer);
+    Ok(if loopback && default_mode && !names_ssl_mode {
+        options.ssl_mode(PgSslMode::Disable)
+    } else {
+        options
+    })
 }
 
 /// Creates the database named in `options` if it does not exist. Connects to the maintenance
@@ -799,13 +832,23 @@ pub async fn claim_undispatched(
     limit: i64,
 ) -> Result<Vec<UndispatchedTask>, StoreError> {
     Ok(sqlx::query_as(
-        "WITH claimed AS (
-             SELECT t.id FROM tasks t JOIN runs r ON r.id = t.run_id
+        // The candidates come from the outbox index alone (fenced off with MATERIALIZED), so
+        // the plan never scans the runs of the namespace, whatever the planner's statistics
+        // say about a young table.
+        "WITH candidates AS MATERIALIZED (
+             SELECT id, run_id, created_at FROM tasks
+             WHERE status = 'queued' AND dispatched_at IS NULL
+               AND created_at < now() - make_interval(secs => $2)
+             ORDER BY created_at LIMIT $3 * 4),
+         claimed AS (
+             SELECT t.id FROM candidates c
+             JOIN tasks t ON t.id = c.id
+             JOIN runs r ON r.id = c.run_id
              WHERE r.namespace = $1 AND r.status = 'running'
                AND t.status = 'queued' AND t.dispatched_at IS NULL AND t.due_at IS NULL
                AND t.items_total IS NULL
                AND coalesce(t.relayed_at, t.created_at) < now() - make_interval(secs => $2)
-             ORDER BY t.created_at LIMIT $3
+             ORDER BY c.created_at LIMIT $3
              FOR UPDATE OF t SKIP LOCKED)
          UPDATE tasks t SET relayed_at = now()
          FROM claimed, runs r
@@ -827,11 +870,18 @@ pub async fn claim_due(
     limit: i64,
 ) -> Result<Vec<UndispatchedTask>, StoreError> {
     Ok(sqlx::query_as(
-        "WITH due AS (
-             SELECT t.id FROM tasks t JOIN runs r ON r.id = t.run_id
+        // As in `claim_undispatched`: candidates from the index of waiting tasks alone.
+        "WITH candidates AS MATERIALIZED (
+             SELECT id, run_id, due_at FROM tasks
+             WHERE due_at IS NOT NULL AND due_at <= now() AND status = 'queued'
+             ORDER BY due_at LIMIT $2 * 4),
+         due AS (
+             SELECT t.id FROM candidates c
+             JOIN tasks t ON t.id = c.id
+             JOIN runs r ON r.id = c.run_id
              WHERE t.due_at IS NOT NULL AND t.due_at <= now() AND t.status = 'queued'
                AND r.namespace = $1 AND r.status = 'running'
-             ORDER BY t.due_at LIMIT $2
+             ORDER BY c.due_at LIMIT $2
              FOR UPDATE OF t SKIP LOCKED)
          UPDATE tasks t SET due_at = NULL, relayed_at = now()
          FROM due, runs r
@@ -1020,4 +1070,44 @@ pub async fn dispatched_by_queue(
 pub async fn ping(db: &PgPool) -> Result<(), StoreError> {
     sqlx::query("SELECT 1").execute(db).await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use sqlx::postgres::PgSslMode;
+
+    use super::connect_options;
+
+    fn check(url: &str, expected: PgSslMode) {
+        let options = connect_options(url).expect("a valid url");
+        assert_eq!(
+            format!("{:?}", options.get_ssl_mode()),
+            format!("{expected:?}"),
+            "{url}"
+        );
+    }
+
+    #[test]
+    fn tls_is_off_over_loopback_unless_the_url_asks_for_it() {
+        check(
+            "postgres://postgres@127.0.0.1:5432/taskfleet",
+            PgSslMode::Disable,
+        );
+        check(
+            "postgres://postgres@localhost/taskfleet",
+            PgSslMode::Disable,
+        );
+        check(
+            "postgres://postgres@127.0.0.1/taskfleet?sslmode=require",
+            PgSslMode::Require,
+        );
+        check(
+            "postgres://postgres@127.0.0.1/taskfleet?application_name=x&sslmode=prefer",
+            PgSslMode::Prefer,
+        );
+        check(
+            "postgres://postgres@db.internal/taskfleet",
+            PgSslMode::Prefer,
+        );
+    }
 }
