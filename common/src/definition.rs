@@ -204,8 +204,9 @@ impl StepDefinition {
         self.priority.unwrap_or(0)
     }
 
-    /// Appends to `problems` everything wrong with this step taken alone.
-    fn check(&self, problems: &mut Vec<Problem>) {
+    /// Appends to `problems` everything wrong with this step taken alone; its jq programs are
+    /// compiled through `programs`, so the planner and the executors find them compiled.
+    fn check(&self, programs: &jq::ProgramCache, problems: &mut Vec<Problem>) {
         let mut problem = |message: String| {
             problems.push(Problem {
                 step: Some(self.id.clone()),
@@ -240,15 +241,15 @@ impl StepDefinition {
         {
             problem("`python_code` is empty; it must define main(input)".to_owned());
         }
-        let programs = [
+        let sources = [
             ("dataflow", &self.dataflow),
             ("input", &self.input),
             ("for_each", &self.for_each),
             ("when", &self.when),
         ];
-        for (field, program) in programs {
-            if let Some(code) = program
-                && let Err(error) = jq::Program::compile(code)
+        for (field, source) in sources {
+            if let Some(code) = source
+                && let Err(error) = programs.get(code)
             {
                 problem(format!("`{field}`: {error}"));
             }
@@ -287,8 +288,9 @@ impl StepDefinition {
 
 impl WorkflowDefinition {
     /// Checks the whole definition: each step, the references between steps, and that the
-    /// steps form a DAG. Returns every problem found.
-    pub fn validate(&self) -> Result<(), ValidationError> {
+    /// steps form a DAG. Returns every problem found. Compiling its jq programs is most of the
+    /// work, so they are compiled through `programs` (and kept there).
+    pub fn validate(&self, programs: &jq::ProgramCache) -> Result<(), ValidationError> {
         let mut problems = Vec::new();
         if let Some(name) = &self.name
             && !names::is_valid_name(name)
@@ -308,7 +310,7 @@ impl WorkflowDefinition {
         }
         let mut seen = BTreeSet::new();
         for step in &self.steps {
-            step.check(&mut problems);
+            step.check(programs, &mut problems);
             if !seen.insert(step.id.as_str()) {
                 problems.push(Problem {
                     step: Some(step.id.clone()),
@@ -466,7 +468,7 @@ mod tests {
 
     fn check(value: serde_json::Value, expected: &[&str]) {
         let definition = parse(value);
-        let problems: Vec<String> = match definition.validate() {
+        let problems: Vec<String> = match definition.validate(&jq::ProgramCache::default()) {
             Ok(()) => Vec::new(),
             Err(error) => error.problems.iter().map(ToString::to_string).collect(),
         };

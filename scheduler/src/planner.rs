@@ -356,7 +356,9 @@ mod tests {
 
     fn definition(value: Value) -> WorkflowDefinition {
         let definition: WorkflowDefinition = serde_json::from_value(value).expect("parses");
-        definition.validate().expect("valid");
+        definition
+            .validate(&ProgramCache::default())
+            .expect("valid");
         definition
     }
 

@@ -92,12 +92,13 @@ fn check_input(input: &Value) -> Result<(), ApiError> {
 /// Registered definitions already read while handling one request, by name and version.
 type Resolved = HashMap<(String, Option<i32>), (WorkflowDefinition, i32)>;
 
-/// Resolves, validates and plans a run request into a submission.
+/// Resolves a run request to its definition (reading a registered workflow once per request);
+/// checking and planning follow in [`plan`].
 async fn prepare(
     state: &AppState,
     request: RunRequest,
     resolved: &mut Resolved,
-) -> Result<Submission, ApiError> {
+) -> Result<NewRunParts, ApiError> {
     check_idempotency_key(request.idempotency_key.as_ref())?;
     check_input(&request.input)?;
     let (definition, workflow, version) = match (request.workflow, request.definition) {
@@ -129,23 +130,20 @@ async fn prepare(
                     "\"version\" only applies to a registered \"workflow\"",
                 ));
             }
-            check_definition(&definition)?;
             (definition, None, None)
         }
     };
-    plan(
-        state,
-        NewRunParts {
-            kind: RunKind::Workflow,
-            definition,
-            workflow,
-            version,
-            input: request.input,
-            idempotency_key: request.idempotency_key,
-            delay_s: None,
-        },
-    )
-    .await
+    Ok(NewRunParts {
+        kind: RunKind::Workflow,
+        // A registered definition was checked when it was registered.
+        unchecked: workflow.is_none(),
+        definition,
+        workflow,
+        version,
+        input: request.input,
+        idempotency_key: request.idempotency_key,
+        delay_s: None,
+    })
 }
 
 /// Returns a registered workflow's definition and version.
@@ -173,6 +171,8 @@ async fn resolve(
 struct NewRunParts {
     kind: RunKind,
     definition: WorkflowDefinition,
+    /// Whether the definition came inline and is still to be checked.
+    unchecked: bool,
     workflow: Option<String>,
     version: Option<i32>,
     input: Value,
@@ -181,16 +181,28 @@ struct NewRunParts {
     delay_s: Option<f64>,
 }
 
-/// Plans a new run's first steps and returns what to write. Planning runs the `input` and
-/// `when` programs of the first steps, so it happens off the async threads.
-async fn plan(state: &AppState, parts: NewRunParts) -> Result<Submission, ApiError> {
+/// Checks the inline definitions of new runs and plans their first steps, in one trip to the
+/// blocking pool: compiling and running jq programs stays off the async threads. Returns what
+/// to write, or the first problem with the index of the run that has it.
+async fn plan(
+    state: &AppState,
+    runs: Vec<NewRunParts>,
+) -> Result<Vec<Submission>, (usize, ApiError)> {
     let programs = state.programs.clone();
-    tokio::task::spawn_blocking(move || plan_blocking(&programs, parts))
-        .await
-        .map_err(|error| ApiError::internal(&error))
+    tokio::task::spawn_blocking(move || {
+        runs.into_iter()
+            .enumerate()
+            .map(|(index, parts)| plan_blocking(&programs, parts).map_err(|error| (index, error)))
+            .collect()
+    })
+    .await
+    .map_err(|error| (0, ApiError::internal(&error)))?
 }
 
-fn plan_blocking(programs: &ProgramCache, parts: NewRunParts) -> Submission {
+fn plan_blocking(programs: &ProgramCache, parts: NewRunParts) -> Result<Submission, ApiError> {
+    if parts.unchecked {
+        check_definition(programs, &parts.definition)?;
+    }
     let id = Uuid::now_v7();
     let advance = planner::advance(programs, &parts.definition, &parts.input, &BTreeMap::new());
     let mut materialized = Materialized::default();
@@ -208,7 +220,7 @@ fn plan_blocking(programs: &ProgramCache, parts: NewRunParts) -> Submission {
             ("running", None, None)
         }
     };
-    Submission {
+    Ok(Submission {
         run: NewRun {
             id,
             kind: parts.kind.as_str(),
@@ -223,7 +235,15 @@ fn plan_blocking(programs: &ProgramCache, parts: NewRunParts) -> Submission {
         },
         tasks: materialized.tasks,
         dispatches: materialized.dispatches,
-    }
+    })
+}
+
+/// Plans one new run and returns what to write.
+async fn plan_one(state: &AppState, parts: NewRunParts) -> Result<Submission, ApiError> {
+    let mut planned = plan(state, vec![parts]).await.map_err(|(_, error)| error)?;
+    planned
+        .pop()
+        .ok_or_else(|| ApiError::internal(&"planning returned nothing"))
 }
 
 /// Writes one run and answers 201 for a new run, 200 for an existing idempotency key.
@@ -248,7 +268,8 @@ pub async fn create(
     State(state): State<AppState>,
     JsonBody(request): JsonBody<RunRequest>,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
-    let submission = prepare(&state, request, &mut Resolved::new()).await?;
+    let parts = prepare(&state, request, &mut Resolved::new()).await?;
+    let submission = plan_one(&state, parts).await?;
     submit_one(&state, submission).await
 }
 
@@ -271,14 +292,17 @@ pub async fn create_batch(
             request.runs.len()
         )));
     }
-    let mut submissions = Vec::with_capacity(request.runs.len());
+    let mut runs = Vec::with_capacity(request.runs.len());
     let mut resolved = Resolved::new();
     for (index, run) in request.runs.into_iter().enumerate() {
-        let submission = prepare(&state, run, &mut resolved)
+        let parts = prepare(&state, run, &mut resolved)
             .await
             .map_err(|error| error.in_batch(index))?;
-        submissions.push(submission);
+        runs.push(parts);
     }
+    let submissions = plan(&state, runs)
+        .await
+        .map_err(|(index, error)| error.in_batch(index))?;
     let ids: Vec<Uuid> = state
         .acceptor
         .submit(submissions)
@@ -511,11 +535,11 @@ pub async fn create_job(
         steps: vec![step],
         output: None,
     };
-    check_definition(&definition)?;
     let input = extra.remove("input").unwrap_or(Value::Null);
     check_input(&input)?;
     let parts = NewRunParts {
         kind: RunKind::Job,
+        unchecked: true,
         definition,
         workflow: None,
         version: None,
@@ -523,7 +547,7 @@ pub async fn create_job(
         idempotency_key,
         delay_s,
     };
-    let submission = plan(&state, parts).await?;
+    let submission = plan_one(&state, parts).await?;
     submit_one(&state, submission).await
 }
 

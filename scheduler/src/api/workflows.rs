@@ -6,14 +6,18 @@ use axum::http::StatusCode;
 use serde::Deserialize;
 use serde_json::{Value, json};
 use taskfleet_common::WorkflowDefinition;
+use taskfleet_common::jq::ProgramCache;
 use taskfleet_common::names::is_valid_name;
 
 use super::{ApiError, AppState, JsonBody, QueryParams};
 use crate::store;
 
 /// Checks a definition as the API accepts it.
-pub fn check_definition(definition: &WorkflowDefinition) -> Result<(), ApiError> {
-    if let Err(error) = definition.validate() {
+pub fn check_definition(
+    programs: &ProgramCache,
+    definition: &WorkflowDefinition,
+) -> Result<(), ApiError> {
+    if let Err(error) = definition.validate(programs) {
         let details = serde_json::to_value(&error.problems).ok();
         return Err(ApiError::invalid(error.to_string(), details));
     }
@@ -42,7 +46,7 @@ pub async fn register(
         }
         _ => definition.name = Some(name.clone()),
     }
-    check_definition(&definition)?;
+    check_definition(&state.programs, &definition)?;
     let value = serde_json::to_value(&definition).map_err(|error| ApiError::internal(&error))?;
     let (version, created) =
         store::put_workflow(&state.db, state.config.namespace.as_str(), &name, &value).await?;
