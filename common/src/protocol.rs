@@ -2,7 +2,10 @@
 //! receiver refuses versions it does not know instead of guessing.
 //!
 //! Tasks travel scheduler → worker on the task queues; completions travel worker → scheduler on
-//! the completions queue. Both are JSON bodies of persistent AMQP messages.
+//! the completions queue. Both are JSON bodies of persistent AMQP messages. A broker message
+//! carries one message (a JSON object) or a bundle of several (a JSON array of them), so that
+//! many tasks or completions ready at once share the broker's cost per message; each message of
+//! a bundle is read on its own, so one that cannot be read spoils none of the others.
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
@@ -107,6 +110,43 @@ pub fn encode<T: Serialize>(message: &T) -> Vec<u8> {
     serde_json::to_vec(message).expect("protocol messages always serialise")
 }
 
+/// Returns one broker message body carrying every one of `bodies` (each an encoded message):
+/// the body itself when there is one, a bundle when there are more.
+pub fn bundle<B: AsRef<[u8]>>(bodies: &[B]) -> Vec<u8> {
+    if let [one] = bodies {
+        return one.as_ref().to_vec();
+    }
+    let length: usize = bodies.iter().map(|body| body.as_ref().len() + 1).sum();
+    let mut out = Vec::with_capacity(length + 2);
+    out.push(b'[');
+    for (index, body) in bodies.iter().enumerate() {
+        if index > 0 {
+            out.push(b',');
+        }
+        out.extend_from_slice(body.as_ref());
+    }
+    out.push(b']');
+    out
+}
+
+/// Returns the bodies of the messages a broker message carries: the body itself when it is not
+/// a bundle, else each element of the bundle, to be decoded one by one. An error when the body
+/// looks like a bundle but is not valid JSON.
+pub fn unbundle(body: &[u8]) -> Result<Vec<&[u8]>, DecodeError> {
+    let starts_bundle = body
+        .iter()
+        .find(|byte| !byte.is_ascii_whitespace())
+        .is_some_and(|byte| *byte == b'[');
+    if !starts_bundle {
+        return Ok(vec![body]);
+    }
+    let elements: Vec<&serde_json::value::RawValue> = serde_json::from_slice(body)?;
+    Ok(elements
+        .into_iter()
+        .map(|element| element.get().as_bytes())
+        .collect())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -148,6 +188,43 @@ mod tests {
         };
         let decoded: CompletionMessage = decode(&encode(&completion)).expect("decodes");
         assert_eq!(decoded, completion);
+    }
+
+    #[test]
+    fn bundles_carry_each_message_unchanged() {
+        let one = br#"{"version":1,"a":[1,2]}"#.to_vec();
+        let two = br#"{"version":1,"b":"]"}"#.to_vec();
+        assert_eq!(bundle(&[&one]), one, "one message travels alone");
+        assert_eq!(unbundle(&one).expect("reads"), vec![one.as_slice()]);
+        let both = bundle(&[&one, &two]);
+        assert_eq!(
+            unbundle(&both).expect("reads"),
+            vec![one.as_slice(), two.as_slice()]
+        );
+        let spaced = format!(" \n[{}, {}]", String::from_utf8_lossy(&one), "{\"x\": 1}");
+        assert_eq!(
+            unbundle(spaced.as_bytes()).expect("reads"),
+            vec![one.as_slice(), br#"{"x": 1}"#.as_slice()]
+        );
+        assert!(unbundle(b"[1, 2").is_err());
+        assert_eq!(
+            unbundle(b"not json").expect("left to decode"),
+            vec![b"not json"]
+        );
+    }
+
+    #[test]
+    fn a_message_of_a_bundle_that_cannot_be_read_spoils_no_other() {
+        let good = encode(&json!({"version": PROTOCOL_VERSION, "x": 1}));
+        let newer = encode(&json!({"version": 99}));
+        let body = bundle(&[&good, &newer]);
+        let decoded: Vec<Result<serde_json::Value, DecodeError>> = unbundle(&body)
+            .expect("reads")
+            .into_iter()
+            .map(decode)
+            .collect();
+        assert_eq!(decoded[0].as_ref().expect("decodes")["x"], 1);
+        assert!(matches!(decoded[1], Err(DecodeError::Version(99))));
     }
 
     #[test]

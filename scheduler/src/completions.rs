@@ -33,7 +33,8 @@ use crate::retry;
 use crate::store::{self, Completion, FinishedRun, LockedRun, StoreError};
 use taskfleet_common::jq::ProgramCache;
 
-/// The most completions handled in one transaction; also the consumer's prefetch.
+/// The most completions handled in one transaction; also the consumer's prefetch (in messages,
+/// each of which may carry several completions).
 pub const MAX_BATCH: usize = 512;
 
 /// Describes why a batch of completions was not recorded.
@@ -77,10 +78,14 @@ impl CompletionLoop {
                 () = shutdown.cancelled() => return,
             };
             let Some(first) = first else { return };
+            let mut carried = carried_count(&first);
             let mut batch = vec![first];
-            while batch.len() < MAX_BATCH {
+            while carried < MAX_BATCH {
                 match deliveries.next().now_or_never() {
-                    Some(Some(delivery)) => batch.push(delivery),
+                    Some(Some(delivery)) => {
+                        carried += carried_count(&delivery);
+                        batch.push(delivery);
+                    }
                     _ => break,
                 }
             }
@@ -103,12 +108,21 @@ impl CompletionLoop {
     async fn handle(&self, deliveries: &[Delivery], shutdown: &CancellationToken) -> bool {
         let mut completions = Vec::with_capacity(deliveries.len());
         for delivery in deliveries {
-            match read_completion(&delivery.data) {
-                Some(completion) => completions.push(completion),
-                None => {
-                    self.broker
-                        .dead_letter(&delivery.data, "a completion that names no task")
-                        .await;
+            let bodies = match protocol::unbundle(&delivery.data) {
+                Ok(bodies) => bodies,
+                Err(error) => {
+                    tracing::error!(%error, "a message of completions cannot be read; moving it to the dead letters");
+                    vec![delivery.data.as_slice()]
+                }
+            };
+            for body in bodies {
+                match read_completion(body) {
+                    Some(completion) => completions.push(completion),
+                    None => {
+                        self.broker
+                            .dead_letter(body, "a completion that names no task")
+                            .await;
+                    }
                 }
             }
         }
@@ -388,6 +402,18 @@ fn plan_runs(
         }
     }
     (materialized, finished)
+}
+
+/// Roughly how many completions a message carries: a bundle's size is not known before it is
+/// read, so it is guessed from the body's length, which is enough to bound a batch.
+fn carried_count(delivery: &Delivery) -> usize {
+    const TYPICAL_COMPLETION_BYTES: usize = 300;
+    let body = &delivery.data;
+    if body.first() == Some(&b'[') {
+        (body.len() / TYPICAL_COMPLETION_BYTES).max(1)
+    } else {
+        1
+    }
 }
 
 /// The identity of a completion, readable even when the rest of the message is not.

@@ -4,6 +4,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::num::NonZeroUsize;
 use std::time::Duration;
 
 use taskfleet_common::{Namespace, amqp};
@@ -29,6 +30,8 @@ pub struct Config {
     pub database_pool_size: u32,
     /// How old an undispatched task must be before the relay publishes it again.
     pub relay_after: Duration,
+    /// The most tasks one broker message carries when many are dispatched at once.
+    pub max_tasks_per_message: NonZeroUsize,
 }
 
 /// Describes a configuration value that could not be used.
@@ -117,6 +120,10 @@ impl Config {
                 "TASKFLEET_RELAY_AFTER_S",
                 &get("TASKFLEET_RELAY_AFTER_S", "10"),
             )?),
+            max_tasks_per_message: parse(
+                "TASKFLEET_MAX_TASKS_PER_MESSAGE",
+                &get("TASKFLEET_MAX_TASKS_PER_MESSAGE", "16"),
+            )?,
         })
     }
 }

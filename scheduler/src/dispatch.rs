@@ -5,6 +5,7 @@
 //! publish, a broker error), so no committed task is ever left behind. A task published twice is
 //! harmless: the attempt number fences its completion.
 
+use std::num::NonZeroUsize;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -21,6 +22,12 @@ use crate::store;
 
 /// The most tasks published in one round of confirms.
 const MAX_BATCH: usize = 1024;
+/// Tasks of a batch share a message only once there are this many messages' worth of them, so
+/// that a few tasks still go to as many workers as there are tasks.
+const SPREAD: usize = 16;
+/// The largest body a message of several tasks grows to; a task larger than this travels
+/// alone.
+const MAX_BUNDLE_BYTES: usize = 256 * 1024;
 
 /// A task ready to publish, with the id under which it is marked dispatched.
 #[derive(Debug, Clone)]
@@ -84,18 +91,27 @@ impl Dispatcher {
 }
 
 /// Starts the dispatch loop and returns its sender and the loop itself, to be spawned. The loop
-/// runs until every [`Dispatcher`] is dropped and it has published what they sent.
-pub fn dispatcher(broker: Arc<Broker>, db: sqlx::PgPool) -> (Dispatcher, impl Future<Output = ()>) {
+/// runs until every [`Dispatcher`] is dropped and it has published what they sent. Up to
+/// `tasks_per_message` tasks share one broker message (see [`pack`]).
+pub fn dispatcher(
+    broker: Arc<Broker>,
+    db: sqlx::PgPool,
+    tasks_per_message: NonZeroUsize,
+) -> (Dispatcher, impl Future<Output = ()>) {
     // Unbounded on purpose: every item was already committed and must not be refused; the
     // accept path is bounded upstream by its own channel.
     let (tx, rx) = mpsc::unbounded_channel();
-    (Dispatcher { tx }, dispatch_loop(broker, db, rx))
+    (
+        Dispatcher { tx },
+        dispatch_loop(broker, db, rx, tasks_per_message.get()),
+    )
 }
 
 async fn dispatch_loop(
     broker: Arc<Broker>,
     db: sqlx::PgPool,
     mut rx: mpsc::UnboundedReceiver<Vec<Dispatch>>,
+    tasks_per_message: usize,
 ) {
     while let Some(mut batch) = rx.recv().await {
         while batch.len() < MAX_BATCH {
@@ -104,12 +120,67 @@ async fn dispatch_loop(
                 Err(_) => break,
             }
         }
-        publish_batch(&broker, &db, &batch).await;
+        publish_batch(&broker, &db, &batch, tasks_per_message).await;
     }
 }
 
-async fn publish_batch(broker: &Broker, db: &sqlx::PgPool, batch: &[Dispatch]) {
-    let outgoing: Vec<Outgoing> = batch.iter().map(|d| d.outgoing.clone()).collect();
+/// Packs a batch into broker messages. Tasks for the same queue and priority share messages of
+/// up to `most` tasks (and [`MAX_BUNDLE_BYTES`]) once the batch holds [`SPREAD`] messages' worth
+/// of them, so a large batch costs the broker one message per bundle instead of one per task,
+/// while a few tasks travel alone and spread over every worker. Returns each message with the
+/// tasks it carries, in the batch's order within each queue.
+fn pack(batch: &[Dispatch], most: usize) -> Vec<(Outgoing, Vec<Uuid>)> {
+    let mut groups: Vec<((&str, u8), Vec<&Dispatch>)> = Vec::new();
+    for dispatch in batch {
+        let key = (dispatch.outgoing.queue.as_str(), dispatch.outgoing.priority);
+        match groups.iter_mut().find(|(group, _)| *group == key) {
+            Some((_, members)) => members.push(dispatch),
+            None => groups.push((key, vec![dispatch])),
+        }
+    }
+    let mut messages = Vec::new();
+    for ((queue, priority), members) in groups {
+        let per_message = (members.len() / SPREAD).clamp(1, most.max(1));
+        let mut bodies: Vec<&[u8]> = Vec::new();
+        let mut ids = Vec::new();
+        let mut bytes = 0;
+        let mut flush = |bodies: &mut Vec<&[u8]>, ids: &mut Vec<Uuid>| {
+            if bodies.is_empty() {
+                return;
+            }
+            messages.push((
+                Outgoing {
+                    queue: queue.to_owned(),
+                    priority,
+                    body: protocol::bundle(bodies),
+                },
+                std::mem::take(ids),
+            ));
+            bodies.clear();
+        };
+        for dispatch in members {
+            let body = dispatch.outgoing.body.as_slice();
+            if bodies.len() >= per_message || (bytes + body.len() > MAX_BUNDLE_BYTES) {
+                flush(&mut bodies, &mut ids);
+                bytes = 0;
+            }
+            bytes += body.len();
+            bodies.push(body);
+            ids.push(dispatch.task_id);
+        }
+        flush(&mut bodies, &mut ids);
+    }
+    messages
+}
+
+async fn publish_batch(
+    broker: &Broker,
+    db: &sqlx::PgPool,
+    batch: &[Dispatch],
+    tasks_per_message: usize,
+) {
+    let (outgoing, carried): (Vec<Outgoing>, Vec<Vec<Uuid>>) =
+        pack(batch, tasks_per_message).into_iter().unzip();
     let acked = match broker.publish(&outgoing).await {
         Ok(acked) => acked,
         Err(error) => {
@@ -117,10 +188,11 @@ async fn publish_batch(broker: &Broker, db: &sqlx::PgPool, batch: &[Dispatch]) {
             return;
         }
     };
-    let confirmed: Vec<Uuid> = batch
-        .iter()
+    let confirmed: Vec<Uuid> = carried
+        .into_iter()
         .zip(acked)
-        .filter_map(|(dispatch, ack)| ack.then_some(dispatch.task_id))
+        .filter(|(_, ack)| *ack)
+        .flat_map(|(ids, _)| ids)
         .collect();
     if confirmed.len() < batch.len() {
         tracing::warn!(
@@ -201,4 +273,103 @@ fn to_dispatches(rows: Vec<store::UndispatchedTask>) -> Vec<Dispatch> {
             )
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dispatch(queue: &str, priority: u8, n: usize) -> Dispatch {
+        let message = TaskMessage {
+            version: PROTOCOL_VERSION,
+            task_id: TaskId::new(),
+            run_id: RunId::new(),
+            step_id: "s".to_owned(),
+            attempt: 1,
+            step: taskfleet_common::definition::StepKind::Dataflow {
+                program: ".".to_owned(),
+            },
+            input: serde_json::json!(n),
+            timeout_s: None,
+        };
+        Dispatch {
+            task_id: message.task_id.0,
+            outgoing: Outgoing {
+                queue: queue.to_owned(),
+                priority,
+                body: protocol::encode(&message),
+            },
+        }
+    }
+
+    /// Packs `batch` and returns, per message, its queue, priority and the inputs it carries.
+    fn packed(batch: &[Dispatch], most: usize) -> Vec<(String, u8, Vec<u64>)> {
+        pack(batch, most)
+            .into_iter()
+            .map(|(outgoing, ids)| {
+                let bodies = protocol::unbundle(&outgoing.body).expect("reads");
+                assert_eq!(bodies.len(), ids.len());
+                let inputs = bodies
+                    .into_iter()
+                    .zip(&ids)
+                    .map(|(body, id)| {
+                        let task: TaskMessage = protocol::decode(body).expect("decodes");
+                        assert_eq!(task.task_id.0, *id);
+                        task.input.as_u64().expect("a number")
+                    })
+                    .collect();
+                (outgoing.queue, outgoing.priority, inputs)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_few_tasks_travel_one_per_message() {
+        let batch: Vec<Dispatch> = (0..SPREAD * 2 - 1).map(|n| dispatch("q", 0, n)).collect();
+        let messages = packed(&batch, 16);
+        assert_eq!(messages.len(), batch.len());
+        assert!(messages.iter().all(|(_, _, inputs)| inputs.len() == 1));
+    }
+
+    #[test]
+    fn many_tasks_share_messages_per_queue_and_priority_in_order() {
+        let mut batch: Vec<Dispatch> = (0..1000).map(|n| dispatch("a", 0, n)).collect();
+        batch.extend((1000..1003).map(|n| dispatch("a", 5, n)));
+        batch.extend((2000..2100).map(|n| dispatch("b", 0, n)));
+        let messages = packed(&batch, 16);
+        let of = |queue: &str, priority: u8| -> Vec<Vec<u64>> {
+            messages
+                .iter()
+                .filter(|(q, p, _)| q == queue && *p == priority)
+                .map(|(_, _, inputs)| inputs.clone())
+                .collect()
+        };
+        let a = of("a", 0);
+        assert!(a.iter().all(|inputs| inputs.len() <= 16));
+        assert_eq!(a.len(), 63);
+        assert_eq!(a.concat(), (0..1000).collect::<Vec<u64>>());
+        assert_eq!(of("a", 5), vec![vec![1000], vec![1001], vec![1002]]);
+        let b = of("b", 0);
+        assert!(
+            b.iter()
+                .all(|inputs| inputs.len() == 6 || inputs.len() == 4)
+        );
+        assert_eq!(b.concat(), (2000..2100).collect::<Vec<u64>>());
+        assert!(
+            packed(&batch, 1)
+                .iter()
+                .all(|(_, _, inputs)| inputs.len() == 1)
+        );
+    }
+
+    #[test]
+    fn large_tasks_do_not_grow_a_message_past_its_limit() {
+        let mut big = dispatch("q", 0, 0);
+        big.outgoing.body.resize(MAX_BUNDLE_BYTES / 2 + 1, b' ');
+        let batch: Vec<Dispatch> = (0..SPREAD * 4).map(|_| big.clone()).collect();
+        for (outgoing, ids) in pack(&batch, 16) {
+            assert_eq!(ids.len(), 1);
+            assert!(outgoing.body.len() <= MAX_BUNDLE_BYTES);
+        }
+    }
 }

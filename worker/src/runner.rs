@@ -1,9 +1,12 @@
 //! The worker's main loop: takes deliveries from the task queues, leases each task in Redis,
-//! runs it on its executor, reports the completion (confirmed by the broker), writes the result
-//! to Redis and only then acknowledges the delivery.
+//! runs it on its executor and hands its completion to the report loop (see [`crate::report`]),
+//! which publishes it (confirmed by the broker), writes the result to Redis and only then
+//! acknowledges the delivery.
 //!
-//! The prefetch equals the concurrency and a delivery is acknowledged only when its task is
-//! done, so the broker never hands this worker more tasks than it has free slots.
+//! A delivery carries one task, or a bundle of several that the scheduler dispatched at once.
+//! The prefetch equals the concurrency, so the worker holds at most that many deliveries, and at
+//! most that many tasks run at once; a delivery is acknowledged only when all its tasks are
+//! reported.
 //!
 //! Every task message ends in a completion, so no run waits forever on a task: one this worker
 //! cannot read fails with `invalid_task` (a message that names no task at all is moved to the
@@ -12,13 +15,14 @@
 //! the task instead of reaching the scheduler.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, RwLock};
+use std::ops::Range;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use chrono::Utc;
 use futures_util::StreamExt;
 use lapin::message::Delivery;
-use lapin::options::{BasicAckOptions, BasicNackOptions};
+use lapin::options::BasicAckOptions;
 use lapin::types::AMQPValue;
 use redis::aio::ConnectionManager;
 use serde::Deserialize;
@@ -29,7 +33,7 @@ use taskfleet_common::protocol::{
     self, CompletionMessage, DecodeError, Outcome, PROTOCOL_VERSION, TaskMessage,
 };
 use taskfleet_common::{Namespace, RunId, StepError, TaskId, value};
-use tokio::sync::watch;
+use tokio::sync::{Semaphore, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -40,12 +44,7 @@ use crate::executor::dataflow::DataflowExecutor;
 use crate::executor::pool::PythonPool;
 use crate::executor::python::{PythonTarget, StepContext};
 use crate::executor::timeout_error;
-
-/// How long a finished task waits for a new RabbitMQ connection to report on, after its own was
-/// lost.
-const REPORT_AFTER_RECONNECT: Duration = Duration::from_secs(30);
-/// How long a task's result stays in Redis.
-const RESULT_TTL_S: u64 = 24 * 3600;
+use crate::report::{self, BrokerSlot, PendingDelivery, Report, ReportTargets, Reporter};
 
 /// The executors of every step kind.
 #[derive(Clone)]
@@ -130,10 +129,19 @@ enum Redelivery {
     WorkerLost(u32),
 }
 
+/// A task to put back in its queue with a count: its attempt's identity (when readable, so
+/// that a copy coming back to this worker can wait for its original's acknowledgement) and its
+/// body.
+type Copy<'a> = (Option<(TaskId, u32)>, &'a [u8]);
+
 /// What every task handler shares.
 struct Shared {
     /// The current connection; replaced after a reconnect.
-    broker: RwLock<Arc<Broker>>,
+    broker: Arc<BrokerSlot>,
+    /// Where finished tasks go.
+    reporter: Reporter,
+    /// One permit per task that may run at once.
+    slots: Semaphore,
     redis: ConnectionManager,
     namespace: Namespace,
     worker_id: String,
@@ -179,8 +187,21 @@ pub async fn run(
         .get_connection_manager()
         .await
         .context("connecting to redis")?;
+    let broker = Arc::new(BrokerSlot::new(broker));
+    let report_stop = CancellationToken::new();
+    let (reporter, report_loop) = report::reporter(
+        ReportTargets {
+            broker: broker.clone(),
+            redis: redis.clone(),
+            namespace: config.namespace.clone(),
+        },
+        report_stop.clone(),
+    );
+    let reports = tokio::spawn(report_loop);
     let shared = Arc::new(Shared {
-        broker: RwLock::new(Arc::new(broker)),
+        broker,
+        reporter,
+        slots: Semaphore::new(config.concurrency.get()),
         redis,
         namespace: config.namespace.clone(),
         worker_id: config.worker_id.clone(),
@@ -203,7 +224,7 @@ pub async fn run(
     ));
     let tasks = TaskTracker::new();
     loop {
-        let broker = shared.broker();
+        let broker = shared.broker.current();
         let lost = match consume(&broker, &config).await {
             Ok((tags, mut deliveries)) => {
                 tracing::info!(
@@ -243,12 +264,7 @@ pub async fn run(
         );
         broker.close().await;
         match connect().await {
-            Some(broker) => {
-                *shared
-                    .broker
-                    .write()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(broker)
-            }
+            Some(broker) => shared.broker.replace(broker),
             None => break,
         }
     }
@@ -263,10 +279,15 @@ pub async fn run(
             "grace period over; unfinished tasks go back to their queues"
         );
     }
+    // What finished is reported before the connection closes; the rest goes back to its queues.
+    report_stop.cancel();
+    if let Err(error) = reports.await {
+        tracing::error!(%error, "the report loop failed");
+    }
     background.cancel();
     background_tasks.close();
     background_tasks.wait().await;
-    shared.broker().close().await;
+    shared.broker.current().close().await;
     tracing::info!("worker stopped");
     Ok(())
 }
@@ -293,21 +314,93 @@ async fn consume(
     Ok((tags, futures_util::stream::select_all(consumers)))
 }
 
-/// Reads, runs and reports one task. A task is failed without running when its input cannot
-/// travel, and a success is turned into a failure when its output cannot.
+/// Reads the tasks a delivery carries (one, or a bundle of several) and runs them; the delivery
+/// is acknowledged once every one of them is reported. A bundle that comes back from a lost
+/// worker is first put back as single tasks (see [`Shared::split_redelivered`]), so that a task
+/// that takes its worker down is counted, and fails, alone.
 async fn handle(shared: Arc<Shared>, delivery: Delivery) {
-    let task: TaskMessage = match protocol::decode(&delivery.data) {
-        Ok(task) => task,
+    let ranges = match protocol::unbundle(&delivery.data) {
+        Ok(bodies) => ranges_within(&delivery.data, &bodies),
         Err(error) => {
-            refuse(&shared, delivery, &error).await;
+            let pending = PendingDelivery::new(delivery, 1);
+            let body = pending.delivery().data.clone();
+            shared.dead_letter(&body, &error, &pending).await;
             return;
         }
     };
-    shared.until_requeued(&task, &delivery).await;
+    if ranges.len() > 1
+        && delivery.redelivered
+        && shared.split_redelivered(&delivery, &ranges).await
+    {
+        return;
+    }
+    let bundled = ranges.len() > 1;
+    let pending = PendingDelivery::new(delivery, ranges.len());
+    let tasks = ranges
+        .into_iter()
+        .map(|range| handle_task(&shared, &pending, range, bundled));
+    futures_util::future::join_all(tasks).await;
+}
+
+/// Returns where each of `parts` (slices of `body`) lies within `body`.
+fn ranges_within(body: &[u8], parts: &[&[u8]]) -> Vec<Range<usize>> {
+    let base = body.as_ptr() as usize;
+    parts
+        .iter()
+        .map(|part| {
+            let start = (part.as_ptr() as usize).saturating_sub(base);
+            start..start + part.len()
+        })
+        .collect()
+}
+
+/// How many times the task of a delivery was delivered before it, from its count header (1
+/// without one).
+fn delivered_before(delivery: &Delivery) -> u32 {
+    delivery
+        .properties
+        .headers()
+        .as_ref()
+        .and_then(|headers| headers.inner().get(DELIVERIES_HEADER))
+        .and_then(AMQPValue::as_long_long_int)
+        .and_then(|count| u32::try_from(count).ok())
+        .unwrap_or(1)
+}
+
+/// Whether a delivery is a copy this fleet put back in its queue with a count of deliveries.
+fn is_copy(delivery: &Delivery) -> bool {
+    delivery
+        .properties
+        .headers()
+        .as_ref()
+        .is_some_and(|headers| headers.inner().contains_key(DELIVERIES_HEADER))
+}
+
+/// Reads, runs and reports one task of a delivery (`body` is where it lies in the delivery's
+/// body). A task is failed without running when its input cannot travel, and a success is
+/// turned into a failure when its output cannot.
+async fn handle_task(
+    shared: &Shared,
+    pending: &Arc<PendingDelivery>,
+    body: Range<usize>,
+    bundled: bool,
+) {
+    let delivery = pending.delivery();
+    let body = &delivery.data[body];
+    let task: TaskMessage = match protocol::decode(body) {
+        Ok(task) => task,
+        Err(error) => {
+            shared.refuse(body, &error, pending).await;
+            return;
+        }
+    };
+    shared.until_requeued(&task, delivery).await;
     let started_at = Utc::now();
     let checked = value::check(&task.input);
-    let redelivery = match (&checked, delivery.redelivered) {
-        (Ok(()), true) => shared.redelivered(&task, &delivery).await,
+    let redelivery = match &checked {
+        Ok(()) if delivery.redelivered || is_copy(delivery) => {
+            shared.redelivered(&task, body, delivery, bundled).await
+        }
         _ => Redelivery::Run,
     };
     let (outcome, logs) = match (checked, redelivery) {
@@ -323,7 +416,11 @@ async fn handle(shared: Arc<Shared>, delivery: Delivery) {
             );
             (Outcome::Failed { error }, None)
         }
-        (Ok(()), Redelivery::Run) => shared.execute(&task, started_at).await,
+        (Ok(()), Redelivery::Run) => {
+            // Closed only when the worker stops, and then nothing is waiting here.
+            let _slot = shared.slots.acquire().await;
+            shared.execute(&task, started_at).await
+        }
         (Err(error), Redelivery::Run) => {
             let error = StepError::new(INVALID_TASK, format!("step input cannot be used: {error}"));
             (Outcome::Failed { error }, None)
@@ -348,7 +445,10 @@ async fn handle(shared: Arc<Shared>, delivery: Delivery) {
         finished_at,
         logs,
     };
-    shared.report(delivery, &completion).await;
+    shared.reporter.send(Report {
+        completion,
+        delivery: pending.clone(),
+    });
 }
 
 /// The identity of a task, read from a message that does not decode as a whole (a protocol
@@ -363,73 +463,65 @@ struct TaskIdentity {
     step_id: Option<String>,
 }
 
-/// Fails a task this worker cannot read, so that its run does not wait for it forever. A message
-/// without even a task's identity is moved to the dead-letters queue instead (dropped if even
-/// that fails): redelivering it would loop forever.
-async fn refuse(shared: &Shared, delivery: Delivery, error: &DecodeError) {
-    let Ok(identity) = serde_json::from_slice::<TaskIdentity>(&delivery.data) else {
-        let source = delivery.routing_key.as_str().to_owned();
-        match shared
-            .broker()
-            .dead_letter(&delivery.data, &error.to_string(), &source)
+impl Shared {
+    /// Fails a task this worker cannot read (`body`, one task of `pending`), so that its run
+    /// does not wait for it forever. A message without even a task's identity is moved to the
+    /// dead-letters queue instead: redelivering it would loop forever.
+    async fn refuse(&self, body: &[u8], error: &DecodeError, pending: &Arc<PendingDelivery>) {
+        let Ok(identity) = serde_json::from_slice::<TaskIdentity>(body) else {
+            self.dead_letter(body, error, pending).await;
+            return;
+        };
+        tracing::error!(
+            task_id = %identity.task_id,
+            run_id = %identity.run_id,
+            step = identity.step_id.as_deref().unwrap_or_default(),
+            attempt = identity.attempt,
+            %error,
+            "failing a task this worker cannot read"
+        );
+        let now = Utc::now();
+        let completion = CompletionMessage {
+            version: PROTOCOL_VERSION,
+            task_id: identity.task_id,
+            run_id: identity.run_id,
+            attempt: identity.attempt,
+            worker_id: self.worker_id.clone(),
+            outcome: Outcome::Failed {
+                error: StepError::new(
+                    INVALID_TASK,
+                    format!("the worker cannot read this task: {error}"),
+                ),
+            },
+            started_at: now,
+            finished_at: now,
+            logs: None,
+        };
+        self.reporter.send(Report {
+            completion,
+            delivery: pending.clone(),
+        });
+    }
+
+    /// Moves a message that names no task (`body`, one task of `pending`, or all of it) to the
+    /// dead-letters queue, with why and where it came from; drops it if even that fails.
+    async fn dead_letter(&self, body: &[u8], error: &DecodeError, pending: &PendingDelivery) {
+        let source = pending.delivery().routing_key.as_str().to_owned();
+        match self
+            .broker
+            .current()
+            .dead_letter(body, &error.to_string(), &source)
             .await
         {
             Ok(()) => {
                 tracing::error!(%error, queue = source, "a task message names no task; moved to the dead letters");
-                if let Err(error) = delivery.ack(BasicAckOptions::default()).await {
-                    tracing::warn!(%error, "acknowledging a dead-lettered task message");
-                }
             }
             Err(publish_error) => {
                 tracing::error!(%error, %publish_error, "dropping a task message that names no task");
-                let options = BasicNackOptions {
-                    multiple: false,
-                    requeue: false,
-                };
-                if let Err(error) = delivery.nack(options).await {
-                    tracing::warn!(%error, "rejecting task message");
-                }
             }
         }
-        return;
-    };
-    tracing::error!(
-        task_id = %identity.task_id,
-        run_id = %identity.run_id,
-        step = identity.step_id.as_deref().unwrap_or_default(),
-        attempt = identity.attempt,
-        %error,
-        "failing a task this worker cannot read"
-    );
-    let now = Utc::now();
-    let completion = CompletionMessage {
-        version: PROTOCOL_VERSION,
-        task_id: identity.task_id,
-        run_id: identity.run_id,
-        attempt: identity.attempt,
-        worker_id: shared.worker_id.clone(),
-        outcome: Outcome::Failed {
-            error: StepError::new(
-                INVALID_TASK,
-                format!("the worker cannot read this task: {error}"),
-            ),
-        },
-        started_at: now,
-        finished_at: now,
-        logs: None,
-    };
-    shared.report(delivery, &completion).await;
-}
-
-impl Shared {
-    /// The current RabbitMQ connection.
-    fn broker(&self) -> Arc<Broker> {
-        self.broker
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .clone()
+        pending.done_one().await;
     }
-
     /// Runs `task` under a lease and returns how it ended; an output that cannot be stored or
     /// sent fails the task.
     async fn execute(
@@ -463,56 +555,6 @@ impl Shared {
             Err(error) => Outcome::Failed { error },
         };
         (outcome, logs)
-    }
-
-    /// Publishes `completion` and waits for the broker's confirm, writes the result to Redis and
-    /// only then acknowledges the delivery. Without a confirm the task goes back to its queue.
-    ///
-    /// A completion that could not be published because the connection was lost is published
-    /// on the next connection once the worker has reconnected (waiting up to
-    /// [`REPORT_AFTER_RECONNECT`]): the delivery died with the old connection and comes back,
-    /// and the copy then finds the stored result instead of running again.
-    async fn report(&self, delivery: Delivery, completion: &CompletionMessage) {
-        let body = protocol::encode(completion);
-        let broker = self.broker();
-        let mut published = broker.publish_completion(&body).await;
-        if published.is_err()
-            && !broker.is_connected()
-            && let Some(next) = self.next_broker(&broker).await
-        {
-            published = next.publish_completion(&body).await;
-        }
-        if let Err(error) = published {
-            tracing::error!(task_id = %completion.task_id, %error, "reporting the completion failed; the task goes back to its queue");
-            let options = BasicNackOptions {
-                multiple: false,
-                requeue: true,
-            };
-            if let Err(error) = delivery.nack(options).await {
-                tracing::debug!(%error, "returning task message");
-            }
-            return;
-        }
-        self.store_result(completion).await;
-        if let Err(error) = delivery.ack(BasicAckOptions::default()).await {
-            // Its connection is gone: the broker hands the task out again, and the copy finds
-            // the stored result.
-            tracing::debug!(task_id = %completion.task_id, %error, "acknowledging task");
-        }
-    }
-
-    /// Waits for the worker to replace `lost` with a new connection; `None` if it has not within
-    /// [`REPORT_AFTER_RECONNECT`].
-    async fn next_broker(&self, lost: &Arc<Broker>) -> Option<Arc<Broker>> {
-        let deadline = tokio::time::Instant::now() + REPORT_AFTER_RECONNECT;
-        while tokio::time::Instant::now() < deadline {
-            let current = self.broker();
-            if !Arc::ptr_eq(&current, lost) {
-                return Some(current);
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        None
     }
 
     /// Runs the task's step until it ends, runs out of time or its run is cancelled; dropping
@@ -571,78 +613,134 @@ impl Shared {
         }
     }
 
-    /// Decides what to do with a redelivered task: report its outcome if it already finished;
-    /// fail it with `worker_lost` if it was delivered more than [`MAX_LOST_WORKERS`] times
-    /// beyond the first; otherwise put a copy carrying the new count back in its queue (with
-    /// the broker's confirm) and acknowledge this delivery, so the count is durable. If the copy
-    /// cannot be published, this delivery runs.
-    async fn redelivered(&self, task: &TaskMessage, delivery: &Delivery) -> Redelivery {
+    /// Decides what to do with a task that was delivered before (redelivered by the broker, or a
+    /// copy with a count): report its outcome if it already finished; run a copy that is not
+    /// itself redelivered, or a task of a bundle (whose count its bundle's split already
+    /// raised); fail it with `worker_lost` if it was delivered more than [`MAX_LOST_WORKERS`]
+    /// times beyond the first; otherwise put a copy carrying the new count back in its queue and
+    /// acknowledge this delivery (see [`Self::requeue_copies`]). If the copy cannot be published,
+    /// this delivery runs.
+    async fn redelivered(
+        &self,
+        task: &TaskMessage,
+        body: &[u8],
+        delivery: &Delivery,
+        bundled: bool,
+    ) -> Redelivery {
         if let Some(outcome) = self.finished_outcome(task).await {
             tracing::info!(task_id = %task.task_id, attempt = task.attempt, "a redelivered task had already finished; reporting its outcome again");
             return Redelivery::Finished(outcome);
         }
-        let mut headers = delivery.properties.headers().clone().unwrap_or_default();
-        let delivered_before = headers
-            .inner()
-            .get(DELIVERIES_HEADER)
-            .and_then(AMQPValue::as_long_long_int)
-            .and_then(|count| u32::try_from(count).ok())
-            .unwrap_or(1);
-        let deliveries = delivered_before.saturating_add(1);
+        if !delivery.redelivered || bundled {
+            return Redelivery::Run;
+        }
+        let deliveries = delivered_before(delivery).saturating_add(1);
         if deliveries > MAX_LOST_WORKERS {
             return Redelivery::WorkerLost(deliveries);
         }
+        let copy = [(Some((task.task_id, task.attempt)), body)];
+        if self.requeue_copies(delivery, &copy, deliveries).await {
+            tracing::info!(task_id = %task.task_id, deliveries, "a task came back from a lost worker; queued again with its count");
+            Redelivery::Requeued
+        } else {
+            Redelivery::Run
+        }
+    }
+
+    /// Puts a bundle that came back from a lost worker back in its queue as single tasks, each
+    /// with the bundle's count of deliveries plus one, and acknowledges the bundle; returns
+    /// false (and acknowledges nothing) if the copies could not all be published.
+    async fn split_redelivered(&self, delivery: &Delivery, ranges: &[Range<usize>]) -> bool {
+        let copies: Vec<Copy<'_>> = ranges
+            .iter()
+            .map(|range| {
+                let body = &delivery.data[range.clone()];
+                let identity = serde_json::from_slice::<TaskIdentity>(body)
+                    .ok()
+                    .map(|identity| (identity.task_id, identity.attempt));
+                (identity, body)
+            })
+            .collect();
+        let deliveries = delivered_before(delivery).saturating_add(1);
+        let split = self.requeue_copies(delivery, &copies, deliveries).await;
+        if split {
+            tracing::info!(
+                tasks = copies.len(),
+                deliveries,
+                "a bundle of tasks came back from a lost worker; queued again one by one"
+            );
+        }
+        split
+    }
+
+    /// Publishes `copies` (each a task's identity, if readable, and its body) to the queue of
+    /// `delivery` with `deliveries` as their count, each with the broker's confirm, then
+    /// acknowledges `delivery`, so the count is durable with the messages. Returns false (and
+    /// acknowledges nothing) if a copy could not be published.
+    ///
+    /// A copy may come straight back to this worker. Until the broker has processed the
+    /// acknowledgement of the original, the copy waits (see [`Self::until_requeued`]): were it
+    /// to take this worker down first, the original would come back too and run once more.
+    async fn requeue_copies(
+        &self,
+        delivery: &Delivery,
+        copies: &[Copy<'_>],
+        deliveries: u32,
+    ) -> bool {
+        let mut headers = delivery.properties.headers().clone().unwrap_or_default();
         headers.insert(
             DELIVERIES_HEADER.into(),
             AMQPValue::LongLongInt(i64::from(deliveries)),
         );
         let properties = delivery.properties.clone().with_headers(headers);
         let queue = delivery.routing_key.as_str();
-        // The copy may come straight back to this worker. Until the broker has processed the
-        // acknowledgement of this delivery, the copy waits (see `until_requeued`): were it to
-        // take this worker down first, this delivery would come back too and run once more.
-        let key = (task.task_id, task.attempt);
+        let keys: Vec<(TaskId, u32)> = copies.iter().filter_map(|(key, _)| *key).collect();
         let (acknowledged, waiting) = watch::channel(());
-        self.requeueing
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .insert(key, waiting);
-        let broker = self.broker();
-        let redelivery = match broker.republish(queue, &delivery.data, properties).await {
-            Ok(()) => {
-                tracing::info!(task_id = %task.task_id, deliveries, "a task came back from a lost worker; queued again with its count");
-                let acked = match delivery.ack(BasicAckOptions::default()).await {
-                    Ok(_) => broker.sync_consumer().await,
-                    Err(error) => Err(error),
-                };
-                if let Err(error) = acked {
-                    tracing::debug!(%error, "acknowledging a requeued task");
-                }
-                Redelivery::Requeued
+        {
+            let mut requeueing = self
+                .requeueing
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            for key in &keys {
+                requeueing.insert(*key, waiting.clone());
             }
-            Err(error) => {
-                tracing::warn!(task_id = %task.task_id, %error, "requeueing a redelivered task with its count failed; running it");
-                Redelivery::Run
+        }
+        let broker = self.broker.current();
+        let mut published = true;
+        for (_, body) in copies {
+            if let Err(error) = broker.republish(queue, body, properties.clone()).await {
+                tracing::warn!(%error, "putting a redelivered task back with its count failed; running it");
+                published = false;
+                break;
             }
-        };
-        self.requeueing
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .remove(&key);
+        }
+        if published {
+            let acked = match delivery.ack(BasicAckOptions::default()).await {
+                Ok(_) => broker.sync_consumer().await,
+                Err(error) => Err(error),
+            };
+            if let Err(error) = acked {
+                tracing::debug!(%error, "acknowledging a requeued task");
+            }
+        }
+        {
+            let mut requeueing = self
+                .requeueing
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            for key in &keys {
+                requeueing.remove(key);
+            }
+        }
         drop(acknowledged);
-        redelivery
+        published
     }
 
     /// Waits while `delivery` is a copy this worker is putting back in its queue and the
     /// acknowledgement of its original is not yet processed by the broker. Only copies carry
     /// the count header, so other tasks pass at once.
     async fn until_requeued(&self, task: &TaskMessage, delivery: &Delivery) {
-        let is_copy = delivery
-            .properties
-            .headers()
-            .as_ref()
-            .is_some_and(|headers| headers.inner().contains_key(DELIVERIES_HEADER));
-        if !is_copy {
+        if !is_copy(delivery) {
             return;
         }
         let waiting = self
@@ -682,31 +780,6 @@ impl Shared {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .remove(&task_id);
-    }
-
-    /// Writes the result for fast reads and drops the lease, in one round trip.
-    async fn store_result(&self, completion: &CompletionMessage) {
-        let result = json!({
-            "attempt": completion.attempt,
-            "outcome": completion.outcome,
-            "finished_at": completion.finished_at,
-        });
-        let mut redis = self.redis.clone();
-        let written = redis::pipe()
-            .cmd("SET")
-            .arg(self.namespace.result_key(completion.task_id))
-            .arg(result.to_string())
-            .arg("EX")
-            .arg(RESULT_TTL_S)
-            .ignore()
-            .cmd("DEL")
-            .arg(self.namespace.lease_key(completion.task_id))
-            .ignore()
-            .query_async::<()>(&mut redis)
-            .await;
-        if let Err(error) = written {
-            tracing::warn!(task_id = %completion.task_id, %error, "writing the result to redis");
-        }
     }
 }
 
