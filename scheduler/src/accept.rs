@@ -142,17 +142,20 @@ impl Writer {
     /// ended as soon as they were planned.
     async fn finish(&self, requests: Vec<(Vec<Submission>, Reply)>, outcomes: Vec<Vec<Accepted>>) {
         let mut finished = Vec::new();
+        let mut dispatches = Vec::new();
         for ((submissions, reply), outcomes) in requests.into_iter().zip(outcomes) {
             for (submission, outcome) in submissions.into_iter().zip(&outcomes) {
                 if matches!(outcome, Accepted::Created { .. }) {
                     if submission.run.status != "running" {
                         finished.push(submission.run.id);
                     }
-                    self.dispatcher.send(submission.dispatches);
+                    dispatches.extend(submission.dispatches);
                 }
             }
             let _ = reply.send(Ok(outcomes));
         }
+        // One hand-over for the whole commit: its tasks are published in the same rounds.
+        self.dispatcher.send(dispatches);
         self.notifier.announce(&finished).await;
     }
 

@@ -90,6 +90,56 @@ async fn a_task_that_takes_its_worker_down_three_times_fails_with_worker_lost() 
     assert_eq!(next["output"], 4);
 }
 
+#[tokio::test]
+async fn a_task_that_takes_its_worker_down_fails_alone_among_the_tasks_it_shared_messages_with() {
+    // One message at a time, so the only tasks a crash catches are those of the crasher's
+    // message: after the first crash, that is the crasher alone.
+    let mut fleet = TestFleet::start_with(FleetOptions {
+        workers: 1,
+        concurrency: 1,
+        ..FleetOptions::default()
+    })
+    .await
+    .unwrap();
+    // 64 runs in one batch are dispatched together, four tasks to a message.
+    let runs: Vec<serde_json::Value> = (0..64)
+        .map(|n| {
+            let function = if n == 21 { "crash" } else { "echo" };
+            json!({
+                "definition": {"steps": [{"id": "s", "python": format!("fleet_steps:{function}")}]},
+                "input": n,
+            })
+        })
+        .collect();
+    let (status, body) = fleet
+        .request("POST", "/v1/runs:batch", Some(&json!({ "runs": runs })))
+        .await;
+    assert_eq!(status, 201, "{body}");
+    let ids: Vec<String> = body["ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|id| id.as_str().unwrap().to_owned())
+        .collect();
+    let (crashed, replaced) = fleet
+        .wait_run_replacing_workers(&ids[21], Duration::from_secs(90), |_| {})
+        .await;
+    assert_eq!(
+        crashed["steps"]["s"]["error"]["type"], "worker_lost",
+        "{crashed:#}"
+    );
+    assert_eq!(
+        replaced, 3,
+        "the task should take down exactly three workers"
+    );
+    for (n, id) in ids.iter().enumerate().filter(|(n, _)| *n != 21) {
+        let run = fleet.wait_run(id, Duration::from_secs(60)).await;
+        assert_eq!(run["status"], "succeeded", "run {n}: {run:#}");
+        assert_eq!(run["output"], n, "run {n}: {run:#}");
+    }
+    assert_eq!(fleet.replace_dead_workers().unwrap(), 0);
+}
+
 /// Wakes a stopped process even when the test fails half-way.
 struct Continue(u32);
 

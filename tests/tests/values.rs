@@ -104,15 +104,9 @@ async fn an_output_nested_too_deep_fails_the_step() {
     assert_eq!(run["output"], 63, "{run:#}");
 }
 
-#[tokio::test]
-async fn a_task_of_an_unknown_protocol_version_fails_the_step_as_invalid_task() {
-    let fleet = TestFleet::start().await.unwrap();
-    let connection = lapin::Connection::connect(AMQP, ConnectionProperties::default())
-        .await
-        .unwrap();
-    let channel = connection.create_channel().await.unwrap();
-    // A queue no worker consumes holds the task until the test rewrites it as version 2 and
-    // passes it on to the queue the workers consume.
+/// Declares a task queue no worker consumes, `<namespace>.tasks.held`, where steps with
+/// `"queue": "held"` wait for the test to take them.
+async fn hold(channel: &lapin::Channel, fleet: &TestFleet) -> String {
     let held = format!("{}.tasks.held", fleet.namespace);
     let mut arguments = FieldTable::default();
     arguments.insert("x-max-priority".into(), AMQPValue::ShortShortUInt(9));
@@ -124,33 +118,55 @@ async fn a_task_of_an_unknown_protocol_version_fails_the_step_as_invalid_task() 
         )
         .await
         .unwrap();
-    let definition = json!({"steps": [{"id": "held", "dataflow": ".", "queue": "held"}]});
-    let id = fleet.submit(&definition, &json!(1)).await;
+    held
+}
+
+/// Takes `count` task messages from the held queue, as the scheduler dispatched them (each
+/// message one task: they were submitted one at a time).
+async fn take_held(channel: &lapin::Channel, held: &str, count: usize) -> Vec<Value> {
     let deadline = Instant::now() + Duration::from_secs(30);
-    let message = loop {
+    let mut tasks = Vec::new();
+    while tasks.len() < count {
         let options = BasicGetOptions { no_ack: true };
-        if let Some(message) = channel
-            .basic_get(held.as_str().into(), options)
-            .await
-            .unwrap()
-        {
-            break message;
+        match channel.basic_get(held.into(), options).await.unwrap() {
+            Some(message) => tasks.push(serde_json::from_slice(&message.delivery.data).unwrap()),
+            None => {
+                assert!(Instant::now() < deadline, "the tasks were not dispatched");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
         }
-        assert!(Instant::now() < deadline, "the task was not dispatched");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
-    let mut task: Value = serde_json::from_slice(&message.delivery.data).unwrap();
-    task["version"] = json!(2);
+    }
+    tasks
+}
+
+/// Publishes `body` to the fleet's default task queue, which its workers consume.
+async fn pass_on(channel: &lapin::Channel, fleet: &TestFleet, body: &[u8]) {
     channel
         .basic_publish(
             "".into(),
             format!("{}.tasks.default", fleet.namespace).as_str().into(),
             BasicPublishOptions::default(),
-            &serde_json::to_vec(&task).unwrap(),
+            body,
             BasicProperties::default().with_delivery_mode(2),
         )
         .await
         .unwrap();
+}
+
+#[tokio::test]
+async fn a_task_of_an_unknown_protocol_version_fails_the_step_as_invalid_task() {
+    let fleet = TestFleet::start().await.unwrap();
+    let connection = lapin::Connection::connect(AMQP, ConnectionProperties::default())
+        .await
+        .unwrap();
+    let channel = connection.create_channel().await.unwrap();
+    // The held queue keeps the task until the test rewrites it as version 2 and passes it on.
+    let held = hold(&channel, &fleet).await;
+    let definition = json!({"steps": [{"id": "held", "dataflow": ".", "queue": "held"}]});
+    let id = fleet.submit(&definition, &json!(1)).await;
+    let mut task = take_held(&channel, &held, 1).await.remove(0);
+    task["version"] = json!(2);
+    pass_on(&channel, &fleet, &serde_json::to_vec(&task).unwrap()).await;
 
     let run = fleet.wait_run(&id, Duration::from_secs(60)).await;
     assert_eq!(run["status"], "failed", "{run:#}");
@@ -161,6 +177,64 @@ async fn a_task_of_an_unknown_protocol_version_fails_the_step_as_invalid_task() 
         "the worker cannot read this task: message has protocol version 2, \
          this build reads version 1"
     );
+    let _ = channel
+        .queue_delete(held.as_str().into(), QueueDeleteOptions::default())
+        .await;
+    let _ = connection.close(200, "test done".into()).await;
+}
+
+#[tokio::test]
+async fn each_task_of_a_bundle_is_read_on_its_own() {
+    let fleet = TestFleet::start().await.unwrap();
+    let connection = lapin::Connection::connect(AMQP, ConnectionProperties::default())
+        .await
+        .unwrap();
+    let channel = connection.create_channel().await.unwrap();
+    let held = hold(&channel, &fleet).await;
+    let definition = json!({"steps": [{"id": "held", "dataflow": ". * 2", "queue": "held"}]});
+    let mut ids = Vec::new();
+    for n in 0..3 {
+        ids.push(fleet.submit(&definition, &json!(n)).await);
+    }
+    let mut tasks = take_held(&channel, &held, 3).await;
+    tasks.sort_by_key(|task| task["input"].as_i64());
+    tasks[1]["version"] = json!(2);
+    // Three tasks and, among them, a message that names no task, in one broker message.
+    let bundle = json!([tasks[0], tasks[1], {"hello": "bundle"}, tasks[2]]);
+    pass_on(&channel, &fleet, &serde_json::to_vec(&bundle).unwrap()).await;
+
+    let first = fleet.wait_run(&ids[0], Duration::from_secs(60)).await;
+    assert_eq!(first["output"], 0, "{first:#}");
+    let unreadable = fleet.wait_run(&ids[1], Duration::from_secs(60)).await;
+    assert_eq!(
+        unreadable["steps"]["held"]["error"]["type"], "invalid_task",
+        "{unreadable:#}"
+    );
+    let last = fleet.wait_run(&ids[2], Duration::from_secs(60)).await;
+    assert_eq!(last["output"], 4, "{last:#}");
+    let dead = format!("{}.dead-letters", fleet.namespace);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let letter = loop {
+        channel
+            .queue_declare(
+                dead.as_str().into(),
+                QueueDeclareOptions::durable(),
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        let options = BasicGetOptions { no_ack: true };
+        if let Some(message) = channel
+            .basic_get(dead.as_str().into(), options)
+            .await
+            .unwrap()
+        {
+            break message;
+        }
+        assert!(Instant::now() < deadline, "nothing was dead-lettered");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(letter.delivery.data, br#"{"hello":"bundle"}"#);
     let _ = channel
         .queue_delete(held.as_str().into(), QueueDeleteOptions::default())
         .await;
