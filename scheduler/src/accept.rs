@@ -16,7 +16,7 @@ use uuid::Uuid;
 
 use crate::dispatch::{Dispatch, Dispatcher};
 use crate::notify::Notifier;
-use crate::store::{self, NewRun, NewTask, StoreError};
+use crate::store::{self, HeldConnection, NewRun, NewTask, StoreError};
 
 /// The most runs written in one transaction.
 const MAX_BATCH: usize = 512;
@@ -91,7 +91,7 @@ pub fn acceptor(
 ) -> (Acceptor, impl Future<Output = ()>) {
     let (tx, rx) = mpsc::channel(MAX_BATCH);
     let writer = Writer {
-        db,
+        db: HeldConnection::new(db),
         namespace,
         dispatcher,
         notifier,
@@ -100,14 +100,14 @@ pub fn acceptor(
 }
 
 struct Writer {
-    db: sqlx::PgPool,
+    db: HeldConnection,
     namespace: String,
     dispatcher: Dispatcher,
     notifier: Notifier,
 }
 
 impl Writer {
-    async fn run(self, mut rx: mpsc::Receiver<(Vec<Submission>, Reply)>) {
+    async fn run(mut self, mut rx: mpsc::Receiver<(Vec<Submission>, Reply)>) {
         let mut batch = Vec::with_capacity(MAX_BATCH);
         while rx.recv_many(&mut batch, MAX_BATCH).await > 0 {
             let requests = std::mem::take(&mut batch);
@@ -159,24 +159,20 @@ impl Writer {
         self.notifier.announce(&finished).await;
     }
 
-    /// Writes requests in one transaction and returns the outcome of each submission.
+    /// Writes requests in one statement and returns the outcome of each submission.
     async fn write(
-        &self,
+        &mut self,
         requests: &[(Vec<Submission>, Reply)],
     ) -> Result<Vec<Vec<Accepted>>, StoreError> {
         let submissions: Vec<&Submission> = requests.iter().flat_map(|(s, _)| s).collect();
-        let mut tx = self.db.begin().await?;
         let runs: Vec<NewRun> = submissions.iter().map(|s| s.run.clone()).collect();
-        let inserted: HashSet<Uuid> = store::insert_runs(&mut tx, &self.namespace, &runs)
-            .await?
-            .into_iter()
-            .collect();
         let tasks: Vec<NewTask> = submissions
             .iter()
-            .filter(|s| inserted.contains(&s.run.id))
             .flat_map(|s| s.tasks.iter().cloned())
             .collect();
-        store::insert_tasks(&mut tx, &tasks).await?;
+        let conn = self.db.get().await?;
+        let inserted = store::insert_runs(conn, &self.namespace, &runs, &tasks).await;
+        let inserted: HashSet<Uuid> = self.db.check(inserted)?.into_iter().collect();
         let mut keys_by_kind: HashMap<&str, Vec<String>> = HashMap::new();
         for submission in &submissions {
             if !inserted.contains(&submission.run.id)
@@ -188,15 +184,16 @@ impl Writer {
                     .push(key.clone());
             }
         }
+        // Runs already holding a key were committed before this statement, so reading them
+        // afterwards finds them.
         let mut existing: HashMap<(&str, String), (Uuid, String)> = HashMap::new();
         for (kind, keys) in keys_by_kind {
-            for (key, id, status) in
-                store::runs_by_idempotency_key(&mut tx, &self.namespace, kind, &keys).await?
-            {
+            let conn = self.db.get().await?;
+            let found = store::runs_by_idempotency_key(conn, &self.namespace, kind, &keys).await;
+            for (key, id, status) in self.db.check(found)? {
                 existing.insert((kind, key), (id, status));
             }
         }
-        tx.commit().await?;
         let outcome = |submission: &Submission| {
             let run = &submission.run;
             let found = run

@@ -17,6 +17,7 @@ use lapin::message::Delivery;
 use lapin::options::BasicAckOptions;
 use serde::Deserialize;
 use serde_json::{Value, json};
+use sqlx::Connection as _;
 use taskfleet_common::definition::WorkflowDefinition;
 use taskfleet_common::error::INVALID_OUTPUT;
 use taskfleet_common::protocol::{self, CompletionMessage, Outcome};
@@ -30,7 +31,7 @@ use crate::engine::{Materialized, finished_run};
 use crate::notify::Notifier;
 use crate::planner::{self, StepState};
 use crate::retry;
-use crate::store::{self, Completion, FinishedRun, LockedRun, StoreError};
+use crate::store::{self, Completion, FinishedRun, HeldConnection, LockedRun, StoreError};
 use taskfleet_common::jq::ProgramCache;
 
 /// The most completions handled in one transaction; also the consumer's prefetch (in messages,
@@ -56,8 +57,8 @@ impl AdvanceError {
 
 /// What the completion loop needs.
 pub struct CompletionLoop {
-    /// The database.
-    pub db: sqlx::PgPool,
+    /// The database, through a connection the loop keeps.
+    pub db: HeldConnection,
     /// Where new tasks go after the commit.
     pub dispatcher: Dispatcher,
     /// Who hears about finished runs.
@@ -70,7 +71,11 @@ pub struct CompletionLoop {
 
 impl CompletionLoop {
     /// Records completions in batches until the stream of deliveries ends (at shutdown).
-    pub async fn run(self, deliveries: impl Stream<Item = Delivery>, shutdown: CancellationToken) {
+    pub async fn run(
+        mut self,
+        deliveries: impl Stream<Item = Delivery>,
+        shutdown: CancellationToken,
+    ) {
         let mut deliveries = std::pin::pin!(deliveries);
         loop {
             let first = tokio::select! {
@@ -105,7 +110,7 @@ impl CompletionLoop {
     }
 
     /// Records a batch; returns false if shutdown came first.
-    async fn handle(&self, deliveries: &[Delivery], shutdown: &CancellationToken) -> bool {
+    async fn handle(&mut self, deliveries: &[Delivery], shutdown: &CancellationToken) -> bool {
         let mut completions = Vec::with_capacity(deliveries.len());
         for delivery in deliveries {
             let bodies = match protocol::unbundle(&delivery.data) {
@@ -143,7 +148,7 @@ impl CompletionLoop {
 
     /// Records one completion; if the database refuses it, records its step as failed instead.
     /// Returns false if shutdown came first.
-    async fn record_alone(&self, completion: Completion, shutdown: &CancellationToken) -> bool {
+    async fn record_alone(&mut self, completion: Completion, shutdown: &CancellationToken) -> bool {
         let error = match self
             .record_with_retries(std::slice::from_ref(&completion), shutdown)
             .await
@@ -178,13 +183,18 @@ impl CompletionLoop {
     /// Records completions, retrying with backoff while the database is unreachable. Returns
     /// `None` if shutdown came first, else the outcome; a refusal is returned after one try.
     async fn record_with_retries(
-        &self,
+        &mut self,
         completions: &[Completion],
         shutdown: &CancellationToken,
     ) -> Option<Result<(), AdvanceError>> {
         let mut delay = Duration::from_millis(100);
         loop {
-            match self.advance(completions).await {
+            let advanced = self.advance(completions).await;
+            if matches!(&advanced, Err(error) if error.is_unavailable()) {
+                // The held connection may be the broken part: the next try takes a fresh one.
+                self.db.discard();
+            }
+            match advanced {
                 Err(error) if error.is_unavailable() => {
                     tracing::warn!(%error, ?delay, "database unavailable; retrying completions");
                     tokio::select! {
@@ -201,7 +211,6 @@ impl CompletionLoop {
     /// Separates the failed attempts that get another try (under their step's `retry`) from
     /// the completions that are final.
     async fn split_retries(
-        &self,
         tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
         runs: &[RunToPlan],
         completions: &[Completion],
@@ -252,11 +261,17 @@ impl CompletionLoop {
     }
 
     /// Records one batch and plans what follows, in one transaction.
-    async fn advance(&self, completions: &[Completion]) -> Result<(), AdvanceError> {
+    async fn advance(&mut self, completions: &[Completion]) -> Result<(), AdvanceError> {
         if completions.is_empty() {
             return Ok(());
         }
-        let mut tx = self.db.begin().await.map_err(StoreError::from)?;
+        let mut tx = self
+            .db
+            .get()
+            .await?
+            .begin()
+            .await
+            .map_err(StoreError::from)?;
         let mut run_ids: Vec<Uuid> = completions.iter().map(|c| c.run_id).collect();
         run_ids.sort_unstable();
         run_ids.dedup();
@@ -266,17 +281,32 @@ impl CompletionLoop {
             .into_iter()
             .filter_map(RunToPlan::parse)
             .collect();
-        let (retries, finals) = self.split_retries(&mut tx, &runs, completions).await?;
+        let (retries, finals) = Self::split_retries(&mut tx, &runs, completions).await?;
         store::schedule_retries(&mut tx, &retries).await?;
         let recorded = store::record_completions(&mut tx, &finals).await?;
-        let recorded = fan_in(&mut tx, recorded).await?;
+        let mut states = steps_recorded(&recorded);
+        let advanced = fan_in(&mut tx, recorded).await?;
         let runs: Vec<RunToPlan> = runs
             .into_iter()
-            .filter(|run| recorded.contains(&run.id) && run.status == "running")
+            .filter(|run| advanced.contains(&run.id) && run.status == "running")
             .collect();
-        let run_ids: Vec<Uuid> = runs.iter().map(|run| run.id).collect();
-        let mut states: HashMap<Uuid, BTreeMap<String, StepState>> = HashMap::new();
-        for row in store::task_states(&mut tx, &run_ids).await? {
+        // A run whose every step was just recorded needs no read: the batch knows its states.
+        states.retain(|run_id, known| {
+            runs.iter().any(|run| {
+                run.id == *run_id
+                    && run
+                        .definition
+                        .steps
+                        .iter()
+                        .all(|step| known.contains_key(&step.id))
+            })
+        });
+        let unknown: Vec<Uuid> = runs
+            .iter()
+            .map(|run| run.id)
+            .filter(|id| !states.contains_key(id))
+            .collect();
+        for row in store::task_states(&mut tx, &unknown).await? {
             states
                 .entry(row.run_id)
                 .or_default()
@@ -317,6 +347,18 @@ impl CompletionLoop {
         self.notifier.announce(&finished_ids).await;
         Ok(())
     }
+}
+
+/// The states of the steps (not items) a batch recorded, by run.
+fn steps_recorded(recorded: &[store::Recorded]) -> HashMap<Uuid, BTreeMap<String, StepState>> {
+    let mut states: HashMap<Uuid, BTreeMap<String, StepState>> = HashMap::new();
+    for task in recorded.iter().filter(|task| task.item < 0) {
+        states.entry(task.run_id).or_default().insert(
+            task.step_id.clone(),
+            step_state(&task.status, task.output.clone(), task.error.clone()),
+        );
+    }
+    states
 }
 
 /// Carries recorded item completions into their `for_each` steps: counts succeeded items, joins

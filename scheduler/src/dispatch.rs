@@ -18,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::broker::{Broker, Outgoing};
-use crate::store;
+use crate::store::{self, HeldConnection};
 
 /// The most tasks published in one round of confirms.
 const MAX_BATCH: usize = 1024;
@@ -28,6 +28,11 @@ const SPREAD: usize = 16;
 /// The largest body a message of several tasks grows to; a task larger than this travels
 /// alone.
 const MAX_BUNDLE_BYTES: usize = 256 * 1024;
+/// How long after its confirm a task is marked dispatched (if it is still queued by then). Most
+/// tasks finish sooner, and a task that finished needs no mark: its row leaves the outbox with
+/// its completion. Well below the relay's age (`TASKFLEET_RELAY_AFTER_S`, 10 s by default), so
+/// the relay never takes a task that was confirmed.
+const MARK_AFTER: Duration = Duration::from_secs(2);
 
 /// A task ready to publish, with the id under which it is marked dispatched.
 #[derive(Debug, Clone)]
@@ -113,6 +118,9 @@ async fn dispatch_loop(
     mut rx: mpsc::UnboundedReceiver<Vec<Dispatch>>,
     tasks_per_message: usize,
 ) {
+    let (marks, confirmed) = mpsc::unbounded_channel();
+    let stopping = CancellationToken::new();
+    let marker = tokio::spawn(mark_loop(db, confirmed, stopping.clone()));
     while let Some(mut batch) = rx.recv().await {
         while batch.len() < MAX_BATCH {
             match rx.try_recv() {
@@ -120,7 +128,47 @@ async fn dispatch_loop(
                 Err(_) => break,
             }
         }
-        publish_batch(&broker, &db, &batch, tasks_per_message).await;
+        let confirmed = publish_batch(&broker, &batch, tasks_per_message).await;
+        if !confirmed.is_empty() {
+            let _ = marks.send((tokio::time::Instant::now(), confirmed));
+        }
+    }
+    // Stopping: what is left to mark is marked now.
+    stopping.cancel();
+    drop(marks);
+    if let Err(error) = marker.await {
+        tracing::error!(%error, "the dispatch marker failed");
+    }
+}
+
+/// Marks confirmed tasks dispatched [`MARK_AFTER`] their confirm, all that are due in one
+/// statement, on a connection of its own; at `stopping`, marks everything left at once.
+async fn mark_loop(
+    db: sqlx::PgPool,
+    mut confirmed: mpsc::UnboundedReceiver<(tokio::time::Instant, Vec<Uuid>)>,
+    stopping: CancellationToken,
+) {
+    let mut conn = HeldConnection::new(db);
+    while let Some((at, mut due)) = confirmed.recv().await {
+        tokio::select! {
+            () = tokio::time::sleep_until(at + MARK_AFTER) => {}
+            () = stopping.cancelled() => {}
+        }
+        let now = tokio::time::Instant::now();
+        while let Ok((at, ids)) = confirmed.try_recv() {
+            due.extend(ids);
+            if at + MARK_AFTER > now && !stopping.is_cancelled() {
+                break;
+            }
+        }
+        let marked = match conn.get().await {
+            Ok(conn) => store::mark_dispatched(conn, &due).await,
+            Err(error) => Err(error),
+        };
+        if let Err(error) = conn.check(marked) {
+            // They are published; the relay may publish them again, which fencing makes harmless.
+            tracing::warn!(%error, tasks = due.len(), "marking tasks dispatched failed");
+        }
     }
 }
 
@@ -173,19 +221,15 @@ fn pack(batch: &[Dispatch], most: usize) -> Vec<(Outgoing, Vec<Uuid>)> {
     messages
 }
 
-async fn publish_batch(
-    broker: &Broker,
-    db: &sqlx::PgPool,
-    batch: &[Dispatch],
-    tasks_per_message: usize,
-) {
+/// Publishes a batch and returns the tasks the broker confirmed.
+async fn publish_batch(broker: &Broker, batch: &[Dispatch], tasks_per_message: usize) -> Vec<Uuid> {
     let (outgoing, carried): (Vec<Outgoing>, Vec<Vec<Uuid>>) =
         pack(batch, tasks_per_message).into_iter().unzip();
     let acked = match broker.publish(&outgoing).await {
         Ok(acked) => acked,
         Err(error) => {
             tracing::warn!(%error, tasks = batch.len(), "publishing tasks failed; the relay will retry");
-            return;
+            return Vec::new();
         }
     };
     let confirmed: Vec<Uuid> = carried
@@ -200,10 +244,7 @@ async fn publish_batch(
             "broker refused some tasks; the relay will retry"
         );
     }
-    if let Err(error) = store::mark_dispatched(db, &confirmed).await {
-        // They are published; the relay may publish them again, which fencing makes harmless.
-        tracing::warn!(%error, "marking tasks dispatched failed");
-    }
+    confirmed
 }
 
 /// Re-publishes tasks of `namespace` that were committed but never confirmed, every `period`.

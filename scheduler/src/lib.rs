@@ -84,7 +84,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     let writer_task = tokio::spawn(writer);
     let programs = taskfleet_common::jq::ProgramCache::default();
     let completion_loop = completions::CompletionLoop {
-        db: db.clone(),
+        db: store::HeldConnection::new(db.clone()),
         dispatcher: dispatcher.clone(),
         notifier: notifier.clone(),
         programs: programs.clone(),

@@ -7,9 +7,10 @@ use std::str::FromStr;
 
 use chrono::{DateTime, Utc};
 use serde_json::Value;
-use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::Arguments as _;
+use sqlx::postgres::{PgArguments, PgConnectOptions, PgPoolOptions};
 use sqlx::types::Json;
-use sqlx::{ConnectOptions, Connection, PgPool, Postgres, Transaction};
+use sqlx::{ConnectOptions, Connection, PgConnection, PgPool, Postgres, Transaction};
 use uuid::Uuid;
 
 /// The schema, applied at start.
@@ -67,6 +68,48 @@ pub async fn connect(url: &str, pool_size: u32) -> Result<PgPool, StoreError> {
         .await?;
     MIGRATOR.run(&pool).await?;
     Ok(pool)
+}
+
+/// A connection a loop keeps for itself between statements. Each return of a connection to the
+/// pool costs a round trip (sqlx pings it on the way back), which a loop on the hot path would
+/// pay for every statement. A connection that failed as if broken is given up, and the next use
+/// takes a fresh one from the pool.
+pub struct HeldConnection {
+    pool: PgPool,
+    conn: Option<sqlx::pool::PoolConnection<Postgres>>,
+}
+
+impl HeldConnection {
+    /// Holds connections of `pool`, taking the first when first used.
+    pub fn new(pool: PgPool) -> Self {
+        Self { pool, conn: None }
+    }
+
+    /// The held connection, taken from the pool if none is held.
+    pub async fn get(&mut self) -> Result<&mut PgConnection, StoreError> {
+        if self.conn.is_none() {
+            self.conn = Some(self.pool.acquire().await?);
+        }
+        match self.conn.as_mut() {
+            Some(conn) => Ok(&mut **conn),
+            None => Err(StoreError::Database(sqlx::Error::PoolClosed)),
+        }
+    }
+
+    /// Passes `result` on, giving up the connection if the error says it may be broken.
+    pub fn check<T>(&mut self, result: Result<T, StoreError>) -> Result<T, StoreError> {
+        if let Err(error) = &result
+            && error.is_unavailable()
+        {
+            self.discard();
+        }
+        result
+    }
+
+    /// Gives up the held connection; the next use takes a fresh one.
+    pub fn discard(&mut self) {
+        self.conn = None;
+    }
 }
 
 /// Reads a database URL. Where neither the URL nor `PGSSLMODE` names an `sslmode`, TLS is
@@ -259,12 +302,14 @@ pub struct NewTask {
     pub output: Option<Value>,
 }
 
-/// Inserts runs; a run whose idempotency key is already taken is not inserted. Returns the ids
-/// of the runs inserted.
+/// Inserts runs with their first tasks, in one statement (so all or none of them, and one
+/// round trip); a run whose idempotency key is already taken is not inserted, nor are its
+/// tasks. Returns the ids of the runs inserted.
 pub async fn insert_runs(
-    tx: &mut Transaction<'_, Postgres>,
+    conn: &mut PgConnection,
     namespace: &str,
     runs: &[NewRun],
+    tasks: &[NewTask],
 ) -> Result<Vec<Uuid>, StoreError> {
     if runs.is_empty() {
         return Ok(Vec::new());
@@ -285,36 +330,44 @@ pub async fn insert_runs(
         .map(|run| run.error.as_ref().map(Json))
         .collect();
     let keys: Vec<Option<String>> = runs.iter().map(|run| run.idempotency_key.clone()).collect();
-    Ok(sqlx::query_scalar(
-        "INSERT INTO runs (namespace, id, kind, workflow, workflow_version, definition, input,
-                           status, output, error, idempotency_key, finished_at)
-         SELECT $11, id, kind, workflow, version, definition, input, status, output, error, key,
-                CASE WHEN status IN ('succeeded', 'failed') THEN now() END
-         FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::integer[], $5::jsonb[], $6::jsonb[],
-                     $7::text[], $8::jsonb[], $9::jsonb[], $10::text[])
-              AS t(id, kind, workflow, version, definition, input, status, output, error, key)
-         ON CONFLICT (namespace, kind, idempotency_key) WHERE idempotency_key IS NOT NULL
-         DO NOTHING
-         RETURNING id",
-    )
-    .bind(&ids)
-    .bind(&kinds)
-    .bind(&workflows)
-    .bind(&versions)
-    .bind(&definitions)
-    .bind(&inputs)
-    .bind(&statuses)
-    .bind(&outputs)
-    .bind(&errors)
-    .bind(&keys)
-    .bind(namespace)
-    .fetch_all(&mut **tx)
-    .await?)
+    let columns = TaskColumns::of(tasks);
+    let sql = format!(
+        "WITH inserted AS (
+             INSERT INTO runs (namespace, id, kind, workflow, workflow_version, definition, input,
+                               status, output, error, idempotency_key, finished_at)
+             SELECT $11, id, kind, workflow, version, definition, input, status, output, error,
+                    key, CASE WHEN status IN ('succeeded', 'failed') THEN now() END
+             FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::integer[], $5::jsonb[],
+                         $6::jsonb[], $7::text[], $8::jsonb[], $9::jsonb[], $10::text[])
+                  AS t(id, kind, workflow, version, definition, input, status, output, error, key)
+             ON CONFLICT (namespace, kind, idempotency_key) WHERE idempotency_key IS NOT NULL
+             DO NOTHING
+             RETURNING id),
+         first_tasks AS ({} WHERE t.run_id IN (SELECT id FROM inserted))
+         SELECT id FROM inserted",
+        TaskColumns::insert_sql(12)
+    );
+    let mut arguments = PgArguments::default();
+    add(&mut arguments, &ids)?;
+    add(&mut arguments, &kinds)?;
+    add(&mut arguments, &workflows)?;
+    add(&mut arguments, &versions)?;
+    add(&mut arguments, &definitions)?;
+    add(&mut arguments, &inputs)?;
+    add(&mut arguments, &statuses)?;
+    add(&mut arguments, &outputs)?;
+    add(&mut arguments, &errors)?;
+    add(&mut arguments, &keys)?;
+    add(&mut arguments, namespace)?;
+    columns.add_to(&mut arguments)?;
+    Ok(sqlx::query_scalar_with(sqlx::AssertSqlSafe(sql), arguments)
+        .fetch_all(conn)
+        .await?)
 }
 
 /// Returns the ids of the runs that hold the given idempotency keys.
 pub async fn runs_by_idempotency_key(
-    tx: &mut Transaction<'_, Postgres>,
+    conn: &mut PgConnection,
     namespace: &str,
     kind: &str,
     keys: &[String],
@@ -326,65 +379,118 @@ pub async fn runs_by_idempotency_key(
     .bind(namespace)
     .bind(kind)
     .bind(keys)
-    .fetch_all(&mut **tx)
+    .fetch_all(conn)
     .await?)
 }
 
+/// Binds `value` as the next parameter of a statement built by hand.
+fn add<'q, T>(arguments: &mut PgArguments, value: T) -> Result<(), sqlx::Error>
+where
+    T: sqlx::Encode<'q, Postgres> + sqlx::Type<Postgres>,
+{
+    arguments.add(value).map_err(sqlx::Error::Encode)
+}
+
+/// The columns of tasks to insert, as arrays bound to one statement.
+struct TaskColumns<'a> {
+    ids: Vec<Uuid>,
+    run_ids: Vec<Uuid>,
+    step_ids: Vec<&'a str>,
+    statuses: Vec<&'a str>,
+    queues: Vec<&'a str>,
+    priorities: Vec<i16>,
+    inputs: Vec<Option<Json<&'a Value>>>,
+    errors: Vec<Option<Json<&'a Value>>>,
+    delays: Vec<Option<f64>>,
+    items: Vec<i32>,
+    totals: Vec<Option<i32>>,
+    outputs: Vec<Option<Json<&'a Value>>>,
+}
+
+impl<'a> TaskColumns<'a> {
+    fn of(tasks: &'a [NewTask]) -> Self {
+        Self {
+            ids: tasks.iter().map(|task| task.id).collect(),
+            run_ids: tasks.iter().map(|task| task.run_id).collect(),
+            step_ids: tasks.iter().map(|task| task.step_id.as_str()).collect(),
+            statuses: tasks.iter().map(|task| task.status).collect(),
+            queues: tasks.iter().map(|task| task.queue.as_str()).collect(),
+            priorities: tasks.iter().map(|task| task.priority).collect(),
+            inputs: tasks
+                .iter()
+                .map(|task| task.input.as_ref().map(Json))
+                .collect(),
+            errors: tasks
+                .iter()
+                .map(|task| task.error.as_ref().map(Json))
+                .collect(),
+            delays: tasks.iter().map(|task| task.delay_s).collect(),
+            items: tasks.iter().map(|task| task.item).collect(),
+            totals: tasks.iter().map(|task| task.items_total).collect(),
+            outputs: tasks
+                .iter()
+                .map(|task| task.output.as_ref().map(Json))
+                .collect(),
+        }
+    }
+
+    /// The `INSERT` of the tasks, their arrays bound from parameter `$first` on; the rows come
+    /// from `t`, which a caller may filter with a `WHERE` appended.
+    fn insert_sql(first: usize) -> String {
+        let p = |offset: usize| format!("${}", first + offset);
+        format!(
+            "INSERT INTO tasks (id, run_id, step_id, status, queue, priority, input, error,
+                                finished_at, due_at, item, items_total, output)
+             SELECT id, run_id, step_id, status, queue, priority, input, error,
+                    CASE WHEN status = 'queued' THEN NULL ELSE now() END,
+                    now() + make_interval(secs => delay), item, items_total, output
+             FROM UNNEST({}::uuid[], {}::uuid[], {}::text[], {}::text[], {}::text[],
+                         {}::smallint[], {}::jsonb[], {}::jsonb[], {}::float8[], {}::integer[],
+                         {}::integer[], {}::jsonb[])
+                  AS t(id, run_id, step_id, status, queue, priority, input, error, delay, item,
+                       items_total, output)",
+            p(0),
+            p(1),
+            p(2),
+            p(3),
+            p(4),
+            p(5),
+            p(6),
+            p(7),
+            p(8),
+            p(9),
+            p(10),
+            p(11)
+        )
+    }
+
+    /// Appends the arrays to `arguments`, in the order [`Self::insert_sql`] numbers them.
+    fn add_to(&self, arguments: &mut PgArguments) -> Result<(), sqlx::Error> {
+        add(arguments, &self.ids)?;
+        add(arguments, &self.run_ids)?;
+        add(arguments, &self.step_ids)?;
+        add(arguments, &self.statuses)?;
+        add(arguments, &self.queues)?;
+        add(arguments, &self.priorities)?;
+        add(arguments, &self.inputs)?;
+        add(arguments, &self.errors)?;
+        add(arguments, &self.delays)?;
+        add(arguments, &self.items)?;
+        add(arguments, &self.totals)?;
+        add(arguments, &self.outputs)
+    }
+}
+
 /// Inserts tasks in one statement.
-pub async fn insert_tasks(
-    tx: &mut Transaction<'_, Postgres>,
-    tasks: &[NewTask],
-) -> Result<(), StoreError> {
+pub async fn insert_tasks(conn: &mut PgConnection, tasks: &[NewTask]) -> Result<(), StoreError> {
     if tasks.is_empty() {
         return Ok(());
     }
-    let ids: Vec<Uuid> = tasks.iter().map(|task| task.id).collect();
-    let run_ids: Vec<Uuid> = tasks.iter().map(|task| task.run_id).collect();
-    let step_ids: Vec<&str> = tasks.iter().map(|task| task.step_id.as_str()).collect();
-    let statuses: Vec<&str> = tasks.iter().map(|task| task.status).collect();
-    let queues: Vec<&str> = tasks.iter().map(|task| task.queue.as_str()).collect();
-    let priorities: Vec<i16> = tasks.iter().map(|task| task.priority).collect();
-    let inputs: Vec<Option<Json<&Value>>> = tasks
-        .iter()
-        .map(|task| task.input.as_ref().map(Json))
-        .collect();
-    let errors: Vec<Option<Json<&Value>>> = tasks
-        .iter()
-        .map(|task| task.error.as_ref().map(Json))
-        .collect();
-    let delays: Vec<Option<f64>> = tasks.iter().map(|task| task.delay_s).collect();
-    let items: Vec<i32> = tasks.iter().map(|task| task.item).collect();
-    let totals: Vec<Option<i32>> = tasks.iter().map(|task| task.items_total).collect();
-    let outputs: Vec<Option<Json<&Value>>> = tasks
-        .iter()
-        .map(|task| task.output.as_ref().map(Json))
-        .collect();
-    sqlx::query(
-        "INSERT INTO tasks (id, run_id, step_id, status, queue, priority, input, error,
-                            finished_at, due_at, item, items_total, output)
-         SELECT id, run_id, step_id, status, queue, priority, input, error,
-                CASE WHEN status = 'queued' THEN NULL ELSE now() END,
-                now() + make_interval(secs => delay), item, items_total, output
-         FROM UNNEST($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::text[], $6::smallint[],
-                     $7::jsonb[], $8::jsonb[], $9::float8[], $10::integer[], $11::integer[],
-                     $12::jsonb[])
-              AS t(id, run_id, step_id, status, queue, priority, input, error, delay, item,
-                   items_total, output)",
-    )
-    .bind(&ids)
-    .bind(&run_ids)
-    .bind(&step_ids)
-    .bind(&statuses)
-    .bind(&queues)
-    .bind(&priorities)
-    .bind(&inputs)
-    .bind(&errors)
-    .bind(&delays)
-    .bind(&items)
-    .bind(&totals)
-    .bind(&outputs)
-    .execute(&mut **tx)
-    .await?;
+    let mut arguments = PgArguments::default();
+    TaskColumns::of(tasks).add_to(&mut arguments)?;
+    sqlx::query_with(sqlx::AssertSqlSafe(TaskColumns::insert_sql(1)), arguments)
+        .execute(conn)
+        .await?;
     Ok(())
 }
 
@@ -547,6 +653,8 @@ pub struct Recorded {
     pub item: i32,
     /// `succeeded` or `failed`.
     pub status: String,
+    /// The output of a success.
+    pub output: Option<Json<Value>>,
     /// The error of a failure.
     pub error: Option<Json<Value>>,
 }
@@ -583,7 +691,8 @@ pub async fn record_completions(
                JOIN tasks t ON t.id = u.id AND t.attempt = u.attempt
                ORDER BY u.id) AS c
          WHERE tasks.id = c.id AND tasks.attempt = c.attempt AND tasks.status = 'queued'
-         RETURNING tasks.run_id, tasks.step_id, tasks.item, tasks.status, tasks.error",
+         RETURNING tasks.run_id, tasks.step_id, tasks.item, tasks.status, tasks.output,
+                   tasks.error",
     )
     .bind(&ids)
     .bind(&attempts)
@@ -727,6 +836,9 @@ pub async fn task_states(
     tx: &mut Transaction<'_, Postgres>,
     run_ids: &[Uuid],
 ) -> Result<Vec<TaskState>, StoreError> {
+    if run_ids.is_empty() {
+        return Ok(Vec::new());
+    }
     Ok(sqlx::query_as(
         "SELECT run_id, step_id, status, output, error FROM tasks
          WHERE run_id = ANY($1) AND item = -1",
@@ -768,9 +880,16 @@ pub async fn finish_runs(
         .map(|run| run.error.as_ref().map(Json))
         .collect();
     sqlx::query(
-        "UPDATE runs SET status = f.status, output = f.output, error = f.error, finished_at = now()
-         FROM UNNEST($1::uuid[], $2::text[], $3::jsonb[], $4::jsonb[]) AS f(id, status, output, error)
-         WHERE runs.id = f.id",
+        "WITH finished AS (
+             UPDATE runs SET status = f.status, output = f.output, error = f.error,
+                    finished_at = now()
+             FROM UNNEST($1::uuid[], $2::text[], $3::jsonb[], $4::jsonb[])
+                  AS f(id, status, output, error)
+             WHERE runs.id = f.id
+             RETURNING runs.id)
+         UPDATE tasks SET status = 'cancelled', finished_at = now(),
+                error = '{\"type\": \"cancelled\", \"message\": \"the run ended before this step finished\"}'
+         WHERE run_id = ANY($1) AND status = 'queued'",
     )
     .bind(&ids)
     .bind(&statuses)
@@ -778,25 +897,18 @@ pub async fn finish_runs(
     .bind(&errors)
     .execute(&mut **tx)
     .await?;
-    sqlx::query(
-        "UPDATE tasks SET status = 'cancelled', finished_at = now(),
-                error = '{\"type\": \"cancelled\", \"message\": \"the run ended before this step finished\"}'
-         WHERE run_id = ANY($1) AND status = 'queued'",
-    )
-    .bind(&ids)
-    .execute(&mut **tx)
-    .await?;
     Ok(())
 }
 
 /// Marks tasks as confirmed by the broker, so the relay leaves them alone.
-pub async fn mark_dispatched(db: &PgPool, task_ids: &[Uuid]) -> Result<(), StoreError> {
+/// Tasks that finished meanwhile are left as they are: they are out of the outbox already.
+pub async fn mark_dispatched(conn: &mut PgConnection, task_ids: &[Uuid]) -> Result<(), StoreError> {
     sqlx::query(
         "UPDATE tasks SET dispatched_at = now()
-         WHERE id = ANY($1) AND dispatched_at IS NULL",
+         WHERE id = ANY($1) AND dispatched_at IS NULL AND status = 'queued'",
     )
     .bind(task_ids)
-    .execute(db)
+    .execute(conn)
     .await?;
     Ok(())
 }
@@ -1049,16 +1161,17 @@ pub async fn stats(
     Ok((runs, tasks))
 }
 
-/// Returns, per task queue of `namespace`, how many tasks are dispatched and not finished
-/// (waiting in the broker or held by a worker).
-pub async fn dispatched_by_queue(
+/// Returns, per task queue of `namespace`, how many tasks are queued to run now (waiting in
+/// the broker, held by a worker, or a moment from being published), leaving out retries and
+/// delays waiting for their time and `for_each` steps waiting for their items.
+pub async fn queued_by_queue(
     db: &PgPool,
     namespace: &str,
 ) -> Result<Vec<(String, i64)>, StoreError> {
     Ok(sqlx::query_as(
         "SELECT t.queue, count(*) FROM tasks t JOIN runs r ON r.id = t.run_id
          WHERE r.namespace = $1 AND r.status = 'running' AND t.status = 'queued'
-           AND t.dispatched_at IS NOT NULL
+           AND t.due_at IS NULL AND t.items_total IS NULL
          GROUP BY t.queue",
     )
     .bind(namespace)

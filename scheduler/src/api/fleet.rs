@@ -77,15 +77,15 @@ pub async fn workers(State(state): State<AppState>) -> Result<Json<Value>, ApiEr
     Ok(Json(json!({ "workers": live_workers(&state).await? })))
 }
 
-/// `GET /v1/queues`: per task queue, the tasks ready in the broker, those in flight (dispatched,
-/// not ready, not finished: held by workers) and the consumers.
+/// `GET /v1/queues`: per task queue, the tasks ready in the broker, those in flight (queued to
+/// run, not ready: held by workers) and the consumers.
 pub async fn queues(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
-    let dispatched: BTreeMap<String, i64> =
-        store::dispatched_by_queue(&state.db, state.config.namespace.as_str())
+    let queued: BTreeMap<String, i64> =
+        store::queued_by_queue(&state.db, state.config.namespace.as_str())
             .await?
             .into_iter()
             .collect();
-    let mut names: BTreeSet<String> = dispatched.keys().cloned().collect();
+    let mut names: BTreeSet<String> = queued.keys().cloned().collect();
     names.insert(DEFAULT_QUEUE.to_owned());
     for worker in live_workers(&state).await? {
         for queue in worker["queues"].as_array().into_iter().flatten() {
@@ -103,7 +103,7 @@ pub async fn queues(State(state): State<AppState>) -> Result<Json<Value>, ApiErr
         let Some((ready, consumers)) = counts else {
             continue;
         };
-        let unfinished = dispatched.get(&name).copied().unwrap_or(0);
+        let unfinished = queued.get(&name).copied().unwrap_or(0);
         queues.push(json!({
             "name": name,
             "ready": ready,

@@ -347,23 +347,31 @@ async fn show_kind(
     // Subscribe before reading, so an end recorded in between wakes us.
     let mut finished = state.notifier.subscribe();
     let deadline = tokio::time::Instant::now() + wait;
+    let namespace = state.config.namespace.as_str();
+    let mut woken = false;
     loop {
-        let run = store::get_run(
-            &state.db,
-            state.config.namespace.as_str(),
-            id,
-            kind.as_str(),
-        )
-        .await?
-        .ok_or_else(|| ApiError::not_found(format!("no {what} with id {id}")))?;
+        let get_run = store::get_run(&state.db, namespace, id, kind.as_str());
+        // Once woken (most often by the run's end) the steps are read alongside the run, on a
+        // second connection, so the answer waits for one round trip rather than two.
+        let (run, tasks) = if woken {
+            let (run, tasks) = tokio::try_join!(get_run, store::get_tasks(&state.db, id))?;
+            (run, Some(tasks))
+        } else {
+            (get_run.await?, None)
+        };
+        let run = run.ok_or_else(|| ApiError::not_found(format!("no {what} with id {id}")))?;
         let done = RunStatus::parse(&run.status).is_some_and(RunStatus::is_finished);
         let now = tokio::time::Instant::now();
         // A stopping scheduler answers long polls at once with what it has.
         if done || now >= deadline || state.shutdown.is_cancelled() {
-            let tasks = store::get_tasks(&state.db, id).await?;
+            let tasks = match tasks {
+                Some(tasks) => tasks,
+                None => store::get_tasks(&state.db, id).await?,
+            };
             let running = leased_tasks(state, &tasks).await;
             return Ok(Json(run_view(run, tasks, &running)));
         }
+        woken = true;
         tokio::select! {
             () = Notifier::wait(&mut finished, id, deadline - now) => {}
             () = state.shutdown.cancelled() => {}
