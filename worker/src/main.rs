@@ -92,10 +92,7 @@ fn main() -> anyhow::Result<()> {
             virtual_env: config.virtual_env.clone(),
         },
     };
-    // One thread runs every task of the worker: each does little between waits (steps run on
-    // the blocking pool or in executor processes), and several threads would spend more time
-    // waking each other than working.
-    let runtime = tokio::runtime::Builder::new_current_thread()
+    let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         // jq programs run on the blocking threads, and jaq recurses on the stack; the memory is
         // only reserved, not used.
