@@ -290,6 +290,23 @@ def delete_broker_entities():
                     pass
 
 
-def cleanup():
-    delete_broker_entities()
-    return delete_redis_keys()
+def cleanup(attempts=4, pause=5.0):
+    """Delete our broker entities and Redis keys, retrying a few times (other
+    tests on this machine stop and restart RabbitMQ and Redis). Returns the number
+    of Redis keys deleted; raises the last error if a part never succeeded."""
+    deleted, errors = 0, {}
+    for part, fn in (("broker", delete_broker_entities), ("redis", delete_redis_keys)):
+        for i in range(attempts):
+            try:
+                n = fn()
+                if part == "redis":
+                    deleted = n
+                errors.pop(part, None)
+                break
+            except Exception as exc:  # noqa: BLE001
+                errors[part] = exc
+                if i + 1 < attempts:
+                    time.sleep(pause)
+    if errors:
+        raise next(iter(errors.values()))
+    return deleted

@@ -1,330 +1,358 @@
-//! `taskfleet-bench`: measures a real fleet (one scheduler, two workers, started from the
-//! binaries beside this one) against the local PostgreSQL, RabbitMQ and Redis:
-//! - latency: submit → result of one-step runs, one at a time (p50, p99);
-//! - throughput: many one-step jq runs submitted at once through the batch API, from the first
-//!   submit to the last completion as recorded by the scheduler;
-//! - fan-out: a `for_each` of a no-op Python step and its join;
-//! - Python on one worker: no-op Python runs per second on a fleet of one worker;
-//! - executor cost: a worker's own time for one no-op step of each kind, through the executors
-//!   the worker uses, with no broker or database in the way.
+//! `taskfleet-bench`: runs each workload on a real taskfleet fleet and on Celery (RabbitMQ
+//! broker, Redis result backend, prefork with one process per core) on this machine, in the
+//! same run, and prints a table of medians with the ratio of each:
 //!
-//! Run it from a release build: `cargo build --release --bins && target/release/taskfleet-bench`.
+//! 1. throughput: independent no-op jobs (a jq `.` and a Python no-op) through the batch API,
+//!    first submit to last completion, fully durable — against Celery draining as many no-op
+//!    tasks;
+//! 2. latency: sequential one-step runs, submit → result, p50 and p99;
+//! 3. the enqueue API under an offered load: p50/p99 of `POST /v1/runs`;
+//! 4. fan-out: no-op Python items plus a join, against a Celery chord of the same size;
+//! 5. a sequential chain of a small Python step, against a Celery chain;
+//! 6. the added cost of a Python step over a jq step;
+//!
+//! and the CPU time per task of each process during the throughput workloads.
+//!
+//! Run it from a release build: `cargo build --release --bins && target/release/taskfleet-bench`
+//! (`--short` for a quick smoke run; `--help` for every size).
 
 #![allow(clippy::print_stdout, reason = "a benchmark's report is its output")]
 
-use std::num::NonZeroUsize;
-use std::time::{Duration, Instant};
+mod celery;
+mod cpu;
+mod fleet;
+mod report;
 
-use anyhow::{Context, Result, ensure};
+use std::time::Duration;
+
+use anyhow::Result;
 use clap::Parser;
-use serde_json::{Value, json};
-use taskfleet_common::definition::StepKind;
-use taskfleet_common::protocol::{PROTOCOL_VERSION, TaskMessage};
-use taskfleet_common::{RunId, TaskId};
-use taskfleet_tests::{FleetOptions, TestFleet};
-use taskfleet_worker::executor::dataflow::DataflowExecutor;
-use taskfleet_worker::executor::pool::{PoolSettings, PythonPool};
-use taskfleet_worker::executor::python::PythonSettings;
-use taskfleet_worker::runner::Executors;
+use serde_json::Value;
 
-/// Benchmarks of a real fleet on this machine.
+use crate::celery::Celery;
+use crate::fleet::Shape;
+use crate::report::{Row, Table, median};
+
+/// Benchmarks taskfleet against Celery on this machine.
 #[derive(Debug, Parser)]
 #[command(about)]
 struct Args {
+    /// Rounds of each workload; the table shows medians.
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
+    /// Independent no-op jobs of each kind in the throughput workloads.
+    #[arg(long, default_value_t = 20_000)]
+    jobs: usize,
     /// Sequential one-step runs timed for the latency figures.
-    #[arg(long, default_value_t = 100)]
+    #[arg(long, default_value_t = 300)]
     latency_runs: usize,
-    /// One-step jq runs submitted at once for the throughput figure.
-    #[arg(long, default_value_t = 5000)]
-    throughput_runs: usize,
-    /// Tasks in flight per worker.
-    #[arg(long, default_value_t = 64)]
-    concurrency: usize,
-    /// Items of the fan-out workload (a no-op Python step per item, then a join).
+    /// Requests per second offered to `POST /v1/runs`.
+    #[arg(long, default_value_t = 2000.0)]
+    enqueue_rate: f64,
+    /// Seconds the enqueue load lasts.
+    #[arg(long, default_value_t = 5.0)]
+    enqueue_seconds: f64,
+    /// Items of the fan-out workload.
     #[arg(long, default_value_t = 10_000)]
     fan_out_items: usize,
-    /// Times each fan-out is run; the median is reported.
-    #[arg(long, default_value_t = 3)]
-    fan_out_rounds: usize,
-    /// One-step no-op Python runs submitted at once to a fleet of one worker.
-    #[arg(long, default_value_t = 10_000)]
-    python_runs: usize,
+    /// Steps of the chain workload.
+    #[arg(long, default_value_t = 40)]
+    chain_steps: usize,
     /// Sequential calls of each kind timed for the executor cost.
     #[arg(long, default_value_t = 20_000)]
     executor_calls: usize,
+    /// Worker processes of the fleet.
+    #[arg(long, default_value_t = 1)]
+    workers: usize,
+    /// Tasks in flight per worker.
+    #[arg(long, default_value_t = 256)]
+    concurrency: usize,
+    /// Measure taskfleet only.
+    #[arg(long)]
+    skip_celery: bool,
+    /// Run only these workloads (repeatable); all by default.
+    #[arg(long, value_enum)]
+    only: Vec<Workload>,
+    /// A quick run with small sizes and one round: a smoke test, not a measurement.
+    #[arg(long)]
+    short: bool,
 }
 
-/// Runs a `for_each` of a no-op Python step over `items` elements followed by a jq join, and
-/// returns the time from submit to the run's end.
-async fn fan_out(fleet: &TestFleet, items: usize) -> Result<Duration> {
-    let definition = json!({"steps": [
-        {"id": "items", "dataflow": "[range(.)]"},
-        {"id": "each", "python": "fleet_steps:echo", "after": ["items"], "for_each": "."},
-        {"id": "join", "dataflow": "length", "after": ["each"]}
-    ]});
-    let started = Instant::now();
-    let (status, body) = fleet
-        .request(
-            "POST",
-            "/v1/runs",
-            Some(&json!({"definition": definition, "input": items})),
-        )
-        .await;
-    ensure!(status == 201, "submit failed: {body}");
-    let id = body["id"].as_str().context("run id")?;
-    loop {
-        let (status, run) = fleet
-            .request("GET", &format!("/v1/runs/{id}?wait=30"), None)
-            .await;
-        ensure!(status == 200, "reading the run failed: {run}");
-        match run["status"].as_str() {
-            Some("succeeded") => {
-                ensure!(
-                    run["output"] == json!(items),
-                    "wrong join: {}",
-                    run["output"]
-                );
-                return Ok(started.elapsed());
-            }
-            Some("running") => {}
-            _ => anyhow::bail!("fan-out failed: {}", run["error"]),
+/// The workloads of the benchmark.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Workload {
+    /// Independent no-op jobs through the batch API.
+    Throughput,
+    /// Sequential one-step runs, submit to result.
+    Latency,
+    /// `POST /v1/runs` under an offered load.
+    Enqueue,
+    /// A `for_each` of no-op Python items and a join.
+    FanOut,
+    /// A sequential chain of small Python steps.
+    Chain,
+    /// The executor cost of a Python step over a jq step.
+    PythonCost,
+}
+
+impl Args {
+    fn runs(&self, workload: Workload) -> bool {
+        self.only.is_empty() || self.only.contains(&workload)
+    }
+
+    fn shorten(&mut self) {
+        self.rounds = 1;
+        self.jobs = 1000;
+        self.latency_runs = 30;
+        self.enqueue_rate = 200.0;
+        self.enqueue_seconds = 1.0;
+        self.fan_out_items = 500;
+        self.chain_steps = 10;
+        self.executor_calls = 1000;
+    }
+
+    fn shape(&self) -> Shape {
+        Shape {
+            workers: self.workers,
+            concurrency: self.concurrency,
         }
     }
 }
 
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    let index = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[index.min(sorted.len() - 1)]
+fn secs(duration: Duration) -> f64 {
+    duration.as_secs_f64()
 }
 
-fn ms(duration: Duration) -> String {
-    format!("{:.2} ms", duration.as_secs_f64() * 1000.0)
-}
-
-async fn latency(fleet: &TestFleet, step: &Value, runs: usize) -> Result<Vec<Duration>> {
-    let definition = json!({ "steps": [step] });
-    let mut timings = Vec::with_capacity(runs);
-    // A few runs first, so connections and caches are warm.
-    for round in 0..runs + 5 {
-        let started = Instant::now();
-        let (status, body) = fleet
-            .request(
-                "POST",
-                "/v1/runs",
-                Some(&json!({"definition": definition, "input": {"n": round}})),
-            )
-            .await;
-        ensure!(status == 201, "submit failed: {body}");
-        let id = body["id"].as_str().context("run id")?;
-        let (status, run) = fleet
-            .request("GET", &format!("/v1/runs/{id}?wait=30"), None)
-            .await;
-        ensure!(
-            status == 200 && run["status"] == "succeeded",
-            "run failed: {run}"
-        );
-        if round >= 5 {
-            timings.push(started.elapsed());
-        }
-    }
+fn percentile(timings: &mut [Duration], p: f64) -> Duration {
     timings.sort();
-    Ok(timings)
+    let index = ((timings.len() as f64 - 1.0) * p).round() as usize;
+    timings[index.min(timings.len() - 1)]
 }
 
-/// Times `calls` sequential no-op steps of each kind through the worker's executors (a jq `.`
-/// on the blocking pool; a Python no-op on one executor process); returns the sorted timings of
-/// (jq, Python).
-async fn executor_cost(calls: usize) -> Result<(Vec<Duration>, Vec<Duration>)> {
-    let python = PythonPool::start(PoolSettings {
-        program: taskfleet_tests::bin_dir().join("taskfleet-worker"),
-        executors: NonZeroUsize::MIN,
-        max_tasks: None,
-        max_rss_bytes: None,
-        kill_grace: Duration::from_secs(2),
-        python: PythonSettings::default(),
-    })
-    .await?;
-    let executors = Executors {
-        dataflow: DataflowExecutor::default(),
-        python,
-    };
-    let task = |step: StepKind| TaskMessage {
-        version: PROTOCOL_VERSION,
-        task_id: TaskId::new(),
-        run_id: RunId::new(),
-        step_id: "noop".to_owned(),
-        attempt: 1,
-        step,
-        input: json!({"n": 1}),
-        timeout_s: None,
-    };
-    let jq = task(StepKind::Dataflow {
-        program: ".".to_owned(),
-    });
-    let python = task(StepKind::PythonCode {
-        source: "def main(input):\n    return input\n".to_owned(),
-    });
-    let mut timings = (Vec::with_capacity(calls), Vec::with_capacity(calls));
-    // Alternating the kinds spreads the machine's noise over both alike.
-    for round in 0..calls + 100 {
-        for (task, kind_timings) in [(&jq, &mut timings.0), (&python, &mut timings.1)] {
-            let started = Instant::now();
-            let (result, _) = executors.execute(task, None).await;
-            let elapsed = started.elapsed();
-            ensure!(result.is_ok(), "a no-op step failed: {result:?}");
-            if round >= 100 {
-                kind_timings.push(elapsed);
-            }
-        }
-    }
-    timings.0.sort();
-    timings.1.sort();
-    Ok(timings)
-}
-
-fn us(duration: Duration) -> String {
-    format!("{:.1} µs", duration.as_secs_f64() * 1e6)
-}
-
-async fn throughput(fleet: &TestFleet, runs: usize, step: &Value) -> Result<(Duration, f64)> {
-    let definition = json!({ "steps": [step] });
-    let batches: Vec<Value> = (0..runs)
-        .collect::<Vec<_>>()
-        .chunks(1000)
-        .map(|chunk| {
-            let runs: Vec<Value> = chunk
-                .iter()
-                .map(|n| json!({"definition": definition, "input": n}))
-                .collect();
-            json!({ "runs": runs })
-        })
-        .collect();
-    let started = Instant::now();
-    let answers = futures_util::future::join_all(
-        batches
-            .iter()
-            .map(|batch| fleet.request("POST", "/v1/runs:batch", Some(batch))),
-    )
-    .await;
-    for (status, body) in &answers {
-        ensure!(*status == 201, "batch submit failed: {body}");
-    }
-    let deadline = Instant::now() + Duration::from_secs(600);
-    loop {
-        let (_, stats) = fleet.request("GET", "/v1/stats", None).await;
-        let done = stats["runs"]["succeeded"].as_u64().unwrap_or(0);
-        if done as usize >= runs {
-            break;
-        }
-        ensure!(
-            stats["runs"]["failed"].as_u64().unwrap_or(0) == 0,
-            "runs failed: {stats}"
-        );
-        ensure!(Instant::now() < deadline, "runs did not finish: {stats}");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    let wall = started.elapsed();
-    // The scheduler's own record: first accepted to last finished.
-    let db_url = format!("{}/{}", taskfleet_tests::POSTGRES, fleet.database);
-    let pool = sqlx::PgPool::connect(&db_url).await?;
-    let span: f64 = sqlx::query_scalar(
-        "SELECT EXTRACT(EPOCH FROM max(finished_at) - min(created_at))::float8 FROM runs",
-    )
-    .fetch_one(&pool)
-    .await?;
-    pool.close().await;
-    Ok((wall, runs as f64 / span))
+/// The Celery figure `field` of a report, if Celery ran.
+fn field(report: Option<&Value>, field: &str) -> Option<f64> {
+    report.and_then(|report| report[field].as_f64())
 }
 
 #[tokio::main]
 async fn main() -> Result<()> {
-    let args = Args::parse();
-    let fleet = TestFleet::start_with(FleetOptions {
-        workers: 2,
-        concurrency: args.concurrency,
-        ..FleetOptions::default()
-    })
-    .await?;
-    println!(
-        "fleet: 1 scheduler, 2 workers (concurrency {}), namespace {}",
-        args.concurrency, fleet.namespace
-    );
-    for (label, step) in [
-        ("jq `.`", json!({"id": "noop", "dataflow": "."})),
-        (
-            "python no-op",
-            json!({"id": "noop", "python": "fleet_steps:echo"}),
-        ),
-    ] {
-        let timings = latency(&fleet, &step, args.latency_runs).await?;
-        println!(
-            "latency, one-step run ({label}), {} sequential runs: p50 {}, p99 {}, max {}",
-            timings.len(),
-            ms(percentile(&timings, 0.5)),
-            ms(percentile(&timings, 0.99)),
-            ms(percentile(&timings, 1.0)),
-        );
+    let mut args = Args::parse();
+    if args.short {
+        args.shorten();
     }
-    let mut fan_outs = Vec::with_capacity(args.fan_out_rounds);
-    for _ in 0..args.fan_out_rounds {
-        fan_outs.push(fan_out(&fleet, args.fan_out_items).await?);
+    let rounds = args.rounds.max(1);
+    let celery = if args.skip_celery {
+        None
+    } else {
+        Some(Celery::install(&taskfleet_tests::workspace_root())?)
+    };
+    let sized = |n: usize| -> Vec<String> {
+        vec![
+            "--n".to_owned(),
+            n.to_string(),
+            "--rounds".to_owned(),
+            rounds.to_string(),
+        ]
+    };
+    let run_celery = |workload: &str, extra: Vec<String>| -> Result<Option<Value>> {
+        match &celery {
+            Some(celery) => {
+                progress(&format!("celery: {workload}"));
+                celery.run(workload, &extra).map(Some)
+            }
+            None => Ok(None),
+        }
+    };
+    let mut table = Table::default();
+    let mut cpu_rows = Vec::new();
+    let mut celery_drain_cpu = None;
+
+    // 1. Throughput: a fresh fleet (and database) for every round.
+    let mut throughputs = Vec::new();
+    if args.runs(Workload::Throughput) {
+        for (label, step) in [("jq", fleet::jq_noop()), ("Python", fleet::python_noop())] {
+            let mut rates = Vec::new();
+            let mut cpu = Vec::new();
+            for round in 0..rounds {
+                progress(&format!(
+                    "taskfleet: throughput {label}, round {}",
+                    round + 1
+                ));
+                let fleet = fleet::start(args.shape()).await?;
+                let measured = fleet::throughput(&fleet, args.jobs, &step).await?;
+                rates.push(measured.rate);
+                cpu.push(measured.cpu.per_task(args.jobs));
+            }
+            cpu_rows.push((label, report::median_cpu(&cpu)));
+            throughputs.push((label, median(&mut rates)));
+        }
+        let drain = run_celery("throughput", sized(args.jobs))?;
+        celery_drain_cpu = field(drain.as_ref(), "worker_cpu_per_task_us");
+        for (label, rate) in &throughputs {
+            table.push(Row::rate(
+                format!("throughput: {} no-op {label} jobs, durable", args.jobs),
+                *rate,
+                field(drain.as_ref(), "tasks_per_s"),
+                "jobs/s",
+            ));
+        }
     }
-    fan_outs.sort();
-    if !fan_outs.is_empty() {
-        println!(
-            "fan-out of {} no-op Python items + join: median {:.2} s of {} (all: {})",
-            args.fan_out_items,
-            fan_outs[fan_outs.len() / 2].as_secs_f64(),
-            fan_outs.len(),
-            fan_outs
-                .iter()
-                .map(|d| format!("{:.2} s", d.as_secs_f64()))
-                .collect::<Vec<_>>()
-                .join(", ")
-        );
+
+    // 2. Latency, 3. enqueue under load, 4. fan-out, 5. chain: one fleet for every round.
+    let shared = [
+        Workload::Latency,
+        Workload::Enqueue,
+        Workload::FanOut,
+        Workload::Chain,
+    ];
+    if shared.iter().any(|workload| args.runs(*workload)) {
+        let fleet = fleet::start(args.shape()).await?;
+        if args.runs(Workload::Latency) {
+            let celery_latency = run_celery("latency", sized(args.latency_runs))?;
+            for (label, step) in [("jq", fleet::jq_noop()), ("Python", fleet::python_noop())] {
+                let (mut p50s, mut p99s) = (Vec::new(), Vec::new());
+                for round in 0..rounds {
+                    progress(&format!("taskfleet: latency {label}, round {}", round + 1));
+                    let mut timings = fleet::latency(&fleet, &step, args.latency_runs).await?;
+                    p50s.push(secs(percentile(&mut timings, 0.5)) * 1e3);
+                    p99s.push(secs(percentile(&mut timings, 0.99)) * 1e3);
+                }
+                let what = format!("latency: one-step {label} run, submit → result");
+                table.push(Row::time(
+                    format!("{what}, p50"),
+                    median(&mut p50s),
+                    field(celery_latency.as_ref(), "p50_ms"),
+                    "ms",
+                ));
+                table.push(Row::time(
+                    format!("{what}, p99"),
+                    median(&mut p99s),
+                    field(celery_latency.as_ref(), "p99_ms"),
+                    "ms",
+                ));
+            }
+        }
+        if args.runs(Workload::Enqueue) {
+            let (mut p50s, mut p99s, mut achieved) = (Vec::new(), Vec::new(), Vec::new());
+            for round in 0..rounds {
+                progress(&format!("taskfleet: enqueue, round {}", round + 1));
+                let (mut timings, rate) =
+                    fleet::enqueue(&fleet, args.enqueue_rate, args.enqueue_seconds).await?;
+                p50s.push(secs(percentile(&mut timings, 0.5)) * 1e3);
+                p99s.push(secs(percentile(&mut timings, 0.99)) * 1e3);
+                achieved.push(rate);
+            }
+            let celery_enqueue = run_celery(
+                "enqueue",
+                vec![
+                    "--rate".to_owned(),
+                    args.enqueue_rate.to_string(),
+                    "--seconds".to_owned(),
+                    args.enqueue_seconds.to_string(),
+                    "--rounds".to_owned(),
+                    rounds.to_string(),
+                ],
+            )?;
+            let what = format!(
+                "enqueue: POST /v1/runs, durable (Celery: apply_async, not confirmed) at {:.0}/s offered, taskfleet achieved {:.0}/s",
+                args.enqueue_rate,
+                median(&mut achieved)
+            );
+            table.push(Row::time(
+                format!("{what}, p50"),
+                median(&mut p50s),
+                field(celery_enqueue.as_ref(), "call_p50_ms"),
+                "ms",
+            ));
+            table.push(Row::time(
+                format!("{what}, p99"),
+                median(&mut p99s),
+                field(celery_enqueue.as_ref(), "call_p99_ms"),
+                "ms",
+            ));
+        }
+        if args.runs(Workload::FanOut) {
+            let mut fan_outs = Vec::new();
+            for round in 0..rounds {
+                progress(&format!("taskfleet: fan-out, round {}", round + 1));
+                fan_outs.push(secs(fleet::fan_out(&fleet, args.fan_out_items).await?));
+            }
+            let chord = run_celery("chord", sized(args.fan_out_items))?;
+            table.push(Row::time(
+                format!(
+                    "fan-out: {} no-op Python items + join (Celery: chord)",
+                    args.fan_out_items
+                ),
+                median(&mut fan_outs),
+                field(chord.as_ref(), "elapsed_s"),
+                "s",
+            ));
+        }
+        if args.runs(Workload::Chain) {
+            let mut chains = Vec::new();
+            for round in 0..rounds {
+                progress(&format!("taskfleet: chain, round {}", round + 1));
+                chains.push(secs(fleet::chain(&fleet, args.chain_steps).await?));
+            }
+            let celery_chain = run_celery("chain", sized(args.chain_steps))?;
+            table.push(Row::time(
+                format!("chain: {} sequential small Python steps", args.chain_steps),
+                median(&mut chains),
+                field(celery_chain.as_ref(), "elapsed_s"),
+                "s",
+            ));
+        }
     }
-    drop(fleet);
-    let fleet = TestFleet::start_with(FleetOptions {
-        workers: 2,
-        concurrency: args.concurrency,
-        ..FleetOptions::default()
-    })
-    .await?;
-    let jq = json!({"id": "noop", "dataflow": "."});
-    let (wall, rate) = throughput(&fleet, args.throughput_runs, &jq).await?;
+
+    // 6. The added cost of a Python step over a jq step.
+    if args.runs(Workload::PythonCost) {
+        let mut added = Vec::new();
+        for round in 0..rounds {
+            progress(&format!("taskfleet: executor cost, round {}", round + 1));
+            let (mut jq, mut python) = fleet::executor_cost(args.executor_calls).await?;
+            let jq = secs(percentile(&mut jq, 0.5));
+            let python = secs(percentile(&mut python, 0.5));
+            added.push((python - jq) * 1e6);
+        }
+        table.push(Row::alone(
+            "Python step over a jq step: executor cost, p50".to_owned(),
+            median(&mut added),
+            "µs",
+        ));
+    }
+    if let [(_, jq), (_, python)] = throughputs.as_slice() {
+        table.push(Row::alone(
+            "Python step over a jq step: per job at full throughput".to_owned(),
+            (1.0 / python - 1.0 / jq) * 1e6,
+            "µs",
+        ));
+    }
+
+    println!();
     println!(
-        "throughput, {} one-step jq runs submitted at once: {:.0} runs/s (first accepted to last finished), {:.2} s wall",
-        args.throughput_runs,
-        rate,
-        wall.as_secs_f64()
+        "taskfleet {} vs {}; {} round(s) each, medians; {} worker(s) × {} in flight; {}",
+        env!("CARGO_PKG_VERSION"),
+        celery
+            .as_ref()
+            .map_or("no Celery".to_owned(), |c| format!("Celery {}", c.version)),
+        rounds,
+        args.workers,
+        args.concurrency,
+        report::machine(),
     );
-    drop(fleet);
-    let fleet = TestFleet::start_with(FleetOptions {
-        workers: 1,
-        concurrency: args.concurrency,
-        ..FleetOptions::default()
-    })
-    .await?;
-    let python = json!({"id": "noop", "python": "fleet_steps:echo"});
-    let (wall, rate) = throughput(&fleet, args.python_runs, &python).await?;
-    println!(
-        "python on one worker ({} executors, one per core), {} one-step no-op runs submitted at once: {:.0} runs/s (first accepted to last finished), {:.2} s wall",
-        std::thread::available_parallelism().map_or(1, NonZeroUsize::get),
-        args.python_runs,
-        rate,
-        wall.as_secs_f64()
-    );
-    drop(fleet);
-    let (jq, python) = executor_cost(args.executor_calls).await?;
-    let (jq_p50, python_p50) = (percentile(&jq, 0.5), percentile(&python, 0.5));
-    println!(
-        "executor cost, {} sequential no-op calls each: jq p50 {}, p99 {}; python p50 {}, p99 {}; python over jq p50 +{}",
-        args.executor_calls,
-        us(jq_p50),
-        us(percentile(&jq, 0.99)),
-        us(python_p50),
-        us(percentile(&python, 0.99)),
-        us(python_p50.saturating_sub(jq_p50)),
-    );
+    println!();
+    print!("{}", table.render());
+    if !cpu_rows.is_empty() {
+        println!();
+        print!("{}", report::render_cpu(&cpu_rows, celery_drain_cpu));
+    }
     Ok(())
+}
+
+/// Tells the operator what runs now, on stderr, so stdout holds only the report.
+fn progress(what: &str) {
+    #[allow(clippy::print_stderr, reason = "progress of a long benchmark")]
+    {
+        eprintln!("== {what}");
+    }
 }

@@ -361,6 +361,16 @@ impl TestFleet {
             .count()
     }
 
+    /// Returns the process id of the scheduler, if it runs.
+    pub fn scheduler_pid(&self) -> Option<u32> {
+        self.scheduler.as_ref().map(Child::id)
+    }
+
+    /// Returns the process ids of the workers started and not yet reaped.
+    pub fn worker_pids(&self) -> Vec<u32> {
+        self.workers.iter().map(Child::id).collect()
+    }
+
     /// Returns whether the scheduler process is still running.
     pub fn scheduler_alive(&mut self) -> bool {
         self.scheduler

@@ -1,0 +1,332 @@
+//! The taskfleet side of each workload, on a real fleet started from the binaries beside the
+//! benchmark (one scheduler and its workers) against the local PostgreSQL, RabbitMQ and Redis.
+
+use std::num::NonZeroUsize;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use anyhow::{Context, Result, ensure};
+use serde_json::{Value, json};
+use taskfleet_common::definition::StepKind;
+use taskfleet_common::protocol::{PROTOCOL_VERSION, TaskMessage};
+use taskfleet_common::{RunId, TaskId};
+use taskfleet_tests::{FleetOptions, TestFleet};
+use taskfleet_worker::executor::dataflow::DataflowExecutor;
+use taskfleet_worker::executor::pool::{PoolSettings, PythonPool};
+use taskfleet_worker::executor::python::PythonSettings;
+use taskfleet_worker::runner::Executors;
+
+use crate::cpu::{self, Group, Sample};
+
+/// The shape of the fleet under test.
+#[derive(Debug, Clone, Copy)]
+pub struct Shape {
+    /// Worker processes.
+    pub workers: usize,
+    /// Tasks in flight per worker.
+    pub concurrency: usize,
+}
+
+/// A no-op jq step.
+pub fn jq_noop() -> Value {
+    json!({"id": "noop", "dataflow": "."})
+}
+
+/// A no-op Python step.
+pub fn python_noop() -> Value {
+    json!({"id": "noop", "python": "fleet_steps:echo"})
+}
+
+/// Starts a fleet as an operator would run it: info logs only, the default lease.
+pub async fn start(shape: Shape) -> Result<TestFleet> {
+    let production = || {
+        vec![
+            ("RUST_LOG".to_owned(), "warn".to_owned()),
+            ("TASKFLEET_LEASE_TTL_S".to_owned(), "30".to_owned()),
+        ]
+    };
+    TestFleet::start_with(FleetOptions {
+        workers: shape.workers,
+        concurrency: shape.concurrency,
+        scheduler_env: production(),
+        worker_env: production(),
+        ..FleetOptions::default()
+    })
+    .await
+}
+
+/// The fleet's own processes and the services, for CPU accounting.
+pub fn groups(fleet: &TestFleet) -> Vec<Group> {
+    let mut groups = vec![
+        Group::Tree {
+            name: "scheduler",
+            pids: fleet.scheduler_pid().into_iter().collect(),
+        },
+        Group::Tree {
+            name: "workers",
+            pids: fleet.worker_pids(),
+        },
+    ];
+    groups.extend(cpu::services());
+    groups
+}
+
+/// What a throughput workload measured.
+#[derive(Debug, Clone)]
+pub struct Throughput {
+    /// Runs per second, from the first submit to the last run's end as the scheduler recorded it.
+    pub rate: f64,
+    /// CPU time used by each process meanwhile.
+    pub cpu: Sample,
+}
+
+/// Submits `runs` one-step runs of `step` through `POST /v1/runs:batch` (1,000 per request, all
+/// requests at once) and waits until every one has succeeded.
+pub async fn throughput(fleet: &TestFleet, runs: usize, step: &Value) -> Result<Throughput> {
+    let definition = json!({ "steps": [step] });
+    let batches: Vec<Value> = (0..runs)
+        .collect::<Vec<_>>()
+        .chunks(1000)
+        .map(|chunk| {
+            let runs: Vec<Value> = chunk
+                .iter()
+                .map(|n| json!({"definition": definition, "input": n}))
+                .collect();
+            json!({ "runs": runs })
+        })
+        .collect();
+    let groups = groups(fleet);
+    let before = cpu::sample(&groups);
+    let started = SystemTime::now();
+    let answers = futures_util::future::join_all(
+        batches
+            .iter()
+            .map(|batch| fleet.request("POST", "/v1/runs:batch", Some(batch))),
+    )
+    .await;
+    let mut last_ids = Vec::new();
+    for (status, body) in &answers {
+        ensure!(*status == 201, "batch submit failed: {body}");
+        if let Some(id) = body["ids"].as_array().and_then(|ids| ids.last()) {
+            last_ids.push(id.as_str().context("run id")?.to_owned());
+        }
+    }
+    // Long polls on the last run of each batch, which cost the database nothing while they
+    // wait; then the counters, once or twice, for any run that finished later.
+    for id in &last_ids {
+        fleet.wait_run(id, Duration::from_secs(600)).await;
+    }
+    wait_succeeded(fleet, runs).await?;
+    let used = cpu::sample(&groups).since(&before);
+    let last = last_finished(fleet).await?;
+    let span = last
+        .duration_since(started)
+        .context("the last run finished before the first submit")?;
+    Ok(Throughput {
+        rate: runs as f64 / span.as_secs_f64(),
+        cpu: used,
+    })
+}
+
+/// Polls the fleet's counters until `runs` runs have succeeded; fails on any failed run.
+async fn wait_succeeded(fleet: &TestFleet, runs: usize) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(600);
+    loop {
+        let (_, stats) = fleet.request("GET", "/v1/stats", None).await;
+        let done = stats["runs"]["succeeded"].as_u64().unwrap_or(0);
+        if done as usize >= runs {
+            return Ok(());
+        }
+        ensure!(
+            stats["runs"]["failed"].as_u64().unwrap_or(0) == 0,
+            "runs failed: {stats}"
+        );
+        ensure!(Instant::now() < deadline, "runs did not finish: {stats}");
+        // Counting is work for the database the fleet shares: poll slowly. The figure comes
+        // from the record's own times, not from when this loop noticed the end.
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// The time the fleet's last run finished, from its own record.
+async fn last_finished(fleet: &TestFleet) -> Result<SystemTime> {
+    let db_url = format!("{}/{}", taskfleet_tests::POSTGRES, fleet.database);
+    let pool = sqlx::PgPool::connect(&db_url).await?;
+    let epoch: f64 =
+        sqlx::query_scalar("SELECT EXTRACT(EPOCH FROM max(finished_at))::float8 FROM runs")
+            .fetch_one(&pool)
+            .await?;
+    pool.close().await;
+    Ok(SystemTime::UNIX_EPOCH + Duration::from_secs_f64(epoch))
+}
+
+/// Starts a run and waits for its end with one long poll; returns the run.
+async fn run_to_end(fleet: &TestFleet, definition: &Value, input: &Value) -> Result<Value> {
+    let (status, body) = fleet
+        .request(
+            "POST",
+            "/v1/runs",
+            Some(&json!({"definition": definition, "input": input})),
+        )
+        .await;
+    ensure!(status == 201, "submit failed: {body}");
+    let id = body["id"].as_str().context("run id")?;
+    loop {
+        let (status, run) = fleet
+            .request("GET", &format!("/v1/runs/{id}?wait=30"), None)
+            .await;
+        ensure!(status == 200, "reading the run failed: {run}");
+        match run["status"].as_str() {
+            Some("succeeded") => return Ok(run),
+            Some("running" | "pending") => {}
+            _ => anyhow::bail!("run failed: {}", run["error"]),
+        }
+    }
+}
+
+/// Times `runs` sequential one-step runs of `step`, each a `POST /v1/runs` followed by a
+/// `GET /v1/runs/{id}?wait=30`, after a few runs that warm connections and caches.
+pub async fn latency(fleet: &TestFleet, step: &Value, runs: usize) -> Result<Vec<Duration>> {
+    let definition = json!({ "steps": [step] });
+    let mut timings = Vec::with_capacity(runs);
+    for round in 0..runs + 10 {
+        let started = Instant::now();
+        run_to_end(fleet, &definition, &json!({"n": round})).await?;
+        if round >= 10 {
+            timings.push(started.elapsed());
+        }
+    }
+    Ok(timings)
+}
+
+/// Offers `POST /v1/runs` (a one-step jq run) at `rate` requests per second for `seconds`, open
+/// loop (each request at its time, whether or not earlier ones have been answered); returns
+/// each request's time to its answer and the rate achieved.
+pub async fn enqueue(fleet: &TestFleet, rate: f64, seconds: f64) -> Result<(Vec<Duration>, f64)> {
+    let body = Arc::new(json!({"definition": {"steps": [jq_noop()]}, "input": 1}).to_string());
+    let url = Arc::new(format!("{}/v1/runs", fleet.api));
+    let total = (rate * seconds).round() as usize;
+    let period = Duration::from_secs_f64(1.0 / rate);
+    let mut interval = tokio::time::interval(period);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    let mut requests = tokio::task::JoinSet::new();
+    let started = Instant::now();
+    for _ in 0..total {
+        interval.tick().await;
+        let (http, url, body) = (fleet.http.clone(), url.clone(), body.clone());
+        requests.spawn(async move {
+            let sent = Instant::now();
+            let answer = http
+                .post(url.as_str())
+                .header("content-type", "application/json")
+                .body(body.to_string())
+                .send()
+                .await;
+            let status = answer.map(|answer| answer.status().as_u16());
+            (status, sent.elapsed())
+        });
+    }
+    let offered = started.elapsed();
+    let mut timings = Vec::with_capacity(total);
+    while let Some(joined) = requests.join_next().await {
+        let (status, elapsed) = joined?;
+        let status = status.context("a request failed")?;
+        ensure!(status == 201, "a request was answered {status}");
+        timings.push(elapsed);
+    }
+    Ok((timings, total as f64 / offered.as_secs_f64()))
+}
+
+/// Runs a `for_each` of a no-op Python step over `items` elements followed by a jq join, and
+/// returns the time from submit to the run's end.
+pub async fn fan_out(fleet: &TestFleet, items: usize) -> Result<Duration> {
+    let definition = json!({"steps": [
+        {"id": "items", "dataflow": "[range(.)]"},
+        {"id": "each", "python": "fleet_steps:echo", "after": ["items"], "for_each": "."},
+        {"id": "join", "dataflow": "length", "after": ["each"]}
+    ]});
+    let started = Instant::now();
+    let run = run_to_end(fleet, &definition, &json!(items)).await?;
+    let elapsed = started.elapsed();
+    ensure!(
+        run["output"] == json!(items),
+        "wrong join: {}",
+        run["output"]
+    );
+    Ok(elapsed)
+}
+
+/// Runs a chain of `steps` Python steps, each adding one to its input, and returns the time
+/// from submit to the run's end.
+pub async fn chain(fleet: &TestFleet, steps: usize) -> Result<Duration> {
+    let source = "def main(input):\n    return input + 1\n";
+    let steps: Vec<Value> = (0..steps)
+        .map(|n| {
+            let mut step = json!({"id": format!("s{n}"), "python_code": source});
+            if n > 0 {
+                step["after"] = json!([format!("s{}", n - 1)]);
+            }
+            step
+        })
+        .collect();
+    let count = steps.len();
+    let definition = json!({ "steps": steps });
+    let started = Instant::now();
+    let run = run_to_end(fleet, &definition, &json!(0)).await?;
+    let elapsed = started.elapsed();
+    ensure!(
+        run["output"] == json!(count),
+        "wrong chain output: {}",
+        run["output"]
+    );
+    Ok(elapsed)
+}
+
+/// Times `calls` sequential no-op steps of each kind through a worker's own executors (a jq `.`
+/// on the blocking pool; a Python no-op on one executor process), with no broker or database in
+/// the way; returns the timings of (jq, Python).
+pub async fn executor_cost(calls: usize) -> Result<(Vec<Duration>, Vec<Duration>)> {
+    let python = PythonPool::start(PoolSettings {
+        program: taskfleet_tests::bin_dir().join("taskfleet-worker"),
+        executors: NonZeroUsize::MIN,
+        max_tasks: None,
+        max_rss_bytes: None,
+        kill_grace: Duration::from_secs(2),
+        python: PythonSettings::default(),
+    })
+    .await?;
+    let executors = Executors {
+        dataflow: DataflowExecutor::default(),
+        python,
+    };
+    let task = |step: StepKind| TaskMessage {
+        version: PROTOCOL_VERSION,
+        task_id: TaskId::new(),
+        run_id: RunId::new(),
+        step_id: "noop".to_owned(),
+        attempt: 1,
+        step,
+        input: json!({"n": 1}),
+        timeout_s: None,
+    };
+    let jq = task(StepKind::Dataflow {
+        program: ".".to_owned(),
+    });
+    let python = task(StepKind::PythonCode {
+        source: "def main(input):\n    return input\n".to_owned(),
+    });
+    let mut timings = (Vec::with_capacity(calls), Vec::with_capacity(calls));
+    // Alternating the kinds spreads the machine's noise over both alike.
+    for round in 0..calls + 100 {
+        for (task, kind_timings) in [(&jq, &mut timings.0), (&python, &mut timings.1)] {
+            let started = Instant::now();
+            let (result, _) = executors.execute(task, None).await;
+            let elapsed = started.elapsed();
+            ensure!(result.is_ok(), "a no-op step failed: {result:?}");
+            if round >= 100 {
+                kind_timings.push(elapsed);
+            }
+        }
+    }
+    Ok(timings)
+}
