@@ -198,110 +198,106 @@ async fn main() -> Result<()> {
         }
     }
 
-    // 2. Latency, 3. enqueue under load, 4. fan-out, 5. chain: one fleet for every round.
-    let shared = [
-        Workload::Latency,
-        Workload::Enqueue,
-        Workload::FanOut,
-        Workload::Chain,
-    ];
-    if shared.iter().any(|workload| args.runs(*workload)) {
+    // 2. Latency, 3. enqueue under load, 4. fan-out, 5. chain: each on a fleet (and database)
+    // of its own, used for all its rounds, so that no workload runs behind another's rows.
+    if args.runs(Workload::Latency) {
         let fleet = fleet::start(args.shape()).await?;
-        if args.runs(Workload::Latency) {
-            let celery_latency = run_celery("latency", sized(args.latency_runs))?;
-            for (label, step) in [("jq", fleet::jq_noop()), ("Python", fleet::python_noop())] {
-                let (mut p50s, mut p99s) = (Vec::new(), Vec::new());
-                for round in 0..rounds {
-                    progress(&format!("taskfleet: latency {label}, round {}", round + 1));
-                    let mut timings = fleet::latency(&fleet, &step, args.latency_runs).await?;
-                    p50s.push(secs(percentile(&mut timings, 0.5)) * 1e3);
-                    p99s.push(secs(percentile(&mut timings, 0.99)) * 1e3);
-                }
-                let what = format!("latency: one-step {label} run, submit → result");
-                table.push(Row::time(
-                    format!("{what}, p50"),
-                    median(&mut p50s),
-                    field(celery_latency.as_ref(), "p50_ms"),
-                    "ms",
-                ));
-                table.push(Row::time(
-                    format!("{what}, p99"),
-                    median(&mut p99s),
-                    field(celery_latency.as_ref(), "p99_ms"),
-                    "ms",
-                ));
-            }
-        }
-        if args.runs(Workload::Enqueue) {
-            let (mut p50s, mut p99s, mut achieved) = (Vec::new(), Vec::new(), Vec::new());
+        let celery_latency = run_celery("latency", sized(args.latency_runs))?;
+        for (label, step) in [("jq", fleet::jq_noop()), ("Python", fleet::python_noop())] {
+            let (mut p50s, mut p99s) = (Vec::new(), Vec::new());
             for round in 0..rounds {
-                progress(&format!("taskfleet: enqueue, round {}", round + 1));
-                let (mut timings, rate) =
-                    fleet::enqueue(&fleet, args.enqueue_rate, args.enqueue_seconds).await?;
+                progress(&format!("taskfleet: latency {label}, round {}", round + 1));
+                let mut timings = fleet::latency(&fleet, &step, args.latency_runs).await?;
                 p50s.push(secs(percentile(&mut timings, 0.5)) * 1e3);
                 p99s.push(secs(percentile(&mut timings, 0.99)) * 1e3);
-                achieved.push(rate);
             }
-            let celery_enqueue = run_celery(
-                "enqueue",
-                vec![
-                    "--rate".to_owned(),
-                    args.enqueue_rate.to_string(),
-                    "--seconds".to_owned(),
-                    args.enqueue_seconds.to_string(),
-                    "--rounds".to_owned(),
-                    rounds.to_string(),
-                ],
-            )?;
-            let what = format!(
-                "enqueue: POST /v1/runs, durable (Celery: apply_async, not confirmed) at {:.0}/s offered, taskfleet achieved {:.0}/s",
-                args.enqueue_rate,
-                median(&mut achieved)
-            );
+            let what = format!("latency: one-step {label} run, submit → result");
             table.push(Row::time(
                 format!("{what}, p50"),
                 median(&mut p50s),
-                field(celery_enqueue.as_ref(), "call_p50_ms"),
+                field(celery_latency.as_ref(), "p50_ms"),
                 "ms",
             ));
             table.push(Row::time(
                 format!("{what}, p99"),
                 median(&mut p99s),
-                field(celery_enqueue.as_ref(), "call_p99_ms"),
+                field(celery_latency.as_ref(), "p99_ms"),
                 "ms",
             ));
         }
-        if args.runs(Workload::FanOut) {
-            let mut fan_outs = Vec::new();
-            for round in 0..rounds {
-                progress(&format!("taskfleet: fan-out, round {}", round + 1));
-                fan_outs.push(secs(fleet::fan_out(&fleet, args.fan_out_items).await?));
-            }
-            let chord = run_celery("chord", sized(args.fan_out_items))?;
-            table.push(Row::time(
-                format!(
-                    "fan-out: {} no-op Python items + join (Celery: chord)",
-                    args.fan_out_items
-                ),
-                median(&mut fan_outs),
-                field(chord.as_ref(), "elapsed_s"),
-                "s",
-            ));
+    }
+    if args.runs(Workload::Enqueue) {
+        let fleet = fleet::start(args.shape()).await?;
+        let (mut p50s, mut p99s, mut achieved) = (Vec::new(), Vec::new(), Vec::new());
+        for round in 0..rounds {
+            progress(&format!("taskfleet: enqueue, round {}", round + 1));
+            let (mut timings, rate) =
+                fleet::enqueue(&fleet, args.enqueue_rate, args.enqueue_seconds).await?;
+            p50s.push(secs(percentile(&mut timings, 0.5)) * 1e3);
+            p99s.push(secs(percentile(&mut timings, 0.99)) * 1e3);
+            achieved.push(rate);
         }
-        if args.runs(Workload::Chain) {
-            let mut chains = Vec::new();
-            for round in 0..rounds {
-                progress(&format!("taskfleet: chain, round {}", round + 1));
-                chains.push(secs(fleet::chain(&fleet, args.chain_steps).await?));
-            }
-            let celery_chain = run_celery("chain", sized(args.chain_steps))?;
-            table.push(Row::time(
-                format!("chain: {} sequential small Python steps", args.chain_steps),
-                median(&mut chains),
-                field(celery_chain.as_ref(), "elapsed_s"),
-                "s",
-            ));
+        let celery_enqueue = run_celery(
+            "enqueue",
+            vec![
+                "--rate".to_owned(),
+                args.enqueue_rate.to_string(),
+                "--seconds".to_owned(),
+                args.enqueue_seconds.to_string(),
+                "--rounds".to_owned(),
+                rounds.to_string(),
+            ],
+        )?;
+        let what = format!(
+            "enqueue: POST /v1/runs, durable (Celery: apply_async, not confirmed) at {:.0}/s offered, taskfleet achieved {:.0}/s",
+            args.enqueue_rate,
+            median(&mut achieved)
+        );
+        table.push(Row::time(
+            format!("{what}, p50"),
+            median(&mut p50s),
+            field(celery_enqueue.as_ref(), "call_p50_ms"),
+            "ms",
+        ));
+        table.push(Row::time(
+            format!("{what}, p99"),
+            median(&mut p99s),
+            field(celery_enqueue.as_ref(), "call_p99_ms"),
+            "ms",
+        ));
+    }
+    if args.runs(Workload::FanOut) {
+        let fleet = fleet::start(args.shape()).await?;
+        let mut fan_outs = Vec::new();
+        for round in 0..rounds {
+            progress(&format!("taskfleet: fan-out, round {}", round + 1));
+            fan_outs.push(secs(fleet::fan_out(&fleet, args.fan_out_items).await?));
         }
+        let chord = run_celery("chord", sized(args.fan_out_items))?;
+        table.push(Row::time(
+            format!(
+                "fan-out: {} no-op Python items + join (Celery: chord)",
+                args.fan_out_items
+            ),
+            median(&mut fan_outs),
+            field(chord.as_ref(), "elapsed_s"),
+            "s",
+        ));
+    }
+    if args.runs(Workload::Chain) {
+        let fleet = fleet::start(args.shape()).await?;
+        let mut chains = Vec::new();
+        for round in 0..rounds {
+            progress(&format!("taskfleet: chain, round {}", round + 1));
+            chains.push(secs(fleet::chain(&fleet, args.chain_steps).await?));
+        }
+        let celery_chain = run_celery("chain", sized(args.chain_steps))?;
+        table.push(Row::time(
+            format!("chain: {} sequential small Python steps", args.chain_steps),
+            median(&mut chains),
+            field(celery_chain.as_ref(), "elapsed_s"),
+            "s",
+        ));
     }
 
     // 6. The added cost of a Python step over a jq step.
