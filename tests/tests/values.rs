@@ -104,6 +104,15 @@ async fn an_output_nested_too_deep_fails_the_step() {
     assert_eq!(run["output"], 63, "{run:#}");
 }
 
+/// Opens a connection and a channel to the fleets' RabbitMQ.
+async fn broker() -> (lapin::Connection, lapin::Channel) {
+    let connection = lapin::Connection::connect(AMQP, ConnectionProperties::default())
+        .await
+        .unwrap();
+    let channel = connection.create_channel().await.unwrap();
+    (connection, channel)
+}
+
 /// Declares a task queue no worker consumes, `<namespace>.tasks.held`, where steps with
 /// `"queue": "held"` wait for the test to take them.
 async fn hold(channel: &lapin::Channel, fleet: &TestFleet) -> String {
@@ -156,10 +165,7 @@ async fn pass_on(channel: &lapin::Channel, fleet: &TestFleet, body: &[u8]) {
 #[tokio::test]
 async fn a_task_of_an_unknown_protocol_version_fails_the_step_as_invalid_task() {
     let fleet = TestFleet::start().await.unwrap();
-    let connection = lapin::Connection::connect(AMQP, ConnectionProperties::default())
-        .await
-        .unwrap();
-    let channel = connection.create_channel().await.unwrap();
+    let (connection, channel) = broker().await;
     // The held queue keeps the task until the test rewrites it as version 2 and passes it on.
     let held = hold(&channel, &fleet).await;
     let definition = json!({"steps": [{"id": "held", "dataflow": ".", "queue": "held"}]});
@@ -186,10 +192,7 @@ async fn a_task_of_an_unknown_protocol_version_fails_the_step_as_invalid_task() 
 #[tokio::test]
 async fn each_task_of_a_bundle_is_read_on_its_own() {
     let fleet = TestFleet::start().await.unwrap();
-    let connection = lapin::Connection::connect(AMQP, ConnectionProperties::default())
-        .await
-        .unwrap();
-    let channel = connection.create_channel().await.unwrap();
+    let (connection, channel) = broker().await;
     let held = hold(&channel, &fleet).await;
     let definition = json!({"steps": [{"id": "held", "dataflow": ". * 2", "queue": "held"}]});
     let mut ids = Vec::new();
@@ -244,10 +247,7 @@ async fn each_task_of_a_bundle_is_read_on_its_own() {
 #[tokio::test]
 async fn messages_naming_no_task_are_dead_lettered_and_the_fleet_goes_on() {
     let fleet = TestFleet::start().await.unwrap();
-    let connection = lapin::Connection::connect(AMQP, ConnectionProperties::default())
-        .await
-        .unwrap();
-    let channel = connection.create_channel().await.unwrap();
+    let (connection, channel) = broker().await;
     for (queue, body) in [
         ("tasks.default", b"not json at all".as_slice()),
         ("completions", br#"{"hello": "world"}"#.as_slice()),

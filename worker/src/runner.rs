@@ -354,14 +354,20 @@ fn ranges_within(body: &[u8], parts: &[&[u8]]) -> Vec<Range<usize>> {
         .collect()
 }
 
-/// How many times the task of a delivery was delivered before it, from its count header (1
-/// without one).
-fn delivered_before(delivery: &Delivery) -> u32 {
+/// The count header of a delivery, if it has one.
+fn count_header(delivery: &Delivery) -> Option<&AMQPValue> {
     delivery
         .properties
         .headers()
-        .as_ref()
-        .and_then(|headers| headers.inner().get(DELIVERIES_HEADER))
+        .as_ref()?
+        .inner()
+        .get(DELIVERIES_HEADER)
+}
+
+/// How many times the task of a delivery was delivered before it, from its count header (1
+/// without one).
+fn delivered_before(delivery: &Delivery) -> u32 {
+    count_header(delivery)
         .and_then(AMQPValue::as_long_long_int)
         .and_then(|count| u32::try_from(count).ok())
         .unwrap_or(1)
@@ -369,11 +375,7 @@ fn delivered_before(delivery: &Delivery) -> u32 {
 
 /// Whether a delivery is a copy this fleet put back in its queue with a count of deliveries.
 fn is_copy(delivery: &Delivery) -> bool {
-    delivery
-        .properties
-        .headers()
-        .as_ref()
-        .is_some_and(|headers| headers.inner().contains_key(DELIVERIES_HEADER))
+    count_header(delivery).is_some()
 }
 
 /// Reads, runs and reports one task of a delivery (`body` is where it lies in the delivery's
