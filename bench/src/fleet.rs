@@ -160,40 +160,37 @@ async fn last_finished(fleet: &TestFleet) -> Result<SystemTime> {
     Ok(SystemTime::UNIX_EPOCH + Duration::from_secs_f64(epoch))
 }
 
-/// Starts a run and waits for its end with one long poll; returns the run.
-async fn run_to_end(fleet: &TestFleet, definition: &Value, input: &Value) -> Result<Value> {
-    let (status, body) = fleet
-        .request(
-            "POST",
-            "/v1/runs",
-            Some(&json!({"definition": definition, "input": input})),
-        )
-        .await;
-    ensure!(status == 201, "submit failed: {body}");
-    let id = body["id"].as_str().context("run id")?;
-    loop {
-        let (status, run) = fleet
-            .request("GET", &format!("/v1/runs/{id}?wait=30"), None)
-            .await;
-        ensure!(status == 200, "reading the run failed: {run}");
-        match run["status"].as_str() {
-            Some("succeeded") => return Ok(run),
-            Some("running" | "pending") => {}
-            _ => anyhow::bail!("run failed: {}", run["error"]),
-        }
-    }
+/// Runs an inline definition to its end (`POST /v1/runs`, then long polls), checks that it
+/// succeeded with `expected` as its output, and returns the time from submit to its end.
+async fn timed_run(
+    fleet: &TestFleet,
+    definition: &Value,
+    input: &Value,
+    expected: &Value,
+) -> Result<Duration> {
+    let started = Instant::now();
+    let run = fleet.run(definition, input).await;
+    let elapsed = started.elapsed();
+    ensure!(
+        run["status"] == "succeeded" && run["output"] == *expected,
+        "the run ended {} with output {} (expected {expected}), error {}",
+        run["status"],
+        run["output"],
+        run["error"]
+    );
+    Ok(elapsed)
 }
 
-/// Times `runs` sequential one-step runs of `step`, each a `POST /v1/runs` followed by a
-/// `GET /v1/runs/{id}?wait=30`, after a few runs that warm connections and caches.
+/// Times `runs` sequential one-step runs of `step`, each a `POST /v1/runs` followed by long
+/// polls of `GET /v1/runs/{id}?wait=`, after a few runs that warm connections and caches.
 pub async fn latency(fleet: &TestFleet, step: &Value, runs: usize) -> Result<Vec<Duration>> {
     let definition = json!({ "steps": [step] });
     let mut timings = Vec::with_capacity(runs);
     for round in 0..runs + 10 {
-        let started = Instant::now();
-        run_to_end(fleet, &definition, &json!({"n": round})).await?;
+        let input = json!({"n": round});
+        let elapsed = timed_run(fleet, &definition, &input, &input).await?;
         if round >= 10 {
-            timings.push(started.elapsed());
+            timings.push(elapsed);
         }
     }
     Ok(timings)
@@ -245,15 +242,7 @@ pub async fn fan_out(fleet: &TestFleet, items: usize) -> Result<Duration> {
         {"id": "each", "python": "fleet_steps:echo", "after": ["items"], "for_each": "."},
         {"id": "join", "dataflow": "length", "after": ["each"]}
     ]});
-    let started = Instant::now();
-    let run = run_to_end(fleet, &definition, &json!(items)).await?;
-    let elapsed = started.elapsed();
-    ensure!(
-        run["output"] == json!(items),
-        "wrong join: {}",
-        run["output"]
-    );
-    Ok(elapsed)
+    timed_run(fleet, &definition, &json!(items), &json!(items)).await
 }
 
 /// Runs a chain of `steps` Python steps, each adding one to its input, and returns the time
@@ -271,15 +260,7 @@ pub async fn chain(fleet: &TestFleet, steps: usize) -> Result<Duration> {
         .collect();
     let count = steps.len();
     let definition = json!({ "steps": steps });
-    let started = Instant::now();
-    let run = run_to_end(fleet, &definition, &json!(0)).await?;
-    let elapsed = started.elapsed();
-    ensure!(
-        run["output"] == json!(count),
-        "wrong chain output: {}",
-        run["output"]
-    );
-    Ok(elapsed)
+    timed_run(fleet, &definition, &json!(0), &json!(count)).await
 }
 
 /// Times `calls` sequential no-op steps of each kind through a worker's own executors (a jq `.`

@@ -129,6 +129,44 @@ fn percentile(timings: &mut [Duration], p: f64) -> Duration {
     timings[index.min(timings.len() - 1)]
 }
 
+/// The p50 and p99 of each round of a timed workload, in milliseconds.
+#[derive(Default)]
+struct Percentiles {
+    p50s: Vec<f64>,
+    p99s: Vec<f64>,
+}
+
+impl Percentiles {
+    /// Adds a round's timings.
+    fn add(&mut self, mut timings: Vec<Duration>) {
+        self.p50s.push(secs(percentile(&mut timings, 0.5)) * 1e3);
+        self.p99s.push(secs(percentile(&mut timings, 0.99)) * 1e3);
+    }
+
+    /// Adds the medians' rows, `what, p50` and `what, p99`, with Celery's figures of those
+    /// names.
+    fn push_rows(
+        mut self,
+        table: &mut Table,
+        what: &str,
+        celery: Option<&Value>,
+        (p50, p99): (&str, &str),
+    ) {
+        table.push(Row::time(
+            format!("{what}, p50"),
+            median(&mut self.p50s),
+            field(celery, p50),
+            "ms",
+        ));
+        table.push(Row::time(
+            format!("{what}, p99"),
+            median(&mut self.p99s),
+            field(celery, p99),
+            "ms",
+        ));
+    }
+}
+
 /// The Celery figure `field` of a report, if Celery ran.
 fn field(report: Option<&Value>, field: &str) -> Option<f64> {
     report.and_then(|report| report[field].as_f64())
@@ -204,37 +242,27 @@ async fn main() -> Result<()> {
         let fleet = fleet::start(args.shape()).await?;
         let celery_latency = run_celery("latency", sized(args.latency_runs))?;
         for (label, step) in [("jq", fleet::jq_noop()), ("Python", fleet::python_noop())] {
-            let (mut p50s, mut p99s) = (Vec::new(), Vec::new());
+            let mut percentiles = Percentiles::default();
             for round in 0..rounds {
                 progress(&format!("taskfleet: latency {label}, round {}", round + 1));
-                let mut timings = fleet::latency(&fleet, &step, args.latency_runs).await?;
-                p50s.push(secs(percentile(&mut timings, 0.5)) * 1e3);
-                p99s.push(secs(percentile(&mut timings, 0.99)) * 1e3);
+                percentiles.add(fleet::latency(&fleet, &step, args.latency_runs).await?);
             }
-            let what = format!("latency: one-step {label} run, submit → result");
-            table.push(Row::time(
-                format!("{what}, p50"),
-                median(&mut p50s),
-                field(celery_latency.as_ref(), "p50_ms"),
-                "ms",
-            ));
-            table.push(Row::time(
-                format!("{what}, p99"),
-                median(&mut p99s),
-                field(celery_latency.as_ref(), "p99_ms"),
-                "ms",
-            ));
+            percentiles.push_rows(
+                &mut table,
+                &format!("latency: one-step {label} run, submit → result"),
+                celery_latency.as_ref(),
+                ("p50_ms", "p99_ms"),
+            );
         }
     }
     if args.runs(Workload::Enqueue) {
         let fleet = fleet::start(args.shape()).await?;
-        let (mut p50s, mut p99s, mut achieved) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut percentiles, mut achieved) = (Percentiles::default(), Vec::new());
         for round in 0..rounds {
             progress(&format!("taskfleet: enqueue, round {}", round + 1));
-            let (mut timings, rate) =
+            let (timings, rate) =
                 fleet::enqueue(&fleet, args.enqueue_rate, args.enqueue_seconds).await?;
-            p50s.push(secs(percentile(&mut timings, 0.5)) * 1e3);
-            p99s.push(secs(percentile(&mut timings, 0.99)) * 1e3);
+            percentiles.add(timings);
             achieved.push(rate);
         }
         let celery_enqueue = run_celery(
@@ -253,18 +281,12 @@ async fn main() -> Result<()> {
             args.enqueue_rate,
             median(&mut achieved)
         );
-        table.push(Row::time(
-            format!("{what}, p50"),
-            median(&mut p50s),
-            field(celery_enqueue.as_ref(), "call_p50_ms"),
-            "ms",
-        ));
-        table.push(Row::time(
-            format!("{what}, p99"),
-            median(&mut p99s),
-            field(celery_enqueue.as_ref(), "call_p99_ms"),
-            "ms",
-        ));
+        percentiles.push_rows(
+            &mut table,
+            &what,
+            celery_enqueue.as_ref(),
+            ("call_p50_ms", "call_p99_ms"),
+        );
     }
     if args.runs(Workload::FanOut) {
         let fleet = fleet::start(args.shape()).await?;

@@ -83,18 +83,19 @@ impl CompletionLoop {
                 () = shutdown.cancelled() => return,
             };
             let Some(first) = first else { return };
-            let mut carried = carried_count(&first);
+            let mut read = Read::default();
+            read.add(&first);
             let mut batch = vec![first];
-            while carried < MAX_BATCH {
+            while read.len() < MAX_BATCH {
                 match deliveries.next().now_or_never() {
                     Some(Some(delivery)) => {
-                        carried += carried_count(&delivery);
+                        read.add(&delivery);
                         batch.push(delivery);
                     }
                     _ => break,
                 }
             }
-            if !self.handle(&batch, &shutdown).await {
+            if !self.handle(read, &shutdown).await {
                 // Shutting down with the batch unrecorded: the broker redelivers it.
                 return;
             }
@@ -110,27 +111,13 @@ impl CompletionLoop {
     }
 
     /// Records a batch; returns false if shutdown came first.
-    async fn handle(&mut self, deliveries: &[Delivery], shutdown: &CancellationToken) -> bool {
-        let mut completions = Vec::with_capacity(deliveries.len());
-        for delivery in deliveries {
-            let bodies = match protocol::unbundle(&delivery.data) {
-                Ok(bodies) => bodies,
-                Err(error) => {
-                    tracing::error!(%error, "a message of completions cannot be read; moving it to the dead letters");
-                    vec![delivery.data.as_slice()]
-                }
-            };
-            for body in bodies {
-                match read_completion(body) {
-                    Some(completion) => completions.push(completion),
-                    None => {
-                        self.broker
-                            .dead_letter(body, "a completion that names no task")
-                            .await;
-                    }
-                }
-            }
+    async fn handle(&mut self, read: Read, shutdown: &CancellationToken) -> bool {
+        for body in &read.unreadable {
+            self.broker
+                .dead_letter(body, "a completion that names no task")
+                .await;
         }
+        let completions = read.completions;
         match self.record_with_retries(&completions, shutdown).await {
             Some(Ok(())) => true,
             None => false,
@@ -189,14 +176,11 @@ impl CompletionLoop {
     ) -> Option<Result<(), AdvanceError>> {
         let mut delay = Duration::from_millis(100);
         loop {
-            let advanced = self.advance(completions).await;
-            if matches!(&advanced, Err(error) if error.is_unavailable()) {
-                // The held connection may be the broken part: the next try takes a fresh one.
-                self.db.discard();
-            }
-            match advanced {
+            match self.advance(completions).await {
                 Err(error) if error.is_unavailable() => {
                     tracing::warn!(%error, ?delay, "database unavailable; retrying completions");
+                    // The held connection may be the broken part: the next try takes another.
+                    self.db.discard();
                     tokio::select! {
                         () = tokio::time::sleep(delay) => {}
                         () = shutdown.cancelled() => return None,
@@ -291,20 +275,17 @@ impl CompletionLoop {
             .filter(|run| advanced.contains(&run.id) && run.status == "running")
             .collect();
         // A run whose every step was just recorded needs no read: the batch knows its states.
-        states.retain(|run_id, known| {
-            runs.iter().any(|run| {
-                run.id == *run_id
-                    && run
-                        .definition
-                        .steps
-                        .iter()
-                        .all(|step| known.contains_key(&step.id))
-            })
-        });
+        // The others are read whole (their rows include what was just recorded).
         let unknown: Vec<Uuid> = runs
             .iter()
+            .filter(|run| {
+                let known = states.get(&run.id);
+                !run.definition
+                    .steps
+                    .iter()
+                    .all(|step| known.is_some_and(|known| known.contains_key(&step.id)))
+            })
             .map(|run| run.id)
-            .filter(|id| !states.contains_key(id))
             .collect();
         for row in store::task_states(&mut tx, &unknown).await? {
             states
@@ -446,15 +427,34 @@ fn plan_runs(
     (materialized, finished)
 }
 
-/// Roughly how many completions a message carries: a bundle's size is not known before it is
-/// read, so it is guessed from the body's length, which is enough to bound a batch.
-fn carried_count(delivery: &Delivery) -> usize {
-    const TYPICAL_COMPLETION_BYTES: usize = 300;
-    let body = &delivery.data;
-    if body.first() == Some(&b'[') {
-        (body.len() / TYPICAL_COMPLETION_BYTES).max(1)
-    } else {
-        1
+/// The completions read from a batch of messages, and the bodies that name no task.
+#[derive(Default)]
+struct Read {
+    completions: Vec<Completion>,
+    unreadable: Vec<Vec<u8>>,
+}
+
+impl Read {
+    /// Reads every completion a message carries (one, or a bundle).
+    fn add(&mut self, delivery: &Delivery) {
+        let bodies = match protocol::unbundle(&delivery.data) {
+            Ok(bodies) => bodies,
+            Err(error) => {
+                tracing::error!(%error, "a message of completions cannot be read; moving it to the dead letters");
+                vec![delivery.data.as_slice()]
+            }
+        };
+        for body in bodies {
+            match read_completion(body) {
+                Some(completion) => self.completions.push(completion),
+                None => self.unreadable.push(body.to_vec()),
+            }
+        }
+    }
+
+    /// How many messages it holds.
+    fn len(&self) -> usize {
+        self.completions.len() + self.unreadable.len()
     }
 }
 

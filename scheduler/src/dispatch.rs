@@ -141,8 +141,8 @@ async fn dispatch_loop(
     }
 }
 
-/// Marks confirmed tasks dispatched [`MARK_AFTER`] their confirm, all that are due in one
-/// statement, on a connection of its own; at `stopping`, marks everything left at once.
+/// Marks confirmed tasks dispatched [`MARK_AFTER`] their confirm, on a connection of its own;
+/// at `stopping`, marks everything left at once.
 async fn mark_loop(
     db: sqlx::PgPool,
     mut confirmed: mpsc::UnboundedReceiver<(tokio::time::Instant, Vec<Uuid>)>,
@@ -154,6 +154,8 @@ async fn mark_loop(
             () = tokio::time::sleep_until(at + MARK_AFTER) => {}
             () = stopping.cancelled() => {}
         }
+        // Everything else due joins this statement, and so does the first entry not yet due,
+        // a moment early, rather than be held back for a statement of its own.
         let now = tokio::time::Instant::now();
         while let Ok((at, ids)) = confirmed.try_recv() {
             due.extend(ids);

@@ -87,13 +87,11 @@ impl HeldConnection {
 
     /// The held connection, taken from the pool if none is held.
     pub async fn get(&mut self) -> Result<&mut PgConnection, StoreError> {
-        if self.conn.is_none() {
-            self.conn = Some(self.pool.acquire().await?);
-        }
-        match self.conn.as_mut() {
-            Some(conn) => Ok(&mut **conn),
-            None => Err(StoreError::Database(sqlx::Error::PoolClosed)),
-        }
+        let conn = match self.conn.take() {
+            Some(conn) => conn,
+            None => self.pool.acquire().await?,
+        };
+        Ok(&mut **self.conn.insert(conn))
     }
 
     /// Passes `result` on, giving up the connection if the error says it may be broken.

@@ -6,6 +6,7 @@
 
 use std::time::{Duration, Instant};
 
+use lapin::message::Delivery;
 use lapin::options::{
     BasicGetOptions, BasicPublishOptions, QueueDeclareOptions, QueueDeleteOptions,
 };
@@ -130,22 +131,54 @@ async fn hold(channel: &lapin::Channel, fleet: &TestFleet) -> String {
     held
 }
 
-/// Takes `count` task messages from the held queue, as the scheduler dispatched them (each
-/// message one task: they were submitted one at a time).
-async fn take_held(channel: &lapin::Channel, held: &str, count: usize) -> Vec<Value> {
+/// Takes `count` messages from `queue`, waiting for them up to 30 s.
+async fn take(channel: &lapin::Channel, queue: &str, count: usize) -> Vec<Delivery> {
     let deadline = Instant::now() + Duration::from_secs(30);
-    let mut tasks = Vec::new();
-    while tasks.len() < count {
+    let mut taken = Vec::new();
+    while taken.len() < count {
         let options = BasicGetOptions { no_ack: true };
-        match channel.basic_get(held.into(), options).await.unwrap() {
-            Some(message) => tasks.push(serde_json::from_slice(&message.delivery.data).unwrap()),
+        match channel.basic_get(queue.into(), options).await.unwrap() {
+            Some(message) => taken.push(message.delivery),
             None => {
-                assert!(Instant::now() < deadline, "the tasks were not dispatched");
+                assert!(
+                    Instant::now() < deadline,
+                    "{queue} holds {} of {count} messages",
+                    taken.len()
+                );
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
         }
     }
-    tasks
+    taken
+}
+
+/// Takes `count` task messages from the held queue, as the scheduler dispatched them (each
+/// message one task: they were submitted one at a time).
+async fn take_held(channel: &lapin::Channel, held: &str, count: usize) -> Vec<Value> {
+    take(channel, held, count)
+        .await
+        .iter()
+        .map(|delivery| serde_json::from_slice(&delivery.data).unwrap())
+        .collect()
+}
+
+/// Takes `count` messages from the fleet's dead-letters queue (declared here, with the fleet's
+/// own arguments, in case no process of the fleet has declared it yet).
+async fn take_dead_letters(
+    channel: &lapin::Channel,
+    fleet: &TestFleet,
+    count: usize,
+) -> Vec<Delivery> {
+    let dead = format!("{}.dead-letters", fleet.namespace);
+    channel
+        .queue_declare(
+            dead.as_str().into(),
+            QueueDeclareOptions::durable(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    take(channel, &dead, count).await
 }
 
 /// Publishes `body` to the fleet's default task queue, which its workers consume.
@@ -215,29 +248,8 @@ async fn each_task_of_a_bundle_is_read_on_its_own() {
     );
     let last = fleet.wait_run(&ids[2], Duration::from_secs(60)).await;
     assert_eq!(last["output"], 4, "{last:#}");
-    let dead = format!("{}.dead-letters", fleet.namespace);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let letter = loop {
-        channel
-            .queue_declare(
-                dead.as_str().into(),
-                QueueDeclareOptions::durable(),
-                FieldTable::default(),
-            )
-            .await
-            .unwrap();
-        let options = BasicGetOptions { no_ack: true };
-        if let Some(message) = channel
-            .basic_get(dead.as_str().into(), options)
-            .await
-            .unwrap()
-        {
-            break message;
-        }
-        assert!(Instant::now() < deadline, "nothing was dead-lettered");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
-    assert_eq!(letter.delivery.data, br#"{"hello":"bundle"}"#);
+    let letters = take_dead_letters(&channel, &fleet, 1).await;
+    assert_eq!(letters[0].data, br#"{"hello":"bundle"}"#);
     let _ = channel
         .queue_delete(held.as_str().into(), QueueDeleteOptions::default())
         .await;
@@ -263,51 +275,26 @@ async fn messages_naming_no_task_are_dead_lettered_and_the_fleet_goes_on() {
             .await
             .unwrap();
     }
-    let dead = format!("{}.dead-letters", fleet.namespace);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let mut reasons = Vec::new();
-    while reasons.len() < 2 {
-        assert!(
-            Instant::now() < deadline,
-            "dead letters so far: {reasons:?}"
-        );
-        channel
-            .queue_declare(
-                dead.as_str().into(),
-                QueueDeclareOptions::durable(),
-                FieldTable::default(),
+    let mut reasons: Vec<(String, String, String)> = take_dead_letters(&channel, &fleet, 2)
+        .await
+        .iter()
+        .map(|delivery| {
+            let headers = delivery.properties.headers().clone().unwrap_or_default();
+            let header = |name: &str| {
+                headers
+                    .inner()
+                    .get(name)
+                    .and_then(|value| value.as_long_string())
+                    .map(ToString::to_string)
+                    .unwrap_or_default()
+            };
+            (
+                header("x-taskfleet-source"),
+                String::from_utf8_lossy(&delivery.data).into_owned(),
+                header("x-taskfleet-reason"),
             )
-            .await
-            .unwrap();
-        let got = channel
-            .basic_get(dead.as_str().into(), BasicGetOptions { no_ack: true })
-            .await
-            .unwrap();
-        match got {
-            Some(message) => {
-                let headers = message
-                    .delivery
-                    .properties
-                    .headers()
-                    .clone()
-                    .unwrap_or_default();
-                let header = |name: &str| {
-                    headers
-                        .inner()
-                        .get(name)
-                        .and_then(|value| value.as_long_string())
-                        .map(ToString::to_string)
-                        .unwrap_or_default()
-                };
-                reasons.push((
-                    header("x-taskfleet-source"),
-                    String::from_utf8_lossy(&message.delivery.data).into_owned(),
-                    header("x-taskfleet-reason"),
-                ));
-            }
-            None => tokio::time::sleep(Duration::from_millis(50)).await,
-        }
-    }
+        })
+        .collect();
     reasons.sort();
     assert_eq!(reasons[0].0, format!("{}.completions", fleet.namespace));
     assert_eq!(reasons[0].1, r#"{"hello": "world"}"#);
