@@ -289,6 +289,7 @@ pub async fn executor_cost(calls: usize) -> Result<(Vec<Duration>, Vec<Duration>
         step,
         input: json!({"n": 1}),
         timeout_s: None,
+        ends_run: false,
     };
     let jq = task(StepKind::Dataflow {
         program: ".".to_owned(),

@@ -287,6 +287,14 @@ impl StepDefinition {
 }
 
 impl WorkflowDefinition {
+    /// Whether planning its steps runs jq programs (an `input`, `for_each` or `when`); without
+    /// them planning is quick work on values.
+    pub fn plans_with_programs(&self) -> bool {
+        self.steps
+            .iter()
+            .any(|step| step.input.is_some() || step.for_each.is_some() || step.when.is_some())
+    }
+
     /// Checks the whole definition: each step, the references between steps, and that the
     /// steps form a DAG. Returns every problem found. Compiling its jq programs is most of the
     /// work, so they are compiled through `programs` (and kept there).
@@ -478,6 +486,21 @@ mod tests {
                 problem.contains(want),
                 "{problem:?} should contain {want:?}"
             );
+        }
+    }
+
+    #[test]
+    fn planning_needs_programs_only_for_input_for_each_and_when() {
+        let plain = parse(json!({"steps": [
+            {"id": "a", "dataflow": ".x"},
+            {"id": "b", "python": "m:f", "after": ["a"]}
+        ]}));
+        assert!(!plain.plans_with_programs());
+        for field in ["input", "for_each", "when"] {
+            let mut step = json!({"id": "b", "python": "m:f", "after": ["a"]});
+            step[field] = json!(".");
+            let definition = parse(json!({"steps": [{"id": "a", "dataflow": "."}, step]}));
+            assert!(definition.plans_with_programs(), "{field}");
         }
     }
 

@@ -37,6 +37,11 @@ pub struct TaskMessage {
     /// The longest the attempt may run, in seconds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout_s: Option<f64>,
+    /// Set when the run is this one step alone, planned without programs, so that the step's
+    /// success ends the run. The worker repeats it in the completion; the scheduler then
+    /// records the success and finishes the run in one statement.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub ends_run: bool,
 }
 
 /// How an attempt ended.
@@ -77,6 +82,9 @@ pub struct CompletionMessage {
     /// What the step printed or logged during the attempt (capped by the worker).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub logs: Option<String>,
+    /// The task's [`TaskMessage::ends_run`], repeated.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub ends_run: bool,
 }
 
 /// Describes why a message body could not be read.
@@ -166,9 +174,17 @@ mod tests {
             },
             input: json!({"a": [1, 2]}),
             timeout_s: None,
+            ends_run: true,
         };
         let decoded: TaskMessage = decode(&encode(&task)).expect("decodes");
         assert_eq!(decoded, task);
+        // Written without the flag (it is false, or by a build that predates it): false.
+        let without = encode(&TaskMessage {
+            ends_run: false,
+            ..task
+        });
+        assert!(!String::from_utf8_lossy(&without).contains("ends_run"));
+        assert!(!decode::<TaskMessage>(&without).expect("decodes").ends_run);
     }
 
     #[test]
@@ -185,6 +201,7 @@ mod tests {
             started_at: Utc::now(),
             finished_at: Utc::now(),
             logs: Some("working\n".into()),
+            ends_run: true,
         };
         let decoded: CompletionMessage = decode(&encode(&completion)).expect("decodes");
         assert_eq!(decoded, completion);

@@ -7,6 +7,7 @@
 //! that is down) never blocks the others: the batch is retried one completion at a time, and a
 //! completion refused on its own is recorded as a failed step.
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
@@ -244,11 +245,46 @@ impl CompletionLoop {
         Ok((retries, finals))
     }
 
-    /// Records one batch and plans what follows, in one transaction.
+    /// Records one batch and plans what follows: first the successes that end runs of a single
+    /// step (see [`store::finish_single_steps`]), in one statement, then the rest in one
+    /// transaction.
     async fn advance(&mut self, completions: &[Completion]) -> Result<(), AdvanceError> {
+        let completions = self.finish_single_steps(completions).await?;
         if completions.is_empty() {
             return Ok(());
         }
+        self.advance_in_transaction(&completions).await
+    }
+
+    /// Finishes the runs of a single step that a success of the batch ends, and announces them;
+    /// returns the completions left to record.
+    async fn finish_single_steps<'a>(
+        &mut self,
+        completions: &'a [Completion],
+    ) -> Result<Cow<'a, [Completion]>, AdvanceError> {
+        let ends_run = |c: &Completion| c.ends_run && c.status == "succeeded";
+        let ending: Vec<&Completion> = completions.iter().filter(|c| ends_run(c)).collect();
+        if ending.is_empty() {
+            return Ok(Cow::Borrowed(completions));
+        }
+        let (handled, finished) = store::finish_single_steps(self.db.get().await?, &ending).await?;
+        self.notifier.announce(&finished).await;
+        if handled.is_empty() {
+            return Ok(Cow::Borrowed(completions));
+        }
+        let handled: HashSet<Uuid> = handled.into_iter().collect();
+        Ok(completions
+            .iter()
+            .filter(|c| !(ends_run(c) && handled.contains(&c.run_id)))
+            .cloned()
+            .collect())
+    }
+
+    /// Records completions and plans what follows, in one transaction.
+    async fn advance_in_transaction(
+        &mut self,
+        completions: &[Completion],
+    ) -> Result<(), AdvanceError> {
         let mut tx = self
             .db
             .get()
@@ -260,14 +296,17 @@ impl CompletionLoop {
         run_ids.sort_unstable();
         run_ids.dedup();
         // Lock first: another scheduler advancing the same run waits here, then sees our rows.
-        let runs: Vec<RunToPlan> = store::lock_runs(&mut tx, &run_ids)
-            .await?
-            .into_iter()
-            .filter_map(RunToPlan::parse)
-            .collect();
-        let (retries, finals) = Self::split_retries(&mut tx, &runs, completions).await?;
-        store::schedule_retries(&mut tx, &retries).await?;
-        let recorded = store::record_completions(&mut tx, &finals).await?;
+        // A batch without failures records in the same statement, each task once its run is
+        // locked; a failure may be retried, which its run's definition decides.
+        let (runs, recorded) = if completions.iter().all(|c| c.status != "failed") {
+            let (locked, recorded) = store::lock_and_record(&mut tx, &run_ids, completions).await?;
+            (RunToPlan::parse_all(locked), recorded)
+        } else {
+            let runs = RunToPlan::parse_all(store::lock_runs(&mut tx, &run_ids).await?);
+            let (retries, finals) = Self::split_retries(&mut tx, &runs, completions).await?;
+            store::schedule_retries(&mut tx, &retries).await?;
+            (runs, store::record_completions(&mut tx, &finals).await?)
+        };
         let mut states = steps_recorded(&recorded);
         let advanced = fan_in(&mut tx, recorded).await?;
         let runs: Vec<RunToPlan> = runs
@@ -293,12 +332,19 @@ impl CompletionLoop {
                 .or_default()
                 .insert(row.step_id, step_state(&row.status, row.output, row.error));
         }
-        // Planning runs user jq programs: keep it off the async threads.
+        // Planning may run user jq programs: those runs are planned off the async threads.
         let programs = self.programs.clone();
         let (materialized, finished) =
-            tokio::task::spawn_blocking(move || plan_runs(&programs, runs, states))
-                .await
-                .map_err(|error| AdvanceError::Planning(error.to_string()))?;
+            if runs.iter().any(|run| run.definition.plans_with_programs()) {
+                tokio::task::spawn_blocking(move || plan_runs(&programs, runs, states))
+                    .await
+                    .map_err(|error| AdvanceError::Planning(error.to_string()))?
+            } else {
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    plan_runs(&programs, runs, states)
+                }))
+                .map_err(|_| AdvanceError::Planning("planning panicked".to_owned()))?
+            };
         let finished_ids: HashSet<Uuid> = finished.iter().map(|run| run.id).collect();
         // A run that ended in this batch dispatches nothing more: its queued tasks are
         // cancelled by `finish_runs`.
@@ -387,6 +433,10 @@ struct RunToPlan {
 }
 
 impl RunToPlan {
+    fn parse_all(runs: Vec<LockedRun>) -> Vec<Self> {
+        runs.into_iter().filter_map(Self::parse).collect()
+    }
+
     fn parse(run: LockedRun) -> Option<Self> {
         match serde_json::from_value(run.definition.0) {
             Ok(definition) => Some(Self {
@@ -489,6 +539,7 @@ fn read_completion(body: &[u8]) -> Option<Completion> {
                     started_at: now,
                     finished_at: now,
                     logs: None,
+                    ends_run: false,
                 })
             }
             Err(_) => {
@@ -519,6 +570,7 @@ fn to_completion(message: &CompletionMessage) -> Completion {
         started_at: message.started_at,
         finished_at: message.finished_at,
         logs: message.logs.clone(),
+        ends_run: message.ends_run,
     }
 }
 

@@ -64,6 +64,7 @@ impl Dispatch {
             step: step.kind()?,
             input,
             timeout_s: step.timeout_s,
+            ends_run: definition.steps.len() == 1 && !definition.plans_with_programs(),
         };
         Some(Self {
             task_id,
@@ -334,6 +335,7 @@ mod tests {
             },
             input: serde_json::json!(n),
             timeout_s: None,
+            ends_run: false,
         };
         Dispatch {
             task_id: message.task_id.0,
@@ -364,6 +366,42 @@ mod tests {
                 (outgoing.queue, outgoing.priority, inputs)
             })
             .collect()
+    }
+
+    #[test]
+    fn only_a_run_of_one_plain_step_is_ended_by_its_task() {
+        let ends_run = |definition: serde_json::Value| {
+            let definition: WorkflowDefinition =
+                serde_json::from_value(definition).expect("parses");
+            let step = definition.steps[0].id.clone();
+            let dispatch = Dispatch::new(
+                &definition,
+                Uuid::now_v7(),
+                Uuid::now_v7(),
+                &step,
+                1,
+                serde_json::json!(1),
+            )
+            .expect("the step exists");
+            protocol::decode::<TaskMessage>(&dispatch.outgoing.body)
+                .expect("decodes")
+                .ends_run
+        };
+        assert!(ends_run(
+            serde_json::json!({"steps": [{"id": "a", "dataflow": "."}]})
+        ));
+        assert!(ends_run(
+            serde_json::json!({"steps": [{"id": "a", "python": "m:f"}]})
+        ));
+        assert!(!ends_run(serde_json::json!({"steps": [
+            {"id": "a", "dataflow": "."}, {"id": "b", "dataflow": ".", "after": ["a"]}]})));
+        assert!(!ends_run(serde_json::json!({"steps": [
+            {"id": "a", "dataflow": "."}, {"id": "b", "dataflow": "."}]})));
+        for field in ["input", "for_each", "when"] {
+            let mut step = serde_json::json!({"id": "a", "dataflow": "."});
+            step[field] = serde_json::json!(".");
+            assert!(!ends_run(serde_json::json!({"steps": [step]})), "{field}");
+        }
     }
 
     #[test]

@@ -638,6 +638,8 @@ pub struct Completion {
     pub finished_at: DateTime<Utc>,
     /// What the step printed or logged.
     pub logs: Option<String>,
+    /// Whether the task said its success ends its run (see [`finish_single_steps`]).
+    pub ends_run: bool,
 }
 
 /// A completion that was recorded.
@@ -657,52 +659,183 @@ pub struct Recorded {
     pub error: Option<Json<Value>>,
 }
 
+/// The completions, bound as arrays (`$1` to `$9`), one row per attempt of a task (a batch
+/// may hold the same completion twice). Joined to `tasks` by id and attempt, each task row is
+/// written at most once.
+const COMPLETION_ROWS: &str = "(SELECT DISTINCT ON (u.id, u.attempt) u.*
+               FROM UNNEST($1::uuid[], $2::integer[], $3::text[], $4::jsonb[], $5::jsonb[],
+                           $6::text[], $7::timestamptz[], $8::timestamptz[], $9::text[])
+                    AS u(id, attempt, status, output, error, worker, started, finished, logs)
+               ORDER BY u.id, u.attempt) AS c";
+
+/// Writes the completions of `c` on their tasks still queued at that attempt.
+const RECORD_COMPLETIONS: &str = "UPDATE tasks SET status = c.status, output = c.output,
+                error = c.error, worker_id = c.worker, started_at = c.started,
+                finished_at = c.finished, logs = c.logs";
+
+/// What a recorded completion returns.
+const RECORDED_COLUMNS: &str = "tasks.run_id, tasks.step_id, tasks.item, tasks.status,
+                tasks.output, tasks.error";
+
+/// Binds `completions` as the arrays `$1` to `$9` of [`COMPLETION_ROWS`].
+fn bind_completions<'q, O, C: std::borrow::Borrow<Completion>>(
+    query: sqlx::query::QueryAs<'q, Postgres, O, PgArguments>,
+    rows: &'q [C],
+) -> sqlx::query::QueryAs<'q, Postgres, O, PgArguments> {
+    let completions = || rows.iter().map(C::borrow);
+    let ids: Vec<Uuid> = completions().map(|c| c.task_id).collect();
+    let attempts: Vec<i32> = completions().map(|c| c.attempt).collect();
+    let statuses: Vec<&str> = completions().map(|c| c.status).collect();
+    let outputs: Vec<Option<Json<&Value>>> =
+        completions().map(|c| c.output.as_ref().map(Json)).collect();
+    let errors: Vec<Option<Json<&Value>>> =
+        completions().map(|c| c.error.as_ref().map(Json)).collect();
+    let workers: Vec<&str> = completions().map(|c| c.worker_id.as_str()).collect();
+    let started: Vec<DateTime<Utc>> = completions().map(|c| c.started_at).collect();
+    let finished: Vec<DateTime<Utc>> = completions().map(|c| c.finished_at).collect();
+    let logs: Vec<Option<&str>> = completions().map(|c| c.logs.as_deref()).collect();
+    query
+        .bind(ids)
+        .bind(attempts)
+        .bind(statuses)
+        .bind(outputs)
+        .bind(errors)
+        .bind(workers)
+        .bind(started)
+        .bind(finished)
+        .bind(logs)
+}
+
 /// Records completions whose task is still queued at that attempt, and returns those
 /// recorded. Replays and late completions of other attempts change nothing.
 pub async fn record_completions(
     tx: &mut Transaction<'_, Postgres>,
     completions: &[Completion],
 ) -> Result<Vec<Recorded>, StoreError> {
-    let ids: Vec<Uuid> = completions.iter().map(|c| c.task_id).collect();
-    let attempts: Vec<i32> = completions.iter().map(|c| c.attempt).collect();
-    let statuses: Vec<&str> = completions.iter().map(|c| c.status).collect();
-    let outputs: Vec<Option<Json<&Value>>> = completions
-        .iter()
-        .map(|c| c.output.as_ref().map(Json))
-        .collect();
-    let errors: Vec<Option<Json<&Value>>> = completions
-        .iter()
-        .map(|c| c.error.as_ref().map(Json))
-        .collect();
-    let workers: Vec<&str> = completions.iter().map(|c| c.worker_id.as_str()).collect();
-    let started: Vec<DateTime<Utc>> = completions.iter().map(|c| c.started_at).collect();
-    let finished: Vec<DateTime<Utc>> = completions.iter().map(|c| c.finished_at).collect();
-    let logs: Vec<Option<&str>> = completions.iter().map(|c| c.logs.as_deref()).collect();
-    Ok(sqlx::query_as(
-        "UPDATE tasks SET status = c.status, output = c.output, error = c.error,
-                worker_id = c.worker, started_at = c.started, finished_at = c.finished,
-                logs = c.logs
-         FROM (SELECT DISTINCT ON (u.id) u.*
-               FROM UNNEST($1::uuid[], $2::integer[], $3::text[], $4::jsonb[], $5::jsonb[],
-                           $6::text[], $7::timestamptz[], $8::timestamptz[], $9::text[])
-                    AS u(id, attempt, status, output, error, worker, started, finished, logs)
-               JOIN tasks t ON t.id = u.id AND t.attempt = u.attempt
-               ORDER BY u.id) AS c
+    let sql = format!(
+        "{RECORD_COMPLETIONS}
+         FROM {COMPLETION_ROWS}
          WHERE tasks.id = c.id AND tasks.attempt = c.attempt AND tasks.status = 'queued'
-         RETURNING tasks.run_id, tasks.step_id, tasks.item, tasks.status, tasks.output,
-                   tasks.error",
+         RETURNING {RECORDED_COLUMNS}"
+    );
+    Ok(
+        bind_completions(sqlx::query_as(sqlx::AssertSqlSafe(sql)), completions)
+            .fetch_all(&mut **tx)
+            .await?,
     )
-    .bind(&ids)
-    .bind(&attempts)
-    .bind(&statuses)
-    .bind(&outputs)
-    .bind(&errors)
-    .bind(&workers)
-    .bind(&started)
-    .bind(&finished)
-    .bind(&logs)
-    .fetch_all(&mut **tx)
-    .await?)
+}
+
+/// Records the successes among `completions` whose run is a single step that plans without
+/// programs (no `input`, `for_each` or `when`), and finishes those runs with their step's
+/// output, in one statement: nothing is left to plan for such a run once its step succeeded.
+/// Each run is locked (in id order) before its task is written, as [`lock_runs`] does. Returns
+/// the runs it locked, whose completions need nothing more, and among them those it finished.
+pub async fn finish_single_steps(
+    conn: &mut PgConnection,
+    completions: &[&Completion],
+) -> Result<(Vec<Uuid>, Vec<Uuid>), StoreError> {
+    let sql = format!(
+        "WITH locked AS MATERIALIZED (
+             SELECT id FROM runs
+             WHERE id = ANY($10) AND status = 'running'
+               AND jsonb_array_length(definition->'steps') = 1
+               AND NOT (definition->'steps'->0 ?| array['input', 'for_each', 'when'])
+             ORDER BY id FOR UPDATE),
+         recorded AS (
+             {RECORD_COMPLETIONS}
+             FROM {COMPLETION_ROWS}
+             WHERE tasks.id = c.id AND tasks.attempt = c.attempt AND tasks.status = 'queued'
+               AND tasks.item = -1 AND c.status = 'succeeded'
+               AND tasks.run_id = ANY (ARRAY(SELECT id FROM locked))
+             RETURNING tasks.run_id, tasks.output),
+         finished AS (
+             UPDATE runs SET status = 'succeeded', output = r.output, finished_at = now()
+             FROM recorded r
+             WHERE runs.id = r.run_id
+             RETURNING runs.id)
+         SELECT id, false FROM locked UNION ALL SELECT id, true FROM finished"
+    );
+    let mut run_ids: Vec<Uuid> = completions.iter().map(|c| c.run_id).collect();
+    run_ids.sort_unstable();
+    run_ids.dedup();
+    let rows: Vec<(Uuid, bool)> =
+        bind_completions(sqlx::query_as(sqlx::AssertSqlSafe(sql)), completions)
+            .bind(run_ids)
+            .fetch_all(&mut *conn)
+            .await?;
+    let (finished, locked): (Vec<_>, Vec<_>) =
+        rows.into_iter().partition(|(_, finished)| *finished);
+    Ok((
+        locked.into_iter().map(|(id, _)| id).collect(),
+        finished.into_iter().map(|(id, _)| id).collect(),
+    ))
+}
+
+/// A row of [`lock_and_record`]: a locked run (`step_id` null) or a recorded completion.
+#[derive(sqlx::FromRow)]
+struct LockedOrRecorded {
+    run_id: Uuid,
+    definition: Option<Json<Value>>,
+    input: Option<Json<Value>>,
+    status: String,
+    step_id: Option<String>,
+    item: Option<i32>,
+    output: Option<Json<Value>>,
+    error: Option<Json<Value>>,
+}
+
+/// Locks the runs of `completions` (as [`lock_runs`] does) and records the completions (as
+/// [`record_completions`] does) in one statement: a task is written only if its run is among
+/// the locked rows, so only once its run is locked. For batches that need no decision
+/// between the two (no failure that a retry policy may take back).
+pub async fn lock_and_record(
+    tx: &mut Transaction<'_, Postgres>,
+    run_ids: &[Uuid],
+    completions: &[Completion],
+) -> Result<(Vec<LockedRun>, Vec<Recorded>), StoreError> {
+    let sql = format!(
+        "WITH locked AS MATERIALIZED (
+             SELECT id, definition, input, status FROM runs
+             WHERE id = ANY($10) ORDER BY id FOR UPDATE),
+         recorded AS (
+             {RECORD_COMPLETIONS}
+             FROM {COMPLETION_ROWS}
+             WHERE tasks.id = c.id AND tasks.attempt = c.attempt AND tasks.status = 'queued'
+               AND tasks.run_id = ANY (ARRAY(SELECT id FROM locked))
+             RETURNING {RECORDED_COLUMNS})
+         SELECT id AS run_id, definition, input, status, NULL::text AS step_id,
+                NULL::integer AS item, NULL::jsonb AS output, NULL::jsonb AS error
+         FROM locked
+         UNION ALL
+         SELECT run_id, NULL, NULL, status, step_id, item, output, error FROM recorded"
+    );
+    let rows: Vec<LockedOrRecorded> =
+        bind_completions(sqlx::query_as(sqlx::AssertSqlSafe(sql)), completions)
+            .bind(run_ids)
+            .fetch_all(&mut **tx)
+            .await?;
+    let mut locked = Vec::new();
+    let mut recorded = Vec::new();
+    for row in rows {
+        match (row.step_id, row.definition, row.input) {
+            (Some(step_id), _, _) => recorded.push(Recorded {
+                run_id: row.run_id,
+                step_id,
+                item: row.item.unwrap_or(-1),
+                status: row.status,
+                output: row.output,
+                error: row.error,
+            }),
+            (None, Some(definition), Some(input)) => locked.push(LockedRun {
+                id: row.run_id,
+                definition,
+                input,
+                status: row.status,
+            }),
+            (None, _, _) => {}
+        }
+    }
+    Ok((locked, recorded))
 }
 
 /// Adds succeeded items to the counters of their `for_each` steps, and returns the steps whose
