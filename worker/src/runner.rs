@@ -108,14 +108,6 @@ const MAX_LOST_WORKERS: u32 = 3;
 /// and of Redis.
 const DELIVERIES_HEADER: &str = "x-taskfleet-deliveries";
 
-/// What taking a lease found.
-enum Lease {
-    /// Run the task; the token stops it when its run is cancelled.
-    Granted(CancellationToken),
-    /// The run was cancelled: drop the task.
-    Cancelled,
-}
-
 /// What to do with a delivery the broker marked redelivered (its previous holder lost its
 /// connection without acknowledging it).
 enum Redelivery {
@@ -446,6 +438,7 @@ async fn handle_task(
         started_at,
         finished_at,
         logs,
+        ends_run: task.ends_run,
     };
     shared.reporter.send(Report {
         completion,
@@ -498,6 +491,7 @@ impl Shared {
             started_at: now,
             finished_at: now,
             logs: None,
+            ends_run: false,
         };
         self.reporter.send(Report {
             completion,
@@ -526,24 +520,33 @@ impl Shared {
     }
     /// Runs `task` under a lease and returns how it ended; an output that cannot be stored or
     /// sent fails the task.
+    ///
+    /// A jq step runs while its lease is being taken: it has no effect beyond its output, which
+    /// is dropped if the lease finds its run cancelled. Any other step starts only once the
+    /// lease is taken.
     async fn execute(
         &self,
         task: &TaskMessage,
         started_at: chrono::DateTime<Utc>,
     ) -> (Outcome, Option<String>) {
-        let cancelled = match self.take_lease(task, started_at).await {
-            Lease::Granted(token) => token,
-            Lease::Cancelled => {
-                let error =
-                    StepError::new(CANCELLED, "the run was cancelled before this task started");
-                return (Outcome::Failed { error }, None);
-            }
-        };
+        let cancelled = self.register(task);
         let limit = task
             .timeout_s
             .and_then(|seconds| Duration::try_from_secs_f64(seconds).ok());
-        let (result, logs) = self.cancellable(task, limit, &cancelled).await;
+        let lease = self.take_lease(task, started_at);
+        let executed = if matches!(task.step, StepKind::Dataflow { .. }) {
+            let (lease, executed) = tokio::join!(lease, self.cancellable(task, limit, &cancelled));
+            lease.then_some(executed)
+        } else if lease.await {
+            Some(self.cancellable(task, limit, &cancelled).await)
+        } else {
+            None
+        };
         self.release(task.task_id);
+        let Some((result, logs)) = executed else {
+            let error = StepError::new(CANCELLED, "the run was cancelled before this task started");
+            return (Outcome::Failed { error }, None);
+        };
         let outcome = match result {
             Ok(output) => match value::check(&output) {
                 Ok(()) => Outcome::Succeeded { output },
@@ -576,15 +579,22 @@ impl Shared {
         }
     }
 
-    /// Takes (or takes over) the lease on a task, in the same round trip as checking that its
-    /// run was not cancelled and counting the deliveries of this attempt. Best effort: without
-    /// Redis the task still runs, and fencing by attempt keeps its completion safe.
-    async fn take_lease(&self, task: &TaskMessage, started_at: chrono::DateTime<Utc>) -> Lease {
+    /// Counts `task` among the running ones, whose leases the renewal loop keeps alive; the
+    /// token it returns stops the task when its run is cancelled.
+    fn register(&self, task: &TaskMessage) -> CancellationToken {
         let token = CancellationToken::new();
         self.running
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .insert(task.task_id, (task.run_id, token.clone()));
+        token
+    }
+
+    /// Takes (or takes over) the lease on a task, in the same round trip as checking that its
+    /// run was not cancelled and counting the deliveries of this attempt; returns false if the
+    /// run was cancelled. Best effort: without Redis the task still runs, and fencing by
+    /// attempt keeps its completion safe.
+    async fn take_lease(&self, task: &TaskMessage, started_at: chrono::DateTime<Utc>) -> bool {
         let lease = json!({
             "worker_id": self.worker_id,
             "attempt": task.attempt,
@@ -603,14 +613,10 @@ impl Shared {
             .query_async::<(bool,)>(&mut redis)
             .await;
         match result {
-            Ok((true,)) => {
-                self.release(task.task_id);
-                Lease::Cancelled
-            }
-            Ok((false,)) => Lease::Granted(token),
+            Ok((cancelled,)) => !cancelled,
             Err(error) => {
                 tracing::warn!(task_id = %task.task_id, %error, "taking the lease");
-                Lease::Granted(token)
+                true
             }
         }
     }
