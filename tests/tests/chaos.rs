@@ -34,6 +34,11 @@ fn chain() -> Value {
     ]})
 }
 
+/// A run of one step: its success is recorded and the run finished in one statement.
+fn single() -> Value {
+    json!({"steps": [{"id": "only", "python": "fleet_steps:mark"}]})
+}
+
 fn fan_out() -> Value {
     json!({"steps": [
         {"id": "items", "dataflow": ". as $in | [range($in.k) | {dir: $in.dir, n: ., sleep: $in.sleep}]"},
@@ -77,7 +82,8 @@ async fn submit_batch(fleet: &TestFleet, api: &str, runs: &[Value]) -> Vec<Strin
     }
 }
 
-/// Submits one wave: `chains` chain runs and one fan-out, half through each scheduler.
+/// Submits one wave: `chains` runs (one in three a single step, the others chains) and one
+/// fan-out, half through each scheduler.
 async fn wave(
     fleet: &TestFleet,
     apis: &[String; 2],
@@ -90,9 +96,14 @@ async fn wave(
     let mut expected = Vec::new();
     for n in 0..chains {
         let input = json!({"dir": dir, "n": n, "sleep": 0.05});
-        expected.push(json!({"dir": dir, "n": n + 12, "sleep": 0.05}));
+        let (definition, added) = if n % 3 == 0 {
+            (single(), 1)
+        } else {
+            (chain(), 12)
+        };
+        expected.push(json!({"dir": dir, "n": n + added, "sleep": 0.05}));
         runs.push(json!({
-            "definition": chain(),
+            "definition": definition,
             "input": input,
             "idempotency_key": format!("chaos-{wave}-{n}"),
         }));
