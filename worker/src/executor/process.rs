@@ -16,6 +16,7 @@ use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use serde::de::DeserializeOwned;
@@ -127,10 +128,71 @@ pub(crate) fn decode<T: DeserializeOwned>(body: &[u8]) -> std::io::Result<T> {
         .map_err(|error| std::io::Error::new(std::io::ErrorKind::InvalidData, error))
 }
 
+/// How long an executor that finished a call polls for the next one before it sleeps: waking a
+/// sleeping thread costs tens of microseconds on a virtual machine, more than a small step.
+/// Polling yields the CPU between attempts, so busy processes lose nothing to it, and an idle
+/// executor sleeps once the window has passed.
+const CALL_POLL: Duration = Duration::from_micros(100);
+
+/// Polls `stream` for up to `window` without sleeping (yielding the CPU between attempts), and
+/// reads what came into `prefix`; returns how many bytes it read (`Some(0)`: the stream ended;
+/// `None`: nothing came).
+fn poll_read(
+    stream: &mut UnixStream,
+    prefix: &mut [u8; 4],
+    window: Duration,
+) -> std::io::Result<Option<usize>> {
+    stream.set_nonblocking(true)?;
+    let deadline = Instant::now() + window;
+    let read = loop {
+        match stream.read(prefix) {
+            Ok(n) => break Ok(Some(n)),
+            Err(error)
+                if matches!(
+                    error.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted
+                ) =>
+            {
+                if Instant::now() >= deadline {
+                    break Ok(None);
+                }
+                std::thread::yield_now();
+            }
+            Err(error) => break Err(error),
+        }
+    };
+    stream.set_nonblocking(false)?;
+    read
+}
+
+/// Reads one call frame, first polling for up to `window`; `None` at the end of the stream.
+fn read_call(stream: &mut UnixStream, window: Duration) -> std::io::Result<Option<Request>> {
+    let mut prefix = [0; 4];
+    let filled = if window.is_zero() {
+        0
+    } else {
+        match poll_read(stream, &mut prefix, window)? {
+            Some(0) => return Ok(None),
+            Some(n) => n,
+            None => 0,
+        }
+    };
+    read_rest(stream, prefix, filled)
+}
+
 /// Reads one frame, blocking; `None` at the end of the stream.
 fn read_frame<T: DeserializeOwned>(stream: &mut impl Read) -> std::io::Result<Option<T>> {
-    let mut prefix = [0; 4];
-    match stream.read_exact(&mut prefix) {
+    read_rest(stream, [0; 4], 0)
+}
+
+/// Reads the rest of a frame whose first `filled` bytes are in `prefix`, blocking; `None` at
+/// the end of the stream.
+fn read_rest<T: DeserializeOwned>(
+    stream: &mut impl Read,
+    mut prefix: [u8; 4],
+    filled: usize,
+) -> std::io::Result<Option<T>> {
+    match stream.read_exact(&mut prefix[filled..]) {
         Ok(()) => {}
         Err(error) if error.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
         Err(error) => return Err(error),
@@ -166,9 +228,15 @@ pub fn serve(socket: &Path) -> anyhow::Result<()> {
         anyhow::bail!("the worker did not send the executor's settings first");
     };
     let done = send.clone();
+    // The first call is awaited asleep; later ones are polled for a while first (see
+    // `CALL_POLL`). Polling sets the connection non-blocking, which its clone `writer` shares:
+    // only the interpreter thread writes once the executor is ready, and never while it polls.
+    let mut poll = Duration::ZERO;
     // Runs on the interpreter thread, without the GIL, between calls.
     let next_call = move || loop {
-        match read_frame::<Request>(&mut calls) {
+        let read = read_call(&mut calls, poll);
+        poll = CALL_POLL;
+        match read {
             Ok(Some(Request::Run { id, call })) => {
                 let done = done.clone();
                 return Some(IncomingCall {
@@ -245,6 +313,39 @@ mod tests {
         assert_eq!(id, 7);
         assert_eq!(decoded.input, call.input);
         assert_eq!(decoded.target, call.target);
+    }
+
+    #[test]
+    fn calls_are_read_whether_they_come_within_the_polling_window_or_after_it() {
+        let (mut ours, mut theirs) = UnixStream::pair().expect("a socket pair");
+        let stop = || encode(&Request::Stop { id: 3 });
+        theirs.write_all(&stop()).expect("writes");
+        let read = read_call(&mut ours, CALL_POLL).expect("reads");
+        assert!(matches!(read, Some(Request::Stop { id: 3 })), "{read:?}");
+        // Sent long after the window: read asleep, and the connection is blocking again.
+        let late = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(50));
+            // Split inside the length prefix, which polling may have read part of.
+            let frame = stop();
+            theirs.write_all(&frame[..2]).expect("writes");
+            std::thread::sleep(Duration::from_millis(5));
+            theirs.write_all(&frame[2..]).expect("writes");
+            theirs
+        });
+        let read = read_call(&mut ours, CALL_POLL).expect("reads");
+        assert!(matches!(read, Some(Request::Stop { id: 3 })), "{read:?}");
+        let mut theirs = late.join().expect("the writer ends");
+        // Half a length prefix within the window, the rest after it.
+        let frame = stop();
+        theirs.write_all(&frame[..2]).expect("writes");
+        let rest = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(20));
+            theirs.write_all(&frame[2..]).expect("writes");
+        });
+        let read = read_call(&mut ours, CALL_POLL).expect("reads");
+        assert!(matches!(read, Some(Request::Stop { id: 3 })), "{read:?}");
+        rest.join().expect("the writer ends");
+        assert!(read_call(&mut ours, CALL_POLL).expect("reads").is_none());
     }
 
     #[test]
