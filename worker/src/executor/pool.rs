@@ -21,20 +21,17 @@ use std::num::NonZeroUsize;
 use std::path::PathBuf;
 use std::process::{ExitStatus, Stdio};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use futures_util::StreamExt;
 use serde_json::Value;
 use taskfleet_common::StepError;
 use taskfleet_common::error::WORKER_LOST;
-use tokio::io::AsyncWriteExt;
-use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::io::{AsyncWriteExt, Interest};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::process::{Child, Command};
 use tokio::sync::Semaphore;
-use tokio_util::codec::{FramedRead, LengthDelimitedCodec};
 
 use super::process::{self, Call, EXECUTOR_FLAG, Reply, Request};
 use super::python::{PythonOutput, PythonSettings, PythonTarget, StepContext};
@@ -46,6 +43,12 @@ const START_TIMEOUT: Duration = Duration::from_secs(60);
 const RETIRE_TIMEOUT: Duration = Duration::from_secs(5);
 /// The longest wait between attempts to start an executor that keeps failing to start.
 const MAX_RESTART_DELAY: Duration = Duration::from_secs(30);
+/// How long a caller polls for its call's outcome before it waits asleep: a small step is
+/// answered within this, sooner than a sleeping thread is woken on a virtual machine. Polling
+/// yields to the caller's other tasks between attempts, and only goes on while no other call
+/// waits for an executor: a pool with calls queued is busy, and a polling thread would take a
+/// core from the executors.
+const REPLY_POLL: Duration = Duration::from_micros(100);
 
 /// How a worker runs its pool of executors.
 #[derive(Debug, Clone)]
@@ -83,6 +86,8 @@ struct Inner {
     idle: std::sync::Mutex<Vec<Executor>>,
     /// One permit per executor in `idle`.
     available: Semaphore,
+    /// Calls waiting for an executor.
+    waiting: AtomicUsize,
     /// Where the executors' sockets are made; removed with the pool.
     sockets: SocketDir,
     /// Numbers the sockets.
@@ -99,6 +104,7 @@ impl PythonPool {
             settings,
             idle: std::sync::Mutex::new(Vec::with_capacity(executors)),
             available: Semaphore::new(0),
+            waiting: AtomicUsize::new(0),
             sockets: SocketDir::create()?,
             spawned: AtomicU64::new(0),
         });
@@ -128,7 +134,11 @@ impl PythonPool {
     ) -> PythonOutput {
         let mut call = Call { target, input, ctx };
         loop {
-            let Ok(permit) = self.inner.available.acquire().await else {
+            let acquired = {
+                let _waiting = Waiting::count(&self.inner.waiting);
+                self.inner.available.acquire().await
+            };
+            let Ok(permit) = acquired else {
                 return lost("the python executors have stopped".to_owned());
             };
             permit.forget();
@@ -224,6 +234,22 @@ impl Inner {
     }
 }
 
+/// Counts a call among those waiting for an executor while it lives.
+struct Waiting<'a>(&'a AtomicUsize);
+
+impl<'a> Waiting<'a> {
+    fn count(waiting: &'a AtomicUsize) -> Self {
+        waiting.fetch_add(1, Ordering::Relaxed);
+        Self(waiting)
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 /// The outcome of a call whose executor went away.
 fn lost(message: String) -> PythonOutput {
     PythonOutput {
@@ -256,7 +282,8 @@ impl Held<'_> {
         // executor to the stop-or-kill path, never back in the pool with half a frame sent.
         self.running = Some(id);
         if let Err(error) = executor
-            .writer
+            .calls_connection
+            .stream
             .write_all(&process::encode_run(id, &call))
             .await
         {
@@ -273,7 +300,7 @@ impl Held<'_> {
             }
         };
         let ended = tokio::select! {
-            ended = executor.until_done(id) => ended,
+            ended = executor.until_done(id, Some(&self.inner.waiting)) => ended,
             // Left running: dropping `self` stops it.
             () = expired => {
                 return Ok(PythonOutput {
@@ -325,10 +352,8 @@ impl Drop for Held<'_> {
 struct Executor {
     child: Child,
     pid: u32,
-    /// Outcomes, read from the calls connection.
-    frames: FramedRead<OwnedReadHalf, LengthDelimitedCodec>,
-    /// Calls, written to the calls connection.
-    writer: OwnedWriteHalf,
+    /// Calls and their outcomes.
+    calls_connection: CallsConnection,
     /// `Stop` requests, written to the control connection.
     control: UnixStream,
     /// Calls served so far.
@@ -373,12 +398,12 @@ impl Executor {
         drop(listener);
         let _ = std::fs::remove_file(&path);
         let (calls, control) = connected?;
-        let (reader, writer) = calls.into_split();
+        let calls_connection = CallsConnection::new(calls)
+            .context("setting up a python executor's calls connection")?;
         let mut executor = Self {
             child,
             pid,
-            frames: FramedRead::new(reader, codec()),
-            writer,
+            calls_connection,
             control,
             calls: 0,
         };
@@ -386,7 +411,7 @@ impl Executor {
             .send(&Request::Start(inner.settings.python.clone()))
             .await
             .context("sending a python executor its settings")?;
-        let reply = tokio::time::timeout(START_TIMEOUT, executor.next_reply())
+        let reply = tokio::time::timeout(START_TIMEOUT, executor.next_reply(None))
             .await
             .map_err(|_| {
                 anyhow::anyhow!("the python executor {pid} did not start within {START_TIMEOUT:?}")
@@ -410,25 +435,35 @@ impl Executor {
     }
 
     async fn send(&mut self, request: &Request) -> std::io::Result<()> {
-        self.writer.write_all(&process::encode(request)).await
+        self.calls_connection
+            .stream
+            .write_all(&process::encode(request))
+            .await
     }
 
     /// Reads the next reply; an error at the end of the stream or on an unreadable frame.
     /// Cancel safe.
-    async fn next_reply(&mut self) -> std::io::Result<Reply> {
-        match self.frames.next().await {
-            Some(frame) => process::decode(&frame?),
-            None => Err(std::io::Error::new(
-                std::io::ErrorKind::UnexpectedEof,
-                "the connection closed",
-            )),
-        }
+    /// With `waiting`, polls for it first while no call waits for an executor (see
+    /// [`REPLY_POLL`]).
+    async fn next_reply(&mut self, waiting: Option<&AtomicUsize>) -> std::io::Result<Reply> {
+        let poll = if waiting.is_some() {
+            REPLY_POLL
+        } else {
+            Duration::ZERO
+        };
+        let others_wait = || waiting.is_some_and(|waiting| waiting.load(Ordering::Relaxed) > 0);
+        let frame = self.calls_connection.next_frame(poll, others_wait).await?;
+        process::decode(&frame)
     }
 
     /// Waits for the outcome of call `id`; cancel safe. An error when the executor is gone.
-    async fn until_done(&mut self, id: u64) -> std::io::Result<PythonOutput> {
+    async fn until_done(
+        &mut self,
+        id: u64,
+        waiting: Option<&AtomicUsize>,
+    ) -> std::io::Result<PythonOutput> {
         loop {
-            match self.next_reply().await {
+            match self.next_reply(waiting).await {
                 Ok(Reply::Done { id: done, output }) if done == id => return Ok(output),
                 Ok(other) => {
                     tracing::warn!(
@@ -453,7 +488,7 @@ impl Executor {
         {
             return false;
         }
-        match tokio::time::timeout(kill_grace, self.until_done(id)).await {
+        match tokio::time::timeout(kill_grace, self.until_done(id, None)).await {
             Ok(ended) => ended.is_ok(),
             Err(_) => {
                 tracing::warn!(
@@ -491,13 +526,12 @@ impl Executor {
     async fn retire(self) {
         let Self {
             mut child,
-            frames,
-            writer,
+            calls_connection,
             control,
             pid,
             ..
         } = self;
-        drop((frames, writer, control));
+        drop((calls_connection, control));
         match tokio::time::timeout(RETIRE_TIMEOUT, child.wait()).await {
             Ok(_) => tracing::debug!(pid, "python executor retired"),
             Err(_) => {
@@ -522,13 +556,102 @@ impl Executor {
     }
 }
 
-/// Frames: a little-endian `u32` length, then the body (see [`super::process`]).
-fn codec() -> LengthDelimitedCodec {
-    LengthDelimitedCodec::builder()
-        .little_endian()
-        .length_field_length(4)
-        .max_frame_length(process::MAX_FRAME)
-        .new_codec()
+/// An executor's calls connection. Calls are written to `stream`; replies, frames of a
+/// little-endian `u32` length and then the body (see [`super::process`]), are read through
+/// `direct`, a second handle to the same socket.
+///
+/// Reading through `direct` rather than through the runtime's readiness lets a caller that polls
+/// for its reply see it as soon as it is written, without waiting for the thread that holds the
+/// runtime's I/O driver to be woken.
+struct CallsConnection {
+    stream: UnixStream,
+    /// The same socket, non-blocking like `stream`.
+    direct: std::os::unix::net::UnixStream,
+    /// Bytes read and not yet returned as a frame.
+    buffer: Vec<u8>,
+}
+
+impl CallsConnection {
+    fn new(stream: UnixStream) -> std::io::Result<Self> {
+        use std::os::fd::AsFd;
+        let direct = stream.as_fd().try_clone_to_owned()?.into();
+        Ok(Self {
+            stream,
+            direct,
+            buffer: Vec::new(),
+        })
+    }
+
+    /// The next frame's body: polled for up to `poll` (yielding between attempts) unless
+    /// `stop_polling` says so, then awaited asleep. An error at the end of the stream or on an
+    /// oversized frame. Cancel safe: what was read stays in the buffer.
+    async fn next_frame(
+        &mut self,
+        poll: Duration,
+        stop_polling: impl Fn() -> bool,
+    ) -> std::io::Result<Vec<u8>> {
+        let polled_until = Instant::now() + poll;
+        loop {
+            if let Some(frame) = self.take_frame()? {
+                return Ok(frame);
+            }
+            let read = if Instant::now() < polled_until && !stop_polling() {
+                match read_into(&self.direct, &mut self.buffer) {
+                    Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => {
+                        tokio::task::yield_now().await;
+                        continue;
+                    }
+                    read => read,
+                }
+            } else {
+                self.stream.readable().await?;
+                // A `WouldBlock` here clears readiness left from an earlier event.
+                match self.stream.try_io(Interest::READABLE, || {
+                    read_into(&self.direct, &mut self.buffer)
+                }) {
+                    Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => continue,
+                    read => read,
+                }
+            };
+            match read {
+                Ok(0) => {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::UnexpectedEof,
+                        "the connection closed",
+                    ));
+                }
+                Ok(_) => {}
+                Err(error) if error.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(error) => return Err(error),
+            }
+        }
+    }
+
+    /// Takes a whole frame's body off the front of the buffer, if one is there.
+    fn take_frame(&mut self) -> std::io::Result<Option<Vec<u8>>> {
+        let Some(prefix) = self.buffer.first_chunk::<4>() else {
+            return Ok(None);
+        };
+        let end = process::frame_length(*prefix)? + 4;
+        if self.buffer.len() < end {
+            return Ok(None);
+        }
+        let body = self.buffer[4..end].to_vec();
+        self.buffer.drain(..end);
+        Ok(Some(body))
+    }
+}
+
+/// Reads what the socket holds onto the end of `buffer`.
+fn read_into(
+    mut stream: &std::os::unix::net::UnixStream,
+    buffer: &mut Vec<u8>,
+) -> std::io::Result<usize> {
+    use std::io::Read;
+    let mut chunk = [0; 16 * 1024];
+    let read = stream.read(&mut chunk)?;
+    buffer.extend_from_slice(&chunk[..read]);
+    Ok(read)
 }
 
 fn describe_exit(status: std::io::Result<ExitStatus>) -> String {
@@ -599,5 +722,69 @@ mod tests {
         assert_eq!(mode & 0o777, 0o700);
         drop(dir);
         assert!(!path.exists());
+    }
+
+    fn frame(body: &[u8]) -> Vec<u8> {
+        let mut frame = u32::try_from(body.len())
+            .expect("small")
+            .to_le_bytes()
+            .to_vec();
+        frame.extend_from_slice(body);
+        frame
+    }
+
+    #[tokio::test]
+    async fn replies_are_read_whole_however_they_arrive() {
+        use tokio::io::AsyncWriteExt;
+        let (ours, mut theirs) = UnixStream::pair().expect("a pair");
+        let mut replies = CallsConnection::new(ours).expect("set up");
+        // Two frames in one write, read within the polling window.
+        let mut both = frame(b"first");
+        both.extend(frame(b"second"));
+        theirs.write_all(&both).await.expect("writes");
+        let poll = Duration::from_secs(1);
+        assert_eq!(
+            replies.next_frame(poll, || false).await.expect("reads"),
+            b"first"
+        );
+        assert_eq!(
+            replies.next_frame(poll, || false).await.expect("reads"),
+            b"second"
+        );
+        // A frame split across writes, the second after the window: read asleep.
+        let large = vec![7; 100 * 1024];
+        let large_frame = frame(&large);
+        let (head, tail) = large_frame.split_at(3);
+        theirs.write_all(head).await.expect("writes");
+        let later = async {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            theirs.write_all(tail).await.expect("writes");
+            theirs
+        };
+        let (read, theirs) = tokio::join!(replies.next_frame(Duration::ZERO, || false), later);
+        assert_eq!(read.expect("reads"), large);
+        // The end of the stream is an error, not a frame.
+        drop(theirs);
+        let ended = replies
+            .next_frame(poll, || false)
+            .await
+            .expect_err("closed");
+        assert_eq!(ended.kind(), std::io::ErrorKind::UnexpectedEof);
+    }
+
+    #[tokio::test]
+    async fn an_oversized_reply_is_refused() {
+        use tokio::io::AsyncWriteExt;
+        let (ours, mut theirs) = UnixStream::pair().expect("a pair");
+        let mut replies = CallsConnection::new(ours).expect("set up");
+        let prefix = u32::try_from(process::MAX_FRAME + 1)
+            .expect("fits")
+            .to_le_bytes();
+        theirs.write_all(&prefix).await.expect("writes");
+        let refused = replies
+            .next_frame(Duration::from_secs(1), || false)
+            .await
+            .expect_err("refused");
+        assert_eq!(refused.kind(), std::io::ErrorKind::InvalidData);
     }
 }
