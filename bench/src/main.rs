@@ -324,19 +324,26 @@ async fn main() -> Result<()> {
 
     // 6. The added cost of a Python step over a jq step.
     if args.runs(Workload::PythonCost) {
-        let mut added = Vec::new();
+        let (mut jq_calls, mut python_calls, mut added) = (Vec::new(), Vec::new(), Vec::new());
         for round in 0..rounds {
             progress(&format!("taskfleet: executor cost, round {}", round + 1));
             let (mut jq, mut python) = fleet::executor_cost(args.executor_calls).await?;
-            let jq = secs(percentile(&mut jq, 0.5));
-            let python = secs(percentile(&mut python, 0.5));
-            added.push((python - jq) * 1e6);
+            let jq = secs(percentile(&mut jq, 0.5)) * 1e6;
+            let python = secs(percentile(&mut python, 0.5)) * 1e6;
+            jq_calls.push(jq);
+            python_calls.push(python);
+            added.push(python - jq);
         }
-        table.push(Row::alone(
-            "Python step over a jq step: executor cost, p50".to_owned(),
-            median(&mut added),
-            "µs",
-        ));
+        for (what, figures) in [
+            ("a no-op jq step through its executor, p50", &mut jq_calls),
+            (
+                "a no-op Python step through its executor, p50",
+                &mut python_calls,
+            ),
+            ("Python step over a jq step: executor cost, p50", &mut added),
+        ] {
+            table.push(Row::alone(what.to_owned(), median(figures), "µs"));
+        }
     }
     if let [(_, jq), (_, python)] = throughputs.as_slice() {
         table.push(Row::alone(
