@@ -81,47 +81,52 @@ async fn cancelling_a_running_run_stops_its_step_and_the_worker_goes_on() {
 
 #[tokio::test]
 async fn a_queued_task_of_a_cancelled_run_is_dropped_when_delivered() {
-    let mut fleet = TestFleet::start_with(FleetOptions {
-        workers: 0,
-        ..FleetOptions::default()
-    })
-    .await
-    .unwrap();
-    let id = fleet
-        .submit(
-            &json!({"steps": [{"id": "a", "python": "fleet_steps:double"}]}),
-            &json!(1),
-        )
-        .await;
-    let (_, run) = fleet.request("GET", &format!("/v1/runs/{id}"), None).await;
-    let task_id = run["steps"]["a"]["task_id"].as_str().unwrap().to_owned();
-    let (status, _) = fleet
-        .request("POST", &format!("/v1/runs/{id}/cancel"), None)
-        .await;
-    assert_eq!(status, 200);
-    fleet.start_worker().unwrap();
-    // The worker takes the message, sees the cancellation and drops it without running it.
-    let client = redis::Client::open(REDIS).unwrap();
-    let mut redis = client.get_multiplexed_async_connection().await.unwrap();
-    let key = format!("{}:result:{task_id}", fleet.namespace);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let result: String = loop {
-        let result: Option<String> = redis::cmd("GET")
-            .arg(&key)
-            .query_async(&mut redis)
-            .await
-            .unwrap();
-        if let Some(result) = result {
-            break result;
-        }
-        assert!(Instant::now() < deadline, "the task was never delivered");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
-    let result: Value = serde_json::from_str(&result).unwrap();
-    assert_eq!(result["outcome"]["error"]["type"], "cancelled", "{result}");
-    let (_, run) = fleet.request("GET", &format!("/v1/runs/{id}"), None).await;
-    assert_eq!(run["status"], "cancelled");
-    assert!(run["steps"]["a"]["output"].is_null());
+    // A Python step starts only once its lease is taken; a jq step runs while the lease is
+    // taken, and this one would run for minutes if the cancellation did not stop it.
+    for step in [
+        json!({"id": "a", "python": "fleet_steps:double"}),
+        json!({"id": "a", "dataflow": "reduce range(0; 1e12) as $i (0; . + 1)"}),
+    ] {
+        let mut fleet = TestFleet::start_with(FleetOptions {
+            workers: 0,
+            ..FleetOptions::default()
+        })
+        .await
+        .unwrap();
+        let id = fleet.submit(&json!({"steps": [step]}), &json!(1)).await;
+        let (_, run) = fleet.request("GET", &format!("/v1/runs/{id}"), None).await;
+        let task_id = run["steps"]["a"]["task_id"].as_str().unwrap().to_owned();
+        let (status, _) = fleet
+            .request("POST", &format!("/v1/runs/{id}/cancel"), None)
+            .await;
+        assert_eq!(status, 200);
+        fleet.start_worker().unwrap();
+        // The worker takes the message, sees the cancellation and reports the task cancelled.
+        let client = redis::Client::open(REDIS).unwrap();
+        let mut redis = client.get_multiplexed_async_connection().await.unwrap();
+        let key = format!("{}:result:{task_id}", fleet.namespace);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let result: String = loop {
+            let result: Option<String> = redis::cmd("GET")
+                .arg(&key)
+                .query_async(&mut redis)
+                .await
+                .unwrap();
+            if let Some(result) = result {
+                break result;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the task of {step} was never reported"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        let result: Value = serde_json::from_str(&result).unwrap();
+        assert_eq!(result["outcome"]["error"]["type"], "cancelled", "{result}");
+        let (_, run) = fleet.request("GET", &format!("/v1/runs/{id}"), None).await;
+        assert_eq!(run["status"], "cancelled");
+        assert!(run["steps"]["a"]["output"].is_null());
+    }
 }
 
 #[tokio::test]

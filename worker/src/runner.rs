@@ -535,6 +535,14 @@ impl Shared {
             .and_then(|seconds| Duration::try_from_secs_f64(seconds).ok());
         let lease = self.take_lease(task, started_at);
         let executed = if matches!(task.step, StepKind::Dataflow { .. }) {
+            // A cancelled run stops its step at once, as it would if cancelled while it ran.
+            let lease = async {
+                let granted = lease.await;
+                if !granted {
+                    cancelled.cancel();
+                }
+                granted
+            };
             let (lease, executed) = tokio::join!(lease, self.cancellable(task, limit, &cancelled));
             lease.then_some(executed)
         } else if lease.await {
