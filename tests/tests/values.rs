@@ -1,6 +1,7 @@
 //! A step whose output cannot be stored (a NUL character) or sent (nested too deep), and a task
 //! message the worker cannot read, fail with a step error naming the problem, and the run
-//! finishes instead of waiting forever.
+//! finishes instead of waiting forever; a success reported after its run was cancelled is not
+//! recorded.
 
 #![allow(clippy::unwrap_used, missing_docs)]
 
@@ -309,5 +310,63 @@ async fn messages_naming_no_task_are_dead_lettered_and_the_fleet_goes_on() {
         )
         .await;
     assert_eq!(run["output"], "after", "{run:#}");
+    let _ = connection.close(200, "test done".into()).await;
+}
+
+#[tokio::test]
+async fn a_success_reported_after_its_run_was_cancelled_is_not_recorded() {
+    let fleet = TestFleet::start().await.unwrap();
+    let (connection, channel) = broker().await;
+    // The held queue keeps the task while the run is cancelled; the test then reports the
+    // task's success itself, as a worker that never heard of the cancellation would.
+    let held = hold(&channel, &fleet).await;
+    let definition = json!({"steps": [{"id": "held", "dataflow": ". * 2", "queue": "held"}]});
+    let id = fleet.submit(&definition, &json!(21)).await;
+    let task = take_held(&channel, &held, 1).await.remove(0);
+    assert_eq!(task["ends_run"], true, "{task}");
+    let (status, body) = fleet
+        .request("POST", &format!("/v1/runs/{id}/cancel"), None)
+        .await;
+    assert_eq!(status, 200, "{body}");
+    // Any instant will do: the scheduler would record it as the attempt's times.
+    let now = "2026-01-01T00:00:00Z";
+    let completion = json!({
+        "version": task["version"],
+        "task_id": task["task_id"],
+        "run_id": task["run_id"],
+        "attempt": task["attempt"],
+        "worker_id": "a worker that missed the cancellation",
+        "outcome": {"status": "succeeded", "output": 42},
+        "started_at": now,
+        "finished_at": now,
+        "ends_run": true,
+    });
+    channel
+        .basic_publish(
+            "".into(),
+            format!("{}.completions", fleet.namespace).as_str().into(),
+            BasicPublishOptions::default(),
+            &serde_json::to_vec(&completion).unwrap(),
+            BasicProperties::default().with_delivery_mode(2),
+        )
+        .await
+        .unwrap();
+    // Completions are recorded in the order they arrive: once a later run has finished, the
+    // stray success has been handled.
+    let later = fleet
+        .run(
+            &json!({"steps": [{"id": "a", "dataflow": ". + 1"}]}),
+            &json!(1),
+        )
+        .await;
+    assert_eq!(later["output"], 2, "{later:#}");
+    let (_, run) = fleet.request("GET", &format!("/v1/runs/{id}"), None).await;
+    assert_eq!(run["status"], "cancelled", "{run:#}");
+    assert!(run["output"].is_null(), "{run:#}");
+    assert!(run["steps"]["held"]["output"].is_null(), "{run:#}");
+    assert_ne!(run["steps"]["held"]["status"], "succeeded", "{run:#}");
+    let _ = channel
+        .queue_delete(held.as_str().into(), QueueDeleteOptions::default())
+        .await;
     let _ = connection.close(200, "test done".into()).await;
 }
