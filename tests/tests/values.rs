@@ -118,18 +118,27 @@ async fn broker() -> (lapin::Connection, lapin::Channel) {
 /// Declares a task queue no worker consumes, `<namespace>.tasks.held`, where steps with
 /// `"queue": "held"` wait for the test to take them.
 async fn hold(channel: &lapin::Channel, fleet: &TestFleet) -> String {
-    let held = format!("{}.tasks.held", fleet.namespace);
+    declare(channel, fleet, "tasks.held").await
+}
+
+/// Declares the fleet's queue `queue` (named without its namespace) with the arguments the fleet
+/// declares it with, so that what is published to it is kept even if no process of the fleet
+/// has declared it yet; returns its full name.
+async fn declare(channel: &lapin::Channel, fleet: &TestFleet, queue: &str) -> String {
+    let name = format!("{}.{queue}", fleet.namespace);
     let mut arguments = FieldTable::default();
-    arguments.insert("x-max-priority".into(), AMQPValue::ShortShortUInt(9));
+    if queue.starts_with("tasks.") {
+        arguments.insert("x-max-priority".into(), AMQPValue::ShortShortUInt(9));
+    }
     channel
         .queue_declare(
-            held.as_str().into(),
+            name.as_str().into(),
             QueueDeclareOptions::durable(),
             arguments,
         )
         .await
         .unwrap();
-    held
+    name
 }
 
 /// Takes `count` messages from `queue`, waiting for them up to 30 s.
@@ -170,30 +179,29 @@ async fn take_dead_letters(
     fleet: &TestFleet,
     count: usize,
 ) -> Vec<Delivery> {
-    let dead = format!("{}.dead-letters", fleet.namespace);
-    channel
-        .queue_declare(
-            dead.as_str().into(),
-            QueueDeclareOptions::durable(),
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
+    let dead = declare(channel, fleet, "dead-letters").await;
     take(channel, &dead, count).await
 }
 
-/// Publishes `body` to the fleet's default task queue, which its workers consume.
-async fn pass_on(channel: &lapin::Channel, fleet: &TestFleet, body: &[u8]) {
+/// Publishes `body`, persistent, to the fleet's queue `queue` (named without its namespace),
+/// declared first: a worker still starting may not have declared its queue yet.
+async fn publish(channel: &lapin::Channel, fleet: &TestFleet, queue: &str, body: &[u8]) {
+    let name = declare(channel, fleet, queue).await;
     channel
         .basic_publish(
             "".into(),
-            format!("{}.tasks.default", fleet.namespace).as_str().into(),
+            name.as_str().into(),
             BasicPublishOptions::default(),
             body,
             BasicProperties::default().with_delivery_mode(2),
         )
         .await
         .unwrap();
+}
+
+/// Publishes `body` to the fleet's default task queue, which its workers consume.
+async fn pass_on(channel: &lapin::Channel, fleet: &TestFleet, body: &[u8]) {
+    publish(channel, fleet, "tasks.default", body).await;
 }
 
 #[tokio::test]
@@ -265,16 +273,7 @@ async fn messages_naming_no_task_are_dead_lettered_and_the_fleet_goes_on() {
         ("tasks.default", b"not json at all".as_slice()),
         ("completions", br#"{"hello": "world"}"#.as_slice()),
     ] {
-        channel
-            .basic_publish(
-                "".into(),
-                format!("{}.{queue}", fleet.namespace).as_str().into(),
-                BasicPublishOptions::default(),
-                body,
-                BasicProperties::default().with_delivery_mode(2),
-            )
-            .await
-            .unwrap();
+        publish(&channel, &fleet, queue, body).await;
     }
     let mut reasons: Vec<(String, String, String)> = take_dead_letters(&channel, &fleet, 2)
         .await
@@ -341,16 +340,13 @@ async fn a_success_reported_after_its_run_was_cancelled_is_not_recorded() {
         "finished_at": now,
         "ends_run": true,
     });
-    channel
-        .basic_publish(
-            "".into(),
-            format!("{}.completions", fleet.namespace).as_str().into(),
-            BasicPublishOptions::default(),
-            &serde_json::to_vec(&completion).unwrap(),
-            BasicProperties::default().with_delivery_mode(2),
-        )
-        .await
-        .unwrap();
+    publish(
+        &channel,
+        &fleet,
+        "completions",
+        &serde_json::to_vec(&completion).unwrap(),
+    )
+    .await;
     // Completions are recorded in the order they arrive: once a later run has finished, the
     // stray success has been handled.
     let later = fleet
