@@ -569,6 +569,9 @@ struct CallsConnection {
     direct: std::os::unix::net::UnixStream,
     /// Bytes read and not yet returned as a frame.
     buffer: Vec<u8>,
+    /// Where each read lands before it joins `buffer`; kept, so polling does not clear a fresh
+    /// one on every attempt.
+    scratch: Box<[u8]>,
 }
 
 impl CallsConnection {
@@ -579,6 +582,7 @@ impl CallsConnection {
             stream,
             direct,
             buffer: Vec::new(),
+            scratch: vec![0; 16 * 1024].into_boxed_slice(),
         })
     }
 
@@ -596,7 +600,7 @@ impl CallsConnection {
                 return Ok(frame);
             }
             let read = if Instant::now() < polled_until && !stop_polling() {
-                match read_into(&self.direct, &mut self.buffer) {
+                match self.read() {
                     Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => {
                         tokio::task::yield_now().await;
                         continue;
@@ -606,9 +610,13 @@ impl CallsConnection {
             } else {
                 self.stream.readable().await?;
                 // A `WouldBlock` here clears readiness left from an earlier event.
-                match self.stream.try_io(Interest::READABLE, || {
-                    read_into(&self.direct, &mut self.buffer)
-                }) {
+                let Self {
+                    stream,
+                    direct,
+                    buffer,
+                    scratch,
+                } = self;
+                match stream.try_io(Interest::READABLE, || read_into(direct, scratch, buffer)) {
                     Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => continue,
                     read => read,
                 }
@@ -627,6 +635,11 @@ impl CallsConnection {
         }
     }
 
+    /// Reads what the socket holds onto the end of the buffer, without waiting.
+    fn read(&mut self) -> std::io::Result<usize> {
+        read_into(&self.direct, &mut self.scratch, &mut self.buffer)
+    }
+
     /// Takes a whole frame's body off the front of the buffer, if one is there.
     fn take_frame(&mut self) -> std::io::Result<Option<Vec<u8>>> {
         let Some(prefix) = self.buffer.first_chunk::<4>() else {
@@ -642,15 +655,15 @@ impl CallsConnection {
     }
 }
 
-/// Reads what the socket holds onto the end of `buffer`.
+/// Reads what `stream` holds, through `scratch`, onto the end of `buffer`.
 fn read_into(
     mut stream: &std::os::unix::net::UnixStream,
+    scratch: &mut [u8],
     buffer: &mut Vec<u8>,
 ) -> std::io::Result<usize> {
     use std::io::Read;
-    let mut chunk = [0; 16 * 1024];
-    let read = stream.read(&mut chunk)?;
-    buffer.extend_from_slice(&chunk[..read]);
+    let read = stream.read(scratch)?;
+    buffer.extend_from_slice(&scratch[..read]);
     Ok(read)
 }
 
