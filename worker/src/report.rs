@@ -3,8 +3,10 @@
 //!
 //! The report loop takes every completion waiting, publishes them as one message (a bundle when
 //! there are several, see `taskfleet_common::protocol`) and goes straight back for more while
-//! that message waits for its confirm, so an idle worker reports each task at once and a busy
-//! one shares messages among many. Once the broker confirms a message, the results go to Redis
+//! that message waits for its confirm. At most [`MESSAGES_IN_FLIGHT`] messages wait for their
+//! confirms at once; while they do, completions gather for the next one. So an idle worker
+//! reports each task at once, and a busy one shares messages among many, even when its tasks
+//! finish one at a time (Python steps on a few executors). Once the broker confirms a message, the results go to Redis
 //! in one round trip and the deliveries whose tasks are all reported are acknowledged. A message
 //! that cannot be published is published on the next connection once the worker has reconnected
 //! (waiting up to [`REPORT_AFTER_RECONNECT`]); failing that, its deliveries go back to their
@@ -20,7 +22,7 @@ use redis::aio::ConnectionManager;
 use serde_json::json;
 use taskfleet_common::Namespace;
 use taskfleet_common::protocol::{self, CompletionMessage};
-use tokio::sync::mpsc;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -35,6 +37,8 @@ const RESULT_TTL_S: u64 = 24 * 3600;
 const MAX_PER_MESSAGE: usize = 128;
 /// The body size past which a message takes no more completions.
 const MAX_MESSAGE_BYTES: usize = 256 * 1024;
+/// The most messages of completions waiting for their confirms at once.
+const MESSAGES_IN_FLIGHT: usize = 2;
 
 /// The worker's current RabbitMQ connection, replaced after a reconnect.
 pub struct BrokerSlot(RwLock<Arc<Broker>>);
@@ -176,38 +180,65 @@ pub fn reporter(
 }
 
 async fn report_loop(
-    mut rx: mpsc::UnboundedReceiver<Report>,
+    rx: mpsc::UnboundedReceiver<Report>,
     targets: Arc<ReportTargets>,
     stop: CancellationToken,
 ) {
     let in_flight = TaskTracker::new();
-    loop {
-        let first = tokio::select! {
-            report = rx.recv() => report,
-            () = stop.cancelled() => rx.try_recv().ok(),
-        };
-        let Some(first) = first else { break };
-        let mut batch = vec![first];
-        let mut bodies = vec![protocol::encode(&batch[0].completion)];
-        let mut bytes = bodies[0].len();
-        while batch.len() < MAX_PER_MESSAGE && bytes < MAX_MESSAGE_BYTES {
-            let Ok(report) = rx.try_recv() else { break };
-            let body = protocol::encode(&report.completion);
-            bytes += body.len();
-            bodies.push(body);
-            batch.push(report);
-        }
+    let encoded = |report: Report| (protocol::encode(&report.completion), report);
+    gather(rx, stop, MESSAGES_IN_FLIGHT, encoded, |batch, permit| {
+        let (bodies, batch): (Vec<_>, Vec<_>) = batch.into_iter().unzip();
         let body = protocol::bundle(&bodies);
-        in_flight.spawn(publish(targets.clone(), body, batch));
-    }
+        in_flight.spawn(publish(targets.clone(), body, batch, permit));
+    })
+    .await;
     in_flight.close();
     in_flight.wait().await;
 }
 
+/// Hands what arrives on `rx` to `send` in batches, each with a place in a window of `window`
+/// batches; `send` keeps the place until its batch no longer counts (its message is confirmed).
+/// A batch is everything waiting (up to [`MAX_PER_MESSAGE`] items and [`MAX_MESSAGE_BYTES`])
+/// once a place is free, so items gather while the window is full. Each item is encoded as it
+/// is taken. Runs until `rx` closes, or `stop` is cancelled and nothing is waiting.
+async fn gather<T>(
+    mut rx: mpsc::UnboundedReceiver<T>,
+    stop: CancellationToken,
+    window: usize,
+    encode: impl Fn(T) -> (Vec<u8>, T),
+    mut send: impl FnMut(Vec<(Vec<u8>, T)>, Option<OwnedSemaphorePermit>),
+) {
+    let window = Arc::new(Semaphore::new(window));
+    loop {
+        let first = tokio::select! {
+            item = rx.recv() => item,
+            () = stop.cancelled() => rx.try_recv().ok(),
+        };
+        let Some(first) = first else { break };
+        // The window is never closed, so a place always comes.
+        let place = window.clone().acquire_owned().await.ok();
+        let mut batch = vec![encode(first)];
+        let mut bytes = batch[0].0.len();
+        while batch.len() < MAX_PER_MESSAGE && bytes < MAX_MESSAGE_BYTES {
+            let Ok(item) = rx.try_recv() else { break };
+            let item = encode(item);
+            bytes += item.0.len();
+            batch.push(item);
+        }
+        send(batch, place);
+    }
+}
+
 /// Publishes one message of completions and waits for its confirm (on the next connection if
 /// this one is lost), then stores the results and counts the tasks done; hands the deliveries
-/// back if the message cannot be published.
-async fn publish(targets: Arc<ReportTargets>, body: Vec<u8>, batch: Vec<Report>) {
+/// back if the message cannot be published. Its place in the window (see [`gather`]) is given
+/// up once the broker has answered.
+async fn publish(
+    targets: Arc<ReportTargets>,
+    body: Vec<u8>,
+    batch: Vec<Report>,
+    window: Option<OwnedSemaphorePermit>,
+) {
     let broker = targets.broker.current();
     let mut published = broker.publish_completion(&body).await;
     if published.is_err()
@@ -216,6 +247,7 @@ async fn publish(targets: Arc<ReportTargets>, body: Vec<u8>, batch: Vec<Report>)
     {
         published = next.publish_completion(&body).await;
     }
+    drop(window);
     if let Err(error) = published {
         tracing::error!(completions = batch.len(), %error, "reporting completions failed; their tasks go back to their queues");
         for report in &batch {
@@ -252,5 +284,94 @@ async fn store_results(targets: &ReportTargets, batch: &[Report]) {
     let mut redis = targets.redis.clone();
     if let Err(error) = pipe.query_async::<()>(&mut redis).await {
         tracing::warn!(completions = batch.len(), %error, "writing results to redis");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Gathers the numbers sent on a channel; each batch keeps its place in the window until
+    /// the test drops it.
+    struct Gathering {
+        tx: mpsc::UnboundedSender<u32>,
+        batches: mpsc::UnboundedReceiver<(Vec<u32>, Option<OwnedSemaphorePermit>)>,
+    }
+
+    impl Gathering {
+        fn start(window: usize) -> Self {
+            let (tx, rx) = mpsc::unbounded_channel();
+            let (batch_tx, batches) = mpsc::unbounded_channel();
+            let encode = |n: u32| (n.to_be_bytes().to_vec(), n);
+            tokio::spawn(gather(
+                rx,
+                CancellationToken::new(),
+                window,
+                encode,
+                move |batch, place| {
+                    let numbers = batch.into_iter().map(|(_, n)| n).collect();
+                    let _ = batch_tx.send((numbers, place));
+                },
+            ));
+            Self { tx, batches }
+        }
+
+        fn send(&self, n: u32) {
+            self.tx.send(n).expect("the loop runs");
+        }
+
+        async fn next(&mut self) -> (Vec<u32>, Option<OwnedSemaphorePermit>) {
+            tokio::time::timeout(Duration::from_secs(5), self.batches.recv())
+                .await
+                .expect("a batch within 5 s")
+                .expect("the loop runs")
+        }
+
+        async fn nothing_more(&mut self) {
+            let waited = tokio::time::timeout(Duration::from_millis(50), self.batches.recv()).await;
+            assert!(waited.is_err(), "no batch while the window is full");
+        }
+    }
+
+    #[tokio::test]
+    async fn items_go_at_once_while_the_window_has_room_and_gather_while_it_is_full() {
+        let mut gathering = Gathering::start(2);
+        gathering.send(1);
+        let (first, first_place) = gathering.next().await;
+        assert_eq!(first, vec![1]);
+        gathering.send(2);
+        let (second, second_place) = gathering.next().await;
+        assert_eq!(second, vec![2]);
+
+        for n in 3..=5 {
+            gathering.send(n);
+        }
+        gathering.nothing_more().await;
+        drop(first_place);
+        let (third, _third_place) = gathering.next().await;
+        assert_eq!(third, vec![3, 4, 5], "what waited goes as one batch");
+        drop(second_place);
+        gathering.send(6);
+        assert_eq!(gathering.next().await.0, vec![6]);
+    }
+
+    #[tokio::test]
+    async fn a_batch_takes_at_most_its_count_of_items() {
+        let mut gathering = Gathering::start(1);
+        gathering.send(0);
+        let (_, place) = gathering.next().await;
+        let waiting = u32::try_from(MAX_PER_MESSAGE).expect("a small count") + 3;
+        for n in 1..=waiting {
+            gathering.send(n);
+        }
+        tokio::task::yield_now().await;
+        drop(place);
+        let (full, place) = gathering.next().await;
+        assert_eq!(full.len(), MAX_PER_MESSAGE);
+        drop(place);
+        assert_eq!(
+            gathering.next().await.0,
+            vec![waiting - 2, waiting - 1, waiting]
+        );
     }
 }
