@@ -655,6 +655,14 @@ pub struct ProgramCache {
 }
 
 impl ProgramCache {
+    /// Whether `source` is compiled already.
+    pub fn contains(&self, source: &str) -> bool {
+        self.programs
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .contains_key(source)
+    }
+
     /// Returns the compiled program for `source`, compiling it on first use.
     pub fn get(&self, source: &str) -> Result<Program, CompileError> {
         let mut programs = self
@@ -1082,6 +1090,19 @@ mod tests {
                 json!(null)
             ),
             RunError::Failed(format!("{{\"a\":\"{}\"}}", "[".repeat(1000)))
+        );
+    }
+
+    #[test]
+    fn the_cache_tells_which_programs_it_holds() {
+        let cache = ProgramCache::default();
+        assert!(!cache.contains(".a"));
+        cache.get(".a").expect("compiles");
+        assert!(cache.contains(".a"));
+        assert!(cache.get("(").is_err());
+        assert!(
+            !cache.contains("("),
+            "a program that does not compile is not kept"
         );
     }
 }

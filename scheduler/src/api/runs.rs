@@ -181,22 +181,46 @@ struct NewRunParts {
     delay_s: Option<f64>,
 }
 
-/// Checks the inline definitions of new runs and plans their first steps, in one trip to the
-/// blocking pool: compiling and running jq programs stays off the async threads. Returns what
-/// to write, or the first problem with the index of the run that has it.
+/// The most runs of a request planned on the async thread when they all plan quickly.
+const QUICK_PLANS: usize = 32;
+
+/// Checks the inline definitions of new runs and plans their first steps. Compiling and
+/// running jq programs stays off the async threads: a few runs that need neither are planned
+/// in place, any other request in one trip to the blocking pool. Returns what to write, or
+/// the first problem with the index of the run that has it.
 async fn plan(
     state: &AppState,
     runs: Vec<NewRunParts>,
 ) -> Result<Vec<Submission>, (usize, ApiError)> {
+    let quick = runs.len() <= QUICK_PLANS
+        && runs
+            .iter()
+            .all(|parts| plans_quickly(&state.programs, parts));
     let programs = state.programs.clone();
-    tokio::task::spawn_blocking(move || {
+    let plan_all = move || {
         runs.into_iter()
             .enumerate()
             .map(|(index, parts)| plan_blocking(&programs, parts).map_err(|error| (index, error)))
             .collect()
-    })
-    .await
-    .map_err(|error| (0, ApiError::internal(&error)))?
+    };
+    if quick {
+        return plan_all();
+    }
+    tokio::task::spawn_blocking(plan_all)
+        .await
+        .map_err(|error| (0, ApiError::internal(&error)))?
+}
+
+/// Whether checking and planning a run is quick work on values: planning runs no program,
+/// and checking compiles none (every `dataflow` program is compiled already).
+fn plans_quickly(programs: &ProgramCache, parts: &NewRunParts) -> bool {
+    !parts.definition.plans_with_programs()
+        && (!parts.unchecked
+            || parts.definition.steps.iter().all(|step| {
+                step.dataflow
+                    .as_deref()
+                    .is_none_or(|code| programs.contains(code))
+            }))
 }
 
 fn plan_blocking(programs: &ProgramCache, parts: NewRunParts) -> Result<Submission, ApiError> {
@@ -591,6 +615,49 @@ async fn cancel_kind(state: &AppState, id: &str, kind: RunKind) -> Result<Json<V
             state.notifier.stop_runs(&[id]).await;
             state.notifier.announce(&[id]).await;
             Ok(Json(json!({"id": id, "status": "cancelled"})))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parts(definition: Value, unchecked: bool) -> NewRunParts {
+        NewRunParts {
+            kind: RunKind::Workflow,
+            definition: serde_json::from_value(definition).expect("a definition"),
+            unchecked,
+            workflow: None,
+            version: None,
+            input: json!({}),
+            idempotency_key: None,
+            delay_s: None,
+        }
+    }
+
+    #[test]
+    fn only_runs_that_compile_and_run_no_program_plan_in_place() {
+        let programs = ProgramCache::default();
+        let plain = json!({"steps": [{"id": "a", "dataflow": ".x"}, {"id": "b", "python": "m:f"}]});
+        assert!(
+            !plans_quickly(&programs, &parts(plain.clone(), true)),
+            "its program is not compiled yet"
+        );
+        assert!(
+            plans_quickly(&programs, &parts(plain.clone(), false)),
+            "checked already"
+        );
+        programs.get(".x").expect("compiles");
+        assert!(plans_quickly(&programs, &parts(plain, true)));
+        for field in ["input", "for_each", "when"] {
+            let mut step = json!({"id": "a", "dataflow": ".x"});
+            step[field] = json!(".x");
+            let definition = json!({"steps": [step]});
+            assert!(
+                !plans_quickly(&programs, &parts(definition, false)),
+                "{field}"
+            );
         }
     }
 }
