@@ -26,10 +26,11 @@ use taskfleet_common::{RunId, StepError, StepStatus, TaskId};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
+use crate::api::views::run_view;
 use crate::broker::Broker;
 use crate::dispatch::{Dispatch, Dispatcher};
 use crate::engine::{Materialized, finished_run};
-use crate::notify::Notifier;
+use crate::notify::{FinishedView, Notifier};
 use crate::planner::{self, StepState};
 use crate::retry;
 use crate::store::{self, Completion, FinishedRun, HeldConnection, LockedRun, StoreError};
@@ -267,8 +268,23 @@ impl CompletionLoop {
         if ending.is_empty() {
             return Ok(Cow::Borrowed(completions));
         }
-        let (handled, finished) = store::finish_single_steps(self.db.get().await?, &ending).await?;
-        self.notifier.announce(&finished).await;
+        // The runs someone waits for here come back whole, so the waiters need not read them.
+        let wanted = self.notifier.watched(ending.iter().map(|c| c.run_id));
+        let done = store::finish_single_steps(self.db.get().await?, &ending, &wanted).await?;
+        let views = done
+            .rows
+            .into_iter()
+            .map(|(run, task)| {
+                let id = run.id;
+                let kind = run.kind.clone();
+                let view = run_view(run, vec![task], &HashSet::new());
+                (id, FinishedView { kind, view })
+            })
+            .collect();
+        self.notifier
+            .announce_with_views(&done.finished, views)
+            .await;
+        let handled = done.locked;
         if handled.is_empty() {
             return Ok(Cow::Borrowed(completions));
         }

@@ -4,11 +4,16 @@
 //! A scheduler that finishes runs announces their ids locally and on a Redis pub/sub channel;
 //! every scheduler relays what it hears on that channel to its local waiters. A lost
 //! notification only delays a waiter until its own deadline, when it reads the database again.
+//! A scheduler that finishes a run someone waits for on it may hand the waiters the run's
+//! final view with the announcement, so they answer without reading it back.
 
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use futures_util::StreamExt;
 use redis::aio::ConnectionManager;
+use serde_json::Value;
 use taskfleet_common::{Namespace, RunId};
 use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
@@ -17,10 +22,48 @@ use uuid::Uuid;
 /// Announces finished runs and lets requests wait for them.
 #[derive(Clone)]
 pub struct Notifier {
-    local: broadcast::Sender<Uuid>,
+    local: broadcast::Sender<Announcement>,
+    /// How many local requests wait for each run.
+    watched: Arc<Mutex<HashMap<Uuid, usize>>>,
     redis: ConnectionManager,
     namespace: Namespace,
     channel: String,
+}
+
+/// A run that finished, as local waiters hear of it.
+#[derive(Clone, Debug)]
+struct Announcement {
+    id: Uuid,
+    view: Option<Arc<FinishedView>>,
+}
+
+/// The final view of a finished run, as the API shows it.
+#[derive(Debug)]
+pub struct FinishedView {
+    /// `workflow` or `job`.
+    pub kind: String,
+    /// The view.
+    pub view: Value,
+}
+
+/// A local request's wait for one run; subscribed before the request reads the run, so an end
+/// recorded in between is not missed. The run counts as watched until this is dropped.
+pub struct Watch {
+    receiver: broadcast::Receiver<Announcement>,
+    id: Uuid,
+    watched: Arc<Mutex<HashMap<Uuid, usize>>>,
+}
+
+impl Drop for Watch {
+    fn drop(&mut self) {
+        let mut watched = self.watched.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(count) = watched.get_mut(&self.id) {
+            *count -= 1;
+            if *count == 0 {
+                watched.remove(&self.id);
+            }
+        }
+    }
 }
 
 /// How long workers are told to drop a stopped run's tasks when they are delivered.
@@ -32,6 +75,7 @@ impl Notifier {
         let (local, _) = broadcast::channel(4096);
         Self {
             local,
+            watched: Arc::default(),
             redis,
             channel: namespace.run_finished_channel(),
             namespace,
@@ -66,12 +110,22 @@ impl Notifier {
 
     /// Announces that these runs finished.
     pub async fn announce(&self, run_ids: &[Uuid]) {
+        self.announce_with_views(run_ids, HashMap::new()).await;
+    }
+
+    /// Announces that these runs finished, handing local waiters the final views given.
+    pub async fn announce_with_views(
+        &self,
+        run_ids: &[Uuid],
+        mut views: HashMap<Uuid, FinishedView>,
+    ) {
         if run_ids.is_empty() {
             return;
         }
         for id in run_ids {
+            let view = views.remove(id).map(Arc::new);
             // No receiver is fine: nobody is waiting.
-            let _ = self.local.send(*id);
+            let _ = self.local.send(Announcement { id: *id, view });
         }
         let mut pipe = redis::pipe();
         for id in run_ids {
@@ -83,28 +137,52 @@ impl Notifier {
         }
     }
 
-    /// Returns a receiver of finished run ids. Subscribe before reading the run's status, so
-    /// that an end recorded in between is not missed.
-    pub fn subscribe(&self) -> broadcast::Receiver<Uuid> {
-        self.local.subscribe()
+    /// Starts a local wait for `run_id`. Call it before reading the run's status, so that an
+    /// end recorded in between is not missed.
+    pub fn watch(&self, run_id: Uuid) -> Watch {
+        let receiver = self.local.subscribe();
+        *self
+            .watched
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .entry(run_id)
+            .or_default() += 1;
+        Watch {
+            receiver,
+            id: run_id,
+            watched: self.watched.clone(),
+        }
     }
 
-    /// Waits until `run_id` is announced or `timeout` passes. Returns early, too, when the
-    /// receiver fell behind, since the announcement may have been among those dropped.
-    pub async fn wait(receiver: &mut broadcast::Receiver<Uuid>, run_id: Uuid, timeout: Duration) {
+    /// Returns those of `run_ids` that a local request waits for.
+    pub fn watched(&self, run_ids: impl IntoIterator<Item = Uuid>) -> Vec<Uuid> {
+        let watched = self.watched.lock().unwrap_or_else(PoisonError::into_inner);
+        if watched.is_empty() {
+            return Vec::new();
+        }
+        run_ids
+            .into_iter()
+            .filter(|id| watched.contains_key(id))
+            .collect()
+    }
+
+    /// Waits until the watched run is announced or `timeout` passes; returns the run's final
+    /// view if the announcement carried one. Returns early, too, when the watch fell behind,
+    /// since the announcement may have been among those dropped.
+    pub async fn wait(watch: &mut Watch, timeout: Duration) -> Option<Arc<FinishedView>> {
         let wait = async {
             loop {
-                match receiver.recv().await {
-                    Ok(id) if id == run_id => return,
+                match watch.receiver.recv().await {
+                    Ok(announcement) if announcement.id == watch.id => return announcement.view,
                     Ok(_) => {}
-                    Err(broadcast::error::RecvError::Lagged(_)) => return,
+                    Err(broadcast::error::RecvError::Lagged(_)) => return None,
                     Err(broadcast::error::RecvError::Closed) => {
                         std::future::pending::<()>().await;
                     }
                 }
             }
         };
-        let _ = tokio::time::timeout(timeout, wait).await;
+        tokio::time::timeout(timeout, wait).await.ok().flatten()
     }
 
     /// Relays the Redis channel to local waiters until shutdown, resubscribing after errors.
@@ -127,7 +205,7 @@ impl Notifier {
                                 .ok()
                                 .and_then(|text| text.parse::<Uuid>().ok());
                             if let Some(id) = id {
-                                let _ = self.local.send(id);
+                                let _ = self.local.send(Announcement { id, view: None });
                             }
                         }
                     }

@@ -493,7 +493,7 @@ pub async fn insert_tasks(conn: &mut PgConnection, tasks: &[NewTask]) -> Result<
 }
 
 /// A run as the API shows it.
-#[derive(Debug, sqlx::FromRow)]
+#[derive(Debug, sqlx::FromRow, serde::Deserialize)]
 pub struct RunRow {
     /// Its id.
     pub id: Uuid,
@@ -523,7 +523,7 @@ const RUN_COLUMNS: &str = "id, kind, workflow, workflow_version, definition, inp
                            output, error, created_at, finished_at";
 
 /// A task as the API shows it.
-#[derive(Debug, sqlx::FromRow)]
+#[derive(Debug, sqlx::FromRow, serde::Deserialize)]
 pub struct TaskRow {
     /// Its id.
     pub id: Uuid,
@@ -725,15 +725,27 @@ pub async fn record_completions(
     )
 }
 
+/// What [`finish_single_steps`] did.
+#[derive(Debug, Default)]
+pub struct SingleStepsFinished {
+    /// The runs it locked: their completions need nothing more.
+    pub locked: Vec<Uuid>,
+    /// Those it finished.
+    pub finished: Vec<Uuid>,
+    /// The rows of the finished runs that were asked for, each with its only task.
+    pub rows: Vec<(RunRow, TaskRow)>,
+}
+
 /// Records the successes among `completions` whose run is a single step that plans without
 /// programs (no `input`, `for_each` or `when`), and finishes those runs with their step's
 /// output, in one statement: nothing is left to plan for such a run once its step succeeded.
 /// Each run is locked (in id order) before its task is written, as [`lock_runs`] does. Returns
-/// the runs it locked, whose completions need nothing more, and among them those it finished.
+/// the rows, as written, of the finished runs among `wanted`.
 pub async fn finish_single_steps(
     conn: &mut PgConnection,
     completions: &[&Completion],
-) -> Result<(Vec<Uuid>, Vec<Uuid>), StoreError> {
+    wanted: &[Uuid],
+) -> Result<SingleStepsFinished, StoreError> {
     let sql = format!(
         "WITH locked AS MATERIALIZED (
              SELECT id FROM runs
@@ -747,28 +759,38 @@ pub async fn finish_single_steps(
              WHERE tasks.id = c.id AND tasks.attempt = c.attempt AND tasks.status = 'queued'
                AND tasks.item = -1 AND c.status = 'succeeded'
                AND tasks.run_id = ANY (ARRAY(SELECT id FROM locked))
-             RETURNING tasks.run_id, tasks.output),
+             RETURNING tasks.run_id, tasks.output,
+                       CASE WHEN tasks.run_id = ANY($11) THEN to_jsonb(tasks) END AS task),
          finished AS (
              UPDATE runs SET status = 'succeeded', output = r.output, finished_at = now()
              FROM recorded r
              WHERE runs.id = r.run_id
-             RETURNING runs.id)
-         SELECT id, false FROM locked UNION ALL SELECT id, true FROM finished"
+             RETURNING runs.id, CASE WHEN runs.id = ANY($11) THEN to_jsonb(runs) END AS run,
+                       r.task)
+         SELECT id, false, NULL::jsonb, NULL::jsonb FROM locked
+         UNION ALL SELECT id, true, run, task FROM finished"
     );
     let mut run_ids: Vec<Uuid> = completions.iter().map(|c| c.run_id).collect();
     run_ids.sort_unstable();
     run_ids.dedup();
-    let rows: Vec<(Uuid, bool)> =
-        bind_completions(sqlx::query_as(sqlx::AssertSqlSafe(sql)), completions)
-            .bind(run_ids)
-            .fetch_all(&mut *conn)
-            .await?;
-    let (finished, locked): (Vec<_>, Vec<_>) =
-        rows.into_iter().partition(|(_, finished)| *finished);
-    Ok((
-        locked.into_iter().map(|(id, _)| id).collect(),
-        finished.into_iter().map(|(id, _)| id).collect(),
-    ))
+    type Row = (Uuid, bool, Option<Json<RunRow>>, Option<Json<TaskRow>>);
+    let rows: Vec<Row> = bind_completions(sqlx::query_as(sqlx::AssertSqlSafe(sql)), completions)
+        .bind(run_ids)
+        .bind(wanted)
+        .fetch_all(&mut *conn)
+        .await?;
+    let mut done = SingleStepsFinished::default();
+    for (id, finished, run, task) in rows {
+        if !finished {
+            done.locked.push(id);
+            continue;
+        }
+        done.finished.push(id);
+        if let (Some(Json(run)), Some(Json(task))) = (run, task) {
+            done.rows.push((run, task));
+        }
+    }
+    Ok(done)
 }
 
 /// A row of [`lock_and_record`]: a locked run (`step_id` null) or a recorded completion.

@@ -184,6 +184,50 @@ async fn when_false_skips_a_step_and_its_dependents() {
 }
 
 #[tokio::test]
+async fn a_long_poll_answered_as_its_run_finishes_shows_what_a_later_read_shows() {
+    let fleet = TestFleet::start().await.unwrap();
+    // The step prints, so its view carries logs, and sleeps, so the poll waits for its end.
+    let code = "import time\n\ndef main(input):\n    print('working on', input)\n    time.sleep(0.5)\n    return {'got': input}\n";
+    let workflow = json!({"steps": [{"id": "s", "python_code": code}]});
+    let id = fleet.submit(&workflow, &json!({"n": 1})).await;
+    let (status, waited) = fleet
+        .request("GET", &format!("/v1/runs/{id}?wait=20"), None)
+        .await;
+    assert_eq!(status, 200);
+    assert_eq!(waited["status"], "succeeded", "{waited:#}");
+    assert_eq!(waited["output"], json!({"got": {"n": 1}}));
+    assert!(
+        waited["steps"]["s"]["logs"]
+            .as_str()
+            .is_some_and(|logs| logs.contains("working on")),
+        "{waited:#}"
+    );
+    let (_, read) = fleet.request("GET", &format!("/v1/runs/{id}"), None).await;
+    assert_eq!(waited, read);
+
+    let (status, body) = fleet
+        .request(
+            "POST",
+            "/v1/tasks",
+            Some(&json!({"python_code": code, "input": 2})),
+        )
+        .await;
+    assert_eq!(status, 201, "{body}");
+    let id = body["id"].as_str().unwrap();
+    let (status, waited) = fleet
+        .request("GET", &format!("/v1/tasks/{id}?wait=20"), None)
+        .await;
+    assert_eq!(status, 200);
+    assert_eq!(waited["status"], "succeeded", "{waited:#}");
+    let (_, read) = fleet.request("GET", &format!("/v1/tasks/{id}"), None).await;
+    assert_eq!(waited, read);
+    let (status, _) = fleet
+        .request("GET", &format!("/v1/runs/{id}?wait=1"), None)
+        .await;
+    assert_eq!(status, 404, "a job is not a workflow run");
+}
+
+#[tokio::test]
 async fn long_poll_returns_when_the_run_finishes_and_listing_pages_newest_first() {
     let fleet = TestFleet::start().await.unwrap();
     let slow = json!({"steps": [{"id": "s", "python": "fleet_steps:slow"}]});

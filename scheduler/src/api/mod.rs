@@ -6,7 +6,7 @@
 mod error;
 mod fleet;
 mod runs;
-mod views;
+pub mod views;
 mod workflows;
 
 use std::sync::Arc;

@@ -368,8 +368,8 @@ async fn show_kind(
         Some(seconds) => Duration::from_secs_f64(seconds.min(state.config.max_wait.as_secs_f64())),
         None => Duration::ZERO,
     };
-    // Subscribe before reading, so an end recorded in between wakes us.
-    let mut finished = state.notifier.subscribe();
+    // Watch before reading, so an end recorded in between wakes us.
+    let mut watch = state.notifier.watch(id);
     let deadline = tokio::time::Instant::now() + wait;
     let namespace = state.config.namespace.as_str();
     let mut woken = false;
@@ -397,7 +397,14 @@ async fn show_kind(
         }
         woken = true;
         tokio::select! {
-            () = Notifier::wait(&mut finished, id, deadline - now) => {}
+            // The scheduler that finished the run may have handed over its final view.
+            view = Notifier::wait(&mut watch, deadline - now) => {
+                if let Some(finished) = view
+                    && finished.kind == kind.as_str()
+                {
+                    return Ok(Json(finished.view.clone()));
+                }
+            }
             () = state.shutdown.cancelled() => {}
         }
     }
