@@ -6,11 +6,12 @@
 //! that message waits for its confirm. At most [`MESSAGES_IN_FLIGHT`] messages wait for their
 //! confirms at once; while they do, completions gather for the next one. So an idle worker
 //! reports each task at once, and a busy one shares messages among many, even when its tasks
-//! finish one at a time (Python steps on a few executors). Once the broker confirms a message, the results go to Redis
-//! in one round trip and the deliveries whose tasks are all reported are acknowledged. A message
-//! that cannot be published is published on the next connection once the worker has reconnected
-//! (waiting up to [`REPORT_AFTER_RECONNECT`]); failing that, its deliveries go back to their
-//! queues, and a task that comes back after its report finds its stored result.
+//! finish one at a time (Python steps on a few executors). Once the broker confirms a message,
+//! the results go to Redis in one round trip and the deliveries whose tasks are all reported are
+//! acknowledged. A message that cannot be published is published on the next connection once
+//! the worker has reconnected (waiting up to [`REPORT_AFTER_RECONNECT`]); failing that, its
+//! deliveries go back to their queues, and a task that comes back after its report finds its
+//! stored result.
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
