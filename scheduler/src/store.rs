@@ -1300,23 +1300,36 @@ pub async fn cancel_run(
     Ok(Cancellation::Cancelled)
 }
 
+/// Begins a transaction whose statements may scan tables whole: counts over a namespace read
+/// most of its rows, which a sequential scan does faster than any index (the pool's
+/// connections have `enable_seqscan` off; see [`connect`]).
+async fn scanning(db: &PgPool) -> Result<Transaction<'static, Postgres>, StoreError> {
+    let mut tx = db.begin().await?;
+    sqlx::query("SET LOCAL enable_seqscan = on")
+        .execute(&mut *tx)
+        .await?;
+    Ok(tx)
+}
+
 /// Returns counts of runs and of tasks by status.
 pub async fn stats(
     db: &PgPool,
     namespace: &str,
 ) -> Result<(Vec<(String, i64)>, Vec<(String, i64)>), StoreError> {
+    let mut tx = scanning(db).await?;
     let runs =
         sqlx::query_as("SELECT status, count(*) FROM runs WHERE namespace = $1 GROUP BY status")
             .bind(namespace)
-            .fetch_all(db)
+            .fetch_all(&mut *tx)
             .await?;
     let tasks = sqlx::query_as(
         "SELECT t.status, count(*) FROM tasks t JOIN runs r ON r.id = t.run_id
          WHERE r.namespace = $1 GROUP BY t.status",
     )
     .bind(namespace)
-    .fetch_all(db)
+    .fetch_all(&mut *tx)
     .await?;
+    tx.commit().await?;
     Ok((runs, tasks))
 }
 
@@ -1327,15 +1340,18 @@ pub async fn queued_by_queue(
     db: &PgPool,
     namespace: &str,
 ) -> Result<Vec<(String, i64)>, StoreError> {
-    Ok(sqlx::query_as(
+    let mut tx = scanning(db).await?;
+    let queued = sqlx::query_as(
         "SELECT t.queue, count(*) FROM tasks t JOIN runs r ON r.id = t.run_id
          WHERE r.namespace = $1 AND r.status = 'running' AND t.status = 'queued'
            AND t.due_at IS NULL AND t.items_total IS NULL
          GROUP BY t.queue",
     )
     .bind(namespace)
-    .fetch_all(db)
-    .await?)
+    .fetch_all(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok(queued)
 }
 
 /// Checks that the database answers.
