@@ -172,6 +172,29 @@ async fn take_held(channel: &lapin::Channel, held: &str, count: usize) -> Vec<Va
         .collect()
 }
 
+/// Submits a run of one jq step, `program`, on the held queue and takes its task message from
+/// there; returns the run's id and the task.
+async fn held_run(
+    channel: &lapin::Channel,
+    fleet: &TestFleet,
+    held: &str,
+    program: &str,
+    input: Value,
+) -> (String, Value) {
+    let definition = json!({"steps": [{"id": "held", "dataflow": program, "queue": "held"}]});
+    let id = fleet.submit(&definition, &input).await;
+    let task = take_held(channel, held, 1).await.remove(0);
+    (id, task)
+}
+
+/// Deletes the held queue and closes the test's connection.
+async fn release(connection: lapin::Connection, channel: &lapin::Channel, held: &str) {
+    let _ = channel
+        .queue_delete(held.into(), QueueDeleteOptions::default())
+        .await;
+    let _ = connection.close(200, "test done".into()).await;
+}
+
 /// Takes `count` messages from the fleet's dead-letters queue (declared here, with the fleet's
 /// own arguments, in case no process of the fleet has declared it yet).
 async fn take_dead_letters(
@@ -210,9 +233,7 @@ async fn a_task_of_an_unknown_protocol_version_fails_the_step_as_invalid_task() 
     let (connection, channel) = broker().await;
     // The held queue keeps the task until the test rewrites it as version 2 and passes it on.
     let held = hold(&channel, &fleet).await;
-    let definition = json!({"steps": [{"id": "held", "dataflow": ".", "queue": "held"}]});
-    let id = fleet.submit(&definition, &json!(1)).await;
-    let mut task = take_held(&channel, &held, 1).await.remove(0);
+    let (id, mut task) = held_run(&channel, &fleet, &held, ".", json!(1)).await;
     task["version"] = json!(2);
     pass_on(&channel, &fleet, &serde_json::to_vec(&task).unwrap()).await;
 
@@ -225,10 +246,7 @@ async fn a_task_of_an_unknown_protocol_version_fails_the_step_as_invalid_task() 
         "the worker cannot read this task: message has protocol version 2, \
          this build reads version 1"
     );
-    let _ = channel
-        .queue_delete(held.as_str().into(), QueueDeleteOptions::default())
-        .await;
-    let _ = connection.close(200, "test done".into()).await;
+    release(connection, &channel, &held).await;
 }
 
 #[tokio::test]
@@ -259,10 +277,7 @@ async fn each_task_of_a_bundle_is_read_on_its_own() {
     assert_eq!(last["output"], 4, "{last:#}");
     let letters = take_dead_letters(&channel, &fleet, 1).await;
     assert_eq!(letters[0].data, br#"{"hello":"bundle"}"#);
-    let _ = channel
-        .queue_delete(held.as_str().into(), QueueDeleteOptions::default())
-        .await;
-    let _ = connection.close(200, "test done".into()).await;
+    release(connection, &channel, &held).await;
 }
 
 #[tokio::test]
@@ -319,9 +334,7 @@ async fn a_success_reported_after_its_run_was_cancelled_is_not_recorded() {
     // The held queue keeps the task while the run is cancelled; the test then reports the
     // task's success itself, as a worker that never heard of the cancellation would.
     let held = hold(&channel, &fleet).await;
-    let definition = json!({"steps": [{"id": "held", "dataflow": ". * 2", "queue": "held"}]});
-    let id = fleet.submit(&definition, &json!(21)).await;
-    let task = take_held(&channel, &held, 1).await.remove(0);
+    let (id, task) = held_run(&channel, &fleet, &held, ". * 2", json!(21)).await;
     assert_eq!(task["ends_run"], true, "{task}");
     let (status, body) = fleet
         .request("POST", &format!("/v1/runs/{id}/cancel"), None)
@@ -361,8 +374,5 @@ async fn a_success_reported_after_its_run_was_cancelled_is_not_recorded() {
     assert!(run["output"].is_null(), "{run:#}");
     assert!(run["steps"]["held"]["output"].is_null(), "{run:#}");
     assert_ne!(run["steps"]["held"]["status"], "succeeded", "{run:#}");
-    let _ = channel
-        .queue_delete(held.as_str().into(), QueueDeleteOptions::default())
-        .await;
-    let _ = connection.close(200, "test done".into()).await;
+    release(connection, &channel, &held).await;
 }

@@ -143,18 +143,26 @@ pub struct Report {
     pub delivery: Arc<PendingDelivery>,
 }
 
+/// A report with its completion encoded, as the report loop takes it.
+struct Encoded {
+    body: Vec<u8>,
+    report: Report,
+}
+
 /// The sending side of the report loop.
 #[derive(Clone)]
 pub struct Reporter {
-    tx: mpsc::UnboundedSender<Report>,
+    tx: mpsc::UnboundedSender<Encoded>,
 }
 
 impl Reporter {
-    /// Hands a finished task to the report loop. If the loop has stopped (the worker is
-    /// leaving), the delivery stays unacknowledged and goes back to its queue with the
-    /// connection.
+    /// Hands a finished task to the report loop, its completion encoded here, by the task
+    /// itself, rather than by the one loop every completion passes through. If the loop has
+    /// stopped (the worker is leaving), the delivery stays unacknowledged and goes back to its
+    /// queue with the connection.
     pub fn send(&self, report: Report) {
-        if self.tx.send(report).is_err() {
+        let body = protocol::encode(&report.completion);
+        if self.tx.send(Encoded { body, report }).is_err() {
             tracing::debug!("the report loop has stopped; the task goes back to its queue");
         }
     }
@@ -181,14 +189,17 @@ pub fn reporter(
 }
 
 async fn report_loop(
-    rx: mpsc::UnboundedReceiver<Report>,
+    rx: mpsc::UnboundedReceiver<Encoded>,
     targets: Arc<ReportTargets>,
     stop: CancellationToken,
 ) {
     let in_flight = TaskTracker::new();
-    let encoded = |report: Report| (protocol::encode(&report.completion), report);
-    gather(rx, stop, MESSAGES_IN_FLIGHT, encoded, |batch, permit| {
-        let (bodies, batch): (Vec<_>, Vec<_>) = batch.into_iter().unzip();
+    let size = |encoded: &Encoded| encoded.body.len();
+    gather(rx, stop, MESSAGES_IN_FLIGHT, size, |batch, permit| {
+        let (bodies, batch): (Vec<_>, Vec<_>) = batch
+            .into_iter()
+            .map(|encoded| (encoded.body, encoded.report))
+            .unzip();
         let body = protocol::bundle(&bodies);
         in_flight.spawn(publish(targets.clone(), body, batch, permit));
     })
@@ -199,15 +210,15 @@ async fn report_loop(
 
 /// Hands what arrives on `rx` to `send` in batches, each with a place in a window of `window`
 /// batches; `send` keeps the place until its batch no longer counts (its message is confirmed).
-/// A batch is everything waiting (up to [`MAX_PER_MESSAGE`] items and [`MAX_MESSAGE_BYTES`])
-/// once a place is free, so items gather while the window is full. Each item is encoded as it
-/// is taken. Runs until `rx` closes, or `stop` is cancelled and nothing is waiting.
+/// A batch is everything waiting (up to [`MAX_PER_MESSAGE`] items and [`MAX_MESSAGE_BYTES`] of
+/// them, as `size` counts an item's bytes) once a place is free, so items gather while the
+/// window is full. Runs until `rx` closes, or `stop` is cancelled and nothing is waiting.
 async fn gather<T>(
     mut rx: mpsc::UnboundedReceiver<T>,
     stop: CancellationToken,
     window: usize,
-    encode: impl Fn(T) -> (Vec<u8>, T),
-    mut send: impl FnMut(Vec<(Vec<u8>, T)>, Option<OwnedSemaphorePermit>),
+    size: impl Fn(&T) -> usize,
+    mut send: impl FnMut(Vec<T>, Option<OwnedSemaphorePermit>),
 ) {
     let window = Arc::new(Semaphore::new(window));
     loop {
@@ -218,12 +229,11 @@ async fn gather<T>(
         let Some(first) = first else { break };
         // The window is never closed, so a place always comes.
         let place = window.clone().acquire_owned().await.ok();
-        let mut batch = vec![encode(first)];
-        let mut bytes = batch[0].0.len();
+        let mut bytes = size(&first);
+        let mut batch = vec![first];
         while batch.len() < MAX_PER_MESSAGE && bytes < MAX_MESSAGE_BYTES {
             let Ok(item) = rx.try_recv() else { break };
-            let item = encode(item);
-            bytes += item.0.len();
+            bytes += size(&item);
             batch.push(item);
         }
         send(batch, place);
@@ -303,15 +313,13 @@ mod tests {
         fn start(window: usize) -> Self {
             let (tx, rx) = mpsc::unbounded_channel();
             let (batch_tx, batches) = mpsc::unbounded_channel();
-            let encode = |n: u32| (n.to_be_bytes().to_vec(), n);
             tokio::spawn(gather(
                 rx,
                 CancellationToken::new(),
                 window,
-                encode,
+                |_| 4,
                 move |batch, place| {
-                    let numbers = batch.into_iter().map(|(_, n)| n).collect();
-                    let _ = batch_tx.send((numbers, place));
+                    let _ = batch_tx.send((batch, place));
                 },
             ));
             Self { tx, batches }

@@ -600,7 +600,7 @@ impl CallsConnection {
                 return Ok(frame);
             }
             let read = if Instant::now() < polled_until && !stop_polling() {
-                match self.read() {
+                match read_into(&self.direct, &mut self.scratch, &mut self.buffer) {
                     Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => {
                         tokio::task::yield_now().await;
                         continue;
@@ -633,11 +633,6 @@ impl CallsConnection {
                 Err(error) => return Err(error),
             }
         }
-    }
-
-    /// Reads what the socket holds onto the end of the buffer, without waiting.
-    fn read(&mut self) -> std::io::Result<usize> {
-        read_into(&self.direct, &mut self.scratch, &mut self.buffer)
     }
 
     /// Takes a whole frame's body off the front of the buffer, if one is there.
