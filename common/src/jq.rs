@@ -7,7 +7,8 @@
 //! (`halt` and `halt_error` end the program, see [`Program::run_all`]; `debug` and `stderr` only
 //! emit records to the `log` facade, which this project does not route anywhere). It does not
 //! decide timeouts: a program that loops without producing output runs until it finishes, so
-//! callers should run programs on a blocking thread they can abandon.
+//! callers should run programs on a blocking thread they can abandon, unless the program is
+//! quick ([`Program::is_quick`]) and its input small.
 //!
 //! Programs are trusted configuration, written by the people who define workflows, not data. This
 //! module keeps what it can from overflowing the stack, which aborts the whole process: a program
@@ -31,7 +32,11 @@
 use std::fmt::{self, Write as _};
 use std::sync::Arc;
 
+use jaq_core::load::lex::StrPart;
+use jaq_core::load::parse::{BinaryOp, Pattern, Term};
 use jaq_core::load::{self, Arena, File, Loader};
+use jaq_core::ops::Math;
+use jaq_core::path::Part;
 use jaq_core::{Compiler, Ctx, Vars, data};
 use jaq_json::{Num, Val};
 use serde_json::Value;
@@ -70,6 +75,7 @@ pub struct Program {
 struct Compiled {
     source: String,
     filter: jaq_core::Filter<Data>,
+    quick: bool,
 }
 
 impl fmt::Debug for Program {
@@ -161,6 +167,7 @@ impl Program {
             inner: Arc::new(Compiled {
                 source: code.to_owned(),
                 filter,
+                quick: is_quick(code),
             }),
         })
     }
@@ -168,6 +175,19 @@ impl Program {
     /// Returns the source it was compiled from.
     pub fn source(&self) -> &str {
         &self.inner.source
+    }
+
+    /// Whether the program is of the kind whose run takes time linear in its input's size, with
+    /// one output per value of a top-level `,` list: at most [`MAX_QUICK_LEN`] bytes of paths
+    /// without iteration, literals, arrays and objects built from them, string interpolation,
+    /// `+`, `/`, `%`, comparisons, `//`, `and`/`or`, `if`, `try`, pipes and `as $x` bindings
+    /// whose left side is a path, calling only builtins that take no argument and read their
+    /// input once (`length`, `tostring`, `keys`...). No `.[]` or `..`, no `reduce`/`foreach`,
+    /// no definitions, no calls with arguments (`map`, `select`, `range`), no assignments, no
+    /// `*` (which repeats strings) or `-` (which compares every pair of two arrays' items). On a
+    /// small input such a program runs in microseconds.
+    pub fn is_quick(&self) -> bool {
+        self.inner.quick
     }
 
     /// Runs the program on `input` and returns all of its outputs, in order. Stops with
@@ -220,6 +240,111 @@ impl Program {
             1 => outputs.pop().unwrap_or(Value::Null),
             _ => Value::Array(outputs),
         })
+    }
+}
+
+/// The longest program [`Program::is_quick`] considers.
+pub const MAX_QUICK_LEN: usize = 512;
+
+/// Builtins of no argument that a quick program may call: each reads its input once.
+const QUICK_BUILTINS: &[&str] = &[
+    "empty",
+    "null",
+    "true",
+    "false",
+    "not",
+    "length",
+    "utf8bytelength",
+    "type",
+    "tostring",
+    "tojson",
+    "tonumber",
+    "ascii_downcase",
+    "ascii_upcase",
+    "keys",
+    "keys_unsorted",
+    "first",
+    "last",
+    "floor",
+    "ceil",
+    "round",
+    "sqrt",
+    "abs",
+];
+
+/// See [`Program::is_quick`]; `code` has passed the nesting check, so walking its terms recurses
+/// a bounded number of levels.
+fn is_quick(code: &str) -> bool {
+    code.len() <= MAX_QUICK_LEN
+        && load::parse(code, |parser| parser.term()).is_some_and(|term| quick_list(&term))
+}
+
+/// A `,` list of terms of at most one output each.
+fn quick_list(term: &Term<&str>) -> bool {
+    match term {
+        Term::BinOp(left, BinaryOp::Comma, right) => quick_list(left) && quick_list(right),
+        term => quick_one(term),
+    }
+}
+
+/// A term whose output is a part of its input or of a variable (a path without iteration).
+fn quick_part(term: &Term<&str>) -> bool {
+    match term {
+        Term::Id | Term::Var(_) => true,
+        Term::Path(base, _) => quick_part(base) && quick_one(term),
+        _ => false,
+    }
+}
+
+/// A term of at most one output (for one input) whose run is linear in its input.
+fn quick_one(term: &Term<&str>) -> bool {
+    match term {
+        Term::Id | Term::Num(_) | Term::Var(_) => true,
+        Term::Str(None, parts) => parts.iter().all(|part| match part {
+            StrPart::Term(term) => quick_one(term),
+            StrPart::Str(_) | StrPart::Char(_) => true,
+        }),
+        Term::Arr(items) => items.as_deref().is_none_or(quick_list),
+        Term::Obj(entries) => entries
+            .iter()
+            .all(|(key, value)| quick_one(key) && value.as_ref().is_none_or(quick_one)),
+        Term::Neg(term) => quick_one(term),
+        // The right side of a pipe works on the left side's output, and a bound variable holds
+        // it: only a part of the input (a path) may go there, or outputs could double at each
+        // pipe. `*` repeats a string and `-` compares every pair of two arrays' items.
+        Term::BinOp(left, BinaryOp::Pipe(None | Some(Pattern::Var(_))), right) => {
+            quick_part(left) && quick_one(right)
+        }
+        Term::BinOp(left, op, right) => {
+            let op_quick = matches!(
+                op,
+                BinaryOp::Alt
+                    | BinaryOp::Or
+                    | BinaryOp::And
+                    | BinaryOp::Math(Math::Add | Math::Div | Math::Rem)
+                    | BinaryOp::Cmp(_)
+            );
+            op_quick && quick_one(left) && quick_one(right)
+        }
+        Term::TryCatch(body, catch) => quick_one(body) && catch.as_deref().is_none_or(quick_one),
+        Term::IfThenElse(branches, otherwise) => {
+            branches
+                .iter()
+                .all(|(condition, then)| quick_one(condition) && quick_one(then))
+                && otherwise.as_deref().is_none_or(quick_one)
+        }
+        Term::Call(name, args) => args.is_empty() && QUICK_BUILTINS.contains(name),
+        Term::Path(base, path) => {
+            quick_one(base)
+                && path.0.iter().all(|(part, _)| match part {
+                    Part::Index(index) => quick_one(index),
+                    Part::Range(None, None) => false,
+                    Part::Range(from, to) => {
+                        from.as_ref().is_none_or(quick_one) && to.as_ref().is_none_or(quick_one)
+                    }
+                })
+        }
+        _ => false,
     }
 }
 
@@ -1104,5 +1229,71 @@ mod tests {
             !cache.contains("("),
             "a program that does not compile is not kept"
         );
+    }
+
+    #[test]
+    fn programs_that_read_their_input_once_are_quick() {
+        for program in [
+            ".",
+            ".a",
+            ".a.b[0]?",
+            ".[1:3]",
+            ".[.key]",
+            "{id: .id, name: (.first + \" \" + .last), tags}",
+            "[.a, .b, 1, \"x\", null]",
+            ".a, .b",
+            "\"\\(.name) is \\(.age | tostring)\"",
+            "if .n > 3 then \"big\" elif .n < 0 then \"neg\" else .n end",
+            ".a // \"default\"",
+            ".total as $t | {t: $t, half: ($t / 2)}",
+            ".user | {name, id}",
+            ".a.b as $x | $x.c | length",
+            ".csv / \",\"",
+            "try .a.b catch \"none\"",
+            "(.items | length) == 0 and (.name | not)",
+            "{(.key): .value}",
+            ".n | floor",
+            "-.n + 1",
+        ] {
+            let compiled = Program::compile(program).expect("program compiles");
+            assert!(compiled.is_quick(), "{program:?} is quick");
+        }
+    }
+
+    #[test]
+    fn programs_that_iterate_recurse_or_call_with_arguments_are_not_quick() {
+        let long = format!("[{}]", vec![".a"; MAX_QUICK_LEN / 3 + 1].join(","));
+        for program in [
+            ".[]",
+            "..",
+            "[.[] | .a]",
+            "map(.a)",
+            "select(.a)",
+            "[range(10)]",
+            "reduce .[] as $x (0; . + $x)",
+            "foreach .[] as $x (0; . + $x)",
+            "def f: .; f",
+            "repeat(.)",
+            "recurse",
+            "add",
+            "(.a, .b) + (.c, .d)",
+            ".s * 1000",
+            ".a - .b",
+            ". + . | . + . | . + .",
+            "(. + .) as $x | $x + $x",
+            "{a: .} | .a",
+            "-.n | floor",
+            "{a: (1, 2)}",
+            ".a |= 1",
+            ".a = 1",
+            ".[] as [$x] | $x",
+            "label $out | 1",
+            "@base64",
+            "limit(3; .[])",
+            long.as_str(),
+        ] {
+            let compiled = Program::compile(program).expect("program compiles");
+            assert!(!compiled.is_quick(), "{program:?} is not quick");
+        }
     }
 }

@@ -136,6 +136,46 @@ fn is_identifier(key: &str) -> bool {
         && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
 }
 
+/// Whether `value` is at most `limit` in size, counting one for each value plus the bytes of
+/// every string and object key; reads no more of a larger value than it takes to tell.
+pub fn size_at_most(value: &Value, limit: usize) -> bool {
+    let mut budget = limit;
+    let mut spend = |cost: usize| match budget.checked_sub(cost) {
+        Some(left) => {
+            budget = left;
+            true
+        }
+        None => false,
+    };
+    let mut waiting = vec![value];
+    while let Some(value) = waiting.pop() {
+        // A container's items are counted as they are read; its length only stops one that
+        // cannot fit before they are queued.
+        let fits = match value {
+            Value::String(text) => spend(1 + text.len()),
+            Value::Array(items) => {
+                items.len() < limit && spend(1) && {
+                    waiting.extend(items);
+                    true
+                }
+            }
+            Value::Object(map) => {
+                map.len() < limit
+                    && spend(1)
+                    && map.iter().all(|(key, item)| {
+                        waiting.push(item);
+                        spend(key.len())
+                    })
+            }
+            Value::Null | Value::Bool(_) | Value::Number(_) => spend(1),
+        };
+        if !fits {
+            return false;
+        }
+    }
+    true
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -286,5 +326,22 @@ mod tests {
             .to_string(),
             "string at $[3] contains a NUL character (\\u0000), which cannot be stored"
         );
+    }
+
+    #[test]
+    fn a_value_is_measured_by_its_values_and_text() {
+        assert!(size_at_most(&json!(null), 1));
+        assert!(!size_at_most(&json!(null), 0));
+        assert!(size_at_most(&json!("abc"), 4));
+        assert!(!size_at_most(&json!("abc"), 3));
+        // The array, its three numbers.
+        assert!(size_at_most(&json!([1, 2, 3]), 4));
+        assert!(!size_at_most(&json!([1, 2, 3]), 3));
+        // The object, its keys' three bytes, the string "c" and its byte, the array, its null.
+        let object = json!({"ab": "c", "d": [null]});
+        assert!(size_at_most(&object, 8));
+        assert!(!size_at_most(&object, 7));
+        let large = Value::Array(vec![json!(1); 1_000_000]);
+        assert!(!size_at_most(&large, 4096));
     }
 }
