@@ -263,8 +263,8 @@ pub async fn chain(fleet: &TestFleet, steps: usize) -> Result<Duration> {
     timed_run(fleet, &definition, &json!(0), &json!(count)).await
 }
 
-/// Times `calls` sequential no-op steps of each kind through a worker's own executors (a jq `.`
-/// on the blocking pool; a Python no-op on one executor process), with no broker or database in
+/// Times `calls` sequential no-op steps of each kind through a worker's own executors (a jq `.`,
+/// which runs in place; a Python no-op on one executor process), with no broker or database in
 /// the way; returns the timings of (jq, Python).
 pub async fn executor_cost(calls: usize) -> Result<(Vec<Duration>, Vec<Duration>)> {
     let python = PythonPool::start(PoolSettings {

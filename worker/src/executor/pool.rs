@@ -596,7 +596,7 @@ impl CallsConnection {
     ) -> std::io::Result<Vec<u8>> {
         let polled_until = Instant::now() + poll;
         loop {
-            if let Some(frame) = self.take_frame()? {
+            if let Some(frame) = process::take_frame(&mut self.buffer)? {
                 return Ok(frame);
             }
             let read = if Instant::now() < polled_until && !stop_polling() {
@@ -633,20 +633,6 @@ impl CallsConnection {
                 Err(error) => return Err(error),
             }
         }
-    }
-
-    /// Takes a whole frame's body off the front of the buffer, if one is there.
-    fn take_frame(&mut self) -> std::io::Result<Option<Vec<u8>>> {
-        let Some(prefix) = self.buffer.first_chunk::<4>() else {
-            return Ok(None);
-        };
-        let end = process::frame_length(*prefix)? + 4;
-        if self.buffer.len() < end {
-            return Ok(None);
-        }
-        let body = self.buffer[4..end].to_vec();
-        self.buffer.drain(..end);
-        Ok(Some(body))
     }
 }
 

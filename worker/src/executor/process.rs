@@ -15,6 +15,7 @@
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -134,65 +135,109 @@ pub(crate) fn decode<T: DeserializeOwned>(body: &[u8]) -> std::io::Result<T> {
 /// executor sleeps once the window has passed.
 const CALL_POLL: Duration = Duration::from_micros(100);
 
-/// Polls `stream` for up to `window` without sleeping (yielding the CPU between attempts), and
-/// reads what came into `prefix`; returns how many bytes it read (`Some(0)`: the stream ended;
-/// `None`: nothing came).
-fn poll_read(
-    stream: &mut UnixStream,
-    prefix: &mut [u8; 4],
-    window: Duration,
-) -> std::io::Result<Option<usize>> {
-    stream.set_nonblocking(true)?;
-    let deadline = Instant::now() + window;
-    let read = loop {
-        match stream.read(prefix) {
-            Ok(n) => break Ok(Some(n)),
-            Err(error)
-                if matches!(
-                    error.kind(),
-                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted
-                ) =>
-            {
-                if Instant::now() >= deadline {
-                    break Ok(None);
-                }
-                std::thread::yield_now();
-            }
-            Err(error) => break Err(error),
-        }
+/// Takes a whole frame's body off the front of `buffer`, if one is there.
+pub(crate) fn take_frame(buffer: &mut Vec<u8>) -> std::io::Result<Option<Vec<u8>>> {
+    let Some(prefix) = buffer.first_chunk::<4>() else {
+        return Ok(None);
     };
-    stream.set_nonblocking(false)?;
-    read
+    let end = frame_length(*prefix)? + 4;
+    if buffer.len() < end {
+        return Ok(None);
+    }
+    let body = buffer[4..end].to_vec();
+    buffer.drain(..end);
+    Ok(Some(body))
 }
 
-/// Reads one call frame, first polling for up to `window`; `None` at the end of the stream.
-fn read_call(stream: &mut UnixStream, window: Duration) -> std::io::Result<Option<Request>> {
-    let mut prefix = [0; 4];
-    let filled = if window.is_zero() {
-        0
-    } else {
-        match poll_read(stream, &mut prefix, window)? {
-            Some(0) => return Ok(None),
-            Some(n) => n,
-            None => 0,
+/// Whether the calls connection is non-blocking now. Its reader and its writer are two handles
+/// of one socket, which share the setting; each changes it only when it must, so a call that
+/// follows the last one within the polling window costs a read and a write, nothing more.
+#[derive(Clone, Default)]
+struct Mode(Arc<AtomicBool>);
+
+impl Mode {
+    fn set(&self, stream: &UnixStream, nonblocking: bool) -> std::io::Result<()> {
+        if self.0.load(Ordering::Relaxed) != nonblocking {
+            stream.set_nonblocking(nonblocking)?;
+            self.0.store(nonblocking, Ordering::Relaxed);
         }
-    };
-    read_rest(stream, prefix, filled)
+        Ok(())
+    }
+}
+
+/// Reads calls from the calls connection: polled for a while (non-blocking reads, yielding the
+/// CPU between attempts), then awaited asleep; each read takes whatever has arrived, a whole
+/// frame at once when it is there.
+struct CallReader {
+    stream: UnixStream,
+    mode: Mode,
+    /// Bytes read and not yet returned as a frame.
+    buffer: Vec<u8>,
+    /// Where each read lands before it joins `buffer`.
+    scratch: Box<[u8]>,
+}
+
+impl CallReader {
+    fn new(stream: UnixStream, mode: Mode) -> Self {
+        CallReader {
+            stream,
+            mode,
+            buffer: Vec::new(),
+            scratch: vec![0; 64 * 1024].into_boxed_slice(),
+        }
+    }
+
+    /// The next request, polled for up to `window` first; `None` at the end of the stream.
+    fn next(&mut self, window: Duration) -> std::io::Result<Option<Request>> {
+        let deadline = Instant::now() + window;
+        loop {
+            if let Some(body) = take_frame(&mut self.buffer)? {
+                return decode(&body).map(Some);
+            }
+            let polling = !window.is_zero() && Instant::now() < deadline;
+            self.mode.set(&self.stream, polling)?;
+            match self.stream.read(&mut self.scratch) {
+                Ok(0) => return Ok(None),
+                Ok(read) => self.buffer.extend_from_slice(&self.scratch[..read]),
+                Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => {
+                    std::thread::yield_now();
+                }
+                Err(error) if error.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(error) => return Err(error),
+            }
+        }
+    }
+}
+
+/// Writes frames to the calls connection whole, whatever the reader left its mode: a write the
+/// socket cannot take at once makes it blocking.
+struct FrameWriter {
+    stream: UnixStream,
+    mode: Mode,
+}
+
+impl FrameWriter {
+    fn write(&mut self, frame: &[u8]) -> std::io::Result<()> {
+        let mut written = 0;
+        while written < frame.len() {
+            match self.stream.write(&frame[written..]) {
+                Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+                Ok(n) => written += n,
+                Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => {
+                    self.mode.set(&self.stream, false)?;
+                }
+                Err(error) if error.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(error) => return Err(error),
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Reads one frame, blocking; `None` at the end of the stream.
 fn read_frame<T: DeserializeOwned>(stream: &mut impl Read) -> std::io::Result<Option<T>> {
-    read_rest(stream, [0; 4], 0)
-}
-
-/// Reads the rest of a frame whose first `filled` bytes are in `prefix`, blocking; `None` at
-/// the end of the stream.
-fn read_rest<T: DeserializeOwned>(
-    stream: &mut impl Read,
-    mut prefix: [u8; 4],
-    filled: usize,
-) -> std::io::Result<Option<T>> {
-    match stream.read_exact(&mut prefix[filled..]) {
+    let mut prefix = [0; 4];
+    match stream.read_exact(&mut prefix) {
         Ok(()) => {}
         Err(error) if error.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
         Err(error) => return Err(error),
@@ -213,28 +258,31 @@ pub fn serve(socket: &Path) -> anyhow::Result<()> {
         UnixStream::connect(socket)
             .with_context(|| format!("connecting to the worker at {}", socket.display()))
     };
-    let mut calls = connect()?;
+    let calls = connect()?;
     let mut control = connect()?;
-    let writer = Arc::new(Mutex::new(
-        calls.try_clone().context("cloning the worker connection")?,
-    ));
+    let mode = Mode::default();
+    let writer = Arc::new(Mutex::new(FrameWriter {
+        stream: calls.try_clone().context("cloning the worker connection")?,
+        mode: mode.clone(),
+    }));
+    let mut calls = CallReader::new(calls, mode);
     let send = move |reply: &Reply| -> std::io::Result<()> {
         writer
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .write_all(&encode(reply))
+            .write(&encode(reply))
     };
-    let Some(Request::Start(settings)) = read_frame(&mut calls)? else {
+    let Some(Request::Start(settings)) = calls.next(Duration::ZERO)? else {
         anyhow::bail!("the worker did not send the executor's settings first");
     };
     let done = send.clone();
     // The first call is awaited asleep; later ones are polled for a while first (see
-    // `CALL_POLL`). Polling sets the connection non-blocking, which its clone `writer` shares:
-    // only the interpreter thread writes once the executor is ready, and never while it polls.
+    // `CALL_POLL`). Once the executor is ready only the interpreter thread reads and writes
+    // this connection.
     let mut poll = Duration::ZERO;
     // Runs on the interpreter thread, without the GIL, between calls.
     let next_call = move || loop {
-        let read = read_call(&mut calls, poll);
+        let read = calls.next(poll);
         poll = CALL_POLL;
         match read {
             Ok(Some(Request::Run { id, call })) => {
@@ -317,35 +365,71 @@ mod tests {
 
     #[test]
     fn calls_are_read_whether_they_come_within_the_polling_window_or_after_it() {
-        let (mut ours, mut theirs) = UnixStream::pair().expect("a socket pair");
-        let stop = || encode(&Request::Stop { id: 3 });
-        theirs.write_all(&stop()).expect("writes");
-        let read = read_call(&mut ours, CALL_POLL).expect("reads");
-        assert!(matches!(read, Some(Request::Stop { id: 3 })), "{read:?}");
-        // Sent long after the window: read asleep, and the connection is blocking again.
+        let (ours, mut theirs) = UnixStream::pair().expect("a socket pair");
+        let mut reader = CallReader::new(ours, Mode::default());
+        let stop = |id| encode(&Request::Stop { id });
+        let is_stop = |read: &Option<Request>, expected| matches!(read, Some(Request::Stop { id }) if *id == expected);
+        // Two frames in one write, both read within the window.
+        theirs
+            .write_all(&[stop(1), stop(2)].concat())
+            .expect("writes");
+        let read = reader.next(CALL_POLL).expect("reads");
+        assert!(is_stop(&read, 1), "{read:?}");
+        let read = reader.next(CALL_POLL).expect("reads");
+        assert!(is_stop(&read, 2), "{read:?}");
+        // Sent long after the window: read asleep.
         let late = std::thread::spawn(move || {
             std::thread::sleep(Duration::from_millis(50));
-            // Split inside the length prefix, which polling may have read part of.
-            let frame = stop();
+            // Split inside the length prefix.
+            let frame = stop(3);
             theirs.write_all(&frame[..2]).expect("writes");
             std::thread::sleep(Duration::from_millis(5));
             theirs.write_all(&frame[2..]).expect("writes");
             theirs
         });
-        let read = read_call(&mut ours, CALL_POLL).expect("reads");
-        assert!(matches!(read, Some(Request::Stop { id: 3 })), "{read:?}");
+        let read = reader.next(CALL_POLL).expect("reads");
+        assert!(is_stop(&read, 3), "{read:?}");
         let mut theirs = late.join().expect("the writer ends");
         // Half a length prefix within the window, the rest after it.
-        let frame = stop();
+        let frame = stop(4);
         theirs.write_all(&frame[..2]).expect("writes");
         let rest = std::thread::spawn(move || {
             std::thread::sleep(Duration::from_millis(20));
             theirs.write_all(&frame[2..]).expect("writes");
         });
-        let read = read_call(&mut ours, CALL_POLL).expect("reads");
-        assert!(matches!(read, Some(Request::Stop { id: 3 })), "{read:?}");
+        let read = reader.next(CALL_POLL).expect("reads");
+        assert!(is_stop(&read, 4), "{read:?}");
         rest.join().expect("the writer ends");
-        assert!(read_call(&mut ours, CALL_POLL).expect("reads").is_none());
+        assert!(reader.next(CALL_POLL).expect("reads").is_none());
+    }
+
+    #[test]
+    fn an_outcome_larger_than_the_socket_takes_is_written_whole_after_polling() {
+        let (ours, mut theirs) = UnixStream::pair().expect("a socket pair");
+        let mode = Mode::default();
+        let mut writer = FrameWriter {
+            stream: ours.try_clone().expect("clones"),
+            mode: mode.clone(),
+        };
+        let mut reader = CallReader::new(ours, mode);
+        theirs
+            .write_all(&encode(&Request::Stop { id: 1 }))
+            .expect("writes");
+        // A call read while polling leaves the connection non-blocking.
+        assert!(reader.next(CALL_POLL).expect("reads").is_some());
+        let output = Reply::StartFailed {
+            message: "x".repeat(8 * 1024 * 1024),
+        };
+        let frame = encode(&output);
+        let length = frame.len();
+        let other_side = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(20));
+            let mut received = vec![0; length];
+            theirs.read_exact(&mut received).expect("reads it all");
+            received
+        });
+        writer.write(&frame).expect("writes it all");
+        assert!(other_side.join().expect("the reader ends") == frame);
     }
 
     #[test]
