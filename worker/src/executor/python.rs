@@ -1110,6 +1110,10 @@ fn settle<'py>(
     py: Python<'py>,
     returned: Bound<'py, PyAny>,
 ) -> Result<Bound<'py, PyAny>, StepError> {
+    // What a step returns is nearly always a plain value, which is neither.
+    if is_plain(&returned) {
+        return Ok(returned);
+    }
     let inspect = py
         .import("inspect")
         .map_err(|error| exception_error(py, &error))?;
@@ -1135,6 +1139,18 @@ fn settle<'py>(
         ));
     }
     Ok(returned)
+}
+
+/// Whether `value` is `None` or of a built-in type of JSON's values (or a subclass of one):
+/// no coroutine or generator.
+fn is_plain(value: &Bound<'_, PyAny>) -> bool {
+    value.is_none()
+        || value.is_instance_of::<PyDict>()
+        || value.is_instance_of::<PyList>()
+        || value.is_instance_of::<PyString>()
+        || value.is_instance_of::<PyInt>()
+        || value.is_instance_of::<PyFloat>()
+        || value.is_instance_of::<PyTuple>()
 }
 
 /// Drops the frames of `package` (the event loop that ran a coroutine step) from the start of an
