@@ -28,12 +28,6 @@ const SPREAD: usize = 16;
 /// The largest body a message of several tasks grows to; a task larger than this travels
 /// alone.
 const MAX_BUNDLE_BYTES: usize = 256 * 1024;
-/// How long after its confirm a task is marked dispatched (if it is still queued by then). Most
-/// tasks finish sooner, and a task that finished needs no mark: its row leaves the outbox with
-/// its completion. Well below the relay's age (`TASKFLEET_RELAY_AFTER_S`, 10 s by default), so
-/// the relay never takes a task that was confirmed.
-const MARK_AFTER: Duration = Duration::from_secs(2);
-
 /// A task ready to publish, with the id under which it is marked dispatched.
 #[derive(Debug, Clone)]
 pub struct Dispatch {
@@ -99,17 +93,23 @@ impl Dispatcher {
 /// Starts the dispatch loop and returns its sender and the loop itself, to be spawned. The loop
 /// runs until every [`Dispatcher`] is dropped and it has published what they sent. Up to
 /// `tasks_per_message` tasks share one broker message (see [`pack`]).
+///
+/// A confirmed task is marked dispatched half the relay's age (`relay_after`) after its
+/// confirm, and only if it is still queued by then: most tasks finish sooner, and a task that
+/// finished needs no mark, its row leaves the outbox with its completion. Half leaves the mark
+/// as much time again to be written before the relay would take the task.
 pub fn dispatcher(
     broker: Arc<Broker>,
     db: sqlx::PgPool,
     tasks_per_message: NonZeroUsize,
+    relay_after: Duration,
 ) -> (Dispatcher, impl Future<Output = ()>) {
     // Unbounded on purpose: every item was already committed and must not be refused; the
     // accept path is bounded upstream by its own channel.
     let (tx, rx) = mpsc::unbounded_channel();
     (
         Dispatcher { tx },
-        dispatch_loop(broker, db, rx, tasks_per_message.get()),
+        dispatch_loop(broker, db, rx, tasks_per_message.get(), relay_after / 2),
     )
 }
 
@@ -118,10 +118,11 @@ async fn dispatch_loop(
     db: sqlx::PgPool,
     mut rx: mpsc::UnboundedReceiver<Vec<Dispatch>>,
     tasks_per_message: usize,
+    mark_after: Duration,
 ) {
     let (marks, confirmed) = mpsc::unbounded_channel();
     let stopping = CancellationToken::new();
-    let marker = tokio::spawn(mark_loop(db, confirmed, stopping.clone()));
+    let marker = tokio::spawn(mark_loop(db, confirmed, mark_after, stopping.clone()));
     while let Some(mut batch) = rx.recv().await {
         while batch.len() < MAX_BATCH {
             match rx.try_recv() {
@@ -142,17 +143,18 @@ async fn dispatch_loop(
     }
 }
 
-/// Marks confirmed tasks dispatched [`MARK_AFTER`] their confirm, on a connection of its own;
-/// at `stopping`, marks everything left at once.
+/// Marks confirmed tasks dispatched `mark_after` their confirm, on a connection of its own; at
+/// `stopping`, marks everything left at once.
 async fn mark_loop(
     db: sqlx::PgPool,
     mut confirmed: mpsc::UnboundedReceiver<(tokio::time::Instant, Vec<Uuid>)>,
+    mark_after: Duration,
     stopping: CancellationToken,
 ) {
     let mut conn = HeldConnection::new(db);
     while let Some((at, mut due)) = confirmed.recv().await {
         tokio::select! {
-            () = tokio::time::sleep_until(at + MARK_AFTER) => {}
+            () = tokio::time::sleep_until(at + mark_after) => {}
             () = stopping.cancelled() => {}
         }
         // Everything else due joins this statement, and so does the first entry not yet due,
@@ -160,7 +162,7 @@ async fn mark_loop(
         let now = tokio::time::Instant::now();
         while let Ok((at, ids)) = confirmed.try_recv() {
             due.extend(ids);
-            if at + MARK_AFTER > now && !stopping.is_cancelled() {
+            if at + mark_after > now && !stopping.is_cancelled() {
                 break;
             }
         }

@@ -57,8 +57,12 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
 
     // The dispatcher and the accept writer end when their senders are all dropped, after
     // handling what they hold, so nothing accepted before the shutdown is left unwritten.
-    let (dispatcher, dispatch_loop) =
-        dispatch::dispatcher(broker.clone(), db.clone(), config.max_tasks_per_message);
+    let (dispatcher, dispatch_loop) = dispatch::dispatcher(
+        broker.clone(),
+        db.clone(),
+        config.max_tasks_per_message,
+        config.relay_after,
+    );
     let dispatch_task = tokio::spawn(dispatch_loop);
     tracker.spawn(dispatch::relay_loop(
         dispatcher.clone(),
