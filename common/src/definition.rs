@@ -295,6 +295,19 @@ impl WorkflowDefinition {
             .any(|step| step.input.is_some() || step.for_each.is_some() || step.when.is_some())
     }
 
+    /// Whether the programs its planning runs are all quick and compiled already
+    /// ([`jq::ProgramCache::is_quick`]): only `input` and `when` programs, no `for_each`,
+    /// whose planning may make thousands of tasks. On small values such planning is quick work.
+    pub fn plans_with_quick_programs(&self, programs: &jq::ProgramCache) -> bool {
+        self.steps.iter().all(|step| {
+            step.for_each.is_none()
+                && [&step.input, &step.when]
+                    .into_iter()
+                    .flatten()
+                    .all(|source| programs.is_quick(source))
+        })
+    }
+
     /// Checks the whole definition: each step, the references between steps, and that the
     /// steps form a DAG. Returns every problem found. Compiling its jq programs is most of the
     /// work, so they are compiled through `programs` (and kept there).

@@ -246,6 +246,10 @@ impl Program {
 /// The longest program [`Program::is_quick`] considers.
 pub const MAX_QUICK_LEN: usize = 512;
 
+/// The largest input a quick program is run on in place (on an async thread), counted by
+/// [`crate::value::size_at_most`] (about a JSON text of this many bytes).
+pub const QUICK_INPUT_SIZE: usize = 4096;
+
 /// Builtins of no argument that a quick program may call: each reads its input once.
 const QUICK_BUILTINS: &[&str] = &[
     "empty",
@@ -786,6 +790,15 @@ impl ProgramCache {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .contains_key(source)
+    }
+
+    /// Whether `source` is compiled already and quick ([`Program::is_quick`]).
+    pub fn is_quick(&self, source: &str) -> bool {
+        self.programs
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(source)
+            .is_some_and(Program::is_quick)
     }
 
     /// Returns the compiled program for `source`, compiling it on first use.

@@ -139,6 +139,11 @@ fn is_identifier(key: &str) -> bool {
 /// Whether `value` is at most `limit` in size, counting one for each value plus the bytes of
 /// every string and object key; reads no more of a larger value than it takes to tell.
 pub fn size_at_most(value: &Value, limit: usize) -> bool {
+    sizes_at_most([value], limit)
+}
+
+/// Whether `values` are at most `limit` in size together, counted as [`size_at_most`] counts.
+pub fn sizes_at_most<'a>(values: impl IntoIterator<Item = &'a Value>, limit: usize) -> bool {
     let mut budget = limit;
     let mut spend = |cost: usize| match budget.checked_sub(cost) {
         Some(left) => {
@@ -147,7 +152,7 @@ pub fn size_at_most(value: &Value, limit: usize) -> bool {
         }
         None => false,
     };
-    let mut waiting = vec![value];
+    let mut waiting: Vec<&Value> = values.into_iter().collect();
     while let Some(value) = waiting.pop() {
         // A container's items are counted as they are read; its length only stops one that
         // cannot fit before they are queued.
@@ -343,5 +348,7 @@ mod tests {
         assert!(!size_at_most(&object, 7));
         let large = Value::Array(vec![json!(1); 1_000_000]);
         assert!(!size_at_most(&large, 4096));
+        assert!(sizes_at_most([&object, &json!("abc")], 12));
+        assert!(!sizes_at_most([&object, &json!("abc")], 11));
     }
 }

@@ -34,7 +34,8 @@ use crate::notify::{FinishedView, Notifier};
 use crate::planner::{self, StepState};
 use crate::retry;
 use crate::store::{self, Completion, FinishedRun, HeldConnection, LockedRun, StoreError};
-use taskfleet_common::jq::ProgramCache;
+use taskfleet_common::jq::{self, ProgramCache};
+use taskfleet_common::value;
 
 /// The most completions handled in one transaction; also the consumer's prefetch (in messages,
 /// each of which may carry several completions).
@@ -348,19 +349,22 @@ impl CompletionLoop {
                 .or_default()
                 .insert(row.step_id, step_state(&row.status, row.output, row.error));
         }
-        // Planning may run user jq programs: those runs are planned off the async threads.
+        // Planning may run user jq programs: those runs are planned off the async threads,
+        // unless every program is quick and the values it reads are small.
         let programs = self.programs.clone();
-        let (materialized, finished) =
-            if runs.iter().any(|run| run.definition.plans_with_programs()) {
-                tokio::task::spawn_blocking(move || plan_runs(&programs, runs, states))
-                    .await
-                    .map_err(|error| AdvanceError::Planning(error.to_string()))?
-            } else {
-                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                    plan_runs(&programs, runs, states)
-                }))
-                .map_err(|_| AdvanceError::Planning("planning panicked".to_owned()))?
-            };
+        let in_place = runs
+            .iter()
+            .all(|run| plans_in_place(&programs, run, states.get(&run.id)));
+        let (materialized, finished) = if !in_place {
+            tokio::task::spawn_blocking(move || plan_runs(&programs, runs, states))
+                .await
+                .map_err(|error| AdvanceError::Planning(error.to_string()))?
+        } else {
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                plan_runs(&programs, runs, states)
+            }))
+            .map_err(|_| AdvanceError::Planning("planning panicked".to_owned()))?
+        };
         let finished_ids: HashSet<Uuid> = finished.iter().map(|run| run.id).collect();
         // A run that ended in this batch dispatches nothing more: its queued tasks are
         // cancelled by `finish_runs`.
@@ -390,6 +394,27 @@ impl CompletionLoop {
         self.notifier.announce(&finished_ids).await;
         Ok(())
     }
+}
+
+/// Whether planning `run` is quick work on values: it runs no program, or only quick ones on a
+/// run input and step outputs (`states`) of at most [`jq::QUICK_INPUT_SIZE`] together.
+fn plans_in_place(
+    programs: &ProgramCache,
+    run: &RunToPlan,
+    states: Option<&BTreeMap<String, StepState>>,
+) -> bool {
+    if !run.definition.plans_with_programs() {
+        return true;
+    }
+    let outputs = states
+        .into_iter()
+        .flat_map(BTreeMap::values)
+        .filter_map(|state| state.output.as_ref());
+    run.definition.plans_with_quick_programs(programs)
+        && value::sizes_at_most(
+            std::iter::once(&run.input).chain(outputs),
+            jq::QUICK_INPUT_SIZE,
+        )
 }
 
 /// The states of the steps (not items) a batch recorded, by run.
@@ -603,5 +628,66 @@ pub fn step_state(
         },
         output: output.map(|output| output.0),
         error: error.and_then(|error| serde_json::from_value::<StepError>(error.0).ok()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(steps: Value, input: Value) -> RunToPlan {
+        RunToPlan {
+            id: Uuid::now_v7(),
+            definition: serde_json::from_value(json!({ "steps": steps })).expect("a definition"),
+            input,
+            status: "running".to_owned(),
+        }
+    }
+
+    fn done(output: Value) -> BTreeMap<String, StepState> {
+        BTreeMap::from([(
+            "a".to_owned(),
+            StepState {
+                status: StepStatus::Succeeded,
+                output: Some(output),
+                error: None,
+            },
+        )])
+    }
+
+    #[test]
+    fn runs_plan_in_place_with_no_program_or_quick_ones_on_small_values() {
+        let programs = ProgramCache::default();
+        for source in [".steps.a.n", "map(.)"] {
+            programs.get(source).expect("compiles");
+        }
+        let chain = |input: &str| {
+            json!([
+                {"id": "a", "dataflow": "."},
+                {"id": "b", "dataflow": ".", "after": ["a"], "input": input}
+            ])
+        };
+        let small = done(json!({"n": 1}));
+        let large = done(json!({"n": "x".repeat(jq::QUICK_INPUT_SIZE)}));
+        let no_program = run(json!([{"id": "a", "dataflow": "."}]), json!({}));
+        assert!(plans_in_place(&programs, &no_program, Some(&large)));
+        let quick = run(chain(".steps.a.n"), json!({}));
+        assert!(plans_in_place(&programs, &quick, Some(&small)));
+        assert!(
+            !plans_in_place(&programs, &quick, Some(&large)),
+            "a large output"
+        );
+        let large_input = run(chain(".steps.a.n"), json!("x".repeat(jq::QUICK_INPUT_SIZE)));
+        assert!(
+            !plans_in_place(&programs, &large_input, Some(&small)),
+            "a large input"
+        );
+        let slow = run(chain("map(.)"), json!({}));
+        assert!(!plans_in_place(&programs, &slow, Some(&small)), "not quick");
+        let uncompiled = run(chain(".steps.a.m"), json!({}));
+        assert!(
+            !plans_in_place(&programs, &uncompiled, Some(&small)),
+            "not compiled"
+        );
     }
 }

@@ -23,7 +23,8 @@ use crate::engine::{Materialized, finished_run};
 use crate::notify::Notifier;
 use crate::planner;
 use crate::store::{self, NewRun, RunFilter};
-use taskfleet_common::jq::ProgramCache;
+use taskfleet_common::jq::{self, ProgramCache};
+use taskfleet_common::value;
 
 /// The longest idempotency key accepted.
 const MAX_IDEMPOTENCY_KEY_LEN: usize = 256;
@@ -185,8 +186,9 @@ struct NewRunParts {
 const QUICK_PLANS: usize = 32;
 
 /// Checks the inline definitions of new runs and plans their first steps. Compiling and
-/// running jq programs stays off the async threads: a few runs that need neither are planned
-/// in place, any other request in one trip to the blocking pool. Returns what to write, or
+/// running jq programs stays off the async threads: a few runs that compile nothing and run
+/// no program, or only quick ones on small inputs, are planned in place, any other request in
+/// one trip to the blocking pool. Returns what to write, or
 /// the first problem with the index of the run that has it.
 async fn plan(
     state: &AppState,
@@ -211,10 +213,14 @@ async fn plan(
         .map_err(|error| (0, ApiError::internal(&error)))?
 }
 
-/// Whether checking and planning a run is quick work on values: planning runs no program,
-/// and checking compiles none (every `dataflow` program is compiled already).
+/// Whether checking and planning a run is quick work on values: planning runs no program, or
+/// only quick ones on a small input, and checking compiles none (every program is compiled
+/// already).
 fn plans_quickly(programs: &ProgramCache, parts: &NewRunParts) -> bool {
-    !parts.definition.plans_with_programs()
+    let definition = &parts.definition;
+    (!definition.plans_with_programs()
+        || (definition.plans_with_quick_programs(programs)
+            && value::size_at_most(&parts.input, jq::QUICK_INPUT_SIZE)))
         && (!parts.unchecked
             || parts.definition.steps.iter().all(|step| {
                 step.dataflow
@@ -644,7 +650,7 @@ mod tests {
     }
 
     #[test]
-    fn only_runs_that_compile_and_run_no_program_plan_in_place() {
+    fn only_runs_that_compile_nothing_and_run_only_quick_programs_plan_in_place() {
         let programs = ProgramCache::default();
         let plain = json!({"steps": [{"id": "a", "dataflow": ".x"}, {"id": "b", "python": "m:f"}]});
         assert!(
@@ -657,14 +663,30 @@ mod tests {
         );
         programs.get(".x").expect("compiles");
         assert!(plans_quickly(&programs, &parts(plain, true)));
-        for field in ["input", "for_each", "when"] {
+        let with = |field: &str, program: &str| {
             let mut step = json!({"id": "a", "dataflow": ".x"});
-            step[field] = json!(".x");
-            let definition = json!({"steps": [step]});
+            step[field] = json!(program);
+            parts(json!({"steps": [step]}), false)
+        };
+        assert!(
+            !plans_quickly(&programs, &with("input", ".y")),
+            "not compiled yet"
+        );
+        programs.get(".y").expect("compiles");
+        programs.get("map(.)").expect("compiles");
+        for field in ["input", "when"] {
+            assert!(plans_quickly(&programs, &with(field, ".y")), "{field}");
+            assert!(!plans_quickly(&programs, &with(field, "map(.)")), "{field}");
+            let mut large = with(field, ".y");
+            large.input = json!({"y": "x".repeat(jq::QUICK_INPUT_SIZE)});
             assert!(
-                !plans_quickly(&programs, &parts(definition, false)),
-                "{field}"
+                !plans_quickly(&programs, &large),
+                "{field} on a large input"
             );
         }
+        assert!(
+            !plans_quickly(&programs, &with("for_each", ".y")),
+            "a for_each may plan thousands of tasks"
+        );
     }
 }

@@ -8,15 +8,11 @@ use serde_json::Value;
 use taskfleet_common::StepError;
 use taskfleet_common::definition::StepKind;
 use taskfleet_common::error::DATAFLOW_ERROR;
-use taskfleet_common::jq::{Program, ProgramCache, RunError};
+use taskfleet_common::jq::{Program, ProgramCache, QUICK_INPUT_SIZE, RunError};
 use taskfleet_common::protocol::TaskMessage;
 use taskfleet_common::value;
 
 use super::Executor;
-
-/// The largest input a quick program runs on in place, counted by [`value::size_at_most`]
-/// (about a JSON text of this many bytes).
-pub const QUICK_INPUT_SIZE: usize = 4096;
 
 /// Runs `dataflow` steps.
 #[derive(Clone, Default)]
