@@ -352,10 +352,7 @@ impl CompletionLoop {
         // Planning may run user jq programs: those runs are planned off the async threads,
         // unless every program is quick and the values it reads are small.
         let programs = self.programs.clone();
-        let in_place = runs
-            .iter()
-            .all(|run| plans_in_place(&programs, run, states.get(&run.id)));
-        let (materialized, finished) = if !in_place {
+        let (materialized, finished) = if !plans_in_place(&programs, &runs, &states) {
             tokio::task::spawn_blocking(move || plan_runs(&programs, runs, states))
                 .await
                 .map_err(|error| AdvanceError::Planning(error.to_string()))?
@@ -396,25 +393,27 @@ impl CompletionLoop {
     }
 }
 
-/// Whether planning `run` is quick work on values: it runs no program, or only quick ones on a
-/// run input and step outputs (`states`) of at most [`jq::QUICK_INPUT_SIZE`] together.
+/// Whether planning `runs` is quick work on values: they run no program, or only quick ones
+/// on run inputs and step outputs (`states`) of at most [`jq::QUICK_INPUT_SIZE`] in all.
 fn plans_in_place(
     programs: &ProgramCache,
-    run: &RunToPlan,
-    states: Option<&BTreeMap<String, StepState>>,
+    runs: &[RunToPlan],
+    states: &HashMap<Uuid, BTreeMap<String, StepState>>,
 ) -> bool {
-    if !run.definition.plans_with_programs() {
-        return true;
-    }
-    let outputs = states
-        .into_iter()
-        .flat_map(BTreeMap::values)
-        .filter_map(|state| state.output.as_ref());
-    run.definition.plans_with_quick_programs(programs)
-        && value::sizes_at_most(
-            std::iter::once(&run.input).chain(outputs),
-            jq::QUICK_INPUT_SIZE,
-        )
+    let with_programs = || {
+        runs.iter()
+            .filter(|run| run.definition.plans_with_programs())
+    };
+    let values = with_programs().flat_map(|run| {
+        let outputs = states
+            .get(&run.id)
+            .into_iter()
+            .flat_map(BTreeMap::values)
+            .filter_map(|state| state.output.as_ref());
+        std::iter::once(&run.input).chain(outputs)
+    });
+    with_programs().all(|run| run.definition.plans_with_quick_programs(programs))
+        && value::sizes_at_most(values, jq::QUICK_INPUT_SIZE)
 }
 
 /// The states of the steps (not items) a batch recorded, by run.
@@ -667,27 +666,35 @@ mod tests {
                 {"id": "b", "dataflow": ".", "after": ["a"], "input": input}
             ])
         };
-        let small = done(json!({"n": 1}));
-        let large = done(json!({"n": "x".repeat(jq::QUICK_INPUT_SIZE)}));
-        let no_program = run(json!([{"id": "a", "dataflow": "."}]), json!({}));
-        assert!(plans_in_place(&programs, &no_program, Some(&large)));
-        let quick = run(chain(".steps.a.n"), json!({}));
-        assert!(plans_in_place(&programs, &quick, Some(&small)));
-        assert!(
-            !plans_in_place(&programs, &quick, Some(&large)),
-            "a large output"
-        );
+        let check = |runs: Vec<(RunToPlan, Value)>| {
+            let states = runs
+                .iter()
+                .map(|(run, output)| (run.id, done(output.clone())))
+                .collect();
+            let runs: Vec<RunToPlan> = runs.into_iter().map(|(run, _)| run).collect();
+            plans_in_place(&programs, &runs, &states)
+        };
+        let small = json!({"n": 1});
+        let large = json!({"n": "x".repeat(jq::QUICK_INPUT_SIZE)});
+        let no_program = || run(json!([{"id": "a", "dataflow": "."}]), json!({}));
+        let quick = || run(chain(".steps.a.n"), json!({}));
+        assert!(check(vec![(no_program(), large.clone())]));
+        assert!(check(vec![
+            (quick(), small.clone()),
+            (no_program(), large.clone())
+        ]));
+        assert!(!check(vec![(quick(), large.clone())]), "a large output");
         let large_input = run(chain(".steps.a.n"), json!("x".repeat(jq::QUICK_INPUT_SIZE)));
+        assert!(!check(vec![(large_input, small.clone())]), "a large input");
+        let half = json!({"n": "x".repeat(jq::QUICK_INPUT_SIZE / 2)});
+        assert!(check(vec![(quick(), half.clone())]));
         assert!(
-            !plans_in_place(&programs, &large_input, Some(&small)),
-            "a large input"
+            !check(vec![(quick(), half.clone()), (quick(), half)]),
+            "large values together"
         );
         let slow = run(chain("map(.)"), json!({}));
-        assert!(!plans_in_place(&programs, &slow, Some(&small)), "not quick");
+        assert!(!check(vec![(slow, small.clone())]), "not quick");
         let uncompiled = run(chain(".steps.a.m"), json!({}));
-        assert!(
-            !plans_in_place(&programs, &uncompiled, Some(&small)),
-            "not compiled"
-        );
+        assert!(!check(vec![(uncompiled, small)]), "not compiled");
     }
 }

@@ -187,17 +187,14 @@ const QUICK_PLANS: usize = 32;
 
 /// Checks the inline definitions of new runs and plans their first steps. Compiling and
 /// running jq programs stays off the async threads: a few runs that compile nothing and run
-/// no program, or only quick ones on small inputs, are planned in place, any other request in
-/// one trip to the blocking pool. Returns what to write, or
+/// no program, or only quick ones on inputs of at most [`jq::QUICK_INPUT_SIZE`] in all, are
+/// planned in place, any other request in one trip to the blocking pool. Returns what to write, or
 /// the first problem with the index of the run that has it.
 async fn plan(
     state: &AppState,
     runs: Vec<NewRunParts>,
 ) -> Result<Vec<Submission>, (usize, ApiError)> {
-    let quick = runs.len() <= QUICK_PLANS
-        && runs
-            .iter()
-            .all(|parts| plans_quickly(&state.programs, parts));
+    let quick = plans_in_place(&state.programs, &runs);
     let programs = state.programs.clone();
     let plan_all = move || {
         runs.into_iter()
@@ -213,14 +210,26 @@ async fn plan(
         .map_err(|error| (0, ApiError::internal(&error)))?
 }
 
+/// Whether a request's runs are few and each [`plans_quickly`], on inputs of at most
+/// [`jq::QUICK_INPUT_SIZE`] in all where planning runs programs.
+fn plans_in_place(programs: &ProgramCache, runs: &[NewRunParts]) -> bool {
+    let with_programs = runs
+        .iter()
+        .filter(|parts| parts.definition.plans_with_programs());
+    runs.len() <= QUICK_PLANS
+        && runs.iter().all(|parts| plans_quickly(programs, parts))
+        && value::sizes_at_most(
+            with_programs.map(|parts| &parts.input),
+            jq::QUICK_INPUT_SIZE,
+        )
+}
+
 /// Whether checking and planning a run is quick work on values: planning runs no program, or
-/// only quick ones on a small input, and checking compiles none (every program is compiled
-/// already).
+/// only quick ones (on inputs that [`plan`] checks are small, all its runs' together), and
+/// checking compiles none (every program is compiled already).
 fn plans_quickly(programs: &ProgramCache, parts: &NewRunParts) -> bool {
     let definition = &parts.definition;
-    (!definition.plans_with_programs()
-        || (definition.plans_with_quick_programs(programs)
-            && value::size_at_most(&parts.input, jq::QUICK_INPUT_SIZE)))
+    (!definition.plans_with_programs() || definition.plans_with_quick_programs(programs))
         && (!parts.unchecked
             || parts.definition.steps.iter().all(|step| {
                 step.dataflow
@@ -677,16 +686,32 @@ mod tests {
         for field in ["input", "when"] {
             assert!(plans_quickly(&programs, &with(field, ".y")), "{field}");
             assert!(!plans_quickly(&programs, &with(field, "map(.)")), "{field}");
-            let mut large = with(field, ".y");
-            large.input = json!({"y": "x".repeat(jq::QUICK_INPUT_SIZE)});
-            assert!(
-                !plans_quickly(&programs, &large),
-                "{field} on a large input"
-            );
         }
         assert!(
             !plans_quickly(&programs, &with("for_each", ".y")),
             "a for_each may plan thousands of tasks"
         );
+        let on = |input: Value| NewRunParts {
+            input,
+            ..with("input", ".y")
+        };
+        let half = || json!({"y": "x".repeat(jq::QUICK_INPUT_SIZE / 2)});
+        assert!(plans_in_place(&programs, &[on(half())]));
+        assert!(
+            !plans_in_place(&programs, &[on(half()), on(half())]),
+            "large inputs together"
+        );
+        let large = json!({"y": "x".repeat(jq::QUICK_INPUT_SIZE)});
+        assert!(!plans_in_place(&programs, &[on(large.clone())]));
+        let no_program = NewRunParts {
+            input: large,
+            ..parts(json!({"steps": [{"id": "a", "dataflow": ".x"}]}), false)
+        };
+        assert!(
+            plans_in_place(&programs, &[no_program]),
+            "planning without programs reads values only"
+        );
+        let many: Vec<NewRunParts> = (0..=QUICK_PLANS).map(|_| on(json!({}))).collect();
+        assert!(!plans_in_place(&programs, &many), "too many runs");
     }
 }
