@@ -295,9 +295,10 @@ impl WorkflowDefinition {
             .any(|step| step.input.is_some() || step.for_each.is_some() || step.when.is_some())
     }
 
-    /// Whether the programs its planning runs are all quick and compiled already
+    /// Whether the programs its planning runs, if any, are all quick and compiled already
     /// ([`jq::ProgramCache::is_quick`]): only `input` and `when` programs, no `for_each`,
-    /// whose planning may make thousands of tasks. On small values such planning is quick work.
+    /// whose planning may make thousands of tasks. On small values such planning is quick work;
+    /// without programs it always is.
     pub fn plans_with_quick_programs(&self, programs: &jq::ProgramCache) -> bool {
         self.steps.iter().all(|step| {
             step.for_each.is_none()

@@ -786,27 +786,17 @@ pub struct ProgramCache {
 impl ProgramCache {
     /// Whether `source` is compiled already.
     pub fn contains(&self, source: &str) -> bool {
-        self.programs
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .contains_key(source)
+        self.lock().contains_key(source)
     }
 
     /// Whether `source` is compiled already and quick ([`Program::is_quick`]).
     pub fn is_quick(&self, source: &str) -> bool {
-        self.programs
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .get(source)
-            .is_some_and(Program::is_quick)
+        self.lock().get(source).is_some_and(Program::is_quick)
     }
 
     /// Returns the compiled program for `source`, compiling it on first use.
     pub fn get(&self, source: &str) -> Result<Program, CompileError> {
-        let mut programs = self
-            .programs
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut programs = self.lock();
         if let Some(program) = programs.get(source) {
             return Ok(program.clone());
         }
@@ -816,6 +806,12 @@ impl ProgramCache {
         }
         programs.insert(source.to_owned(), program.clone());
         Ok(program)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, Program>> {
+        self.programs
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }
 

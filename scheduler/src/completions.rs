@@ -352,15 +352,15 @@ impl CompletionLoop {
         // Planning may run user jq programs: those runs are planned off the async threads,
         // unless every program is quick and the values it reads are small.
         let programs = self.programs.clone();
-        let (materialized, finished) = if !plans_in_place(&programs, &runs, &states) {
-            tokio::task::spawn_blocking(move || plan_runs(&programs, runs, states))
-                .await
-                .map_err(|error| AdvanceError::Planning(error.to_string()))?
-        } else {
+        let (materialized, finished) = if plans_in_place(&programs, &runs, &states) {
             std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                 plan_runs(&programs, runs, states)
             }))
             .map_err(|_| AdvanceError::Planning("planning panicked".to_owned()))?
+        } else {
+            tokio::task::spawn_blocking(move || plan_runs(&programs, runs, states))
+                .await
+                .map_err(|error| AdvanceError::Planning(error.to_string()))?
         };
         let finished_ids: HashSet<Uuid> = finished.iter().map(|run| run.id).collect();
         // A run that ended in this batch dispatches nothing more: its queued tasks are
@@ -400,19 +400,19 @@ fn plans_in_place(
     runs: &[RunToPlan],
     states: &HashMap<Uuid, BTreeMap<String, StepState>>,
 ) -> bool {
-    let with_programs = || {
-        runs.iter()
-            .filter(|run| run.definition.plans_with_programs())
-    };
-    let values = with_programs().flat_map(|run| {
-        let outputs = states
-            .get(&run.id)
-            .into_iter()
-            .flat_map(BTreeMap::values)
-            .filter_map(|state| state.output.as_ref());
-        std::iter::once(&run.input).chain(outputs)
-    });
-    with_programs().all(|run| run.definition.plans_with_quick_programs(programs))
+    let values = runs
+        .iter()
+        .filter(|run| run.definition.plans_with_programs())
+        .flat_map(|run| {
+            let outputs = states
+                .get(&run.id)
+                .into_iter()
+                .flat_map(BTreeMap::values)
+                .filter_map(|state| state.output.as_ref());
+            std::iter::once(&run.input).chain(outputs)
+        });
+    runs.iter()
+        .all(|run| run.definition.plans_with_quick_programs(programs))
         && value::sizes_at_most(values, jq::QUICK_INPUT_SIZE)
 }
 

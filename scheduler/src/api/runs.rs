@@ -188,8 +188,8 @@ const QUICK_PLANS: usize = 32;
 /// Checks the inline definitions of new runs and plans their first steps. Compiling and
 /// running jq programs stays off the async threads: a few runs that compile nothing and run
 /// no program, or only quick ones on inputs of at most [`jq::QUICK_INPUT_SIZE`] in all, are
-/// planned in place, any other request in one trip to the blocking pool. Returns what to write, or
-/// the first problem with the index of the run that has it.
+/// planned in place, any other request in one trip to the blocking pool. Returns what to
+/// write, or the first problem with the index of the run that has it.
 async fn plan(
     state: &AppState,
     runs: Vec<NewRunParts>,
@@ -228,8 +228,7 @@ fn plans_in_place(programs: &ProgramCache, runs: &[NewRunParts]) -> bool {
 /// only quick ones (on inputs that [`plan`] checks are small, all its runs' together), and
 /// checking compiles none (every program is compiled already).
 fn plans_quickly(programs: &ProgramCache, parts: &NewRunParts) -> bool {
-    let definition = &parts.definition;
-    (!definition.plans_with_programs() || definition.plans_with_quick_programs(programs))
+    parts.definition.plans_with_quick_programs(programs)
         && (!parts.unchecked
             || parts.definition.steps.iter().all(|step| {
                 step.dataflow
