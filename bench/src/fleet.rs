@@ -302,7 +302,7 @@ pub async fn executor_cost(calls: usize) -> Result<(Vec<Duration>, Vec<Duration>
     for round in 0..calls + 100 {
         for (task, kind_timings) in [(&jq, &mut timings.0), (&python, &mut timings.1)] {
             let started = Instant::now();
-            let (result, _) = executors.execute(task, None).await;
+            let result = executors.execute(task, None).await.result;
             let elapsed = started.elapsed();
             ensure!(result.is_ok(), "a no-op step failed: {result:?}");
             if round >= 100 {

@@ -66,6 +66,15 @@ impl Namespace {
         format!("{}.tasks.{queue}", self.0)
     }
 
+    /// Returns the task queue whose RabbitMQ queue is `broker_queue` (the inverse of
+    /// [`Self::task_queue`]), or `None` if it is not a task queue of this namespace.
+    pub fn task_queue_name<'a>(&self, broker_queue: &'a str) -> Option<&'a str> {
+        broker_queue
+            .strip_prefix(self.0.as_str())?
+            .strip_prefix(".tasks.")
+            .filter(|queue| !queue.is_empty())
+    }
+
     /// Returns the RabbitMQ queue on which workers report completions to the schedulers.
     pub fn completions_queue(&self) -> String {
         format!("{}.completions", self.0)
@@ -149,6 +158,10 @@ mod tests {
     fn names_carry_the_namespace() {
         let ns = Namespace::new("ns1").expect("valid namespace");
         assert_eq!(ns.task_queue("default"), "ns1.tasks.default");
+        assert_eq!(ns.task_queue_name(&ns.task_queue("etl.x")), Some("etl.x"));
+        assert_eq!(ns.task_queue_name("ns2.tasks.default"), None);
+        assert_eq!(ns.task_queue_name("ns1.completions"), None);
+        assert_eq!(ns.task_queue_name("ns1.tasks."), None);
         assert_eq!(ns.completions_queue(), "ns1.completions");
         assert!(ns.result_key(TaskId::new()).starts_with("ns1:result:"));
     }

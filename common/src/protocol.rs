@@ -85,6 +85,21 @@ pub struct CompletionMessage {
     /// The task's [`TaskMessage::ends_run`], repeated.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub ends_run: bool,
+    /// The task queue the task came from, and how long the step took on its executor (for
+    /// Python, from the moment an executor process took the call): what the scheduler learns
+    /// each queue's cost from, to size its bundles. Absent from a task that did not run to its
+    /// end.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ran: Option<Ran>,
+}
+
+/// Where a step ran from and for how long; see [`CompletionMessage::ran`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Ran {
+    /// The task queue (its name in the workflow, not the broker's).
+    pub queue: String,
+    /// Microseconds the step took on its executor.
+    pub micros: u64,
 }
 
 /// Describes why a message body could not be read.
@@ -202,9 +217,19 @@ mod tests {
             finished_at: Utc::now(),
             logs: Some("working\n".into()),
             ends_run: true,
+            ran: Some(Ran {
+                queue: "etl".into(),
+                micros: 1_250,
+            }),
         };
         let decoded: CompletionMessage = decode(&encode(&completion)).expect("decodes");
         assert_eq!(decoded, completion);
+        // Written by a build that predates `ran`: read without it.
+        let mut older = serde_json::to_value(&completion).expect("a value");
+        older.as_object_mut().expect("an object").remove("ran");
+        let older: CompletionMessage =
+            decode(older.to_string().as_bytes()).expect("decodes without ran");
+        assert_eq!(older.ran, None);
     }
 
     #[test]

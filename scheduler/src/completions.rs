@@ -21,13 +21,14 @@ use serde_json::{Value, json};
 use sqlx::Connection as _;
 use taskfleet_common::definition::WorkflowDefinition;
 use taskfleet_common::error::INVALID_OUTPUT;
-use taskfleet_common::protocol::{self, CompletionMessage, Outcome};
+use taskfleet_common::protocol::{self, CompletionMessage, Outcome, Ran};
 use taskfleet_common::{RunId, StepError, StepStatus, TaskId};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::api::views::run_view;
 use crate::broker::Broker;
+use crate::costs::TaskCosts;
 use crate::dispatch::{Dispatch, Dispatcher};
 use crate::engine::{Materialized, finished_run};
 use crate::notify::{FinishedView, Notifier};
@@ -70,6 +71,8 @@ pub struct CompletionLoop {
     pub programs: ProgramCache,
     /// Where unreadable completions go.
     pub broker: Arc<Broker>,
+    /// What each queue's tasks cost, learned here for the dispatcher.
+    pub costs: TaskCosts,
 }
 
 impl CompletionLoop {
@@ -115,6 +118,7 @@ impl CompletionLoop {
 
     /// Records a batch; returns false if shutdown came first.
     async fn handle(&mut self, read: Read, shutdown: &CancellationToken) -> bool {
+        self.costs.learn(&read.ran);
         for body in &read.unreadable {
             self.broker
                 .dead_letter(body, "a completion that names no task")
@@ -522,6 +526,8 @@ fn plan_runs(
 struct Read {
     completions: Vec<Completion>,
     unreadable: Vec<Vec<u8>>,
+    /// How long the steps that ran took, and on which queue.
+    ran: Vec<Ran>,
 }
 
 impl Read {
@@ -536,7 +542,10 @@ impl Read {
         };
         for body in bodies {
             match read_completion(body) {
-                Some(completion) => self.completions.push(completion),
+                Some((completion, ran)) => {
+                    self.completions.push(completion);
+                    self.ran.extend(ran);
+                }
                 None => self.unreadable.push(body.to_vec()),
             }
         }
@@ -557,15 +566,16 @@ struct CompletionIdentity {
 }
 
 /// Reads a completion body. One that cannot be read but names its task becomes a failure of
-/// that attempt, so its run still ends; one that names nothing is logged and dropped.
-fn read_completion(body: &[u8]) -> Option<Completion> {
+/// that attempt, so its run still ends; one that names nothing is logged and dropped. Returns
+/// the completion and, if it says so, how long the step ran.
+fn read_completion(body: &[u8]) -> Option<(Completion, Option<Ran>)> {
     match protocol::decode::<CompletionMessage>(body) {
-        Ok(message) => Some(to_completion(&message)),
+        Ok(message) => Some((to_completion(&message), message.ran)),
         Err(error) => match serde_json::from_slice::<CompletionIdentity>(body) {
             Ok(identity) => {
                 tracing::error!(task_id = %identity.task_id, %error, "failing the step of an unreadable completion");
                 let now = Utc::now();
-                Some(Completion {
+                let completion = Completion {
                     task_id: identity.task_id.0,
                     run_id: identity.run_id.0,
                     attempt: i32::try_from(identity.attempt).unwrap_or(i32::MAX),
@@ -580,7 +590,8 @@ fn read_completion(body: &[u8]) -> Option<Completion> {
                     finished_at: now,
                     logs: None,
                     ends_run: false,
-                })
+                };
+                Some((completion, None))
             }
             Err(_) => {
                 tracing::error!(%error, "a completion names no task; moving it to the dead letters");

@@ -122,7 +122,7 @@ impl Config {
             )?),
             max_tasks_per_message: parse(
                 "TASKFLEET_MAX_TASKS_PER_MESSAGE",
-                &get("TASKFLEET_MAX_TASKS_PER_MESSAGE", "16"),
+                &get("TASKFLEET_MAX_TASKS_PER_MESSAGE", "64"),
             )?,
         })
     }

@@ -18,6 +18,7 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::broker::{Broker, Outgoing};
+use crate::costs::TaskCosts;
 use crate::store::{self, HeldConnection};
 
 /// The most tasks published in one round of confirms.
@@ -92,7 +93,8 @@ impl Dispatcher {
 
 /// Starts the dispatch loop and returns its sender and the loop itself, to be spawned. The loop
 /// runs until every [`Dispatcher`] is dropped and it has published what they sent. Up to
-/// `tasks_per_message` tasks share one broker message (see [`pack`]).
+/// `tasks_per_message` tasks share one broker message (see [`pack`]), fewer for a queue whose
+/// tasks take longer (see [`TaskCosts::per_message`]).
 ///
 /// A confirmed task is marked dispatched half the relay's age (`relay_after`) after its
 /// confirm, and only if it is still queued by then: most tasks finish sooner, and a task that
@@ -103,13 +105,20 @@ pub fn dispatcher(
     db: sqlx::PgPool,
     tasks_per_message: NonZeroUsize,
     relay_after: Duration,
+    costs: TaskCosts,
 ) -> (Dispatcher, impl Future<Output = ()>) {
     // Unbounded on purpose: every item was already committed and must not be refused; the
     // accept path is bounded upstream by its own channel.
     let (tx, rx) = mpsc::unbounded_channel();
     (
         Dispatcher { tx },
-        dispatch_loop(broker, db, rx, tasks_per_message.get(), relay_after / 2),
+        dispatch_loop(
+            broker,
+            db,
+            rx,
+            move |queue: &str| costs.per_message(queue, tasks_per_message.get()),
+            relay_after / 2,
+        ),
     )
 }
 
@@ -117,7 +126,7 @@ async fn dispatch_loop(
     broker: Arc<Broker>,
     db: sqlx::PgPool,
     mut rx: mpsc::UnboundedReceiver<Vec<Dispatch>>,
-    tasks_per_message: usize,
+    tasks_per_message: impl Fn(&str) -> usize,
     mark_after: Duration,
 ) {
     let (marks, confirmed) = mpsc::unbounded_channel();
@@ -130,7 +139,7 @@ async fn dispatch_loop(
                 Err(_) => break,
             }
         }
-        let confirmed = publish_batch(&broker, &batch, tasks_per_message).await;
+        let confirmed = publish_batch(&broker, &batch, &tasks_per_message).await;
         if !confirmed.is_empty() {
             let _ = marks.send((tokio::time::Instant::now(), confirmed));
         }
@@ -178,11 +187,11 @@ async fn mark_loop(
 }
 
 /// Packs a batch into broker messages. Tasks for the same queue and priority share messages of
-/// up to `most` tasks (and [`MAX_BUNDLE_BYTES`]) once the batch holds [`SPREAD`] messages' worth
-/// of them, so a large batch costs the broker one message per bundle instead of one per task,
-/// while a few tasks travel alone and spread over every worker. Returns each message with the
-/// tasks it carries, in the batch's order within each queue.
-fn pack(batch: &[Dispatch], most: usize) -> Vec<(Outgoing, Vec<Uuid>)> {
+/// up to `most(queue)` tasks (and [`MAX_BUNDLE_BYTES`]) once the batch holds [`SPREAD`]
+/// messages' worth of them, so a large batch costs the broker one message per bundle instead
+/// of one per task, while a few tasks travel alone and spread over every worker. Returns each
+/// message with the tasks it carries, in the batch's order within each queue.
+fn pack(batch: &[Dispatch], most: impl Fn(&str) -> usize) -> Vec<(Outgoing, Vec<Uuid>)> {
     let mut groups: Vec<((&str, u8), Vec<&Dispatch>)> = Vec::new();
     for dispatch in batch {
         let key = (dispatch.outgoing.queue.as_str(), dispatch.outgoing.priority);
@@ -193,7 +202,7 @@ fn pack(batch: &[Dispatch], most: usize) -> Vec<(Outgoing, Vec<Uuid>)> {
     }
     let mut messages = Vec::new();
     for ((queue, priority), members) in groups {
-        let per_message = (members.len() / SPREAD).clamp(1, most.max(1));
+        let per_message = (members.len() / SPREAD).clamp(1, most(queue).max(1));
         let mut bodies: Vec<&[u8]> = Vec::new();
         let mut ids = Vec::new();
         let mut bytes = 0;
@@ -227,7 +236,11 @@ fn pack(batch: &[Dispatch], most: usize) -> Vec<(Outgoing, Vec<Uuid>)> {
 }
 
 /// Publishes a batch and returns the tasks the broker confirmed.
-async fn publish_batch(broker: &Broker, batch: &[Dispatch], tasks_per_message: usize) -> Vec<Uuid> {
+async fn publish_batch(
+    broker: &Broker,
+    batch: &[Dispatch],
+    tasks_per_message: impl Fn(&str) -> usize,
+) -> Vec<Uuid> {
     let (outgoing, carried): (Vec<Outgoing>, Vec<Vec<Uuid>>) =
         pack(batch, tasks_per_message).into_iter().unzip();
     let acked = match broker.publish(&outgoing).await {
@@ -324,6 +337,7 @@ fn to_dispatches(rows: Vec<store::UndispatchedTask>) -> Vec<Dispatch> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use taskfleet_common::protocol::Ran;
 
     fn dispatch(queue: &str, priority: u8, n: usize) -> Dispatch {
         let message = TaskMessage {
@@ -350,7 +364,7 @@ mod tests {
     }
 
     /// Packs `batch` and returns, per message, its queue, priority and the inputs it carries.
-    fn packed(batch: &[Dispatch], most: usize) -> Vec<(String, u8, Vec<u64>)> {
+    fn packed(batch: &[Dispatch], most: impl Fn(&str) -> usize) -> Vec<(String, u8, Vec<u64>)> {
         pack(batch, most)
             .into_iter()
             .map(|(outgoing, ids)| {
@@ -409,7 +423,7 @@ mod tests {
     #[test]
     fn a_few_tasks_travel_one_per_message() {
         let batch: Vec<Dispatch> = (0..SPREAD * 2 - 1).map(|n| dispatch("q", 0, n)).collect();
-        let messages = packed(&batch, 16);
+        let messages = packed(&batch, |_| 16);
         assert_eq!(messages.len(), batch.len());
         assert!(messages.iter().all(|(_, _, inputs)| inputs.len() == 1));
     }
@@ -419,7 +433,7 @@ mod tests {
         let mut batch: Vec<Dispatch> = (0..1000).map(|n| dispatch("a", 0, n)).collect();
         batch.extend((1000..1003).map(|n| dispatch("a", 5, n)));
         batch.extend((2000..2100).map(|n| dispatch("b", 0, n)));
-        let messages = packed(&batch, 16);
+        let messages = packed(&batch, |_| 16);
         let of = |queue: &str, priority: u8| -> Vec<Vec<u64>> {
             messages
                 .iter()
@@ -439,10 +453,39 @@ mod tests {
         );
         assert_eq!(b.concat(), (2000..2100).collect::<Vec<u64>>());
         assert!(
-            packed(&batch, 1)
+            packed(&batch, |_| 1)
                 .iter()
                 .all(|(_, _, inputs)| inputs.len() == 1)
         );
+    }
+
+    #[test]
+    fn each_queue_shares_messages_as_far_as_its_own_tasks_allow() {
+        let costs = TaskCosts::default();
+        costs.learn(&[
+            Ran {
+                queue: "quick".into(),
+                micros: 10,
+            },
+            Ran {
+                queue: "slow".into(),
+                micros: 40_000,
+            },
+        ]);
+        let mut batch: Vec<Dispatch> = (0..1024).map(|n| dispatch("quick", 0, n)).collect();
+        batch.extend((0..512).map(|n| dispatch("slow", 0, n)));
+        batch.extend((0..512).map(|n| dispatch("unseen", 0, n)));
+        let messages = packed(&batch, |queue| costs.per_message(queue, 64));
+        let sizes = |queue: &str| -> Vec<usize> {
+            messages
+                .iter()
+                .filter(|(q, _, _)| q == queue)
+                .map(|(_, _, inputs)| inputs.len())
+                .collect()
+        };
+        assert_eq!(sizes("quick"), vec![64; 16]);
+        assert_eq!(sizes("slow"), vec![1; 512]);
+        assert_eq!(sizes("unseen"), vec![16; 32]);
     }
 
     #[test]
@@ -450,7 +493,7 @@ mod tests {
         let mut big = dispatch("q", 0, 0);
         big.outgoing.body.resize(MAX_BUNDLE_BYTES / 2 + 1, b' ');
         let batch: Vec<Dispatch> = (0..SPREAD * 4).map(|_| big.clone()).collect();
-        for (outgoing, ids) in pack(&batch, 16) {
+        for (outgoing, ids) in pack(&batch, |_| 16) {
             assert_eq!(ids.len(), 1);
             assert!(outgoing.body.len() <= MAX_BUNDLE_BYTES);
         }

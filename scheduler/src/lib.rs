@@ -9,6 +9,7 @@ pub mod api;
 pub mod broker;
 pub mod completions;
 pub mod config;
+pub mod costs;
 pub mod dispatch;
 pub mod engine;
 pub mod notify;
@@ -55,6 +56,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
             .listen(redis_client, shutdown.child_token()),
     );
 
+    // Learned from the completions, read when packing tasks into messages.
+    let costs = costs::TaskCosts::default();
     // The dispatcher and the accept writer end when their senders are all dropped, after
     // handling what they hold, so nothing accepted before the shutdown is left unwritten.
     let (dispatcher, dispatch_loop) = dispatch::dispatcher(
@@ -62,6 +65,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         db.clone(),
         config.max_tasks_per_message,
         config.relay_after,
+        costs.clone(),
     );
     let dispatch_task = tokio::spawn(dispatch_loop);
     tracker.spawn(dispatch::relay_loop(
@@ -93,6 +97,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         notifier: notifier.clone(),
         programs: programs.clone(),
         broker: broker.clone(),
+        costs,
     };
     tracker.spawn(completion_loop.run(
         broker.completions(completions::MAX_BATCH as u16),

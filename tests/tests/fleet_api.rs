@@ -66,3 +66,75 @@ async fn workers_and_queues_show_the_fleet_as_it_is() {
     }
     fleet.wait_run(&id, Duration::from_secs(30)).await;
 }
+
+/// Submits `count` jobs of `step` in one `POST /v1/runs:batch`, so they are dispatched in one
+/// round.
+async fn submit_batch(fleet: &TestFleet, step: &Value, count: usize) {
+    let runs: Vec<Value> = (0..count)
+        .map(|n| json!({"definition": {"steps": [step]}, "input": {"n": n, "sleep": 0.02}}))
+        .collect();
+    let (status, body) = fleet
+        .request("POST", "/v1/runs:batch", Some(&json!({ "runs": runs })))
+        .await;
+    assert_eq!(status, 201, "{body}");
+}
+
+/// Waits until the count of messages ready on `name` in the broker satisfies `ready` and stays
+/// the same for a moment; returns it.
+async fn wait_ready(fleet: &TestFleet, name: &str, ready: impl Fn(u64) -> bool) -> u64 {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut last = None;
+    loop {
+        let (status, queues) = fleet.request("GET", "/v1/queues", None).await;
+        assert_eq!(status, 200, "{queues}");
+        let count = queue(&queues, name).and_then(|queue| queue["ready"].as_u64());
+        if let Some(count) = count
+            && ready(count)
+            && last == Some(count)
+        {
+            return count;
+        }
+        last = count;
+        assert!(Instant::now() < deadline, "{name} never settled: {queues}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Tasks dispatched together share broker messages only as far as their queue's tasks are
+/// quick: once a queue's tasks were seen to take 20 ms each, 512 of them travel as 512
+/// messages; 512 quick jq tasks share a few; a queue never seen gets bundles of 16.
+#[tokio::test]
+async fn tasks_share_messages_as_far_as_their_queue_is_quick() {
+    let mut fleet = TestFleet::start_with(taskfleet_tests::FleetOptions {
+        workers: 0,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    fleet
+        .start_worker_with(&["--queues", "slow,quick"])
+        .unwrap();
+    let slow = json!({"id": "s", "python": "fleet_steps:slow", "queue": "slow"});
+    let quick = json!({"id": "q", "dataflow": ".", "queue": "quick"});
+    let unseen = json!({"id": "u", "dataflow": ".", "queue": "unseen"});
+    // What the scheduler learns each queue's cost from.
+    for step in [&slow, &quick] {
+        for n in 0..16 {
+            let id = fleet
+                .submit(&json!({"steps": [step]}), &json!({"n": n, "sleep": 0.02}))
+                .await;
+            let run = fleet.wait_run(&id, Duration::from_secs(30)).await;
+            assert_eq!(run["status"], "succeeded", "{run}");
+        }
+    }
+    fleet.kill_workers();
+
+    submit_batch(&fleet, &slow, 512).await;
+    wait_ready(&fleet, "slow", |ready| ready == 512).await;
+    submit_batch(&fleet, &unseen, 512).await;
+    wait_ready(&fleet, "unseen", |ready| ready == 32).await;
+    submit_batch(&fleet, &quick, 512).await;
+    let quick = wait_ready(&fleet, "quick", |ready| ready > 0).await;
+    // A debug build's jq step may take long enough for bundles under 32 tasks; never alone.
+    assert!(quick <= 32, "512 quick tasks took {quick} messages");
+}

@@ -30,7 +30,7 @@ use serde_json::json;
 use taskfleet_common::definition::StepKind;
 use taskfleet_common::error::{CANCELLED, INVALID_OUTPUT, INVALID_TASK, WORKER_LOST};
 use taskfleet_common::protocol::{
-    self, CompletionMessage, DecodeError, Outcome, PROTOCOL_VERSION, TaskMessage,
+    self, CompletionMessage, DecodeError, Outcome, PROTOCOL_VERSION, Ran, TaskMessage,
 };
 use taskfleet_common::{Namespace, RunId, StepError, TaskId, value};
 use tokio::sync::{Semaphore, watch};
@@ -46,6 +46,18 @@ use crate::executor::python::{PythonTarget, StepContext};
 use crate::executor::timeout_error;
 use crate::report::{self, BrokerSlot, PendingDelivery, Report, ReportTargets, Reporter};
 
+/// What a step came to on its executor.
+#[derive(Debug)]
+pub struct Executed {
+    /// Its output, or why it failed.
+    pub result: Result<serde_json::Value, StepError>,
+    /// What it printed or logged (Python steps).
+    pub logs: Option<String>,
+    /// How long it ran, from the moment its executor took it (not counting a wait for a free
+    /// Python executor).
+    pub ran: Duration,
+}
+
 /// The executors of every step kind.
 #[derive(Clone)]
 pub struct Executors {
@@ -56,16 +68,12 @@ pub struct Executors {
 }
 
 impl Executors {
-    /// Runs `task` on the executor of its kind, failing it with `timeout` past `limit`; returns
-    /// its output or error, and what it printed or logged (Python steps). Dropping the future
-    /// stops a Python step.
-    pub async fn execute(
-        &self,
-        task: &TaskMessage,
-        limit: Option<Duration>,
-    ) -> (Result<serde_json::Value, StepError>, Option<String>) {
+    /// Runs `task` on the executor of its kind, failing it with `timeout` past `limit`.
+    /// Dropping the future stops a Python step.
+    pub async fn execute(&self, task: &TaskMessage, limit: Option<Duration>) -> Executed {
         let target = match &task.step {
             StepKind::Dataflow { .. } => {
+                let started = std::time::Instant::now();
                 let executed = self.dataflow.execute(task);
                 // A jq program cannot be stopped: past its limit it finishes on its blocking
                 // thread and its output is dropped.
@@ -75,7 +83,11 @@ impl Executors {
                         .unwrap_or_else(|_| Err(timeout_error(limit))),
                     None => executed.await,
                 };
-                return (result, None);
+                return Executed {
+                    result,
+                    logs: None,
+                    ran: started.elapsed(),
+                };
             }
             StepKind::Python { module, function } => PythonTarget::Function {
                 module: module.clone(),
@@ -91,12 +103,15 @@ impl Executors {
             step_id: task.step_id.clone(),
             attempt: task.attempt,
         };
-        let output = self
+        let (output, ran) = self
             .python
-            .call(target, task.input.clone(), context, limit)
+            .call_timed(target, task.input.clone(), context, limit)
             .await;
-        let logs = (!output.logs.is_empty()).then_some(output.logs);
-        (output.result, logs)
+        Executed {
+            result: output.result,
+            logs: (!output.logs.is_empty()).then_some(output.logs),
+            ran,
+        }
     }
 }
 
@@ -397,9 +412,9 @@ async fn handle_task(
         }
         _ => Redelivery::Run,
     };
-    let (outcome, logs) = match (checked, redelivery) {
+    let (outcome, logs, ran) = match (checked, redelivery) {
         (_, Redelivery::Requeued) => return,
-        (_, Redelivery::Finished(outcome)) => (outcome, None),
+        (_, Redelivery::Finished(outcome)) => (outcome, None, None),
         (_, Redelivery::WorkerLost(deliveries)) => {
             let error = StepError::new(
                 WORKER_LOST,
@@ -408,7 +423,7 @@ async fn handle_task(
                     deliveries - 1
                 ),
             );
-            (Outcome::Failed { error }, None)
+            (Outcome::Failed { error }, None, None)
         }
         (Ok(()), Redelivery::Run) => {
             // Closed only when the worker stops, and then nothing is waiting here.
@@ -417,9 +432,18 @@ async fn handle_task(
         }
         (Err(error), Redelivery::Run) => {
             let error = StepError::new(INVALID_TASK, format!("step input cannot be used: {error}"));
-            (Outcome::Failed { error }, None)
+            (Outcome::Failed { error }, None, None)
         }
     };
+    let ran = ran.and_then(|ran| {
+        Some(Ran {
+            queue: shared
+                .namespace
+                .task_queue_name(delivery.routing_key.as_str())?
+                .to_owned(),
+            micros: u64::try_from(ran.as_micros()).unwrap_or(u64::MAX),
+        })
+    });
     let finished_at = Utc::now();
     tracing::debug!(
         task_id = %task.task_id,
@@ -439,6 +463,7 @@ async fn handle_task(
         finished_at,
         logs,
         ends_run: task.ends_run,
+        ran,
     };
     shared.reporter.send(Report {
         completion,
@@ -492,6 +517,7 @@ impl Shared {
             finished_at: now,
             logs: None,
             ends_run: false,
+            ran: None,
         };
         self.reporter.send(Report {
             completion,
@@ -518,8 +544,9 @@ impl Shared {
         }
         pending.done_one().await;
     }
-    /// Runs `task` under a lease and returns how it ended; an output that cannot be stored or
-    /// sent fails the task.
+    /// Runs `task` under a lease and returns how it ended, what it logged and, if it ran to
+    /// its end, how long it ran on its executor; an output that cannot be stored or sent
+    /// fails the task.
     ///
     /// A jq step runs while its lease is being taken: it has no effect beyond its output, which
     /// is dropped if the lease finds its run cancelled. Any other step starts only once the
@@ -528,7 +555,7 @@ impl Shared {
         &self,
         task: &TaskMessage,
         started_at: chrono::DateTime<Utc>,
-    ) -> (Outcome, Option<String>) {
+    ) -> (Outcome, Option<String>, Option<Duration>) {
         let cancelled = self.register(task);
         let limit = task
             .timeout_s
@@ -551,9 +578,13 @@ impl Shared {
             None
         };
         self.release(task.task_id);
-        let Some((result, logs)) = executed else {
+        let Some(executed) = executed else {
             let error = StepError::new(CANCELLED, "the run was cancelled before this task started");
-            return (Outcome::Failed { error }, None);
+            return (Outcome::Failed { error }, None, None);
+        };
+        let Some(Executed { result, logs, ran }) = executed else {
+            let error = StepError::new(CANCELLED, "the run was cancelled while this task ran");
+            return (Outcome::Failed { error }, None, None);
         };
         let outcome = match result {
             Ok(output) => match value::check(&output) {
@@ -567,23 +598,20 @@ impl Shared {
             },
             Err(error) => Outcome::Failed { error },
         };
-        (outcome, logs)
+        (outcome, logs, Some(ran))
     }
 
-    /// Runs the task's step until it ends, runs out of time or its run is cancelled; dropping
-    /// the execution stops a Python step.
+    /// Runs the task's step until it ends or runs out of time; `None` if its run is cancelled
+    /// first. Dropping the execution stops a Python step.
     async fn cancellable(
         &self,
         task: &TaskMessage,
         limit: Option<Duration>,
         cancelled: &CancellationToken,
-    ) -> (Result<serde_json::Value, StepError>, Option<String>) {
+    ) -> Option<Executed> {
         tokio::select! {
-            executed = self.executors.execute(task, limit) => executed,
-            () = cancelled.cancelled() => {
-                let error = StepError::new(CANCELLED, "the run was cancelled while this task ran");
-                (Err(error), None)
-            }
+            executed = self.executors.execute(task, limit) => Some(executed),
+            () = cancelled.cancelled() => None,
         }
     }
 

@@ -77,8 +77,9 @@ pub async fn workers(State(state): State<AppState>) -> Result<Json<Value>, ApiEr
     Ok(Json(json!({ "workers": live_workers(&state).await? })))
 }
 
-/// `GET /v1/queues`: per task queue, the tasks ready in the broker, those in flight (queued to
-/// run, not ready: held by workers) and the consumers.
+/// `GET /v1/queues`: per task queue, the messages ready in the broker (one task each, unless
+/// many tasks were dispatched at once and share messages), those in flight (the queue's
+/// unfinished tasks less the ready messages: held by workers) and the consumers.
 pub async fn queues(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
     let queued: BTreeMap<String, i64> =
         store::queued_by_queue(&state.db, state.config.namespace.as_str())

@@ -132,6 +132,18 @@ impl PythonPool {
         ctx: StepContext,
         limit: Option<Duration>,
     ) -> PythonOutput {
+        self.call_timed(target, input, ctx, limit).await.0
+    }
+
+    /// [`Self::call`], and how long the call took from the moment an executor took it (zero
+    /// if none did).
+    pub async fn call_timed(
+        &self,
+        target: PythonTarget,
+        input: Value,
+        ctx: StepContext,
+        limit: Option<Duration>,
+    ) -> (PythonOutput, Duration) {
         let mut call = Call { target, input, ctx };
         loop {
             let acquired = {
@@ -139,7 +151,10 @@ impl PythonPool {
                 self.inner.available.acquire().await
             };
             let Ok(permit) = acquired else {
-                return lost("the python executors have stopped".to_owned());
+                return (
+                    lost("the python executors have stopped".to_owned()),
+                    Duration::ZERO,
+                );
             };
             permit.forget();
             let Some(mut executor) = self
@@ -166,8 +181,9 @@ impl PythonPool {
                 executor: Some(executor),
                 running: None,
             };
+            let taken = std::time::Instant::now();
             match held.run(call, limit).await {
-                Ok(output) => return output,
+                Ok(output) => return (output, taken.elapsed()),
                 // Not sent: the executor is gone and the call never started.
                 Err(unsent) => call = unsent,
             }
