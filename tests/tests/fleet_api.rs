@@ -135,6 +135,8 @@ async fn tasks_share_messages_as_far_as_their_queue_is_quick() {
     wait_ready(&fleet, "unseen", |ready| ready == 32).await;
     submit_batch(&fleet, &quick, 512).await;
     let quick = wait_ready(&fleet, "quick", |ready| ready > 0).await;
-    // A debug build's jq step may take long enough for bundles under 32 tasks; never alone.
-    assert!(quick <= 32, "512 quick tasks took {quick} messages");
+    // A message holds 1 ms of work by the quickest recent task, and the batch keeps at least
+    // 16 messages: a release build's `.` makes 16 of 32; a debug build's on a loaded machine
+    // makes smaller ones, though still of 4 or more (a `.` of at most 250 µs).
+    assert!(quick <= 128, "512 quick tasks took {quick} messages");
 }

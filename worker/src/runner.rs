@@ -54,8 +54,8 @@ pub struct Executed {
     /// What it printed or logged (Python steps).
     pub logs: Option<String>,
     /// How long it ran, from the moment its executor took it (not counting a wait for a free
-    /// Python executor).
-    pub ran: Duration,
+    /// Python executor); `None` if no executor took it.
+    pub ran: Option<Duration>,
 }
 
 /// The executors of every step kind.
@@ -86,7 +86,7 @@ impl Executors {
                 return Executed {
                     result,
                     logs: None,
-                    ran: started.elapsed(),
+                    ran: Some(started.elapsed()),
                 };
             }
             StepKind::Python { module, function } => PythonTarget::Function {
@@ -545,7 +545,7 @@ impl Shared {
         pending.done_one().await;
     }
     /// Runs `task` under a lease and returns how it ended, what it logged and, if it ran to
-    /// its end, how long it ran on its executor; an output that cannot be stored or sent
+    /// its end on an executor, how long it ran there; an output that cannot be stored or sent
     /// fails the task.
     ///
     /// A jq step runs while its lease is being taken: it has no effect beyond its output, which
@@ -598,7 +598,7 @@ impl Shared {
             },
             Err(error) => Outcome::Failed { error },
         };
-        (outcome, logs, Some(ran))
+        (outcome, logs, ran)
     }
 
     /// Runs the task's step until it ends or runs out of time; `None` if its run is cancelled

@@ -135,7 +135,7 @@ impl PythonPool {
         self.call_timed(target, input, ctx, limit).await.0
     }
 
-    /// [`Self::call`], and how long the call took from the moment an executor took it (zero
+    /// [`Self::call`], and how long the call took from the moment an executor took it (`None`
     /// if none did).
     pub async fn call_timed(
         &self,
@@ -143,7 +143,7 @@ impl PythonPool {
         input: Value,
         ctx: StepContext,
         limit: Option<Duration>,
-    ) -> (PythonOutput, Duration) {
+    ) -> (PythonOutput, Option<Duration>) {
         let mut call = Call { target, input, ctx };
         loop {
             let acquired = {
@@ -151,10 +151,7 @@ impl PythonPool {
                 self.inner.available.acquire().await
             };
             let Ok(permit) = acquired else {
-                return (
-                    lost("the python executors have stopped".to_owned()),
-                    Duration::ZERO,
-                );
+                return (lost("the python executors have stopped".to_owned()), None);
             };
             permit.forget();
             let Some(mut executor) = self
@@ -183,7 +180,7 @@ impl PythonPool {
             };
             let taken = std::time::Instant::now();
             match held.run(call, limit).await {
-                Ok(output) => return (output, taken.elapsed()),
+                Ok(output) => return (output, Some(taken.elapsed())),
                 // Not sent: the executor is gone and the call never started.
                 Err(unsent) => call = unsent,
             }
