@@ -493,7 +493,7 @@ class Worker:
 
 @dataclass(frozen=True)
 class Queue:
-    """A task queue: tasks ready in RabbitMQ, in flight (held by workers), and consumers."""
+    """A task queue: messages ready in RabbitMQ, tasks in flight (held by workers), and consumers."""
 
     name: str
     ready: int

@@ -1333,25 +1333,24 @@ pub async fn stats(
     Ok((runs, tasks))
 }
 
-/// Returns, per task queue of `namespace`, how many tasks are queued to run now (waiting in
-/// the broker, held by a worker, or a moment from being published), leaving out retries and
-/// delays waiting for their time and `for_each` steps waiting for their items.
-pub async fn queued_by_queue(
+/// Returns the task queues of `namespace` that have tasks queued to run now (waiting in the
+/// broker, held by a worker, or a moment from being published), leaving out retries and delays
+/// waiting for their time and `for_each` steps waiting for their items.
+pub async fn queues_with_queued_tasks(
     db: &PgPool,
     namespace: &str,
-) -> Result<Vec<(String, i64)>, StoreError> {
+) -> Result<Vec<String>, StoreError> {
     let mut tx = scanning(db).await?;
-    let queued = sqlx::query_as(
-        "SELECT t.queue, count(*) FROM tasks t JOIN runs r ON r.id = t.run_id
+    let queues = sqlx::query_scalar(
+        "SELECT DISTINCT t.queue FROM tasks t JOIN runs r ON r.id = t.run_id
          WHERE r.namespace = $1 AND r.status = 'running' AND t.status = 'queued'
-           AND t.due_at IS NULL AND t.items_total IS NULL
-         GROUP BY t.queue",
+           AND t.due_at IS NULL AND t.items_total IS NULL",
     )
     .bind(namespace)
     .fetch_all(&mut *tx)
     .await?;
     tx.commit().await?;
-    Ok(queued)
+    Ok(queues)
 }
 
 /// Checks that the database answers.

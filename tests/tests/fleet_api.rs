@@ -34,11 +34,12 @@ async fn workers_and_queues_show_the_fleet_as_it_is() {
         assert!(worker["last_heartbeat"].is_string());
     }
 
-    // A slow step holds one task in flight; a job on a queue nobody consumes stays ready.
+    // A slow step holds one task in flight (as its worker's next heartbeat tells, within a
+    // second here); a job on a queue nobody consumes stays ready.
     let id = fleet
         .submit(
             &json!({"steps": [{"id": "s", "python": "fleet_steps:slow"}]}),
-            &json!({"sleep": 2.0}),
+            &json!({"sleep": 3.0}),
         )
         .await;
     let (status, _) = fleet
@@ -133,6 +134,15 @@ async fn tasks_share_messages_as_far_as_their_queue_is_quick() {
     wait_ready(&fleet, "slow", |ready| ready == 512).await;
     submit_batch(&fleet, &unseen, 512).await;
     wait_ready(&fleet, "unseen", |ready| ready == 32).await;
+    // In flight counts tasks that workers hold, not unfinished tasks less ready messages:
+    // with no worker consuming it, none of the queue's 512 tasks is in flight.
+    let (status, queues) = fleet.request("GET", "/v1/queues", None).await;
+    assert_eq!(status, 200, "{queues}");
+    assert_eq!(
+        queue(&queues, "unseen").unwrap()["in_flight"],
+        0,
+        "{queues}"
+    );
     submit_batch(&fleet, &quick, 512).await;
     let quick = wait_ready(&fleet, "quick", |ready| ready > 0).await;
     // A message holds 1 ms of work by the quickest recent task, and the batch keeps at least

@@ -160,6 +160,64 @@ struct Shared {
     /// Attempts this worker put back in their queue with a new count whose original delivery
     /// it has not yet seen acknowledged; dropping the sender says it has.
     requeueing: Mutex<HashMap<(TaskId, u32), watch::Receiver<()>>>,
+    /// The tasks this worker holds, by task queue: delivered and not yet reported.
+    held: HeldTasks,
+}
+
+/// Counts the tasks a worker holds in each task queue, from delivery to report (running, or
+/// waiting for a slot in their bundle), for its heartbeat.
+#[derive(Default)]
+struct HeldTasks(Mutex<HashMap<Arc<str>, usize>>);
+
+impl HeldTasks {
+    /// Counts one task of `queue` until the returned guard is dropped.
+    fn hold<'a>(&'a self, queue: &Arc<str>) -> HeldTask<'a> {
+        *self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .entry(queue.clone())
+            .or_default() += 1;
+        HeldTask {
+            tasks: self,
+            queue: queue.clone(),
+        }
+    }
+
+    /// The counts now, as a JSON object of queue to tasks held.
+    fn to_json(&self) -> String {
+        let held = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let held: std::collections::BTreeMap<&str, usize> = held
+            .iter()
+            .map(|(queue, count)| (&**queue, *count))
+            .collect();
+        serde_json::to_string(&held).unwrap_or_else(|_| "{}".to_owned())
+    }
+}
+
+/// One task counted by [`HeldTasks`].
+struct HeldTask<'a> {
+    tasks: &'a HeldTasks,
+    queue: Arc<str>,
+}
+
+impl Drop for HeldTask<'_> {
+    fn drop(&mut self) {
+        let mut held = self
+            .tasks
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(count) = held.get_mut(&self.queue) {
+            *count -= 1;
+            if *count == 0 {
+                held.remove(&self.queue);
+            }
+        }
+    }
 }
 
 /// Runs a worker until `shutdown` is cancelled, then drains within the grace period.
@@ -216,6 +274,7 @@ pub async fn run(
         lease_ttl: config.lease_ttl,
         running: Mutex::new(HashMap::new()),
         requeueing: Mutex::new(HashMap::new()),
+        held: HeldTasks::default(),
     });
     let background = CancellationToken::new();
     let background_tasks = TaskTracker::new();
@@ -342,10 +401,19 @@ async fn handle(shared: Arc<Shared>, delivery: Delivery) {
         return;
     }
     let bundled = ranges.len() > 1;
+    let queue = shared
+        .namespace
+        .task_queue_name(delivery.routing_key.as_str())
+        .map(Arc::<str>::from);
     let pending = PendingDelivery::new(delivery, ranges.len());
-    let tasks = ranges
-        .into_iter()
-        .map(|range| handle_task(&shared, &pending, range, bundled));
+    let tasks = ranges.into_iter().map(|range| {
+        let held = queue.as_ref().map(|queue| shared.held.hold(queue));
+        let handled = handle_task(&shared, &pending, range, bundled);
+        async move {
+            handled.await;
+            drop(held);
+        }
+    });
     futures_util::future::join_all(tasks).await;
 }
 
@@ -917,6 +985,8 @@ async fn heartbeat_loop(shared: Arc<Shared>, config: Config, shutdown: Cancellat
             .arg(config.concurrency.get())
             .arg("running")
             .arg(running.len())
+            .arg("held")
+            .arg(shared.held.to_json())
             .arg("last_heartbeat_ms")
             .arg(now_ms)
             .ignore()
@@ -953,6 +1023,20 @@ async fn heartbeat_loop(shared: Arc<Shared>, config: Config, shutdown: Cancellat
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn held_tasks_are_counted_per_queue_until_their_guards_drop() {
+        let held = HeldTasks::default();
+        let (a, b): (Arc<str>, Arc<str>) = (Arc::from("a"), Arc::from("b"));
+        let first = held.hold(&a);
+        let second = held.hold(&a);
+        let other = held.hold(&b);
+        assert_eq!(held.to_json(), r#"{"a":2,"b":1}"#);
+        drop((first, other));
+        assert_eq!(held.to_json(), r#"{"a":1}"#);
+        drop(second);
+        assert_eq!(held.to_json(), "{}");
+    }
 
     /// Returns a task message body with `version`, `step` and `input` as given.
     fn body(task_id: TaskId, run_id: RunId, version: u32, step: &str, input: &str) -> Vec<u8> {

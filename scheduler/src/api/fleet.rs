@@ -14,8 +14,53 @@ use crate::store;
 /// A worker whose last heartbeat is older than this many lease periods is not listed.
 const STALE_AFTER_LEASES: i64 = 3;
 
+/// A live worker's heartbeat record: its fields as the worker wrote them.
+struct WorkerRecord {
+    id: String,
+    fields: BTreeMap<String, String>,
+}
+
+impl WorkerRecord {
+    fn number(&self, field: &str) -> Option<i64> {
+        self.fields
+            .get(field)
+            .and_then(|value| value.parse::<i64>().ok())
+    }
+
+    /// The task queues it consumes.
+    fn queues(&self) -> Vec<&str> {
+        self.fields
+            .get("queues")
+            .map(|queues| queues.split(',').filter(|q| !q.is_empty()).collect())
+            .unwrap_or_default()
+    }
+
+    /// The tasks it holds (delivered, not yet reported) in each queue, as of its heartbeat.
+    fn held(&self) -> BTreeMap<String, i64> {
+        self.fields
+            .get("held")
+            .and_then(|held| serde_json::from_str(held).ok())
+            .unwrap_or_default()
+    }
+
+    /// The worker as `/v1/workers` shows it.
+    fn view(&self) -> Value {
+        let heartbeat = self
+            .number("last_heartbeat_ms")
+            .and_then(chrono::DateTime::<chrono::Utc>::from_timestamp_millis);
+        json!({
+            "id": self.id,
+            "host": self.fields.get("host"),
+            "queues": self.queues(),
+            "concurrency": self.number("concurrency"),
+            "running": self.number("running"),
+            "last_heartbeat": heartbeat,
+        })
+    }
+}
+
 /// Reads the live workers' heartbeat records.
-async fn live_workers(state: &AppState) -> Result<Vec<Value>, ApiError> {
+async fn live_workers(state: &AppState) -> Result<Vec<WorkerRecord>, ApiError> {
     let namespace = &state.config.namespace;
     let mut redis = state.redis.clone();
     let now_ms = chrono::Utc::now().timestamp_millis();
@@ -46,53 +91,38 @@ async fn live_workers(state: &AppState) -> Result<Vec<Value>, ApiError> {
         .into_iter()
         .zip(records)
         // A worker that stopped has removed its record; its set entry may linger a moment.
-        .filter(|(_, record)| !record.is_empty())
-        .map(|(id, record)| {
-            let number = |field: &str| {
-                record
-                    .get(field)
-                    .and_then(|value| value.parse::<i64>().ok())
-            };
-            let queues: Vec<&str> = record
-                .get("queues")
-                .map(|queues| queues.split(',').filter(|q| !q.is_empty()).collect())
-                .unwrap_or_default();
-            let heartbeat = number("last_heartbeat_ms")
-                .and_then(chrono::DateTime::<chrono::Utc>::from_timestamp_millis);
-            json!({
-                "id": id,
-                "host": record.get("host"),
-                "queues": queues,
-                "concurrency": number("concurrency"),
-                "running": number("running"),
-                "last_heartbeat": heartbeat,
-            })
-        })
+        .filter(|(_, fields)| !fields.is_empty())
+        .map(|(id, fields)| WorkerRecord { id, fields })
         .collect())
 }
 
 /// `GET /v1/workers`: the live workers, with their queues, concurrency, tasks running and
 /// last heartbeat.
 pub async fn workers(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
-    Ok(Json(json!({ "workers": live_workers(&state).await? })))
+    let workers: Vec<Value> = live_workers(&state)
+        .await?
+        .iter()
+        .map(WorkerRecord::view)
+        .collect();
+    Ok(Json(json!({ "workers": workers })))
 }
 
 /// `GET /v1/queues`: per task queue, the messages ready in the broker (one task each, unless
-/// many tasks were dispatched at once and share messages), those in flight (the queue's
-/// unfinished tasks less the ready messages: held by workers) and the consumers.
+/// many tasks were dispatched at once and share messages), the tasks in flight (held by the
+/// live workers, delivered and not yet reported, as of their last heartbeats) and the
+/// consumers.
 pub async fn queues(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
-    let queued: BTreeMap<String, i64> =
-        store::queued_by_queue(&state.db, state.config.namespace.as_str())
+    let mut names: BTreeSet<String> =
+        store::queues_with_queued_tasks(&state.db, state.config.namespace.as_str())
             .await?
             .into_iter()
             .collect();
-    let mut names: BTreeSet<String> = queued.keys().cloned().collect();
     names.insert(DEFAULT_QUEUE.to_owned());
+    let mut in_flight: BTreeMap<String, i64> = BTreeMap::new();
     for worker in live_workers(&state).await? {
-        for queue in worker["queues"].as_array().into_iter().flatten() {
-            if let Some(queue) = queue.as_str() {
-                names.insert(queue.to_owned());
-            }
+        names.extend(worker.queues().into_iter().map(str::to_owned));
+        for (queue, held) in worker.held() {
+            *in_flight.entry(queue).or_default() += held;
         }
     }
     let mut queues = Vec::new();
@@ -104,11 +134,10 @@ pub async fn queues(State(state): State<AppState>) -> Result<Json<Value>, ApiErr
         let Some((ready, consumers)) = counts else {
             continue;
         };
-        let unfinished = queued.get(&name).copied().unwrap_or(0);
         queues.push(json!({
             "name": name,
             "ready": ready,
-            "in_flight": (unfinished - i64::from(ready)).max(0),
+            "in_flight": in_flight.get(&name).copied().unwrap_or(0),
             "consumers": consumers,
         }));
     }
