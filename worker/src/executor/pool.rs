@@ -291,13 +291,16 @@ impl Held<'_> {
         };
         executor.calls += 1;
         let id = executor.calls;
+        // The executor polls for its next call only if no other call waits for one now (see
+        // `process::CALL_POLL`).
+        let poll_after = self.inner.waiting.load(Ordering::Relaxed) == 0;
         // Set before sending: a caller that gives up half-way through the frame leaves the
         // executor to the stop-or-kill path, never back in the pool with half a frame sent.
         self.running = Some(id);
         if let Err(error) = executor
             .calls_connection
             .stream
-            .write_all(&process::encode_run(id, &call))
+            .write_all(&process::encode_run(id, &call, poll_after))
             .await
         {
             tracing::warn!(pid = executor.pid, %error, "sending a call to a python executor failed");

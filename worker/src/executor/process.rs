@@ -47,6 +47,9 @@ pub(crate) enum Request {
         id: u64,
         /// The call.
         call: Call,
+        /// Whether to poll for the next call once this one is done (see [`CALL_POLL`]).
+        #[serde(default)]
+        poll_after: bool,
     },
     /// Give up the call with this id: skip it or interrupt it. Its `Done` still follows.
     Stop {
@@ -69,12 +72,20 @@ pub(crate) struct Call {
 /// [`Request::Run`] made from a borrowed call, so the caller keeps it if sending fails.
 #[derive(Serialize)]
 enum RunRef<'a> {
-    Run { id: u64, call: &'a Call },
+    Run {
+        id: u64,
+        call: &'a Call,
+        poll_after: bool,
+    },
 }
 
 /// Encodes a [`Request::Run`] frame.
-pub(crate) fn encode_run(id: u64, call: &Call) -> Vec<u8> {
-    encode(&RunRef::Run { id, call })
+pub(crate) fn encode_run(id: u64, call: &Call, poll_after: bool) -> Vec<u8> {
+    encode(&RunRef::Run {
+        id,
+        call,
+        poll_after,
+    })
 }
 
 /// A frame from an executor to the worker.
@@ -129,10 +140,12 @@ pub(crate) fn decode<T: DeserializeOwned>(body: &[u8]) -> std::io::Result<T> {
         .map_err(|error| std::io::Error::new(std::io::ErrorKind::InvalidData, error))
 }
 
-/// How long an executor that finished a call polls for the next one before it sleeps: waking a
-/// sleeping thread costs tens of microseconds on a virtual machine, more than a small step.
-/// Polling yields the CPU between attempts, so busy processes lose nothing to it, and an idle
-/// executor sleeps once the window has passed.
+/// How long an executor that finished a call polls for the next one before it sleeps, when the
+/// call asked it to (`poll_after`): waking a sleeping thread costs tens of microseconds on a
+/// virtual machine, more than a small step. The pool asks only when no other call was waiting
+/// for an executor as it sent this one: with calls queued, the next comes as soon as the worker
+/// has read this one's outcome, and the polling executors would take the CPU the worker needs
+/// to send it. An idle executor sleeps once the window has passed.
 const CALL_POLL: Duration = Duration::from_micros(100);
 
 /// Takes a whole frame's body off the front of `buffer`, if one is there.
@@ -276,16 +289,23 @@ pub fn serve(socket: &Path) -> anyhow::Result<()> {
         anyhow::bail!("the worker did not send the executor's settings first");
     };
     let done = send.clone();
-    // The first call is awaited asleep; later ones are polled for a while first (see
-    // `CALL_POLL`). Once the executor is ready only the interpreter thread reads and writes
-    // this connection.
+    // The first call is awaited asleep; a later one is polled for a while first if the call
+    // before it asked for that (see `CALL_POLL`). Once the executor is ready only the
+    // interpreter thread reads and writes this connection.
     let mut poll = Duration::ZERO;
     // Runs on the interpreter thread, without the GIL, between calls.
     let next_call = move || loop {
-        let read = calls.next(poll);
-        poll = CALL_POLL;
-        match read {
-            Ok(Some(Request::Run { id, call })) => {
+        match calls.next(poll) {
+            Ok(Some(Request::Run {
+                id,
+                call,
+                poll_after,
+            })) => {
+                poll = if poll_after {
+                    CALL_POLL
+                } else {
+                    Duration::ZERO
+                };
                 let done = done.clone();
                 return Some(IncomingCall {
                     id,
@@ -352,13 +372,19 @@ mod tests {
                 attempt: 1,
             },
         };
-        let frame = encode_run(7, &call);
+        let frame = encode_run(7, &call, true);
         let length = frame_length(frame[..4].try_into().expect("a prefix")).expect("a length");
         assert_eq!(length, frame.len() - 4);
-        let Request::Run { id, call: decoded } = decode(&frame[4..]).expect("decodes") else {
+        let Request::Run {
+            id,
+            call: decoded,
+            poll_after,
+        } = decode(&frame[4..]).expect("decodes")
+        else {
             panic!("not a run request");
         };
         assert_eq!(id, 7);
+        assert!(poll_after);
         assert_eq!(decoded.input, call.input);
         assert_eq!(decoded.target, call.target);
     }
