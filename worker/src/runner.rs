@@ -406,14 +406,9 @@ async fn handle(shared: Arc<Shared>, delivery: Delivery) {
         .task_queue_name(delivery.routing_key.as_str())
         .map(Arc::<str>::from);
     let pending = PendingDelivery::new(delivery, ranges.len());
-    let tasks = ranges.into_iter().map(|range| {
-        let held = queue.as_ref().map(|queue| shared.held.hold(queue));
-        let handled = handle_task(&shared, &pending, range, bundled);
-        async move {
-            handled.await;
-            drop(held);
-        }
-    });
+    let tasks = ranges
+        .into_iter()
+        .map(|range| handle_task(&shared, &pending, range, bundled, queue.as_ref()));
     futures_util::future::join_all(tasks).await;
 }
 
@@ -454,14 +449,18 @@ fn is_copy(delivery: &Delivery) -> bool {
 }
 
 /// Reads, runs and reports one task of a delivery (`body` is where it lies in the delivery's
-/// body). A task is failed without running when its input cannot travel, and a success is
-/// turned into a failure when its output cannot.
+/// body, `queue` the task queue it came from), counted among the tasks held meanwhile. A task
+/// is failed without running when its input cannot travel, and a success is turned into a
+/// failure when its output cannot.
 async fn handle_task(
     shared: &Shared,
     pending: &Arc<PendingDelivery>,
     body: Range<usize>,
     bundled: bool,
+    queue: Option<&Arc<str>>,
 ) {
+    // Counted from delivery to report, whichever way this ends.
+    let _held = queue.map(|queue| shared.held.hold(queue));
     let delivery = pending.delivery();
     let body = &delivery.data[body];
     let task: TaskMessage = match protocol::decode(body) {
@@ -503,14 +502,9 @@ async fn handle_task(
             (Outcome::Failed { error }, None, None)
         }
     };
-    let ran = ran.and_then(|ran| {
-        Some(Ran {
-            queue: shared
-                .namespace
-                .task_queue_name(delivery.routing_key.as_str())?
-                .to_owned(),
-            micros: u64::try_from(ran.as_micros()).unwrap_or(u64::MAX),
-        })
+    let ran = ran.zip(queue).map(|(ran, queue)| Ran {
+        queue: queue.to_string(),
+        micros: u64::try_from(ran.as_micros()).unwrap_or(u64::MAX),
     });
     let finished_at = Utc::now();
     tracing::debug!(
