@@ -10,6 +10,7 @@ use serde_json::{Value, json};
 use taskfleet_common::definition::StepKind;
 use taskfleet_common::protocol::{PROTOCOL_VERSION, TaskMessage};
 use taskfleet_common::{RunId, TaskId};
+use taskfleet_io::jq_sandbox::{JqSandbox, SandboxSettings};
 use taskfleet_tests::{FleetOptions, TestFleet};
 use taskfleet_worker::executor::dataflow::DataflowExecutor;
 use taskfleet_worker::executor::pool::{PoolSettings, PythonPool};
@@ -277,7 +278,14 @@ pub async fn executor_cost(calls: usize) -> Result<(Vec<Duration>, Vec<Duration>
     })
     .await?;
     let executors = Executors {
-        dataflow: DataflowExecutor::default(),
+        dataflow: DataflowExecutor::new(
+            JqSandbox::new(SandboxSettings {
+                program: taskfleet_tests::bin_dir().join("taskfleet-worker"),
+                processes: 1,
+                memory_bytes: 256 * 1024 * 1024,
+            }),
+            Duration::from_secs(10),
+        ),
         python,
     };
     let task = |step: StepKind| TaskMessage {

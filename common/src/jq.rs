@@ -6,22 +6,22 @@
 //! defined) or import modules, and running a program never prints anything or exits the process
 //! (`halt` and `halt_error` end the program, see [`Program::run_all`]; `debug` and `stderr` only
 //! emit records to the `log` facade, which this project does not route anywhere). It does not
-//! decide timeouts: a program that loops without producing output runs until it finishes, so
-//! callers should run programs on a blocking thread they can abandon, unless the program is
-//! quick ([`Program::is_quick`]) and its input small.
+//! decide time or memory limits: a program that loops runs until it finishes and one that
+//! allocates without bound ends the process, so callers run every program in a sandbox process
+//! (`taskfleet_io::jq_sandbox`), unless the program is quick ([`Program::is_quick`]) and its
+//! input small.
 //!
-//! Programs are trusted configuration, written by the people who define workflows, not data. This
-//! module keeps what it can from overflowing the stack, which aborts the whole process: a program
-//! nested deeper than [`MAX_PROGRAM_NESTING`] brackets or longer than [`MAX_PROGRAM_LEN`] bytes
-//! is refused before jaq lexes it (jaq's lexer, parser and compiler recurse once per level and
-//! once per operator in a row; callers run programs on threads with large stacks), an output nested deeper than [`MAX_DEPTH`]
-//! is refused and dropped without recursing into it, and an error value is shown only when it is
-//! nested no deeper than that either. What recurses inside jaq is beyond its reach: a program that
-//! recurses without end (`def f: 1 + f; f`), one whose syntax is deep without brackets (thousands
-//! of operators or keywords in a row, such as a literal array of thousands of items), or one that
-//! builds a value nested many thousands deep and then works on it (`length`, `tojson`, comparing)
-//! or drops it can overflow the stack of its thread; and a program that never ends ties up its
-//! thread for good.
+//! Programs arrive with requests and may be hostile. Compiling happens in the caller's own
+//! process, so this module keeps compiling from overflowing the stack, which would abort it: a
+//! program nested deeper than [`MAX_PROGRAM_NESTING`] brackets or longer than
+//! [`MAX_PROGRAM_LEN`] bytes is refused before jaq lexes it (jaq's lexer, parser and compiler
+//! recurse once per level and once per operator in a row; callers compile on threads with large
+//! stacks). An output nested deeper than [`MAX_DEPTH`] is refused and dropped without recursing
+//! into it, and an error value is shown only when it is nested no deeper than that either. What
+//! recurses inside a run is beyond this module's reach, and is why runs that are not quick
+//! happen in a sandbox: a program that recurses without end (`def f: 1 + f; f`), or one that
+//! builds a value nested many thousands deep and then works on it (`length`, `tojson`,
+//! comparing) or drops it, overflows the stack of its thread.
 //!
 //! Numbers follow jaq: integers stay integers (of any size) and floats stay floats, so `4 / 2`
 //! yields `2.0` and `. + 0` keeps an integer input an integer. Values that JSON cannot express
@@ -47,7 +47,7 @@ use crate::value::MAX_DEPTH;
 type Data = data::JustLut<Val>;
 
 /// The output limit used by [`Program::run`].
-const DEFAULT_OUTPUT_LIMIT: usize = 1_000_000;
+pub const DEFAULT_OUTPUT_LIMIT: usize = 1_000_000;
 
 /// The longest excerpt of a program or a value that an error message quotes.
 const EXCERPT_CHARS: usize = 40;
@@ -234,12 +234,17 @@ impl Program {
     /// value, several -> a JSON array of all of them (in order). Uses a default output limit of
     /// 1_000_000.
     pub fn run(&self, input: Value) -> Result<Value, RunError> {
-        let mut outputs = self.run_all(input, DEFAULT_OUTPUT_LIMIT)?;
-        Ok(match outputs.len() {
-            0 => Value::Null,
-            1 => outputs.pop().unwrap_or(Value::Null),
-            _ => Value::Array(outputs),
-        })
+        self.run_all(input, DEFAULT_OUTPUT_LIMIT).map(single_value)
+    }
+}
+
+/// Returns the single result of a program's outputs, as [`Program::run`] gives it: zero outputs
+/// -> `null`, one -> that value, several -> an array of all of them (in order).
+pub fn single_value(mut outputs: Vec<Value>) -> Value {
+    match outputs.len() {
+        0 => Value::Null,
+        1 => outputs.pop().unwrap_or(Value::Null),
+        _ => Value::Array(outputs),
     }
 }
 
@@ -783,6 +788,14 @@ pub struct ProgramCache {
     programs: Arc<std::sync::Mutex<std::collections::HashMap<String, Program>>>,
 }
 
+impl fmt::Debug for ProgramCache {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ProgramCache")
+            .field("programs", &self.lock().len())
+            .finish()
+    }
+}
+
 impl ProgramCache {
     /// Whether `source` is compiled already.
     pub fn contains(&self, source: &str) -> bool {
@@ -809,9 +822,7 @@ impl ProgramCache {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, Program>> {
-        self.programs
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+        crate::sync::lock(&self.programs)
     }
 }
 

@@ -11,6 +11,7 @@ pub mod jq;
 pub mod names;
 pub mod protocol;
 pub mod status;
+pub mod sync;
 pub mod value;
 
 pub use definition::{StepDefinition, StepKind, WorkflowDefinition};

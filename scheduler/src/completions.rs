@@ -33,6 +33,7 @@ use crate::dispatch::{Dispatch, Dispatcher};
 use crate::engine::{Materialized, finished_run};
 use crate::notify::{FinishedView, Notifier};
 use crate::planner::{self, StepState};
+use crate::programs::{ProgramRunner, SandboxedPrograms};
 use crate::retry;
 use crate::store::{self, Completion, FinishedRun, HeldConnection, LockedRun, StoreError};
 use taskfleet_common::jq::{self, ProgramCache};
@@ -51,6 +52,9 @@ pub enum AdvanceError {
     /// Planning panicked; a bug, logged and treated like a refused statement.
     #[error("planning failed: {0}")]
     Planning(String),
+    /// Planning stopped for the shutdown; the batch stays unrecorded.
+    #[error(transparent)]
+    Stopped(#[from] planner::Stopped),
 }
 
 impl AdvanceError {
@@ -67,8 +71,8 @@ pub struct CompletionLoop {
     pub dispatcher: Dispatcher,
     /// Who hears about finished runs.
     pub notifier: Notifier,
-    /// Compiled jq programs.
-    pub programs: ProgramCache,
+    /// Compiled jq programs, and where planning runs them.
+    pub programs: SandboxedPrograms,
     /// Where unreadable completions go.
     pub broker: Arc<Broker>,
     /// What each queue's tasks cost, learned here for the dispatcher.
@@ -184,6 +188,8 @@ impl CompletionLoop {
         let mut delay = Duration::from_millis(100);
         loop {
             match self.advance(completions).await {
+                // The batch is left unacknowledged; the broker hands it out again.
+                Err(AdvanceError::Stopped(_)) => return None,
                 Err(error) if error.is_unavailable() => {
                     tracing::warn!(%error, ?delay, "database unavailable; retrying completions");
                     // The held connection may be the broken part: the next try takes another.
@@ -356,15 +362,15 @@ impl CompletionLoop {
         // Planning may run user jq programs: those runs are planned off the async threads,
         // unless every program is quick and the values it reads are small.
         let programs = self.programs.clone();
-        let (materialized, finished) = if plans_in_place(&programs, &runs, &states) {
+        let (materialized, finished) = if plans_in_place(programs.cache(), &runs, &states) {
             std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                 plan_runs(&programs, runs, states)
             }))
-            .map_err(|_| AdvanceError::Planning("planning panicked".to_owned()))?
+            .map_err(|_| AdvanceError::Planning("planning panicked".to_owned()))??
         } else {
             tokio::task::spawn_blocking(move || plan_runs(&programs, runs, states))
                 .await
-                .map_err(|error| AdvanceError::Planning(error.to_string()))?
+                .map_err(|error| AdvanceError::Planning(error.to_string()))??
         };
         let finished_ids: HashSet<Uuid> = finished.iter().map(|run| run.id).collect();
         // A run that ended in this batch dispatches nothing more: its queued tasks are
@@ -499,10 +505,10 @@ impl RunToPlan {
 
 /// Plans the next steps of each run; returns the rows to write and the runs that ended.
 fn plan_runs(
-    programs: &ProgramCache,
+    programs: &dyn ProgramRunner,
     runs: Vec<RunToPlan>,
     states: HashMap<Uuid, BTreeMap<String, StepState>>,
-) -> (Materialized, Vec<FinishedRun>) {
+) -> Result<(Materialized, Vec<FinishedRun>), planner::Stopped> {
     let mut materialized = Materialized::default();
     let mut finished = Vec::new();
     let empty = BTreeMap::new();
@@ -512,13 +518,13 @@ fn plan_runs(
             &run.definition,
             &run.input,
             states.get(&run.id).unwrap_or(&empty),
-        );
+        )?;
         materialized.add(&run.definition, run.id, advance.planned);
         if let Some(end) = advance.end {
             finished.push(finished_run(run.id, end));
         }
     }
-    (materialized, finished)
+    Ok((materialized, finished))
 }
 
 /// The completions read from a batch of messages, and the bodies that name no task.

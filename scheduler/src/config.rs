@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::num::NonZeroUsize;
+use std::num::{NonZeroU64, NonZeroUsize};
 use std::time::Duration;
 
 use taskfleet_common::{Namespace, amqp};
@@ -32,6 +32,12 @@ pub struct Config {
     pub relay_after: Duration,
     /// The most tasks one broker message carries when many are dispatched at once.
     pub max_tasks_per_message: NonZeroUsize,
+    /// How long one jq program of planning (`input`, `when`, `for_each`) may run.
+    pub jq_time_limit: Duration,
+    /// The memory one jq program of planning may take, in bytes.
+    pub jq_memory_bytes: u64,
+    /// The most sandbox processes running planning's jq programs at once.
+    pub jq_sandboxes: NonZeroUsize,
 }
 
 /// Describes a configuration value that could not be used.
@@ -124,6 +130,28 @@ impl Config {
                 "TASKFLEET_MAX_TASKS_PER_MESSAGE",
                 &get("TASKFLEET_MAX_TASKS_PER_MESSAGE", "64"),
             )?,
+            jq_time_limit: Duration::from_millis(
+                parse::<NonZeroU64>(
+                    "TASKFLEET_JQ_TIME_LIMIT_MS",
+                    &get("TASKFLEET_JQ_TIME_LIMIT_MS", "1000"),
+                )?
+                .get(),
+            ),
+            jq_memory_bytes: parse::<NonZeroU64>(
+                "TASKFLEET_JQ_MEMORY_MB",
+                &get("TASKFLEET_JQ_MEMORY_MB", "256"),
+            )?
+            .get()
+            .saturating_mul(1024 * 1024),
+            jq_sandboxes: parse(
+                "TASKFLEET_JQ_SANDBOXES",
+                &get(
+                    "TASKFLEET_JQ_SANDBOXES",
+                    &std::thread::available_parallelism()
+                        .map_or(2, NonZeroUsize::get)
+                        .to_string(),
+                ),
+            )?,
         })
     }
 }
@@ -148,6 +176,21 @@ mod tests {
         );
         assert_eq!(config.http_addr.to_string(), "127.0.0.1:8080");
         assert_eq!(config.namespace.as_str(), "taskfleet");
+        assert_eq!(config.jq_time_limit, Duration::from_secs(1));
+        assert_eq!(config.jq_memory_bytes, 256 * 1024 * 1024);
+    }
+
+    #[test]
+    fn jq_limits_must_be_positive() {
+        for variable in [
+            "TASKFLEET_JQ_TIME_LIMIT_MS",
+            "TASKFLEET_JQ_MEMORY_MB",
+            "TASKFLEET_JQ_SANDBOXES",
+        ] {
+            let error = Config::load(&env(&[(variable, "0")]), &Overrides::default())
+                .expect_err("zero is refused");
+            assert!(error.to_string().starts_with(variable), "{error}");
+        }
     }
 
     #[test]

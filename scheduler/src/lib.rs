@@ -14,6 +14,7 @@ pub mod dispatch;
 pub mod engine;
 pub mod notify;
 pub mod planner;
+pub mod programs;
 pub mod retry;
 pub mod store;
 
@@ -21,6 +22,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use taskfleet_io::jq_sandbox::SandboxSettings;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -90,7 +92,13 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         notifier.clone(),
     );
     let writer_task = tokio::spawn(writer);
-    let programs = taskfleet_common::jq::ProgramCache::default();
+    let sandbox = taskfleet_io::jq_sandbox::JqSandbox::new(SandboxSettings {
+        program: std::env::current_exe().context("finding the scheduler's own executable")?,
+        processes: config.jq_sandboxes.get(),
+        memory_bytes: config.jq_memory_bytes,
+    });
+    let programs =
+        programs::SandboxedPrograms::new(sandbox, config.jq_time_limit, shutdown.clone());
     let completion_loop = completions::CompletionLoop {
         db: store::HeldConnection::new(db.clone()),
         dispatcher: dispatcher.clone(),

@@ -1,5 +1,6 @@
 //! `taskfleet-scheduler`: loads the configuration, installs logging and runs the scheduler until
-//! SIGTERM or Ctrl-C.
+//! SIGTERM or Ctrl-C. Started with the hidden `--jq-sandbox BYTES` flag, it is one of the
+//! sandbox processes that run planning's jq programs instead.
 
 use clap::Parser;
 use taskfleet_scheduler::config::{Config, Overrides};
@@ -19,22 +20,28 @@ struct Args {
     /// Prefix of every queue and Redis key (TASKFLEET_NAMESPACE).
     #[arg(long)]
     namespace: Option<String>,
+    /// Run as a jq sandbox with this memory limit in bytes (started by the scheduler itself).
+    #[arg(long = "jq-sandbox", hide = true, value_name = "BYTES")]
+    jq_sandbox: Option<u64>,
 }
 
-/// Stack of every runtime thread. Definitions' jq programs are compiled and run on these
-/// threads, and jaq recurses on the stack; the memory is only reserved, not used.
+/// Stack of every runtime thread. Definitions' jq programs are compiled on these threads, and
+/// quick ones run there; jaq recurses on the stack; the memory is only reserved, not used.
 const THREAD_STACK_SIZE: usize = 32 * 1024 * 1024;
 
 fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    if let Some(memory_bytes) = args.jq_sandbox {
+        taskfleet_io::jq_sandbox::serve(memory_bytes);
+    }
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_stack_size(THREAD_STACK_SIZE)
         .build()?
-        .block_on(serve())
+        .block_on(serve(args))
 }
 
-async fn serve() -> anyhow::Result<()> {
-    let args = Args::parse();
+async fn serve(args: Args) -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
@@ -51,23 +58,6 @@ async fn serve() -> anyhow::Result<()> {
     };
     let config = Config::load(&env, &overrides)?;
     let shutdown = CancellationToken::new();
-    tokio::spawn(cancel_on_signal(shutdown.clone()));
+    tokio::spawn(taskfleet_io::signals::cancel_on_signal(shutdown.clone()));
     taskfleet_scheduler::run(config, shutdown).await
-}
-
-async fn cancel_on_signal(shutdown: CancellationToken) {
-    let mut terminate =
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(signal) => signal,
-            Err(error) => {
-                tracing::error!(%error, "installing the SIGTERM handler");
-                return;
-            }
-        };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = terminate.recv() => {}
-    }
-    tracing::info!("shutting down");
-    shutdown.cancel();
 }

@@ -1,15 +1,37 @@
 //! Planning: given a run's definition, its input and what its steps have done so far, decides
 //! which steps start next (with their inputs), which are skipped, and whether the run is over.
 //!
-//! Pure logic on values: no I/O, no clock. jq programs come compiled from a [`ProgramCache`].
+//! Logic on values: no I/O, no clock. jq programs come compiled from the runner's
+//! `ProgramCache` and run where the [`ProgramRunner`] decides (a sandbox process, for all but
+//! quick ones).
 
 use std::collections::BTreeMap;
 
 use serde_json::{Map, Value, json};
 use taskfleet_common::definition::{StepDefinition, WorkflowDefinition};
 use taskfleet_common::error::DATAFLOW_ERROR;
-use taskfleet_common::jq::ProgramCache;
 use taskfleet_common::{StepError, StepStatus};
+
+use crate::programs::{ProgramFailure, ProgramRunner};
+
+/// Planning stopped because the scheduler is shutting down: nothing it decided may be written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("planning stopped: the scheduler is shutting down")]
+pub struct Stopped;
+
+/// Why a step's program gave no value.
+enum Blocked {
+    /// The step fails with this error.
+    Fails(StepError),
+    /// Planning stops.
+    Stopped,
+}
+
+impl From<StepError> for Blocked {
+    fn from(error: StepError) -> Self {
+        Self::Fails(error)
+    }
+}
 
 /// What a planned step of a run has done so far.
 #[derive(Debug, Clone, PartialEq)]
@@ -88,31 +110,38 @@ pub struct Advance {
     pub end: Option<RunEnd>,
 }
 
-/// Runs the program `source` of a step's `field` from the cache; any failure is the step's
-/// `dataflow_error`.
+/// Runs the program `source` of a step's `field`, compiled through the runner's cache; any
+/// failure is the step's `dataflow_error`.
 fn run_program(
-    programs: &ProgramCache,
+    programs: &dyn ProgramRunner,
     field: &str,
     source: &str,
     input: Value,
-) -> Result<Value, StepError> {
+) -> Result<Value, Blocked> {
     let program = programs
+        .cache()
         .get(source)
         .map_err(|error| StepError::new(DATAFLOW_ERROR, error.to_string()))?;
-    program.run(input).map_err(|error| {
-        StepError::new(DATAFLOW_ERROR, format!("`{field}` program failed: {error}"))
-    })
+    programs
+        .run(&program, input)
+        .map_err(|failure| match failure {
+            ProgramFailure::Failed(message) => Blocked::Fails(StepError::new(
+                DATAFLOW_ERROR,
+                format!("`{field}` program failed: {message}"),
+            )),
+            ProgramFailure::Stopped => Blocked::Stopped,
+        })
 }
 
 /// Computes a step's input from the run input and the outputs of its dependencies: its `input`
 /// program if it has one, else the run input (no `after`), the one dependency's output, or an
 /// object keyed by dependency id.
 fn step_input(
-    programs: &ProgramCache,
+    programs: &dyn ProgramRunner,
     step: &StepDefinition,
     run_input: &Value,
     states: &BTreeMap<String, StepState>,
-) -> Result<Value, StepError> {
+) -> Result<Value, Blocked> {
     let output_of = |id: &str| {
         states
             .get(id)
@@ -147,13 +176,14 @@ fn truthy(value: &Value) -> bool {
 
 /// Decides what happens next in a run. `states` holds every step that has been planned; steps
 /// missing from it have not started. Planning repeats until nothing changes, so that a skipped
-/// step makes its dependents ready in the same call.
+/// step makes its dependents ready in the same call. Fails only when the runner stops
+/// (the scheduler shuts down).
 pub fn advance(
-    programs: &ProgramCache,
+    programs: &dyn ProgramRunner,
     definition: &WorkflowDefinition,
     run_input: &Value,
     states: &BTreeMap<String, StepState>,
-) -> Advance {
+) -> Result<Advance, Stopped> {
     let mut states = states.clone();
     let mut planned = Vec::new();
     loop {
@@ -186,7 +216,7 @@ pub fn advance(
                     step_id: step.id.clone(),
                 }
             } else {
-                decide(programs, step, run_input, &states)
+                decide(programs, step, run_input, &states)?
             };
             let state = match &decision {
                 Planned::Dispatch { .. } => StepState::with_status(StepStatus::Pending),
@@ -210,53 +240,58 @@ pub fn advance(
         }
     }
     let end = run_end(definition, &states);
-    Advance { planned, end }
+    Ok(Advance { planned, end })
 }
 
+/// Decides what one step whose dependencies all finished does.
 fn decide(
-    programs: &ProgramCache,
+    programs: &dyn ProgramRunner,
     step: &StepDefinition,
     run_input: &Value,
     states: &BTreeMap<String, StepState>,
-) -> Planned {
-    let fail = |error| Planned::Fail {
-        step_id: step.id.clone(),
-        error,
-    };
-    let input = match step_input(programs, step, run_input, states) {
-        Ok(input) => input,
-        Err(error) => return fail(error),
-    };
+) -> Result<Planned, Stopped> {
+    match try_decide(programs, step, run_input, states) {
+        Ok(planned) => Ok(planned),
+        Err(Blocked::Fails(error)) => Ok(Planned::Fail {
+            step_id: step.id.clone(),
+            error,
+        }),
+        Err(Blocked::Stopped) => Err(Stopped),
+    }
+}
+
+fn try_decide(
+    programs: &dyn ProgramRunner,
+    step: &StepDefinition,
+    run_input: &Value,
+    states: &BTreeMap<String, StepState>,
+) -> Result<Planned, Blocked> {
+    let input = step_input(programs, step, run_input, states)?;
     if let Err(error) = taskfleet_common::value::check(&input) {
-        return fail(StepError::new(
+        return Err(Blocked::Fails(StepError::new(
             DATAFLOW_ERROR,
             format!("the step's input cannot be sent: {error}"),
-        ));
+        )));
     }
     if let Some(when) = &step.when {
-        match run_program(programs, "when", when, input.clone()) {
-            Ok(verdict) if !truthy(&verdict) => {
-                return Planned::Skip {
-                    step_id: step.id.clone(),
-                };
-            }
-            Ok(_) => {}
-            Err(error) => return fail(error),
+        let verdict = run_program(programs, "when", when, input.clone())?;
+        if !truthy(&verdict) {
+            return Ok(Planned::Skip {
+                step_id: step.id.clone(),
+            });
         }
     }
     let Some(for_each) = &step.for_each else {
-        return Planned::Dispatch {
+        return Ok(Planned::Dispatch {
             step_id: step.id.clone(),
             input,
-        };
+        });
     };
-    match run_program(programs, "for_each", for_each, input).map(items) {
-        Ok(Ok(items)) => Planned::FanOut {
-            step_id: step.id.clone(),
-            items,
-        },
-        Ok(Err(error)) | Err(error) => fail(error),
-    }
+    let items = items(run_program(programs, "for_each", for_each, input)?)?;
+    Ok(Planned::FanOut {
+        step_id: step.id.clone(),
+        items,
+    })
 }
 
 /// The most items one `for_each` step may fan out to.
@@ -352,6 +387,8 @@ pub fn run_error(step_id: &str, error: &StepError) -> Value {
 
 #[cfg(test)]
 mod tests {
+    use taskfleet_common::jq::ProgramCache;
+
     use super::*;
 
     fn definition(value: Value) -> WorkflowDefinition {
@@ -380,7 +417,7 @@ mod tests {
             .iter()
             .map(|(id, state)| ((*id).to_owned(), state.clone()))
             .collect();
-        let advance = advance(&ProgramCache::default(), def, &input, &states);
+        let advance = advance(&ProgramCache::default(), def, &input, &states).expect("planned");
         assert_eq!(advance.planned, expected_planned);
         assert_eq!(advance.end, expected_end);
     }
@@ -461,7 +498,7 @@ mod tests {
         let def = definition(json!({"steps": [
             {"id": "a", "dataflow": ".", "input": "error(\"nope\")"}]}));
         let states = BTreeMap::new();
-        let advance = advance(&ProgramCache::default(), &def, &json!(1), &states);
+        let advance = advance(&ProgramCache::default(), &def, &json!(1), &states).expect("planned");
         let Some(RunEnd::Failed { error }) = advance.end else {
             panic!("run should fail: {advance:?}");
         };
@@ -489,7 +526,8 @@ mod tests {
             &def,
             &json!(1),
             &[("a".to_owned(), failed), ("b".to_owned(), done(json!(1)))].into(),
-        );
+        )
+        .expect("planned");
         assert!(advance.planned.is_empty());
         assert!(matches!(advance.end, Some(RunEnd::Failed { .. })));
     }

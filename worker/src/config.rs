@@ -1,7 +1,7 @@
 //! The worker's configuration: defaults, then `TASKFLEET_*` environment variables, then flags.
 
 use std::collections::HashMap;
-use std::num::NonZeroUsize;
+use std::num::{NonZeroU64, NonZeroUsize};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -43,6 +43,12 @@ pub struct Config {
     pub python_max_rss_mb: Option<u64>,
     /// How long an interrupted Python step has to end before its executor is killed.
     pub python_kill_grace: Duration,
+    /// How long a jq program may run when its step sets no `timeout_s`.
+    pub jq_time_limit: Duration,
+    /// The memory one jq program may take, in bytes.
+    pub jq_memory_bytes: u64,
+    /// The most sandbox processes running jq programs at once.
+    pub jq_sandboxes: NonZeroUsize,
 }
 
 /// Describes a configuration value that could not be used.
@@ -160,6 +166,18 @@ impl Config {
                 variable: "TASKFLEET_PYTHON_KILL_GRACE_S",
                 message: format!("{kill_grace} is not a duration in seconds: {error}"),
             })?;
+        let jq_time_limit_ms: NonZeroU64 = parse(
+            "TASKFLEET_JQ_TIME_LIMIT_MS",
+            &get("TASKFLEET_JQ_TIME_LIMIT_MS").unwrap_or_else(|| "60000".to_owned()),
+        )?;
+        let jq_memory_mb: NonZeroU64 = parse(
+            "TASKFLEET_JQ_MEMORY_MB",
+            &get("TASKFLEET_JQ_MEMORY_MB").unwrap_or_else(|| "512".to_owned()),
+        )?;
+        let jq_sandboxes = parse(
+            "TASKFLEET_JQ_SANDBOXES",
+            &get("TASKFLEET_JQ_SANDBOXES").unwrap_or_else(|| cores.to_string()),
+        )?;
         let hostname = get("HOSTNAME")
             .or_else(|| {
                 std::fs::read_to_string("/proc/sys/kernel/hostname")
@@ -205,6 +223,9 @@ impl Config {
             python_max_tasks,
             python_max_rss_mb,
             python_kill_grace,
+            jq_time_limit: Duration::from_millis(jq_time_limit_ms.get()),
+            jq_memory_bytes: jq_memory_mb.get().saturating_mul(1024 * 1024),
+            jq_sandboxes,
             shutdown_grace: Duration::from_secs(parse(
                 "TASKFLEET_SHUTDOWN_GRACE_S",
                 &get("TASKFLEET_SHUTDOWN_GRACE_S").unwrap_or_else(|| "30".to_owned()),
@@ -244,6 +265,8 @@ mod tests {
         assert_eq!(config.python_max_tasks, None);
         assert_eq!(config.python_max_rss_mb, None);
         assert_eq!(config.python_kill_grace, Duration::from_secs(2));
+        assert_eq!(config.jq_time_limit, Duration::from_secs(60));
+        assert_eq!(config.jq_memory_bytes, 512 * 1024 * 1024);
         let config = Config::load(
             &env(&[
                 ("TASKFLEET_PYTHON_EXECUTORS", "3"),
@@ -261,6 +284,19 @@ mod tests {
         assert_eq!(config.python_max_tasks, Some(100));
         assert_eq!(config.python_max_rss_mb, Some(512));
         assert_eq!(config.python_kill_grace, Duration::from_millis(500));
+    }
+
+    #[test]
+    fn jq_limits_must_be_positive() {
+        for variable in [
+            "TASKFLEET_JQ_TIME_LIMIT_MS",
+            "TASKFLEET_JQ_MEMORY_MB",
+            "TASKFLEET_JQ_SANDBOXES",
+        ] {
+            let error = Config::load(&env(&[(variable, "0")]), &Overrides::default())
+                .expect_err("zero is refused");
+            assert!(error.to_string().starts_with(variable), "{error}");
+        }
     }
 
     #[test]

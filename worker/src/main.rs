@@ -1,11 +1,13 @@
 //! `taskfleet-worker`: loads the configuration, starts the pool of Python executor processes,
 //! installs logging and runs the worker until SIGTERM or Ctrl-C, then drains. Started with the
-//! hidden `--python-executor SOCKET` flag, it is one of those executor processes instead.
+//! hidden `--python-executor SOCKET` flag, it is one of those executor processes instead; with
+//! `--jq-sandbox BYTES`, one of the sandbox processes that run jq programs.
 
 use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::Parser;
+use taskfleet_io::jq_sandbox::{JqSandbox, SandboxSettings};
 use taskfleet_worker::config::{Config, Overrides};
 use taskfleet_worker::executor::dataflow::DataflowExecutor;
 use taskfleet_worker::executor::pool::{PoolSettings, PythonPool};
@@ -50,10 +52,16 @@ struct Args {
     /// worker itself).
     #[arg(long = "python-executor", hide = true, value_name = "SOCKET")]
     python_executor: Option<PathBuf>,
+    /// Run as a jq sandbox with this memory limit in bytes (started by the worker itself).
+    #[arg(long = "jq-sandbox", hide = true, value_name = "BYTES")]
+    jq_sandbox: Option<u64>,
 }
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    if let Some(memory_bytes) = args.jq_sandbox {
+        taskfleet_io::jq_sandbox::serve(memory_bytes);
+    }
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
@@ -80,8 +88,9 @@ fn main() -> anyhow::Result<()> {
         python_max_rss_mb: args.python_max_rss_mb,
     };
     let config = Config::load(&env, &overrides)?;
+    let program = std::env::current_exe().context("finding the worker's own executable")?;
     let pool = PoolSettings {
-        program: std::env::current_exe().context("finding the worker's own executable")?,
+        program: program.clone(),
         executors: config.python_executors,
         max_tasks: config.python_max_tasks,
         max_rss_bytes: config.python_max_rss_mb.map(|mib| mib * 1024 * 1024),
@@ -94,35 +103,25 @@ fn main() -> anyhow::Result<()> {
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
-        // jq programs run on the blocking threads, and jaq recurses on the stack; the memory is
+        // Quick jq programs run on these threads, and jaq recurses on the stack; the memory is
         // only reserved, not used.
         .thread_stack_size(32 * 1024 * 1024)
         .build()
         .context("starting the tokio runtime")?;
     runtime.block_on(async {
         let executors = Executors {
-            dataflow: DataflowExecutor::default(),
+            dataflow: DataflowExecutor::new(
+                JqSandbox::new(SandboxSettings {
+                    program: program.clone(),
+                    processes: config.jq_sandboxes.get(),
+                    memory_bytes: config.jq_memory_bytes,
+                }),
+                config.jq_time_limit,
+            ),
             python: PythonPool::start(pool).await?,
         };
         let shutdown = CancellationToken::new();
-        tokio::spawn(cancel_on_signal(shutdown.clone()));
+        tokio::spawn(taskfleet_io::signals::cancel_on_signal(shutdown.clone()));
         runner::run(config, executors, shutdown).await
     })
-}
-
-async fn cancel_on_signal(shutdown: CancellationToken) {
-    let mut terminate =
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(signal) => signal,
-            Err(error) => {
-                tracing::error!(%error, "installing the SIGTERM handler");
-                return;
-            }
-        };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = terminate.recv() => {}
-    }
-    tracing::info!("shutting down");
-    shutdown.cancel();
 }

@@ -39,11 +39,9 @@ use tokio_util::task::TaskTracker;
 
 use crate::broker::Broker;
 use crate::config::Config;
-use crate::executor::Executor;
 use crate::executor::dataflow::DataflowExecutor;
 use crate::executor::pool::PythonPool;
 use crate::executor::python::{PythonTarget, StepContext};
-use crate::executor::timeout_error;
 use crate::report::{self, BrokerSlot, PendingDelivery, Report, ReportTargets, Reporter};
 
 /// What a step came to on its executor.
@@ -74,15 +72,8 @@ impl Executors {
         let target = match &task.step {
             StepKind::Dataflow { .. } => {
                 let started = std::time::Instant::now();
-                let executed = self.dataflow.execute(task);
-                // A jq program cannot be stopped: past its limit it finishes on its blocking
-                // thread and its output is dropped.
-                let result = match limit {
-                    Some(limit) => tokio::time::timeout(limit, executed)
-                        .await
-                        .unwrap_or_else(|_| Err(timeout_error(limit))),
-                    None => executed.await,
-                };
+                // The executor keeps the limit itself: past it, the program's sandbox is killed.
+                let result = self.dataflow.run(task, limit).await;
                 return Executed {
                     result,
                     logs: None,

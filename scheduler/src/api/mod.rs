@@ -26,8 +26,8 @@ use crate::accept::Acceptor;
 use crate::broker::Broker;
 use crate::config::Config;
 use crate::notify::Notifier;
+use crate::programs::SandboxedPrograms;
 use crate::store;
-use taskfleet_common::jq::ProgramCache;
 
 /// What every handler can reach.
 #[derive(Clone)]
@@ -44,8 +44,8 @@ pub struct AppState {
     pub acceptor: Acceptor,
     /// Run-finished notifications for long polls.
     pub notifier: Notifier,
-    /// Compiled jq programs.
-    pub programs: ProgramCache,
+    /// Compiled jq programs, and where planning runs them.
+    pub programs: SandboxedPrograms,
     /// Cancelled when the scheduler stops; long polls then answer at once.
     pub shutdown: tokio_util::sync::CancellationToken,
 }

@@ -22,6 +22,7 @@ use crate::accept::{Accepted, Submission};
 use crate::engine::{Materialized, finished_run};
 use crate::notify::Notifier;
 use crate::planner;
+use crate::programs::{ProgramRunner, SandboxedPrograms};
 use crate::store::{self, NewRun, RunFilter};
 use taskfleet_common::jq::{self, ProgramCache};
 use taskfleet_common::value;
@@ -194,7 +195,7 @@ async fn plan(
     state: &AppState,
     runs: Vec<NewRunParts>,
 ) -> Result<Vec<Submission>, (usize, ApiError)> {
-    let quick = plans_in_place(&state.programs, &runs);
+    let quick = plans_in_place(state.programs.cache(), &runs);
     let programs = state.programs.clone();
     let plan_all = move || {
         runs.into_iter()
@@ -237,12 +238,13 @@ fn plans_quickly(programs: &ProgramCache, parts: &NewRunParts) -> bool {
             }))
 }
 
-fn plan_blocking(programs: &ProgramCache, parts: NewRunParts) -> Result<Submission, ApiError> {
+fn plan_blocking(programs: &SandboxedPrograms, parts: NewRunParts) -> Result<Submission, ApiError> {
     if parts.unchecked {
-        check_definition(programs, &parts.definition)?;
+        check_definition(programs.cache(), &parts.definition)?;
     }
     let id = Uuid::now_v7();
-    let advance = planner::advance(programs, &parts.definition, &parts.input, &BTreeMap::new());
+    let advance = planner::advance(programs, &parts.definition, &parts.input, &BTreeMap::new())
+        .map_err(|stopped| ApiError::unavailable(stopped.to_string()))?;
     let mut materialized = Materialized::default();
     materialized.add(&parts.definition, id, advance.planned);
     let (status, output, error) = match advance.end.map(|end| finished_run(id, end)) {

@@ -10,6 +10,7 @@ use taskfleet_common::jq::ProgramCache;
 use taskfleet_common::names::is_valid_name;
 
 use super::{ApiError, AppState, JsonBody, QueryParams};
+use crate::programs::ProgramRunner;
 use crate::store;
 
 /// Checks a definition as the API accepts it.
@@ -46,7 +47,7 @@ pub async fn register(
         }
         _ => definition.name = Some(name.clone()),
     }
-    check_definition(&state.programs, &definition)?;
+    check_definition(state.programs.cache(), &definition)?;
     let value = serde_json::to_value(&definition).map_err(|error| ApiError::internal(&error))?;
     let (version, created) =
         store::put_workflow(&state.db, state.config.namespace.as_str(), &name, &value).await?;

@@ -1,52 +1,90 @@
 //! The dataflow executor: runs jq programs with jaq, compiled once per program text and cached.
-//! Programs run on tokio's blocking pool, except a quick program ([`Program::is_quick`], whose
-//! run is linear in its input) on an input of at most [`QUICK_INPUT_SIZE`],
-//! which runs in place: it takes a few microseconds, less than the two thread wake-ups of a
-//! crossing to the blocking pool and back.
+//!
+//! A quick program ([`Program::is_quick`], whose run is linear in its input) on an input of at
+//! most [`QUICK_INPUT_SIZE`] runs in place: it takes a few microseconds, less than any crossing
+//! to another thread. Every other program runs in a sandbox process
+//! ([`taskfleet_io::jq_sandbox`]) under the worker's memory limit, for at most the step's
+//! `timeout_s` (failing with `timeout`, like any step) or, when the step sets none, the worker's
+//! jq time limit (failing with `dataflow_error`); a program that loops, allocates without
+//! bound or recurses too deep fails its step and leaves the worker as it was. A step that is
+//! stopped (its run cancelled) stops its sandbox.
+
+use std::time::Duration;
 
 use serde_json::Value;
 use taskfleet_common::StepError;
 use taskfleet_common::definition::StepKind;
 use taskfleet_common::error::DATAFLOW_ERROR;
-use taskfleet_common::jq::{Program, ProgramCache, QUICK_INPUT_SIZE, RunError};
+use taskfleet_common::jq::{self, Program, ProgramCache, QUICK_INPUT_SIZE, RunError};
 use taskfleet_common::protocol::TaskMessage;
 use taskfleet_common::value;
+use taskfleet_io::jq_sandbox::{JqSandbox, SandboxError};
 
-use super::Executor;
+use super::{Executor, timeout_error};
 
 /// Runs `dataflow` steps.
-#[derive(Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct DataflowExecutor {
     programs: ProgramCache,
+    sandbox: JqSandbox,
+    time_limit: Duration,
 }
 
-impl Executor for DataflowExecutor {
-    async fn execute(&self, task: &TaskMessage) -> Result<Value, StepError> {
+impl DataflowExecutor {
+    /// Runs programs that are not quick in `sandbox`, for at most `time_limit` when their step
+    /// sets no `timeout_s`.
+    pub fn new(sandbox: JqSandbox, time_limit: Duration) -> Self {
+        Self {
+            programs: ProgramCache::default(),
+            sandbox,
+            time_limit,
+        }
+    }
+
+    /// Runs the step of `task`; `timeout` is its `timeout_s`, past which it fails with
+    /// `timeout`. Dropping the future stops the program.
+    pub async fn run(
+        &self,
+        task: &TaskMessage,
+        timeout: Option<Duration>,
+    ) -> Result<Value, StepError> {
         let StepKind::Dataflow { program } = &task.step else {
             return Err(StepError::new(
                 DATAFLOW_ERROR,
                 "the dataflow executor got a step of another kind",
             ));
         };
-        let program = self
+        let compiled = self
             .programs
             .get(program)
             .map_err(|error| StepError::new(DATAFLOW_ERROR, error.to_string()))?;
         let input = task.input.clone();
-        let ran = if program.is_quick() && value::size_at_most(&input, QUICK_INPUT_SIZE) {
-            run_in_place(&program, input)
-        } else {
-            tokio::task::spawn_blocking(move || program.run(input))
-                .await
-                .map_err(|error| format!("jq program panicked: {error}"))
-        };
-        ran.map_err(|error| StepError::new(DATAFLOW_ERROR, error))?
-            .map_err(|error| StepError::new(DATAFLOW_ERROR, error.to_string()))
+        if compiled.is_quick() && value::size_at_most(&input, QUICK_INPUT_SIZE) {
+            return run_in_place(&compiled, input)
+                .map_err(|error| StepError::new(DATAFLOW_ERROR, error))?
+                .map_err(|error| StepError::new(DATAFLOW_ERROR, error.to_string()));
+        }
+        let time_limit = timeout.unwrap_or(self.time_limit);
+        let ran = self
+            .sandbox
+            .run_async(program.clone(), input, jq::DEFAULT_OUTPUT_LIMIT, time_limit)
+            .await;
+        match ran {
+            Ok(outputs) => Ok(jq::single_value(outputs)),
+            Err(SandboxError::TimeLimit(limit)) if timeout.is_some() => Err(timeout_error(limit)),
+            Err(error) => Err(StepError::new(DATAFLOW_ERROR, error.to_string())),
+        }
     }
 }
 
-/// Runs a quick program on the calling thread; a panic fails the step as it would on the
-/// blocking pool, instead of the task that awaits it.
+impl Executor for DataflowExecutor {
+    async fn execute(&self, task: &TaskMessage) -> Result<Value, StepError> {
+        self.run(task, None).await
+    }
+}
+
+/// Runs a quick program on the calling thread; a panic fails the step instead of the task that
+/// awaits it.
 fn run_in_place(program: &Program, input: Value) -> Result<Result<Value, RunError>, String> {
     std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| program.run(input)))
         .map_err(|_| "jq program panicked".to_owned())
@@ -54,11 +92,12 @@ fn run_in_place(program: &Program, input: Value) -> Result<Result<Value, RunErro
 
 #[cfg(test)]
 mod tests {
-    use std::time::Duration;
+    use std::path::PathBuf;
 
     use serde_json::json;
     use taskfleet_common::protocol::PROTOCOL_VERSION;
     use taskfleet_common::{RunId, TaskId};
+    use taskfleet_io::jq_sandbox::SandboxSettings;
 
     use super::*;
 
@@ -78,58 +117,33 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn every_program_gives_what_it_gives_when_run_directly() {
-        let executor = DataflowExecutor::default();
-        let large = json!({"items": vec![1; QUICK_INPUT_SIZE]});
-        for (program, input) in [
-            (".", json!({"a": 1})),
-            ("{b: .a, c: \"\\(.a)\"}", json!({"a": 1})),
-            (".items | length", large),
-            ("map(. * 2)", json!([1, 2])),
-            (".a.b", json!({"a": 1})),
-            ("error(\"no\")", json!(null)),
-        ] {
-            let expected = Program::compile(program)
-                .expect("compiles")
-                .run(input.clone())
-                .map_err(|error| error.to_string());
-            let executed = executor
-                .execute(&task(program, input))
-                .await
-                .map_err(|error| error.message);
-            assert_eq!(executed, expected, "{program}");
-        }
-    }
-
     #[test]
-    fn a_quick_program_on_a_small_input_runs_without_the_blocking_pool() {
+    fn a_quick_program_on_a_small_input_runs_without_a_sandbox() {
         let runtime = tokio::runtime::Builder::new_current_thread()
             .max_blocking_threads(1)
             .enable_time()
             .build()
             .expect("runtime");
         runtime.block_on(async {
-            let (release, released) = std::sync::mpsc::channel::<()>();
-            let occupied = tokio::task::spawn_blocking(move || released.recv());
-            let executor = DataflowExecutor::default();
-            let limit = Duration::from_secs(2);
-            let small = task("{b: .a}", json!({"a": 1}));
-            let quick = executor.execute(&small);
-            assert_eq!(
-                tokio::time::timeout(limit, quick).await.ok(),
-                Some(Ok(json!({"b": 1}))),
-                "a quick program waited for the blocking pool"
+            // A sandbox that cannot start: only what runs in place can succeed.
+            let executor = DataflowExecutor::new(
+                JqSandbox::new(SandboxSettings {
+                    program: PathBuf::from("/nonexistent/taskfleet-worker"),
+                    processes: 1,
+                    memory_bytes: 1 << 20,
+                }),
+                Duration::from_secs(1),
             );
+            let small = task("{b: .a}", json!({"a": 1}));
+            assert_eq!(executor.execute(&small).await, Ok(json!({"b": 1})));
             let large = json!({"a": vec![1; QUICK_INPUT_SIZE]});
-            let other = [task("{b: .a}", large), task("map(.)", json!([1]))];
-            for task in &other {
-                let waited =
-                    tokio::time::timeout(Duration::from_millis(200), executor.execute(task));
-                assert!(waited.await.is_err(), "ran off the blocking pool");
+            for task in [task("{b: .a}", large), task("map(.)", json!([1]))] {
+                let error = executor.execute(&task).await.expect_err("needs a sandbox");
+                assert!(
+                    error.message.starts_with("the jq sandbox failed"),
+                    "{error:?}"
+                );
             }
-            release.send(()).expect("the blocking thread waits");
-            let _ = occupied.await;
         });
     }
 }

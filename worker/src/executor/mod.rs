@@ -1,7 +1,8 @@
 //! Executors: one per step runtime. Each turns a task's step and input into an output or a step
 //! error; none of them touches the broker or Redis.
 //!
-//! jq programs run in the worker process ([`dataflow`]); Python steps run in a supervised pool of
+//! jq programs run in the worker process when quick, else in sandbox processes ([`dataflow`]);
+//! Python steps run in a supervised pool of
 //! executor processes ([`pool`]), each embedding one interpreter ([`python`]) and serving the
 //! worker over a socket ([`process`]).
 
