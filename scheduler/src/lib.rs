@@ -11,12 +11,11 @@ pub mod completions;
 pub mod config;
 pub mod costs;
 pub mod dispatch;
-pub mod engine;
 pub mod notify;
-pub mod planner;
-pub mod programs;
+pub mod planning;
 pub mod retry;
 pub mod store;
+pub mod views;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -98,7 +97,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         memory_bytes: config.jq_memory_bytes,
     });
     let programs =
-        programs::SandboxedPrograms::new(sandbox, config.jq_time_limit, shutdown.clone());
+        planning::SandboxedPrograms::new(sandbox, config.jq_time_limit, shutdown.clone());
     let completion_loop = completions::CompletionLoop {
         db: store::HeldConnection::new(db.clone()),
         dispatcher: dispatcher.clone(),

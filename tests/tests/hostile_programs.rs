@@ -13,7 +13,7 @@ use taskfleet_tests::{FleetOptions, TestFleet};
 async fn fleet() -> TestFleet {
     let limits = || {
         vec![
-            ("TASKFLEET_JQ_TIME_LIMIT_MS".to_owned(), "1000".to_owned()),
+            ("TASKFLEET_JQ_TIME_LIMIT_MS".to_owned(), "3000".to_owned()),
             ("TASKFLEET_JQ_MEMORY_MB".to_owned(), "16".to_owned()),
         ]
     };
@@ -63,7 +63,7 @@ fn ordinary() -> Value {
 #[tokio::test]
 async fn hostile_programs_fail_their_step_while_other_runs_finish() {
     let mut fleet = fleet().await;
-    let time = "time limit of 1 s";
+    let time = "time limit of 3 s";
     let memory = "memory limit of 16 MiB";
     let cases = [
         ("input", "def f: f; f", false, time),

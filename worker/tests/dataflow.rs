@@ -21,7 +21,7 @@ fn executor(time_limit: Duration) -> DataflowExecutor {
         JqSandbox::new(SandboxSettings {
             program: PathBuf::from(env!("CARGO_BIN_EXE_taskfleet-worker")),
             processes: 1,
-            memory_bytes: 64 * MIB,
+            memory_bytes: 16 * MIB,
         }),
         time_limit,
     )
@@ -129,14 +129,16 @@ async fn programs_past_their_limits_fail_their_step_and_leave_no_process() {
     );
     assert_eq!(error.kind, TIMEOUT, "past its step's timeout_s: {error:?}");
 
-    let error = failure(executor.run(&task("[range(1e12)]", json!(1)), None).await);
+    // Time enough to reach the memory limit, however busy the machine.
+    let patient = Some(Duration::from_secs(30));
+    let error = failure(executor.run(&task("[range(1e12)]", json!(1)), patient).await);
     assert_eq!(error.kind, DATAFLOW_ERROR);
     assert_eq!(
         error.message,
-        "jq program took more than its memory limit of 64 MiB"
+        "jq program took more than its memory limit of 16 MiB"
     );
 
-    let error = failure(executor.run(&task("def f: 1 + f; f", json!(1)), None).await);
+    let error = failure(executor.run(&task("def f: 1 + f; f", json!(1)), patient).await);
     assert_eq!(error.kind, DATAFLOW_ERROR);
     assert!(
         error.message.contains("stack overflowed") || error.message.contains("memory limit"),

@@ -1,12 +1,11 @@
 //! The HTTP API (SPEC.md "HTTP API"): routes, shared state and the JSON body extractor.
 //!
-//! Handlers parse and validate, plan through [`crate::planner`], and read or write through
+//! Handlers parse and validate, plan through [`crate::planning`], and read or write through
 //! [`crate::store`] and [`crate::accept`]; they hold no SQL.
 
 mod error;
 mod fleet;
 mod runs;
-pub mod views;
 mod workflows;
 
 use std::sync::Arc;
@@ -26,7 +25,7 @@ use crate::accept::Acceptor;
 use crate::broker::Broker;
 use crate::config::Config;
 use crate::notify::Notifier;
-use crate::programs::SandboxedPrograms;
+use crate::planning::SandboxedPrograms;
 use crate::store;
 
 /// What every handler can reach.

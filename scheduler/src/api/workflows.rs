@@ -10,7 +10,7 @@ use taskfleet_common::jq::ProgramCache;
 use taskfleet_common::names::is_valid_name;
 
 use super::{ApiError, AppState, JsonBody, QueryParams};
-use crate::programs::ProgramRunner;
+use crate::planning::ProgramRunner;
 use crate::store;
 
 /// Checks a definition as the API accepts it.

@@ -1,12 +1,11 @@
-//! Turns planning decisions into rows to insert and messages to publish. Shared by the accept
-//! path (a new run's first steps) and the completion path (the steps that follow).
+//! Turns planning decisions into rows to insert and messages to publish.
 
 use serde_json::Value;
 use taskfleet_common::definition::WorkflowDefinition;
 use uuid::Uuid;
 
+use super::planner::{Planned, RunEnd};
 use crate::dispatch::Dispatch;
-use crate::planner::{Planned, RunEnd};
 use crate::store::{FinishedRun, NewTask};
 
 /// Rows and messages that carry out a set of planning decisions.
@@ -132,6 +131,12 @@ impl Materialized {
 }
 
 impl Materialized {
+    /// Adds the rows and messages of `other`.
+    pub fn extend(&mut self, other: Materialized) {
+        self.tasks.extend(other.tasks);
+        self.dispatches.extend(other.dispatches);
+    }
+
     /// Delays the dispatch of every planned task by `seconds`: the tasks are written with a due
     /// time and the timer loop dispatches them, so nothing is published now.
     pub fn delay(&mut self, seconds: f64) {

@@ -12,7 +12,7 @@ use taskfleet_common::definition::{StepDefinition, WorkflowDefinition};
 use taskfleet_common::error::DATAFLOW_ERROR;
 use taskfleet_common::{StepError, StepStatus};
 
-use crate::programs::{ProgramFailure, ProgramRunner};
+use super::programs::{ProgramFailure, ProgramRunner};
 
 /// Planning stopped because the scheduler is shutting down: nothing it decided may be written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]

@@ -1,0 +1,45 @@
+//! `POST /v1/runs/{id}/cancel` and `POST /v1/tasks/{id}/cancel`.
+
+use axum::Json;
+use axum::extract::{Path, State};
+use serde_json::{Value, json};
+
+use super::{RunKind, parse_id};
+use crate::api::{ApiError, AppState};
+use crate::store;
+
+/// `POST /v1/runs/{id}/cancel`: cancels a run. No new task of it starts, tasks delivered later
+/// are dropped, and workers stop its running tasks. A finished run answers 409.
+pub async fn cancel(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    cancel_kind(&state, &id, RunKind::Workflow).await
+}
+
+/// `POST /v1/tasks/{id}/cancel`: cancels a job, as a run is cancelled.
+pub async fn cancel_job(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    cancel_kind(&state, &id, RunKind::Job).await
+}
+
+async fn cancel_kind(state: &AppState, id: &str, kind: RunKind) -> Result<Json<Value>, ApiError> {
+    let what = kind.noun();
+    let id = parse_id(id, what)?;
+    let namespace = &state.config.namespace;
+    match store::cancel_run(&state.db, namespace.as_str(), id, kind.as_str()).await? {
+        store::Cancellation::NotFound => {
+            Err(ApiError::not_found(format!("no {what} with id {id}")))
+        }
+        store::Cancellation::Finished(status) => Err(ApiError::conflict(format!(
+            "{what} {id} has already finished ({status})"
+        ))),
+        store::Cancellation::Cancelled => {
+            state.notifier.stop_runs(&[id]).await;
+            state.notifier.announce(&[id]).await;
+            Ok(Json(json!({"id": id, "status": "cancelled"})))
+        }
+    }
+}

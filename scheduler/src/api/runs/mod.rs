@@ -1,0 +1,183 @@
+//! `/v1/runs` and `/v1/tasks`: starting runs and jobs ([`submit`]), showing them with long
+//! polling ([`show`]), listing them ([`list`]) and cancelling them ([`cancel`]).
+//!
+//! A job is a run of a one-step definition, kept apart from workflow runs by its kind. This
+//! module holds what those share: the request, the run's kind and the checks of its fields.
+
+mod cancel;
+mod list;
+mod show;
+mod submit;
+
+use std::collections::HashMap;
+
+use serde::Deserialize;
+use serde_json::Value;
+use taskfleet_common::WorkflowDefinition;
+use taskfleet_common::names::is_valid_name;
+use uuid::Uuid;
+
+use super::{ApiError, AppState};
+use crate::store;
+
+pub use cancel::{cancel, cancel_job};
+pub use list::list;
+pub use show::{show, show_job};
+pub use submit::{create, create_batch, create_job};
+
+/// The longest idempotency key accepted.
+const MAX_IDEMPOTENCY_KEY_LEN: usize = 256;
+
+/// The body of `POST /v1/runs`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunRequest {
+    workflow: Option<String>,
+    version: Option<i32>,
+    definition: Option<WorkflowDefinition>,
+    #[serde(default)]
+    input: Value,
+    idempotency_key: Option<String>,
+}
+
+/// What kind of run a submission makes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum RunKind {
+    Workflow,
+    Job,
+}
+
+impl RunKind {
+    /// Returns what the API calls one of this kind in messages.
+    fn noun(self) -> &'static str {
+        match self {
+            Self::Workflow => "run",
+            Self::Job => "task",
+        }
+    }
+
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Workflow => "workflow",
+            Self::Job => "job",
+        }
+    }
+}
+
+fn check_idempotency_key(key: Option<&String>) -> Result<(), ApiError> {
+    match key {
+        Some(key)
+            if key.is_empty()
+                || key.len() > MAX_IDEMPOTENCY_KEY_LEN
+                || key.chars().any(char::is_control) =>
+        {
+            Err(ApiError::bad_request(format!(
+                "idempotency_key must be 1 to {MAX_IDEMPOTENCY_KEY_LEN} characters, none of them a control character"
+            )))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Checks that a run input can be stored and sent.
+fn check_input(input: &Value) -> Result<(), ApiError> {
+    taskfleet_common::value::check(input)
+        .map_err(|error| ApiError::bad_request(format!("input: {error}")))
+}
+
+/// Registered definitions already read while handling one request, by name and version.
+type Resolved = HashMap<(String, Option<i32>), (WorkflowDefinition, i32)>;
+
+/// Resolves a run request to its definition (reading a registered workflow once per request);
+/// checking and planning follow in [`submit`].
+async fn prepare(
+    state: &AppState,
+    request: RunRequest,
+    resolved: &mut Resolved,
+) -> Result<NewRunParts, ApiError> {
+    check_idempotency_key(request.idempotency_key.as_ref())?;
+    check_input(&request.input)?;
+    let (definition, workflow, version) = match (request.workflow, request.definition) {
+        (Some(_), Some(_)) => {
+            return Err(ApiError::bad_request(
+                "give either \"workflow\" or \"definition\", not both",
+            ));
+        }
+        (None, None) => {
+            return Err(ApiError::bad_request(
+                "give \"workflow\" (a registered name) or \"definition\" (an inline workflow)",
+            ));
+        }
+        (Some(name), None) => {
+            let key = (name.clone(), request.version);
+            let (definition, version) = match resolved.get(&key) {
+                Some(found) => found.clone(),
+                None => {
+                    let found = resolve(state, &name, request.version).await?;
+                    resolved.insert(key, found.clone());
+                    found
+                }
+            };
+            (definition, Some(name), Some(version))
+        }
+        (None, Some(definition)) => {
+            if request.version.is_some() {
+                return Err(ApiError::bad_request(
+                    "\"version\" only applies to a registered \"workflow\"",
+                ));
+            }
+            (definition, None, None)
+        }
+    };
+    Ok(NewRunParts {
+        kind: RunKind::Workflow,
+        // A registered definition was checked when it was registered.
+        unchecked: workflow.is_none(),
+        definition,
+        workflow,
+        version,
+        input: request.input,
+        idempotency_key: request.idempotency_key,
+        delay_s: None,
+    })
+}
+
+/// Returns a registered workflow's definition and version.
+async fn resolve(
+    state: &AppState,
+    name: &str,
+    version: Option<i32>,
+) -> Result<(WorkflowDefinition, i32), ApiError> {
+    let not_found = || match version {
+        Some(version) => ApiError::not_found(format!("workflow {name:?} has no version {version}")),
+        None => ApiError::not_found(format!("no workflow named {name:?}")),
+    };
+    if !is_valid_name(name) {
+        return Err(not_found());
+    }
+    let row = store::get_workflow(&state.db, state.config.namespace.as_str(), name, version)
+        .await?
+        .ok_or_else(not_found)?;
+    let definition =
+        serde_json::from_value(row.definition.0).map_err(|error| ApiError::internal(&error))?;
+    Ok((definition, row.version))
+}
+
+/// What a new run is made of, before planning.
+struct NewRunParts {
+    kind: RunKind,
+    definition: WorkflowDefinition,
+    /// Whether the definition came inline and is still to be checked.
+    unchecked: bool,
+    workflow: Option<String>,
+    version: Option<i32>,
+    input: Value,
+    idempotency_key: Option<String>,
+    /// Seconds before the first steps are dispatched (jobs' `delay_s`).
+    delay_s: Option<f64>,
+}
+
+fn parse_id(text: &str, what: &str) -> Result<Uuid, ApiError> {
+    text.parse()
+        .map_err(|_| ApiError::not_found(format!("no {what} with id {text:?}")))
+}

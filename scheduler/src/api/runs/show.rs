@@ -1,0 +1,135 @@
+//! `GET /v1/runs/{id}` and `GET /v1/tasks/{id}`: a run or job as it stands, long-polling until
+//! it finishes when asked to.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use axum::Json;
+use axum::extract::{Path, State};
+use serde::Deserialize;
+use serde_json::Value;
+use taskfleet_common::{RunStatus, TaskId};
+use uuid::Uuid;
+
+use super::{RunKind, parse_id};
+use crate::api::{ApiError, AppState, QueryParams};
+use crate::notify::Notifier;
+use crate::store;
+use crate::views::run_view;
+
+/// The query of `GET /v1/runs/{id}` and `GET /v1/tasks/{id}`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShowQuery {
+    wait: Option<f64>,
+}
+
+async fn show_kind(
+    state: &AppState,
+    id: &str,
+    kind: RunKind,
+    wait: Option<f64>,
+) -> Result<Json<Value>, ApiError> {
+    let what = kind.noun();
+    let id = parse_id(id, what)?;
+    let wait = match wait {
+        Some(seconds) if !(seconds.is_finite() && seconds >= 0.0) => {
+            return Err(ApiError::bad_request(
+                "wait must be a number of seconds, 0 or more",
+            ));
+        }
+        Some(seconds) => Duration::from_secs_f64(seconds.min(state.config.max_wait.as_secs_f64())),
+        None => Duration::ZERO,
+    };
+    // Watch before reading, so an end recorded in between wakes us.
+    let mut watch = state.notifier.watch(id);
+    let deadline = tokio::time::Instant::now() + wait;
+    let namespace = state.config.namespace.as_str();
+    let mut woken = false;
+    loop {
+        let get_run = store::get_run(&state.db, namespace, id, kind.as_str());
+        // Once woken (most often by the run's end) the steps are read alongside the run, on a
+        // second connection, so the answer waits for one round trip rather than two.
+        let (run, tasks) = if woken {
+            let (run, tasks) = tokio::try_join!(get_run, store::get_tasks(&state.db, id))?;
+            (run, Some(tasks))
+        } else {
+            (get_run.await?, None)
+        };
+        let run = run.ok_or_else(|| ApiError::not_found(format!("no {what} with id {id}")))?;
+        let done = RunStatus::parse(&run.status).is_some_and(RunStatus::is_finished);
+        let now = tokio::time::Instant::now();
+        // A stopping scheduler answers long polls at once with what it has.
+        if done || now >= deadline || state.shutdown.is_cancelled() {
+            let tasks = match tasks {
+                Some(tasks) => tasks,
+                None => store::get_tasks(&state.db, id).await?,
+            };
+            let running = leased_tasks(state, &tasks).await;
+            return Ok(Json(run_view(run, tasks, &running)));
+        }
+        woken = true;
+        tokio::select! {
+            // The scheduler that finished the run may have handed over its final view.
+            view = Notifier::wait(&mut watch, deadline - now) => {
+                if let Some(finished) = view
+                    && finished.kind == kind.as_str()
+                {
+                    return Ok(Json(finished.view.clone()));
+                }
+            }
+            () = state.shutdown.cancelled() => {}
+        }
+    }
+}
+
+/// Returns the queued tasks that a worker holds a lease on (best effort: Redis being down
+/// only makes running steps show as pending).
+async fn leased_tasks(state: &AppState, tasks: &[store::TaskRow]) -> HashSet<Uuid> {
+    let queued: Vec<Uuid> = tasks
+        .iter()
+        .filter(|task| task.status == "queued")
+        .map(|task| task.id)
+        .collect();
+    if queued.is_empty() {
+        return HashSet::new();
+    }
+    let keys: Vec<String> = queued
+        .iter()
+        .map(|id| state.config.namespace.lease_key(TaskId(*id)))
+        .collect();
+    let mut redis = state.redis.clone();
+    match redis::cmd("MGET")
+        .arg(&keys)
+        .query_async::<Vec<Option<String>>>(&mut redis)
+        .await
+    {
+        Ok(values) => queued
+            .into_iter()
+            .zip(values)
+            .filter_map(|(id, value)| value.map(|_| id))
+            .collect(),
+        Err(error) => {
+            tracing::debug!(%error, "reading leases");
+            HashSet::new()
+        }
+    }
+}
+
+/// `GET /v1/runs/{id}`: a run, long-polling up to `?wait=S` seconds for it to finish.
+pub async fn show(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    QueryParams(query): QueryParams<ShowQuery>,
+) -> Result<Json<Value>, ApiError> {
+    show_kind(&state, &id, RunKind::Workflow, query.wait).await
+}
+
+/// `GET /v1/tasks/{id}`: a job, with the same shape and long poll as a run.
+pub async fn show_job(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    QueryParams(query): QueryParams<ShowQuery>,
+) -> Result<Json<Value>, ApiError> {
+    show_kind(&state, &id, RunKind::Job, query.wait).await
+}

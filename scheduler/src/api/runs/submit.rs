@@ -1,0 +1,350 @@
+//! `POST /v1/runs`, `POST /v1/runs:batch` and `POST /v1/tasks`: checks new runs and jobs, plans
+//! their first steps (through [`crate::planning`]) and hands them to the accept writer.
+
+use std::collections::BTreeMap;
+
+use axum::Json;
+use axum::extract::State;
+use axum::http::StatusCode;
+use serde::Deserialize;
+use serde_json::{Map, Value, json};
+use taskfleet_common::WorkflowDefinition;
+use taskfleet_common::definition::StepDefinition;
+use taskfleet_common::jq::ProgramCache;
+use uuid::Uuid;
+
+use super::{
+    NewRunParts, Resolved, RunKind, RunRequest, check_idempotency_key, check_input, prepare,
+};
+use crate::accept::{Accepted, Submission};
+use crate::api::workflows::check_definition;
+use crate::api::{ApiError, AppState, JsonBody};
+use crate::planning::{
+    self, PlanningError, PlanningLoad, ProgramRunner, SandboxedPrograms, Stopped,
+};
+use crate::store::NewRun;
+
+/// The longest `delay_s` accepted: a year.
+const MAX_DELAY_S: f64 = 365.0 * 24.0 * 3600.0;
+/// The most runs in one batch request.
+const MAX_BATCH_RUNS: usize = 1000;
+
+/// The most runs of a request planned on the async thread when they all plan quickly.
+const QUICK_PLANS: usize = 32;
+
+/// Checks the inline definitions of new runs and plans their first steps. Compiling and
+/// running jq programs stays off the async threads: a few runs that compile nothing and run
+/// no program, or only quick ones on inputs of at most [`taskfleet_common::jq::QUICK_INPUT_SIZE`] in all, are
+/// planned in place, any other request in one trip to the blocking pool. Returns what to
+/// write, or the first problem with the index of the run that has it.
+async fn plan(
+    state: &AppState,
+    runs: Vec<NewRunParts>,
+) -> Result<Vec<Submission>, (usize, ApiError)> {
+    let in_place = plans_in_place(state.programs.cache(), &runs);
+    let programs = state.programs.clone();
+    let planned = planning::run_planning(in_place, move || {
+        let mut submissions = Vec::with_capacity(runs.len());
+        for (index, parts) in runs.into_iter().enumerate() {
+            match plan_submission(&programs, parts)? {
+                Ok(submission) => submissions.push(submission),
+                Err(error) => return Ok(Err((index, error))),
+            }
+        }
+        Ok(Ok(submissions))
+    })
+    .await;
+    match planned {
+        Ok(submissions) => submissions,
+        Err(PlanningError::Stopped(stopped)) => {
+            Err((0, ApiError::unavailable(stopped.to_string())))
+        }
+        Err(error @ PlanningError::Panicked(_)) => Err((0, ApiError::internal(&error))),
+    }
+}
+
+/// Whether a request's runs are few and each [`plans_quickly`], on inputs of at most
+/// [`taskfleet_common::jq::QUICK_INPUT_SIZE`] in all where planning runs programs.
+fn plans_in_place(programs: &ProgramCache, runs: &[NewRunParts]) -> bool {
+    runs.len() <= QUICK_PLANS
+        && runs.iter().all(|parts| plans_quickly(programs, parts))
+        && planning::plans_in_place(
+            programs,
+            runs.iter().map(|parts| PlanningLoad {
+                definition: &parts.definition,
+                values: vec![&parts.input],
+            }),
+        )
+}
+
+/// Whether checking and planning a run is quick work on values: planning runs no program, or
+/// only quick ones (on inputs that [`plan`] checks are small, all its runs' together), and
+/// checking compiles none (every program is compiled already).
+fn plans_quickly(programs: &ProgramCache, parts: &NewRunParts) -> bool {
+    parts.definition.plans_with_quick_programs(programs)
+        && (!parts.unchecked
+            || parts.definition.steps.iter().all(|step| {
+                step.dataflow
+                    .as_deref()
+                    .is_none_or(|code| programs.contains(code))
+            }))
+}
+
+/// Checks a new run's definition if it came inline, plans its first steps and returns what to
+/// write; the outer error stops the whole request (the scheduler is shutting down).
+fn plan_submission(
+    programs: &SandboxedPrograms,
+    parts: NewRunParts,
+) -> Result<Result<Submission, ApiError>, Stopped> {
+    if parts.unchecked
+        && let Err(error) = check_definition(programs.cache(), &parts.definition)
+    {
+        return Ok(Err(error));
+    }
+    let id = Uuid::now_v7();
+    let planned = planning::plan_run(
+        programs,
+        id,
+        &parts.definition,
+        &parts.input,
+        &BTreeMap::new(),
+    )?;
+    let mut rows = planned.rows;
+    let (status, output, error) = match planned.end {
+        Some(finished) => (finished.status, finished.output, finished.error),
+        None => {
+            if let Some(seconds) = parts.delay_s {
+                rows.delay(seconds);
+            }
+            ("running", None, None)
+        }
+    };
+    Ok(Ok(Submission {
+        run: NewRun {
+            id,
+            kind: parts.kind.as_str(),
+            workflow: parts.workflow,
+            workflow_version: parts.version,
+            definition: serde_json::to_value(&parts.definition).unwrap_or(Value::Null),
+            input: parts.input,
+            status,
+            output,
+            error,
+            idempotency_key: parts.idempotency_key,
+        },
+        tasks: rows.tasks,
+        dispatches: rows.dispatches,
+    }))
+}
+
+/// Plans one new run and returns what to write.
+async fn plan_one(state: &AppState, parts: NewRunParts) -> Result<Submission, ApiError> {
+    let mut planned = plan(state, vec![parts]).await.map_err(|(_, error)| error)?;
+    planned
+        .pop()
+        .ok_or_else(|| ApiError::internal(&"planning returned nothing"))
+}
+
+/// Writes one run and answers 201 for a new run, 200 for an existing idempotency key.
+async fn submit_one(
+    state: &AppState,
+    submission: Submission,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    match state.acceptor.submit(vec![submission]).await?.pop() {
+        Some(Accepted::Created { id, status }) => Ok((
+            StatusCode::CREATED,
+            Json(json!({"id": id, "status": status})),
+        )),
+        Some(Accepted::Existing { id, status }) => {
+            Ok((StatusCode::OK, Json(json!({"id": id, "status": status}))))
+        }
+        None => Err(ApiError::internal(&"the writer answered nothing")),
+    }
+}
+
+/// `POST /v1/runs`: starts a run of a registered workflow or an inline definition.
+pub async fn create(
+    State(state): State<AppState>,
+    JsonBody(request): JsonBody<RunRequest>,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    let parts = prepare(&state, request, &mut Resolved::new()).await?;
+    let submission = plan_one(&state, parts).await?;
+    submit_one(&state, submission).await
+}
+
+/// The body of `POST /v1/runs:batch`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BatchRequest {
+    runs: Vec<RunRequest>,
+}
+
+/// `POST /v1/runs:batch`: starts many runs, all or none: every run is checked before any is
+/// written, and they are written in one transaction.
+pub async fn create_batch(
+    State(state): State<AppState>,
+    JsonBody(request): JsonBody<BatchRequest>,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    if request.runs.len() > MAX_BATCH_RUNS {
+        return Err(ApiError::bad_request(format!(
+            "a batch holds at most {MAX_BATCH_RUNS} runs, this one has {}",
+            request.runs.len()
+        )));
+    }
+    let mut runs = Vec::with_capacity(request.runs.len());
+    let mut resolved = Resolved::new();
+    for (index, run) in request.runs.into_iter().enumerate() {
+        let parts = prepare(&state, run, &mut resolved)
+            .await
+            .map_err(|error| error.in_batch(index))?;
+        runs.push(parts);
+    }
+    let submissions = plan(&state, runs)
+        .await
+        .map_err(|(index, error)| error.in_batch(index))?;
+    let ids: Vec<Uuid> = state
+        .acceptor
+        .submit(submissions)
+        .await?
+        .into_iter()
+        .map(|outcome| match outcome {
+            Accepted::Created { id, .. } | Accepted::Existing { id, .. } => id,
+        })
+        .collect();
+    Ok((StatusCode::CREATED, Json(json!({ "ids": ids }))))
+}
+
+/// The fields of `POST /v1/tasks` besides the step's own.
+const JOB_FIELDS: [&str; 3] = ["input", "delay_s", "idempotency_key"];
+
+/// `POST /v1/tasks`: enqueues one step as a job.
+pub async fn create_job(
+    State(state): State<AppState>,
+    JsonBody(mut body): JsonBody<Map<String, Value>>,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    let mut extra: BTreeMap<&str, Value> = BTreeMap::new();
+    for field in JOB_FIELDS {
+        if let Some(value) = body.remove(field) {
+            extra.insert(field, value);
+        }
+    }
+    body.entry("id")
+        .or_insert_with(|| Value::String("job".to_owned()));
+    let step: StepDefinition = serde_json::from_value(Value::Object(body))
+        .map_err(|error| ApiError::bad_request(format!("request body is not valid: {error}")))?;
+    let idempotency_key = match extra.remove("idempotency_key") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(key)) => Some(key),
+        Some(_) => return Err(ApiError::bad_request("idempotency_key must be a string")),
+    };
+    check_idempotency_key(idempotency_key.as_ref())?;
+    let delay_s = match extra.remove("delay_s") {
+        None | Some(Value::Null) => None,
+        Some(Value::Number(delay)) => match delay.as_f64() {
+            Some(0.0) => None,
+            Some(seconds) if seconds > 0.0 && seconds <= MAX_DELAY_S => Some(seconds),
+            _ => {
+                return Err(ApiError::bad_request(format!(
+                    "delay_s must be between 0 and {MAX_DELAY_S} seconds"
+                )));
+            }
+        },
+        Some(_) => return Err(ApiError::bad_request("delay_s must be a number of seconds")),
+    };
+    let definition = WorkflowDefinition {
+        name: None,
+        steps: vec![step],
+        output: None,
+    };
+    let input = extra.remove("input").unwrap_or(Value::Null);
+    check_input(&input)?;
+    let parts = NewRunParts {
+        kind: RunKind::Job,
+        unchecked: true,
+        definition,
+        workflow: None,
+        version: None,
+        input,
+        idempotency_key,
+        delay_s,
+    };
+    let submission = plan_one(&state, parts).await?;
+    submit_one(&state, submission).await
+}
+
+#[cfg(test)]
+mod tests {
+    use taskfleet_common::jq;
+
+    use super::*;
+
+    fn parts(definition: Value, unchecked: bool) -> NewRunParts {
+        NewRunParts {
+            kind: RunKind::Workflow,
+            definition: serde_json::from_value(definition).expect("a definition"),
+            unchecked,
+            workflow: None,
+            version: None,
+            input: json!({}),
+            idempotency_key: None,
+            delay_s: None,
+        }
+    }
+
+    #[test]
+    fn only_runs_that_compile_nothing_and_run_only_quick_programs_plan_in_place() {
+        let programs = ProgramCache::default();
+        let plain = json!({"steps": [{"id": "a", "dataflow": ".x"}, {"id": "b", "python": "m:f"}]});
+        assert!(
+            !plans_quickly(&programs, &parts(plain.clone(), true)),
+            "its program is not compiled yet"
+        );
+        assert!(
+            plans_quickly(&programs, &parts(plain.clone(), false)),
+            "checked already"
+        );
+        programs.get(".x").expect("compiles");
+        assert!(plans_quickly(&programs, &parts(plain, true)));
+        let with = |field: &str, program: &str| {
+            let mut step = json!({"id": "a", "dataflow": ".x"});
+            step[field] = json!(program);
+            parts(json!({"steps": [step]}), false)
+        };
+        assert!(
+            !plans_quickly(&programs, &with("input", ".y")),
+            "not compiled yet"
+        );
+        programs.get(".y").expect("compiles");
+        programs.get("map(.)").expect("compiles");
+        for field in ["input", "when"] {
+            assert!(plans_quickly(&programs, &with(field, ".y")), "{field}");
+            assert!(!plans_quickly(&programs, &with(field, "map(.)")), "{field}");
+        }
+        assert!(
+            !plans_quickly(&programs, &with("for_each", ".y")),
+            "a for_each may plan thousands of tasks"
+        );
+        let on = |input: Value| NewRunParts {
+            input,
+            ..with("input", ".y")
+        };
+        let half = || json!({"y": "x".repeat(jq::QUICK_INPUT_SIZE / 2)});
+        assert!(plans_in_place(&programs, &[on(half())]));
+        assert!(
+            !plans_in_place(&programs, &[on(half()), on(half())]),
+            "large inputs together"
+        );
+        let large = json!({"y": "x".repeat(jq::QUICK_INPUT_SIZE)});
+        assert!(!plans_in_place(&programs, &[on(large.clone())]));
+        let no_program = NewRunParts {
+            input: large,
+            ..parts(json!({"steps": [{"id": "a", "dataflow": ".x"}]}), false)
+        };
+        assert!(
+            plans_in_place(&programs, &[no_program]),
+            "planning without programs reads values only"
+        );
+        let many: Vec<NewRunParts> = (0..=QUICK_PLANS).map(|_| on(json!({}))).collect();
+        assert!(!plans_in_place(&programs, &many), "too many runs");
+    }
+}

@@ -1,0 +1,212 @@
+//! Consumes completion events from workers in batches and advances their runs: one transaction
+//! per batch records the results (fenced by attempt), plans the next steps and finishes runs;
+//! then the new tasks are published and the batch is acknowledged.
+//!
+//! Runs touched by a batch are locked in id order, so two schedulers consuming the same queue
+//! never plan the same run at once. A completion the database refuses (rather than a database
+//! that is down) never blocks the others: the batch is retried one completion at a time, and a
+//! completion refused on its own is recorded as a failed step.
+
+mod advance;
+mod read;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use backon::{BackoffBuilder, ExponentialBuilder};
+
+use futures_util::{FutureExt, Stream, StreamExt};
+use lapin::message::Delivery;
+use lapin::options::BasicAckOptions;
+use serde_json::json;
+use taskfleet_common::error::INVALID_OUTPUT;
+use tokio_util::sync::CancellationToken;
+
+use crate::broker::Broker;
+use crate::costs::TaskCosts;
+use crate::dispatch::Dispatcher;
+use crate::notify::Notifier;
+use crate::planning::{PlanningError, SandboxedPrograms, Stopped};
+use crate::store::{Completion, HeldConnection, StoreError};
+
+use read::Read;
+
+/// The most completions handled in one transaction; also the consumer's prefetch (in messages,
+/// each of which may carry several completions).
+pub const MAX_BATCH: usize = 512;
+
+/// Describes why a batch of completions was not recorded.
+#[derive(Debug, thiserror::Error)]
+pub enum AdvanceError {
+    /// The database failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// Planning panicked; a bug, logged and treated like a refused statement.
+    #[error("planning failed: {0}")]
+    Planning(String),
+    /// Planning stopped for the shutdown; the batch stays unrecorded.
+    #[error(transparent)]
+    Stopped(#[from] Stopped),
+}
+
+impl From<PlanningError> for AdvanceError {
+    fn from(error: PlanningError) -> Self {
+        match error {
+            PlanningError::Stopped(stopped) => Self::Stopped(stopped),
+            PlanningError::Panicked(message) => Self::Planning(message),
+        }
+    }
+}
+
+impl AdvanceError {
+    fn is_unavailable(&self) -> bool {
+        matches!(self, Self::Store(error) if error.is_unavailable())
+    }
+}
+
+/// What the completion loop needs.
+pub struct CompletionLoop {
+    /// The database, through a connection the loop keeps.
+    pub db: HeldConnection,
+    /// Where new tasks go after the commit.
+    pub dispatcher: Dispatcher,
+    /// Who hears about finished runs.
+    pub notifier: Notifier,
+    /// Compiled jq programs, and where planning runs them.
+    pub programs: SandboxedPrograms,
+    /// Where unreadable completions go.
+    pub broker: Arc<Broker>,
+    /// What each queue's tasks cost, learned here for the dispatcher.
+    pub costs: TaskCosts,
+}
+
+impl CompletionLoop {
+    /// Records completions in batches until the stream of deliveries ends (at shutdown).
+    pub async fn run(
+        mut self,
+        deliveries: impl Stream<Item = Delivery>,
+        shutdown: CancellationToken,
+    ) {
+        let mut deliveries = std::pin::pin!(deliveries);
+        loop {
+            let first = tokio::select! {
+                next = deliveries.next() => next,
+                () = shutdown.cancelled() => return,
+            };
+            let Some(first) = first else { return };
+            let mut read = Read::default();
+            read.add(&first);
+            let mut batch = vec![first];
+            while read.len() < MAX_BATCH {
+                match deliveries.next().now_or_never() {
+                    Some(Some(delivery)) => {
+                        read.add(&delivery);
+                        batch.push(delivery);
+                    }
+                    _ => break,
+                }
+            }
+            if !self.handle(read, &shutdown).await {
+                // Shutting down with the batch unrecorded: the broker redelivers it.
+                return;
+            }
+            // A batch read across a reconnect also holds deliveries of the lost connection;
+            // those cannot be acknowledged, the broker hands them out again and the fencing
+            // ignores them the second time.
+            if let Some(last) = batch.last()
+                && let Err(error) = last.ack(BasicAckOptions { multiple: true }).await
+            {
+                tracing::warn!(%error, "acknowledging completions");
+            }
+        }
+    }
+
+    /// Records a batch; returns false if shutdown came first.
+    async fn handle(&mut self, read: Read, shutdown: &CancellationToken) -> bool {
+        self.costs.learn(&read.ran);
+        for body in &read.unreadable {
+            self.broker
+                .dead_letter(body, "a completion that names no task")
+                .await;
+        }
+        let completions = read.completions;
+        match self.record_with_retries(&completions, shutdown).await {
+            Some(Ok(())) => true,
+            None => false,
+            Some(Err(error)) => {
+                tracing::warn!(%error, completions = completions.len(), "recording completions together failed; recording each alone");
+                for completion in completions {
+                    if !self.record_alone(completion, shutdown).await {
+                        return false;
+                    }
+                }
+                true
+            }
+        }
+    }
+
+    /// Records one completion; if the database refuses it, records its step as failed instead.
+    /// Returns false if shutdown came first.
+    async fn record_alone(&mut self, completion: Completion, shutdown: &CancellationToken) -> bool {
+        let error = match self
+            .record_with_retries(std::slice::from_ref(&completion), shutdown)
+            .await
+        {
+            None => return false,
+            Some(Ok(())) => return true,
+            Some(Err(error)) => error,
+        };
+        tracing::warn!(task_id = %completion.task_id, %error, "the result of a task cannot be recorded; failing the step");
+        let failed = Completion {
+            status: "failed",
+            output: None,
+            error: Some(json!({
+                "type": INVALID_OUTPUT,
+                "message": format!("the step's result could not be recorded: {error}"),
+            })),
+            ..completion
+        };
+        match self
+            .record_with_retries(std::slice::from_ref(&failed), shutdown)
+            .await
+        {
+            None => false,
+            Some(Ok(())) => true,
+            Some(Err(error)) => {
+                tracing::error!(task_id = %failed.task_id, %error, "dropping a completion that cannot be recorded");
+                true
+            }
+        }
+    }
+
+    /// Records completions, retrying with backoff while the database is unreachable. Returns
+    /// `None` if shutdown came first, else the outcome; a refusal is returned after one try.
+    async fn record_with_retries(
+        &mut self,
+        completions: &[Completion],
+        shutdown: &CancellationToken,
+    ) -> Option<Result<(), AdvanceError>> {
+        let mut delays = ExponentialBuilder::default()
+            .with_min_delay(Duration::from_millis(100))
+            .with_max_delay(Duration::from_secs(5))
+            .without_max_times()
+            .build();
+        loop {
+            match self.advance(completions).await {
+                // The batch is left unacknowledged; the broker hands it out again.
+                Err(AdvanceError::Stopped(_)) => return None,
+                Err(error) if error.is_unavailable() => {
+                    let delay = delays.next().unwrap_or(Duration::from_secs(5));
+                    tracing::warn!(%error, ?delay, "database unavailable; retrying completions");
+                    // The held connection may be the broken part: the next try takes another.
+                    self.db.discard();
+                    tokio::select! {
+                        () = tokio::time::sleep(delay) => {}
+                        () = shutdown.cancelled() => return None,
+                    }
+                }
+                outcome => return Some(outcome),
+            }
+        }
+    }
+}

@@ -1,0 +1,116 @@
+//! Reads completion messages: every completion a broker message carries (one, or a bundle), each
+//! on its own, and what identifies one that cannot be read whole.
+
+use chrono::Utc;
+use lapin::message::Delivery;
+use serde::Deserialize;
+use serde_json::{Value, json};
+use taskfleet_common::error::INVALID_OUTPUT;
+use taskfleet_common::protocol::{self, CompletionMessage, Outcome, Ran};
+use taskfleet_common::{RunId, TaskId};
+
+use crate::store::Completion;
+
+/// The completions read from a batch of messages, and the bodies that name no task.
+#[derive(Default)]
+pub(super) struct Read {
+    pub(super) completions: Vec<Completion>,
+    pub(super) unreadable: Vec<Vec<u8>>,
+    /// How long the steps that ran took, and on which queue.
+    pub(super) ran: Vec<Ran>,
+}
+
+impl Read {
+    /// Reads every completion a message carries (one, or a bundle).
+    pub(super) fn add(&mut self, delivery: &Delivery) {
+        let bodies = match protocol::unbundle(&delivery.data) {
+            Ok(bodies) => bodies,
+            Err(error) => {
+                tracing::error!(%error, "a message of completions cannot be read; moving it to the dead letters");
+                vec![delivery.data.as_slice()]
+            }
+        };
+        for body in bodies {
+            match read_completion(body) {
+                Some((completion, ran)) => {
+                    self.completions.push(completion);
+                    self.ran.extend(ran);
+                }
+                None => self.unreadable.push(body.to_vec()),
+            }
+        }
+    }
+
+    /// How many messages it holds.
+    pub(super) fn len(&self) -> usize {
+        self.completions.len() + self.unreadable.len()
+    }
+}
+
+/// The identity of a completion, readable even when the rest of the message is not.
+#[derive(Deserialize)]
+struct CompletionIdentity {
+    task_id: TaskId,
+    run_id: RunId,
+    attempt: u32,
+}
+
+/// Reads a completion body. One that cannot be read but names its task becomes a failure of
+/// that attempt, so its run still ends; one that names nothing is logged and dropped. Returns
+/// the completion and, if it says so, how long the step ran.
+fn read_completion(body: &[u8]) -> Option<(Completion, Option<Ran>)> {
+    match protocol::decode::<CompletionMessage>(body) {
+        Ok(message) => Some((to_completion(&message), message.ran)),
+        Err(error) => match serde_json::from_slice::<CompletionIdentity>(body) {
+            Ok(identity) => {
+                tracing::error!(task_id = %identity.task_id, %error, "failing the step of an unreadable completion");
+                let now = Utc::now();
+                let completion = Completion {
+                    task_id: identity.task_id.0,
+                    run_id: identity.run_id.0,
+                    attempt: i32::try_from(identity.attempt).unwrap_or(i32::MAX),
+                    status: "failed",
+                    output: None,
+                    error: Some(json!({
+                        "type": INVALID_OUTPUT,
+                        "message": format!("the scheduler cannot read this step's completion: {error}"),
+                    })),
+                    worker_id: String::new(),
+                    started_at: now,
+                    finished_at: now,
+                    logs: None,
+                    ends_run: false,
+                };
+                Some((completion, None))
+            }
+            Err(_) => {
+                tracing::error!(%error, "a completion names no task; moving it to the dead letters");
+                None
+            }
+        },
+    }
+}
+
+fn to_completion(message: &CompletionMessage) -> Completion {
+    let (status, output, error) = match &message.outcome {
+        Outcome::Succeeded { output } => ("succeeded", Some(output.clone()), None),
+        Outcome::Failed { error } => (
+            "failed",
+            None,
+            Some(serde_json::to_value(error).unwrap_or(Value::Null)),
+        ),
+    };
+    Completion {
+        task_id: message.task_id.0,
+        run_id: message.run_id.0,
+        attempt: i32::try_from(message.attempt).unwrap_or(i32::MAX),
+        status,
+        output,
+        error,
+        worker_id: message.worker_id.clone(),
+        started_at: message.started_at,
+        finished_at: message.finished_at,
+        logs: message.logs.clone(),
+        ends_run: message.ends_run,
+    }
+}

@@ -1,0 +1,179 @@
+//! Planning: from a run's definition, input and step states to the rows that carry out what
+//! comes next. One path serves both the submission of new runs (their first steps) and the
+//! completion loop (the steps that follow).
+//!
+//! - [`planner`] decides (pure logic on values);
+//! - [`programs`] runs the jq programs the decisions need (in place when quick, else in a
+//!   sandbox process);
+//! - [`rows`] turns decisions into task rows and dispatches;
+//! - this module joins them ([`plan_run`]) and chooses where planning runs ([`run_planning`]):
+//!   on the calling async thread when it is quick work on values, else on the blocking pool.
+//!
+//! Nothing here touches the database or the broker: callers write the rows and publish.
+
+pub mod planner;
+pub mod programs;
+pub mod rows;
+
+use std::collections::BTreeMap;
+
+use serde_json::Value;
+use taskfleet_common::definition::WorkflowDefinition;
+use taskfleet_common::jq::{self, ProgramCache};
+use taskfleet_common::value;
+use uuid::Uuid;
+
+use crate::store::FinishedRun;
+pub use planner::{StepState, Stopped};
+pub use programs::{ProgramRunner, SandboxedPrograms};
+pub use rows::{Materialized, finished_run};
+
+/// What planning a run came to.
+#[derive(Debug, Default)]
+pub struct PlannedRun {
+    /// Rows to insert and messages to publish after the commit.
+    pub rows: Materialized,
+    /// The run's end, if planning ended it.
+    pub end: Option<FinishedRun>,
+}
+
+/// Plans the next steps of run `run_id` and turns the decisions into rows. A run that ends
+/// while it is planned (a step failed at once, or every step is done) dispatches nothing more:
+/// its newly planned tasks are written cancelled.
+pub fn plan_run(
+    programs: &dyn ProgramRunner,
+    run_id: Uuid,
+    definition: &WorkflowDefinition,
+    input: &Value,
+    states: &BTreeMap<String, StepState>,
+) -> Result<PlannedRun, Stopped> {
+    let advance = planner::advance(programs, definition, input, states)?;
+    let mut rows = Materialized::default();
+    rows.add(definition, run_id, advance.planned);
+    let end = advance.end.map(|end| finished_run(run_id, end));
+    if end.is_some() {
+        rows.cancel_dispatches();
+    }
+    Ok(PlannedRun { rows, end })
+}
+
+/// What a run's planning reads: its definition and the values its programs run on.
+pub struct PlanningLoad<'a> {
+    /// The run's definition.
+    pub definition: &'a WorkflowDefinition,
+    /// The run input and the outputs of its finished steps.
+    pub values: Vec<&'a Value>,
+}
+
+/// Whether planning these runs is quick work on values, to be done in place: they run no
+/// program, or only quick ones already compiled (`Program::is_quick`) with no `for_each`, and
+/// the values those programs may read come to at most [`jq::QUICK_INPUT_SIZE`] in all.
+pub fn plans_in_place<'a>(
+    programs: &ProgramCache,
+    runs: impl IntoIterator<Item = PlanningLoad<'a>>,
+) -> bool {
+    let mut read = Vec::new();
+    for run in runs {
+        if !run.definition.plans_with_quick_programs(programs) {
+            return false;
+        }
+        if run.definition.plans_with_programs() {
+            read.extend(run.values);
+        }
+    }
+    value::sizes_at_most(read, jq::QUICK_INPUT_SIZE)
+}
+
+/// Why planning gave no result.
+#[derive(Debug, thiserror::Error)]
+pub enum PlanningError {
+    /// The scheduler is shutting down.
+    #[error(transparent)]
+    Stopped(#[from] Stopped),
+    /// Planning panicked: a bug.
+    #[error("planning failed: {0}")]
+    Panicked(String),
+}
+
+/// Runs `work` (planning that may run programs) in place when `in_place`, else on the blocking
+/// pool, where a program that is not quick may keep its thread up to its time limit. A panic
+/// becomes [`PlanningError::Panicked`] either way.
+pub async fn run_planning<T: Send + 'static>(
+    in_place: bool,
+    work: impl FnOnce() -> Result<T, Stopped> + Send + 'static,
+) -> Result<T, PlanningError> {
+    let outcome = if in_place {
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(work))
+            .map_err(|_| PlanningError::Panicked("planning panicked".to_owned()))?
+    } else {
+        tokio::task::spawn_blocking(work)
+            .await
+            .map_err(|error| PlanningError::Panicked(error.to_string()))?
+    };
+    Ok(outcome?)
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    fn definition(steps: Value) -> WorkflowDefinition {
+        serde_json::from_value(json!({ "steps": steps })).expect("a definition")
+    }
+
+    #[test]
+    fn a_run_that_ends_while_planned_dispatches_nothing() {
+        let definition = definition(json!([
+            {"id": "a", "dataflow": "."},
+            {"id": "b", "dataflow": ".", "input": "error(\"no\")"}
+        ]));
+        let planned = plan_run(
+            &ProgramCache::default(),
+            Uuid::now_v7(),
+            &definition,
+            &json!(1),
+            &BTreeMap::new(),
+        )
+        .expect("planned");
+        assert!(planned.end.is_some(), "step b failed, so the run did");
+        assert!(planned.rows.dispatches.is_empty());
+        let statuses: Vec<&str> = planned.rows.tasks.iter().map(|t| t.status).collect();
+        assert_eq!(statuses, ["cancelled", "failed"]);
+    }
+
+    #[test]
+    fn only_quick_compiled_programs_on_small_values_plan_in_place() {
+        let programs = ProgramCache::default();
+        let quick = definition(json!([{"id": "a", "dataflow": ".", "input": ".input.n"}]));
+        let plain = definition(json!([{"id": "a", "dataflow": "."}]));
+        let small = json!({"n": 1});
+        let half = json!("x".repeat(jq::QUICK_INPUT_SIZE / 2));
+        let load = |definition, values| PlanningLoad { definition, values };
+        assert!(
+            !plans_in_place(&programs, [load(&quick, vec![&small])]),
+            "not compiled yet"
+        );
+        programs.get(".input.n").expect("compiles");
+        assert!(plans_in_place(&programs, [load(&quick, vec![&small])]));
+        assert!(plans_in_place(&programs, [load(&quick, vec![&half])]));
+        assert!(
+            !plans_in_place(
+                &programs,
+                [load(&quick, vec![&half]), load(&quick, vec![&half])]
+            ),
+            "values are counted together"
+        );
+        assert!(
+            plans_in_place(
+                &programs,
+                [load(&quick, vec![&half]), load(&plain, vec![&half, &half])]
+            ),
+            "a run without programs reads no value"
+        );
+        programs.get("map(.)").expect("compiles");
+        let slow = definition(json!([{"id": "a", "dataflow": ".", "when": "map(.)"}]));
+        assert!(!plans_in_place(&programs, [load(&slow, vec![&small])]));
+    }
+}
