@@ -131,14 +131,22 @@ async fn programs_past_their_limits_fail_their_step_and_leave_no_process() {
 
     // Time enough to reach the memory limit, however busy the machine.
     let patient = Some(Duration::from_secs(30));
-    let error = failure(executor.run(&task("[range(1e12)]", json!(1)), patient).await);
+    let error = failure(
+        executor
+            .run(&task("[range(1e12)]", json!(1)), patient)
+            .await,
+    );
     assert_eq!(error.kind, DATAFLOW_ERROR);
     assert_eq!(
         error.message,
         "jq program took more than its memory limit of 16 MiB"
     );
 
-    let error = failure(executor.run(&task("def f: 1 + f; f", json!(1)), patient).await);
+    let error = failure(
+        executor
+            .run(&task("def f: 1 + f; f", json!(1)), patient)
+            .await,
+    );
     assert_eq!(error.kind, DATAFLOW_ERROR);
     assert!(
         error.message.contains("stack overflowed") || error.message.contains("memory limit"),
