@@ -1094,8 +1094,9 @@ pub struct UndispatchedTask {
 }
 
 /// Claims queued tasks of running runs in `namespace` that no broker confirmed and that were
-/// committed (or last relayed) more than `older_than` ago, moving their relay time forward so
-/// that no other relay takes them in the same period.
+/// committed (or last relayed) more than `older_than` ago, oldest first, moving their relay time
+/// forward so that no other relay takes them in the same period. Delayed jobs, waiting retries
+/// and `for_each` steps' own rows are never claimed, however many of them are older.
 pub async fn claim_undispatched(
     db: &PgPool,
     namespace: &str,
@@ -1103,23 +1104,20 @@ pub async fn claim_undispatched(
     limit: i64,
 ) -> Result<Vec<UndispatchedTask>, StoreError> {
     Ok(sqlx::query_as(
-        // The candidates come from the outbox index alone (fenced off with MATERIALIZED), so
-        // the plan never scans the runs of the namespace, whatever the planner's statistics
-        // say about a young table.
-        "WITH candidates AS MATERIALIZED (
-             SELECT id, run_id, created_at FROM tasks
-             WHERE status = 'queued' AND dispatched_at IS NULL
-               AND created_at < now() - make_interval(secs => $2)
-             ORDER BY created_at LIMIT $3 * 4),
-         claimed AS (
-             SELECT t.id FROM candidates c
-             JOIN tasks t ON t.id = c.id
-             JOIN runs r ON r.id = c.run_id
-             WHERE r.namespace = $1 AND r.status = 'running'
-               AND t.status = 'queued' AND t.dispatched_at IS NULL AND t.due_at IS NULL
+        // The candidates come in order from `tasks_sendable`, which holds only rows that can be
+        // sent. Each candidate's run is read by its id in a scalar subquery, which PostgreSQL
+        // evaluates per candidate and never turns into a join: the plan never reads the
+        // namespace's runs, whatever the statistics of a young table say, and it stops at the
+        // limit. Only rows of another namespace that its own relay has left behind (its
+        // schedulers stopped) are read and passed over.
+        "WITH claimed AS (
+             SELECT t.id FROM tasks t
+             WHERE t.status = 'queued' AND t.dispatched_at IS NULL AND t.due_at IS NULL
                AND t.items_total IS NULL
                AND coalesce(t.relayed_at, t.created_at) < now() - make_interval(secs => $2)
-             ORDER BY c.created_at LIMIT $3
+               AND (SELECT r.namespace = $1 AND r.status = 'running'
+                    FROM runs r WHERE r.id = t.run_id)
+             ORDER BY coalesce(t.relayed_at, t.created_at) LIMIT $3
              FOR UPDATE OF t SKIP LOCKED)
          UPDATE tasks t SET relayed_at = now()
          FROM claimed, runs r
@@ -1133,26 +1131,21 @@ pub async fn claim_undispatched(
     .await?)
 }
 
-/// Claims queued tasks of running runs in `namespace` whose retry is due, clearing their due
-/// time so they are dispatched once.
+/// Claims queued tasks of running runs in `namespace` whose retry or delay is due, earliest
+/// first, clearing their due time so they are dispatched once.
 pub async fn claim_due(
     db: &PgPool,
     namespace: &str,
     limit: i64,
 ) -> Result<Vec<UndispatchedTask>, StoreError> {
     Ok(sqlx::query_as(
-        // As in `claim_undispatched`: candidates from the index of waiting tasks alone.
-        "WITH candidates AS MATERIALIZED (
-             SELECT id, run_id, due_at FROM tasks
-             WHERE due_at IS NOT NULL AND due_at <= now() AND status = 'queued'
-             ORDER BY due_at LIMIT $2 * 4),
-         due AS (
-             SELECT t.id FROM candidates c
-             JOIN tasks t ON t.id = c.id
-             JOIN runs r ON r.id = c.run_id
-             WHERE t.due_at IS NOT NULL AND t.due_at <= now() AND t.status = 'queued'
-               AND r.namespace = $1 AND r.status = 'running'
-             ORDER BY c.due_at LIMIT $2
+        // As in `claim_undispatched`: candidates in order from `tasks_due`, each run read by id.
+        "WITH due AS (
+             SELECT t.id FROM tasks t
+             WHERE t.due_at <= now() AND t.status = 'queued'
+               AND (SELECT r.namespace = $1 AND r.status = 'running'
+                    FROM runs r WHERE r.id = t.run_id)
+             ORDER BY t.due_at LIMIT $2
              FOR UPDATE OF t SKIP LOCKED)
          UPDATE tasks t SET due_at = NULL, relayed_at = now()
          FROM due, runs r
