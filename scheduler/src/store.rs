@@ -447,7 +447,8 @@ impl<'a> TaskColumns<'a> {
                                 finished_at, due_at, item, items_total, output)
              SELECT id, run_id, step_id, status, queue, priority, input, error,
                     CASE WHEN status = 'queued' THEN NULL ELSE now() END,
-                    now() + make_interval(secs => delay), item, items_total, output
+                    CASE WHEN status = 'queued' THEN now() + make_interval(secs => delay) END,
+                    item, items_total, output
              FROM UNNEST({}::uuid[], {}::uuid[], {}::text[], {}::text[], {}::text[],
                          {}::smallint[], {}::jsonb[], {}::jsonb[], {}::float8[], {}::integer[],
                          {}::integer[], {}::jsonb[])
@@ -674,10 +675,12 @@ const COMPLETION_ROWS: &str = "(SELECT DISTINCT ON (u.id, u.attempt) u.*
                     AS u(id, attempt, status, output, error, worker, started, finished, logs)
                ORDER BY u.id, u.attempt) AS c";
 
-/// Writes the completions of `c` on their tasks still queued at that attempt.
+/// Writes the completions of `c` on their tasks still queued at that attempt. Like every
+/// statement that finishes a task, it clears `due_at`: a finished task waits for nothing, and
+/// the timer's index (`tasks_due`) holds only tasks that do.
 const RECORD_COMPLETIONS: &str = "UPDATE tasks SET status = c.status, output = c.output,
                 error = c.error, worker_id = c.worker, started_at = c.started,
-                finished_at = c.finished, logs = c.logs";
+                finished_at = c.finished, logs = c.logs, due_at = NULL";
 
 /// What a recorded completion returns.
 const RECORDED_COLUMNS: &str = "tasks.run_id, tasks.step_id, tasks.item, tasks.status,
@@ -907,7 +910,7 @@ pub async fn join_items(
     let runs: Vec<Uuid> = steps.iter().map(|(run, _)| *run).collect();
     let names: Vec<&str> = steps.iter().map(|(_, step)| step.as_str()).collect();
     sqlx::query(
-        "UPDATE tasks p SET status = 'succeeded', finished_at = now(),
+        "UPDATE tasks p SET status = 'succeeded', finished_at = now(), due_at = NULL,
                 output = (SELECT coalesce(jsonb_agg(i.output ORDER BY i.item), '[]'::jsonb)
                           FROM tasks i
                           WHERE i.run_id = p.run_id AND i.step_id = p.step_id AND i.item >= 0)
@@ -934,7 +937,8 @@ pub async fn fail_items(
     let steps: Vec<&str> = failures.iter().map(|(_, step, _)| step.as_str()).collect();
     let errors: Vec<Json<&Value>> = failures.iter().map(|(_, _, error)| Json(error)).collect();
     sqlx::query(
-        "UPDATE tasks p SET status = 'failed', finished_at = now(), error = f.error
+        "UPDATE tasks p SET status = 'failed', finished_at = now(), due_at = NULL,
+                error = f.error
          FROM (SELECT DISTINCT ON (run_id, step_id) *
                FROM UNNEST($1::uuid[], $2::text[], $3::jsonb[]) AS u(run_id, step_id, error)
                ORDER BY run_id, step_id) AS f
@@ -1020,7 +1024,8 @@ pub struct FinishedRun {
     pub error: Option<Value>,
 }
 
-/// Records finished runs and cancels their tasks that are still queued.
+/// Records finished runs and cancels their tasks that are still queued, including those
+/// waiting for a retry, which then wait no more.
 pub async fn finish_runs(
     tx: &mut Transaction<'_, Postgres>,
     runs: &[FinishedRun],
@@ -1046,7 +1051,7 @@ pub async fn finish_runs(
                   AS f(id, status, output, error)
              WHERE runs.id = f.id
              RETURNING runs.id)
-         UPDATE tasks SET status = 'cancelled', finished_at = now(),
+         UPDATE tasks SET status = 'cancelled', finished_at = now(), due_at = NULL,
                 error = '{\"type\": \"cancelled\", \"message\": \"the run ended before this step finished\"}'
          WHERE run_id = ANY($1) AND status = 'queued'",
     )
