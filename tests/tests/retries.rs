@@ -95,17 +95,16 @@ async fn a_timed_out_attempt_is_retried() {
 #[tokio::test]
 async fn a_retry_still_waiting_when_its_run_fails_is_cancelled_and_no_longer_due() {
     let fleet = TestFleet::start().await.unwrap();
-    // `flaky` fails at once and waits ten minutes for its retry; `boom` fails a second later,
-    // which fails the run while `flaky` waits.
+    // `flaky` (a jq step, so it waits for no Python executor) fails at once and waits ten
+    // minutes for its retry; `boom` fails a second later, which fails the run while `flaky`
+    // waits.
     let definition = json!({"steps": [
-        {"id": "flaky", "python": "fleet_steps:flaky",
+        {"id": "flaky", "dataflow": "error(\"not yet\")",
          "retry": {"max_attempts": 3, "initial_backoff_ms": 600000, "max_backoff_ms": 600000}},
         {"id": "slow", "python": "fleet_steps:slow"},
         {"id": "boom", "python": "fleet_steps:fail", "after": ["slow"]}
     ]});
-    let id = fleet
-        .submit(&definition, &json!({"succeed_on": 3, "sleep": 1.0}))
-        .await;
+    let id = fleet.submit(&definition, &json!({"sleep": 1.0})).await;
     let run = fleet.wait_run(&id, Duration::from_secs(30)).await;
     assert_eq!(run["status"], "failed", "{run:#}");
     assert_eq!(run["error"]["step"], "boom", "{run:#}");
