@@ -5,7 +5,7 @@
 use std::time::{Duration, Instant};
 
 use serde_json::json;
-use taskfleet_tests::{FleetOptions, TestFleet};
+use taskfleet_tests::{FleetOptions, POSTGRES, TestFleet};
 
 #[tokio::test]
 async fn a_step_that_fails_twice_succeeds_on_its_third_attempt_under_retry() {
@@ -90,4 +90,38 @@ async fn a_timed_out_attempt_is_retried() {
     assert_eq!(run["status"], "failed", "{run:#}");
     assert_eq!(run["steps"]["spin"]["attempts"], 2, "{run:#}");
     assert_eq!(run["steps"]["spin"]["error"]["type"], "timeout");
+}
+
+#[tokio::test]
+async fn a_retry_still_waiting_when_its_run_fails_is_cancelled_and_no_longer_due() {
+    let fleet = TestFleet::start().await.unwrap();
+    // `flaky` (a jq step, so it waits for no Python executor) fails at once and waits ten
+    // minutes for its retry; `boom` fails a second later, which fails the run while `flaky`
+    // waits.
+    let definition = json!({"steps": [
+        {"id": "flaky", "dataflow": "error(\"not yet\")",
+         "retry": {"max_attempts": 3, "initial_backoff_ms": 600000, "max_backoff_ms": 600000}},
+        {"id": "slow", "python": "fleet_steps:slow"},
+        {"id": "boom", "python": "fleet_steps:fail", "after": ["slow"]}
+    ]});
+    let id = fleet.submit(&definition, &json!({"sleep": 1.0})).await;
+    let run = fleet.wait_run(&id, Duration::from_secs(30)).await;
+    assert_eq!(run["status"], "failed", "{run:#}");
+    assert_eq!(run["error"]["step"], "boom", "{run:#}");
+    // Its first attempt had failed: the run ended while its second one waited.
+    assert_eq!(run["steps"]["flaky"]["attempts"], 2, "{run:#}");
+    assert_eq!(run["steps"]["flaky"]["status"], "cancelled", "{run:#}");
+
+    let pool = sqlx::PgPool::connect(&format!("{POSTGRES}/{}", fleet.database))
+        .await
+        .unwrap();
+    let due: Vec<(String, String)> = sqlx::query_as(
+        "SELECT step_id, status FROM tasks WHERE run_id = $1::uuid AND due_at IS NOT NULL",
+    )
+    .bind(&id)
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    pool.close().await;
+    assert_eq!(due, Vec::new(), "tasks of the failed run still due");
 }

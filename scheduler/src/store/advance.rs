@@ -1,0 +1,205 @@
+//! The statements of a run being advanced, inside the completion loop's transaction: locking
+//! the runs (in id order), reading their steps' states for the planner, counting and joining
+//! the items of `for_each` steps, and finishing runs with their still-queued tasks.
+
+use serde_json::Value;
+use sqlx::types::Json;
+use sqlx::{Postgres, Transaction};
+use uuid::Uuid;
+
+use super::StoreError;
+
+/// A run being advanced, locked for the rest of the transaction.
+#[derive(Debug, sqlx::FromRow)]
+pub struct LockedRun {
+    /// Its id.
+    pub id: Uuid,
+    /// The definition it runs.
+    pub definition: Json<Value>,
+    /// Its input.
+    pub input: Json<Value>,
+    /// Its status.
+    pub status: String,
+}
+
+/// Locks the given runs (in id order, so two schedulers cannot deadlock) and returns them.
+pub async fn lock_runs(
+    tx: &mut Transaction<'_, Postgres>,
+    ids: &[Uuid],
+) -> Result<Vec<LockedRun>, StoreError> {
+    Ok(sqlx::query_as(
+        "SELECT id, definition, input, status FROM runs WHERE id = ANY($1) ORDER BY id FOR UPDATE",
+    )
+    .bind(ids)
+    .fetch_all(&mut **tx)
+    .await?)
+}
+
+/// The state of one task as planning needs it.
+#[derive(Debug, sqlx::FromRow)]
+pub struct TaskState {
+    /// Its run.
+    pub run_id: Uuid,
+    /// Its step.
+    pub step_id: String,
+    /// Its status.
+    pub status: String,
+    /// Its output.
+    pub output: Option<Json<Value>>,
+    /// Its error.
+    pub error: Option<Json<Value>>,
+}
+
+/// Returns the states of every task of the given runs.
+pub async fn task_states(
+    tx: &mut Transaction<'_, Postgres>,
+    run_ids: &[Uuid],
+) -> Result<Vec<TaskState>, StoreError> {
+    if run_ids.is_empty() {
+        return Ok(Vec::new());
+    }
+    Ok(sqlx::query_as(
+        "SELECT run_id, step_id, status, output, error FROM tasks
+         WHERE run_id = ANY($1) AND item = -1",
+    )
+    .bind(run_ids)
+    .fetch_all(&mut **tx)
+    .await?)
+}
+
+/// Adds succeeded items to the counters of their `for_each` steps, and returns the steps whose
+/// items have now all succeeded.
+pub async fn count_items(
+    tx: &mut Transaction<'_, Postgres>,
+    counts: &[(Uuid, String, i32)],
+) -> Result<Vec<(Uuid, String)>, StoreError> {
+    if counts.is_empty() {
+        return Ok(Vec::new());
+    }
+    let runs: Vec<Uuid> = counts.iter().map(|(run, _, _)| *run).collect();
+    let steps: Vec<&str> = counts.iter().map(|(_, step, _)| step.as_str()).collect();
+    let added: Vec<i32> = counts.iter().map(|(_, _, n)| *n).collect();
+    Ok(sqlx::query_as(
+        "UPDATE tasks SET items_done = items_done + c.added
+         FROM UNNEST($1::uuid[], $2::text[], $3::integer[]) AS c(run_id, step_id, added)
+         WHERE tasks.run_id = c.run_id AND tasks.step_id = c.step_id AND tasks.item = -1
+           AND tasks.status = 'queued'
+         RETURNING tasks.run_id, tasks.step_id, tasks.items_done = tasks.items_total",
+    )
+    .bind(&runs)
+    .bind(&steps)
+    .bind(&added)
+    .fetch_all(&mut **tx)
+    .await?
+    .into_iter()
+    .filter_map(|(run, step, complete): (Uuid, String, bool)| complete.then_some((run, step)))
+    .collect())
+}
+
+/// Joins `for_each` steps whose items all succeeded: each step's output becomes the array of
+/// its items' outputs, in item order.
+pub async fn join_items(
+    tx: &mut Transaction<'_, Postgres>,
+    steps: &[(Uuid, String)],
+) -> Result<(), StoreError> {
+    if steps.is_empty() {
+        return Ok(());
+    }
+    let runs: Vec<Uuid> = steps.iter().map(|(run, _)| *run).collect();
+    let names: Vec<&str> = steps.iter().map(|(_, step)| step.as_str()).collect();
+    sqlx::query(
+        "UPDATE tasks p SET status = 'succeeded', finished_at = now(), due_at = NULL,
+                output = (SELECT coalesce(jsonb_agg(i.output ORDER BY i.item), '[]'::jsonb)
+                          FROM tasks i
+                          WHERE i.run_id = p.run_id AND i.step_id = p.step_id AND i.item >= 0)
+         FROM UNNEST($1::uuid[], $2::text[]) AS j(run_id, step_id)
+         WHERE p.run_id = j.run_id AND p.step_id = j.step_id AND p.item = -1
+           AND p.status = 'queued'",
+    )
+    .bind(&runs)
+    .bind(&names)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+/// Fails `for_each` steps one of whose items failed, with that item's error.
+pub async fn fail_items(
+    tx: &mut Transaction<'_, Postgres>,
+    failures: &[(Uuid, String, Value)],
+) -> Result<(), StoreError> {
+    if failures.is_empty() {
+        return Ok(());
+    }
+    let runs: Vec<Uuid> = failures.iter().map(|(run, _, _)| *run).collect();
+    let steps: Vec<&str> = failures.iter().map(|(_, step, _)| step.as_str()).collect();
+    let errors: Vec<Json<&Value>> = failures.iter().map(|(_, _, error)| Json(error)).collect();
+    sqlx::query(
+        "UPDATE tasks p SET status = 'failed', finished_at = now(), due_at = NULL,
+                error = f.error
+         FROM (SELECT DISTINCT ON (run_id, step_id) *
+               FROM UNNEST($1::uuid[], $2::text[], $3::jsonb[]) AS u(run_id, step_id, error)
+               ORDER BY run_id, step_id) AS f
+         WHERE p.run_id = f.run_id AND p.step_id = f.step_id AND p.item = -1
+           AND p.status = 'queued'",
+    )
+    .bind(&runs)
+    .bind(&steps)
+    .bind(&errors)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+/// A run that just finished.
+#[derive(Debug, Clone)]
+pub struct FinishedRun {
+    /// Its id.
+    pub id: Uuid,
+    /// `succeeded` or `failed`.
+    pub status: &'static str,
+    /// Its output.
+    pub output: Option<Value>,
+    /// Its error.
+    pub error: Option<Value>,
+}
+
+/// Records finished runs and cancels their tasks that are still queued, including those
+/// waiting for a retry, which then wait no more.
+pub async fn finish_runs(
+    tx: &mut Transaction<'_, Postgres>,
+    runs: &[FinishedRun],
+) -> Result<(), StoreError> {
+    if runs.is_empty() {
+        return Ok(());
+    }
+    let ids: Vec<Uuid> = runs.iter().map(|run| run.id).collect();
+    let statuses: Vec<&str> = runs.iter().map(|run| run.status).collect();
+    let outputs: Vec<Option<Json<&Value>>> = runs
+        .iter()
+        .map(|run| run.output.as_ref().map(Json))
+        .collect();
+    let errors: Vec<Option<Json<&Value>>> = runs
+        .iter()
+        .map(|run| run.error.as_ref().map(Json))
+        .collect();
+    sqlx::query(
+        "WITH finished AS (
+             UPDATE runs SET status = f.status, output = f.output, error = f.error,
+                    finished_at = now()
+             FROM UNNEST($1::uuid[], $2::text[], $3::jsonb[], $4::jsonb[])
+                  AS f(id, status, output, error)
+             WHERE runs.id = f.id
+             RETURNING runs.id)
+         UPDATE tasks SET status = 'cancelled', finished_at = now(), due_at = NULL,
+                error = '{\"type\": \"cancelled\", \"message\": \"the run ended before this step finished\"}'
+         WHERE run_id = ANY($1) AND status = 'queued'",
+    )
+    .bind(&ids)
+    .bind(&statuses)
+    .bind(&outputs)
+    .bind(&errors)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}

@@ -1,0 +1,308 @@
+//! All SQL of the scheduler. Handlers and loops call the functions re-exported here; no SQL
+//! lives outside this module.
+//!
+//! Every write that sits on the hot path takes a batch (arrays bound with `UNNEST`), so one round
+//! trip and one commit serve many runs or completions.
+//!
+//! This file owns the connections (the pool and how it plans, [`HeldConnection`]), the schema
+//! ([`MIGRATOR`]), [`StoreError`] and the rows the API shows ([`RunRow`], [`TaskRow`]). The
+//! statements live in submodules, one per responsibility: `workflows` (registered definitions),
+//! `runs` (new runs and tasks, the API's reads of runs, cancellation), `completions` (what a
+//! completion or a retry writes on its task), `advance` (runs locked while they are advanced,
+//! their steps' states, `for_each` fan-in, finished runs), `outbox` (dispatch marks, the relay's
+//! and the retry timer's claims) and `stats` (the counts of `/v1/stats` and `/v1/queues`).
+
+use std::str::FromStr;
+
+use chrono::{DateTime, Utc};
+use serde_json::Value;
+use sqlx::Arguments as _;
+use sqlx::postgres::{PgArguments, PgConnectOptions, PgPoolOptions};
+use sqlx::types::Json;
+use sqlx::{ConnectOptions, Connection, PgConnection, PgPool, Postgres};
+use uuid::Uuid;
+
+mod advance;
+mod completions;
+mod outbox;
+mod runs;
+mod stats;
+mod workflows;
+
+pub use advance::{
+    FinishedRun, LockedRun, TaskState, count_items, fail_items, finish_runs, join_items, lock_runs,
+    task_states,
+};
+pub use completions::{
+    Completion, CurrentAttempt, Recorded, Retry, SingleStepsFinished, current_attempts,
+    finish_single_steps, lock_and_record, record_completions, schedule_retries,
+};
+pub use outbox::{UndispatchedTask, claim_due, claim_undispatched, mark_dispatched};
+pub use runs::{
+    Cancellation, NewRun, NewTask, RunFilter, cancel_run, get_run, get_tasks, insert_runs,
+    insert_tasks, list_runs, runs_by_idempotency_key,
+};
+pub use stats::{queues_with_queued_tasks, stats};
+pub use workflows::{WorkflowRow, get_workflow, list_workflows, put_workflow};
+
+/// The schema, applied at start.
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations");
+
+/// Describes a failure of the store.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The database could not be reached or refused a statement.
+    #[error("database error: {0}")]
+    Database(#[from] sqlx::Error),
+    /// The schema could not be applied.
+    #[error("applying migrations: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+}
+
+impl StoreError {
+    /// Returns whether the error means the database cannot be reached right now, rather than
+    /// that it refused the statement.
+    pub fn is_unavailable(&self) -> bool {
+        match self {
+            Self::Database(
+                sqlx::Error::Io(_)
+                | sqlx::Error::PoolTimedOut
+                | sqlx::Error::PoolClosed
+                | sqlx::Error::Tls(_)
+                | sqlx::Error::WorkerCrashed,
+            ) => true,
+            // The server going away answers on connections it had: a shutdown (57P01, 57P02),
+            // a start not yet finished (57P03), a connection failure (class 08), too many
+            // connections or no room (class 53). None of them says anything about the statement.
+            Self::Database(sqlx::Error::Database(error)) => error.code().is_some_and(|code| {
+                code.starts_with("08")
+                    || code.starts_with("53")
+                    || matches!(code.as_ref(), "57P01" | "57P02" | "57P03")
+            }),
+            _ => false,
+        }
+    }
+}
+
+/// Opens a pool on `url`, creating the database first if it does not exist, and applies the
+/// migrations.
+///
+/// Its connections plan without sequential scans where an index serves: every statement of the
+/// scheduler is meant to reach its rows through an index. A young table has no statistics yet
+/// (nor ever, where autovacuum is off), and PostgreSQL then prefers to scan it whole while it
+/// is small; a statement's cached plan keeps doing so as the table grows, so each batch of
+/// completions would read every run.
+pub async fn connect(url: &str, pool_size: u32) -> Result<PgPool, StoreError> {
+    let options = connect_options(url)?.options([("enable_seqscan", "off")]);
+    create_database_if_missing(&options).await?;
+    let pool = PgPoolOptions::new()
+        .max_connections(pool_size)
+        .acquire_timeout(std::time::Duration::from_secs(5))
+        // A ping before every use doubles the round trips of every statement; a connection
+        // that broke (a database restart) fails its next statement instead, is dropped, and
+        // that error is handled like the database being down.
+        .test_before_acquire(false)
+        .connect_with(options)
+        .await?;
+    MIGRATOR.run(&pool).await?;
+    Ok(pool)
+}
+
+/// A connection a loop keeps for itself between statements. Each return of a connection to the
+/// pool costs a round trip (sqlx pings it on the way back), which a loop on the hot path would
+/// pay for every statement. A connection that failed as if broken is given up, and the next use
+/// takes a fresh one from the pool.
+pub struct HeldConnection {
+    pool: PgPool,
+    conn: Option<sqlx::pool::PoolConnection<Postgres>>,
+}
+
+impl HeldConnection {
+    /// Holds connections of `pool`, taking the first when first used.
+    pub fn new(pool: PgPool) -> Self {
+        Self { pool, conn: None }
+    }
+
+    /// The held connection, taken from the pool if none is held.
+    pub async fn get(&mut self) -> Result<&mut PgConnection, StoreError> {
+        let conn = match self.conn.take() {
+            Some(conn) => conn,
+            None => self.pool.acquire().await?,
+        };
+        Ok(&mut **self.conn.insert(conn))
+    }
+
+    /// Passes `result` on, giving up the connection if the error says it may be broken.
+    pub fn check<T>(&mut self, result: Result<T, StoreError>) -> Result<T, StoreError> {
+        if let Err(error) = &result
+            && error.is_unavailable()
+        {
+            self.discard();
+        }
+        result
+    }
+
+    /// Gives up the held connection; the next use takes a fresh one.
+    pub fn discard(&mut self) {
+        self.conn = None;
+    }
+}
+
+/// Reads a database URL. Where neither the URL nor `PGSSLMODE` names an `sslmode`, TLS is
+/// `prefer` (PostgreSQL's default), except to a server on this machine: TLS over loopback
+/// protects nothing and doubles the cost of every round trip.
+fn connect_options(url: &str) -> Result<PgConnectOptions, StoreError> {
+    use sqlx::postgres::PgSslMode;
+    let options = PgConnectOptions::from_str(url)?;
+    let names_ssl_mode = url
+        .split_once('?')
+        .is_some_and(|(_, query)| query.split('&').any(|pair| pair.starts_with("sslmode=")));
+    let loopback = matches!(
+        options.get_host(),
+        "localhost" | "127.0.0.1" | "::1" | "[::1]"
+    );
+    let default_mode = matches!(options.get_ssl_mode(), PgSslMode::Prefer);
+    Ok(if loopback && default_mode && !names_ssl_mode {
+        options.ssl_mode(PgSslMode::Disable)
+    } else {
+        options
+    })
+}
+
+/// Creates the database named in `options` if it does not exist. Connects to the maintenance
+/// database `postgres` only when the target database is missing, so deployments that deny that
+/// connection still start against an existing database.
+async fn create_database_if_missing(options: &PgConnectOptions) -> Result<(), StoreError> {
+    let Some(name) = options.get_database().map(str::to_owned) else {
+        return Ok(());
+    };
+    match options.connect().await {
+        Ok(connection) => {
+            let _ = connection.close().await;
+            return Ok(());
+        }
+        Err(sqlx::Error::Database(error)) if error.code().as_deref() == Some("3D000") => {}
+        Err(error) => return Err(error.into()),
+    }
+    let mut admin = options.clone().database("postgres").connect().await?;
+    let statement = format!("CREATE DATABASE \"{}\"", name.replace('"', "\"\""));
+    match sqlx::query(sqlx::AssertSqlSafe(statement))
+        .execute(&mut admin)
+        .await
+    {
+        Ok(_) => tracing::info!(database = %name, "database created"),
+        // Another scheduler created it at the same moment.
+        Err(sqlx::Error::Database(error)) if error.code().as_deref() == Some("42P04") => {}
+        Err(error) => return Err(error.into()),
+    }
+    let _ = admin.close().await;
+    Ok(())
+}
+
+/// Binds `value` as the next parameter of a statement built by hand.
+fn add<'q, T>(arguments: &mut PgArguments, value: T) -> Result<(), sqlx::Error>
+where
+    T: sqlx::Encode<'q, Postgres> + sqlx::Type<Postgres>,
+{
+    arguments.add(value).map_err(sqlx::Error::Encode)
+}
+
+/// A run as the API shows it.
+#[derive(Debug, sqlx::FromRow, serde::Deserialize)]
+pub struct RunRow {
+    /// Its id.
+    pub id: Uuid,
+    /// `workflow` or `job`.
+    pub kind: String,
+    /// The registered workflow, if any.
+    pub workflow: Option<String>,
+    /// Its version.
+    pub workflow_version: Option<i32>,
+    /// The definition it runs.
+    pub definition: Json<Value>,
+    /// Its input.
+    pub input: Json<Value>,
+    /// Its status.
+    pub status: String,
+    /// Its output.
+    pub output: Option<Json<Value>>,
+    /// Its error.
+    pub error: Option<Json<Value>>,
+    /// When it was accepted.
+    pub created_at: DateTime<Utc>,
+    /// When it finished.
+    pub finished_at: Option<DateTime<Utc>>,
+}
+
+/// A task as the API shows it.
+#[derive(Debug, sqlx::FromRow, serde::Deserialize)]
+pub struct TaskRow {
+    /// Its id.
+    pub id: Uuid,
+    /// Its step.
+    pub step_id: String,
+    /// Its status.
+    pub status: String,
+    /// The current attempt.
+    pub attempt: i32,
+    /// Its output.
+    pub output: Option<Json<Value>>,
+    /// Its error.
+    pub error: Option<Json<Value>>,
+    /// When the worker started the attempt that finished it.
+    pub started_at: Option<DateTime<Utc>>,
+    /// When it finished.
+    pub finished_at: Option<DateTime<Utc>>,
+    /// For a `for_each` step: how many items it has.
+    pub items_total: Option<i32>,
+    /// For a `for_each` step: how many items succeeded.
+    pub items_done: i32,
+    /// What the latest attempt printed or logged.
+    pub logs: Option<String>,
+}
+
+/// Checks that the database answers.
+pub async fn ping(db: &PgPool) -> Result<(), StoreError> {
+    sqlx::query("SELECT 1").execute(db).await?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use sqlx::postgres::PgSslMode;
+
+    use super::connect_options;
+
+    fn check(url: &str, expected: PgSslMode) {
+        let options = connect_options(url).expect("a valid url");
+        assert_eq!(
+            format!("{:?}", options.get_ssl_mode()),
+            format!("{expected:?}"),
+            "{url}"
+        );
+    }
+
+    #[test]
+    fn tls_is_off_over_loopback_unless_the_url_asks_for_it() {
+        check(
+            "postgres://postgres@127.0.0.1:5432/taskfleet",
+            PgSslMode::Disable,
+        );
+        check(
+            "postgres://postgres@localhost/taskfleet",
+            PgSslMode::Disable,
+        );
+        check(
+            "postgres://postgres@127.0.0.1/taskfleet?sslmode=require",
+            PgSslMode::Require,
+        );
+        check(
+            "postgres://postgres@127.0.0.1/taskfleet?application_name=x&sslmode=prefer",
+            PgSslMode::Prefer,
+        );
+        check(
+            "postgres://postgres@db.internal/taskfleet",
+            PgSslMode::Prefer,
+        );
+    }
+}

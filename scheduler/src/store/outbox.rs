@@ -1,0 +1,110 @@
+//! The outbox: task rows committed but not yet confirmed by the broker. Marking tasks dispatched
+//! once confirmed, the relay's claim of rows left unpublished, and the retry timer's claim of
+//! tasks whose due time has passed. Each claim reads its own index in order and claims only
+//! rows of its namespace that can be sent now.
+
+use serde_json::Value;
+use sqlx::types::Json;
+use sqlx::{PgConnection, PgPool};
+use uuid::Uuid;
+
+use super::StoreError;
+
+/// Marks tasks as confirmed by the broker, so the relay leaves them alone.
+/// Tasks that finished meanwhile are left as they are: they are out of the outbox already.
+pub async fn mark_dispatched(conn: &mut PgConnection, task_ids: &[Uuid]) -> Result<(), StoreError> {
+    sqlx::query(
+        "UPDATE tasks SET dispatched_at = now()
+         WHERE id = ANY($1) AND dispatched_at IS NULL AND status = 'queued'",
+    )
+    .bind(task_ids)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// A committed task that the broker has not confirmed, with what is needed to publish it.
+#[derive(Debug, sqlx::FromRow)]
+pub struct UndispatchedTask {
+    /// The task.
+    pub id: Uuid,
+    /// Its run.
+    pub run_id: Uuid,
+    /// Its step.
+    pub step_id: String,
+    /// The current attempt.
+    pub attempt: i32,
+    /// Its task queue.
+    pub queue: String,
+    /// Its priority.
+    pub priority: i16,
+    /// Its input.
+    pub input: Option<Json<Value>>,
+    /// The definition of its run.
+    pub definition: Json<Value>,
+}
+
+/// Claims queued tasks of running runs in `namespace` that no broker confirmed and that were
+/// committed (or last relayed) more than `older_than` ago, oldest first, moving their relay time
+/// forward so that no other relay takes them in the same period. Delayed jobs, waiting retries
+/// and `for_each` steps' own rows are never claimed, however many of them are older.
+pub async fn claim_undispatched(
+    db: &PgPool,
+    namespace: &str,
+    older_than: std::time::Duration,
+    limit: i64,
+) -> Result<Vec<UndispatchedTask>, StoreError> {
+    Ok(sqlx::query_as(
+        // The candidates come in order from `tasks_sendable`, which holds only rows that can be
+        // sent. Each candidate's run is read by its id in a scalar subquery, which PostgreSQL
+        // evaluates per candidate and never turns into a join: the plan never reads the
+        // namespace's runs, whatever the statistics of a young table say, and it stops at the
+        // limit. Only rows of another namespace that its own relay has left behind (its
+        // schedulers stopped) are read and passed over.
+        "WITH claimed AS (
+             SELECT t.id FROM tasks t
+             WHERE t.status = 'queued' AND t.dispatched_at IS NULL AND t.due_at IS NULL
+               AND t.items_total IS NULL
+               AND coalesce(t.relayed_at, t.created_at) < now() - make_interval(secs => $2)
+               AND (SELECT r.namespace = $1 AND r.status = 'running'
+                    FROM runs r WHERE r.id = t.run_id)
+             ORDER BY coalesce(t.relayed_at, t.created_at) LIMIT $3
+             FOR UPDATE OF t SKIP LOCKED)
+         UPDATE tasks t SET relayed_at = now()
+         FROM claimed, runs r
+         WHERE t.id = claimed.id AND r.id = t.run_id
+         RETURNING t.id, t.run_id, t.step_id, t.attempt, t.queue, t.priority, t.input, r.definition",
+    )
+    .bind(namespace)
+    .bind(older_than.as_secs_f64())
+    .bind(limit)
+    .fetch_all(db)
+    .await?)
+}
+
+/// Claims queued tasks of running runs in `namespace` whose retry or delay is due, earliest
+/// first, clearing their due time so they are dispatched once.
+pub async fn claim_due(
+    db: &PgPool,
+    namespace: &str,
+    limit: i64,
+) -> Result<Vec<UndispatchedTask>, StoreError> {
+    Ok(sqlx::query_as(
+        // As in `claim_undispatched`: candidates in order from `tasks_due`, each run read by id.
+        "WITH due AS (
+             SELECT t.id FROM tasks t
+             WHERE t.due_at <= now() AND t.status = 'queued'
+               AND (SELECT r.namespace = $1 AND r.status = 'running'
+                    FROM runs r WHERE r.id = t.run_id)
+             ORDER BY t.due_at LIMIT $2
+             FOR UPDATE OF t SKIP LOCKED)
+         UPDATE tasks t SET due_at = NULL, relayed_at = now()
+         FROM due, runs r
+         WHERE t.id = due.id AND r.id = t.run_id
+         RETURNING t.id, t.run_id, t.step_id, t.attempt, t.queue, t.priority, t.input, r.definition",
+    )
+    .bind(namespace)
+    .bind(limit)
+    .fetch_all(db)
+    .await?)
+}

@@ -1,0 +1,376 @@
+//! Runs and the tasks planned for them: inserting new runs with their first tasks (one
+//! statement for a whole batch of submissions) and the tasks planned later, the API's reads of
+//! runs and their steps, and cancellation. What a completion writes is in `completions`; the
+//! statements of a run being advanced are in `advance`.
+
+use serde_json::Value;
+use sqlx::postgres::PgArguments;
+use sqlx::types::Json;
+use sqlx::{PgConnection, PgPool};
+use uuid::Uuid;
+
+use super::{RunRow, StoreError, TaskRow, add};
+
+/// A run to insert.
+#[derive(Debug, Clone)]
+pub struct NewRun {
+    /// Its id.
+    pub id: Uuid,
+    /// `workflow` or `job`.
+    pub kind: &'static str,
+    /// The registered workflow it runs, if any.
+    pub workflow: Option<String>,
+    /// The version of that workflow.
+    pub workflow_version: Option<i32>,
+    /// The definition it runs.
+    pub definition: Value,
+    /// Its input.
+    pub input: Value,
+    /// Its status at insertion.
+    pub status: &'static str,
+    /// Its output, if it finished at once.
+    pub output: Option<Value>,
+    /// Its error, if it failed at once.
+    pub error: Option<Value>,
+    /// The client's idempotency key.
+    pub idempotency_key: Option<String>,
+}
+
+/// A task to insert.
+#[derive(Debug, Clone)]
+pub struct NewTask {
+    /// Its id.
+    pub id: Uuid,
+    /// Its run.
+    pub run_id: Uuid,
+    /// Its step.
+    pub step_id: String,
+    /// `queued`, `skipped`, `failed` or `cancelled`.
+    pub status: &'static str,
+    /// The task queue.
+    pub queue: String,
+    /// 0 to 9.
+    pub priority: i16,
+    /// The step's input (for a dispatched step).
+    pub input: Option<Value>,
+    /// The error of a step that failed while being planned.
+    pub error: Option<Value>,
+    /// For a delayed job: seconds until it is due; the timer loop dispatches it then.
+    pub delay_s: Option<f64>,
+    /// The item of a `for_each` step this task runs, or -1 for a step's own row.
+    pub item: i32,
+    /// For the row of a `for_each` step: how many items it has.
+    pub items_total: Option<i32>,
+    /// The output of a step that finished while being planned (a `for_each` over nothing).
+    pub output: Option<Value>,
+}
+
+/// Inserts runs with their first tasks, in one statement (so all or none of them, and one
+/// round trip); a run whose idempotency key is already taken is not inserted, nor are its
+/// tasks. Returns the ids of the runs inserted.
+pub async fn insert_runs(
+    conn: &mut PgConnection,
+    namespace: &str,
+    runs: &[NewRun],
+    tasks: &[NewTask],
+) -> Result<Vec<Uuid>, StoreError> {
+    if runs.is_empty() {
+        return Ok(Vec::new());
+    }
+    let ids: Vec<Uuid> = runs.iter().map(|run| run.id).collect();
+    let kinds: Vec<&str> = runs.iter().map(|run| run.kind).collect();
+    let workflows: Vec<Option<String>> = runs.iter().map(|run| run.workflow.clone()).collect();
+    let versions: Vec<Option<i32>> = runs.iter().map(|run| run.workflow_version).collect();
+    let definitions: Vec<Json<&Value>> = runs.iter().map(|run| Json(&run.definition)).collect();
+    let inputs: Vec<Json<&Value>> = runs.iter().map(|run| Json(&run.input)).collect();
+    let statuses: Vec<&str> = runs.iter().map(|run| run.status).collect();
+    let outputs: Vec<Option<Json<&Value>>> = runs
+        .iter()
+        .map(|run| run.output.as_ref().map(Json))
+        .collect();
+    let errors: Vec<Option<Json<&Value>>> = runs
+        .iter()
+        .map(|run| run.error.as_ref().map(Json))
+        .collect();
+    let keys: Vec<Option<String>> = runs.iter().map(|run| run.idempotency_key.clone()).collect();
+    let columns = TaskColumns::of(tasks);
+    let sql = format!(
+        "WITH inserted AS (
+             INSERT INTO runs (namespace, id, kind, workflow, workflow_version, definition, input,
+                               status, output, error, idempotency_key, finished_at)
+             SELECT $11, id, kind, workflow, version, definition, input, status, output, error,
+                    key, CASE WHEN status IN ('succeeded', 'failed') THEN now() END
+             FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::integer[], $5::jsonb[],
+                         $6::jsonb[], $7::text[], $8::jsonb[], $9::jsonb[], $10::text[])
+                  AS t(id, kind, workflow, version, definition, input, status, output, error, key)
+             ON CONFLICT (namespace, kind, idempotency_key) WHERE idempotency_key IS NOT NULL
+             DO NOTHING
+             RETURNING id),
+         first_tasks AS ({} WHERE t.run_id IN (SELECT id FROM inserted))
+         SELECT id FROM inserted",
+        TaskColumns::insert_sql(12)
+    );
+    let mut arguments = PgArguments::default();
+    add(&mut arguments, &ids)?;
+    add(&mut arguments, &kinds)?;
+    add(&mut arguments, &workflows)?;
+    add(&mut arguments, &versions)?;
+    add(&mut arguments, &definitions)?;
+    add(&mut arguments, &inputs)?;
+    add(&mut arguments, &statuses)?;
+    add(&mut arguments, &outputs)?;
+    add(&mut arguments, &errors)?;
+    add(&mut arguments, &keys)?;
+    add(&mut arguments, namespace)?;
+    columns.add_to(&mut arguments)?;
+    Ok(sqlx::query_scalar_with(sqlx::AssertSqlSafe(sql), arguments)
+        .fetch_all(conn)
+        .await?)
+}
+
+/// Returns the ids of the runs that hold the given idempotency keys.
+pub async fn runs_by_idempotency_key(
+    conn: &mut PgConnection,
+    namespace: &str,
+    kind: &str,
+    keys: &[String],
+) -> Result<Vec<(String, Uuid, String)>, StoreError> {
+    Ok(sqlx::query_as(
+        "SELECT idempotency_key, id, status FROM runs
+         WHERE namespace = $1 AND kind = $2 AND idempotency_key = ANY($3)",
+    )
+    .bind(namespace)
+    .bind(kind)
+    .bind(keys)
+    .fetch_all(conn)
+    .await?)
+}
+
+/// The columns of tasks to insert, as arrays bound to one statement.
+struct TaskColumns<'a> {
+    ids: Vec<Uuid>,
+    run_ids: Vec<Uuid>,
+    step_ids: Vec<&'a str>,
+    statuses: Vec<&'a str>,
+    queues: Vec<&'a str>,
+    priorities: Vec<i16>,
+    inputs: Vec<Option<Json<&'a Value>>>,
+    errors: Vec<Option<Json<&'a Value>>>,
+    delays: Vec<Option<f64>>,
+    items: Vec<i32>,
+    totals: Vec<Option<i32>>,
+    outputs: Vec<Option<Json<&'a Value>>>,
+}
+
+impl<'a> TaskColumns<'a> {
+    fn of(tasks: &'a [NewTask]) -> Self {
+        Self {
+            ids: tasks.iter().map(|task| task.id).collect(),
+            run_ids: tasks.iter().map(|task| task.run_id).collect(),
+            step_ids: tasks.iter().map(|task| task.step_id.as_str()).collect(),
+            statuses: tasks.iter().map(|task| task.status).collect(),
+            queues: tasks.iter().map(|task| task.queue.as_str()).collect(),
+            priorities: tasks.iter().map(|task| task.priority).collect(),
+            inputs: tasks
+                .iter()
+                .map(|task| task.input.as_ref().map(Json))
+                .collect(),
+            errors: tasks
+                .iter()
+                .map(|task| task.error.as_ref().map(Json))
+                .collect(),
+            delays: tasks.iter().map(|task| task.delay_s).collect(),
+            items: tasks.iter().map(|task| task.item).collect(),
+            totals: tasks.iter().map(|task| task.items_total).collect(),
+            outputs: tasks
+                .iter()
+                .map(|task| task.output.as_ref().map(Json))
+                .collect(),
+        }
+    }
+
+    /// The `INSERT` of the tasks, their arrays bound from parameter `$first` on; the rows come
+    /// from `t`, which a caller may filter with a `WHERE` appended.
+    fn insert_sql(first: usize) -> String {
+        let p = |offset: usize| format!("${}", first + offset);
+        format!(
+            "INSERT INTO tasks (id, run_id, step_id, status, queue, priority, input, error,
+                                finished_at, due_at, item, items_total, output)
+             SELECT id, run_id, step_id, status, queue, priority, input, error,
+                    CASE WHEN status = 'queued' THEN NULL ELSE now() END,
+                    CASE WHEN status = 'queued' THEN now() + make_interval(secs => delay) END,
+                    item, items_total, output
+             FROM UNNEST({}::uuid[], {}::uuid[], {}::text[], {}::text[], {}::text[],
+                         {}::smallint[], {}::jsonb[], {}::jsonb[], {}::float8[], {}::integer[],
+                         {}::integer[], {}::jsonb[])
+                  AS t(id, run_id, step_id, status, queue, priority, input, error, delay, item,
+                       items_total, output)",
+            p(0),
+            p(1),
+            p(2),
+            p(3),
+            p(4),
+            p(5),
+            p(6),
+            p(7),
+            p(8),
+            p(9),
+            p(10),
+            p(11)
+        )
+    }
+
+    /// Appends the arrays to `arguments`, in the order [`Self::insert_sql`] numbers them.
+    fn add_to(&self, arguments: &mut PgArguments) -> Result<(), sqlx::Error> {
+        add(arguments, &self.ids)?;
+        add(arguments, &self.run_ids)?;
+        add(arguments, &self.step_ids)?;
+        add(arguments, &self.statuses)?;
+        add(arguments, &self.queues)?;
+        add(arguments, &self.priorities)?;
+        add(arguments, &self.inputs)?;
+        add(arguments, &self.errors)?;
+        add(arguments, &self.delays)?;
+        add(arguments, &self.items)?;
+        add(arguments, &self.totals)?;
+        add(arguments, &self.outputs)
+    }
+}
+
+/// Inserts tasks in one statement.
+pub async fn insert_tasks(conn: &mut PgConnection, tasks: &[NewTask]) -> Result<(), StoreError> {
+    if tasks.is_empty() {
+        return Ok(());
+    }
+    let mut arguments = PgArguments::default();
+    TaskColumns::of(tasks).add_to(&mut arguments)?;
+    sqlx::query_with(sqlx::AssertSqlSafe(TaskColumns::insert_sql(1)), arguments)
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+/// The columns of a [`RunRow`].
+const RUN_COLUMNS: &str = "id, kind, workflow, workflow_version, definition, input, status, \
+                           output, error, created_at, finished_at";
+
+/// Returns a run of the given kind.
+pub async fn get_run(
+    db: &PgPool,
+    namespace: &str,
+    id: Uuid,
+    kind: &str,
+) -> Result<Option<RunRow>, StoreError> {
+    let sql =
+        format!("SELECT {RUN_COLUMNS} FROM runs WHERE id = $1 AND kind = $2 AND namespace = $3");
+    Ok(sqlx::query_as(sqlx::AssertSqlSafe(sql))
+        .bind(id)
+        .bind(kind)
+        .bind(namespace)
+        .fetch_optional(db)
+        .await?)
+}
+
+/// Returns the tasks of a run.
+pub async fn get_tasks(db: &PgPool, run_id: Uuid) -> Result<Vec<TaskRow>, StoreError> {
+    Ok(sqlx::query_as(
+        "SELECT id, step_id, status, attempt, output, error, started_at, finished_at,
+                items_total, items_done, logs
+         FROM tasks WHERE run_id = $1 AND item = -1",
+    )
+    .bind(run_id)
+    .fetch_all(db)
+    .await?)
+}
+
+/// Filters of the run listing.
+#[derive(Debug, Default)]
+pub struct RunFilter {
+    /// Only runs in this status.
+    pub status: Option<String>,
+    /// Only runs of this registered workflow.
+    pub workflow: Option<String>,
+    /// Only runs older than this one (the cursor).
+    pub before: Option<Uuid>,
+    /// At most this many.
+    pub limit: i64,
+}
+
+/// Lists workflow runs, newest first.
+pub async fn list_runs(
+    db: &PgPool,
+    namespace: &str,
+    filter: &RunFilter,
+) -> Result<Vec<RunRow>, StoreError> {
+    let sql = format!(
+        "SELECT {RUN_COLUMNS} FROM runs
+         WHERE namespace = $5 AND kind = 'workflow'
+           AND ($1::text IS NULL OR status = $1)
+           AND ($2::text IS NULL OR workflow = $2)
+           AND ($3::uuid IS NULL OR id < $3)
+         ORDER BY id DESC LIMIT $4"
+    );
+    Ok(sqlx::query_as(sqlx::AssertSqlSafe(sql))
+        .bind(&filter.status)
+        .bind(&filter.workflow)
+        .bind(filter.before)
+        .bind(filter.limit)
+        .bind(namespace)
+        .fetch_all(db)
+        .await?)
+}
+
+/// What became of a cancellation.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Cancellation {
+    /// No such run (of that kind, in that namespace).
+    NotFound,
+    /// The run had already finished, in this status.
+    Finished(String),
+    /// The run is now cancelled, with its queued and waiting tasks.
+    Cancelled,
+}
+
+/// Cancels a run: records it as cancelled and cancels its tasks that have not finished, so no
+/// new task of it starts and no completion of it is recorded any more.
+pub async fn cancel_run(
+    db: &PgPool,
+    namespace: &str,
+    id: Uuid,
+    kind: &str,
+) -> Result<Cancellation, StoreError> {
+    let mut tx = db.begin().await?;
+    let status: Option<String> = sqlx::query_scalar(
+        "SELECT status FROM runs WHERE id = $1 AND kind = $2 AND namespace = $3 FOR UPDATE",
+    )
+    .bind(id)
+    .bind(kind)
+    .bind(namespace)
+    .fetch_optional(&mut *tx)
+    .await?;
+    match status.as_deref() {
+        None => return Ok(Cancellation::NotFound),
+        Some("succeeded" | "failed" | "cancelled") => {
+            return Ok(Cancellation::Finished(status.unwrap_or_default()));
+        }
+        Some(_) => {}
+    }
+    sqlx::query(
+        "UPDATE runs SET status = 'cancelled', finished_at = now(),
+                error = '{\"type\": \"cancelled\", \"message\": \"the run was cancelled\"}'
+         WHERE id = $1",
+    )
+    .bind(id)
+    .execute(&mut *tx)
+    .await?;
+    sqlx::query(
+        "UPDATE tasks SET status = 'cancelled', finished_at = now(), due_at = NULL,
+                error = '{\"type\": \"cancelled\", \"message\": \"the run was cancelled\"}'
+         WHERE run_id = $1 AND status = 'queued'",
+    )
+    .bind(id)
+    .execute(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok(Cancellation::Cancelled)
+}

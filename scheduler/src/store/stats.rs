@@ -1,0 +1,59 @@
+//! Counts over a whole namespace, for `/v1/stats` and `/v1/queues`: the only statements that
+//! may scan tables whole. Nothing on a run's path reads them.
+
+use sqlx::{PgPool, Postgres, Transaction};
+
+use super::StoreError;
+
+/// Begins a transaction whose statements may scan tables whole: counts over a namespace read
+/// most of its rows, which a sequential scan does faster than any index (the pool's
+/// connections have `enable_seqscan` off; see [`connect`](super::connect)).
+async fn scanning(db: &PgPool) -> Result<Transaction<'static, Postgres>, StoreError> {
+    let mut tx = db.begin().await?;
+    sqlx::query("SET LOCAL enable_seqscan = on")
+        .execute(&mut *tx)
+        .await?;
+    Ok(tx)
+}
+
+/// Returns counts of runs and of tasks by status.
+pub async fn stats(
+    db: &PgPool,
+    namespace: &str,
+) -> Result<(Vec<(String, i64)>, Vec<(String, i64)>), StoreError> {
+    let mut tx = scanning(db).await?;
+    let runs =
+        sqlx::query_as("SELECT status, count(*) FROM runs WHERE namespace = $1 GROUP BY status")
+            .bind(namespace)
+            .fetch_all(&mut *tx)
+            .await?;
+    let tasks = sqlx::query_as(
+        "SELECT t.status, count(*) FROM tasks t JOIN runs r ON r.id = t.run_id
+         WHERE r.namespace = $1 GROUP BY t.status",
+    )
+    .bind(namespace)
+    .fetch_all(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok((runs, tasks))
+}
+
+/// Returns the task queues of `namespace` that have tasks queued to run now (waiting in the
+/// broker, held by a worker, or a moment from being published), leaving out retries and delays
+/// waiting for their time and `for_each` steps waiting for their items.
+pub async fn queues_with_queued_tasks(
+    db: &PgPool,
+    namespace: &str,
+) -> Result<Vec<String>, StoreError> {
+    let mut tx = scanning(db).await?;
+    let queues = sqlx::query_scalar(
+        "SELECT DISTINCT t.queue FROM tasks t JOIN runs r ON r.id = t.run_id
+         WHERE r.namespace = $1 AND r.status = 'running' AND t.status = 'queued'
+           AND t.due_at IS NULL AND t.items_total IS NULL",
+    )
+    .bind(namespace)
+    .fetch_all(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok(queues)
+}
