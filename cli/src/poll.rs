@@ -7,6 +7,7 @@
 use std::time::Duration;
 
 use serde_json::Value;
+use taskfleet_common::{RunStatus, StepStatus};
 use tokio::time::Instant;
 
 use crate::client::{ApiError, Client, Kind};
@@ -35,12 +36,17 @@ pub enum Outcome {
 /// Returns how a run with `status` ended, or `None` while it is not finished (pending, running
 /// or a status this client does not know).
 pub fn outcome(status: &str) -> Option<Outcome> {
-    match status {
-        "succeeded" => Some(Outcome::Succeeded),
-        "failed" => Some(Outcome::Failed),
-        "cancelled" => Some(Outcome::Cancelled),
-        _ => None,
+    match RunStatus::parse(status)? {
+        RunStatus::Succeeded => Some(Outcome::Succeeded),
+        RunStatus::Failed => Some(Outcome::Failed),
+        RunStatus::Cancelled => Some(Outcome::Cancelled),
+        RunStatus::Pending | RunStatus::Running => None,
     }
+}
+
+/// Returns whether a step of a run (as the API shows it) is running.
+fn is_running(step: &Value) -> bool {
+    run_status(step).and_then(StepStatus::parse) == Some(StepStatus::Running)
 }
 
 /// What waiting came to; each holds the run (or job) as last read.
@@ -120,7 +126,7 @@ pub fn fan_out_progress(run: &Value) -> Option<(&str, u64, u64)> {
     run.get("steps")?
         .as_object()?
         .iter()
-        .filter(|(_, step)| run_status(step) == Some("running"))
+        .filter(|(_, step)| is_running(step))
         .find_map(|(id, step)| {
             let items = step.get("items")?;
             let done = items.get("done")?.as_u64()?;
@@ -165,7 +171,7 @@ pub fn running_steps(run: &Value) -> Vec<&str> {
         .map(|steps| {
             steps
                 .iter()
-                .filter(|(_, step)| run_status(step) == Some("running"))
+                .filter(|(_, step)| is_running(step))
                 .map(|(id, _)| id.as_str())
                 .collect()
         })

@@ -18,4 +18,4 @@ pub use definition::{StepDefinition, StepKind, WorkflowDefinition};
 pub use error::StepError;
 pub use ids::{RunId, TaskId};
 pub use names::Namespace;
-pub use status::{RunStatus, StepStatus};
+pub use status::{RunKind, RunStatus, StepStatus, TaskStatus};

@@ -1,4 +1,6 @@
-//! Statuses of runs and steps, with the lowercase names used by the API and the database.
+//! Statuses of runs, steps and stored tasks, and the kinds of runs, with the lowercase names used
+//! by the API and the database. Each converts from its stored text (`TryFrom<String>`, which
+//! the scheduler's rows use) and back (`as_str`), so no other code spells them.
 
 use serde::{Deserialize, Serialize};
 
@@ -33,7 +35,36 @@ macro_rules! status_enum {
                 f.write_str(self.as_str())
             }
         }
+
+        impl std::str::FromStr for $name {
+            type Err = UnknownName;
+
+            fn from_str(text: &str) -> Result<Self, UnknownName> {
+                Self::parse(text).ok_or_else(|| UnknownName {
+                    what: stringify!($name),
+                    text: text.to_owned(),
+                })
+            }
+        }
+
+        impl TryFrom<String> for $name {
+            type Error = UnknownName;
+
+            fn try_from(text: String) -> Result<Self, UnknownName> {
+                text.parse()
+            }
+        }
     };
+}
+
+/// Describes a name that is none of a status's (or kind's) names.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{text:?} is not a {what}")]
+pub struct UnknownName {
+    /// The type it was read as.
+    pub what: &'static str,
+    /// The text read.
+    pub text: String,
 }
 
 status_enum!(
@@ -70,6 +101,52 @@ status_enum!(
     }
 );
 
+status_enum!(
+    /// Where a task row stands in the scheduler's record: one attempt of a step (or of one item
+    /// of a `for_each` step) after another, until it ends.
+    TaskStatus {
+        /// Planned and not yet finished: waiting for its time, dispatched, or running.
+        Queued => "queued",
+        /// Finished with an output.
+        Succeeded => "succeeded",
+        /// Finished with an error (after its retries).
+        Failed => "failed",
+        /// Stopped before it finished: its run was cancelled or ended otherwise.
+        Cancelled => "cancelled",
+        /// Never run: its `when` program was false or all of its dependencies were skipped.
+        Skipped => "skipped",
+    }
+);
+
+status_enum!(
+    /// What kind of run a run row is.
+    RunKind {
+        /// A run of a workflow (`/v1/runs`).
+        Workflow => "workflow",
+        /// A job: a run of a single step (`/v1/tasks`).
+        Job => "job",
+    }
+);
+
+impl TaskStatus {
+    /// Returns whether no further change can happen to a task in this status.
+    pub fn is_finished(self) -> bool {
+        self != Self::Queued
+    }
+
+    /// Returns the status of the step this task is the row of, for planning: a queued task's
+    /// step is pending.
+    pub fn step_status(self) -> StepStatus {
+        match self {
+            Self::Queued => StepStatus::Pending,
+            Self::Succeeded => StepStatus::Succeeded,
+            Self::Failed => StepStatus::Failed,
+            Self::Cancelled => StepStatus::Cancelled,
+            Self::Skipped => StepStatus::Skipped,
+        }
+    }
+}
+
 impl RunStatus {
     /// Returns whether no further change can happen to a run in this status.
     pub fn is_finished(self) -> bool {
@@ -84,5 +161,43 @@ impl StepStatus {
             self,
             Self::Succeeded | Self::Failed | Self::Cancelled | Self::Skipped
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_round_trip_and_unknown_names_are_refused() {
+        for status in [
+            TaskStatus::Queued,
+            TaskStatus::Succeeded,
+            TaskStatus::Failed,
+            TaskStatus::Cancelled,
+            TaskStatus::Skipped,
+        ] {
+            assert_eq!(TaskStatus::try_from(status.as_str().to_owned()), Ok(status));
+        }
+        assert_eq!("job".parse::<RunKind>(), Ok(RunKind::Job));
+        assert_eq!(RunStatus::Running.to_string(), "running");
+        assert_eq!(
+            "queued"
+                .parse::<RunStatus>()
+                .map_err(|error| error.to_string()),
+            Err("\"queued\" is not a RunStatus".to_owned())
+        );
+        assert_eq!(
+            serde_json::to_value(TaskStatus::Cancelled).ok(),
+            Some(serde_json::json!("cancelled"))
+        );
+    }
+
+    #[test]
+    fn a_queued_task_is_a_pending_step() {
+        assert_eq!(TaskStatus::Queued.step_status(), StepStatus::Pending);
+        assert!(!TaskStatus::Queued.is_finished());
+        assert_eq!(TaskStatus::Skipped.step_status(), StepStatus::Skipped);
+        assert!(TaskStatus::Skipped.is_finished());
     }
 }

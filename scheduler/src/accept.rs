@@ -11,6 +11,7 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
+use taskfleet_common::{RunKind, RunStatus};
 use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
@@ -39,14 +40,14 @@ pub enum Accepted {
         /// Its id.
         id: Uuid,
         /// Its status.
-        status: String,
+        status: RunStatus,
     },
     /// A run with the same idempotency key exists; this is it.
     Existing {
         /// Its id.
         id: Uuid,
         /// Its status.
-        status: String,
+        status: RunStatus,
     },
 }
 
@@ -146,7 +147,7 @@ impl Writer {
         for ((submissions, reply), outcomes) in requests.into_iter().zip(outcomes) {
             for (submission, outcome) in submissions.into_iter().zip(&outcomes) {
                 if matches!(outcome, Accepted::Created { .. }) {
-                    if submission.run.status != "running" {
+                    if submission.run.status != RunStatus::Running {
                         finished.push(submission.run.id);
                     }
                     dispatches.extend(submission.dispatches);
@@ -173,7 +174,7 @@ impl Writer {
         let conn = self.db.get().await?;
         let inserted = store::insert_runs(conn, &self.namespace, &runs, &tasks).await;
         let inserted: HashSet<Uuid> = self.db.check(inserted)?.into_iter().collect();
-        let mut keys_by_kind: HashMap<&str, Vec<String>> = HashMap::new();
+        let mut keys_by_kind: HashMap<RunKind, Vec<String>> = HashMap::new();
         for submission in &submissions {
             if !inserted.contains(&submission.run.id)
                 && let Some(key) = &submission.run.idempotency_key
@@ -186,7 +187,7 @@ impl Writer {
         }
         // Runs already holding a key were committed before this statement, so reading them
         // afterwards finds them.
-        let mut existing: HashMap<(&str, String), (Uuid, String)> = HashMap::new();
+        let mut existing: HashMap<(RunKind, String), (Uuid, RunStatus)> = HashMap::new();
         for (kind, keys) in keys_by_kind {
             let conn = self.db.get().await?;
             let found = store::runs_by_idempotency_key(conn, &self.namespace, kind, &keys).await;
@@ -203,11 +204,11 @@ impl Writer {
             match found {
                 Some((id, status)) if !inserted.contains(&run.id) => Accepted::Existing {
                     id: *id,
-                    status: status.clone(),
+                    status: *status,
                 },
                 _ => Accepted::Created {
                     id: run.id,
-                    status: run.status.to_owned(),
+                    status: run.status,
                 },
             }
         };

@@ -3,7 +3,7 @@
 use std::collections::{HashMap, HashSet};
 
 use serde_json::{Map, Value, json};
-use taskfleet_common::WorkflowDefinition;
+use taskfleet_common::{StepStatus, TaskStatus, WorkflowDefinition};
 use uuid::Uuid;
 
 use crate::store::{RunRow, TaskRow};
@@ -25,7 +25,7 @@ pub fn run_view(run: RunRow, tasks: Vec<TaskRow>, running: &HashSet<Uuid>) -> Va
         let view = match by_step.remove(&step_id) {
             Some(task) => step_view(task, running),
             None => json!({
-                "status": "pending", "attempts": 0, "output": null, "error": null,
+                "status": StepStatus::Pending, "attempts": 0, "output": null, "error": null,
                 "logs": null, "started_at": null, "finished_at": null,
             }),
         };
@@ -47,13 +47,17 @@ pub fn run_view(run: RunRow, tasks: Vec<TaskRow>, running: &HashSet<Uuid>) -> Va
 
 fn step_view(task: TaskRow, running: &HashSet<Uuid>) -> Value {
     let fanned_out = task.items_total.is_some_and(|total| total > 0);
-    let (status, attempts) = match task.status.as_str() {
-        "queued" if fanned_out || running.contains(&task.id) => ("running", task.attempt),
-        "queued" => ("pending", task.attempt - 1),
-        "skipped" => ("skipped", 0),
+    let (status, attempts) = match task.status {
+        TaskStatus::Queued if fanned_out || running.contains(&task.id) => {
+            (StepStatus::Running, task.attempt)
+        }
+        TaskStatus::Queued => (StepStatus::Pending, task.attempt - 1),
+        TaskStatus::Skipped => (StepStatus::Skipped, 0),
         // A step cancelled or failed before any attempt started shows no attempt.
-        other if task.started_at.is_none() && task.items_total.is_none() => (other, 0),
-        other => (other, task.attempt),
+        other if task.started_at.is_none() && task.items_total.is_none() => {
+            (other.step_status(), 0)
+        }
+        other => (other.step_status(), task.attempt),
     };
     let mut view = json!({
         "task_id": task.id,

@@ -9,7 +9,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use serde_json::{Value, json};
 use sqlx::Connection as _;
 use taskfleet_common::definition::WorkflowDefinition;
-use taskfleet_common::{StepError, StepStatus};
+use taskfleet_common::{RunStatus, StepError, TaskStatus};
 use uuid::Uuid;
 
 use super::{AdvanceError, CompletionLoop};
@@ -30,7 +30,7 @@ impl CompletionLoop {
     ) -> Result<(Vec<store::Retry>, Vec<Completion>), StoreError> {
         let failed: Vec<Uuid> = completions
             .iter()
-            .filter(|c| c.status == "failed")
+            .filter(|c| c.status == TaskStatus::Failed)
             .map(|c| c.task_id)
             .collect();
         if failed.is_empty() {
@@ -48,7 +48,9 @@ impl CompletionLoop {
         for completion in completions {
             let retry = current
                 .get(&completion.task_id)
-                .filter(|task| task.attempt == completion.attempt && completion.status == "failed")
+                .filter(|task| {
+                    task.attempt == completion.attempt && completion.status == TaskStatus::Failed
+                })
                 .and_then(|task| {
                     let step = definitions.get(&completion.run_id)?.step(&task.step_id)?;
                     let policy = step.retry.as_ref()?;
@@ -90,7 +92,7 @@ impl CompletionLoop {
         &mut self,
         completions: &'a [Completion],
     ) -> Result<Cow<'a, [Completion]>, AdvanceError> {
-        let ends_run = |c: &Completion| c.ends_run && c.status == "succeeded";
+        let ends_run = |c: &Completion| c.ends_run && c.status == TaskStatus::Succeeded;
         let ending: Vec<&Completion> = completions.iter().filter(|c| ends_run(c)).collect();
         if ending.is_empty() {
             return Ok(Cow::Borrowed(completions));
@@ -103,7 +105,7 @@ impl CompletionLoop {
             .into_iter()
             .map(|(run, task)| {
                 let id = run.id;
-                let kind = run.kind.clone();
+                let kind = run.kind.as_str().to_owned();
                 let view = run_view(run, vec![task], &HashSet::new());
                 (id, FinishedView { kind, view })
             })
@@ -141,7 +143,7 @@ impl CompletionLoop {
         // Lock first: another scheduler advancing the same run waits here, then sees our rows.
         // A batch without failures records in the same statement, each task once its run is
         // locked; a failure may be retried, which its run's definition decides.
-        let (runs, recorded) = if completions.iter().all(|c| c.status != "failed") {
+        let (runs, recorded) = if completions.iter().all(|c| c.status != TaskStatus::Failed) {
             let (locked, recorded) = store::lock_and_record(&mut tx, &run_ids, completions).await?;
             (RunToPlan::parse_all(locked), recorded)
         } else {
@@ -154,7 +156,7 @@ impl CompletionLoop {
         let advanced = fan_in(&mut tx, recorded).await?;
         let runs: Vec<RunToPlan> = runs
             .into_iter()
-            .filter(|run| advanced.contains(&run.id) && run.status == "running")
+            .filter(|run| advanced.contains(&run.id) && run.status == RunStatus::Running)
             .collect();
         // A run whose every step was just recorded needs no read: the batch knows its states.
         // The others are read whole (their rows include what was just recorded).
@@ -173,7 +175,7 @@ impl CompletionLoop {
             states
                 .entry(row.run_id)
                 .or_default()
-                .insert(row.step_id, step_state(&row.status, row.output, row.error));
+                .insert(row.step_id, step_state(row.status, row.output, row.error));
         }
         // Planning may run user jq programs: those runs are planned off the async threads,
         // unless every program is quick and the values it reads are small.
@@ -191,7 +193,7 @@ impl CompletionLoop {
         // A failed run's steps still running elsewhere are stopped.
         let failed: Vec<Uuid> = finished
             .iter()
-            .filter(|run| run.status == "failed")
+            .filter(|run| run.status == RunStatus::Failed)
             .map(|run| run.id)
             .collect();
         self.notifier.stop_runs(&failed).await;
@@ -230,7 +232,7 @@ fn steps_recorded(recorded: &[store::Recorded]) -> HashMap<Uuid, BTreeMap<String
     for task in recorded.iter().filter(|task| task.item < 0) {
         states.entry(task.run_id).or_default().insert(
             task.step_id.clone(),
-            step_state(&task.status, task.output.clone(), task.error.clone()),
+            step_state(task.status, task.output.clone(), task.error.clone()),
         );
     }
     states
@@ -249,7 +251,7 @@ async fn fan_in(
     for task in recorded {
         if task.item < 0 {
             finished_steps.insert(task.run_id);
-        } else if task.status == "succeeded" {
+        } else if task.status == TaskStatus::Succeeded {
             *counts.entry((task.run_id, task.step_id)).or_default() += 1;
         } else {
             let mut error = task.error.map_or(Value::Null, |error| error.0);
@@ -277,7 +279,7 @@ struct RunToPlan {
     id: Uuid,
     definition: WorkflowDefinition,
     input: Value,
-    status: String,
+    status: RunStatus,
 }
 
 impl RunToPlan {
@@ -326,15 +328,12 @@ fn plan_runs(
 
 /// Returns the planner's view of a stored task.
 pub fn step_state(
-    status: &str,
+    status: TaskStatus,
     output: Option<sqlx::types::Json<Value>>,
     error: Option<sqlx::types::Json<Value>>,
 ) -> StepState {
     StepState {
-        status: match status {
-            "queued" => StepStatus::Pending,
-            other => StepStatus::parse(other).unwrap_or(StepStatus::Pending),
-        },
+        status: status.step_status(),
         output: output.map(|output| output.0),
         error: error.and_then(|error| serde_json::from_value::<StepError>(error.0).ok()),
     }
@@ -342,6 +341,7 @@ pub fn step_state(
 
 #[cfg(test)]
 mod tests {
+    use taskfleet_common::StepStatus;
     use taskfleet_common::jq;
 
     use super::*;
@@ -351,7 +351,7 @@ mod tests {
             id: Uuid::now_v7(),
             definition: serde_json::from_value(json!({ "steps": steps })).expect("a definition"),
             input,
-            status: "running".to_owned(),
+            status: RunStatus::Running,
         }
     }
 

@@ -19,6 +19,7 @@ use futures_util::{FutureExt, Stream, StreamExt};
 use lapin::message::Delivery;
 use lapin::options::BasicAckOptions;
 use serde_json::json;
+use taskfleet_common::TaskStatus;
 use taskfleet_common::error::INVALID_OUTPUT;
 use tokio_util::sync::CancellationToken;
 
@@ -158,7 +159,7 @@ impl CompletionLoop {
         };
         tracing::warn!(task_id = %completion.task_id, %error, "the result of a task cannot be recorded; failing the step");
         let failed = Completion {
-            status: "failed",
+            status: TaskStatus::Failed,
             output: None,
             error: Some(json!({
                 "type": INVALID_OUTPUT,

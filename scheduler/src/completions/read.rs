@@ -7,7 +7,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use taskfleet_common::error::INVALID_OUTPUT;
 use taskfleet_common::protocol::{self, CompletionMessage, Outcome, Ran};
-use taskfleet_common::{RunId, TaskId};
+use taskfleet_common::{RunId, TaskId, TaskStatus};
 
 use crate::store::Completion;
 
@@ -69,7 +69,7 @@ fn read_completion(body: &[u8]) -> Option<(Completion, Option<Ran>)> {
                     task_id: identity.task_id.0,
                     run_id: identity.run_id.0,
                     attempt: i32::try_from(identity.attempt).unwrap_or(i32::MAX),
-                    status: "failed",
+                    status: TaskStatus::Failed,
                     output: None,
                     error: Some(json!({
                         "type": INVALID_OUTPUT,
@@ -93,9 +93,9 @@ fn read_completion(body: &[u8]) -> Option<(Completion, Option<Ran>)> {
 
 fn to_completion(message: &CompletionMessage) -> Completion {
     let (status, output, error) = match &message.outcome {
-        Outcome::Succeeded { output } => ("succeeded", Some(output.clone()), None),
+        Outcome::Succeeded { output } => (TaskStatus::Succeeded, Some(output.clone()), None),
         Outcome::Failed { error } => (
-            "failed",
+            TaskStatus::Failed,
             None,
             Some(serde_json::to_value(error).unwrap_or(Value::Null)),
         ),

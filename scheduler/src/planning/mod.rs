@@ -116,6 +116,7 @@ pub async fn run_planning<T: Send + 'static>(
 #[cfg(test)]
 mod tests {
     use serde_json::json;
+    use taskfleet_common::TaskStatus;
 
     use super::*;
 
@@ -139,8 +140,8 @@ mod tests {
         .expect("planned");
         assert!(planned.end.is_some(), "step b failed, so the run did");
         assert!(planned.rows.dispatches.is_empty());
-        let statuses: Vec<&str> = planned.rows.tasks.iter().map(|t| t.status).collect();
-        assert_eq!(statuses, ["cancelled", "failed"]);
+        let statuses: Vec<TaskStatus> = planned.rows.tasks.iter().map(|t| t.status).collect();
+        assert_eq!(statuses, [TaskStatus::Cancelled, TaskStatus::Failed]);
     }
 
     #[test]

@@ -2,6 +2,7 @@
 
 use serde_json::Value;
 use taskfleet_common::definition::WorkflowDefinition;
+use taskfleet_common::{RunStatus, TaskStatus};
 use uuid::Uuid;
 
 use super::planner::{Planned, RunEnd};
@@ -28,13 +29,21 @@ impl Materialized {
                         run_id,
                         &step_id,
                         -1,
-                        "queued",
+                        TaskStatus::Queued,
                         Some(input),
                         None,
                     );
                 }
                 Planned::Skip { step_id } => {
-                    self.task(definition, run_id, &step_id, -1, "skipped", None, None);
+                    self.task(
+                        definition,
+                        run_id,
+                        &step_id,
+                        -1,
+                        TaskStatus::Skipped,
+                        None,
+                        None,
+                    );
                 }
                 Planned::Fail { step_id, error } => {
                     let error = serde_json::to_value(&error).unwrap_or(Value::Null);
@@ -43,7 +52,7 @@ impl Materialized {
                         run_id,
                         &step_id,
                         -1,
-                        "failed",
+                        TaskStatus::Failed,
                         None,
                         Some(error),
                     );
@@ -66,9 +75,9 @@ impl Materialized {
     ) {
         let total = i32::try_from(items.len()).unwrap_or(i32::MAX);
         let status = if items.is_empty() {
-            "succeeded"
+            TaskStatus::Succeeded
         } else {
-            "queued"
+            TaskStatus::Queued
         };
         let Some(parent) = self.task(definition, run_id, step_id, -1, status, None, None) else {
             return;
@@ -84,7 +93,7 @@ impl Materialized {
                 run_id,
                 step_id,
                 index,
-                "queued",
+                TaskStatus::Queued,
                 Some(item),
                 None,
             );
@@ -99,13 +108,13 @@ impl Materialized {
         run_id: Uuid,
         step_id: &str,
         item: i32,
-        status: &'static str,
+        status: TaskStatus,
         input: Option<Value>,
         error: Option<Value>,
     ) -> Option<&mut NewTask> {
         let step = definition.step(step_id)?;
         let task_id = Uuid::now_v7();
-        if status == "queued"
+        if status == TaskStatus::Queued
             && let Some(input) = &input
             && let Some(dispatch) =
                 Dispatch::new(definition, run_id, task_id, step_id, 1, input.clone())
@@ -142,7 +151,7 @@ impl Materialized {
     pub fn delay(&mut self, seconds: f64) {
         self.dispatches.clear();
         for task in &mut self.tasks {
-            if task.status == "queued" {
+            if task.status == TaskStatus::Queued {
                 task.delay_s = Some(seconds);
             }
         }
@@ -153,8 +162,8 @@ impl Materialized {
     pub fn cancel_dispatches(&mut self) {
         self.dispatches.clear();
         for task in &mut self.tasks {
-            if task.status == "queued" {
-                task.status = "cancelled";
+            if task.status == TaskStatus::Queued {
+                task.status = TaskStatus::Cancelled;
                 task.error = Some(serde_json::json!({
                     "type": taskfleet_common::error::CANCELLED,
                     "message": "the run ended before this step started",
@@ -169,13 +178,13 @@ pub fn finished_run(run_id: Uuid, end: RunEnd) -> FinishedRun {
     match end {
         RunEnd::Succeeded { output } => FinishedRun {
             id: run_id,
-            status: "succeeded",
+            status: RunStatus::Succeeded,
             output: Some(output),
             error: None,
         },
         RunEnd::Failed { error } => FinishedRun {
             id: run_id,
-            status: "failed",
+            status: RunStatus::Failed,
             output: None,
             error: Some(error),
         },

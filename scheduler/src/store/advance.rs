@@ -5,6 +5,7 @@
 use serde_json::Value;
 use sqlx::types::Json;
 use sqlx::{Postgres, Transaction};
+use taskfleet_common::{RunStatus, TaskStatus};
 use uuid::Uuid;
 
 use super::StoreError;
@@ -19,7 +20,8 @@ pub struct LockedRun {
     /// Its input.
     pub input: Json<Value>,
     /// Its status.
-    pub status: String,
+    #[sqlx(try_from = "String")]
+    pub status: RunStatus,
 }
 
 /// Locks the given runs (in id order, so two schedulers cannot deadlock) and returns them.
@@ -43,7 +45,8 @@ pub struct TaskState {
     /// Its step.
     pub step_id: String,
     /// Its status.
-    pub status: String,
+    #[sqlx(try_from = "String")]
+    pub status: TaskStatus,
     /// Its output.
     pub output: Option<Json<Value>>,
     /// Its error.
@@ -156,8 +159,8 @@ pub async fn fail_items(
 pub struct FinishedRun {
     /// Its id.
     pub id: Uuid,
-    /// `succeeded` or `failed`.
-    pub status: &'static str,
+    /// Succeeded or failed.
+    pub status: RunStatus,
     /// Its output.
     pub output: Option<Value>,
     /// Its error.
@@ -174,7 +177,7 @@ pub async fn finish_runs(
         return Ok(());
     }
     let ids: Vec<Uuid> = runs.iter().map(|run| run.id).collect();
-    let statuses: Vec<&str> = runs.iter().map(|run| run.status).collect();
+    let statuses: Vec<&str> = runs.iter().map(|run| run.status.as_str()).collect();
     let outputs: Vec<Option<Json<&Value>>> = runs
         .iter()
         .map(|run| run.output.as_ref().map(Json))

@@ -7,6 +7,7 @@ use serde_json::Value;
 use sqlx::postgres::PgArguments;
 use sqlx::types::Json;
 use sqlx::{PgConnection, Postgres, Transaction};
+use taskfleet_common::{RunStatus, TaskStatus};
 use uuid::Uuid;
 
 use super::{LockedRun, RunRow, StoreError, TaskRow};
@@ -20,8 +21,8 @@ pub struct Completion {
     pub run_id: Uuid,
     /// The attempt it reports on.
     pub attempt: i32,
-    /// `succeeded` or `failed`.
-    pub status: &'static str,
+    /// Succeeded or failed.
+    pub status: TaskStatus,
     /// The output of a success.
     pub output: Option<Value>,
     /// The error of a failure.
@@ -47,8 +48,9 @@ pub struct Recorded {
     pub step_id: String,
     /// Its item of a `for_each` step, or -1.
     pub item: i32,
-    /// `succeeded` or `failed`.
-    pub status: String,
+    /// Succeeded or failed.
+    #[sqlx(try_from = "String")]
+    pub status: TaskStatus,
     /// The output of a success.
     pub output: Option<Json<Value>>,
     /// The error of a failure.
@@ -83,7 +85,7 @@ fn bind_completions<'q, O, C: std::borrow::Borrow<Completion>>(
     let completions = || rows.iter().map(C::borrow);
     let ids: Vec<Uuid> = completions().map(|c| c.task_id).collect();
     let attempts: Vec<i32> = completions().map(|c| c.attempt).collect();
-    let statuses: Vec<&str> = completions().map(|c| c.status).collect();
+    let statuses: Vec<&str> = completions().map(|c| c.status.as_str()).collect();
     let outputs: Vec<Option<Json<&Value>>> =
         completions().map(|c| c.output.as_ref().map(Json)).collect();
     let errors: Vec<Option<Json<&Value>>> =
@@ -237,13 +239,17 @@ pub async fn lock_and_record(
             .await?;
     let mut locked = Vec::new();
     let mut recorded = Vec::new();
+    // The column holds a task's status on a recorded row and a run's on a locked one.
+    let unknown = |error: taskfleet_common::status::UnknownName| {
+        StoreError::from(sqlx::Error::Decode(Box::new(error)))
+    };
     for row in rows {
         match (row.step_id, row.definition, row.input) {
             (Some(step_id), _, _) => recorded.push(Recorded {
                 run_id: row.run_id,
                 step_id,
                 item: row.item.unwrap_or(-1),
-                status: row.status,
+                status: row.status.parse::<TaskStatus>().map_err(unknown)?,
                 output: row.output,
                 error: row.error,
             }),
@@ -251,7 +257,7 @@ pub async fn lock_and_record(
                 id: row.run_id,
                 definition,
                 input,
-                status: row.status,
+                status: row.status.parse::<RunStatus>().map_err(unknown)?,
             }),
             (None, _, _) => {}
         }

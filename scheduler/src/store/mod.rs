@@ -20,6 +20,7 @@ use sqlx::Arguments as _;
 use sqlx::postgres::{PgArguments, PgConnectOptions, PgPoolOptions};
 use sqlx::types::Json;
 use sqlx::{ConnectOptions, Connection, PgConnection, PgPool, Postgres};
+use taskfleet_common::{RunKind, RunStatus, TaskStatus};
 use uuid::Uuid;
 
 mod advance;
@@ -212,8 +213,9 @@ where
 pub struct RunRow {
     /// Its id.
     pub id: Uuid,
-    /// `workflow` or `job`.
-    pub kind: String,
+    /// A workflow's run or a job.
+    #[sqlx(try_from = "String")]
+    pub kind: RunKind,
     /// The registered workflow, if any.
     pub workflow: Option<String>,
     /// Its version.
@@ -223,7 +225,8 @@ pub struct RunRow {
     /// Its input.
     pub input: Json<Value>,
     /// Its status.
-    pub status: String,
+    #[sqlx(try_from = "String")]
+    pub status: RunStatus,
     /// Its output.
     pub output: Option<Json<Value>>,
     /// Its error.
@@ -242,7 +245,8 @@ pub struct TaskRow {
     /// Its step.
     pub step_id: String,
     /// Its status.
-    pub status: String,
+    #[sqlx(try_from = "String")]
+    pub status: TaskStatus,
     /// The current attempt.
     pub attempt: i32,
     /// Its output.

@@ -7,6 +7,7 @@ use serde_json::Value;
 use sqlx::postgres::PgArguments;
 use sqlx::types::Json;
 use sqlx::{PgConnection, PgPool};
+use taskfleet_common::{RunKind, RunStatus, TaskStatus};
 use uuid::Uuid;
 
 use super::{RunRow, StoreError, TaskRow, add};
@@ -17,7 +18,7 @@ pub struct NewRun {
     /// Its id.
     pub id: Uuid,
     /// `workflow` or `job`.
-    pub kind: &'static str,
+    pub kind: RunKind,
     /// The registered workflow it runs, if any.
     pub workflow: Option<String>,
     /// The version of that workflow.
@@ -27,7 +28,7 @@ pub struct NewRun {
     /// Its input.
     pub input: Value,
     /// Its status at insertion.
-    pub status: &'static str,
+    pub status: RunStatus,
     /// Its output, if it finished at once.
     pub output: Option<Value>,
     /// Its error, if it failed at once.
@@ -46,7 +47,7 @@ pub struct NewTask {
     /// Its step.
     pub step_id: String,
     /// `queued`, `skipped`, `failed` or `cancelled`.
-    pub status: &'static str,
+    pub status: TaskStatus,
     /// The task queue.
     pub queue: String,
     /// 0 to 9.
@@ -78,12 +79,12 @@ pub async fn insert_runs(
         return Ok(Vec::new());
     }
     let ids: Vec<Uuid> = runs.iter().map(|run| run.id).collect();
-    let kinds: Vec<&str> = runs.iter().map(|run| run.kind).collect();
+    let kinds: Vec<&str> = runs.iter().map(|run| run.kind.as_str()).collect();
     let workflows: Vec<Option<String>> = runs.iter().map(|run| run.workflow.clone()).collect();
     let versions: Vec<Option<i32>> = runs.iter().map(|run| run.workflow_version).collect();
     let definitions: Vec<Json<&Value>> = runs.iter().map(|run| Json(&run.definition)).collect();
     let inputs: Vec<Json<&Value>> = runs.iter().map(|run| Json(&run.input)).collect();
-    let statuses: Vec<&str> = runs.iter().map(|run| run.status).collect();
+    let statuses: Vec<&str> = runs.iter().map(|run| run.status.as_str()).collect();
     let outputs: Vec<Option<Json<&Value>>> = runs
         .iter()
         .map(|run| run.output.as_ref().map(Json))
@@ -132,18 +133,27 @@ pub async fn insert_runs(
 pub async fn runs_by_idempotency_key(
     conn: &mut PgConnection,
     namespace: &str,
-    kind: &str,
+    kind: RunKind,
     keys: &[String],
-) -> Result<Vec<(String, Uuid, String)>, StoreError> {
-    Ok(sqlx::query_as(
+) -> Result<Vec<(String, Uuid, RunStatus)>, StoreError> {
+    let rows: Vec<(String, Uuid, String)> = sqlx::query_as(
         "SELECT idempotency_key, id, status FROM runs
          WHERE namespace = $1 AND kind = $2 AND idempotency_key = ANY($3)",
     )
     .bind(namespace)
-    .bind(kind)
+    .bind(kind.as_str())
     .bind(keys)
     .fetch_all(conn)
-    .await?)
+    .await?;
+    rows.into_iter()
+        .map(|(key, id, status)| Ok((key, id, run_status(status)?)))
+        .collect()
+}
+
+/// Reads a run's stored status.
+fn run_status(text: String) -> Result<RunStatus, StoreError> {
+    RunStatus::try_from(text)
+        .map_err(|error| StoreError::from(sqlx::Error::Decode(Box::new(error))))
 }
 
 /// The columns of tasks to insert, as arrays bound to one statement.
@@ -168,7 +178,7 @@ impl<'a> TaskColumns<'a> {
             ids: tasks.iter().map(|task| task.id).collect(),
             run_ids: tasks.iter().map(|task| task.run_id).collect(),
             step_ids: tasks.iter().map(|task| task.step_id.as_str()).collect(),
-            statuses: tasks.iter().map(|task| task.status).collect(),
+            statuses: tasks.iter().map(|task| task.status.as_str()).collect(),
             queues: tasks.iter().map(|task| task.queue.as_str()).collect(),
             priorities: tasks.iter().map(|task| task.priority).collect(),
             inputs: tasks
@@ -259,13 +269,13 @@ pub async fn get_run(
     db: &PgPool,
     namespace: &str,
     id: Uuid,
-    kind: &str,
+    kind: RunKind,
 ) -> Result<Option<RunRow>, StoreError> {
     let sql =
         format!("SELECT {RUN_COLUMNS} FROM runs WHERE id = $1 AND kind = $2 AND namespace = $3");
     Ok(sqlx::query_as(sqlx::AssertSqlSafe(sql))
         .bind(id)
-        .bind(kind)
+        .bind(kind.as_str())
         .bind(namespace)
         .fetch_optional(db)
         .await?)
@@ -287,7 +297,7 @@ pub async fn get_tasks(db: &PgPool, run_id: Uuid) -> Result<Vec<TaskRow>, StoreE
 #[derive(Debug, Default)]
 pub struct RunFilter {
     /// Only runs in this status.
-    pub status: Option<String>,
+    pub status: Option<RunStatus>,
     /// Only runs of this registered workflow.
     pub workflow: Option<String>,
     /// Only runs older than this one (the cursor).
@@ -311,7 +321,7 @@ pub async fn list_runs(
          ORDER BY id DESC LIMIT $4"
     );
     Ok(sqlx::query_as(sqlx::AssertSqlSafe(sql))
-        .bind(&filter.status)
+        .bind(filter.status.map(RunStatus::as_str))
         .bind(&filter.workflow)
         .bind(filter.before)
         .bind(filter.limit)
@@ -326,7 +336,7 @@ pub enum Cancellation {
     /// No such run (of that kind, in that namespace).
     NotFound,
     /// The run had already finished, in this status.
-    Finished(String),
+    Finished(RunStatus),
     /// The run is now cancelled, with its queued and waiting tasks.
     Cancelled,
 }
@@ -337,22 +347,20 @@ pub async fn cancel_run(
     db: &PgPool,
     namespace: &str,
     id: Uuid,
-    kind: &str,
+    kind: RunKind,
 ) -> Result<Cancellation, StoreError> {
     let mut tx = db.begin().await?;
     let status: Option<String> = sqlx::query_scalar(
         "SELECT status FROM runs WHERE id = $1 AND kind = $2 AND namespace = $3 FOR UPDATE",
     )
     .bind(id)
-    .bind(kind)
+    .bind(kind.as_str())
     .bind(namespace)
     .fetch_optional(&mut *tx)
     .await?;
-    match status.as_deref() {
+    match status.map(run_status).transpose()? {
         None => return Ok(Cancellation::NotFound),
-        Some("succeeded" | "failed" | "cancelled") => {
-            return Ok(Cancellation::Finished(status.unwrap_or_default()));
-        }
+        Some(status) if status.is_finished() => return Ok(Cancellation::Finished(status)),
         Some(_) => {}
     }
     sqlx::query(

@@ -4,7 +4,9 @@ use axum::Json;
 use axum::extract::{Path, State};
 use serde_json::{Value, json};
 
-use super::{RunKind, parse_id};
+use taskfleet_common::RunKind;
+
+use super::{noun, parse_id};
 use crate::api::{ApiError, AppState};
 use crate::store;
 
@@ -26,10 +28,10 @@ pub async fn cancel_job(
 }
 
 async fn cancel_kind(state: &AppState, id: &str, kind: RunKind) -> Result<Json<Value>, ApiError> {
-    let what = kind.noun();
+    let what = noun(kind);
     let id = parse_id(id, what)?;
     let namespace = &state.config.namespace;
-    match store::cancel_run(&state.db, namespace.as_str(), id, kind.as_str()).await? {
+    match store::cancel_run(&state.db, namespace.as_str(), id, kind).await? {
         store::Cancellation::NotFound => {
             Err(ApiError::not_found(format!("no {what} with id {id}")))
         }

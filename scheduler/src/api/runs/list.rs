@@ -26,13 +26,14 @@ pub async fn list(
     State(state): State<AppState>,
     QueryParams(query): QueryParams<ListQuery>,
 ) -> Result<Json<Value>, ApiError> {
-    if let Some(status) = &query.status
-        && RunStatus::parse(status).is_none()
-    {
-        return Err(ApiError::bad_request(format!(
-            "status {status:?} is not one of pending, running, succeeded, failed, cancelled"
-        )));
-    }
+    let status = match &query.status {
+        None => None,
+        Some(status) => Some(RunStatus::parse(status).ok_or_else(|| {
+            ApiError::bad_request(format!(
+                "status {status:?} is not one of pending, running, succeeded, failed, cancelled"
+            ))
+        })?),
+    };
     if let Some(workflow) = &query.workflow
         && !is_valid_name(workflow)
     {
@@ -56,7 +57,7 @@ pub async fn list(
         &state.db,
         state.config.namespace.as_str(),
         &RunFilter {
-            status: query.status,
+            status,
             workflow: query.workflow,
             before,
             limit,

@@ -13,8 +13,8 @@ use std::collections::HashMap;
 
 use serde::Deserialize;
 use serde_json::Value;
-use taskfleet_common::WorkflowDefinition;
 use taskfleet_common::names::is_valid_name;
+use taskfleet_common::{RunKind, WorkflowDefinition};
 use uuid::Uuid;
 
 use super::{ApiError, AppState};
@@ -40,27 +40,11 @@ pub struct RunRequest {
     idempotency_key: Option<String>,
 }
 
-/// What kind of run a submission makes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum RunKind {
-    Workflow,
-    Job,
-}
-
-impl RunKind {
-    /// Returns what the API calls one of this kind in messages.
-    fn noun(self) -> &'static str {
-        match self {
-            Self::Workflow => "run",
-            Self::Job => "task",
-        }
-    }
-
-    fn as_str(self) -> &'static str {
-        match self {
-            Self::Workflow => "workflow",
-            Self::Job => "job",
-        }
+/// Returns what the API calls a run of this kind in messages.
+fn noun(kind: RunKind) -> &'static str {
+    match kind {
+        RunKind::Workflow => "run",
+        RunKind::Job => "task",
     }
 }
 

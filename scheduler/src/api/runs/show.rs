@@ -8,10 +8,10 @@ use axum::Json;
 use axum::extract::{Path, State};
 use serde::Deserialize;
 use serde_json::Value;
-use taskfleet_common::{RunStatus, TaskId};
+use taskfleet_common::{RunKind, TaskId, TaskStatus};
 use uuid::Uuid;
 
-use super::{RunKind, parse_id};
+use super::{noun, parse_id};
 use crate::api::{ApiError, AppState, QueryParams};
 use crate::notify::Notifier;
 use crate::store;
@@ -30,7 +30,7 @@ async fn show_kind(
     kind: RunKind,
     wait: Option<f64>,
 ) -> Result<Json<Value>, ApiError> {
-    let what = kind.noun();
+    let what = noun(kind);
     let id = parse_id(id, what)?;
     let wait = match wait {
         Some(seconds) if !(seconds.is_finite() && seconds >= 0.0) => {
@@ -47,7 +47,7 @@ async fn show_kind(
     let namespace = state.config.namespace.as_str();
     let mut woken = false;
     loop {
-        let get_run = store::get_run(&state.db, namespace, id, kind.as_str());
+        let get_run = store::get_run(&state.db, namespace, id, kind);
         // Once woken (most often by the run's end) the steps are read alongside the run, on a
         // second connection, so the answer waits for one round trip rather than two.
         let (run, tasks) = if woken {
@@ -57,7 +57,7 @@ async fn show_kind(
             (get_run.await?, None)
         };
         let run = run.ok_or_else(|| ApiError::not_found(format!("no {what} with id {id}")))?;
-        let done = RunStatus::parse(&run.status).is_some_and(RunStatus::is_finished);
+        let done = run.status.is_finished();
         let now = tokio::time::Instant::now();
         // A stopping scheduler answers long polls at once with what it has.
         if done || now >= deadline || state.shutdown.is_cancelled() {
@@ -88,7 +88,7 @@ async fn show_kind(
 async fn leased_tasks(state: &AppState, tasks: &[store::TaskRow]) -> HashSet<Uuid> {
     let queued: Vec<Uuid> = tasks
         .iter()
-        .filter(|task| task.status == "queued")
+        .filter(|task| task.status == TaskStatus::Queued)
         .map(|task| task.id)
         .collect();
     if queued.is_empty() {

@@ -8,14 +8,12 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
-use taskfleet_common::WorkflowDefinition;
 use taskfleet_common::definition::StepDefinition;
 use taskfleet_common::jq::ProgramCache;
+use taskfleet_common::{RunKind, RunStatus, WorkflowDefinition};
 use uuid::Uuid;
 
-use super::{
-    NewRunParts, Resolved, RunKind, RunRequest, check_idempotency_key, check_input, prepare,
-};
+use super::{NewRunParts, Resolved, RunRequest, check_idempotency_key, check_input, prepare};
 use crate::accept::{Accepted, Submission};
 use crate::api::workflows::check_definition;
 use crate::api::{ApiError, AppState, JsonBody};
@@ -116,13 +114,13 @@ fn plan_submission(
             if let Some(seconds) = parts.delay_s {
                 rows.delay(seconds);
             }
-            ("running", None, None)
+            (RunStatus::Running, None, None)
         }
     };
     Ok(Ok(Submission {
         run: NewRun {
             id,
-            kind: parts.kind.as_str(),
+            kind: parts.kind,
             workflow: parts.workflow,
             workflow_version: parts.version,
             definition: serde_json::to_value(&parts.definition).unwrap_or(Value::Null),
