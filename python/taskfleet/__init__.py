@@ -3,11 +3,12 @@
 A step is a plain function ``def step(input)`` or ``def step(input, ctx)``;
 :class:`Context` is the type of ``ctx``. :class:`Client` talks to a scheduler's HTTP API
 (submit runs, wait for them, cancel them, register workflows); it and its answer and error
-types (``Run``, ``ApiError``, ...) live in :mod:`taskfleet.client`, which is imported on
-first use, so importing ``taskfleet`` in a step loads only the context module.
+types (``Run``, ``ApiError``, ...) are taken from :mod:`taskfleet.client` (which re-exports
+those of :mod:`taskfleet.models` and :mod:`taskfleet.errors`) on first use, so importing
+``taskfleet`` in a step loads only the context module.
 
 Workers carry a copy of this file and of ``context.py`` for when the package is not
-installed; the client is not part of that copy.
+installed; the client and the modules it imports are not part of that copy.
 """
 
 from __future__ import annotations

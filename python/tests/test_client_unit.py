@@ -24,7 +24,8 @@ from taskfleet import (
     UnexpectedResponse,
     WaitTimeout,
 )
-from taskfleet.client import DEFAULT_API_URL, _parse_time
+from taskfleet._parse import _parse_time
+from taskfleet.client import DEFAULT_API_URL
 
 # A stub answer: status, content type, body.
 Answer = Tuple[int, str, bytes]
