@@ -1,20 +1,83 @@
-//! The scheduler's configuration: defaults, then `TASKFLEET_*` environment variables, then
-//! command-line flags. Parsed once at start into typed values; a bad value fails the start with
-//! a message naming the variable.
+//! The scheduler's configuration: every setting is a flag and a `TASKFLEET_*` environment
+//! variable (clap's `env` support: a flag wins over its variable, a variable over the default;
+//! an empty variable counts as unset). Parsed once at start into typed values; a bad value
+//! stops the start with a message naming the flag.
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::num::{NonZeroU64, NonZeroUsize};
+use std::num::NonZeroUsize;
 use std::time::Duration;
 
+use taskfleet_common::names::DEFAULT_NAMESPACE;
 use taskfleet_common::{Namespace, amqp};
+use taskfleet_io::settings;
+
+/// The taskfleet scheduler: HTTP API, durable record in PostgreSQL, dispatch through RabbitMQ.
+/// Every flag has its environment variable (shown with it); a flag wins over its variable.
+#[derive(Debug, Clone, clap::Parser)]
+#[command(name = "taskfleet-scheduler", version, about, long_about = None)]
+pub struct Settings {
+    /// PostgreSQL URL; the database is created and migrated if missing.
+    #[arg(
+        long,
+        env = "TASKFLEET_DATABASE_URL",
+        default_value = "postgres://postgres@127.0.0.1:5432/taskfleet"
+    )]
+    pub database_url: String,
+    /// RabbitMQ URL; `heartbeat=5` is added unless the URL has a `heartbeat`.
+    #[arg(
+        long,
+        env = "TASKFLEET_AMQP_URL",
+        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f"
+    )]
+    pub amqp_url: String,
+    /// Redis URL.
+    #[arg(
+        long,
+        env = "TASKFLEET_REDIS_URL",
+        default_value = "redis://127.0.0.1:6379/0"
+    )]
+    pub redis_url: String,
+    /// Where the HTTP API listens.
+    #[arg(long, env = "TASKFLEET_HTTP_ADDR", default_value = "127.0.0.1:8080")]
+    pub http_addr: SocketAddr,
+    /// Prefix of every queue and Redis key, so fleets can share services.
+    #[arg(long, env = "TASKFLEET_NAMESPACE", default_value = DEFAULT_NAMESPACE, value_parser = Namespace::new)]
+    pub namespace: Namespace,
+    /// The largest request body the API accepts, in bytes (larger ones get 413).
+    #[arg(long, env = "TASKFLEET_MAX_BODY_BYTES", default_value = "10485760")]
+    pub max_body_bytes: usize,
+    /// The longest long poll (`?wait=`) a client may ask for, in seconds.
+    #[arg(long = "max-wait-s", value_name = "SECONDS", env = "TASKFLEET_MAX_WAIT_S", default_value = "60", value_parser = settings::seconds)]
+    pub max_wait: Duration,
+    /// PostgreSQL connections in the pool.
+    #[arg(long, env = "TASKFLEET_DATABASE_POOL_SIZE", default_value = "16")]
+    pub database_pool_size: u32,
+    /// Age in seconds at which a committed task the broker never confirmed is published again.
+    #[arg(long = "relay-after-s", value_name = "SECONDS", env = "TASKFLEET_RELAY_AFTER_S", default_value = "10", value_parser = settings::seconds)]
+    pub relay_after: Duration,
+    /// The most tasks one broker message carries when many are dispatched at once.
+    #[arg(long, env = "TASKFLEET_MAX_TASKS_PER_MESSAGE", default_value = "64")]
+    pub max_tasks_per_message: NonZeroUsize,
+    /// How long one jq program of planning (`input`, `when`, `for_each`) may run, in ms.
+    #[arg(long = "jq-time-limit-ms", value_name = "MS", env = "TASKFLEET_JQ_TIME_LIMIT_MS", default_value = "1000", value_parser = settings::positive_millis)]
+    pub jq_time_limit: Duration,
+    /// The memory one jq program of planning may take, in MiB.
+    #[arg(long = "jq-memory-mb", value_name = "MIB", env = "TASKFLEET_JQ_MEMORY_MB", default_value = "256", value_parser = settings::positive_mib)]
+    pub jq_memory_bytes: u64,
+    /// Sandbox processes running planning's jq programs at once (default: one per core).
+    #[arg(long, env = "TASKFLEET_JQ_SANDBOXES")]
+    pub jq_sandboxes: Option<NonZeroUsize>,
+    /// Run as a jq sandbox with this memory limit in bytes (started by the scheduler itself).
+    #[arg(long = "jq-sandbox", hide = true, value_name = "BYTES")]
+    pub jq_sandbox: Option<u64>,
+}
 
 /// Everything the scheduler needs to know to start.
 #[derive(Debug, Clone)]
 pub struct Config {
     /// PostgreSQL URL; the database is created if missing.
     pub database_url: String,
-    /// RabbitMQ URL.
+    /// RabbitMQ URL, with its heartbeat.
     pub amqp_url: String,
     /// Redis URL.
     pub redis_url: String,
@@ -40,178 +103,91 @@ pub struct Config {
     pub jq_sandboxes: NonZeroUsize,
 }
 
-/// Describes a configuration value that could not be used.
-#[derive(Debug, thiserror::Error)]
-#[error("{variable}: {message}")]
-pub struct ConfigError {
-    variable: &'static str,
-    message: String,
-}
-
-/// Values given on the command line; each overrides its environment variable.
-#[derive(Debug, Default, Clone)]
-pub struct Overrides {
-    /// `--http-addr`.
-    pub http_addr: Option<String>,
-    /// `--database-url`.
-    pub database_url: Option<String>,
-    /// `--namespace`.
-    pub namespace: Option<String>,
-}
-
-fn parse<T: std::str::FromStr>(variable: &'static str, text: &str) -> Result<T, ConfigError>
-where
-    T::Err: std::fmt::Display,
-{
-    text.parse().map_err(|error: T::Err| ConfigError {
-        variable,
-        message: format!("{text:?} is not valid: {error}"),
-    })
-}
-
-impl Config {
-    /// Builds the configuration from an environment map (normally the process environment) and
-    /// command-line overrides.
-    pub fn load(env: &HashMap<String, String>, overrides: &Overrides) -> Result<Self, ConfigError> {
-        // An empty variable counts as unset, as shells and env files often leave them.
-        let get = |name: &str, default: &str| -> String {
-            env.get(name)
-                .filter(|value| !value.is_empty())
-                .cloned()
-                .unwrap_or_else(|| default.to_owned())
-        };
-        let http_addr = overrides
-            .http_addr
-            .clone()
-            .unwrap_or_else(|| get("TASKFLEET_HTTP_ADDR", "127.0.0.1:8080"));
-        let namespace = overrides.namespace.clone().unwrap_or_else(|| {
-            get(
-                "TASKFLEET_NAMESPACE",
-                taskfleet_common::names::DEFAULT_NAMESPACE,
-            )
-        });
-        Ok(Self {
-            database_url: overrides.database_url.clone().unwrap_or_else(|| {
-                get(
-                    "TASKFLEET_DATABASE_URL",
-                    "postgres://postgres@127.0.0.1:5432/taskfleet",
-                )
-            }),
-            amqp_url: amqp::with_heartbeat(
-                &get(
-                    "TASKFLEET_AMQP_URL",
-                    "amqp://guest:guest@127.0.0.1:5672/%2f",
-                ),
-                amqp::DEFAULT_HEARTBEAT_S,
-            ),
-            redis_url: get("TASKFLEET_REDIS_URL", "redis://127.0.0.1:6379/0"),
-            http_addr: parse("TASKFLEET_HTTP_ADDR", &http_addr)?,
-            namespace: Namespace::new(&namespace).map_err(|error| ConfigError {
-                variable: "TASKFLEET_NAMESPACE",
-                message: error.to_string(),
-            })?,
-            max_body_bytes: parse(
-                "TASKFLEET_MAX_BODY_BYTES",
-                &get("TASKFLEET_MAX_BODY_BYTES", "10485760"),
-            )?,
-            max_wait: Duration::from_secs(parse(
-                "TASKFLEET_MAX_WAIT_S",
-                &get("TASKFLEET_MAX_WAIT_S", "60"),
-            )?),
-            database_pool_size: parse(
-                "TASKFLEET_DATABASE_POOL_SIZE",
-                &get("TASKFLEET_DATABASE_POOL_SIZE", "16"),
-            )?,
-            relay_after: Duration::from_secs(parse(
-                "TASKFLEET_RELAY_AFTER_S",
-                &get("TASKFLEET_RELAY_AFTER_S", "10"),
-            )?),
-            max_tasks_per_message: parse(
-                "TASKFLEET_MAX_TASKS_PER_MESSAGE",
-                &get("TASKFLEET_MAX_TASKS_PER_MESSAGE", "64"),
-            )?,
-            jq_time_limit: Duration::from_millis(
-                parse::<NonZeroU64>(
-                    "TASKFLEET_JQ_TIME_LIMIT_MS",
-                    &get("TASKFLEET_JQ_TIME_LIMIT_MS", "1000"),
-                )?
-                .get(),
-            ),
-            jq_memory_bytes: parse::<NonZeroU64>(
-                "TASKFLEET_JQ_MEMORY_MB",
-                &get("TASKFLEET_JQ_MEMORY_MB", "256"),
-            )?
-            .get()
-            .saturating_mul(1024 * 1024),
-            jq_sandboxes: parse(
-                "TASKFLEET_JQ_SANDBOXES",
-                &get(
-                    "TASKFLEET_JQ_SANDBOXES",
-                    &std::thread::available_parallelism()
-                        .map_or(2, NonZeroUsize::get)
-                        .to_string(),
-                ),
-            )?,
-        })
+impl From<Settings> for Config {
+    fn from(settings: Settings) -> Self {
+        Self {
+            database_url: settings.database_url,
+            amqp_url: amqp::with_heartbeat(&settings.amqp_url, amqp::DEFAULT_HEARTBEAT_S),
+            redis_url: settings.redis_url,
+            http_addr: settings.http_addr,
+            namespace: settings.namespace,
+            max_body_bytes: settings.max_body_bytes,
+            max_wait: settings.max_wait,
+            database_pool_size: settings.database_pool_size,
+            relay_after: settings.relay_after,
+            max_tasks_per_message: settings.max_tasks_per_message,
+            jq_time_limit: settings.jq_time_limit,
+            jq_memory_bytes: settings.jq_memory_bytes,
+            jq_sandboxes: settings
+                .jq_sandboxes
+                .unwrap_or(NonZeroUsize::new(settings::cores()).unwrap_or(NonZeroUsize::MIN)),
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use clap::CommandFactory;
+
     use super::*;
 
-    fn env(pairs: &[(&str, &str)]) -> HashMap<String, String> {
-        pairs
-            .iter()
-            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-            .collect()
+    fn load(args: &[&str]) -> Result<Config, clap::Error> {
+        let args = std::iter::once("taskfleet-scheduler").chain(args.iter().copied());
+        settings::try_parse_from::<Settings>(args).map(Config::from)
     }
 
     #[test]
-    fn defaults_follow_the_spec() {
-        let config = Config::load(&env(&[]), &Overrides::default()).expect("defaults load");
+    fn defaults_follow_the_docs() {
+        let config = load(&[]).expect("defaults load");
         assert_eq!(
             config.database_url,
             "postgres://postgres@127.0.0.1:5432/taskfleet"
         );
+        assert_eq!(
+            config.amqp_url,
+            "amqp://guest:guest@127.0.0.1:5672/%2f?heartbeat=5"
+        );
         assert_eq!(config.http_addr.to_string(), "127.0.0.1:8080");
         assert_eq!(config.namespace.as_str(), "taskfleet");
+        assert_eq!(config.max_wait, Duration::from_secs(60));
+        assert_eq!(config.relay_after, Duration::from_secs(10));
         assert_eq!(config.jq_time_limit, Duration::from_secs(1));
         assert_eq!(config.jq_memory_bytes, 256 * 1024 * 1024);
     }
 
     #[test]
-    fn jq_limits_must_be_positive() {
-        for variable in [
-            "TASKFLEET_JQ_TIME_LIMIT_MS",
-            "TASKFLEET_JQ_MEMORY_MB",
-            "TASKFLEET_JQ_SANDBOXES",
+    fn flags_set_values_and_bad_values_are_named() {
+        let config =
+            load(&["--http-addr", "127.0.0.1:2", "--jq-time-limit-ms", "250"]).expect("loads");
+        assert_eq!(config.http_addr.port(), 2);
+        assert_eq!(config.jq_time_limit, Duration::from_millis(250));
+        for (flag, value) in [
+            ("--namespace", "a b"),
+            ("--http-addr", "nowhere"),
+            ("--jq-time-limit-ms", "0"),
+            ("--jq-memory-mb", "0"),
+            ("--jq-sandboxes", "0"),
         ] {
-            let error = Config::load(&env(&[(variable, "0")]), &Overrides::default())
-                .expect_err("zero is refused");
-            assert!(error.to_string().starts_with(variable), "{error}");
+            let error = load(&[flag, value]).expect_err("a bad value");
+            assert!(error.to_string().contains(flag), "{flag}: {error}");
         }
     }
 
     #[test]
-    fn flags_override_env_and_bad_values_are_named() {
-        let config = Config::load(
-            &env(&[("TASKFLEET_HTTP_ADDR", "127.0.0.1:1")]),
-            &Overrides {
-                http_addr: Some("127.0.0.1:2".into()),
-                ..Overrides::default()
-            },
-        )
-        .expect("loads");
-        assert_eq!(config.http_addr.port(), 2);
-        let error = Config::load(
-            &env(&[("TASKFLEET_NAMESPACE", "a b")]),
-            &Overrides::default(),
-        )
-        .expect_err("bad namespace");
-        assert!(
-            error.to_string().starts_with("TASKFLEET_NAMESPACE"),
-            "{error}"
-        );
+    fn every_setting_has_its_environment_variable() {
+        for arg in Settings::command().get_arguments() {
+            if arg.is_hide_set() || arg.get_id() == "help" || arg.get_id() == "version" {
+                continue;
+            }
+            let env = arg
+                .get_env()
+                .and_then(|env| env.to_str())
+                .unwrap_or_default();
+            assert!(
+                env.starts_with("TASKFLEET_"),
+                "{} has no variable",
+                arg.get_id()
+            );
+        }
     }
 }

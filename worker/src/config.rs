@@ -1,17 +1,129 @@
-//! The worker's configuration: defaults, then `TASKFLEET_*` environment variables, then flags.
+//! The worker's configuration: every setting is a flag and an environment variable (clap's
+//! `env` support: a flag wins over its variable, a variable over the default; an empty variable
+//! counts as unset), except `TASKFLEET_PYTHON_PATH`, whose entries add to the flags' (see
+//! [`Settings::python_path`]). Parsed once at start into typed values; a bad value stops the
+//! start with a message naming the flag.
 
-use std::collections::HashMap;
-use std::num::{NonZeroU64, NonZeroUsize};
+use std::num::NonZeroUsize;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use taskfleet_common::names::{DEFAULT_NAMESPACE, DEFAULT_QUEUE, check_queue_name};
 use taskfleet_common::{Namespace, amqp};
+use taskfleet_io::settings;
+
+/// The variable whose directories are added to `--python-path`'s.
+pub const PYTHON_PATH_VARIABLE: &str = "TASKFLEET_PYTHON_PATH";
+
+/// A taskfleet worker: runs dataflow (jq) and Python steps from RabbitMQ. Every flag has its
+/// environment variable (shown with it); a flag wins over its variable.
+#[derive(Debug, Clone, clap::Parser)]
+#[command(name = "taskfleet-worker", version, about, long_about = None)]
+pub struct Settings {
+    /// RabbitMQ URL; `heartbeat=5` is added unless the URL has a `heartbeat`.
+    #[arg(
+        long,
+        env = "TASKFLEET_AMQP_URL",
+        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f"
+    )]
+    pub amqp_url: String,
+    /// Redis URL.
+    #[arg(
+        long,
+        env = "TASKFLEET_REDIS_URL",
+        default_value = "redis://127.0.0.1:6379/0"
+    )]
+    pub redis_url: String,
+    /// Prefix of every queue and Redis key, so fleets can share services.
+    #[arg(long, env = "TASKFLEET_NAMESPACE", default_value = DEFAULT_NAMESPACE, value_parser = Namespace::new)]
+    pub namespace: Namespace,
+    /// Task queues to consume, comma separated.
+    #[arg(long, env = "TASKFLEET_QUEUES", default_value = DEFAULT_QUEUE, value_parser = parse_queues)]
+    pub queues: Queues,
+    /// Tasks in flight at once (default: 4 per core).
+    #[arg(long, env = "TASKFLEET_CONCURRENCY")]
+    pub concurrency: Option<NonZeroUsize>,
+    /// A directory prepended to Python's `sys.path`; repeat for several. The directories of
+    /// TASKFLEET_PYTHON_PATH (`:`-separated) come after these: an image names its step
+    /// packages in the variable and an operator adds more with the flag, so the two add up
+    /// rather than one replacing the other.
+    #[arg(long = "python-path", value_name = "DIR")]
+    pub python_path: Vec<PathBuf>,
+    /// A virtualenv whose packages steps may import.
+    #[arg(long = "venv", value_name = "DIR", env = "VIRTUAL_ENV")]
+    pub virtual_env: Option<PathBuf>,
+    /// How long a lease of a running task lives without renewal, in seconds.
+    #[arg(long = "lease-ttl-s", value_name = "SECONDS", env = "TASKFLEET_LEASE_TTL_S", default_value = "30", value_parser = settings::seconds)]
+    pub lease_ttl: Duration,
+    /// How long in-flight tasks may take to finish after SIGTERM, in seconds.
+    #[arg(long = "shutdown-grace-s", value_name = "SECONDS", env = "TASKFLEET_SHUTDOWN_GRACE_S", default_value = "30", value_parser = settings::seconds)]
+    pub shutdown_grace: Duration,
+    /// The most characters of a Python step's printed and logged output kept per attempt.
+    #[arg(long, env = "TASKFLEET_MAX_LOG_CHARS", default_value = "65536")]
+    pub max_log_chars: usize,
+    /// Python executor processes, each running one Python step at a time (default: one per
+    /// core).
+    #[arg(long, env = "TASKFLEET_PYTHON_EXECUTORS")]
+    pub python_executors: Option<NonZeroUsize>,
+    /// Replace a Python executor after it ran this many steps (0: never).
+    #[arg(long, env = "TASKFLEET_PYTHON_MAX_TASKS", default_value = "0")]
+    pub python_max_tasks: u64,
+    /// Replace a Python executor whose resident memory is above this many MiB after a step
+    /// (0: no limit).
+    #[arg(
+        long,
+        value_name = "MIB",
+        env = "TASKFLEET_PYTHON_MAX_RSS_MB",
+        default_value = "0"
+    )]
+    pub python_max_rss_mb: u64,
+    /// How long an interrupted Python step has to end before its executor is killed, in
+    /// seconds (fractions allowed).
+    #[arg(long = "python-kill-grace-s", value_name = "SECONDS", env = "TASKFLEET_PYTHON_KILL_GRACE_S", default_value = "2", value_parser = settings::fractional_seconds)]
+    pub python_kill_grace: Duration,
+    /// How long a jq program may run when its step sets no `timeout_s`, in ms.
+    #[arg(long = "jq-time-limit-ms", value_name = "MS", env = "TASKFLEET_JQ_TIME_LIMIT_MS", default_value = "60000", value_parser = settings::positive_millis)]
+    pub jq_time_limit: Duration,
+    /// The memory one jq program may take, in MiB.
+    #[arg(long = "jq-memory-mb", value_name = "MIB", env = "TASKFLEET_JQ_MEMORY_MB", default_value = "512", value_parser = settings::positive_mib)]
+    pub jq_memory_bytes: u64,
+    /// Sandbox processes running jq programs at once (default: one per core).
+    #[arg(long, env = "TASKFLEET_JQ_SANDBOXES")]
+    pub jq_sandboxes: Option<NonZeroUsize>,
+    /// Run as a Python executor serving the worker listening on this socket (started by the
+    /// worker itself).
+    #[arg(long = "python-executor", hide = true, value_name = "SOCKET")]
+    pub python_executor: Option<PathBuf>,
+    /// Run as a jq sandbox with this memory limit in bytes (started by the worker itself).
+    #[arg(long = "jq-sandbox", hide = true, value_name = "BYTES")]
+    pub jq_sandbox: Option<u64>,
+}
+
+/// The task queues a worker consumes: at least one, each a valid queue name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Queues(pub Vec<String>);
+
+/// Parses a comma-separated list of queue names.
+fn parse_queues(text: &str) -> Result<Queues, String> {
+    let queues: Vec<String> = text
+        .split(',')
+        .map(str::trim)
+        .filter(|queue| !queue.is_empty())
+        .map(str::to_owned)
+        .collect();
+    if queues.is_empty() {
+        return Err("names no queue".to_owned());
+    }
+    for queue in &queues {
+        check_queue_name(queue).map_err(|error| error.to_string())?;
+    }
+    Ok(Queues(queues))
+}
 
 /// Everything a worker needs to know to start.
 #[derive(Debug, Clone)]
 pub struct Config {
-    /// RabbitMQ URL.
+    /// RabbitMQ URL, with its heartbeat.
     pub amqp_url: String,
     /// Redis URL.
     pub redis_url: String,
@@ -51,134 +163,22 @@ pub struct Config {
     pub jq_sandboxes: NonZeroUsize,
 }
 
-/// Describes a configuration value that could not be used.
-#[derive(Debug, thiserror::Error)]
-#[error("{variable}: {message}")]
-pub struct ConfigError {
-    variable: &'static str,
-    message: String,
-}
-
-/// Values given on the command line; each overrides its environment variable.
-#[derive(Debug, Default, Clone)]
-pub struct Overrides {
-    /// `--queues a,b`.
-    pub queues: Option<String>,
-    /// `--concurrency N`.
-    pub concurrency: Option<usize>,
-    /// `--python-path DIR`, repeatable.
-    pub python_path: Vec<PathBuf>,
-    /// `--venv DIR`.
-    pub virtual_env: Option<PathBuf>,
-    /// `--namespace`.
-    pub namespace: Option<String>,
-    /// `--python-executors N`.
-    pub python_executors: Option<usize>,
-    /// `--python-max-tasks N`.
-    pub python_max_tasks: Option<u64>,
-    /// `--python-max-rss-mb N`.
-    pub python_max_rss_mb: Option<u64>,
-}
-
-fn parse<T: std::str::FromStr>(variable: &'static str, text: &str) -> Result<T, ConfigError>
-where
-    T::Err: std::fmt::Display,
-{
-    text.parse().map_err(|error: T::Err| ConfigError {
-        variable,
-        message: format!("{text:?} is not valid: {error}"),
-    })
-}
-
 impl Config {
-    /// Builds the configuration from an environment map and command-line overrides.
-    pub fn load(env: &HashMap<String, String>, overrides: &Overrides) -> Result<Self, ConfigError> {
-        let get = |name: &str| env.get(name).filter(|value| !value.is_empty()).cloned();
-        let namespace = overrides
-            .namespace
-            .clone()
-            .or_else(|| get("TASKFLEET_NAMESPACE"))
-            .unwrap_or_else(|| DEFAULT_NAMESPACE.to_owned());
-        let queues_text = overrides
-            .queues
-            .clone()
-            .or_else(|| get("TASKFLEET_QUEUES"))
-            .unwrap_or_else(|| DEFAULT_QUEUE.to_owned());
-        let queues: Vec<String> = queues_text
-            .split(',')
-            .map(str::trim)
-            .filter(|queue| !queue.is_empty())
-            .map(str::to_owned)
-            .collect();
-        if queues.is_empty() {
-            return Err(ConfigError {
-                variable: "--queues",
-                message: "names no queue".to_owned(),
-            });
+    /// Builds the configuration from parsed settings, the directories of
+    /// [`PYTHON_PATH_VARIABLE`] (`None` when unset) and the host's name (`None`: read from the
+    /// kernel).
+    pub fn new(
+        settings: Settings,
+        python_path_variable: Option<&str>,
+        host: Option<String>,
+    ) -> Self {
+        let cores = NonZeroUsize::new(settings::cores()).unwrap_or(NonZeroUsize::MIN);
+        let mut python_path = settings.python_path;
+        if let Some(extra) = python_path_variable.filter(|extra| !extra.is_empty()) {
+            python_path.extend(std::env::split_paths(extra));
         }
-        for queue in &queues {
-            check_queue_name(queue).map_err(|error| ConfigError {
-                variable: "--queues",
-                message: error.to_string(),
-            })?;
-        }
-        let default_concurrency = std::thread::available_parallelism()
-            .map_or(4, |cores| cores.get() * 4)
-            .to_string();
-        let concurrency = match overrides.concurrency {
-            Some(concurrency) => concurrency.to_string(),
-            None => get("TASKFLEET_CONCURRENCY").unwrap_or(default_concurrency),
-        };
-        let mut python_path = overrides.python_path.clone();
-        if let Some(extra) = get("TASKFLEET_PYTHON_PATH") {
-            python_path.extend(std::env::split_paths(&extra));
-        }
-        let cores = std::thread::available_parallelism().map_or(1, NonZeroUsize::get);
-        let setting = |flag: Option<String>, variable: &'static str, default: String| {
-            let text = flag.or_else(|| get(variable)).unwrap_or(default);
-            (variable, text)
-        };
-        let (variable, executors) = setting(
-            overrides.python_executors.map(|n| n.to_string()),
-            "TASKFLEET_PYTHON_EXECUTORS",
-            cores.to_string(),
-        );
-        let python_executors = parse(variable, &executors)?;
-        // 0 means no limit, for both recycling settings.
-        let (variable, max_tasks) = setting(
-            overrides.python_max_tasks.map(|n| n.to_string()),
-            "TASKFLEET_PYTHON_MAX_TASKS",
-            "0".to_owned(),
-        );
-        let python_max_tasks = Some(parse::<u64>(variable, &max_tasks)?).filter(|n| *n > 0);
-        let (variable, max_rss) = setting(
-            overrides.python_max_rss_mb.map(|n| n.to_string()),
-            "TASKFLEET_PYTHON_MAX_RSS_MB",
-            "0".to_owned(),
-        );
-        let python_max_rss_mb = Some(parse::<u64>(variable, &max_rss)?).filter(|n| *n > 0);
-        let kill_grace: f64 = parse(
-            "TASKFLEET_PYTHON_KILL_GRACE_S",
-            &get("TASKFLEET_PYTHON_KILL_GRACE_S").unwrap_or_else(|| "2".to_owned()),
-        )?;
-        let python_kill_grace =
-            Duration::try_from_secs_f64(kill_grace).map_err(|error| ConfigError {
-                variable: "TASKFLEET_PYTHON_KILL_GRACE_S",
-                message: format!("{kill_grace} is not a duration in seconds: {error}"),
-            })?;
-        let jq_time_limit_ms: NonZeroU64 = parse(
-            "TASKFLEET_JQ_TIME_LIMIT_MS",
-            &get("TASKFLEET_JQ_TIME_LIMIT_MS").unwrap_or_else(|| "60000".to_owned()),
-        )?;
-        let jq_memory_mb: NonZeroU64 = parse(
-            "TASKFLEET_JQ_MEMORY_MB",
-            &get("TASKFLEET_JQ_MEMORY_MB").unwrap_or_else(|| "512".to_owned()),
-        )?;
-        let jq_sandboxes = parse(
-            "TASKFLEET_JQ_SANDBOXES",
-            &get("TASKFLEET_JQ_SANDBOXES").unwrap_or_else(|| cores.to_string()),
-        )?;
-        let hostname = get("HOSTNAME")
+        let host = host
+            .filter(|name| !name.is_empty())
             .or_else(|| {
                 std::fs::read_to_string("/proc/sys/kernel/hostname")
                     .ok()
@@ -186,100 +186,84 @@ impl Config {
                     .filter(|name| !name.is_empty())
             })
             .unwrap_or_else(|| "worker".to_owned());
-        Ok(Self {
-            amqp_url: amqp::with_heartbeat(
-                &get("TASKFLEET_AMQP_URL")
-                    .unwrap_or_else(|| "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned()),
-                amqp::DEFAULT_HEARTBEAT_S,
-            ),
-            redis_url: get("TASKFLEET_REDIS_URL")
-                .unwrap_or_else(|| "redis://127.0.0.1:6379/0".to_owned()),
-            namespace: Namespace::new(&namespace).map_err(|error| ConfigError {
-                variable: "TASKFLEET_NAMESPACE",
-                message: error.to_string(),
-            })?,
-            queues,
-            concurrency: parse("--concurrency", &concurrency)?,
+        Self {
+            amqp_url: amqp::with_heartbeat(&settings.amqp_url, amqp::DEFAULT_HEARTBEAT_S),
+            redis_url: settings.redis_url,
+            namespace: settings.namespace,
+            queues: settings.queues.0,
+            concurrency: settings
+                .concurrency
+                .unwrap_or(cores.saturating_mul(NonZeroUsize::new(4).unwrap_or(NonZeroUsize::MIN))),
             python_path,
-            virtual_env: overrides
-                .virtual_env
-                .clone()
-                .or_else(|| get("VIRTUAL_ENV").map(PathBuf::from)),
-            host: hostname.clone(),
+            virtual_env: settings.virtual_env,
             worker_id: format!(
-                "{hostname}-{}-{}",
+                "{host}-{}-{}",
                 std::process::id(),
                 &uuid::Uuid::new_v4().simple().to_string()[..8]
             ),
-            lease_ttl: Duration::from_secs(parse(
-                "TASKFLEET_LEASE_TTL_S",
-                &get("TASKFLEET_LEASE_TTL_S").unwrap_or_else(|| "30".to_owned()),
-            )?),
-            max_log_chars: parse(
-                "TASKFLEET_MAX_LOG_CHARS",
-                &get("TASKFLEET_MAX_LOG_CHARS").unwrap_or_else(|| "65536".to_owned()),
-            )?,
-            python_executors,
-            python_max_tasks,
-            python_max_rss_mb,
-            python_kill_grace,
-            jq_time_limit: Duration::from_millis(jq_time_limit_ms.get()),
-            jq_memory_bytes: jq_memory_mb.get().saturating_mul(1024 * 1024),
-            jq_sandboxes,
-            shutdown_grace: Duration::from_secs(parse(
-                "TASKFLEET_SHUTDOWN_GRACE_S",
-                &get("TASKFLEET_SHUTDOWN_GRACE_S").unwrap_or_else(|| "30".to_owned()),
-            )?),
-        })
+            host,
+            lease_ttl: settings.lease_ttl,
+            shutdown_grace: settings.shutdown_grace,
+            max_log_chars: settings.max_log_chars,
+            python_executors: settings.python_executors.unwrap_or(cores),
+            // 0 means no limit, for both recycling settings.
+            python_max_tasks: Some(settings.python_max_tasks).filter(|n| *n > 0),
+            python_max_rss_mb: Some(settings.python_max_rss_mb).filter(|n| *n > 0),
+            python_kill_grace: settings.python_kill_grace,
+            jq_time_limit: settings.jq_time_limit,
+            jq_memory_bytes: settings.jq_memory_bytes,
+            jq_sandboxes: settings.jq_sandboxes.unwrap_or(cores),
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use clap::CommandFactory;
+
     use super::*;
 
-    fn env(pairs: &[(&str, &str)]) -> HashMap<String, String> {
-        pairs
-            .iter()
-            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-            .collect()
+    fn load(args: &[&str], python_path: Option<&str>) -> Result<Config, clap::Error> {
+        let args = std::iter::once("taskfleet-worker").chain(args.iter().copied());
+        let settings = settings::try_parse_from::<Settings>(args)?;
+        Ok(Config::new(settings, python_path, Some("host".to_owned())))
     }
 
     #[test]
-    fn defaults_and_overrides() {
-        let config = Config::load(&env(&[]), &Overrides::default()).expect("defaults load");
+    fn defaults_and_flags() {
+        let config = load(&[], None).expect("defaults load");
         assert_eq!(config.queues, vec!["default".to_owned()]);
         assert_eq!(config.namespace.as_str(), "taskfleet");
-        let config = Config::load(
-            &env(&[("TASKFLEET_QUEUES", "x"), ("VIRTUAL_ENV", "/venv")]),
-            &Overrides {
-                queues: Some("a, b".into()),
-                concurrency: Some(3),
-                ..Overrides::default()
-            },
-        )
-        .expect("loads");
-        assert_eq!(config.queues, vec!["a".to_owned(), "b".to_owned()]);
-        assert_eq!(config.concurrency.get(), 3);
-        assert_eq!(config.virtual_env, Some(PathBuf::from("/venv")));
         assert_eq!(config.python_max_tasks, None);
         assert_eq!(config.python_max_rss_mb, None);
         assert_eq!(config.python_kill_grace, Duration::from_secs(2));
         assert_eq!(config.jq_time_limit, Duration::from_secs(60));
         assert_eq!(config.jq_memory_bytes, 512 * 1024 * 1024);
-        let config = Config::load(
-            &env(&[
-                ("TASKFLEET_PYTHON_EXECUTORS", "3"),
-                ("TASKFLEET_PYTHON_MAX_TASKS", "100"),
-                ("TASKFLEET_PYTHON_KILL_GRACE_S", "0.5"),
-            ]),
-            &Overrides {
-                python_executors: Some(5),
-                python_max_rss_mb: Some(512),
-                ..Overrides::default()
-            },
+        assert_eq!(config.lease_ttl, Duration::from_secs(30));
+        assert!(config.worker_id.starts_with("host-"));
+        let config = load(
+            &[
+                "--queues",
+                "a, b",
+                "--concurrency",
+                "3",
+                "--venv",
+                "/venv",
+                "--python-executors",
+                "5",
+                "--python-max-tasks",
+                "100",
+                "--python-max-rss-mb",
+                "512",
+                "--python-kill-grace-s",
+                "0.5",
+            ],
+            None,
         )
         .expect("loads");
+        assert_eq!(config.queues, vec!["a".to_owned(), "b".to_owned()]);
+        assert_eq!(config.concurrency.get(), 3);
+        assert_eq!(config.virtual_env, Some(PathBuf::from("/venv")));
         assert_eq!(config.python_executors.get(), 5);
         assert_eq!(config.python_max_tasks, Some(100));
         assert_eq!(config.python_max_rss_mb, Some(512));
@@ -287,46 +271,43 @@ mod tests {
     }
 
     #[test]
-    fn jq_limits_must_be_positive() {
-        for variable in [
-            "TASKFLEET_JQ_TIME_LIMIT_MS",
-            "TASKFLEET_JQ_MEMORY_MB",
-            "TASKFLEET_JQ_SANDBOXES",
-        ] {
-            let error = Config::load(&env(&[(variable, "0")]), &Overrides::default())
-                .expect_err("zero is refused");
-            assert!(error.to_string().starts_with(variable), "{error}");
-        }
+    fn python_path_entries_of_the_flag_come_before_the_variables() {
+        let config = load(
+            &["--python-path", "/a", "--python-path", "/b"],
+            Some("/c:/d"),
+        )
+        .expect("loads");
+        let expected: Vec<PathBuf> = ["/a", "/b", "/c", "/d"].iter().map(PathBuf::from).collect();
+        assert_eq!(config.python_path, expected);
     }
 
     #[test]
     fn bad_values_are_named() {
-        let error = Config::load(
-            &env(&[]),
-            &Overrides {
-                concurrency: Some(0),
-                ..Overrides::default()
-            },
-        )
-        .expect_err("zero concurrency");
-        assert!(error.to_string().starts_with("--concurrency"), "{error}");
-        let error = Config::load(
-            &env(&[]),
-            &Overrides {
-                queues: Some("a b".into()),
-                ..Overrides::default()
-            },
-        )
-        .expect_err("bad queue");
-        assert!(error.to_string().contains("a b"), "{error}");
-        for (variable, value) in [
-            ("TASKFLEET_PYTHON_EXECUTORS", "0"),
-            ("TASKFLEET_PYTHON_MAX_RSS_MB", "lots"),
-            ("TASKFLEET_PYTHON_KILL_GRACE_S", "-1"),
+        for (flag, value) in [
+            ("--concurrency", "0"),
+            ("--queues", "a b"),
+            ("--queues", ","),
+            ("--python-executors", "0"),
+            ("--python-max-rss-mb", "lots"),
+            ("--python-kill-grace-s", "nan"),
+            ("--jq-time-limit-ms", "0"),
+            ("--jq-memory-mb", "0"),
+            ("--jq-sandboxes", "0"),
         ] {
-            let error = Config::load(&env(&[(variable, value)]), &Overrides::default())
-                .expect_err("a bad value");
-            assert!(error.to_string().starts_with(variable), "{error}");
+            let error = load(&[flag, value], None).expect_err("a bad value");
+            assert!(error.to_string().contains(flag), "{flag}: {error}");
+        }
+    }
+
+    #[test]
+    fn every_setting_has_its_environment_variable() {
+        for arg in Settings::command().get_arguments() {
+            let id = arg.get_id().as_str();
+            // The Python path's variable adds to the flag instead (see its doc).
+            if arg.is_hide_set() || ["help", "version", "python_path"].contains(&id) {
+                continue;
+            }
+            assert!(arg.get_env().is_some(), "{id} has no variable");
         }
     }
 }

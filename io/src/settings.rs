@@ -1,0 +1,91 @@
+//! Settings read from flags and environment variables (clap's `env` support: a flag wins over
+//! its variable, a variable over the default).
+
+/// Returns `command` with every argument whose environment variable is set but empty read as if
+/// the variable were unset: shells and env files often leave variables empty, and an empty value
+/// is never a setting.
+pub fn empty_env_is_unset(command: clap::Command) -> clap::Command {
+    command.mut_args(|arg| {
+        let empty = arg
+            .get_env()
+            .and_then(std::env::var_os)
+            .is_some_and(|value| value.is_empty());
+        if empty { arg.env(None) } else { arg }
+    })
+}
+
+/// Parses settings of type `T` from the process's arguments and environment, with empty
+/// variables unset; exits with clap's message on a bad value or `--help`.
+pub fn parse<T: clap::Parser>() -> T {
+    let matches = empty_env_is_unset(T::command()).get_matches();
+    T::from_arg_matches(&matches).unwrap_or_else(|error| error.exit())
+}
+
+/// Parses settings of type `T` from `args` (the first is the program's name) and the process's
+/// environment, with empty variables unset.
+pub fn try_parse_from<T: clap::Parser>(
+    args: impl IntoIterator<Item = impl Into<std::ffi::OsString> + Clone>,
+) -> Result<T, clap::Error> {
+    let matches = empty_env_is_unset(T::command()).try_get_matches_from(args)?;
+    T::from_arg_matches(&matches)
+}
+
+/// Parses a duration given in whole seconds.
+pub fn seconds(text: &str) -> Result<std::time::Duration, String> {
+    text.parse::<u64>()
+        .map(std::time::Duration::from_secs)
+        .map_err(|error| format!("{text:?} is not a whole number of seconds: {error}"))
+}
+
+/// Parses a duration given in seconds, fractions allowed.
+pub fn fractional_seconds(text: &str) -> Result<std::time::Duration, String> {
+    let seconds: f64 = text
+        .parse()
+        .map_err(|error| format!("{text:?} is not a number of seconds: {error}"))?;
+    std::time::Duration::try_from_secs_f64(seconds)
+        .map_err(|error| format!("{text:?} is not a duration in seconds: {error}"))
+}
+
+/// Parses a duration given in whole milliseconds, at least 1.
+pub fn positive_millis(text: &str) -> Result<std::time::Duration, String> {
+    match text.parse::<u64>() {
+        Ok(0) => Err("must be at least 1".to_owned()),
+        Ok(millis) => Ok(std::time::Duration::from_millis(millis)),
+        Err(error) => Err(format!(
+            "{text:?} is not a whole number of milliseconds: {error}"
+        )),
+    }
+}
+
+/// Parses a size given in whole MiB, at least 1, into bytes.
+pub fn positive_mib(text: &str) -> Result<u64, String> {
+    match text.parse::<u64>() {
+        Ok(0) => Err("must be at least 1".to_owned()),
+        Ok(mib) => Ok(mib.saturating_mul(1024 * 1024)),
+        Err(error) => Err(format!("{text:?} is not a whole number of MiB: {error}")),
+    }
+}
+
+/// Returns the number of cores this process may use, at least 1.
+pub fn cores() -> usize {
+    std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    #[test]
+    fn durations_and_sizes_parse_in_their_units() {
+        assert_eq!(seconds("10"), Ok(Duration::from_secs(10)));
+        assert!(seconds("1.5").is_err());
+        assert_eq!(fractional_seconds("0.5"), Ok(Duration::from_millis(500)));
+        assert!(fractional_seconds("-1").is_err());
+        assert_eq!(positive_millis("250"), Ok(Duration::from_millis(250)));
+        assert!(positive_millis("0").is_err());
+        assert_eq!(positive_mib("2"), Ok(2 * 1024 * 1024));
+        assert!(positive_mib("0").is_err());
+    }
+}
