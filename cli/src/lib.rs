@@ -1,4 +1,4 @@
-//! The `taskfleet` command-line client of the scheduler's HTTP API (SPEC.md "HTTP API").
+//! The `taskfleet` command-line client of the scheduler's HTTP API (`docs/api.md`).
 //!
 //! The library owns the commands: building request bodies from arguments, talking HTTP, waiting
 //! for runs to finish and printing results. It never reads the process environment; `main` does

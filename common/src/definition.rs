@@ -1,4 +1,4 @@
-//! Workflow definitions as users write them (SPEC.md "Workflow definition"), and their validation.
+//! Workflow definitions as users write them (`docs/workflows.md`), and their validation.
 //!
 //! Parsing (serde) rejects malformed JSON and unknown fields; [`WorkflowDefinition::validate`]
 //! rejects definitions that parse but cannot run, naming the offending step. Nothing here runs a

@@ -1,4 +1,4 @@
-//! The HTTP API (SPEC.md "HTTP API"): routes, shared state and the JSON body extractor.
+//! The HTTP API (`docs/api.md`): routes, shared state and the JSON body extractor.
 //!
 //! Handlers parse and validate, plan through [`crate::planning`], and read or write through
 //! [`crate::store`] and [`crate::accept`]; they hold no SQL.
