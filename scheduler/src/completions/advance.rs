@@ -181,8 +181,11 @@ impl CompletionLoop {
         // unless every program is quick and the values it reads are small.
         let programs = self.programs.clone();
         let in_place = plans_in_place(programs.cache(), &runs, &states);
-        let (materialized, finished) =
-            planning::run_planning(in_place, move || plan_runs(&programs, runs, states)).await?;
+        let (materialized, finished) = planning::run_planning(in_place, move || {
+            let threads = if in_place { 1 } else { programs.parallelism() };
+            plan_runs(&programs, runs, states, threads)
+        })
+        .await?;
         let finished_ids: HashSet<Uuid> = finished.iter().map(|run| run.id).collect();
         // A run that ended in this batch dispatches nothing more: its new tasks are written
         // cancelled, and `finish_runs` cancels the ones still queued from before.
@@ -308,20 +311,23 @@ fn plan_runs(
     programs: &dyn ProgramRunner,
     runs: Vec<RunToPlan>,
     states: HashMap<Uuid, BTreeMap<String, StepState>>,
+    threads: usize,
 ) -> Result<(Materialized, Vec<FinishedRun>), Stopped> {
-    let mut materialized = Materialized::default();
-    let mut finished = Vec::new();
     let empty = BTreeMap::new();
-    for run in runs {
-        let planned = planning::plan_run(
+    let planned = planning::plan_each(threads, runs, |run| {
+        planning::plan_run(
             programs,
             run.id,
             &run.definition,
             &run.input,
             states.get(&run.id).unwrap_or(&empty),
-        )?;
-        materialized.extend(planned.rows);
-        finished.extend(planned.end);
+        )
+    })?;
+    let mut materialized = Materialized::default();
+    let mut finished = Vec::new();
+    for run in planned {
+        materialized.extend(run.rows);
+        finished.extend(run.end);
     }
     Ok((materialized, finished))
 }

@@ -23,6 +23,8 @@ use taskfleet_common::jq::{self, ProgramCache};
 use taskfleet_common::value;
 use uuid::Uuid;
 
+use taskfleet_common::sync::lock;
+
 use crate::store::FinishedRun;
 pub use planner::{StepState, Stopped};
 pub use programs::{ProgramRunner, SandboxedPrograms};
@@ -84,6 +86,58 @@ pub fn plans_in_place<'a>(
     value::sizes_at_most(read, jq::QUICK_INPUT_SIZE)
 }
 
+/// Stack of the threads [`plan_each`] starts: compiling a program recurses on it (see
+/// `taskfleet_common::jq`), as on the runtime's own threads.
+const PLANNING_STACK: usize = 32 * 1024 * 1024;
+
+/// Plans each of `items` with `plan`, on up to `threads` threads at once (the calling thread
+/// among them), and returns the results in the order of `items`. A run whose programs wait in
+/// a sandbox holds up only its own thread, so a batch with a program that runs to its time
+/// limit takes that limit once per `threads` such runs rather than once per run. Stops at the
+/// first [`Stopped`].
+pub fn plan_each<T: Send, R: Send>(
+    threads: usize,
+    items: Vec<T>,
+    plan: impl Fn(T) -> Result<R, Stopped> + Sync,
+) -> Result<Vec<R>, Stopped> {
+    let count = items.len();
+    let threads = threads.clamp(1, count.max(1));
+    if threads == 1 {
+        return items.into_iter().map(plan).collect();
+    }
+    let next = std::sync::Mutex::new(items.into_iter().enumerate());
+    let results = std::sync::Mutex::new((0..count).map(|_| None).collect::<Vec<Option<R>>>());
+    let stopped = std::sync::atomic::AtomicBool::new(false);
+    let work = || {
+        while !stopped.load(std::sync::atomic::Ordering::Relaxed) {
+            let Some((index, item)) = lock(&next).next() else {
+                return;
+            };
+            match plan(item) {
+                Ok(result) => lock(&results)[index] = Some(result),
+                Err(Stopped) => stopped.store(true, std::sync::atomic::Ordering::Relaxed),
+            }
+        }
+    };
+    std::thread::scope(|scope| {
+        for _ in 1..threads {
+            // A thread that cannot start leaves its share to the others.
+            let _ = std::thread::Builder::new()
+                .name("planning".to_owned())
+                .stack_size(PLANNING_STACK)
+                .spawn_scoped(scope, work);
+        }
+        work();
+    });
+    if stopped.into_inner() {
+        return Err(Stopped);
+    }
+    let results = results
+        .into_inner()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    Ok(results.into_iter().flatten().collect())
+}
+
 /// Why planning gave no result.
 #[derive(Debug, thiserror::Error)]
 pub enum PlanningError {
@@ -142,6 +196,20 @@ mod tests {
         assert!(planned.rows.dispatches.is_empty());
         let statuses: Vec<TaskStatus> = planned.rows.tasks.iter().map(|t| t.status).collect();
         assert_eq!(statuses, [TaskStatus::Cancelled, TaskStatus::Failed]);
+    }
+
+    #[test]
+    fn planning_on_several_threads_keeps_the_order_and_stops_at_a_stop() {
+        for threads in [1, 2, 8] {
+            let planned = plan_each(threads, (0..100).collect(), |n: u32| Ok(n * 2));
+            assert_eq!(planned, Ok((0..100).map(|n| n * 2).collect::<Vec<u32>>()));
+            let stopped = plan_each(threads, (0..100).collect(), |n: u32| {
+                if n == 50 { Err(Stopped) } else { Ok(n) }
+            });
+            assert_eq!(stopped, Err(Stopped));
+        }
+        let empty: Vec<u32> = Vec::new();
+        assert_eq!(plan_each(4, empty, Ok), Ok(Vec::new()));
     }
 
     #[test]

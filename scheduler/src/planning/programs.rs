@@ -25,13 +25,19 @@ pub enum ProgramFailure {
     Stopped,
 }
 
-/// Runs the programs planning needs.
-pub trait ProgramRunner {
+/// Runs the programs planning needs, from any thread.
+pub trait ProgramRunner: Sync {
     /// The compiled programs, by source.
     fn cache(&self) -> &ProgramCache;
 
     /// Runs `program` on `input` and returns its single value ([`jq::single_value`]).
     fn run(&self, program: &Program, input: Value) -> Result<Value, ProgramFailure>;
+
+    /// How many runs may be planned at once to good effect: as many as programs may run at
+    /// once.
+    fn parallelism(&self) -> usize {
+        1
+    }
 }
 
 /// Runs every program on the calling thread, without limits: for tests of planning, whose
@@ -72,6 +78,10 @@ impl SandboxedPrograms {
 impl ProgramRunner for SandboxedPrograms {
     fn cache(&self) -> &ProgramCache {
         &self.cache
+    }
+
+    fn parallelism(&self) -> usize {
+        self.sandbox.settings().processes
     }
 
     fn run(&self, program: &Program, input: Value) -> Result<Value, ProgramFailure> {

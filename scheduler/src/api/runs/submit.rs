@@ -42,9 +42,12 @@ async fn plan(
     let in_place = plans_in_place(state.programs.cache(), &runs);
     let programs = state.programs.clone();
     let planned = planning::run_planning(in_place, move || {
-        let mut submissions = Vec::with_capacity(runs.len());
-        for (index, parts) in runs.into_iter().enumerate() {
-            match plan_submission(&programs, parts)? {
+        let threads = if in_place { 1 } else { programs.parallelism() };
+        let planned =
+            planning::plan_each(threads, runs, |parts| plan_submission(&programs, parts))?;
+        let mut submissions = Vec::with_capacity(planned.len());
+        for (index, submission) in planned.into_iter().enumerate() {
+            match submission {
                 Ok(submission) => submissions.push(submission),
                 Err(error) => return Ok(Err((index, error))),
             }
