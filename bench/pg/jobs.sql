@@ -4,8 +4,8 @@ WITH r AS (INSERT INTO runs (namespace, id, kind, definition, input, status)
   SELECT 'bench', uuid7(), 'job', '{"steps":[{"id":"job","dataflow":"."}]}'::jsonb,
          '{"i":1}'::jsonb, 'running'
   FROM generate_series(1, 256) RETURNING id),
-t AS (INSERT INTO tasks (id, run_id, step_id, status, queue, priority, input)
-  SELECT uuid7(), id, 'job', 'queued', 'default', 0, '{"i":1}'::jsonb FROM r
+t AS (INSERT INTO tasks (namespace, id, run_id, step_id, status, queue, priority, input)
+  SELECT 'bench', uuid7(), id, 'job', 'queued', 'default', 0, '{"i":1}'::jsonb FROM r
   RETURNING id, run_id)
 SELECT array_agg(id)::text AS tids, array_agg(run_id)::text AS rids FROM t \gset
 WITH locked AS MATERIALIZED (

@@ -99,6 +99,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     let programs =
         planning::SandboxedPrograms::new(sandbox, config.jq_time_limit, shutdown.clone());
     let completion_loop = completions::CompletionLoop {
+        namespace: config.namespace.as_str().to_owned(),
         db: store::HeldConnection::new(db.clone()),
         dispatcher: dispatcher.clone(),
         notifier: notifier.clone(),

@@ -47,9 +47,9 @@ async fn write_unpublished_run(
     .await
     .unwrap();
     sqlx::query(
-        "INSERT INTO tasks (id, run_id, step_id, status, attempt, queue, input, created_at,
-                            due_at)
-         VALUES ($1, $2, 'inc', 'queued', CASE WHEN $4::float8 IS NULL THEN 1 ELSE 2 END,
+        "INSERT INTO tasks (namespace, id, run_id, step_id, status, attempt, queue, input,
+                            created_at, due_at)
+         VALUES ($5, $1, $2, 'inc', 'queued', CASE WHEN $4::float8 IS NULL THEN 1 ELSE 2 END,
                  'default', '41', now() - make_interval(secs => $3),
                  now() + make_interval(secs => $4))",
     )
@@ -57,6 +57,7 @@ async fn write_unpublished_run(
     .bind(run_id)
     .bind(age_s)
     .bind(due_in_s)
+    .bind(namespace)
     .execute(db)
     .await
     .unwrap();
@@ -81,9 +82,9 @@ async fn write_older_rows(db: &PgPool, namespace: &str, count: i64, shape: Older
                     now() - interval '2 hours'
              FROM generate_series(1, $2)
              RETURNING id)
-         INSERT INTO tasks (id, run_id, step_id, status, attempt, queue, input, created_at,
-                            due_at, items_total)
-         SELECT gen_random_uuid(), id, $3, 'queued', $5, 'default', 'null',
+         INSERT INTO tasks (namespace, id, run_id, step_id, status, attempt, queue, input,
+                            created_at, due_at, items_total)
+         SELECT $1, gen_random_uuid(), id, $3, 'queued', $5, 'default', 'null',
                 now() - interval '2 hours', now() + make_interval(secs => $4), $6
          FROM inserted",
     )

@@ -189,7 +189,7 @@ impl CompletionLoop {
         let finished_ids: HashSet<Uuid> = finished.iter().map(|run| run.id).collect();
         // A run that ended in this batch dispatches nothing more: its new tasks are written
         // cancelled, and `finish_runs` cancels the ones still queued from before.
-        store::insert_tasks(&mut tx, &materialized.tasks).await?;
+        store::insert_tasks(&mut tx, &self.namespace, &materialized.tasks).await?;
         store::finish_runs(&mut tx, &finished).await?;
         tx.commit().await.map_err(StoreError::from)?;
         self.dispatcher.send(materialized.dispatches);

@@ -67,6 +67,8 @@ impl AdvanceError {
 
 /// What the completion loop needs.
 pub struct CompletionLoop {
+    /// The namespace whose completions these are; the tasks they plan are written in it.
+    pub namespace: String,
     /// The database, through a connection the loop keeps.
     pub db: HeldConnection,
     /// Where new tasks go after the commit.

@@ -55,19 +55,18 @@ pub async fn claim_undispatched(
     limit: i64,
 ) -> Result<Vec<UndispatchedTask>, StoreError> {
     Ok(sqlx::query_as(
-        // The candidates come in order from `tasks_sendable`, which holds only rows that can be
-        // sent. Each candidate's run is read by its id in a scalar subquery, which PostgreSQL
-        // evaluates per candidate and never turns into a join: the plan never reads the
-        // namespace's runs, whatever the statistics of a young table say, and it stops at the
-        // limit. Only rows of another namespace that its own relay has left behind (its
-        // schedulers stopped) are read and passed over.
+        // The candidates come in order from `tasks_sendable_in_namespace`, which holds only
+        // rows that can be sent, by namespace: no other namespace's row is read. Each
+        // candidate's run is read by its id in a scalar subquery, which PostgreSQL evaluates per
+        // candidate and never turns into a join: the plan never reads the namespace's runs,
+        // whatever the statistics of a young table say, and it stops at the limit.
         "WITH claimed AS (
              SELECT t.id FROM tasks t
-             WHERE t.status = 'queued' AND t.dispatched_at IS NULL AND t.due_at IS NULL
+             WHERE t.namespace = $1
+               AND t.status = 'queued' AND t.dispatched_at IS NULL AND t.due_at IS NULL
                AND t.items_total IS NULL
                AND coalesce(t.relayed_at, t.created_at) < now() - make_interval(secs => $2)
-               AND (SELECT r.namespace = $1 AND r.status = 'running'
-                    FROM runs r WHERE r.id = t.run_id)
+               AND (SELECT r.status = 'running' FROM runs r WHERE r.id = t.run_id)
              ORDER BY coalesce(t.relayed_at, t.created_at) LIMIT $3
              FOR UPDATE OF t SKIP LOCKED)
          UPDATE tasks t SET relayed_at = now()
@@ -90,12 +89,12 @@ pub async fn claim_due(
     limit: i64,
 ) -> Result<Vec<UndispatchedTask>, StoreError> {
     Ok(sqlx::query_as(
-        // As in `claim_undispatched`: candidates in order from `tasks_due`, each run read by id.
+        // As in `claim_undispatched`: candidates of this namespace in order from
+        // `tasks_due_in_namespace`, each run read by id.
         "WITH due AS (
              SELECT t.id FROM tasks t
-             WHERE t.due_at <= now() AND t.status = 'queued'
-               AND (SELECT r.namespace = $1 AND r.status = 'running'
-                    FROM runs r WHERE r.id = t.run_id)
+             WHERE t.namespace = $1 AND t.due_at <= now() AND t.status = 'queued'
+               AND (SELECT r.status = 'running' FROM runs r WHERE r.id = t.run_id)
              ORDER BY t.due_at LIMIT $2
              FOR UPDATE OF t SKIP LOCKED)
          UPDATE tasks t SET due_at = NULL, relayed_at = now()

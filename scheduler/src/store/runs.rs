@@ -94,7 +94,7 @@ pub async fn insert_runs(
         .map(|run| run.error.as_ref().map(Json))
         .collect();
     let keys: Vec<Option<String>> = runs.iter().map(|run| run.idempotency_key.clone()).collect();
-    let columns = TaskColumns::of(tasks);
+    let columns = TaskColumns::of(namespace, tasks);
     let sql = format!(
         "WITH inserted AS (
              INSERT INTO runs (namespace, id, kind, workflow, workflow_version, definition, input,
@@ -158,6 +158,7 @@ fn run_status(text: String) -> Result<RunStatus, StoreError> {
 
 /// The columns of tasks to insert, as arrays bound to one statement.
 struct TaskColumns<'a> {
+    namespace: &'a str,
     ids: Vec<Uuid>,
     run_ids: Vec<Uuid>,
     step_ids: Vec<&'a str>,
@@ -173,8 +174,9 @@ struct TaskColumns<'a> {
 }
 
 impl<'a> TaskColumns<'a> {
-    fn of(tasks: &'a [NewTask]) -> Self {
+    fn of(namespace: &'a str, tasks: &'a [NewTask]) -> Self {
         Self {
+            namespace,
             ids: tasks.iter().map(|task| task.id).collect(),
             run_ids: tasks.iter().map(|task| task.run_id).collect(),
             step_ids: tasks.iter().map(|task| task.step_id.as_str()).collect(),
@@ -204,9 +206,9 @@ impl<'a> TaskColumns<'a> {
     fn insert_sql(first: usize) -> String {
         let p = |offset: usize| format!("${}", first + offset);
         format!(
-            "INSERT INTO tasks (id, run_id, step_id, status, queue, priority, input, error,
-                                finished_at, due_at, item, items_total, output)
-             SELECT id, run_id, step_id, status, queue, priority, input, error,
+            "INSERT INTO tasks (namespace, id, run_id, step_id, status, queue, priority, input,
+                                error, finished_at, due_at, item, items_total, output)
+             SELECT {}::text, id, run_id, step_id, status, queue, priority, input, error,
                     CASE WHEN status = 'queued' THEN NULL ELSE now() END,
                     CASE WHEN status = 'queued' THEN now() + make_interval(secs => delay) END,
                     item, items_total, output
@@ -215,6 +217,7 @@ impl<'a> TaskColumns<'a> {
                          {}::integer[], {}::jsonb[])
                   AS t(id, run_id, step_id, status, queue, priority, input, error, delay, item,
                        items_total, output)",
+            p(12),
             p(0),
             p(1),
             p(2),
@@ -243,17 +246,22 @@ impl<'a> TaskColumns<'a> {
         add(arguments, &self.delays)?;
         add(arguments, &self.items)?;
         add(arguments, &self.totals)?;
-        add(arguments, &self.outputs)
+        add(arguments, &self.outputs)?;
+        add(arguments, self.namespace)
     }
 }
 
-/// Inserts tasks in one statement.
-pub async fn insert_tasks(conn: &mut PgConnection, tasks: &[NewTask]) -> Result<(), StoreError> {
+/// Inserts tasks of runs in `namespace` in one statement.
+pub async fn insert_tasks(
+    conn: &mut PgConnection,
+    namespace: &str,
+    tasks: &[NewTask],
+) -> Result<(), StoreError> {
     if tasks.is_empty() {
         return Ok(());
     }
     let mut arguments = PgArguments::default();
-    TaskColumns::of(tasks).add_to(&mut arguments)?;
+    TaskColumns::of(namespace, tasks).add_to(&mut arguments)?;
     sqlx::query_with(sqlx::AssertSqlSafe(TaskColumns::insert_sql(1)), arguments)
         .execute(conn)
         .await?;
