@@ -14,7 +14,7 @@
 //! and an input or output that cannot be stored or sent (see `taskfleet_common::value`) fails
 //! the task instead of reaching the scheduler.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::ops::Range;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -26,12 +26,12 @@ use lapin::options::BasicAckOptions;
 use lapin::types::AMQPValue;
 use redis::aio::ConnectionManager;
 use serde::Deserialize;
-use serde_json::json;
 use taskfleet_common::definition::StepKind;
 use taskfleet_common::error::{CANCELLED, INVALID_OUTPUT, INVALID_TASK, WORKER_LOST};
 use taskfleet_common::protocol::{
     self, CompletionMessage, DecodeError, Outcome, PROTOCOL_VERSION, Ran, TaskMessage,
 };
+use taskfleet_common::records::{self, Lease, StoredResult, WorkerHeartbeat};
 use taskfleet_common::{Namespace, RunId, StepError, TaskId, value};
 use tokio::sync::{Semaphore, watch};
 use tokio_util::sync::CancellationToken;
@@ -175,17 +175,14 @@ impl HeldTasks {
         }
     }
 
-    /// The counts now, as a JSON object of queue to tasks held.
-    fn to_json(&self) -> String {
-        let held = self
-            .0
+    /// The counts now, by queue.
+    fn counts(&self) -> BTreeMap<String, usize> {
+        self.0
             .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let held: std::collections::BTreeMap<&str, usize> = held
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
             .iter()
-            .map(|(queue, count)| (&**queue, *count))
-            .collect();
-        serde_json::to_string(&held).unwrap_or_else(|_| "{}".to_owned())
+            .map(|(queue, count)| (queue.to_string(), *count))
+            .collect()
     }
 }
 
@@ -684,18 +681,18 @@ impl Shared {
     /// run was cancelled. Best effort: without Redis the task still runs, and fencing by
     /// attempt keeps its completion safe.
     async fn take_lease(&self, task: &TaskMessage, started_at: chrono::DateTime<Utc>) -> bool {
-        let lease = json!({
-            "worker_id": self.worker_id,
-            "attempt": task.attempt,
-            "started_at": started_at,
-        });
+        let lease = Lease {
+            worker_id: self.worker_id.clone(),
+            attempt: task.attempt,
+            started_at,
+        };
         let mut redis = self.redis.clone();
         let result = redis::pipe()
             .cmd("EXISTS")
             .arg(self.namespace.cancelled_key(task.run_id))
             .cmd("SET")
             .arg(self.namespace.lease_key(task.task_id))
-            .arg(lease.to_string())
+            .arg(lease.to_json())
             .arg("PX")
             .arg(self.lease_ttl.as_millis() as u64)
             .ignore()
@@ -856,11 +853,6 @@ impl Shared {
     /// task whose report went out but whose acknowledgement was lost with a connection. Its
     /// outcome is reported again instead of running it again.
     async fn finished_outcome(&self, task: &TaskMessage) -> Option<Outcome> {
-        #[derive(Deserialize)]
-        struct Stored {
-            attempt: u32,
-            outcome: Outcome,
-        }
         let mut redis = self.redis.clone();
         let stored: Option<String> = redis::cmd("GET")
             .arg(self.namespace.result_key(task.task_id))
@@ -868,7 +860,7 @@ impl Shared {
             .await
             .inspect_err(|error| tracing::warn!(%error, "reading a redelivered task's result"))
             .ok()?;
-        let stored: Stored = serde_json::from_str(&stored?).ok()?;
+        let stored = StoredResult::from_json(&stored?).ok()?;
         (stored.attempt == task.attempt).then_some(stored.outcome)
     }
 
@@ -934,11 +926,9 @@ impl Shared {
 /// Every third of the lease time: renews the leases of running tasks and records the worker's
 /// heartbeat. On the way out, removes the worker's record.
 async fn heartbeat_loop(shared: Arc<Shared>, config: Config, shutdown: CancellationToken) {
-    let period = (shared.lease_ttl / 3).max(Duration::from_millis(100));
-    let mut interval = tokio::time::interval(period);
+    let mut interval = tokio::time::interval(records::renewal_period(shared.lease_ttl));
     let worker_key = shared.namespace.worker_key(&shared.worker_id);
     let workers_key = shared.namespace.workers_key();
-    let host = config.host.clone();
     loop {
         tokio::select! {
             _ = interval.tick() => {}
@@ -960,20 +950,17 @@ async fn heartbeat_loop(shared: Arc<Shared>, config: Config, shutdown: Cancellat
                 .arg(ttl_ms)
                 .ignore();
         }
+        let heartbeat = WorkerHeartbeat {
+            host: config.host.clone(),
+            queues: config.queues.clone(),
+            concurrency: config.concurrency.get(),
+            running: running.len(),
+            held: shared.held.counts(),
+            last_heartbeat_ms: now_ms,
+        };
         pipe.cmd("HSET")
             .arg(&worker_key)
-            .arg("host")
-            .arg(&host)
-            .arg("queues")
-            .arg(config.queues.join(","))
-            .arg("concurrency")
-            .arg(config.concurrency.get())
-            .arg("running")
-            .arg(running.len())
-            .arg("held")
-            .arg(shared.held.to_json())
-            .arg("last_heartbeat_ms")
-            .arg(now_ms)
+            .arg(&heartbeat.to_fields()[..])
             .ignore()
             .cmd("PEXPIRE")
             .arg(&worker_key)
@@ -1016,11 +1003,18 @@ mod tests {
         let first = held.hold(&a);
         let second = held.hold(&a);
         let other = held.hold(&b);
-        assert_eq!(held.to_json(), r#"{"a":2,"b":1}"#);
+        let counts = |expected: &[(&str, usize)]| {
+            let expected: BTreeMap<String, usize> = expected
+                .iter()
+                .map(|(queue, count)| ((*queue).to_owned(), *count))
+                .collect();
+            assert_eq!(held.counts(), expected);
+        };
+        counts(&[("a", 2), ("b", 1)]);
         drop((first, other));
-        assert_eq!(held.to_json(), r#"{"a":1}"#);
+        counts(&[("a", 1)]);
         drop(second);
-        assert_eq!(held.to_json(), "{}");
+        counts(&[]);
     }
 
     /// Returns a task message body with `version`, `step` and `input` as given.
