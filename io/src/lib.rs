@@ -1,8 +1,11 @@
-//! I/O that the scheduler and the worker share: the signals that stop them, and the sandbox
-//! processes that run the jq programs neither may run on its own threads.
+//! I/O that the scheduler and the worker share: the signals that stop them, how both reach
+//! RabbitMQ and declare its queues, and the sandbox processes that run the jq programs neither
+//! may run on its own threads.
 //!
-//! This crate owns process-level mechanics only. It knows nothing of runs, tasks, queues or the
-//! database; the vocabulary those use stays in `taskfleet-common`, which does no I/O.
+//! This crate owns mechanics only. It knows nothing of runs, tasks or the database, and holds
+//! no connection of its own; the vocabulary (queue names, messages) stays in
+//! `taskfleet-common`, which does no I/O.
 
+pub mod amqp;
 pub mod jq_sandbox;
 pub mod signals;
