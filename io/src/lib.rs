@@ -1,11 +1,12 @@
 //! I/O that the scheduler and the worker share: the signals that stop them, how both reach
-//! RabbitMQ and declare its queues, and the sandbox processes that run the jq programs neither
-//! may run on its own threads.
+//! RabbitMQ and declare its queues, how both listen on a Redis pub/sub channel, and the sandbox
+//! processes that run the jq programs neither may run on its own threads.
 //!
-//! This crate owns mechanics only. It knows nothing of runs, tasks or the database, and holds
-//! no connection of its own; the vocabulary (queue names, messages) stays in
-//! `taskfleet-common`, which does no I/O.
+//! This crate owns mechanics only. It knows nothing of runs, tasks or the database, and decides
+//! nothing about what is published or what a message means; the vocabulary (queue and channel
+//! names, messages) stays in `taskfleet-common`, which does no I/O.
 
 pub mod amqp;
 pub mod jq_sandbox;
+pub mod pubsub;
 pub mod signals;

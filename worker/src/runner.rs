@@ -33,6 +33,7 @@ use taskfleet_common::protocol::{
 };
 use taskfleet_common::records::{self, Lease, StoredResult, WorkerHeartbeat};
 use taskfleet_common::{Namespace, RunId, StepError, TaskId, value};
+use taskfleet_io::pubsub;
 use tokio::sync::{Semaphore, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -872,39 +873,16 @@ impl Shared {
     }
 }
 
-/// Listens for cancelled runs and stops this worker's running tasks of them, resubscribing
-/// after errors, until shutdown.
+/// Listens for cancelled runs and stops this worker's running tasks of them, subscribing again
+/// after a lost connection (see [`pubsub::listen`]), until shutdown.
 async fn cancel_listener(shared: Arc<Shared>, client: redis::Client, shutdown: CancellationToken) {
     let channel = shared.namespace.cancel_channel();
-    while !shutdown.is_cancelled() {
-        match client.get_async_pubsub().await {
-            Ok(mut pubsub) => match pubsub.subscribe(&channel).await {
-                Ok(()) => {
-                    let mut messages = pubsub.on_message();
-                    loop {
-                        let message = tokio::select! {
-                            message = messages.next() => message,
-                            () = shutdown.cancelled() => return,
-                        };
-                        let Some(message) = message else { break };
-                        let run_id = message
-                            .get_payload::<String>()
-                            .ok()
-                            .and_then(|text| text.parse::<RunId>().ok());
-                        if let Some(run_id) = run_id {
-                            shared.cancel_run(run_id);
-                        }
-                    }
-                }
-                Err(error) => tracing::warn!(%error, "subscribing to cancellations"),
-            },
-            Err(error) => tracing::warn!(%error, "connecting to redis for cancellations"),
+    pubsub::listen(&client, &channel, &shutdown, |payload| {
+        if let Ok(run_id) = payload.parse::<RunId>() {
+            shared.cancel_run(run_id);
         }
-        tokio::select! {
-            () = tokio::time::sleep(Duration::from_secs(1)) => {}
-            () = shutdown.cancelled() => return,
-        }
-    }
+    })
+    .await;
 }
 
 impl Shared {
