@@ -1,5 +1,6 @@
 //! Shared vocabulary of taskfleet: workflow definitions, the wire protocol between scheduler and
-//! workers, identifiers, statuses, error types and the names of queues and Redis keys.
+//! workers, identifiers, statuses, error types, the names of queues and Redis keys, and the
+//! records kept under those keys.
 //!
 //! This crate does no I/O: it never talks to a network, a database or a Python interpreter.
 
@@ -10,6 +11,7 @@ pub mod ids;
 pub mod jq;
 pub mod names;
 pub mod protocol;
+pub mod records;
 pub mod status;
 pub mod sync;
 pub mod value;

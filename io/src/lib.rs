@@ -1,10 +1,14 @@
 //! I/O that the scheduler and the worker share: the signals that stop them, their settings from
-//! flags and environment variables, and the sandbox processes that run the jq programs neither
+//! flags and environment variables, how both reach RabbitMQ and declare its queues, how both
+//! listen on a Redis pub/sub channel, and the sandbox processes that run the jq programs neither
 //! may run on its own threads.
 //!
-//! This crate owns process-level mechanics only. It knows nothing of runs, tasks, queues or the
-//! database; the vocabulary those use stays in `taskfleet-common`, which does no I/O.
+//! This crate owns mechanics only. It knows nothing of runs, tasks or the database, and decides
+//! nothing about what is published or what a message means; the vocabulary (queue and channel
+//! names, messages) stays in `taskfleet-common`, which does no I/O.
 
+pub mod amqp;
 pub mod jq_sandbox;
+pub mod pubsub;
 pub mod settings;
 pub mod signals;

@@ -1,24 +1,23 @@
-//! RabbitMQ for the scheduler: the connection (re-established in place when lost), task queue
-//! declarations, publishing tasks with publisher confirms, and the consumer of completions.
+//! RabbitMQ for the scheduler: the connection (re-established in place when lost), publishing
+//! tasks with publisher confirms, and the consumer of completions.
 //!
-//! Task queues are declared here with the same arguments the workers use, so whichever side
-//! comes first creates them.
+//! Task queues are declared before the first publish to them on each connection, with the
+//! declarations the workers use (`taskfleet_io::amqp`), so whichever side comes first creates
+//! them; the backoff of connecting is that module's too.
 
 use std::collections::HashSet;
 use std::sync::Arc;
-use std::time::Duration;
 
-use backon::{ExponentialBuilder, Retryable};
 use futures_util::{Stream, StreamExt};
 use lapin::message::Delivery;
 use lapin::options::{
     BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions,
     QueueDeclareOptions,
 };
-use lapin::types::{AMQPValue, FieldTable};
+use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, Consumer};
 use taskfleet_common::Namespace;
-use taskfleet_common::names::MAX_PRIORITY;
+use taskfleet_io::amqp;
 use tokio::sync::Mutex;
 use tokio_util::sync::CancellationToken;
 
@@ -54,22 +53,9 @@ pub struct Outgoing {
     pub body: Vec<u8>,
 }
 
-/// The longest wait between attempts to reach RabbitMQ, at start and after a lost connection.
-const RECONNECT_MAX_DELAY: Duration = Duration::from_secs(2);
-
-/// Returns the arguments every task queue is declared with.
-pub fn task_queue_arguments() -> FieldTable {
-    let mut arguments = FieldTable::default();
-    arguments.insert(
-        "x-max-priority".into(),
-        AMQPValue::ShortShortUInt(MAX_PRIORITY),
-    );
-    arguments
-}
-
 impl Broker {
-    /// Connects to `url`, retrying with backoff (capped at 2 s) until it succeeds or `shutdown`
-    /// is cancelled (then `None`), so the scheduler can start before the broker.
+    /// Connects to `url`, retrying with backoff ([`amqp::reconnect_backoff`]) until it succeeds
+    /// or `shutdown` is cancelled (then `None`), so the scheduler can start before the broker.
     pub async fn connect(
         url: &str,
         namespace: Namespace,
@@ -253,19 +239,7 @@ impl Link {
         shutdown: &CancellationToken,
     ) -> Option<Self> {
         let connect = || Self::connect(url, namespace, generation);
-        let retried = connect
-            .retry(
-                ExponentialBuilder::default()
-                    .with_min_delay(Duration::from_millis(100))
-                    .with_max_delay(RECONNECT_MAX_DELAY)
-                    .with_jitter()
-                    .without_max_times(),
-            )
-            .notify(|error, delay| tracing::warn!(%error, ?delay, "connecting to rabbitmq"));
-        tokio::select! {
-            connected = retried => connected.ok(),
-            () = shutdown.cancelled() => None,
-        }
+        amqp::connect_with_backoff(connect, shutdown).await
     }
 
     async fn connect(
@@ -278,13 +252,7 @@ impl Link {
         publisher
             .confirm_select(ConfirmSelectOptions::default())
             .await?;
-        publisher
-            .queue_declare(
-                namespace.completions_queue().into(),
-                QueueDeclareOptions::durable(),
-                FieldTable::default(),
-            )
-            .await?;
+        amqp::declare_completions_queue(&publisher, namespace).await?;
         Ok(Self {
             connection,
             publisher,
@@ -303,13 +271,7 @@ impl Link {
         if declared.contains(queue) {
             return Ok(());
         }
-        self.publisher
-            .queue_declare(
-                namespace.task_queue(queue).into(),
-                QueueDeclareOptions::durable(),
-                task_queue_arguments(),
-            )
-            .await?;
+        amqp::declare_task_queue(&self.publisher, namespace, queue).await?;
         declared.insert(queue.to_owned());
         Ok(())
     }
@@ -354,22 +316,8 @@ impl Link {
         reason: &str,
     ) -> Result<bool, lapin::Error> {
         let queue = namespace.dead_letters_queue();
-        self.publisher
-            .queue_declare(
-                queue.as_str().into(),
-                QueueDeclareOptions::durable(),
-                FieldTable::default(),
-            )
-            .await?;
-        let mut headers = FieldTable::default();
-        headers.insert(
-            "x-taskfleet-reason".into(),
-            AMQPValue::LongString(reason.into()),
-        );
-        headers.insert(
-            "x-taskfleet-source".into(),
-            AMQPValue::LongString(namespace.completions_queue().into()),
-        );
+        amqp::declare_dead_letters_queue(&self.publisher, namespace).await?;
+        let headers = amqp::dead_letter_headers(reason, &namespace.completions_queue());
         let confirm = self
             .publisher
             .basic_publish(

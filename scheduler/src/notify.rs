@@ -8,13 +8,14 @@
 //! final view with the announcement, so they answer without reading it back.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use futures_util::StreamExt;
 use redis::aio::ConnectionManager;
 use serde_json::Value;
+use taskfleet_common::sync::lock;
 use taskfleet_common::{Namespace, RunId};
+use taskfleet_io::pubsub;
 use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
@@ -56,7 +57,7 @@ pub struct Watch {
 
 impl Drop for Watch {
     fn drop(&mut self) {
-        let mut watched = self.watched.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut watched = lock(&self.watched);
         if let Some(count) = watched.get_mut(&self.id) {
             *count -= 1;
             if *count == 0 {
@@ -141,12 +142,7 @@ impl Notifier {
     /// end recorded in between is not missed.
     pub fn watch(&self, run_id: Uuid) -> Watch {
         let receiver = self.local.subscribe();
-        *self
-            .watched
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .entry(run_id)
-            .or_default() += 1;
+        *lock(&self.watched).entry(run_id).or_default() += 1;
         Watch {
             receiver,
             id: run_id,
@@ -156,7 +152,7 @@ impl Notifier {
 
     /// Returns those of `run_ids` that a local request waits for.
     pub fn watched(&self, run_ids: impl IntoIterator<Item = Uuid>) -> Vec<Uuid> {
-        let watched = self.watched.lock().unwrap_or_else(PoisonError::into_inner);
+        let watched = lock(&self.watched);
         if watched.is_empty() {
             return Vec::new();
         }
@@ -185,37 +181,15 @@ impl Notifier {
         tokio::time::timeout(timeout, wait).await.ok().flatten()
     }
 
-    /// Relays the Redis channel to local waiters until shutdown, resubscribing after errors.
+    /// Relays the Redis channel to local waiters until shutdown, subscribing again after a lost
+    /// connection (see [`pubsub::listen`]).
     pub async fn listen(self, client: redis::Client, shutdown: CancellationToken) {
-        while !shutdown.is_cancelled() {
-            match client.get_async_pubsub().await {
-                Ok(mut pubsub) => {
-                    if let Err(error) = pubsub.subscribe(&self.channel).await {
-                        tracing::warn!(%error, "subscribing to run notifications");
-                    } else {
-                        let mut messages = pubsub.on_message();
-                        loop {
-                            let message = tokio::select! {
-                                message = messages.next() => message,
-                                () = shutdown.cancelled() => return,
-                            };
-                            let Some(message) = message else { break };
-                            let id = message
-                                .get_payload::<String>()
-                                .ok()
-                                .and_then(|text| text.parse::<Uuid>().ok());
-                            if let Some(id) = id {
-                                let _ = self.local.send(Announcement { id, view: None });
-                            }
-                        }
-                    }
-                }
-                Err(error) => tracing::warn!(%error, "connecting to redis for run notifications"),
+        pubsub::listen(&client, &self.channel, &shutdown, |payload| {
+            if let Ok(id) = payload.parse::<Uuid>() {
+                // No receiver is fine: nobody is waiting.
+                let _ = self.local.send(Announcement { id, view: None });
             }
-            tokio::select! {
-                () = tokio::time::sleep(Duration::from_secs(1)) => {}
-                () = shutdown.cancelled() => return,
-            }
-        }
+        })
+        .await;
     }
 }

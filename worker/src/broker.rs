@@ -1,31 +1,15 @@
-//! RabbitMQ for the worker: the connection, the declarations it shares with the scheduler, the
-//! task consumers and the publisher of completions (in confirm mode).
+//! RabbitMQ for the worker: the connection, the task consumers and the publisher of completions
+//! (in confirm mode). The declarations it shares with the scheduler, and how both reach the
+//! broker, are `taskfleet_io::amqp`'s.
 
-use std::time::Duration;
-
-use backon::{ExponentialBuilder, Retryable};
 use lapin::options::{
     BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions,
-    QueueDeclareOptions,
 };
-use lapin::types::{AMQPValue, FieldTable};
+use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, Consumer};
 use taskfleet_common::Namespace;
-use taskfleet_common::names::MAX_PRIORITY;
+use taskfleet_io::amqp;
 use tokio_util::sync::CancellationToken;
-
-/// The longest wait between attempts to reach RabbitMQ, at start and after a lost connection.
-const RECONNECT_MAX_DELAY: Duration = Duration::from_secs(2);
-
-/// Returns the arguments every task queue is declared with; they must match the scheduler's.
-fn task_queue_arguments() -> FieldTable {
-    let mut arguments = FieldTable::default();
-    arguments.insert(
-        "x-max-priority".into(),
-        AMQPValue::ShortShortUInt(MAX_PRIORITY),
-    );
-    arguments
-}
 
 /// The worker's connection with one channel for consuming and one for publishing.
 pub struct Broker {
@@ -37,9 +21,9 @@ pub struct Broker {
 }
 
 impl Broker {
-    /// Connects, retrying with backoff (capped at 2 s) until it succeeds or `shutdown` is
-    /// cancelled (then `None`), so the worker may start before the broker and comes back after
-    /// a broker restart. Declares the task queues and the completions queue, and sets the
+    /// Connects, retrying with backoff ([`amqp::reconnect_backoff`]) until it succeeds or
+    /// `shutdown` is cancelled (then `None`), so the worker may start before the broker and
+    /// comes back after a broker restart. Declares the task queues and the completions queue, and sets the
     /// prefetch of the consuming channel to `prefetch` unacknowledged deliveries across all its
     /// consumers.
     pub async fn connect(
@@ -50,19 +34,7 @@ impl Broker {
         shutdown: &CancellationToken,
     ) -> Option<Self> {
         let connect = || Self::connect_once(url, namespace.clone(), queues, prefetch);
-        let retried = connect
-            .retry(
-                ExponentialBuilder::default()
-                    .with_min_delay(Duration::from_millis(100))
-                    .with_max_delay(RECONNECT_MAX_DELAY)
-                    .with_jitter()
-                    .without_max_times(),
-            )
-            .notify(|error, delay| tracing::warn!(%error, ?delay, "connecting to rabbitmq"));
-        tokio::select! {
-            connected = retried => connected.ok(),
-            () = shutdown.cancelled() => None,
-        }
+        amqp::connect_with_backoff(connect, shutdown).await
     }
 
     async fn connect_once(
@@ -78,21 +50,9 @@ impl Broker {
             .confirm_select(ConfirmSelectOptions::default())
             .await?;
         for queue in queues {
-            consumer
-                .queue_declare(
-                    namespace.task_queue(queue).into(),
-                    QueueDeclareOptions::durable(),
-                    task_queue_arguments(),
-                )
-                .await?;
+            amqp::declare_task_queue(&consumer, &namespace, queue).await?;
         }
-        publisher
-            .queue_declare(
-                namespace.completions_queue().into(),
-                QueueDeclareOptions::durable(),
-                FieldTable::default(),
-            )
-            .await?;
+        amqp::declare_completions_queue(&publisher, &namespace).await?;
         // RabbitMQ applies a prefetch with `global: false` to each consumer, and this channel has
         // one consumer per task queue; `global: true` makes the limit the channel's, shared by
         // all of them, so the worker never holds more than `prefetch` tasks in total.
@@ -146,25 +106,10 @@ impl Broker {
         reason: &str,
         source: &str,
     ) -> Result<(), PublishError> {
-        let queue = self.namespace.dead_letters_queue();
-        self.publisher
-            .queue_declare(
-                queue.as_str().into(),
-                QueueDeclareOptions::durable(),
-                FieldTable::default(),
-            )
-            .await?;
-        let mut headers = FieldTable::default();
-        headers.insert(
-            "x-taskfleet-reason".into(),
-            AMQPValue::LongString(reason.into()),
-        );
-        headers.insert(
-            "x-taskfleet-source".into(),
-            AMQPValue::LongString(source.into()),
-        );
+        amqp::declare_dead_letters_queue(&self.publisher, &self.namespace).await?;
+        let headers = amqp::dead_letter_headers(reason, source);
         self.publish_confirmed(
-            &queue,
+            &self.namespace.dead_letters_queue(),
             body,
             BasicProperties::default().with_headers(headers),
         )

@@ -20,9 +20,9 @@ use std::time::Duration;
 use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicNackOptions};
 use redis::aio::ConnectionManager;
-use serde_json::json;
 use taskfleet_common::Namespace;
 use taskfleet_common::protocol::{self, CompletionMessage};
+use taskfleet_common::records::{RESULT_TTL, StoredResult};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -32,8 +32,6 @@ use crate::broker::Broker;
 /// How long a finished task waits for a new RabbitMQ connection to report on, after its own was
 /// lost.
 pub const REPORT_AFTER_RECONNECT: Duration = Duration::from_secs(30);
-/// How long a task's result stays in Redis.
-const RESULT_TTL_S: u64 = 24 * 3600;
 /// The most completions one message carries.
 const MAX_PER_MESSAGE: usize = 128;
 /// The body size past which a message takes no more completions.
@@ -277,16 +275,16 @@ async fn store_results(targets: &ReportTargets, batch: &[Report]) {
     let mut pipe = redis::pipe();
     for report in batch {
         let completion = &report.completion;
-        let result = json!({
-            "attempt": completion.attempt,
-            "outcome": completion.outcome,
-            "finished_at": completion.finished_at,
-        });
+        let result = StoredResult {
+            attempt: completion.attempt,
+            outcome: completion.outcome.clone(),
+            finished_at: completion.finished_at,
+        };
         pipe.cmd("SET")
             .arg(targets.namespace.result_key(completion.task_id))
-            .arg(result.to_string())
+            .arg(result.to_json())
             .arg("EX")
-            .arg(RESULT_TTL_S)
+            .arg(RESULT_TTL.as_secs())
             .ignore()
             .cmd("DEL")
             .arg(targets.namespace.lease_key(completion.task_id))

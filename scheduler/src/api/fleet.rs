@@ -7,64 +7,40 @@ use axum::Json;
 use axum::extract::State;
 use serde_json::{Value, json};
 use taskfleet_common::names::DEFAULT_QUEUE;
+use taskfleet_common::records::{HEARTBEAT_STALE_AFTER, WorkerHeartbeat};
 
 use super::{ApiError, AppState};
 use crate::store;
 
-/// A worker whose last heartbeat is older than this many lease periods is not listed.
-const STALE_AFTER_LEASES: i64 = 3;
-
-/// A live worker's heartbeat record: its fields as the worker wrote them.
-struct WorkerRecord {
+/// A live worker: its id and its last heartbeat.
+struct LiveWorker {
     id: String,
-    fields: BTreeMap<String, String>,
+    heartbeat: WorkerHeartbeat,
 }
 
-impl WorkerRecord {
-    fn number(&self, field: &str) -> Option<i64> {
-        self.fields
-            .get(field)
-            .and_then(|value| value.parse::<i64>().ok())
-    }
-
-    /// The task queues it consumes.
-    fn queues(&self) -> Vec<&str> {
-        self.fields
-            .get("queues")
-            .map(|queues| queues.split(',').filter(|q| !q.is_empty()).collect())
-            .unwrap_or_default()
-    }
-
-    /// The tasks it holds (delivered, not yet reported) in each queue, as of its heartbeat.
-    fn held(&self) -> BTreeMap<String, i64> {
-        self.fields
-            .get("held")
-            .and_then(|held| serde_json::from_str(held).ok())
-            .unwrap_or_default()
-    }
-
+impl LiveWorker {
     /// The worker as `/v1/workers` shows it.
     fn view(&self) -> Value {
-        let heartbeat = self
-            .number("last_heartbeat_ms")
-            .and_then(chrono::DateTime::<chrono::Utc>::from_timestamp_millis);
+        let heartbeat = &self.heartbeat;
         json!({
             "id": self.id,
-            "host": self.fields.get("host"),
-            "queues": self.queues(),
-            "concurrency": self.number("concurrency"),
-            "running": self.number("running"),
-            "last_heartbeat": heartbeat,
+            "host": heartbeat.host,
+            "queues": heartbeat.queues,
+            "concurrency": heartbeat.concurrency,
+            "running": heartbeat.running,
+            "last_heartbeat": heartbeat.last_heartbeat(),
         })
     }
 }
 
-/// Reads the live workers' heartbeat records.
-async fn live_workers(state: &AppState) -> Result<Vec<WorkerRecord>, ApiError> {
+/// Reads the live workers' heartbeat records. A record that is not a worker's heartbeat (no
+/// worker writes one without the fields every worker writes) is left out, and logged.
+async fn live_workers(state: &AppState) -> Result<Vec<LiveWorker>, ApiError> {
     let namespace = &state.config.namespace;
     let mut redis = state.redis.clone();
     let now_ms = chrono::Utc::now().timestamp_millis();
-    let oldest = now_ms - STALE_AFTER_LEASES * 30_000;
+    let stale_after_ms = i64::try_from(HEARTBEAT_STALE_AFTER.as_millis()).unwrap_or(i64::MAX);
+    let oldest = now_ms.saturating_sub(stale_after_ms);
     let ids: Vec<String> = redis::cmd("ZRANGEBYSCORE")
         .arg(namespace.workers_key())
         .arg(oldest)
@@ -92,7 +68,13 @@ async fn live_workers(state: &AppState) -> Result<Vec<WorkerRecord>, ApiError> {
         .zip(records)
         // A worker that stopped has removed its record; its set entry may linger a moment.
         .filter(|(_, fields)| !fields.is_empty())
-        .map(|(id, fields)| WorkerRecord { id, fields })
+        .filter_map(|(id, fields)| match WorkerHeartbeat::from_fields(&fields) {
+            Ok(heartbeat) => Some(LiveWorker { id, heartbeat }),
+            Err(error) => {
+                tracing::warn!(worker_id = id, %error, "skipping a worker record that does not read");
+                None
+            }
+        })
         .collect())
 }
 
@@ -102,7 +84,7 @@ pub async fn workers(State(state): State<AppState>) -> Result<Json<Value>, ApiEr
     let workers: Vec<Value> = live_workers(&state)
         .await?
         .iter()
-        .map(WorkerRecord::view)
+        .map(LiveWorker::view)
         .collect();
     Ok(Json(json!({ "workers": workers })))
 }
@@ -118,10 +100,11 @@ pub async fn queues(State(state): State<AppState>) -> Result<Json<Value>, ApiErr
             .into_iter()
             .collect();
     names.insert(DEFAULT_QUEUE.to_owned());
-    let mut in_flight: BTreeMap<String, i64> = BTreeMap::new();
+    let mut in_flight: BTreeMap<String, usize> = BTreeMap::new();
     for worker in live_workers(&state).await? {
-        names.extend(worker.queues().into_iter().map(str::to_owned));
-        for (queue, held) in worker.held() {
+        let heartbeat = worker.heartbeat;
+        names.extend(heartbeat.queues);
+        for (queue, held) in heartbeat.held {
             *in_flight.entry(queue).or_default() += held;
         }
     }

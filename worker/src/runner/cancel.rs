@@ -1,0 +1,41 @@
+//! The cancel listener: stops this worker's running tasks of a run that was cancelled (or
+//! failed) as soon as a scheduler announces it. Tasks of such a run delivered later find its
+//! flag when they take their lease (see `lease`); this module does not look at leases.
+
+use std::sync::Arc;
+
+use taskfleet_common::RunId;
+use taskfleet_common::sync::lock;
+use taskfleet_io::pubsub;
+use tokio_util::sync::CancellationToken;
+
+use super::Shared;
+
+/// Listens for cancelled runs and stops this worker's running tasks of them, subscribing again
+/// after a lost connection (see [`pubsub::listen`]), until shutdown.
+pub(super) async fn cancel_listener(
+    shared: Arc<Shared>,
+    client: redis::Client,
+    shutdown: CancellationToken,
+) {
+    let channel = shared.namespace.cancel_channel();
+    pubsub::listen(&client, &channel, &shutdown, |payload| {
+        if let Ok(run_id) = payload.parse::<RunId>() {
+            shared.cancel_run(run_id);
+        }
+    })
+    .await;
+}
+
+impl Shared {
+    /// Stops the running tasks of a cancelled run.
+    fn cancel_run(&self, run_id: RunId) {
+        let running = lock(&self.running);
+        for (task_id, (task_run, token)) in running.iter() {
+            if *task_run == run_id {
+                tracing::info!(%task_id, %run_id, "stopping a task of a cancelled run");
+                token.cancel();
+            }
+        }
+    }
+}

@@ -1,0 +1,153 @@
+//! Running a task's step: the executors of every step kind, and a task run under its lease
+//! until it ends, runs out of time or its run is cancelled. What to run and whether to run it
+//! at all (a redelivery, an input that cannot travel) is decided before, in `delivery`; the
+//! outcome goes back there to be reported.
+
+use std::time::Duration;
+
+use chrono::Utc;
+use taskfleet_common::definition::StepKind;
+use taskfleet_common::error::{CANCELLED, INVALID_OUTPUT};
+use taskfleet_common::protocol::{Outcome, TaskMessage};
+use taskfleet_common::{StepError, value};
+use tokio_util::sync::CancellationToken;
+
+use super::Shared;
+use crate::executor::dataflow::DataflowExecutor;
+use crate::executor::pool::PythonPool;
+use crate::executor::python::{PythonTarget, StepContext};
+
+/// What a step came to on its executor.
+#[derive(Debug)]
+pub struct Executed {
+    /// Its output, or why it failed.
+    pub result: Result<serde_json::Value, StepError>,
+    /// What it printed or logged (Python steps).
+    pub logs: Option<String>,
+    /// How long it ran, from the moment its executor took it (not counting a wait for a free
+    /// Python executor); `None` if no executor took it.
+    pub ran: Option<Duration>,
+}
+
+/// The executors of every step kind.
+#[derive(Clone)]
+pub struct Executors {
+    /// jq programs.
+    pub dataflow: DataflowExecutor,
+    /// Python functions and code.
+    pub python: PythonPool,
+}
+
+impl Executors {
+    /// Runs `task` on the executor of its kind, failing it with `timeout` past `limit`.
+    /// Dropping the future stops a Python step.
+    pub async fn execute(&self, task: &TaskMessage, limit: Option<Duration>) -> Executed {
+        let target = match &task.step {
+            StepKind::Dataflow { .. } => {
+                let started = std::time::Instant::now();
+                // The executor keeps the limit itself: past it, the program's sandbox is killed.
+                let result = self.dataflow.run(task, limit).await;
+                return Executed {
+                    result,
+                    logs: None,
+                    ran: Some(started.elapsed()),
+                };
+            }
+            StepKind::Python { module, function } => PythonTarget::Function {
+                module: module.clone(),
+                function: function.clone(),
+            },
+            StepKind::PythonCode { source } => PythonTarget::Code {
+                source: source.clone(),
+            },
+        };
+        let context = StepContext {
+            run_id: task.run_id.to_string(),
+            task_id: task.task_id.to_string(),
+            step_id: task.step_id.clone(),
+            attempt: task.attempt,
+        };
+        let (output, ran) = self
+            .python
+            .call_timed(target, task.input.clone(), context, limit)
+            .await;
+        Executed {
+            result: output.result,
+            logs: (!output.logs.is_empty()).then_some(output.logs),
+            ran,
+        }
+    }
+}
+
+impl Shared {
+    /// Runs `task` under a lease and returns how it ended, what it logged and, if it ran to
+    /// its end on an executor, how long it ran there; an output that cannot be stored or sent
+    /// fails the task.
+    ///
+    /// A jq step runs while its lease is being taken: it has no effect beyond its output, which
+    /// is dropped if the lease finds its run cancelled. Any other step starts only once the
+    /// lease is taken.
+    pub(super) async fn execute(
+        &self,
+        task: &TaskMessage,
+        started_at: chrono::DateTime<Utc>,
+    ) -> (Outcome, Option<String>, Option<Duration>) {
+        let cancelled = self.register(task);
+        let limit = task
+            .timeout_s
+            .and_then(|seconds| Duration::try_from_secs_f64(seconds).ok());
+        let lease = self.take_lease(task, started_at);
+        let executed = if matches!(task.step, StepKind::Dataflow { .. }) {
+            // A cancelled run stops its step at once, as it would if cancelled while it ran.
+            let lease = async {
+                let granted = lease.await;
+                if !granted {
+                    cancelled.cancel();
+                }
+                granted
+            };
+            let (lease, executed) = tokio::join!(lease, self.cancellable(task, limit, &cancelled));
+            lease.then_some(executed)
+        } else if lease.await {
+            Some(self.cancellable(task, limit, &cancelled).await)
+        } else {
+            None
+        };
+        self.release(task.task_id);
+        let Some(executed) = executed else {
+            let error = StepError::new(CANCELLED, "the run was cancelled before this task started");
+            return (Outcome::Failed { error }, None, None);
+        };
+        let Some(Executed { result, logs, ran }) = executed else {
+            let error = StepError::new(CANCELLED, "the run was cancelled while this task ran");
+            return (Outcome::Failed { error }, None, None);
+        };
+        let outcome = match result {
+            Ok(output) => match value::check(&output) {
+                Ok(()) => Outcome::Succeeded { output },
+                Err(error) => Outcome::Failed {
+                    error: StepError::new(
+                        INVALID_OUTPUT,
+                        format!("step output cannot be stored: {error}"),
+                    ),
+                },
+            },
+            Err(error) => Outcome::Failed { error },
+        };
+        (outcome, logs, ran)
+    }
+
+    /// Runs the task's step until it ends or runs out of time; `None` if its run is cancelled
+    /// first. Dropping the execution stops a Python step.
+    async fn cancellable(
+        &self,
+        task: &TaskMessage,
+        limit: Option<Duration>,
+        cancelled: &CancellationToken,
+    ) -> Option<Executed> {
+        tokio::select! {
+            executed = self.executors.execute(task, limit) => Some(executed),
+            () = cancelled.cancelled() => None,
+        }
+    }
+}
