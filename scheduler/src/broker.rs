@@ -72,10 +72,7 @@ impl Broker {
     }
 
     fn link(&self) -> Arc<Link> {
-        self.link
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .clone()
+        taskfleet_common::sync::read(&self.link).clone()
     }
 
     /// Replaces `failed` with a new connection, unless another caller already did; waits for
@@ -99,10 +96,7 @@ impl Broker {
             )
             .await?,
         );
-        *self
-            .link
-            .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = link.clone();
+        *taskfleet_common::sync::write(&self.link) = link.clone();
         tracing::info!("reconnected to rabbitmq");
         Some(link)
     }

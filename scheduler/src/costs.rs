@@ -14,8 +14,10 @@
 //! were quick; `TASKFLEET_MAX_TASKS_PER_MESSAGE` bounds that.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex};
+
 use std::time::Duration;
+use taskfleet_common::sync::lock;
 
 use taskfleet_common::protocol::Ran;
 
@@ -37,10 +39,7 @@ pub struct TaskCosts {
 impl TaskCosts {
     /// Adds the times of tasks that ran.
     pub fn learn<'a>(&self, ran: impl IntoIterator<Item = &'a Ran>) {
-        let mut recent = self
-            .recent_micros
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
+        let mut recent = lock(&self.recent_micros);
         for ran in ran {
             let samples = match recent.get_mut(ran.queue.as_str()) {
                 Some(samples) => samples,
@@ -59,10 +58,7 @@ impl TaskCosts {
     pub fn per_message(&self, queue: &str, most: usize) -> usize {
         let most = most.max(1);
         let quickest = {
-            let recent = self
-                .recent_micros
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner);
+            let recent = lock(&self.recent_micros);
             let Some(&quickest) = recent.get(queue).and_then(|samples| samples.iter().min()) else {
                 return most.min(UNSEEN_MOST);
             };

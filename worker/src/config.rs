@@ -52,7 +52,9 @@ pub struct Settings {
     /// A virtualenv whose packages steps may import.
     #[arg(long = "venv", value_name = "DIR", env = "VIRTUAL_ENV")]
     pub virtual_env: Option<PathBuf>,
-    /// How long a lease of a running task lives without renewal, in seconds.
+    /// How long a lease of a running task lives without renewal, in seconds (the default is
+    /// `taskfleet_common::records::DEFAULT_LEASE_TTL_S`, which the scheduler's view of live
+    /// workers assumes).
     #[arg(long = "lease-ttl-s", value_name = "SECONDS", env = "TASKFLEET_LEASE_TTL_S", default_value = "30", value_parser = settings::seconds)]
     pub lease_ttl: Duration,
     /// How long in-flight tasks may take to finish after SIGTERM, in seconds.
@@ -239,7 +241,11 @@ mod tests {
         assert_eq!(config.python_kill_grace, Duration::from_secs(2));
         assert_eq!(config.jq_time_limit, Duration::from_secs(60));
         assert_eq!(config.jq_memory_bytes, 512 * 1024 * 1024);
-        assert_eq!(config.lease_ttl, Duration::from_secs(30));
+        // The scheduler counts a worker gone after three of these without a heartbeat.
+        assert_eq!(
+            config.lease_ttl,
+            Duration::from_secs(taskfleet_common::records::DEFAULT_LEASE_TTL_S)
+        );
         assert!(config.worker_id.starts_with("host-"));
         let config = load(
             &[

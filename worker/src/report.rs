@@ -50,18 +50,12 @@ impl BrokerSlot {
 
     /// The current connection.
     pub fn current(&self) -> Arc<Broker> {
-        self.0
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .clone()
+        taskfleet_common::sync::read(&self.0).clone()
     }
 
     /// Makes `broker` the current connection.
     pub fn replace(&self, broker: Broker) {
-        *self
-            .0
-            .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(broker);
+        *taskfleet_common::sync::write(&self.0) = Arc::new(broker);
     }
 
     /// Waits for the worker to replace `lost` with a new connection; `None` if it has not within

@@ -28,7 +28,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use taskfleet_common::sync::lock;
+use taskfleet_common::sync::{lock, wait_timeout};
 use tokio_util::sync::CancellationToken;
 
 pub use serve::serve;
@@ -231,11 +231,7 @@ impl JqSandbox {
             if stop.is_cancelled() {
                 return Err(SandboxError::Stopped);
             }
-            state = pool
-                .freed
-                .wait_timeout(state, STOP_CHECK)
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .0;
+            state = wait_timeout(&pool.freed, state, STOP_CHECK);
         }
     }
 

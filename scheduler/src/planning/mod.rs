@@ -132,9 +132,7 @@ pub fn plan_each<T: Send, R: Send>(
     if stopped.into_inner() {
         return Err(Stopped);
     }
-    let results = results
-        .into_inner()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let results = taskfleet_common::sync::into_inner(results);
     Ok(results.into_iter().flatten().collect())
 }
 
