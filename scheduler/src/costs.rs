@@ -15,11 +15,10 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
-
 use std::time::Duration;
-use taskfleet_common::sync::lock;
 
 use taskfleet_common::protocol::Ran;
+use taskfleet_common::sync::lock;
 
 /// The work (by its queue's quickest recent task) that one message of several tasks holds at
 /// most.
