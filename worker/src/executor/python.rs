@@ -1,11 +1,12 @@
 //! Runs Python steps in an interpreter embedded with pyo3; this is the only module of the project
 //! where pyo3 appears.
 //!
-//! One dedicated OS thread, named `python`, initialises the interpreter and owns it for the life of
-//! the process. [`PythonExecutor`] handles send that thread jobs over a bounded channel and await
-//! the reply on a oneshot, so no tokio thread ever waits for the GIL. Values cross between Rust and
-//! Python by direct conversion, never as JSON text. The module does not decide retries, timeouts or
-//! statuses: it returns the step's output or a [`StepError`] describing why the attempt failed.
+//! One dedicated OS thread, named `python`, owns the interpreter for the life of the process and
+//! serves the calls that [`serve_calls`]'s source hands it (in an executor process, read from the
+//! worker's socket); [`CallStopper`] gives calls up, so no other thread ever waits for the GIL to
+//! run a step. Values cross between Rust and Python by direct conversion, never as JSON text. The
+//! module does not decide retries, timeouts or statuses: it returns the step's output or a
+//! [`StepError`] describing why the attempt failed.
 
 use std::collections::HashMap;
 use std::ffi::CStr;
@@ -23,11 +24,8 @@ use pyo3::types::{
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Number, Value};
 use taskfleet_common::StepError;
-use taskfleet_common::error::{CANCELLED, IMPORT_ERROR, INVALID_OUTPUT, WORKER_LOST};
-use tokio::sync::{mpsc, oneshot};
+use taskfleet_common::error::{CANCELLED, IMPORT_ERROR, INVALID_OUTPUT};
 
-/// How many calls may wait for the interpreter thread before `call` waits to enqueue.
-const JOB_QUEUE_CAPACITY: usize = 256;
 /// The deepest nesting of lists and dicts converted in either direction; deeper values are
 /// rejected rather than risking the interpreter thread's stack (a list containing itself is
 /// infinitely deep).
@@ -199,130 +197,21 @@ pub enum PythonStartError {
     },
 }
 
-/// A handle to the interpreter thread; cloning it is cheap, and the thread exits when the last
-/// handle is dropped.
-#[derive(Clone)]
-pub struct PythonExecutor {
-    jobs: mpsc::Sender<Job>,
-    shared: Arc<Shared>,
-}
-
-impl std::fmt::Debug for PythonExecutor {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("PythonExecutor")
-            .field("queued", &(self.jobs.max_capacity() - self.jobs.capacity()))
-            .finish_non_exhaustive()
-    }
-}
-
-/// State shared by the handles and the interpreter thread, used to interrupt abandoned calls.
+/// State shared by the [`CallStopper`] and the interpreter thread, used to interrupt abandoned
+/// calls.
 #[derive(Default)]
 struct Shared {
-    /// Source of job ids; 0 is never used, so it can mean "no job".
-    next_job: AtomicU64,
     /// The job the interpreter thread is running, or 0. Written only while that thread holds the
     /// GIL, so a reader holding the GIL sees a value that cannot change under it.
     running: AtomicU64,
     /// The last job an interrupt was delivered to, so the thread can clear one that arrived late.
     interrupted: AtomicU64,
-    /// The last job given up by [`PythonExecutor::abandon`]: skipped if it has not started.
+    /// The last job given up by [`CallStopper::stop`]: skipped if it has not started.
     abandoned: AtomicU64,
     /// `threading.get_ident()` of the interpreter thread.
     thread_ident: OnceLock<u64>,
     /// The exception class raised inside an interrupted step.
     cancelled_type: OnceLock<Py<PyType>>,
-}
-
-/// One call travelling to the interpreter thread.
-struct Job {
-    id: u64,
-    target: PythonTarget,
-    input: Value,
-    ctx: StepContext,
-    reply: Reply,
-}
-
-/// Where the outcome of a job goes.
-enum Reply {
-    /// To an async caller awaiting it; a closed receiver means the caller gave up.
-    Awaited(oneshot::Sender<PythonOutput>),
-    /// To a function called on the interpreter thread, without the GIL.
-    Callback(Box<dyn FnOnce(PythonOutput) + Send>),
-}
-
-impl Reply {
-    /// Whether nobody waits for the outcome any more.
-    fn is_closed(&self) -> bool {
-        match self {
-            Self::Awaited(sender) => sender.is_closed(),
-            Self::Callback(_) => false,
-        }
-    }
-
-    fn send(self, output: PythonOutput) {
-        match self {
-            // The caller may have given up meanwhile; then nobody wants the outcome.
-            Self::Awaited(sender) => {
-                let _ = sender.send(output);
-            }
-            Self::Callback(callback) => callback(output),
-        }
-    }
-}
-
-impl PythonExecutor {
-    /// Starts the interpreter on its own OS thread, named `python`, which owns it for the life of
-    /// the process, and applies the settings.
-    ///
-    /// Each `python_path` entry is prepended to `sys.path` in the given order (the first is
-    /// searched first). A virtualenv adds `<venv>/lib/pythonX.Y/site-packages` for the running
-    /// `X.Y` through `site.addsitedir` (so `.pth` files work), placed before the interpreter's own
-    /// site-packages; a missing directory is an error naming it. Blocks until the interpreter is
-    /// ready. A process has one interpreter: a second executor shares it, and its settings extend
-    /// the same `sys.path`.
-    pub fn start(settings: PythonSettings) -> Result<Self, PythonStartError> {
-        let (jobs_tx, mut jobs_rx) = mpsc::channel(JOB_QUEUE_CAPACITY);
-        let shared = spawn_interpreter(settings, move || jobs_rx.blocking_recv())?;
-        Ok(Self {
-            jobs: jobs_tx,
-            shared,
-        })
-    }
-
-    /// Runs one call on the interpreter thread and returns the step's output, or the step error.
-    ///
-    /// Calls run one at a time, in the order they were made. Dropping the returned future (a
-    /// timeout or a cancellation) abandons the call: if it has not started it never runs, and if
-    /// it is running the step is interrupted by an exception raised in its Python code. Code
-    /// blocked in C (a `time.sleep`, a socket read) only sees the interrupt when it returns.
-    pub async fn call(&self, target: PythonTarget, input: Value, ctx: StepContext) -> PythonOutput {
-        let stopped = || PythonOutput {
-            result: Err(interpreter_stopped()),
-            logs: String::new(),
-        };
-        let id = self.shared.next_job.fetch_add(1, Ordering::Relaxed);
-        let (reply_tx, reply_rx) = oneshot::channel();
-        let job = Job {
-            id,
-            target,
-            input,
-            ctx,
-            reply: Reply::Awaited(reply_tx),
-        };
-        // A future dropped while waiting here has not enqueued the job: `send` is cancel safe.
-        if self.jobs.send(job).await.is_err() {
-            return stopped();
-        }
-        let mut pending = PendingCall {
-            shared: &self.shared,
-            job: id,
-            reply: reply_rx,
-            finished: false,
-        };
-        let outcome = (&mut pending.reply).await;
-        pending.finished = true;
-        outcome.unwrap_or_else(|_| stopped())
-    }
 }
 
 /// A call handed to the interpreter thread by the source given to [`serve_calls`].
@@ -352,40 +241,25 @@ impl CallStopper {
     }
 }
 
-/// Starts the interpreter on its own OS thread, as [`PythonExecutor::start`] does, serving the
-/// calls `next` returns, one at a time, until it returns `None`. `next` runs on the interpreter
-/// thread without the GIL, so it may block (reading a socket, say) while threads that steps
-/// started run on. Blocks until the interpreter is ready.
+/// Starts the interpreter on its own OS thread, named `python`, which owns it for the life of the
+/// process, applies the settings and serves the calls `next` returns, one at a time, until it
+/// returns `None`. `next` runs on the interpreter thread without the GIL, so it may block (reading
+/// a socket, say) while threads that steps started run on. Blocks until the interpreter is ready.
+///
+/// Each `python_path` entry is prepended to `sys.path` in the given order (the first is searched
+/// first). A virtualenv adds `<venv>/lib/pythonX.Y/site-packages` for the running `X.Y` through
+/// `site.addsitedir` (so `.pth` files work), placed before the interpreter's own site-packages; a
+/// missing directory is an error naming it. A process has one interpreter: a second call starts
+/// a second thread serving calls on it, and its settings extend the same `sys.path`.
 pub fn serve_calls(
     settings: PythonSettings,
-    mut next: impl FnMut() -> Option<IncomingCall> + Send + 'static,
+    next: impl FnMut() -> Option<IncomingCall> + Send + 'static,
 ) -> Result<CallStopper, PythonStartError> {
-    let shared = spawn_interpreter(settings, move || {
-        next().map(|call| Job {
-            id: call.id,
-            target: call.target,
-            input: call.input,
-            ctx: call.ctx,
-            reply: Reply::Callback(call.done),
-        })
-    })?;
-    Ok(CallStopper(shared))
-}
-
-/// Initialises Python on the calling thread and starts the interpreter thread taking jobs from
-/// `next`; returns once the interpreter is ready.
-fn spawn_interpreter(
-    settings: PythonSettings,
-    next: impl FnMut() -> Option<Job> + Send + 'static,
-) -> Result<Arc<Shared>, PythonStartError> {
     // Initialised here, not on the interpreter thread: Python takes the initialising thread for
     // its main thread, and only the main thread may install signal handlers, so a step calling
     // `signal.signal` cannot take SIGTERM away from the process's own shutdown.
     Python::initialize();
-    let shared = Arc::new(Shared {
-        next_job: AtomicU64::new(1),
-        ..Shared::default()
-    });
+    let shared = Arc::new(Shared::default());
     let (ready_tx, ready_rx) = std::sync::mpsc::sync_channel(1);
     let thread_shared = Arc::clone(&shared);
     std::thread::Builder::new()
@@ -394,7 +268,7 @@ fn spawn_interpreter(
         .spawn(move || interpreter_thread(&settings, next, &thread_shared, &ready_tx))
         .map_err(PythonStartError::Spawn)?;
     match ready_rx.recv() {
-        Ok(Ok(())) => Ok(shared),
+        Ok(Ok(())) => Ok(CallStopper(shared)),
         Ok(Err(error)) => Err(error),
         Err(_) => Err(PythonStartError::ThreadStopped),
     }
@@ -434,24 +308,6 @@ signal.signal(signal.SIGTERM, signal.SIG_IGN)
         py.run(IGNORE, None, None)
             .map_err(|error| start_error(py, "ignoring SIGINT and SIGTERM", &error))
     })
-}
-
-/// A call waiting for its reply; dropping it unfinished abandons the job.
-struct PendingCall<'a> {
-    shared: &'a Arc<Shared>,
-    job: u64,
-    reply: oneshot::Receiver<PythonOutput>,
-    finished: bool,
-}
-
-impl Drop for PendingCall<'_> {
-    fn drop(&mut self) {
-        if self.finished {
-            return;
-        }
-        self.reply.close();
-        abandon(self.shared, self.job);
-    }
 }
 
 /// Raises the cancellation exception in the interpreter thread if it is still running `job`.
@@ -516,16 +372,11 @@ fn prepare_async_exc<'py>(
     Ok((function, (ident, exception)))
 }
 
-/// The error of a call whose interpreter thread has gone away.
-fn interpreter_stopped() -> StepError {
-    StepError::new(WORKER_LOST, "the python interpreter thread has stopped")
-}
-
-/// Body of the interpreter thread: sets up the runtime, reports readiness, then serves the jobs
-/// `next` returns until it returns `None` (for an executor: when every handle is dropped).
+/// Body of the interpreter thread: sets up the runtime, reports readiness, then serves the calls
+/// `next` returns until it returns `None`.
 fn interpreter_thread(
     settings: &PythonSettings,
-    mut next: impl FnMut() -> Option<Job> + Send,
+    mut next: impl FnMut() -> Option<IncomingCall> + Send,
     shared: &Shared,
     ready: &std::sync::mpsc::SyncSender<Result<(), PythonStartError>>,
 ) {
@@ -533,7 +384,7 @@ fn interpreter_thread(
         let mut runtime = match Runtime::start(py, settings, shared) {
             Ok(runtime) => runtime,
             Err(error) => {
-                // `start` is waiting for this reply; if it is gone there is nobody to tell.
+                // `serve_calls` is waiting for this reply; if it is gone there is nobody to tell.
                 let _ = ready.send(Err(error));
                 return;
             }
@@ -543,11 +394,11 @@ fn interpreter_thread(
         while let Some(job) = py.detach(&mut next) {
             shared.running.store(job.id, Ordering::SeqCst);
             std::sync::atomic::fence(Ordering::SeqCst);
-            if job.reply.is_closed() || shared.abandoned.load(Ordering::SeqCst) == job.id {
+            if shared.abandoned.load(Ordering::SeqCst) == job.id {
                 // The caller gave up before the job started.
                 shared.running.store(0, Ordering::SeqCst);
                 let error = StepError::new(CANCELLED, "the step was given up before it started");
-                job.reply.send(PythonOutput {
+                (job.done)(PythonOutput {
                     result: Err(error),
                     logs: String::new(),
                 });
@@ -570,7 +421,7 @@ fn interpreter_thread(
                 }
             }
             shared.running.store(0, Ordering::SeqCst);
-            py.detach(|| job.reply.send(outcome));
+            py.detach(|| (job.done)(outcome));
         }
     });
 }
@@ -1421,13 +1272,18 @@ fn from_sequence<'py>(
 mod tests {
     use std::path::{Path, PathBuf};
     use std::sync::OnceLock;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::mpsc;
     use std::time::Duration;
 
     use serde_json::{Value, json};
     use taskfleet_common::StepError;
-    use taskfleet_common::error::{IMPORT_ERROR, INVALID_OUTPUT};
+    use taskfleet_common::error::{CANCELLED, IMPORT_ERROR, INVALID_OUTPUT};
 
-    use super::{PythonExecutor, PythonSettings, PythonStartError, PythonTarget, StepContext};
+    use super::{
+        CallStopper, IncomingCall, PythonOutput, PythonSettings, PythonStartError, PythonTarget,
+        StepContext, serve_calls,
+    };
 
     /// The step module the tests call, written to a temporary directory on the python path.
     const STEPS: &str = r#"
@@ -1541,8 +1397,52 @@ class Pricer:
 not_callable = 42
 "#;
 
+    /// An interpreter thread serving the calls sent to it, as an executor process's serves the
+    /// calls it reads from its worker. Dropped, its thread ends.
+    struct Interpreter {
+        calls: mpsc::Sender<IncomingCall>,
+        stopper: CallStopper,
+    }
+
+    impl Interpreter {
+        fn start(settings: PythonSettings) -> Result<Self, PythonStartError> {
+            let (calls, incoming) = mpsc::channel();
+            let stopper = serve_calls(settings, move || incoming.recv().ok())?;
+            Ok(Self { calls, stopper })
+        }
+
+        /// Sends a call; returns its id and where its outcome arrives.
+        fn send(&self, target: PythonTarget, input: Value) -> (u64, mpsc::Receiver<PythonOutput>) {
+            // Ids are unique in the process, so no two interpreters' calls share one.
+            static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+            let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
+            let (done, outcome) = mpsc::channel();
+            let call = IncomingCall {
+                id,
+                target,
+                input,
+                ctx: ctx(),
+                done: Box::new(move |output| {
+                    // A test that stopped waiting has no use for the outcome.
+                    let _ = done.send(output);
+                }),
+            };
+            self.calls
+                .send(call)
+                .expect("the interpreter thread takes calls");
+            (id, outcome)
+        }
+
+        fn call(&self, target: PythonTarget, input: Value) -> PythonOutput {
+            let (_, outcome) = self.send(target, input);
+            outcome
+                .recv_timeout(Duration::from_secs(30))
+                .expect("the python call finished in time")
+        }
+    }
+
     struct Fixture {
-        executor: PythonExecutor,
+        interpreter: Interpreter,
         dir: PathBuf,
     }
 
@@ -1563,7 +1463,7 @@ not_callable = 42
         std::fs::write(path, text).expect("writing a test module");
     }
 
-    /// Returns the executor shared by all tests: a process has one interpreter.
+    /// Returns the interpreter thread shared by the tests: a process has one interpreter.
     fn fixture() -> &'static Fixture {
         static FIXTURE: OnceLock<Fixture> = OnceLock::new();
         FIXTURE.get_or_init(|| {
@@ -1590,8 +1490,8 @@ not_callable = 42
                 virtual_env: None,
                 max_log_chars: 0,
             };
-            let executor = PythonExecutor::start(settings).expect("starting the interpreter");
-            Fixture { executor, dir }
+            let interpreter = Interpreter::start(settings).expect("starting the interpreter");
+            Fixture { interpreter, dir }
         })
     }
 
@@ -1611,20 +1511,16 @@ not_callable = 42
         }
     }
 
-    async fn call(target: PythonTarget, input: Value) -> Result<Value, StepError> {
-        let call = fixture().executor.call(target, input, ctx());
-        tokio::time::timeout(Duration::from_secs(30), call)
-            .await
-            .expect("the python call finished in time")
-            .result
+    fn call(target: PythonTarget, input: Value) -> Result<Value, StepError> {
+        fixture().interpreter.call(target, input).result
     }
 
-    #[tokio::test]
-    async fn printed_and_logged_output_is_captured_per_call() {
+    #[test]
+    fn printed_and_logged_output_is_captured_per_call() {
         let target = PythonTarget::Code {
             source: "import logging, sys\n\ndef main(input, ctx):\n    print('hello', input)\n    ctx.logger.info('working on %s', input)\n    logging.getLogger('quiet').info('not captured below WARNING')\n    logging.getLogger('loud').warning('careful')\n    print('oops', file=sys.stderr)\n    return input\n".to_owned(),
         };
-        let output = fixture().executor.call(target, json!(7), ctx()).await;
+        let output = fixture().interpreter.call(target, json!(7));
         assert_eq!(output.result, Ok(json!(7)));
         let logs = output.logs;
         assert!(logs.contains("hello 7\n"), "{logs:?}");
@@ -1639,7 +1535,7 @@ not_callable = 42
         let chatty = PythonTarget::Code {
             source: "def main(input):\n    print('x' * 200000)\n".to_owned(),
         };
-        let output = fixture().executor.call(chatty, json!(null), ctx()).await;
+        let output = fixture().interpreter.call(chatty, json!(null));
         assert!(
             output.logs.len() < super::DEFAULT_MAX_LOG_CHARS + 100,
             "{}",
@@ -1653,24 +1549,24 @@ not_callable = 42
         assert!(!output.logs.contains("hello"));
     }
 
-    async fn step(name: &str, input: Value) -> Result<Value, StepError> {
-        call(function("steps_under_test", name), input).await
+    fn step(name: &str, input: Value) -> Result<Value, StepError> {
+        call(function("steps_under_test", name), input)
     }
 
-    async fn output_error(name: &str) -> StepError {
-        let error = step(name, json!(null)).await.expect_err("the step fails");
+    fn output_error(name: &str) -> StepError {
+        let error = step(name, json!(null)).expect_err("the step fails");
         assert_eq!(error.kind, INVALID_OUTPUT, "{error:?}");
         error
     }
 
-    #[tokio::test]
-    async fn function_returns_transformed_input() {
-        let output = step("transform", json!({"numbers": [1, 2, 3], "name": "ada"})).await;
+    #[test]
+    fn function_returns_transformed_input() {
+        let output = step("transform", json!({"numbers": [1, 2, 3], "name": "ada"}));
         assert_eq!(output, Ok(json!({"doubled": [2, 4, 6], "name": "ADA"})));
     }
 
-    #[tokio::test]
-    async fn values_round_trip_unchanged() {
+    #[test]
+    fn values_round_trip_unchanged() {
         let input = json!({
             "text": "héllo ✓ 😀 \u{0} \"quoted\"",
             "ints": [0, -1, 42, i64::MIN, i64::MAX, u64::MAX],
@@ -1679,22 +1575,21 @@ not_callable = 42
             "nothing": null,
             "nested": {"list": [[], {}, [{"deep": [1, {"deeper": null}]}]], "": "empty key"},
         });
-        assert_eq!(step("echo", input.clone()).await, Ok(input));
+        assert_eq!(step("echo", input.clone()), Ok(input));
         for scalar in [json!(null), json!(true), json!(7), json!(0.5), json!("x")] {
-            assert_eq!(step("echo", scalar.clone()).await, Ok(scalar));
+            assert_eq!(step("echo", scalar.clone()), Ok(scalar));
         }
     }
 
-    #[tokio::test]
-    async fn booleans_stay_booleans() {
+    #[test]
+    fn booleans_stay_booleans() {
         let output = call(
             PythonTarget::Code {
                 source: "def main(input):\n    return [type(v).__name__ for v in input]\n"
                     .to_owned(),
             },
             json!([true, 1, 1.0, "1", null, [], {}]),
-        )
-        .await;
+        );
         assert_eq!(
             output,
             Ok(json!([
@@ -1703,9 +1598,9 @@ not_callable = 42
         );
     }
 
-    #[tokio::test]
-    async fn ctx_parameter_receives_the_attempt_identity() {
-        let output = step("describe_ctx", json!({"id": 1})).await;
+    #[test]
+    fn ctx_parameter_receives_the_attempt_identity() {
+        let output = step("describe_ctx", json!({"id": 1}));
         assert_eq!(
             output,
             Ok(json!({
@@ -1717,17 +1612,14 @@ not_callable = 42
                 "logger": "taskfleet.step.price",
             }))
         );
-        assert_eq!(step("keyword_only_ctx", json!(null)).await, Ok(json!(2)));
-        assert_eq!(
-            step("positional_only_ctx", json!(null)).await,
-            Ok(json!("price"))
-        );
-        assert_eq!(step("no_ctx", json!(null)).await, Ok(json!(null)));
+        assert_eq!(step("keyword_only_ctx", json!(null)), Ok(json!(2)));
+        assert_eq!(step("positional_only_ctx", json!(null)), Ok(json!("price")));
+        assert_eq!(step("no_ctx", json!(null)), Ok(json!(null)));
     }
 
-    #[tokio::test]
-    async fn raised_exception_gives_class_message_and_traceback() {
-        let error = step("fail", json!(3)).await.expect_err("the step raises");
+    #[test]
+    fn raised_exception_gives_class_message_and_traceback() {
+        let error = step("fail", json!(3)).expect_err("the step raises");
         assert_eq!(error.kind, "ValueError");
         assert_eq!(error.message, "bad value: 3");
         let line = STEPS
@@ -1745,26 +1637,21 @@ not_callable = 42
             "{traceback}"
         );
 
-        let error = step("fail_custom", json!(null))
-            .await
-            .expect_err("the step raises");
+        let error = step("fail_custom", json!(null)).expect_err("the step raises");
         assert_eq!(
             (error.kind.as_str(), error.message.as_str()),
             ("PricingError", "no price")
         );
-        let error = step("fail_key", json!({}))
-            .await
-            .expect_err("the step raises");
+        let error = step("fail_key", json!({})).expect_err("the step raises");
         assert_eq!(
             (error.kind.as_str(), error.message.as_str()),
             ("KeyError", "'missing'")
         );
     }
 
-    #[tokio::test]
-    async fn missing_module_names_the_module_and_the_search_path() {
+    #[test]
+    fn missing_module_names_the_module_and_the_search_path() {
         let error = call(function("no_such_module_here", "run"), json!(null))
-            .await
             .expect_err("the import fails");
         assert_eq!(error.kind, IMPORT_ERROR);
         assert!(
@@ -1785,11 +1672,10 @@ not_callable = 42
         );
     }
 
-    #[tokio::test]
-    async fn module_raising_at_import_reports_its_exception() {
-        let error = call(function("broken_module", "run"), json!(null))
-            .await
-            .expect_err("the import fails");
+    #[test]
+    fn module_raising_at_import_reports_its_exception() {
+        let error =
+            call(function("broken_module", "run"), json!(null)).expect_err("the import fails");
         assert_eq!(error.kind, IMPORT_ERROR);
         assert!(
             error
@@ -1805,11 +1691,9 @@ not_callable = 42
         );
     }
 
-    #[tokio::test]
-    async fn missing_function_names_module_and_function() {
-        let error = step("nope", json!(null))
-            .await
-            .expect_err("the lookup fails");
+    #[test]
+    fn missing_function_names_module_and_function() {
+        let error = step("nope", json!(null)).expect_err("the lookup fails");
         assert_eq!(error.kind, IMPORT_ERROR);
         assert!(
             error
@@ -1818,9 +1702,7 @@ not_callable = 42
             "{}",
             error.message
         );
-        let error = step("not_callable", json!(null))
-            .await
-            .expect_err("the lookup fails");
+        let error = step("not_callable", json!(null)).expect_err("the lookup fails");
         assert_eq!(error.kind, IMPORT_ERROR);
         assert!(
             error.message.contains("is not callable: it is a int"),
@@ -1829,15 +1711,15 @@ not_callable = 42
         );
     }
 
-    #[tokio::test]
-    async fn nested_attribute_is_callable() {
-        assert_eq!(step("Pricer.price", json!({"qty": 4})).await, Ok(json!(8)));
+    #[test]
+    fn nested_attribute_is_callable() {
+        assert_eq!(step("Pricer.price", json!({"qty": 4})), Ok(json!(8)));
     }
 
-    #[tokio::test]
-    async fn module_fixed_after_a_failure_loads() {
+    #[test]
+    fn module_fixed_after_a_failure_loads() {
         let dir = fixture().dir.join("first");
-        let error = call(function("appears_later", "run"), json!(null)).await;
+        let error = call(function("appears_later", "run"), json!(null));
         assert_eq!(
             error.map_err(|error| error.kind),
             Err(IMPORT_ERROR.to_owned())
@@ -1847,21 +1729,21 @@ not_callable = 42
             "def run(_):\n    return 'here'\n",
         );
         assert_eq!(
-            call(function("appears_later", "run"), json!(null)).await,
+            call(function("appears_later", "run"), json!(null)),
             Ok(json!("here"))
         );
     }
 
-    #[tokio::test]
-    async fn first_python_path_entry_wins() {
+    #[test]
+    fn first_python_path_entry_wins() {
         assert_eq!(
-            call(function("shadowed", "which"), json!(null)).await,
+            call(function("shadowed", "which"), json!(null)),
             Ok(json!("first"))
         );
     }
 
-    #[tokio::test]
-    async fn inexpressible_output_names_type_and_place() {
+    #[test]
+    fn inexpressible_output_names_type_and_place() {
         let cases = [
             ("returns_datetime", "datetime.datetime at $.when"),
             ("returns_set", "set at $.items[1]"),
@@ -1873,19 +1755,19 @@ not_callable = 42
             ("returns_int_keys", "dict key of type int at $.counts"),
         ];
         for (name, expected) in cases {
-            let error = output_error(name).await;
+            let error = output_error(name);
             assert_eq!(
                 error.message,
                 format!("step returned a value JSON cannot express: {expected}"),
                 "{name}"
             );
         }
-        let error = output_error("returns_generator").await;
+        let error = output_error("returns_generator");
         assert_eq!(
             error.message,
             "step returned a generator; return a list instead"
         );
-        let error = output_error("returns_cycle").await;
+        let error = output_error("returns_cycle");
         assert!(
             error.message.contains("nested deeper than"),
             "{}",
@@ -1893,37 +1775,36 @@ not_callable = 42
         );
     }
 
-    #[tokio::test]
-    async fn tuples_become_arrays() {
+    #[test]
+    fn tuples_become_arrays() {
         assert_eq!(
-            step("returns_tuple", json!(null)).await,
+            step("returns_tuple", json!(null)),
             Ok(json!([1, [2, [3, "x"]]]))
         );
     }
 
-    #[tokio::test]
-    async fn python_code_defines_main() {
+    #[test]
+    fn python_code_defines_main() {
         let source = "import math\n\ndef main(input, ctx):\n    return {'root': math.sqrt(input), 'step': ctx.step_id}\n";
         let target = PythonTarget::Code {
             source: source.to_owned(),
         };
         assert_eq!(
-            call(target.clone(), json!(16)).await,
+            call(target.clone(), json!(16)),
             Ok(json!({"root": 4.0, "step": "price"}))
         );
         assert_eq!(
-            call(target, json!(9)).await,
+            call(target, json!(9)),
             Ok(json!({"root": 3.0, "step": "price"}))
         );
     }
 
-    #[tokio::test]
-    async fn python_code_errors_are_clear() {
+    #[test]
+    fn python_code_errors_are_clear() {
         let code = |source: &str| PythonTarget::Code {
             source: source.to_owned(),
         };
         let error = call(code("def helper(input):\n    return input\n"), json!(1))
-            .await
             .expect_err("there is no main");
         assert_eq!(error.kind, IMPORT_ERROR);
         assert_eq!(
@@ -1932,7 +1813,6 @@ not_callable = 42
         );
 
         let error = call(code("def main(input)\n    return input\n"), json!(1))
-            .await
             .expect_err("the source does not compile");
         assert_eq!(error.kind, IMPORT_ERROR);
         assert!(
@@ -1944,7 +1824,6 @@ not_callable = 42
         );
 
         let error = call(code("def main(input):\n    return 1 / input\n"), json!(0))
-            .await
             .expect_err("the step raises");
         assert_eq!(error.kind, "ZeroDivisionError");
         let traceback = error.traceback.expect("a traceback");
@@ -1952,12 +1831,10 @@ not_callable = 42
         assert!(traceback.contains("return 1 / input"), "{traceback}");
     }
 
-    #[tokio::test]
-    async fn async_steps_are_awaited() {
-        assert_eq!(step("async_step", json!(41)).await, Ok(json!(42)));
-        let error = step("async_fail", json!(null))
-            .await
-            .expect_err("the step raises");
+    #[test]
+    fn async_steps_are_awaited() {
+        assert_eq!(step("async_step", json!(41)), Ok(json!(42)));
+        let error = step("async_fail", json!(null)).expect_err("the step raises");
         assert_eq!(
             (error.kind.as_str(), error.message.as_str()),
             ("KeyError", "'gone'")
@@ -1971,29 +1848,66 @@ not_callable = 42
         );
     }
 
-    #[tokio::test]
-    async fn abandoned_call_is_interrupted() {
-        let executor = &fixture().executor;
-        let spinning = executor.call(function("steps_under_test", "spin"), json!(null), ctx());
-        let abandoned = tokio::time::timeout(Duration::from_millis(300), spinning).await;
-        assert!(abandoned.is_err(), "spin never returns");
+    #[test]
+    fn stopped_call_is_interrupted() {
+        fixture();
+        // An interpreter thread of its own: no other test's call runs on it or stops it.
+        let interpreter = Interpreter::start(PythonSettings::default()).expect("starting");
+        let (id, spinning) = interpreter.send(function("steps_under_test", "spin"), json!(null));
+        assert!(
+            spinning.recv_timeout(Duration::from_millis(300)).is_err(),
+            "spin never returns"
+        );
+        interpreter.stopper.stop(id);
+        let stopped = spinning
+            .recv_timeout(Duration::from_secs(30))
+            .expect("the stopped call ends");
+        assert_eq!(
+            stopped.result.map_err(|error| error.kind),
+            Err("StepCancelled".to_owned())
+        );
         // The interpreter is free again only if the spinning step was interrupted.
-        assert_eq!(step("echo", json!("after")).await, Ok(json!("after")));
+        let after = interpreter.call(function("steps_under_test", "echo"), json!("after"));
+        assert_eq!(after.result, Ok(json!("after")));
     }
 
-    #[tokio::test]
-    async fn concurrent_calls_all_complete() {
-        let handles: Vec<_> = (0..50)
-            .map(|n| tokio::spawn(step("echo", json!(n))))
-            .collect();
-        for (n, handle) in handles.into_iter().enumerate() {
-            let output = handle.await.expect("the call task finished");
-            assert_eq!(output, Ok(json!(n)));
-        }
+    #[test]
+    fn call_stopped_before_it_starts_is_skipped() {
+        fixture();
+        let interpreter = Interpreter::start(PythonSettings::default()).expect("starting");
+        let busy = PythonTarget::Code {
+            source: "import time\n\ndef main(input):\n    time.sleep(0.2)\n    return input\n"
+                .to_owned(),
+        };
+        let (_, first) = interpreter.send(busy, json!(1));
+        let (id, second) = interpreter.send(function("steps_under_test", "echo"), json!(2));
+        interpreter.stopper.stop(id);
+        let timeout = Duration::from_secs(30);
+        let first = first.recv_timeout(timeout).expect("the first call ends");
+        assert_eq!(first.result, Ok(json!(1)));
+        let second = second.recv_timeout(timeout).expect("the skipped call ends");
+        let error = second.result.expect_err("the call was skipped");
+        assert_eq!(
+            (error.kind.as_str(), error.message.as_str()),
+            (CANCELLED, "the step was given up before it started")
+        );
     }
 
-    #[tokio::test]
-    async fn virtualenv_site_packages_are_importable() {
+    #[test]
+    fn concurrent_calls_all_complete() {
+        std::thread::scope(|scope| {
+            let handles: Vec<_> = (0..50)
+                .map(|n| scope.spawn(move || step("echo", json!(n))))
+                .collect();
+            for (n, handle) in handles.into_iter().enumerate() {
+                let output = handle.join().expect("the calling thread finished");
+                assert_eq!(output, Ok(json!(n)));
+            }
+        });
+    }
+
+    #[test]
+    fn virtualenv_site_packages_are_importable() {
         fixture();
         let version = pyo3::Python::attach(|py| {
             let info = py.version_info();
@@ -2015,14 +1929,13 @@ not_callable = 42
             max_log_chars: 0,
         };
         let venv_dir = venv;
-        // A second executor shares the interpreter, and with it sys.path.
-        let executor = PythonExecutor::start(settings).expect("starting with a virtualenv");
-        let output = executor
-            .call(function("venv_only_module", "hello"), json!("venv"), ctx())
-            .await
+        // A second interpreter thread shares the interpreter, and with it sys.path.
+        let interpreter = Interpreter::start(settings).expect("starting with a virtualenv");
+        let output = interpreter
+            .call(function("venv_only_module", "hello"), json!("venv"))
             .result;
         assert_eq!(output, Ok(json!("hi venv")));
-        drop(executor);
+        drop(interpreter);
         let _ = std::fs::remove_dir_all(venv_dir);
     }
 
@@ -2035,7 +1948,9 @@ not_callable = 42
             virtual_env: Some(venv.clone()),
             max_log_chars: 0,
         };
-        let error = PythonExecutor::start(settings).expect_err("the virtualenv is empty");
+        let Err(error) = Interpreter::start(settings) else {
+            panic!("the interpreter started without the virtualenv's site-packages");
+        };
         assert!(
             matches!(&error, PythonStartError::MissingSitePackages { site_packages, .. } if site_packages.starts_with(&venv)),
             "{error:?}"
