@@ -33,7 +33,7 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio::process::{Child, Command};
 use tokio::sync::Semaphore;
 
-use super::process::{self, Call, EXECUTOR_FLAG, Reply, Request};
+use super::process::{self, Call, EXECUTOR_FLAG, ExecutorReply, ExecutorRequest};
 use super::python::{PythonOutput, PythonSettings, PythonTarget, StepContext};
 use super::timeout_error;
 
@@ -83,7 +83,7 @@ impl std::fmt::Debug for PythonPool {
 struct Inner {
     settings: PoolSettings,
     /// Executors ready for a call.
-    idle: std::sync::Mutex<Vec<Executor>>,
+    idle: std::sync::Mutex<Vec<ExecutorProcess>>,
     /// One permit per executor in `idle`.
     available: Semaphore,
     /// Calls waiting for an executor.
@@ -108,10 +108,11 @@ impl PythonPool {
             sockets: SocketDir::create()?,
             spawned: AtomicU64::new(0),
         });
-        let started =
-            futures_util::future::try_join_all((0..executors).map(|_| Executor::start(&inner)))
-                .await
-                .context("starting the python executors")?;
+        let started = futures_util::future::try_join_all(
+            (0..executors).map(|_| ExecutorProcess::start(&inner)),
+        )
+        .await
+        .context("starting the python executors")?;
         for executor in started {
             inner.give_back(executor);
         }
@@ -190,7 +191,7 @@ impl PythonPool {
 
 impl Inner {
     /// Puts an executor back for the next call, or retires it first if it has served its time.
-    fn give_back(self: &Arc<Self>, executor: Executor) {
+    fn give_back(self: &Arc<Self>, executor: ExecutorProcess) {
         if let Some(reason) = executor.should_retire(&self.settings) {
             tracing::info!(
                 pid = executor.pid,
@@ -210,7 +211,7 @@ impl Inner {
     }
 
     /// Kills an executor that is lost and starts another in its place.
-    fn replace(self: Arc<Self>, executor: Executor) {
+    fn replace(self: Arc<Self>, executor: ExecutorProcess) {
         tokio::spawn(executor.kill());
         self.start_replacement();
     }
@@ -223,7 +224,7 @@ impl Inner {
             let mut failures: u32 = 0;
             loop {
                 let Some(inner) = pool.upgrade() else { return };
-                match Executor::start(&inner).await {
+                match ExecutorProcess::start(&inner).await {
                     Ok(executor) => {
                         inner.give_back(executor);
                         return;
@@ -277,7 +278,7 @@ fn lost(message: String) -> PythonOutput {
 /// not stop within the kill grace period.
 struct Held<'a> {
     inner: &'a Arc<Inner>,
-    executor: Option<Executor>,
+    executor: Option<ExecutorProcess>,
     /// The id of the call sent and not yet answered.
     running: Option<u64>,
 }
@@ -365,7 +366,7 @@ impl Drop for Held<'_> {
 }
 
 /// One executor process and its connection.
-struct Executor {
+struct ExecutorProcess {
     child: Child,
     pid: u32,
     /// Calls and their outcomes.
@@ -376,7 +377,7 @@ struct Executor {
     calls: u64,
 }
 
-impl Executor {
+impl ExecutorProcess {
     /// Starts an executor process, hands it its settings and waits until its interpreter is
     /// ready.
     async fn start(inner: &Inner) -> anyhow::Result<Self> {
@@ -424,7 +425,7 @@ impl Executor {
             calls: 0,
         };
         executor
-            .send(&Request::Start(inner.settings.python.clone()))
+            .send(&ExecutorRequest::Start(inner.settings.python.clone()))
             .await
             .context("sending a python executor its settings")?;
         let reply = tokio::time::timeout(START_TIMEOUT, executor.next_reply(None))
@@ -433,12 +434,12 @@ impl Executor {
                 anyhow::anyhow!("the python executor {pid} did not start within {START_TIMEOUT:?}")
             })?;
         match reply {
-            Ok(Reply::Ready { pid }) => {
+            Ok(ExecutorReply::Ready { pid }) => {
                 tracing::debug!(pid, "python executor ready");
                 Ok(executor)
             }
-            Ok(Reply::StartFailed { message }) => Err(anyhow::anyhow!(message)),
-            Ok(Reply::Done { .. }) => Err(anyhow::anyhow!(
+            Ok(ExecutorReply::StartFailed { message }) => Err(anyhow::anyhow!(message)),
+            Ok(ExecutorReply::Done { .. }) => Err(anyhow::anyhow!(
                 "the python executor {pid} answered a call before starting"
             )),
             Err(error) => {
@@ -450,7 +451,7 @@ impl Executor {
         }
     }
 
-    async fn send(&mut self, request: &Request) -> std::io::Result<()> {
+    async fn send(&mut self, request: &ExecutorRequest) -> std::io::Result<()> {
         self.calls_connection
             .stream
             .write_all(&process::encode(request))
@@ -461,7 +462,10 @@ impl Executor {
     /// Cancel safe.
     /// With `waiting`, polls for it first while no call waits for an executor (see
     /// [`REPLY_POLL`]).
-    async fn next_reply(&mut self, waiting: Option<&AtomicUsize>) -> std::io::Result<Reply> {
+    async fn next_reply(
+        &mut self,
+        waiting: Option<&AtomicUsize>,
+    ) -> std::io::Result<ExecutorReply> {
         let poll = if waiting.is_some() {
             REPLY_POLL
         } else {
@@ -480,7 +484,7 @@ impl Executor {
     ) -> std::io::Result<PythonOutput> {
         loop {
             match self.next_reply(waiting).await {
-                Ok(Reply::Done { id: done, output }) if done == id => return Ok(output),
+                Ok(ExecutorReply::Done { id: done, output }) if done == id => return Ok(output),
                 Ok(other) => {
                     tracing::warn!(
                         pid = self.pid,
@@ -498,7 +502,7 @@ impl Executor {
     async fn stop(&mut self, id: u64, kill_grace: Duration) -> bool {
         if self
             .control
-            .write_all(&process::encode(&Request::Stop { id }))
+            .write_all(&process::encode(&ExecutorRequest::Stop { id }))
             .await
             .is_err()
         {

@@ -38,10 +38,10 @@ pub(crate) const MAX_FRAME: usize = 512 * 1024 * 1024;
 
 /// A frame from the worker to an executor.
 #[derive(Debug, Serialize, Deserialize)]
-pub(crate) enum Request {
+pub(crate) enum ExecutorRequest {
     /// The first frame: how to set up the interpreter.
     Start(PythonSettings),
-    /// Run one step call; the executor answers [`Reply::Done`] with the same id.
+    /// Run one step call; the executor answers [`ExecutorReply::Done`] with the same id.
     Run {
         /// Chosen by the worker, echoed in the reply.
         id: u64,
@@ -69,7 +69,7 @@ pub(crate) struct Call {
     pub ctx: StepContext,
 }
 
-/// [`Request::Run`] made from a borrowed call, so the caller keeps it if sending fails.
+/// [`ExecutorRequest::Run`] made from a borrowed call, so the caller keeps it if sending fails.
 #[derive(Serialize)]
 enum RunRef<'a> {
     Run {
@@ -79,7 +79,7 @@ enum RunRef<'a> {
     },
 }
 
-/// Encodes a [`Request::Run`] frame.
+/// Encodes an [`ExecutorRequest::Run`] frame.
 pub(crate) fn encode_run(id: u64, call: &Call, poll_after: bool) -> Vec<u8> {
     encode(&RunRef::Run {
         id,
@@ -90,7 +90,7 @@ pub(crate) fn encode_run(id: u64, call: &Call, poll_after: bool) -> Vec<u8> {
 
 /// A frame from an executor to the worker.
 #[derive(Debug, Serialize, Deserialize)]
-pub(crate) enum Reply {
+pub(crate) enum ExecutorReply {
     /// The interpreter is ready.
     Ready {
         /// The executor's process id.
@@ -103,7 +103,7 @@ pub(crate) enum Reply {
     },
     /// A call ended.
     Done {
-        /// The id of its [`Request::Run`].
+        /// The id of its [`ExecutorRequest::Run`].
         id: u64,
         /// Its output or error, and what it printed or logged.
         output: PythonOutput,
@@ -201,7 +201,7 @@ impl CallReader {
     }
 
     /// The next request, polled for up to `window` first; `None` at the end of the stream.
-    fn next(&mut self, window: Duration) -> std::io::Result<Option<Request>> {
+    fn next(&mut self, window: Duration) -> std::io::Result<Option<ExecutorRequest>> {
         let deadline = Instant::now() + window;
         loop {
             if let Some(body) = take_frame(&mut self.buffer)? {
@@ -279,13 +279,13 @@ pub fn serve(socket: &Path) -> anyhow::Result<()> {
         mode: mode.clone(),
     }));
     let mut calls = CallReader::new(calls, mode);
-    let send = move |reply: &Reply| -> std::io::Result<()> {
+    let send = move |reply: &ExecutorReply| -> std::io::Result<()> {
         writer
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .write(&encode(reply))
     };
-    let Some(Request::Start(settings)) = calls.next(Duration::ZERO)? else {
+    let Some(ExecutorRequest::Start(settings)) = calls.next(Duration::ZERO)? else {
         anyhow::bail!("the worker did not send the executor's settings first");
     };
     let done = send.clone();
@@ -296,7 +296,7 @@ pub fn serve(socket: &Path) -> anyhow::Result<()> {
     // Runs on the interpreter thread, without the GIL, between calls.
     let next_call = move || loop {
         match calls.next(poll) {
-            Ok(Some(Request::Run {
+            Ok(Some(ExecutorRequest::Run {
                 id,
                 call,
                 poll_after,
@@ -313,7 +313,7 @@ pub fn serve(socket: &Path) -> anyhow::Result<()> {
                     input: call.input,
                     ctx: call.ctx,
                     done: Box::new(move |output| {
-                        if let Err(error) = done(&Reply::Done { id, output }) {
+                        if let Err(error) = done(&ExecutorReply::Done { id, output }) {
                             tracing::warn!(%error, "sending a step's outcome to the worker");
                         }
                     }),
@@ -334,18 +334,18 @@ pub fn serve(socket: &Path) -> anyhow::Result<()> {
         Ok(stopper) => stopper,
         Err(error) => {
             let message = format!("starting the python interpreter: {error}");
-            send(&Reply::StartFailed {
+            send(&ExecutorReply::StartFailed {
                 message: message.clone(),
             })?;
             anyhow::bail!(message);
         }
     };
-    send(&Reply::Ready {
+    send(&ExecutorReply::Ready {
         pid: std::process::id(),
     })?;
     while let Some(request) = read_frame(&mut control)? {
         match request {
-            Request::Stop { id } => stopper.stop(id),
+            ExecutorRequest::Stop { id } => stopper.stop(id),
             other => tracing::warn!(?other, "unexpected frame on the control connection"),
         }
     }
@@ -375,7 +375,7 @@ mod tests {
         let frame = encode_run(7, &call, true);
         let length = frame_length(frame[..4].try_into().expect("a prefix")).expect("a length");
         assert_eq!(length, frame.len() - 4);
-        let Request::Run {
+        let ExecutorRequest::Run {
             id,
             call: decoded,
             poll_after,
@@ -393,8 +393,8 @@ mod tests {
     fn calls_are_read_whether_they_come_within_the_polling_window_or_after_it() {
         let (ours, mut theirs) = UnixStream::pair().expect("a socket pair");
         let mut reader = CallReader::new(ours, Mode::default());
-        let stop = |id| encode(&Request::Stop { id });
-        let is_stop = |read: &Option<Request>, expected| matches!(read, Some(Request::Stop { id }) if *id == expected);
+        let stop = |id| encode(&ExecutorRequest::Stop { id });
+        let is_stop = |read: &Option<ExecutorRequest>, expected| matches!(read, Some(ExecutorRequest::Stop { id }) if *id == expected);
         // Two frames in one write, both read within the window.
         theirs
             .write_all(&[stop(1), stop(2)].concat())
@@ -439,11 +439,11 @@ mod tests {
         };
         let mut reader = CallReader::new(ours, mode);
         theirs
-            .write_all(&encode(&Request::Stop { id: 1 }))
+            .write_all(&encode(&ExecutorRequest::Stop { id: 1 }))
             .expect("writes");
         // A call read while polling leaves the connection non-blocking.
         assert!(reader.next(CALL_POLL).expect("reads").is_some());
-        let output = Reply::StartFailed {
+        let output = ExecutorReply::StartFailed {
             message: "x".repeat(8 * 1024 * 1024),
         };
         let frame = encode(&output);

@@ -200,7 +200,7 @@ pub enum PythonStartError {
 /// State shared by the [`CallStopper`] and the interpreter thread, used to interrupt abandoned
 /// calls.
 #[derive(Default)]
-struct Shared {
+struct InterruptState {
     /// The job the interpreter thread is running, or 0. Written only while that thread holds the
     /// GIL, so a reader holding the GIL sees a value that cannot change under it.
     running: AtomicU64,
@@ -230,7 +230,7 @@ pub struct IncomingCall {
 
 /// Stops calls of [`serve_calls`].
 #[derive(Clone)]
-pub struct CallStopper(Arc<Shared>);
+pub struct CallStopper(Arc<InterruptState>);
 
 impl CallStopper {
     /// Gives up call `id`: if it has not started it is skipped (its outcome is a `cancelled`
@@ -259,37 +259,37 @@ pub fn serve_calls(
     // its main thread, and only the main thread may install signal handlers, so a step calling
     // `signal.signal` cannot take SIGTERM away from the process's own shutdown.
     Python::initialize();
-    let shared = Arc::new(Shared::default());
+    let state = Arc::new(InterruptState::default());
     let (ready_tx, ready_rx) = std::sync::mpsc::sync_channel(1);
-    let thread_shared = Arc::clone(&shared);
+    let thread_state = Arc::clone(&state);
     std::thread::Builder::new()
         .name("python".to_owned())
         .stack_size(THREAD_STACK_SIZE)
-        .spawn(move || interpreter_thread(&settings, next, &thread_shared, &ready_tx))
+        .spawn(move || interpreter_thread(&settings, next, &thread_state, &ready_tx))
         .map_err(PythonStartError::Spawn)?;
     match ready_rx.recv() {
-        Ok(Ok(())) => Ok(CallStopper(shared)),
+        Ok(Ok(())) => Ok(CallStopper(state)),
         Ok(Err(error)) => Err(error),
         Err(_) => Err(PythonStartError::ThreadStopped),
     }
 }
 
 /// Marks `job` abandoned and interrupts it if it is running.
-fn abandon(shared: &Arc<Shared>, job: u64) {
+fn abandon(state: &Arc<InterruptState>, job: u64) {
     // Publishing the abandonment first pairs with the interpreter thread, which publishes
     // `running` before checking it: with a fence on each side, either that thread skips the job
     // or this one sees it running.
-    shared.abandoned.store(job, Ordering::SeqCst);
+    state.abandoned.store(job, Ordering::SeqCst);
     std::sync::atomic::fence(Ordering::SeqCst);
-    if shared.running.load(Ordering::SeqCst) != job {
+    if state.running.load(Ordering::SeqCst) != job {
         return;
     }
-    let shared = Arc::clone(shared);
+    let state = Arc::clone(state);
     // Taking the GIL can take as long as the running step holds it, so the interrupt is
     // delivered from a short-lived thread instead of the caller.
     let spawned = std::thread::Builder::new()
         .name("python-interrupt".to_owned())
-        .spawn(move || interrupt(&shared, job));
+        .spawn(move || interrupt(&state, job));
     if let Err(error) = spawned {
         tracing::warn!(%error, "spawning a thread to interrupt an abandoned python step");
     }
@@ -311,14 +311,13 @@ signal.signal(signal.SIGTERM, signal.SIG_IGN)
 }
 
 /// Raises the cancellation exception in the interpreter thread if it is still running `job`.
-fn interrupt(shared: &Shared, job: u64) {
+fn interrupt(state: &InterruptState, job: u64) {
     Python::attach(|py| {
         // Holding the GIL, the interpreter thread can neither start nor finish a job.
-        if shared.running.load(Ordering::SeqCst) != job {
+        if state.running.load(Ordering::SeqCst) != job {
             return;
         }
-        let (Some(ident), Some(cancelled)) =
-            (shared.thread_ident.get(), shared.cancelled_type.get())
+        let (Some(ident), Some(cancelled)) = (state.thread_ident.get(), state.cancelled_type.get())
         else {
             return;
         };
@@ -327,14 +326,14 @@ fn interrupt(shared: &Shared, job: u64) {
         // the call, makes sure the exception only ever reaches the job it was meant for.
         let raise = prepare_async_exc(py, *ident, Some(cancelled.bind(py).as_any())).and_then(
             |(function, args)| {
-                if shared.running.load(Ordering::SeqCst) != job {
+                if state.running.load(Ordering::SeqCst) != job {
                     return Ok(false);
                 }
                 function.call1(args).map(|_| true)
             },
         );
         match raise {
-            Ok(true) => shared.interrupted.store(job, Ordering::SeqCst),
+            Ok(true) => state.interrupted.store(job, Ordering::SeqCst),
             Ok(false) => {}
             Err(error) => {
                 tracing::warn!(error = %describe(py, &error), "interrupting a python step")
@@ -377,11 +376,11 @@ fn prepare_async_exc<'py>(
 fn interpreter_thread(
     settings: &PythonSettings,
     mut next: impl FnMut() -> Option<IncomingCall> + Send,
-    shared: &Shared,
+    state: &InterruptState,
     ready: &std::sync::mpsc::SyncSender<Result<(), PythonStartError>>,
 ) {
     Python::attach(|py| {
-        let mut runtime = match Runtime::start(py, settings, shared) {
+        let mut runtime = match Runtime::start(py, settings, state) {
             Ok(runtime) => runtime,
             Err(error) => {
                 // `serve_calls` is waiting for this reply; if it is gone there is nobody to tell.
@@ -392,11 +391,11 @@ fn interpreter_thread(
         let _ = ready.send(Ok(()));
         // The GIL is released while waiting so other Python threads (started by steps) run.
         while let Some(job) = py.detach(&mut next) {
-            shared.running.store(job.id, Ordering::SeqCst);
+            state.running.store(job.id, Ordering::SeqCst);
             std::sync::atomic::fence(Ordering::SeqCst);
-            if shared.abandoned.load(Ordering::SeqCst) == job.id {
+            if state.abandoned.load(Ordering::SeqCst) == job.id {
                 // The caller gave up before the job started.
-                shared.running.store(0, Ordering::SeqCst);
+                state.running.store(0, Ordering::SeqCst);
                 let error = StepError::new(CANCELLED, "the step was given up before it started");
                 (job.done)(PythonOutput {
                     result: Err(error),
@@ -411,16 +410,16 @@ fn interpreter_thread(
             .unwrap_or_else(|panic| Err(panicked(&*panic)));
             let logs = runtime.finish_capture(py, capture);
             let outcome = PythonOutput { result, logs };
-            if shared.interrupted.load(Ordering::SeqCst) == job.id {
+            if state.interrupted.load(Ordering::SeqCst) == job.id {
                 // An interrupt that arrived after the step's last bytecode is still pending and
                 // would hit the next job.
-                if let Some(ident) = shared.thread_ident.get()
+                if let Some(ident) = state.thread_ident.get()
                     && let Err(error) = set_async_exc(py, *ident, None)
                 {
                     tracing::warn!(error = %describe(py, &error), "clearing a python interrupt");
                 }
             }
-            shared.running.store(0, Ordering::SeqCst);
+            state.running.store(0, Ordering::SeqCst);
             py.detach(|| (job.done)(outcome));
         }
     });
@@ -482,7 +481,7 @@ impl Runtime {
     fn start(
         py: Python<'_>,
         settings: &PythonSettings,
-        shared: &Shared,
+        state: &InterruptState,
     ) -> Result<Self, PythonStartError> {
         let site_packages = match &settings.virtual_env {
             Some(virtual_env) => Some(virtualenv_site_packages(py, virtual_env)?),
@@ -503,12 +502,12 @@ impl Runtime {
             .and_then(|threading| threading.call_method0("get_ident"))
             .and_then(|ident| ident.extract())
             .map_err(|error| start_error(py, "reading the interpreter thread's id", &error))?;
-        let _ = shared.thread_ident.set(ident);
+        let _ = state.thread_ident.set(ident);
         let context_type = context_type(py)
             .map_err(|error| start_error(py, "loading taskfleet.Context", &error))?;
         let cancelled = step_cancelled_type(py, context_type.bind(py))
             .map_err(|error| start_error(py, "creating the cancellation exception", &error))?;
-        let _ = shared.cancelled_type.set(cancelled);
+        let _ = state.cancelled_type.set(cancelled);
         let capture = PyModule::from_code(
             py,
             CAPTURE_SOURCE,
