@@ -14,7 +14,7 @@ use tokio::io::AsyncWriteExt;
 
 use super::executor_process::{ExecutorProcess, describe_exit};
 use super::{Inner, PythonPool};
-use crate::executor::process::{self, Call};
+use crate::executor::process::frame::{self, Call};
 use crate::executor::python::{PythonOutput, PythonTarget, StepContext};
 use crate::executor::timeout_error;
 
@@ -142,7 +142,7 @@ impl Held<'_> {
         if let Err(error) = executor
             .calls_connection
             .stream
-            .write_all(&process::encode_run(id, &call, poll_after))
+            .write_all(&frame::encode_run(id, &call, poll_after))
             .await
         {
             tracing::warn!(pid = executor.pid, %error, "sending a call to a python executor failed");

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use tokio::io::Interest;
 use tokio::net::UnixStream;
 
-use crate::executor::process;
+use crate::executor::process::frame::take_frame;
 
 /// An executor's calls connection. Calls are written to `stream`; replies, frames of a
 /// little-endian `u32` length and then the body (see [`crate::executor::process`]), are read
@@ -51,7 +51,7 @@ impl CallsConnection {
     ) -> std::io::Result<Vec<u8>> {
         let polled_until = Instant::now() + poll;
         loop {
-            if let Some(frame) = process::take_frame(&mut self.buffer)? {
+            if let Some(frame) = take_frame(&mut self.buffer)? {
                 return Ok(frame);
             }
             let read = if Instant::now() < polled_until && !stop_polling() {
@@ -160,7 +160,7 @@ mod tests {
         use tokio::io::AsyncWriteExt;
         let (ours, mut theirs) = UnixStream::pair().expect("a pair");
         let mut replies = CallsConnection::new(ours).expect("set up");
-        let prefix = u32::try_from(process::MAX_FRAME + 1)
+        let prefix = u32::try_from(crate::executor::process::frame::MAX_FRAME + 1)
             .expect("fits")
             .to_le_bytes();
         theirs.write_all(&prefix).await.expect("writes");

@@ -14,7 +14,8 @@ use tokio::process::{Child, Command};
 
 use super::connection::CallsConnection;
 use super::{Inner, PoolSettings};
-use crate::executor::process::{self, EXECUTOR_FLAG, ExecutorReply, ExecutorRequest};
+use crate::executor::process::EXECUTOR_FLAG;
+use crate::executor::process::frame::{self, ExecutorReply, ExecutorRequest};
 use crate::executor::python::PythonOutput;
 
 /// How long an executor may take to connect and start its interpreter.
@@ -119,7 +120,7 @@ impl ExecutorProcess {
     async fn send(&mut self, request: &ExecutorRequest) -> std::io::Result<()> {
         self.calls_connection
             .stream
-            .write_all(&process::encode(request))
+            .write_all(&frame::encode(request))
             .await
     }
 
@@ -137,8 +138,8 @@ impl ExecutorProcess {
             Duration::ZERO
         };
         let others_wait = || waiting.is_some_and(|waiting| waiting.load(Ordering::Relaxed) > 0);
-        let frame = self.calls_connection.next_frame(poll, others_wait).await?;
-        process::decode(&frame)
+        let body = self.calls_connection.next_frame(poll, others_wait).await?;
+        frame::decode(&body)
     }
 
     /// Waits for the outcome of call `id`; cancel safe. An error when the executor is gone.
@@ -167,7 +168,7 @@ impl ExecutorProcess {
     pub(super) async fn stop(&mut self, id: u64, kill_grace: Duration) -> bool {
         if self
             .control
-            .write_all(&process::encode(&ExecutorRequest::Stop { id }))
+            .write_all(&frame::encode(&ExecutorRequest::Stop { id }))
             .await
             .is_err()
         {
