@@ -3,14 +3,16 @@
 //! A worker runs its Python steps in executor processes (see [`super::pool`]): each is the
 //! worker's own binary started with [`EXECUTOR_FLAG`] and the path of a Unix socket on which the
 //! worker listens. The executor connects twice (calls, then control), receives its
-//! [`PythonSettings`] on the calls connection, starts its interpreter and then serves one call at
-//! a time: the interpreter thread reads each call and writes its outcome back itself, so a call
-//! crosses no other thread of the executor; the main thread reads `Stop` requests from the
-//! control connection. A frame is a little-endian `u32` length followed by that many bytes of
-//! JSON.
+//! [`PythonSettings`](super::python::PythonSettings) on the calls connection, starts its
+//! interpreter and then serves one call at a time: the interpreter thread reads each call and
+//! writes its outcome back itself, so a call crosses no other thread of the executor; the main
+//! thread reads `Stop` requests from the control connection. The frames themselves are
+//! `frame`'s.
 //!
 //! The executor ignores SIGINT and SIGTERM: it leaves when the worker closes the connection (or
 //! dies), at once, even in the middle of a step.
+
+pub(crate) mod frame;
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
@@ -20,125 +22,13 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use serde::de::DeserializeOwned;
-use serde::{Deserialize, Serialize};
-use serde_json::Value;
 
-use super::python::{
-    IncomingCall, PythonOutput, PythonSettings, PythonTarget, StepContext,
-    ignore_termination_signals, serve_calls,
-};
+use super::python::{IncomingCall, ignore_termination_signals, serve_calls};
+use frame::{ExecutorReply, ExecutorRequest, decode, encode, read_frame, take_frame};
 
 /// The hidden command-line flag that makes `taskfleet-worker` an executor process; its value is
 /// the socket to connect to.
 pub const EXECUTOR_FLAG: &str = "--python-executor";
-
-/// The largest frame either side accepts: 512 MiB.
-pub(crate) const MAX_FRAME: usize = 512 * 1024 * 1024;
-
-/// A frame from the worker to an executor.
-#[derive(Debug, Serialize, Deserialize)]
-pub(crate) enum Request {
-    /// The first frame: how to set up the interpreter.
-    Start(PythonSettings),
-    /// Run one step call; the executor answers [`Reply::Done`] with the same id.
-    Run {
-        /// Chosen by the worker, echoed in the reply.
-        id: u64,
-        /// The call.
-        call: Call,
-        /// Whether to poll for the next call once this one is done (see [`CALL_POLL`]).
-        #[serde(default)]
-        poll_after: bool,
-    },
-    /// Give up the call with this id: skip it or interrupt it. Its `Done` still follows.
-    Stop {
-        /// The call's id.
-        id: u64,
-    },
-}
-
-/// One step call.
-#[derive(Debug, Serialize, Deserialize)]
-pub(crate) struct Call {
-    /// What to call.
-    pub target: PythonTarget,
-    /// The step's input.
-    pub input: Value,
-    /// The attempt's identity.
-    pub ctx: StepContext,
-}
-
-/// [`Request::Run`] made from a borrowed call, so the caller keeps it if sending fails.
-#[derive(Serialize)]
-enum RunRef<'a> {
-    Run {
-        id: u64,
-        call: &'a Call,
-        poll_after: bool,
-    },
-}
-
-/// Encodes a [`Request::Run`] frame.
-pub(crate) fn encode_run(id: u64, call: &Call, poll_after: bool) -> Vec<u8> {
-    encode(&RunRef::Run {
-        id,
-        call,
-        poll_after,
-    })
-}
-
-/// A frame from an executor to the worker.
-#[derive(Debug, Serialize, Deserialize)]
-pub(crate) enum Reply {
-    /// The interpreter is ready.
-    Ready {
-        /// The executor's process id.
-        pid: u32,
-    },
-    /// The interpreter could not be set up; the executor exits after sending this.
-    StartFailed {
-        /// Why, for the worker's operator.
-        message: String,
-    },
-    /// A call ended.
-    Done {
-        /// The id of its [`Request::Run`].
-        id: u64,
-        /// Its output or error, and what it printed or logged.
-        output: PythonOutput,
-    },
-}
-
-/// Encodes a frame: length prefix and JSON.
-pub(crate) fn encode<T: Serialize>(message: &T) -> Vec<u8> {
-    let mut frame = vec![0; 4];
-    // Serialising these types into a Vec cannot fail: every map key is a string.
-    if let Err(error) = serde_json::to_writer(&mut frame, message) {
-        tracing::error!(%error, "encoding an executor frame");
-    }
-    let length = u32::try_from(frame.len() - 4).unwrap_or(u32::MAX);
-    frame[..4].copy_from_slice(&length.to_le_bytes());
-    frame
-}
-
-/// Reads the length prefix of a frame and checks it.
-pub(crate) fn frame_length(prefix: [u8; 4]) -> std::io::Result<usize> {
-    let length = usize::try_from(u32::from_le_bytes(prefix)).unwrap_or(usize::MAX);
-    if length > MAX_FRAME {
-        return Err(std::io::Error::new(
-            std::io::ErrorKind::InvalidData,
-            format!("an executor frame of {length} bytes is over the limit of {MAX_FRAME}"),
-        ));
-    }
-    Ok(length)
-}
-
-/// Decodes a frame's body.
-pub(crate) fn decode<T: DeserializeOwned>(body: &[u8]) -> std::io::Result<T> {
-    serde_json::from_slice(body)
-        .map_err(|error| std::io::Error::new(std::io::ErrorKind::InvalidData, error))
-}
 
 /// How long an executor that finished a call polls for the next one before it sleeps, when the
 /// call asked it to (`poll_after`): waking a sleeping thread costs tens of microseconds on a
@@ -147,20 +37,6 @@ pub(crate) fn decode<T: DeserializeOwned>(body: &[u8]) -> std::io::Result<T> {
 /// has read this one's outcome, and the polling executors would take the CPU the worker needs
 /// to send it. An idle executor sleeps once the window has passed.
 const CALL_POLL: Duration = Duration::from_micros(100);
-
-/// Takes a whole frame's body off the front of `buffer`, if one is there.
-pub(crate) fn take_frame(buffer: &mut Vec<u8>) -> std::io::Result<Option<Vec<u8>>> {
-    let Some(prefix) = buffer.first_chunk::<4>() else {
-        return Ok(None);
-    };
-    let end = frame_length(*prefix)? + 4;
-    if buffer.len() < end {
-        return Ok(None);
-    }
-    let body = buffer[4..end].to_vec();
-    buffer.drain(..end);
-    Ok(Some(body))
-}
 
 /// Whether the calls connection is non-blocking now. Its reader and its writer are two handles
 /// of one socket, which share the setting; each changes it only when it must, so a call that
@@ -201,7 +77,7 @@ impl CallReader {
     }
 
     /// The next request, polled for up to `window` first; `None` at the end of the stream.
-    fn next(&mut self, window: Duration) -> std::io::Result<Option<Request>> {
+    fn next(&mut self, window: Duration) -> std::io::Result<Option<ExecutorRequest>> {
         let deadline = Instant::now() + window;
         loop {
             if let Some(body) = take_frame(&mut self.buffer)? {
@@ -247,19 +123,6 @@ impl FrameWriter {
     }
 }
 
-/// Reads one frame, blocking; `None` at the end of the stream.
-fn read_frame<T: DeserializeOwned>(stream: &mut impl Read) -> std::io::Result<Option<T>> {
-    let mut prefix = [0; 4];
-    match stream.read_exact(&mut prefix) {
-        Ok(()) => {}
-        Err(error) if error.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
-        Err(error) => return Err(error),
-    }
-    let mut body = vec![0; frame_length(prefix)?];
-    stream.read_exact(&mut body)?;
-    decode(&body).map(Some)
-}
-
 /// Runs this process as a Python executor serving the worker listening on `socket`. Returns when
 /// the worker closes the connection; an error if the executor could not start.
 ///
@@ -279,13 +142,10 @@ pub fn serve(socket: &Path) -> anyhow::Result<()> {
         mode: mode.clone(),
     }));
     let mut calls = CallReader::new(calls, mode);
-    let send = move |reply: &Reply| -> std::io::Result<()> {
-        writer
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .write(&encode(reply))
+    let send = move |reply: &ExecutorReply| -> std::io::Result<()> {
+        taskfleet_common::sync::lock(&writer).write(&encode(reply))
     };
-    let Some(Request::Start(settings)) = calls.next(Duration::ZERO)? else {
+    let Some(ExecutorRequest::Start(settings)) = calls.next(Duration::ZERO)? else {
         anyhow::bail!("the worker did not send the executor's settings first");
     };
     let done = send.clone();
@@ -296,7 +156,7 @@ pub fn serve(socket: &Path) -> anyhow::Result<()> {
     // Runs on the interpreter thread, without the GIL, between calls.
     let next_call = move || loop {
         match calls.next(poll) {
-            Ok(Some(Request::Run {
+            Ok(Some(ExecutorRequest::Run {
                 id,
                 call,
                 poll_after,
@@ -313,7 +173,7 @@ pub fn serve(socket: &Path) -> anyhow::Result<()> {
                     input: call.input,
                     ctx: call.ctx,
                     done: Box::new(move |output| {
-                        if let Err(error) = done(&Reply::Done { id, output }) {
+                        if let Err(error) = done(&ExecutorReply::Done { id, output }) {
                             tracing::warn!(%error, "sending a step's outcome to the worker");
                         }
                     }),
@@ -334,18 +194,18 @@ pub fn serve(socket: &Path) -> anyhow::Result<()> {
         Ok(stopper) => stopper,
         Err(error) => {
             let message = format!("starting the python interpreter: {error}");
-            send(&Reply::StartFailed {
+            send(&ExecutorReply::StartFailed {
                 message: message.clone(),
             })?;
             anyhow::bail!(message);
         }
     };
-    send(&Reply::Ready {
+    send(&ExecutorReply::Ready {
         pid: std::process::id(),
     })?;
     while let Some(request) = read_frame(&mut control)? {
         match request {
-            Request::Stop { id } => stopper.stop(id),
+            ExecutorRequest::Stop { id } => stopper.stop(id),
             other => tracing::warn!(?other, "unexpected frame on the control connection"),
         }
     }
@@ -354,47 +214,14 @@ pub fn serve(socket: &Path) -> anyhow::Result<()> {
 
 #[cfg(test)]
 mod tests {
-    use serde_json::json;
-
     use super::*;
-
-    #[test]
-    fn run_frames_decode_as_requests() {
-        let call = Call {
-            target: PythonTarget::Code {
-                source: "def main(input):\n    return input\n".to_owned(),
-            },
-            input: json!({"n": [1, 2.5, "x", null, u64::MAX]}),
-            ctx: StepContext {
-                run_id: "r".to_owned(),
-                task_id: "t".to_owned(),
-                step_id: "s".to_owned(),
-                attempt: 1,
-            },
-        };
-        let frame = encode_run(7, &call, true);
-        let length = frame_length(frame[..4].try_into().expect("a prefix")).expect("a length");
-        assert_eq!(length, frame.len() - 4);
-        let Request::Run {
-            id,
-            call: decoded,
-            poll_after,
-        } = decode(&frame[4..]).expect("decodes")
-        else {
-            panic!("not a run request");
-        };
-        assert_eq!(id, 7);
-        assert!(poll_after);
-        assert_eq!(decoded.input, call.input);
-        assert_eq!(decoded.target, call.target);
-    }
 
     #[test]
     fn calls_are_read_whether_they_come_within_the_polling_window_or_after_it() {
         let (ours, mut theirs) = UnixStream::pair().expect("a socket pair");
         let mut reader = CallReader::new(ours, Mode::default());
-        let stop = |id| encode(&Request::Stop { id });
-        let is_stop = |read: &Option<Request>, expected| matches!(read, Some(Request::Stop { id }) if *id == expected);
+        let stop = |id| encode(&ExecutorRequest::Stop { id });
+        let is_stop = |read: &Option<ExecutorRequest>, expected| matches!(read, Some(ExecutorRequest::Stop { id }) if *id == expected);
         // Two frames in one write, both read within the window.
         theirs
             .write_all(&[stop(1), stop(2)].concat())
@@ -439,11 +266,11 @@ mod tests {
         };
         let mut reader = CallReader::new(ours, mode);
         theirs
-            .write_all(&encode(&Request::Stop { id: 1 }))
+            .write_all(&encode(&ExecutorRequest::Stop { id: 1 }))
             .expect("writes");
         // A call read while polling leaves the connection non-blocking.
         assert!(reader.next(CALL_POLL).expect("reads").is_some());
-        let output = Reply::StartFailed {
+        let output = ExecutorReply::StartFailed {
             message: "x".repeat(8 * 1024 * 1024),
         };
         let frame = encode(&output);
@@ -456,11 +283,5 @@ mod tests {
         });
         writer.write(&frame).expect("writes it all");
         assert!(other_side.join().expect("the reader ends") == frame);
-    }
-
-    #[test]
-    fn oversized_frames_are_refused() {
-        let prefix = u32::try_from(MAX_FRAME + 1).expect("fits").to_le_bytes();
-        assert!(frame_length(prefix).is_err());
     }
 }
