@@ -1,7 +1,6 @@
 //! The taskfleet side of each workload, on a real fleet started from the binaries beside the
 //! benchmark (one scheduler and its workers) against the local PostgreSQL, RabbitMQ and Redis.
 
-use std::num::NonZeroUsize;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -10,12 +9,9 @@ use serde_json::{Value, json};
 use taskfleet_common::definition::StepKind;
 use taskfleet_common::protocol::{PROTOCOL_VERSION, TaskMessage};
 use taskfleet_common::{RunId, TaskId};
-use taskfleet_io::jq_sandbox::{JqSandbox, SandboxSettings};
 use taskfleet_tests::{FleetOptions, TestFleet};
-use taskfleet_worker::executor::dataflow::DataflowExecutor;
-use taskfleet_worker::executor::pool::{PoolSettings, PythonPool};
-use taskfleet_worker::executor::python::PythonSettings;
-use taskfleet_worker::runner::Executors;
+use taskfleet_worker::config::{Config, Settings};
+use taskfleet_worker::{ExecutorSettings, Executors};
 
 use crate::cpu::{self, Group, Sample};
 
@@ -268,26 +264,18 @@ pub async fn chain(fleet: &TestFleet, steps: usize) -> Result<Duration> {
 /// which runs in place; a Python no-op on one executor process), with no broker or database in
 /// the way; returns the timings of (jq, Python).
 pub async fn executor_cost(calls: usize) -> Result<(Vec<Duration>, Vec<Duration>)> {
-    let python = PythonPool::start(PoolSettings {
-        program: taskfleet_tests::bin_dir().join("taskfleet-worker"),
-        executors: NonZeroUsize::MIN,
-        max_tasks: None,
-        max_rss_bytes: None,
-        kill_grace: Duration::from_secs(2),
-        python: PythonSettings::default(),
-    })
-    .await?;
-    let executors = Executors {
-        dataflow: DataflowExecutor::new(
-            JqSandbox::new(SandboxSettings {
-                program: taskfleet_tests::bin_dir().join("taskfleet-worker"),
-                processes: 1,
-                memory_bytes: 256 * 1024 * 1024,
-            }),
-            Duration::from_secs(10),
-        ),
-        python,
-    };
+    // A worker's executors as the worker starts them, with one Python executor process.
+    let settings = taskfleet_io::settings::try_parse_from::<Settings>([
+        "taskfleet-worker",
+        "--python-executors",
+        "1",
+        "--jq-sandboxes",
+        "1",
+    ])
+    .context("the worker's settings")?;
+    let config = Config::new(settings, None, None);
+    let program = taskfleet_tests::bin_dir().join("taskfleet-worker");
+    let executors = Executors::start(ExecutorSettings::new(&config, program)).await?;
     let task = |step: StepKind| TaskMessage {
         version: PROTOCOL_VERSION,
         task_id: TaskId::new(),

@@ -9,3 +9,4 @@ pub mod report;
 pub mod runner;
 
 pub use config::Config;
+pub use runner::{Executed, ExecutorSettings, Executors};

@@ -4,13 +4,9 @@
 //! `--jq-sandbox BYTES`, one of the sandbox processes that run jq programs.
 
 use anyhow::Context;
-use taskfleet_io::jq_sandbox::{JqSandbox, SandboxSettings};
 use taskfleet_worker::config::{Config, PYTHON_PATH_VARIABLE, Settings};
-use taskfleet_worker::executor::dataflow::DataflowExecutor;
-use taskfleet_worker::executor::pool::{PoolSettings, PythonPool};
 use taskfleet_worker::executor::process;
-use taskfleet_worker::executor::python::PythonSettings;
-use taskfleet_worker::runner::{self, Executors};
+use taskfleet_worker::{ExecutorSettings, Executors, runner};
 use tokio_util::sync::CancellationToken;
 
 fn main() -> anyhow::Result<()> {
@@ -39,18 +35,7 @@ fn main() -> anyhow::Result<()> {
         std::env::var("HOSTNAME").ok(),
     );
     let program = std::env::current_exe().context("finding the worker's own executable")?;
-    let pool = PoolSettings {
-        program: program.clone(),
-        executors: config.python_executors,
-        max_tasks: config.python_max_tasks,
-        max_rss_bytes: config.python_max_rss_mb.map(|mib| mib * 1024 * 1024),
-        kill_grace: config.python_kill_grace,
-        python: PythonSettings {
-            max_log_chars: config.max_log_chars,
-            python_path: config.python_path.clone(),
-            virtual_env: config.virtual_env.clone(),
-        },
-    };
+    let executor_settings = ExecutorSettings::new(&config, program);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         // Quick jq programs run on these threads, and jaq recurses on the stack; the memory is
@@ -59,17 +44,7 @@ fn main() -> anyhow::Result<()> {
         .build()
         .context("starting the tokio runtime")?;
     runtime.block_on(async {
-        let executors = Executors {
-            dataflow: DataflowExecutor::new(
-                JqSandbox::new(SandboxSettings {
-                    program: program.clone(),
-                    processes: config.jq_sandboxes.get(),
-                    memory_bytes: config.jq_memory_bytes,
-                }),
-                config.jq_time_limit,
-            ),
-            python: PythonPool::start(pool).await?,
-        };
+        let executors = Executors::start(executor_settings).await?;
         let shutdown = CancellationToken::new();
         tokio::spawn(taskfleet_io::signals::cancel_on_signal(shutdown.clone()));
         runner::run(config, executors, shutdown).await

@@ -3,6 +3,7 @@
 //! at all (a redelivery, an input that cannot travel) is decided before, in `delivery`; the
 //! outcome goes back there to be reported.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use chrono::Utc;
@@ -10,12 +11,14 @@ use taskfleet_common::definition::StepKind;
 use taskfleet_common::error::{CANCELLED, INVALID_OUTPUT};
 use taskfleet_common::protocol::{Outcome, TaskMessage};
 use taskfleet_common::{StepError, value};
+use taskfleet_io::jq_sandbox::{JqSandbox, SandboxSettings};
 use tokio_util::sync::CancellationToken;
 
 use super::Shared;
+use crate::config::Config;
 use crate::executor::dataflow::DataflowExecutor;
-use crate::executor::pool::PythonPool;
-use crate::executor::python::{PythonTarget, StepContext};
+use crate::executor::pool::{PoolSettings, PythonPool};
+use crate::executor::python::{PythonSettings, PythonTarget, StepContext};
 
 /// What a step came to on its executor.
 #[derive(Debug)]
@@ -29,7 +32,46 @@ pub struct Executed {
     pub ran: Option<Duration>,
 }
 
-/// The executors of every step kind.
+/// How a worker's executors start: its Python executor processes and its jq sandboxes are both
+/// the worker's own binary.
+#[derive(Debug, Clone)]
+pub struct ExecutorSettings {
+    /// The Python executor pool.
+    pub python: PoolSettings,
+    /// The jq sandboxes.
+    pub jq: SandboxSettings,
+    /// How long a jq program may run when its step sets no `timeout_s`.
+    pub jq_time_limit: Duration,
+}
+
+impl ExecutorSettings {
+    /// The settings a worker configured by `config` starts its executors with; `program` is the
+    /// worker's executable.
+    pub fn new(config: &Config, program: PathBuf) -> Self {
+        Self {
+            python: PoolSettings {
+                program: program.clone(),
+                executors: config.python_executors,
+                max_tasks: config.python_max_tasks,
+                max_rss_bytes: config.python_max_rss_mb.map(|mib| mib * 1024 * 1024),
+                kill_grace: config.python_kill_grace,
+                python: PythonSettings {
+                    max_log_chars: config.max_log_chars,
+                    python_path: config.python_path.clone(),
+                    virtual_env: config.virtual_env.clone(),
+                },
+            },
+            jq: SandboxSettings {
+                program,
+                processes: config.jq_sandboxes.get(),
+                memory_bytes: config.jq_memory_bytes,
+            },
+            jq_time_limit: config.jq_time_limit,
+        }
+    }
+}
+
+/// The executors of every step kind: what runs a step, apart from the broker and Redis.
 #[derive(Clone)]
 pub struct Executors {
     /// jq programs.
@@ -39,6 +81,15 @@ pub struct Executors {
 }
 
 impl Executors {
+    /// Starts the Python executor processes (all of them, before it returns; one that cannot
+    /// start fails this with its reason); jq sandboxes start when first needed.
+    pub async fn start(settings: ExecutorSettings) -> anyhow::Result<Self> {
+        Ok(Self {
+            dataflow: DataflowExecutor::new(JqSandbox::new(settings.jq), settings.jq_time_limit),
+            python: PythonPool::start(settings.python).await?,
+        })
+    }
+
     /// Runs `task` on the executor of its kind, failing it with `timeout` past `limit`.
     /// Dropping the future stops a Python step.
     pub async fn execute(&self, task: &TaskMessage, limit: Option<Duration>) -> Executed {

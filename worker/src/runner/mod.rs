@@ -36,7 +36,7 @@ use taskfleet_common::{Namespace, RunId, TaskId};
 use tokio::sync::{Semaphore, watch};
 use tokio_util::sync::CancellationToken;
 
-pub use execute::{Executed, Executors};
+pub use execute::{Executed, ExecutorSettings, Executors};
 pub use main_loop::run;
 
 use crate::report::{BrokerSlot, Reporter};
