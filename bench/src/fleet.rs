@@ -265,7 +265,7 @@ pub async fn chain(fleet: &TestFleet, steps: usize) -> Result<Duration> {
 /// the way; returns the timings of (jq, Python).
 pub async fn executor_cost(calls: usize) -> Result<(Vec<Duration>, Vec<Duration>)> {
     // A worker's executors as the worker starts them, with one Python executor process.
-    let settings = taskfleet_io::settings::try_parse_from::<Settings>([
+    let settings = taskfleet_io::settings::try_parse_from_args::<Settings>([
         "taskfleet-worker",
         "--python-executors",
         "1",

@@ -1,32 +1,70 @@
 //! Settings read from flags and environment variables (clap's `env` support: a flag wins over
 //! its variable, a variable over the default).
 
-/// Returns `command` with every argument whose environment variable is set but empty read as if
-/// the variable were unset: shells and env files often leave variables empty, and an empty value
-/// is never a setting.
-pub fn empty_env_is_unset(command: clap::Command) -> clap::Command {
+use taskfleet_common::names::DEFAULT_NAMESPACE;
+use taskfleet_common::{Namespace, amqp};
+
+/// What every process of a fleet shares: its services and its namespace.
+#[derive(Debug, Clone, clap::Args)]
+pub struct FleetSettings {
+    /// RabbitMQ URL; `heartbeat=5` is added unless the URL has a `heartbeat`.
+    #[arg(
+        long,
+        env = "TASKFLEET_AMQP_URL",
+        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f"
+    )]
+    pub amqp_url: String,
+    /// Redis URL.
+    #[arg(
+        long,
+        env = "TASKFLEET_REDIS_URL",
+        default_value = "redis://127.0.0.1:6379/0"
+    )]
+    pub redis_url: String,
+    /// Prefix of every queue and Redis key, so fleets can share services.
+    #[arg(long, env = "TASKFLEET_NAMESPACE", default_value = DEFAULT_NAMESPACE, value_parser = Namespace::new)]
+    pub namespace: Namespace,
+}
+
+impl FleetSettings {
+    /// The RabbitMQ URL to connect to: the one given, with the default heartbeat unless it
+    /// names one.
+    pub fn amqp_url_with_heartbeat(&self) -> String {
+        amqp::with_heartbeat(&self.amqp_url, amqp::DEFAULT_HEARTBEAT_S)
+    }
+}
+
+/// Returns `command` as this project reads settings: an argument whose environment variable is
+/// set but empty reads as if the variable were unset (shells and env files often leave variables
+/// empty, and an empty value is never a setting), and `--help` names each variable without
+/// showing its value (URLs hold passwords).
+fn with_environment(command: clap::Command) -> clap::Command {
     command.mut_args(|arg| {
         let empty = arg
             .get_env()
             .and_then(std::env::var_os)
             .is_some_and(|value| value.is_empty());
+        let arg = arg.hide_env_values(true);
         if empty { arg.env(None) } else { arg }
     })
 }
 
-/// Parses settings of type `T` from the process's arguments and environment, with empty
-/// variables unset; exits with clap's message on a bad value or `--help`.
+/// Parses settings of type `T` from the process's arguments and environment; exits with clap's
+/// message on a bad value or `--help`.
 pub fn parse<T: clap::Parser>() -> T {
-    let matches = empty_env_is_unset(T::command()).get_matches();
+    let matches = with_environment(T::command()).get_matches();
     T::from_arg_matches(&matches).unwrap_or_else(|error| error.exit())
 }
 
-/// Parses settings of type `T` from `args` (the first is the program's name) and the process's
-/// environment, with empty variables unset.
-pub fn try_parse_from<T: clap::Parser>(
+/// Parses settings of type `T` from `args` alone (the first is the program's name), reading no
+/// environment variable: for tests and tools whose outcome must not depend on the environment
+/// they happen to run in.
+pub fn try_parse_from_args<T: clap::Parser>(
     args: impl IntoIterator<Item = impl Into<std::ffi::OsString> + Clone>,
 ) -> Result<T, clap::Error> {
-    let matches = empty_env_is_unset(T::command()).try_get_matches_from(args)?;
+    let matches = T::command()
+        .mut_args(|arg| arg.env(None))
+        .try_get_matches_from(args)?;
     T::from_arg_matches(&matches)
 }
 

@@ -7,9 +7,8 @@ use std::net::SocketAddr;
 use std::num::NonZeroUsize;
 use std::time::Duration;
 
-use taskfleet_common::names::DEFAULT_NAMESPACE;
-use taskfleet_common::{Namespace, amqp};
-use taskfleet_io::settings;
+use taskfleet_common::Namespace;
+use taskfleet_io::settings::{self, FleetSettings};
 
 /// The taskfleet scheduler: HTTP API, durable record in PostgreSQL, dispatch through RabbitMQ.
 /// Every flag has its environment variable (shown with it); a flag wins over its variable.
@@ -23,26 +22,12 @@ pub struct Settings {
         default_value = "postgres://postgres@127.0.0.1:5432/taskfleet"
     )]
     pub database_url: String,
-    /// RabbitMQ URL; `heartbeat=5` is added unless the URL has a `heartbeat`.
-    #[arg(
-        long,
-        env = "TASKFLEET_AMQP_URL",
-        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f"
-    )]
-    pub amqp_url: String,
-    /// Redis URL.
-    #[arg(
-        long,
-        env = "TASKFLEET_REDIS_URL",
-        default_value = "redis://127.0.0.1:6379/0"
-    )]
-    pub redis_url: String,
+    /// RabbitMQ, Redis and the namespace.
+    #[command(flatten)]
+    pub fleet: FleetSettings,
     /// Where the HTTP API listens.
     #[arg(long, env = "TASKFLEET_HTTP_ADDR", default_value = "127.0.0.1:8080")]
     pub http_addr: SocketAddr,
-    /// Prefix of every queue and Redis key, so fleets can share services.
-    #[arg(long, env = "TASKFLEET_NAMESPACE", default_value = DEFAULT_NAMESPACE, value_parser = Namespace::new)]
-    pub namespace: Namespace,
     /// The largest request body the API accepts, in bytes (larger ones get 413).
     #[arg(long, env = "TASKFLEET_MAX_BODY_BYTES", default_value = "10485760")]
     pub max_body_bytes: usize,
@@ -59,17 +44,17 @@ pub struct Settings {
     #[arg(long, env = "TASKFLEET_MAX_TASKS_PER_MESSAGE", default_value = "64")]
     pub max_tasks_per_message: NonZeroUsize,
     /// How long one jq program of planning (`input`, `when`, `for_each`) may run, in ms.
-    #[arg(long = "jq-time-limit-ms", value_name = "MS", env = "TASKFLEET_JQ_TIME_LIMIT_MS", default_value = "1000", value_parser = settings::positive_millis)]
+    #[arg(long = "planning-jq-time-limit-ms", value_name = "MS", env = "TASKFLEET_PLANNING_JQ_TIME_LIMIT_MS", default_value = "1000", value_parser = settings::positive_millis)]
     pub jq_time_limit: Duration,
     /// The memory one jq program of planning may take, in MiB.
-    #[arg(long = "jq-memory-mb", value_name = "MIB", env = "TASKFLEET_JQ_MEMORY_MB", default_value = "256", value_parser = settings::positive_mib)]
+    #[arg(long = "planning-jq-memory-mb", value_name = "MIB", env = "TASKFLEET_PLANNING_JQ_MEMORY_MB", default_value = "256", value_parser = settings::positive_mib)]
     pub jq_memory_bytes: u64,
     /// Sandbox processes running planning's jq programs at once (default: one per core).
-    #[arg(long, env = "TASKFLEET_JQ_SANDBOXES")]
+    #[arg(
+        long = "planning-jq-sandboxes",
+        env = "TASKFLEET_PLANNING_JQ_SANDBOXES"
+    )]
     pub jq_sandboxes: Option<NonZeroUsize>,
-    /// Run as a jq sandbox with this memory limit in bytes (started by the scheduler itself).
-    #[arg(long = "jq-sandbox", hide = true, value_name = "BYTES")]
-    pub jq_sandbox: Option<u64>,
 }
 
 /// Everything the scheduler needs to know to start.
@@ -107,10 +92,10 @@ impl From<Settings> for Config {
     fn from(settings: Settings) -> Self {
         Self {
             database_url: settings.database_url,
-            amqp_url: amqp::with_heartbeat(&settings.amqp_url, amqp::DEFAULT_HEARTBEAT_S),
-            redis_url: settings.redis_url,
+            amqp_url: settings.fleet.amqp_url_with_heartbeat(),
+            redis_url: settings.fleet.redis_url,
             http_addr: settings.http_addr,
-            namespace: settings.namespace,
+            namespace: settings.fleet.namespace,
             max_body_bytes: settings.max_body_bytes,
             max_wait: settings.max_wait,
             database_pool_size: settings.database_pool_size,
@@ -133,7 +118,7 @@ mod tests {
 
     fn load(args: &[&str]) -> Result<Config, clap::Error> {
         let args = std::iter::once("taskfleet-scheduler").chain(args.iter().copied());
-        settings::try_parse_from::<Settings>(args).map(Config::from)
+        settings::try_parse_from_args::<Settings>(args).map(Config::from)
     }
 
     #[test]
@@ -157,16 +142,21 @@ mod tests {
 
     #[test]
     fn flags_set_values_and_bad_values_are_named() {
-        let config =
-            load(&["--http-addr", "127.0.0.1:2", "--jq-time-limit-ms", "250"]).expect("loads");
+        let config = load(&[
+            "--http-addr",
+            "127.0.0.1:2",
+            "--planning-jq-time-limit-ms",
+            "250",
+        ])
+        .expect("loads");
         assert_eq!(config.http_addr.port(), 2);
         assert_eq!(config.jq_time_limit, Duration::from_millis(250));
         for (flag, value) in [
             ("--namespace", "a b"),
             ("--http-addr", "nowhere"),
-            ("--jq-time-limit-ms", "0"),
-            ("--jq-memory-mb", "0"),
-            ("--jq-sandboxes", "0"),
+            ("--planning-jq-time-limit-ms", "0"),
+            ("--planning-jq-memory-mb", "0"),
+            ("--planning-jq-sandboxes", "0"),
         ] {
             let error = load(&[flag, value]).expect_err("a bad value");
             assert!(error.to_string().contains(flag), "{flag}: {error}");

@@ -21,7 +21,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use taskfleet_io::jq_sandbox::SandboxSettings;
+use taskfleet_io::jq_sandbox::{JqSandbox, SandboxSettings};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -91,19 +91,30 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         notifier.clone(),
     );
     let writer_task = tokio::spawn(writer);
-    let sandbox = taskfleet_io::jq_sandbox::JqSandbox::new(SandboxSettings {
+    // New runs and completions plan with sandboxes of their own, so that requests whose
+    // programs run to their time limit never keep the completion loop waiting for a sandbox.
+    let sandbox_settings = SandboxSettings {
         program: std::env::current_exe().context("finding the scheduler's own executable")?,
         processes: config.jq_sandboxes.get(),
         memory_bytes: config.jq_memory_bytes,
-    });
-    let programs =
-        planning::SandboxedPrograms::new(sandbox, config.jq_time_limit, shutdown.clone());
+    };
+    let compiled = taskfleet_common::jq::ProgramCache::default();
+    let planning_programs = |settings: SandboxSettings| {
+        planning::SandboxedPrograms::new(
+            compiled.clone(),
+            JqSandbox::new(settings),
+            config.jq_time_limit,
+            shutdown.clone(),
+        )
+    };
+    let programs = planning_programs(sandbox_settings.clone());
+    let submission_programs = planning_programs(sandbox_settings);
     let completion_loop = completions::CompletionLoop {
         namespace: config.namespace.as_str().to_owned(),
         db: store::HeldConnection::new(db.clone()),
         dispatcher: dispatcher.clone(),
         notifier: notifier.clone(),
-        programs: programs.clone(),
+        programs,
         broker: broker.clone(),
         costs,
     };
@@ -119,7 +130,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         broker: broker.clone(),
         acceptor,
         notifier,
-        programs,
+        programs: submission_programs,
         shutdown: shutdown.clone(),
     };
     let listener = tokio::net::TcpListener::bind(config.http_addr)

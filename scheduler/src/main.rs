@@ -1,6 +1,6 @@
 //! `taskfleet-scheduler`: loads the configuration, installs logging and runs the scheduler until
-//! SIGTERM or Ctrl-C. Started with the hidden `--jq-sandbox BYTES` flag, it is one of the
-//! sandbox processes that run planning's jq programs instead.
+//! SIGTERM or Ctrl-C. Started as `taskfleet-scheduler --jq-sandbox BYTES`, it is one of the
+//! sandbox processes that run planning's jq programs instead, and reads no setting.
 
 use taskfleet_scheduler::config::{Config, Settings};
 use tokio_util::sync::CancellationToken;
@@ -10,10 +10,8 @@ use tokio_util::sync::CancellationToken;
 const THREAD_STACK_SIZE: usize = 32 * 1024 * 1024;
 
 fn main() -> anyhow::Result<()> {
+    taskfleet_io::jq_sandbox::serve_if_started_as_one();
     let settings: Settings = taskfleet_io::settings::parse();
-    if let Some(memory_bytes) = settings.jq_sandbox {
-        taskfleet_io::jq_sandbox::serve(memory_bytes);
-    }
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_stack_size(THREAD_STACK_SIZE)

@@ -14,7 +14,7 @@ use std::time::Duration;
 use redis::aio::ConnectionManager;
 use serde_json::Value;
 use taskfleet_common::sync::lock;
-use taskfleet_common::{Namespace, RunId};
+use taskfleet_common::{Namespace, RunId, RunKind};
 use taskfleet_io::pubsub;
 use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
@@ -41,8 +41,8 @@ struct Announcement {
 /// The final view of a finished run, as the API shows it.
 #[derive(Debug)]
 pub struct FinishedView {
-    /// `workflow` or `job`.
-    pub kind: String,
+    /// A workflow's run or a job.
+    pub kind: RunKind,
     /// The view.
     pub view: Value,
 }

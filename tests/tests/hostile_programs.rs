@@ -11,15 +11,18 @@ use serde_json::{Value, json};
 use taskfleet_tests::{FleetOptions, TestFleet};
 
 async fn fleet() -> TestFleet {
-    let limits = || {
+    let limits = |prefix: &str| {
         vec![
-            ("TASKFLEET_JQ_TIME_LIMIT_MS".to_owned(), "3000".to_owned()),
-            ("TASKFLEET_JQ_MEMORY_MB".to_owned(), "16".to_owned()),
+            (
+                format!("TASKFLEET_{prefix}JQ_TIME_LIMIT_MS"),
+                "3000".to_owned(),
+            ),
+            (format!("TASKFLEET_{prefix}JQ_MEMORY_MB"), "16".to_owned()),
         ]
     };
     TestFleet::start_with(FleetOptions {
-        scheduler_env: limits(),
-        worker_env: limits(),
+        scheduler_env: limits("PLANNING_"),
+        worker_env: limits(""),
         ..FleetOptions::default()
     })
     .await
@@ -129,7 +132,10 @@ async fn hostile_programs_fail_their_step_while_other_runs_finish() {
 async fn sigterm_stops_a_scheduler_that_runs_a_looping_program() {
     let mut fleet = TestFleet::start_with(FleetOptions {
         workers: 0,
-        scheduler_env: vec![("TASKFLEET_JQ_TIME_LIMIT_MS".to_owned(), "600000".to_owned())],
+        scheduler_env: vec![(
+            "TASKFLEET_PLANNING_JQ_TIME_LIMIT_MS".to_owned(),
+            "600000".to_owned(),
+        )],
         ..FleetOptions::default()
     })
     .await

@@ -47,9 +47,11 @@ async fn write_unpublished_run(
     .await
     .unwrap();
     sqlx::query(
-        "INSERT INTO tasks (namespace, id, run_id, step_id, status, attempt, queue, input,
-                            created_at, due_at)
-         VALUES ($5, $1, $2, 'inc', 'queued', CASE WHEN $4::float8 IS NULL THEN 1 ELSE 2 END,
+        // Written without its namespace, as a scheduler of the previous version writes tasks:
+        // the table fills it in from the run.
+        "INSERT INTO tasks (id, run_id, step_id, status, attempt, queue, input, created_at,
+                            due_at)
+         VALUES ($1, $2, 'inc', 'queued', CASE WHEN $4::float8 IS NULL THEN 1 ELSE 2 END,
                  'default', '41', now() - make_interval(secs => $3),
                  now() + make_interval(secs => $4))",
     )
@@ -57,7 +59,6 @@ async fn write_unpublished_run(
     .bind(run_id)
     .bind(age_s)
     .bind(due_in_s)
-    .bind(namespace)
     .execute(db)
     .await
     .unwrap();

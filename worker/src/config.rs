@@ -8,9 +8,9 @@ use std::num::NonZeroUsize;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use taskfleet_common::names::{DEFAULT_NAMESPACE, DEFAULT_QUEUE, check_queue_name};
-use taskfleet_common::{Namespace, amqp};
-use taskfleet_io::settings;
+use taskfleet_common::Namespace;
+use taskfleet_common::names::{DEFAULT_QUEUE, check_queue_name};
+use taskfleet_io::settings::{self, FleetSettings};
 
 /// The variable whose directories are added to `--python-path`'s.
 pub const PYTHON_PATH_VARIABLE: &str = "TASKFLEET_PYTHON_PATH";
@@ -20,23 +20,9 @@ pub const PYTHON_PATH_VARIABLE: &str = "TASKFLEET_PYTHON_PATH";
 #[derive(Debug, Clone, clap::Parser)]
 #[command(name = "taskfleet-worker", version, about, long_about = None)]
 pub struct Settings {
-    /// RabbitMQ URL; `heartbeat=5` is added unless the URL has a `heartbeat`.
-    #[arg(
-        long,
-        env = "TASKFLEET_AMQP_URL",
-        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f"
-    )]
-    pub amqp_url: String,
-    /// Redis URL.
-    #[arg(
-        long,
-        env = "TASKFLEET_REDIS_URL",
-        default_value = "redis://127.0.0.1:6379/0"
-    )]
-    pub redis_url: String,
-    /// Prefix of every queue and Redis key, so fleets can share services.
-    #[arg(long, env = "TASKFLEET_NAMESPACE", default_value = DEFAULT_NAMESPACE, value_parser = Namespace::new)]
-    pub namespace: Namespace,
+    /// RabbitMQ, Redis and the namespace.
+    #[command(flatten)]
+    pub fleet: FleetSettings,
     /// Task queues to consume, comma separated.
     #[arg(long, env = "TASKFLEET_QUEUES", default_value = DEFAULT_QUEUE, value_parser = parse_queues)]
     pub queues: Queues,
@@ -92,13 +78,6 @@ pub struct Settings {
     /// Sandbox processes running jq programs at once (default: one per core).
     #[arg(long, env = "TASKFLEET_JQ_SANDBOXES")]
     pub jq_sandboxes: Option<NonZeroUsize>,
-    /// Run as a Python executor serving the worker listening on this socket (started by the
-    /// worker itself).
-    #[arg(long = "python-executor", hide = true, value_name = "SOCKET")]
-    pub python_executor: Option<PathBuf>,
-    /// Run as a jq sandbox with this memory limit in bytes (started by the worker itself).
-    #[arg(long = "jq-sandbox", hide = true, value_name = "BYTES")]
-    pub jq_sandbox: Option<u64>,
 }
 
 /// The task queues a worker consumes: at least one, each a valid queue name.
@@ -189,9 +168,9 @@ impl Config {
             })
             .unwrap_or_else(|| "worker".to_owned());
         Self {
-            amqp_url: amqp::with_heartbeat(&settings.amqp_url, amqp::DEFAULT_HEARTBEAT_S),
-            redis_url: settings.redis_url,
-            namespace: settings.namespace,
+            amqp_url: settings.fleet.amqp_url_with_heartbeat(),
+            redis_url: settings.fleet.redis_url,
+            namespace: settings.fleet.namespace,
             queues: settings.queues.0,
             concurrency: settings
                 .concurrency
@@ -227,7 +206,7 @@ mod tests {
 
     fn load(args: &[&str], python_path: Option<&str>) -> Result<Config, clap::Error> {
         let args = std::iter::once("taskfleet-worker").chain(args.iter().copied());
-        let settings = settings::try_parse_from::<Settings>(args)?;
+        let settings = settings::try_parse_from_args::<Settings>(args)?;
         Ok(Config::new(settings, python_path, Some("host".to_owned())))
     }
 

@@ -1,7 +1,8 @@
 //! `taskfleet-worker`: loads the configuration, starts the pool of Python executor processes,
-//! installs logging and runs the worker until SIGTERM or Ctrl-C, then drains. Started with the
-//! hidden `--python-executor SOCKET` flag, it is one of those executor processes instead; with
-//! `--jq-sandbox BYTES`, one of the sandbox processes that run jq programs.
+//! installs logging and runs the worker until SIGTERM or Ctrl-C, then drains. Started as
+//! `taskfleet-worker --python-executor SOCKET`, it is one of those executor processes instead;
+//! as `taskfleet-worker --jq-sandbox BYTES`, one of the sandbox processes that run jq programs.
+//! Neither reads the worker's settings.
 
 use anyhow::Context;
 use taskfleet_worker::config::{Config, PYTHON_PATH_VARIABLE, Settings};
@@ -10,10 +11,8 @@ use taskfleet_worker::{ExecutorSettings, Executors, runner};
 use tokio_util::sync::CancellationToken;
 
 fn main() -> anyhow::Result<()> {
-    let settings: Settings = taskfleet_io::settings::parse();
-    if let Some(memory_bytes) = settings.jq_sandbox {
-        taskfleet_io::jq_sandbox::serve(memory_bytes);
-    }
+    taskfleet_io::jq_sandbox::serve_if_started_as_one();
+    let executor_socket = started_as_executor();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
@@ -22,12 +21,13 @@ fn main() -> anyhow::Result<()> {
         // Colours only on a terminal, not in files or the journal.
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
         .init();
-    if let Some(socket) = &settings.python_executor {
+    if let Some(socket) = executor_socket {
         // The executor leaves as soon as its worker closes the connection, even with a step
         // still running on its interpreter thread.
-        process::serve(socket)?;
+        process::serve(&socket)?;
         std::process::exit(0);
     }
+    let settings: Settings = taskfleet_io::settings::parse();
     let python_path = std::env::var(PYTHON_PATH_VARIABLE).ok();
     let config = Config::new(
         settings,
@@ -49,4 +49,14 @@ fn main() -> anyhow::Result<()> {
         tokio::spawn(taskfleet_io::signals::cancel_on_signal(shutdown.clone()));
         runner::run(config, executors, shutdown).await
     })
+}
+
+/// The socket of the worker this process serves as a Python executor, when it was started as
+/// one (`--python-executor SOCKET` as its only arguments).
+fn started_as_executor() -> Option<std::path::PathBuf> {
+    let mut args = std::env::args_os().skip(1);
+    if args.next().as_deref() != Some(std::ffi::OsStr::new(process::EXECUTOR_FLAG)) {
+        return None;
+    }
+    args.next().map(std::path::PathBuf::from)
 }

@@ -31,7 +31,7 @@ use serde_json::Value;
 use taskfleet_common::sync::{lock, wait_timeout};
 use tokio_util::sync::CancellationToken;
 
-pub use serve::serve;
+pub use serve::{serve, serve_if_started_as_one};
 
 use frame::{Reply, RequestRef};
 
@@ -157,26 +157,36 @@ impl JqSandbox {
             output_limit,
         })
         .map_err(|error| SandboxError::Failed(format!("encoding the request: {error}")))?;
-        let mut sandbox = self.take(stop)?;
+        let (mut sandbox, mut reused) = self.take(stop)?;
         let deadline = Instant::now() + time_limit;
-        let exchanged = sandbox.exchange(&request, deadline, stop);
-        let reply = match exchanged {
-            Ok(reply) => reply,
-            Err(interrupted) => {
-                let error = match interrupted {
-                    Interrupted::Deadline => {
-                        sandbox.kill();
-                        SandboxError::TimeLimit(time_limit)
-                    }
-                    Interrupted::Stop => {
-                        sandbox.kill();
-                        SandboxError::Stopped
-                    }
-                    Interrupted::Io(error) => sandbox.end(&error, self.pool.settings.memory_bytes),
-                };
-                self.give_back(None);
-                return Err(error);
+        let mut retried = false;
+        let reply = loop {
+            let exchanged = sandbox.exchange(&request, deadline, stop);
+            let interrupted = match exchanged {
+                Ok(reply) => break reply,
+                Err(interrupted) => interrupted,
+            };
+            let error = match interrupted {
+                Interrupted::Deadline => {
+                    sandbox.kill();
+                    SandboxError::TimeLimit(time_limit)
+                }
+                Interrupted::Stop => {
+                    sandbox.kill();
+                    SandboxError::Stopped
+                }
+                Interrupted::Io(error) => sandbox.end(&error, self.pool.settings.memory_bytes),
+            };
+            self.give_back(None);
+            // A sandbox that waited idle may have died meanwhile (the OOM killer picks large
+            // processes): a death the program does not explain is tried once more on another.
+            if reused && !retried && matches!(error, SandboxError::Failed(_)) {
+                tracing::warn!(%error, "an idle jq sandbox had ended; running the program on another");
+                retried = true;
+                (sandbox, reused) = self.take(stop)?;
+                continue;
             }
+            return Err(error);
         };
         match serde_json::from_slice::<Reply>(&reply) {
             Ok(Reply::Outputs(outputs)) => {
@@ -215,21 +225,24 @@ impl JqSandbox {
         .unwrap_or_else(|error| Err(SandboxError::Failed(error.to_string())))
     }
 
-    /// Takes an idle sandbox, or starts one if fewer than the most are alive, or waits.
-    fn take(&self, stop: &CancellationToken) -> Result<Sandbox, SandboxError> {
+    /// Takes an idle sandbox (and says so), or starts one if fewer than the most are alive, or
+    /// waits; gives up as soon as `stop` is cancelled.
+    fn take(&self, stop: &CancellationToken) -> Result<(Sandbox, bool), SandboxError> {
         let pool = &self.pool;
         let mut state = lock(&pool.state);
         loop {
+            if stop.is_cancelled() {
+                return Err(SandboxError::Stopped);
+            }
             if let Some(sandbox) = state.idle.pop() {
-                return Ok(sandbox);
+                return Ok((sandbox, true));
             }
             if state.live < pool.settings.processes {
                 state.live += 1;
                 drop(state);
-                return Sandbox::start(&pool.settings).inspect_err(|_| self.give_back(None));
-            }
-            if stop.is_cancelled() {
-                return Err(SandboxError::Stopped);
+                return Sandbox::start(&pool.settings, stop)
+                    .map(|sandbox| (sandbox, false))
+                    .inspect_err(|_| self.give_back(None));
             }
             state = wait_timeout(&pool.freed, state, STOP_CHECK);
         }
@@ -269,7 +282,7 @@ struct Sandbox {
 
 impl Sandbox {
     /// Starts a sandbox and waits for it to say it is ready.
-    fn start(settings: &SandboxSettings) -> Result<Self, SandboxError> {
+    fn start(settings: &SandboxSettings, stop: &CancellationToken) -> Result<Self, SandboxError> {
         let failed = |what: &str, error: io::Error| {
             SandboxError::Failed(format!(
                 "{what} {} {SANDBOX_FLAG}: {error}",
@@ -297,8 +310,7 @@ impl Sandbox {
                 .saturating_add(REPLY_SLACK_BYTES),
         };
         sandbox.stderr = sandbox.child.stderr.take();
-        let never = CancellationToken::new();
-        match sandbox.receive(Instant::now() + START_LIMIT, &never) {
+        match sandbox.receive(Instant::now() + START_LIMIT, stop) {
             Ok(reply) if matches!(serde_json::from_slice(&reply), Ok(Reply::Ready)) => Ok(sandbox),
             Ok(_) => {
                 sandbox.kill();
@@ -312,7 +324,11 @@ impl Sandbox {
                     "a new sandbox ended at its start ({error}): {last_words}"
                 )))
             }
-            Err(_) => {
+            Err(Interrupted::Stop) => {
+                sandbox.kill();
+                Err(SandboxError::Stopped)
+            }
+            Err(Interrupted::Deadline) => {
                 sandbox.kill();
                 Err(SandboxError::Failed(format!(
                     "a new sandbox did not start within {}",

@@ -23,6 +23,28 @@ const JQ_STACK_BYTES: usize = 64 * 1024 * 1024;
 /// program of at most `taskfleet_common::jq::MAX_PROGRAM_LEN` bytes, far below this.
 const MAX_REQUEST_BYTES: usize = 1 << 30;
 
+/// Serves as a sandbox, and never returns, when this process was started as one (its first
+/// argument is [`super::SANDBOX_FLAG`], its second the memory limit in bytes); returns
+/// otherwise. Called first thing in `main`, before settings are read: a sandbox reads none, so
+/// no setting of its parent's environment can keep it from starting.
+pub fn serve_if_started_as_one() {
+    let mut args = std::env::args_os().skip(1);
+    if args.next().as_deref() != Some(std::ffi::OsStr::new(super::SANDBOX_FLAG)) {
+        return;
+    }
+    match args.next().and_then(|bytes| bytes.to_str()?.parse().ok()) {
+        Some(memory_bytes) => serve(memory_bytes),
+        None => {
+            let _ = writeln!(
+                io::stderr(),
+                "jq sandbox: {} takes the memory limit in bytes",
+                super::SANDBOX_FLAG
+            );
+            std::process::exit(2)
+        }
+    }
+}
+
 /// Serves as a sandbox until standard input ends; `memory_bytes` is how much more address space
 /// the process may take once it has started. Never returns.
 pub fn serve(memory_bytes: u64) -> ! {

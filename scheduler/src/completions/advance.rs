@@ -14,7 +14,7 @@ use uuid::Uuid;
 
 use super::{AdvanceError, CompletionLoop};
 use crate::notify::FinishedView;
-use crate::planning::{self, Materialized, PlanningLoad, ProgramRunner, StepState, Stopped};
+use crate::planning::{self, Halted, Materialized, PlanningLoad, ProgramRunner, StepState};
 use crate::retry;
 use crate::store::{self, Completion, FinishedRun, LockedRun, StoreError};
 use crate::views::run_view;
@@ -105,7 +105,7 @@ impl CompletionLoop {
             .into_iter()
             .map(|(run, task)| {
                 let id = run.id;
-                let kind = run.kind.as_str().to_owned();
+                let kind = run.kind;
                 let view = run_view(run, vec![task], &HashSet::new());
                 (id, FinishedView { kind, view })
             })
@@ -179,8 +179,12 @@ impl CompletionLoop {
         }
         // Planning may run user jq programs: those runs are planned off the async threads,
         // unless every program is quick and the values it reads are small.
-        let programs = self.programs.clone();
-        let in_place = plans_in_place(programs.cache(), &runs, &states);
+        let in_place = plans_in_place(self.programs.cache(), &runs, &states);
+        let programs = if in_place {
+            self.programs.in_place()
+        } else {
+            self.programs.clone()
+        };
         let (materialized, finished) = planning::run_planning(in_place, move || {
             let threads = if in_place { 1 } else { programs.parallelism() };
             plan_runs(&programs, runs, states, threads)
@@ -312,7 +316,7 @@ fn plan_runs(
     runs: Vec<RunToPlan>,
     states: HashMap<Uuid, BTreeMap<String, StepState>>,
     threads: usize,
-) -> Result<(Materialized, Vec<FinishedRun>), Stopped> {
+) -> Result<(Materialized, Vec<FinishedRun>), Halted> {
     let empty = BTreeMap::new();
     let planned = planning::plan_each(threads, runs, |run| {
         planning::plan_run(

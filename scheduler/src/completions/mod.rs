@@ -27,7 +27,7 @@ use crate::broker::Broker;
 use crate::costs::TaskCosts;
 use crate::dispatch::Dispatcher;
 use crate::notify::Notifier;
-use crate::planning::{PlanningError, SandboxedPrograms, Stopped};
+use crate::planning::{Halted, PlanningError, SandboxedPrograms};
 use crate::store::{Completion, HeldConnection, StoreError};
 
 use read::Read;
@@ -45,23 +45,29 @@ pub enum AdvanceError {
     /// Planning panicked; a bug, logged and treated like a refused statement.
     #[error("planning failed: {0}")]
     Planning(String),
-    /// Planning stopped for the shutdown; the batch stays unrecorded.
+    /// Planning halted (the shutdown, or no jq sandbox); the batch stays unrecorded.
     #[error(transparent)]
-    Stopped(#[from] Stopped),
+    Halted(#[from] Halted),
 }
 
 impl From<PlanningError> for AdvanceError {
     fn from(error: PlanningError) -> Self {
         match error {
-            PlanningError::Stopped(stopped) => Self::Stopped(stopped),
+            PlanningError::Halted(halted) => Self::Halted(halted),
             PlanningError::Panicked(message) => Self::Planning(message),
         }
     }
 }
 
 impl AdvanceError {
+    /// Whether the batch should wait and be tried again: the database, or the sandboxes that
+    /// run planning's programs, are out of reach for now.
     fn is_unavailable(&self) -> bool {
-        matches!(self, Self::Store(error) if error.is_unavailable())
+        match self {
+            Self::Store(error) => error.is_unavailable(),
+            Self::Halted(Halted::SandboxUnavailable(_)) => true,
+            Self::Planning(_) | Self::Halted(Halted::ShuttingDown) => false,
+        }
     }
 }
 
@@ -197,10 +203,10 @@ impl CompletionLoop {
         loop {
             match self.advance(completions).await {
                 // The batch is left unacknowledged; the broker hands it out again.
-                Err(AdvanceError::Stopped(_)) => return None,
+                Err(AdvanceError::Halted(Halted::ShuttingDown)) => return None,
                 Err(error) if error.is_unavailable() => {
                     let delay = delays.next().unwrap_or(Duration::from_secs(5));
-                    tracing::warn!(%error, ?delay, "database unavailable; retrying completions");
+                    tracing::warn!(%error, ?delay, "cannot record completions for now; retrying");
                     // The held connection may be the broken part: the next try takes another.
                     self.db.discard();
                     tokio::select! {

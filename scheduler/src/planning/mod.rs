@@ -26,7 +26,7 @@ use uuid::Uuid;
 use taskfleet_common::sync::lock;
 
 use crate::store::FinishedRun;
-pub use planner::{StepState, Stopped};
+pub use planner::{Halted, StepState};
 pub use programs::{ProgramRunner, SandboxedPrograms};
 pub use rows::{Materialized, finished_run};
 
@@ -48,7 +48,7 @@ pub fn plan_run(
     definition: &WorkflowDefinition,
     input: &Value,
     states: &BTreeMap<String, StepState>,
-) -> Result<PlannedRun, Stopped> {
+) -> Result<PlannedRun, Halted> {
     let advance = planner::advance(programs, definition, input, states)?;
     let mut rows = Materialized::default();
     rows.add(definition, run_id, advance.planned);
@@ -94,12 +94,12 @@ const PLANNING_STACK: usize = 32 * 1024 * 1024;
 /// among them), and returns the results in the order of `items`. A run whose programs wait in
 /// a sandbox holds up only its own thread, so a batch with a program that runs to its time
 /// limit takes that limit once per `threads` such runs rather than once per run. Stops at the
-/// first [`Stopped`].
+/// first [`Halted`].
 pub fn plan_each<T: Send, R: Send>(
     threads: usize,
     items: Vec<T>,
-    plan: impl Fn(T) -> Result<R, Stopped> + Sync,
-) -> Result<Vec<R>, Stopped> {
+    plan: impl Fn(T) -> Result<R, Halted> + Sync,
+) -> Result<Vec<R>, Halted> {
     let count = items.len();
     let threads = threads.clamp(1, count.max(1));
     if threads == 1 {
@@ -107,15 +107,15 @@ pub fn plan_each<T: Send, R: Send>(
     }
     let next = std::sync::Mutex::new(items.into_iter().enumerate());
     let results = std::sync::Mutex::new((0..count).map(|_| None).collect::<Vec<Option<R>>>());
-    let stopped = std::sync::atomic::AtomicBool::new(false);
+    let halted: std::sync::Mutex<Option<Halted>> = std::sync::Mutex::new(None);
     let work = || {
-        while !stopped.load(std::sync::atomic::Ordering::Relaxed) {
+        while lock(&halted).is_none() {
             let Some((index, item)) = lock(&next).next() else {
                 return;
             };
             match plan(item) {
                 Ok(result) => lock(&results)[index] = Some(result),
-                Err(Stopped) => stopped.store(true, std::sync::atomic::Ordering::Relaxed),
+                Err(halt) => *lock(&halted) = Some(halt),
             }
         }
     };
@@ -129,8 +129,8 @@ pub fn plan_each<T: Send, R: Send>(
         }
         work();
     });
-    if stopped.into_inner() {
-        return Err(Stopped);
+    if let Some(halt) = taskfleet_common::sync::into_inner(halted) {
+        return Err(halt);
     }
     let results = taskfleet_common::sync::into_inner(results);
     Ok(results.into_iter().flatten().collect())
@@ -139,9 +139,9 @@ pub fn plan_each<T: Send, R: Send>(
 /// Why planning gave no result.
 #[derive(Debug, thiserror::Error)]
 pub enum PlanningError {
-    /// The scheduler is shutting down.
+    /// Planning halted (see [`Halted`]).
     #[error(transparent)]
-    Stopped(#[from] Stopped),
+    Halted(#[from] Halted),
     /// Planning panicked: a bug.
     #[error("planning failed: {0}")]
     Panicked(String),
@@ -152,7 +152,7 @@ pub enum PlanningError {
 /// becomes [`PlanningError::Panicked`] either way.
 pub async fn run_planning<T: Send + 'static>(
     in_place: bool,
-    work: impl FnOnce() -> Result<T, Stopped> + Send + 'static,
+    work: impl FnOnce() -> Result<T, Halted> + Send + 'static,
 ) -> Result<T, PlanningError> {
     let outcome = if in_place {
         std::panic::catch_unwind(std::panic::AssertUnwindSafe(work))
@@ -202,9 +202,13 @@ mod tests {
             let planned = plan_each(threads, (0..100).collect(), |n: u32| Ok(n * 2));
             assert_eq!(planned, Ok((0..100).map(|n| n * 2).collect::<Vec<u32>>()));
             let stopped = plan_each(threads, (0..100).collect(), |n: u32| {
-                if n == 50 { Err(Stopped) } else { Ok(n) }
+                if n == 50 {
+                    Err(Halted::ShuttingDown)
+                } else {
+                    Ok(n)
+                }
             });
-            assert_eq!(stopped, Err(Stopped));
+            assert_eq!(stopped, Err(Halted::ShuttingDown));
         }
         let empty: Vec<u32> = Vec::new();
         assert_eq!(plan_each(4, empty, Ok), Ok(Vec::new()));

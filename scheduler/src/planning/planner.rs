@@ -14,17 +14,25 @@ use taskfleet_common::{StepError, StepStatus};
 
 use super::programs::{ProgramFailure, ProgramRunner};
 
-/// Planning stopped because the scheduler is shutting down: nothing it decided may be written.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-#[error("planning stopped: the scheduler is shutting down")]
-pub struct Stopped;
+/// Why planning halted: nothing it decided may be written, and the run is planned again later
+/// (its completions go back to the broker; a request is answered 503).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Halted {
+    /// The scheduler is shutting down.
+    #[error("planning stopped: the scheduler is shutting down")]
+    ShuttingDown,
+    /// No jq sandbox could run a program (one could not be started, or ended for no reason the
+    /// program gives): a fault of the scheduler's host, not of the run.
+    #[error("planning waits for a jq sandbox: {0}")]
+    SandboxUnavailable(String),
+}
 
 /// Why a step's program gave no value.
 enum Blocked {
     /// The step fails with this error.
     Fails(StepError),
-    /// Planning stops.
-    Stopped,
+    /// Planning halts.
+    Halted(Halted),
 }
 
 impl From<StepError> for Blocked {
@@ -129,7 +137,10 @@ fn run_program(
                 DATAFLOW_ERROR,
                 format!("`{field}` program failed: {message}"),
             )),
-            ProgramFailure::Stopped => Blocked::Stopped,
+            ProgramFailure::Stopped => Blocked::Halted(Halted::ShuttingDown),
+            ProgramFailure::Unavailable(reason) => {
+                Blocked::Halted(Halted::SandboxUnavailable(reason))
+            }
         })
 }
 
@@ -183,7 +194,7 @@ pub fn advance(
     definition: &WorkflowDefinition,
     run_input: &Value,
     states: &BTreeMap<String, StepState>,
-) -> Result<Advance, Stopped> {
+) -> Result<Advance, Halted> {
     let mut states = states.clone();
     let mut planned = Vec::new();
     loop {
@@ -249,14 +260,14 @@ fn decide(
     step: &StepDefinition,
     run_input: &Value,
     states: &BTreeMap<String, StepState>,
-) -> Result<Planned, Stopped> {
+) -> Result<Planned, Halted> {
     match try_decide(programs, step, run_input, states) {
         Ok(planned) => Ok(planned),
         Err(Blocked::Fails(error)) => Ok(Planned::Fail {
             step_id: step.id.clone(),
             error,
         }),
-        Err(Blocked::Stopped) => Err(Stopped),
+        Err(Blocked::Halted(halted)) => Err(halted),
     }
 }
 

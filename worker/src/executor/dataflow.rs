@@ -7,20 +7,21 @@
 //! `timeout_s` (failing with `timeout`, like any step) or, when the step sets none, the worker's
 //! jq time limit (failing with `dataflow_error`); a program that loops, allocates without
 //! bound or recurses too deep fails its step and leaves the worker as it was. A step that is
-//! stopped (its run cancelled) stops its sandbox.
+//! stopped (its run cancelled) stops its sandbox. When no sandbox can run the program at all (one
+//! cannot start), the step fails with `worker_lost`, which its retry policy may take again.
 
 use std::time::Duration;
 
 use serde_json::Value;
 use taskfleet_common::StepError;
 use taskfleet_common::definition::StepKind;
-use taskfleet_common::error::DATAFLOW_ERROR;
+use taskfleet_common::error::{DATAFLOW_ERROR, WORKER_LOST};
 use taskfleet_common::jq::{self, Program, ProgramCache, QUICK_INPUT_SIZE, RunError};
 use taskfleet_common::protocol::TaskMessage;
 use taskfleet_common::value;
 use taskfleet_io::jq_sandbox::{JqSandbox, SandboxError};
 
-use super::{Executor, timeout_error};
+use super::timeout_error;
 
 /// Runs `dataflow` steps.
 #[derive(Debug, Clone)]
@@ -72,14 +73,12 @@ impl DataflowExecutor {
         match ran {
             Ok(outputs) => Ok(jq::single_value(outputs)),
             Err(SandboxError::TimeLimit(limit)) if timeout.is_some() => Err(timeout_error(limit)),
+            // The worker could not run the program: its step may run again, here or elsewhere.
+            Err(error @ SandboxError::Failed(_)) => {
+                Err(StepError::new(WORKER_LOST, error.to_string()))
+            }
             Err(error) => Err(StepError::new(DATAFLOW_ERROR, error.to_string())),
         }
-    }
-}
-
-impl Executor for DataflowExecutor {
-    async fn execute(&self, task: &TaskMessage) -> Result<Value, StepError> {
-        self.run(task, None).await
     }
 }
 
@@ -135,10 +134,13 @@ mod tests {
                 Duration::from_secs(1),
             );
             let small = task("{b: .a}", json!({"a": 1}));
-            assert_eq!(executor.execute(&small).await, Ok(json!({"b": 1})));
+            assert_eq!(executor.run(&small, None).await, Ok(json!({"b": 1})));
             let large = json!({"a": vec![1; QUICK_INPUT_SIZE]});
             for task in [task("{b: .a}", large), task("map(.)", json!([1]))] {
-                let error = executor.execute(&task).await.expect_err("needs a sandbox");
+                let error = executor
+                    .run(&task, None)
+                    .await
+                    .expect_err("needs a sandbox");
                 assert!(
                     error.message.starts_with("the jq sandbox failed"),
                     "{error:?}"

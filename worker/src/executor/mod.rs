@@ -2,9 +2,9 @@
 //! error; none of them touches the broker or Redis.
 //!
 //! jq programs run in the worker process when quick, else in sandbox processes ([`dataflow`]);
-//! Python steps run in a supervised pool of
-//! executor processes ([`pool`]), each embedding one interpreter ([`python`]) and serving the
-//! worker over a socket ([`process`]).
+//! Python steps run in a supervised pool of executor processes ([`pool`]), each embedding one
+//! interpreter ([`python`]) and serving the worker over a socket ([`process`]).
+//! `crate::runner::Executors` holds one of each and sends every step to its own.
 
 pub mod dataflow;
 pub mod pool;
@@ -13,16 +13,8 @@ pub mod python;
 
 use std::time::Duration;
 
-use serde_json::Value;
 use taskfleet_common::StepError;
 use taskfleet_common::error::TIMEOUT;
-use taskfleet_common::protocol::TaskMessage;
-
-/// Runs steps of one kind.
-pub trait Executor {
-    /// Runs the step of `task` on its input.
-    fn execute(&self, task: &TaskMessage) -> impl Future<Output = Result<Value, StepError>> + Send;
-}
 
 /// The error of an attempt that ran longer than its step's `timeout_s`.
 pub fn timeout_error(limit: Duration) -> StepError {

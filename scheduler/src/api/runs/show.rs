@@ -73,7 +73,7 @@ async fn show_kind(
             // The scheduler that finished the run may have handed over its final view.
             view = Notifier::wait(&mut watch, deadline - now) => {
                 if let Some(finished) = view
-                    && finished.kind == kind.as_str()
+                    && finished.kind == kind
                 {
                     return Ok(Json(finished.view.clone()));
                 }

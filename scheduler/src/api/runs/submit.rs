@@ -18,7 +18,7 @@ use crate::accept::{Accepted, Submission};
 use crate::api::workflows::check_definition;
 use crate::api::{ApiError, AppState, JsonBody};
 use crate::planning::{
-    self, PlanningError, PlanningLoad, ProgramRunner, SandboxedPrograms, Stopped,
+    self, Halted, PlanningError, PlanningLoad, ProgramRunner, SandboxedPrograms,
 };
 use crate::store::NewRun;
 
@@ -34,13 +34,18 @@ const QUICK_PLANS: usize = 32;
 /// running jq programs stays off the async threads: a few runs that compile nothing and run
 /// no program, or only quick ones on inputs of at most [`taskfleet_common::jq::QUICK_INPUT_SIZE`] in all, are
 /// planned in place, any other request in one trip to the blocking pool. Returns what to
-/// write, or the first problem with the index of the run that has it.
+/// write, or the first problem with the index of the run that has it (none when the whole
+/// request failed).
 async fn plan(
     state: &AppState,
     runs: Vec<NewRunParts>,
-) -> Result<Vec<Submission>, (usize, ApiError)> {
+) -> Result<Vec<Submission>, (Option<usize>, ApiError)> {
     let in_place = plans_in_place(state.programs.cache(), &runs);
-    let programs = state.programs.clone();
+    let programs = if in_place {
+        state.programs.in_place()
+    } else {
+        state.programs.clone()
+    };
     let planned = planning::run_planning(in_place, move || {
         let threads = if in_place { 1 } else { programs.parallelism() };
         let planned =
@@ -49,7 +54,7 @@ async fn plan(
         for (index, submission) in planned.into_iter().enumerate() {
             match submission {
                 Ok(submission) => submissions.push(submission),
-                Err(error) => return Ok(Err((index, error))),
+                Err(error) => return Ok(Err((Some(index), error))),
             }
         }
         Ok(Ok(submissions))
@@ -57,10 +62,10 @@ async fn plan(
     .await;
     match planned {
         Ok(submissions) => submissions,
-        Err(PlanningError::Stopped(stopped)) => {
-            Err((0, ApiError::unavailable(stopped.to_string())))
+        Err(PlanningError::Halted(halted)) => {
+            Err((None, ApiError::unavailable(halted.to_string())))
         }
-        Err(error @ PlanningError::Panicked(_)) => Err((0, ApiError::internal(&error))),
+        Err(error @ PlanningError::Panicked(_)) => Err((None, ApiError::internal(&error))),
     }
 }
 
@@ -96,7 +101,7 @@ fn plans_quickly(programs: &ProgramCache, parts: &NewRunParts) -> bool {
 fn plan_submission(
     programs: &SandboxedPrograms,
     parts: NewRunParts,
-) -> Result<Result<Submission, ApiError>, Stopped> {
+) -> Result<Result<Submission, ApiError>, Halted> {
     if parts.unchecked
         && let Err(error) = check_definition(programs.cache(), &parts.definition)
     {
@@ -202,7 +207,10 @@ pub async fn create_batch(
     }
     let submissions = plan(&state, runs)
         .await
-        .map_err(|(index, error)| error.in_batch(index))?;
+        .map_err(|(index, error)| match index {
+            Some(index) => error.in_batch(index),
+            None => error,
+        })?;
     let ids: Vec<Uuid> = state
         .acceptor
         .submit(submissions)
