@@ -260,10 +260,20 @@ pub async fn chain(fleet: &TestFleet, steps: usize) -> Result<Duration> {
     timed_run(fleet, &definition, &json!(0), &json!(count)).await
 }
 
-/// Times `calls` sequential no-op steps of each kind through a worker's own executors (a jq `.`,
-/// which runs in place; a Python no-op on one executor process), with no broker or database in
-/// the way; returns the timings of (jq, Python).
-pub async fn executor_cost(calls: usize) -> Result<(Vec<Duration>, Vec<Duration>)> {
+/// The timings of sequential steps through a worker's own executors.
+#[derive(Debug, Default)]
+pub struct ExecutorTimings {
+    /// A jq `.`, which runs in place.
+    pub jq: Vec<Duration>,
+    /// A jq `map(.)`, which is not quick and runs in a sandbox process.
+    pub sandboxed_jq: Vec<Duration>,
+    /// A Python no-op on one executor process.
+    pub python: Vec<Duration>,
+}
+
+/// Times `calls` sequential no-op steps of each kind through a worker's own executors, with no
+/// broker or database in the way.
+pub async fn executor_cost(calls: usize) -> Result<ExecutorTimings> {
     // A worker's executors as the worker starts them, with one Python executor process.
     let settings = taskfleet_io::settings::try_parse_from_args::<Settings>([
         "taskfleet-worker",
@@ -290,13 +300,23 @@ pub async fn executor_cost(calls: usize) -> Result<(Vec<Duration>, Vec<Duration>
     let jq = task(StepKind::Dataflow {
         program: ".".to_owned(),
     });
+    let sandboxed_jq = TaskMessage {
+        input: json!([1]),
+        ..task(StepKind::Dataflow {
+            program: "map(.)".to_owned(),
+        })
+    };
     let python = task(StepKind::PythonCode {
         source: "def main(input):\n    return input\n".to_owned(),
     });
-    let mut timings = (Vec::with_capacity(calls), Vec::with_capacity(calls));
-    // Alternating the kinds spreads the machine's noise over both alike.
+    let mut timings = ExecutorTimings::default();
+    // Alternating the kinds spreads the machine's noise over them alike.
     for round in 0..calls + 100 {
-        for (task, kind_timings) in [(&jq, &mut timings.0), (&python, &mut timings.1)] {
+        for (task, kind_timings) in [
+            (&jq, &mut timings.jq),
+            (&sandboxed_jq, &mut timings.sandboxed_jq),
+            (&python, &mut timings.python),
+        ] {
             let started = Instant::now();
             let result = executors.execute(task, None).await.result;
             let elapsed = started.elapsed();

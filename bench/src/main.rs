@@ -324,18 +324,25 @@ async fn main() -> Result<()> {
 
     // 6. The added cost of a Python step over a jq step.
     if args.runs(Workload::PythonCost) {
-        let (mut jq_calls, mut python_calls, mut added) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut jq_calls, mut sandboxed_calls, mut python_calls, mut added) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         for round in 0..rounds {
             progress(&format!("taskfleet: executor cost, round {}", round + 1));
-            let (mut jq, mut python) = fleet::executor_cost(args.executor_calls).await?;
-            let jq = secs(percentile(&mut jq, 0.5)) * 1e6;
-            let python = secs(percentile(&mut python, 0.5)) * 1e6;
+            let mut timings = fleet::executor_cost(args.executor_calls).await?;
+            let jq = secs(percentile(&mut timings.jq, 0.5)) * 1e6;
+            let sandboxed = secs(percentile(&mut timings.sandboxed_jq, 0.5)) * 1e6;
+            let python = secs(percentile(&mut timings.python, 0.5)) * 1e6;
             jq_calls.push(jq);
+            sandboxed_calls.push(sandboxed);
             python_calls.push(python);
             added.push(python - jq);
         }
         for (what, figures) in [
             ("a no-op jq step through its executor, p50", &mut jq_calls),
+            (
+                "a jq step in a sandbox process (`map(.)`) through its executor, p50",
+                &mut sandboxed_calls,
+            ),
             (
                 "a no-op Python step through its executor, p50",
                 &mut python_calls,
