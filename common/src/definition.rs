@@ -11,6 +11,10 @@ use serde::{Deserialize, Serialize};
 use crate::jq;
 use crate::names;
 
+/// The longest `timeout_s` a step may set: 7 days. A longer attempt would outlive any lease and
+/// any broker's patience, and a larger number is almost always a unit mistake.
+pub const MAX_TIMEOUT_S: f64 = 7.0 * 24.0 * 3600.0;
+
 /// The longest a step id may be.
 pub const MAX_STEP_ID_LEN: usize = 64;
 
@@ -266,9 +270,11 @@ impl StepDefinition {
             }
         }
         if let Some(timeout) = self.timeout_s
-            && !(timeout.is_finite() && timeout > 0.0)
+            && !(timeout.is_finite() && timeout > 0.0 && timeout <= MAX_TIMEOUT_S)
         {
-            problem("`timeout_s` must be a positive number of seconds".to_owned());
+            problem(format!(
+                "`timeout_s` must be a positive number of seconds, at most {MAX_TIMEOUT_S} (7 days)"
+            ));
         }
         if let Some(queue) = &self.queue
             && let Err(error) = names::check_queue_name(queue)
@@ -572,6 +578,14 @@ mod tests {
         check(
             json!({"steps": [{"id": "a", "dataflow": ".", "timeout_s": 0}]}),
             &["`timeout_s`"],
+        );
+        check(
+            json!({"steps": [{"id": "a", "dataflow": ".", "timeout_s": 1e12}]}),
+            &["`timeout_s` must be a positive number of seconds, at most 604800"],
+        );
+        check(
+            json!({"steps": [{"id": "a", "dataflow": ".", "timeout_s": 604800}]}),
+            &[],
         );
         check(
             json!({"steps": [{"id": "a", "dataflow": ".", "retry": {"max_attempts": 0}}]}),

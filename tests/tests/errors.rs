@@ -422,3 +422,58 @@ async fn a_jq_error_at_run_time_fails_the_step_as_dataflow_error() {
     assert_eq!(run["steps"]["j"]["error"]["type"], "dataflow_error");
     assert_eq!(run["error"]["step"], "j");
 }
+
+#[tokio::test]
+async fn bodies_declared_as_other_than_json_get_415_and_inline_names_are_kept() {
+    let fleet = TestFleet::start_with(FleetOptions {
+        workers: 0,
+        ..FleetOptions::default()
+    })
+    .await
+    .unwrap();
+    let body = json!({"definition": {"name": "nightly", "steps": [{"id": "a", "dataflow": "."}]}});
+    let post = |content_type: Option<&str>| {
+        let mut request = fleet
+            .http
+            .post(format!("{}/v1/runs", fleet.api))
+            .body(body.to_string());
+        if let Some(content_type) = content_type {
+            request = request.header("content-type", content_type);
+        }
+        request.send()
+    };
+    for content_type in ["text/plain", "application/x-www-form-urlencoded"] {
+        let response = post(Some(content_type)).await.unwrap();
+        assert_eq!(response.status().as_u16(), 415, "{content_type}");
+        let answer: Value = response.json().await.unwrap();
+        assert_eq!(answer["error"]["code"], "unsupported_media_type");
+        let message = answer["error"]["message"].as_str().unwrap();
+        assert!(message.contains(content_type), "{message}");
+    }
+    // JSON, declared with parameters, or not declared at all, is read.
+    for content_type in [Some("application/json; charset=utf-8"), None] {
+        let response = post(content_type).await.unwrap();
+        assert_eq!(response.status().as_u16(), 201, "{content_type:?}");
+    }
+
+    // A run of an inline definition is listed under the definition's name.
+    let id = fleet.submit(&body["definition"], &json!(1)).await;
+    let (_, run) = fleet.request("GET", &format!("/v1/runs/{id}"), None).await;
+    assert_eq!(run["workflow"], "nightly", "{run}");
+    assert_eq!(run["version"], Value::Null, "{run}");
+    let (_, listed) = fleet
+        .request("GET", "/v1/runs?workflow=nightly", None)
+        .await;
+    assert_eq!(listed["runs"].as_array().map(Vec::len), Some(3), "{listed}");
+
+    // A timeout beyond 7 days is refused.
+    check(
+        &fleet,
+        "POST",
+        "/v1/runs",
+        run_of(json!([{"id": "a", "dataflow": ".", "timeout_s": 1e12}])),
+        422,
+        &["`timeout_s`", "at most 604800"],
+    )
+    .await;
+}

@@ -70,6 +70,18 @@ impl ApiError {
         )
     }
 
+    /// Returns a 415: the body is declared as something other than JSON.
+    pub fn unsupported_media_type(content_type: &str) -> Self {
+        Self::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            format!(
+                "the request body is declared as {content_type:?}; send JSON, with \
+                 Content-Type: application/json"
+            ),
+        )
+    }
+
     /// Returns a 503 naming the service that is down.
     pub fn unavailable(message: impl Into<String>) -> Self {
         Self::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", message)

@@ -84,6 +84,15 @@ impl<T: DeserializeOwned> FromRequest<AppState> for JsonBody<T> {
     type Rejection = ApiError;
 
     async fn from_request(request: Request, state: &AppState) -> Result<Self, Self::Rejection> {
+        // A body declared as anything but JSON is refused, rather than read as JSON anyway: a
+        // form or text sent by mistake gets an answer that says so. A body declared as
+        // nothing is read as JSON.
+        if let Some(content_type) = request.headers().get(axum::http::header::CONTENT_TYPE) {
+            let text = content_type.to_str().unwrap_or_default();
+            if !is_json(text) {
+                return Err(ApiError::unsupported_media_type(text));
+            }
+        }
         let limit = state.config.max_body_bytes;
         let bytes = Bytes::from_request(request, state)
             .await
@@ -98,6 +107,19 @@ impl<T: DeserializeOwned> FromRequest<AppState> for JsonBody<T> {
             .map(JsonBody)
             .map_err(|error| ApiError::bad_request(format!("request body is not valid: {error}")))
     }
+}
+
+/// Whether a `Content-Type` names JSON: `application/json` or a `+json` type, with any
+/// parameters.
+fn is_json(content_type: &str) -> bool {
+    let essence = content_type
+        .split(';')
+        .next()
+        .unwrap_or_default()
+        .trim()
+        .to_ascii_lowercase();
+    essence == "application/json"
+        || (essence.starts_with("application/") && essence.ends_with("+json"))
 }
 
 async fn healthz() -> impl IntoResponse {
@@ -163,5 +185,31 @@ impl<T: DeserializeOwned, S: Send + Sync> axum::extract::FromRequestParts<S> for
                     rejection.body_text()
                 ))
             })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_content_types_are_told_from_others() {
+        for json in [
+            "application/json",
+            "application/json; charset=utf-8",
+            "Application/JSON",
+            "application/problem+json",
+        ] {
+            assert!(is_json(json), "{json}");
+        }
+        for other in [
+            "text/plain",
+            "application/x-www-form-urlencoded",
+            "multipart/form-data; boundary=x",
+            "",
+            "text/json+xml",
+        ] {
+            assert!(!is_json(other), "{other}");
+        }
     }
 }

@@ -110,13 +110,15 @@ async fn prepare(
                     "\"version\" only applies to a registered \"workflow\"",
                 ));
             }
-            (definition, None, None)
+            // A run of an inline definition is listed under the definition's name, if any.
+            let name = definition.name.clone();
+            (definition, name, None)
         }
     };
     Ok(NewRunParts {
         kind: RunKind::Workflow,
-        // A registered definition was checked when it was registered.
-        unchecked: workflow.is_none(),
+        // A registered definition (the only kind with a version) was checked when registered.
+        unchecked: version.is_none(),
         definition,
         workflow,
         version,

@@ -236,7 +236,15 @@ fn compile_code<'py>(
         let module = PyModule::new(py, &code_module.module_name)?;
         Ok((compiled?, module))
     };
-    let (compiled, module) = setup().map_err(|error| load_error("does not compile", &error))?;
+    // Source that does not compile fails with its own error type (`SyntaxError`,
+    // `IndentationError`), whose message names the line; what fails later is an import error.
+    let (compiled, module) = setup().map_err(|error| {
+        let step_error = exception_error(py, &error);
+        StepError {
+            message: format!("python_code does not compile: {}", step_error.message),
+            ..step_error
+        }
+    })?;
     let executed = py
         .import("sys")
         .and_then(|sys| sys.getattr("modules"))
@@ -428,14 +436,16 @@ mod tests {
 
         let error = call(code("def main(input)\n    return input\n"), json!(1))
             .expect_err("the source does not compile");
-        assert_eq!(error.kind, IMPORT_ERROR);
+        assert_eq!(error.kind, "SyntaxError");
         assert!(
-            error
-                .message
-                .starts_with("python_code does not compile: SyntaxError"),
+            error.message.starts_with("python_code does not compile: ")
+                && error.message.contains("line 1"),
             "{}",
             error.message
         );
+        let error = call(code("def main(input):\nreturn input\n"), json!(1))
+            .expect_err("the source does not compile");
+        assert_eq!(error.kind, "IndentationError", "{}", error.message);
 
         let error = call(code("def main(input):\n    return 1 / input\n"), json!(0))
             .expect_err("the step raises");
