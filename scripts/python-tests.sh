@@ -20,7 +20,12 @@ venv=target/python-venv
 if [ ! -x "$venv/bin/python" ]; then
   python3 -m venv "$venv"
 fi
-"$venv/bin/python" -m pip install --quiet --disable-pip-version-check pytest ./python
+"$venv/bin/python" -m pip install --quiet --disable-pip-version-check pytest mypy ./python
+
+# The package declares its types (py.typed): they are checked strictly, as its users' checkers
+# read them.
+echo "== mypy --strict python/taskfleet"
+"$venv/bin/python" -m mypy --config-file python/pyproject.toml python/taskfleet
 
 suffix=$(python3 -c 'import secrets; print(secrets.token_hex(6))')
 port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')

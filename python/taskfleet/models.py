@@ -110,7 +110,8 @@ class Run:
         id: The run's id.
         kind: ``"run"`` for a workflow run, ``"job"`` for a job (``POST /v1/tasks``).
         status: ``pending``, ``running``, ``succeeded``, ``failed`` or ``cancelled``.
-        workflow: The registered workflow's name; ``None`` for an inline definition or a job.
+        workflow: The workflow's name: the registered workflow's, or an inline definition's
+            ``name``; ``None`` for an inline definition without one, or a job.
         version: The registered workflow's version, else ``None``.
         input: The run's input.
         output: The run's output once it succeeded, else ``None``.
