@@ -309,6 +309,7 @@ pub async fn executor_cost(calls: usize) -> Result<ExecutorTimings> {
     let python = task(StepKind::PythonCode {
         source: "def main(input):\n    return input\n".to_owned(),
     });
+    let never = tokio_util::sync::CancellationToken::new();
     let mut timings = ExecutorTimings::default();
     // Alternating the kinds spreads the machine's noise over them alike.
     for round in 0..calls + 100 {
@@ -318,7 +319,7 @@ pub async fn executor_cost(calls: usize) -> Result<ExecutorTimings> {
             (&python, &mut timings.python),
         ] {
             let started = Instant::now();
-            let result = executors.execute(task, None).await.result;
+            let result = executors.execute(task, None, &never).await.result;
             let elapsed = started.elapsed();
             ensure!(result.is_ok(), "a no-op step failed: {result:?}");
             if round >= 100 {

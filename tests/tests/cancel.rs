@@ -218,3 +218,38 @@ async fn a_failed_step_stops_the_steps_of_its_run_still_running_elsewhere() {
         started.elapsed()
     );
 }
+
+#[tokio::test]
+async fn a_step_stopped_by_its_runs_cancellation_keeps_what_it_printed_up_to_its_end() {
+    let fleet = TestFleet::start_with(FleetOptions {
+        workers: 1,
+        ..FleetOptions::default()
+    })
+    .await
+    .unwrap();
+    let definition = json!({"steps": [{
+        "id": "slow",
+        "python_code": "import time\n\ndef main(input):\n    print('started')\n    try:\n        while True:\n            time.sleep(0.01)\n    finally:\n        print('cleaning up')\n",
+    }]});
+    let id = fleet.submit(&definition, &json!(null)).await;
+    wait_for_step(&fleet, &id, "slow", "running").await;
+    let (status, _) = fleet
+        .request("POST", &format!("/v1/runs/{id}/cancel"), None)
+        .await;
+    assert_eq!(status, 200);
+    // The attempt's completion comes after the cancellation and brings its logs.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let (_, run) = fleet.request("GET", &format!("/v1/runs/{id}"), None).await;
+        let step = &run["steps"]["slow"];
+        assert_eq!(step["status"], "cancelled", "{run:#}");
+        let logs = step["logs"].as_str().unwrap_or_default();
+        if logs.contains("cleaning up") {
+            assert!(logs.contains("started"), "{run:#}");
+            assert_eq!(step["attempts"], 1, "{run:#}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "no logs came: {run:#}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

@@ -103,7 +103,9 @@ async fn step_blocked_in_c_is_killed_at_its_timeout_and_its_executor_replaced() 
         .expect_err("the step times out");
     let timed_out = started.elapsed();
     assert_eq!(error.kind, TIMEOUT, "{error:?}");
-    assert!(timed_out < Duration::from_millis(1500), "{timed_out:?}");
+    // Answered once the step is over: after its timeout and the kill grace period (500 ms)
+    // that a step blocked in C cannot use.
+    assert!(timed_out < Duration::from_millis(2500), "{timed_out:?}");
     // The only executor was killed after the grace period and replaced.
     let after = pid(&pool).await;
     let recovered = started.elapsed();

@@ -9,6 +9,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use serde_json::{Value, json};
 use sqlx::Connection as _;
 use taskfleet_common::definition::WorkflowDefinition;
+use taskfleet_common::error::CANCELLED;
 use taskfleet_common::{RunStatus, StepError, TaskStatus};
 use uuid::Uuid;
 
@@ -150,6 +151,13 @@ impl CompletionLoop {
             let runs = RunToPlan::parse_all(store::lock_runs(&mut tx, &run_ids).await?);
             let (retries, finals) = Self::split_retries(&mut tx, &runs, completions).await?;
             store::schedule_retries(&mut tx, &retries).await?;
+            // An attempt stopped by its run's cancellation was recorded as cancelled with the
+            // run; its completion still brings what the step printed up to its end.
+            let stopped: Vec<&Completion> = finals
+                .iter()
+                .filter(|c| c.logs.is_some() && error_type(c) == Some(CANCELLED))
+                .collect();
+            store::keep_logs_of_cancelled(&mut tx, &stopped).await?;
             (runs, store::record_completions(&mut tx, &finals).await?)
         };
         let mut states = steps_recorded(&recorded);
@@ -334,6 +342,11 @@ fn plan_runs(
         finished.extend(run.end);
     }
     Ok((materialized, finished))
+}
+
+/// The error type a completion reports, if it failed.
+fn error_type(completion: &Completion) -> Option<&str> {
+    completion.error.as_ref()?.get("type")?.as_str()
 }
 
 /// Returns the planner's view of a stored task.

@@ -125,6 +125,40 @@ pub async fn record_completions(
     )
 }
 
+/// Keeps the logs of attempts stopped because their run was cancelled: their task was recorded
+/// as cancelled with the run, and nothing else of such a completion is written (the step's
+/// status, output and error stay as the cancellation left them). It also says which worker ran
+/// the attempt and when it started, so the step shows that an attempt ran.
+pub async fn keep_logs_of_cancelled(
+    tx: &mut Transaction<'_, Postgres>,
+    completions: &[&Completion],
+) -> Result<(), StoreError> {
+    if completions.is_empty() {
+        return Ok(());
+    }
+    let ids: Vec<Uuid> = completions.iter().map(|c| c.task_id).collect();
+    let attempts: Vec<i32> = completions.iter().map(|c| c.attempt).collect();
+    let logs: Vec<Option<&str>> = completions.iter().map(|c| c.logs.as_deref()).collect();
+    let workers: Vec<&str> = completions.iter().map(|c| c.worker_id.as_str()).collect();
+    let started: Vec<DateTime<Utc>> = completions.iter().map(|c| c.started_at).collect();
+    sqlx::query(
+        "UPDATE tasks SET logs = c.logs, worker_id = coalesce(tasks.worker_id, c.worker),
+                started_at = coalesce(tasks.started_at, c.started)
+         FROM UNNEST($1::uuid[], $2::integer[], $3::text[], $4::text[], $5::timestamptz[])
+              AS c(id, attempt, logs, worker, started)
+         WHERE tasks.id = c.id AND tasks.attempt = c.attempt AND tasks.status = 'cancelled'
+           AND tasks.logs IS NULL",
+    )
+    .bind(ids)
+    .bind(attempts)
+    .bind(logs)
+    .bind(workers)
+    .bind(started)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
 /// What [`finish_single_steps`] did.
 #[derive(Debug, Default)]
 pub struct SingleStepsFinished {

@@ -36,7 +36,8 @@ pub use advance::{
 };
 pub use completions::{
     Completion, CurrentAttempt, Recorded, Retry, SingleStepsFinished, current_attempts,
-    finish_single_steps, lock_and_record, record_completions, schedule_retries,
+    finish_single_steps, keep_logs_of_cancelled, lock_and_record, record_completions,
+    schedule_retries,
 };
 pub use outbox::{UndispatchedTask, claim_due, claim_undispatched, mark_dispatched};
 pub use runs::{

@@ -14,7 +14,12 @@ pub mod python;
 use std::time::Duration;
 
 use taskfleet_common::StepError;
-use taskfleet_common::error::TIMEOUT;
+use taskfleet_common::error::{CANCELLED, TIMEOUT};
+
+/// The error of an attempt stopped because its run was cancelled while it ran.
+pub fn cancelled_error() -> StepError {
+    StepError::new(CANCELLED, "the run was cancelled while this task ran")
+}
 
 /// The error of an attempt that ran longer than its step's `timeout_s`.
 pub fn timeout_error(limit: Duration) -> StepError {

@@ -16,6 +16,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::Shared;
 use crate::config::Config;
+use crate::executor::cancelled_error;
 use crate::executor::dataflow::DataflowExecutor;
 use crate::executor::pool::{PoolSettings, PythonPool};
 use crate::executor::python::{PythonSettings, PythonTarget, StepContext};
@@ -90,14 +91,24 @@ impl Executors {
         })
     }
 
-    /// Runs `task` on the executor of its kind, failing it with `timeout` past `limit`.
-    /// Dropping the future stops a Python step.
-    pub async fn execute(&self, task: &TaskMessage, limit: Option<Duration>) -> Executed {
+    /// Runs `task` on the executor of its kind, failing it with `timeout` past `limit`, or with
+    /// `cancelled` once `cancelled` is (its run was cancelled), the step stopped either way;
+    /// a Python step's outcome keeps what it printed and logged up to its end.
+    pub async fn execute(
+        &self,
+        task: &TaskMessage,
+        limit: Option<Duration>,
+        cancelled: &CancellationToken,
+    ) -> Executed {
         let target = match &task.step {
             StepKind::Dataflow { .. } => {
                 let started = std::time::Instant::now();
-                // The executor keeps the limit itself: past it, the program's sandbox is killed.
-                let result = self.dataflow.run(task, limit).await;
+                // The executor keeps the limit itself: past it, or dropped, the program's
+                // sandbox is killed.
+                let result = tokio::select! {
+                    result = self.dataflow.run(task, limit) => result,
+                    () = cancelled.cancelled() => Err(cancelled_error()),
+                };
                 return Executed {
                     result,
                     logs: None,
@@ -120,7 +131,7 @@ impl Executors {
         };
         let (output, ran) = self
             .python
-            .call_timed(target, task.input.clone(), context, limit)
+            .call_timed(target, task.input.clone(), context, limit, cancelled)
             .await;
         Executed {
             result: output.result,
@@ -157,10 +168,11 @@ impl Shared {
                 }
                 granted
             };
-            let (lease, executed) = tokio::join!(lease, self.cancellable(task, limit, &cancelled));
+            let (lease, executed) =
+                tokio::join!(lease, self.executors.execute(task, limit, &cancelled));
             lease.then_some(executed)
         } else if lease.await {
-            Some(self.cancellable(task, limit, &cancelled).await)
+            Some(self.executors.execute(task, limit, &cancelled).await)
         } else {
             None
         };
@@ -169,10 +181,7 @@ impl Shared {
             let error = StepError::new(CANCELLED, "the run was cancelled before this task started");
             return (Outcome::Failed { error }, None, None);
         };
-        let Some(Executed { result, logs, ran }) = executed else {
-            let error = StepError::new(CANCELLED, "the run was cancelled while this task ran");
-            return (Outcome::Failed { error }, None, None);
-        };
+        let Executed { result, logs, ran } = executed;
         let outcome = match result {
             Ok(output) => match value::check(&output) {
                 Ok(()) => Outcome::Succeeded { output },
@@ -186,19 +195,5 @@ impl Shared {
             Err(error) => Outcome::Failed { error },
         };
         (outcome, logs, ran)
-    }
-
-    /// Runs the task's step until it ends or runs out of time; `None` if its run is cancelled
-    /// first. Dropping the execution stops a Python step.
-    async fn cancellable(
-        &self,
-        task: &TaskMessage,
-        limit: Option<Duration>,
-        cancelled: &CancellationToken,
-    ) -> Option<Executed> {
-        tokio::select! {
-            executed = self.executors.execute(task, limit) => Some(executed),
-            () = cancelled.cancelled() => None,
-        }
     }
 }

@@ -11,12 +11,13 @@ use serde_json::Value;
 use taskfleet_common::StepError;
 use taskfleet_common::error::WORKER_LOST;
 use tokio::io::AsyncWriteExt;
+use tokio_util::sync::CancellationToken;
 
 use super::executor_process::{ExecutorProcess, describe_exit};
 use super::{Inner, PythonPool};
 use crate::executor::process::frame::{self, Call};
 use crate::executor::python::{PythonOutput, PythonTarget, StepContext};
-use crate::executor::timeout_error;
+use crate::executor::{cancelled_error, timeout_error};
 
 impl PythonPool {
     /// Runs one call on the next free executor and returns its outcome. With a `limit`, a call
@@ -33,17 +34,22 @@ impl PythonPool {
         ctx: StepContext,
         limit: Option<Duration>,
     ) -> PythonOutput {
-        self.call_timed(target, input, ctx, limit).await.0
+        let never = CancellationToken::new();
+        self.call_timed(target, input, ctx, limit, &never).await.0
     }
 
     /// [`Self::call`], and how long the call took from the moment an executor took it (`None`
-    /// if none did).
+    /// if none did). At its time limit, or when `stop` is cancelled, the step is interrupted and
+    /// its end awaited (for at most the kill grace period, after which its executor is killed),
+    /// so that the outcome (`timeout`, or `cancelled`) carries what the step printed and logged
+    /// up to its end, `finally` blocks included.
     pub async fn call_timed(
         &self,
         target: PythonTarget,
         input: Value,
         ctx: StepContext,
         limit: Option<Duration>,
+        stop: &CancellationToken,
     ) -> (PythonOutput, Option<Duration>) {
         let mut call = Call { target, input, ctx };
         loop {
@@ -74,7 +80,7 @@ impl PythonPool {
                 running: None,
             };
             let taken = std::time::Instant::now();
-            match held.run(call, limit).await {
+            match held.run(call, limit, stop).await {
                 Ok(output) => return (output, Some(taken.elapsed())),
                 // Not sent: the executor is gone and the call never started.
                 Err(unsent) => call = unsent,
@@ -121,7 +127,12 @@ struct Held<'a> {
 impl Held<'_> {
     /// Runs one call to its end or its time limit; `Err` gives the call back if it could not be
     /// sent (the executor is gone).
-    async fn run(&mut self, call: Call, limit: Option<Duration>) -> Result<PythonOutput, Call> {
+    async fn run(
+        &mut self,
+        call: Call,
+        limit: Option<Duration>,
+        stop: &CancellationToken,
+    ) -> Result<PythonOutput, Call> {
         let Some(executor) = self.executor.as_mut() else {
             return Err(call);
         };
@@ -151,19 +162,42 @@ impl Held<'_> {
                 None => std::future::pending().await,
             }
         };
-        let ended = tokio::select! {
-            ended = executor.until_done(id, Some(&self.inner.waiting)) => ended,
-            // Left running: dropping `self` stops it.
-            () = expired => {
-                return Ok(PythonOutput {
-                    result: Err(timeout_error(limit.unwrap_or_default())),
-                    logs: String::new(),
-                });
+        let error = tokio::select! {
+            ended = executor.until_done(id, Some(&self.inner.waiting)) => {
+                return Ok(self.ended(ended).await);
+            }
+            () = expired => timeout_error(limit.unwrap_or_default()),
+            () = stop.cancelled() => cancelled_error(),
+        };
+        // Interrupted here rather than in the background, so that the outcome keeps what the
+        // step printed and logged up to its end. A step that does not stop within the grace
+        // period takes its executor, and what it printed, with it.
+        let grace = self.inner.settings.kill_grace;
+        let stopped = executor.stop(id, grace).await;
+        self.running = None;
+        let logs = match stopped {
+            Some(output) => output.logs,
+            None => {
+                if let Some(executor) = self.executor.take() {
+                    Arc::clone(self.inner).replace(executor);
+                }
+                String::new()
             }
         };
+        Ok(PythonOutput {
+            result: Err(error),
+            logs,
+        })
+    }
+
+    /// The outcome of a call that ended on its own, or with its executor.
+    async fn ended(&mut self, ended: std::io::Result<PythonOutput>) -> PythonOutput {
         self.running = None;
+        let Some(executor) = self.executor.as_mut() else {
+            return lost("the python executor went away".to_owned());
+        };
         match ended {
-            Ok(output) => Ok(output),
+            Ok(output) => output,
             Err(error) => {
                 let status = executor.exit_status().await;
                 let pid = executor.pid;
@@ -171,9 +205,9 @@ impl Held<'_> {
                 if let Some(executor) = self.executor.take() {
                     Arc::clone(self.inner).replace(executor);
                 }
-                Ok(lost(format!(
+                lost(format!(
                     "the python executor process running this step ({pid}) died: {status}"
-                )))
+                ))
             }
         }
     }
@@ -191,7 +225,7 @@ impl Drop for Held<'_> {
         };
         let grace = inner.settings.kill_grace;
         tokio::spawn(async move {
-            if executor.stop(id, grace).await {
+            if executor.stop(id, grace).await.is_some() {
                 inner.give_back(executor);
             } else {
                 inner.replace(executor);

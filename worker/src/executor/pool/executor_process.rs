@@ -163,26 +163,27 @@ impl ExecutorProcess {
         }
     }
 
-    /// Interrupts call `id` and waits for it to end within the grace period; false if it did
-    /// not (the executor is then lost).
-    pub(super) async fn stop(&mut self, id: u64, kill_grace: Duration) -> bool {
+    /// Interrupts call `id` and waits for it to end within the grace period; returns its
+    /// outcome (what the step printed included), or `None` if it did not end (the executor is
+    /// then lost).
+    pub(super) async fn stop(&mut self, id: u64, kill_grace: Duration) -> Option<PythonOutput> {
         if self
             .control
             .write_all(&frame::encode(&ExecutorRequest::Stop { id }))
             .await
             .is_err()
         {
-            return false;
+            return None;
         }
         match tokio::time::timeout(kill_grace, self.until_done(id, None)).await {
-            Ok(ended) => ended.is_ok(),
+            Ok(ended) => ended.ok(),
             Err(_) => {
                 tracing::warn!(
                     pid = self.pid,
                     ?kill_grace,
                     "a python step did not stop when interrupted; killing its executor"
                 );
-                false
+                None
             }
         }
     }
