@@ -42,6 +42,43 @@ pub enum Command {
     Workers,
     /// Lists the task queues: tasks ready, in flight, consumers
     Queues,
+    /// Lists workflow runs, newest first, as JSON ({"runs", "next_cursor"})
+    Runs(RunsArgs),
+    /// Prints what each step of a run (or, with --job, a job) printed and logged
+    Logs(LogsArgs),
+    /// Prints the counts of runs and tasks by status
+    Stats,
+}
+
+/// The arguments of `taskfleet runs`.
+#[derive(Debug, Args)]
+pub struct RunsArgs {
+    /// Only runs in this status (pending, running, succeeded, failed, cancelled)
+    #[arg(long, value_name = "STATUS")]
+    pub status: Option<String>,
+    /// Only runs of this workflow
+    #[arg(long, value_name = "NAME")]
+    pub workflow: Option<String>,
+    /// The most runs listed [default: 50]
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub limit: Option<u32>,
+    /// Where to go on from: the `next_cursor` of a previous listing
+    #[arg(long, value_name = "CURSOR")]
+    pub cursor: Option<String>,
+}
+
+/// The arguments of `taskfleet logs`.
+#[derive(Debug, Args)]
+pub struct LogsArgs {
+    /// The run's (or job's) id
+    #[arg(value_name = "RUN_ID")]
+    pub id: String,
+    /// Only this step's logs
+    #[arg(long, value_name = "STEP")]
+    pub step: Option<String>,
+    /// The id is a job's (POST /v1/tasks), not a workflow run's
+    #[arg(long)]
+    pub job: bool,
 }
 
 /// The arguments of `taskfleet workflows`.

@@ -250,6 +250,23 @@ impl Client {
         self.send(Method::GET, &url, request).await
     }
 
+    /// Returns the answer of a `GET` of the API path made of `segments`, with the query pairs
+    /// of `query` whose value is given.
+    pub async fn get_with_query(
+        &self,
+        segments: &[&str],
+        query: &[(&str, Option<String>)],
+    ) -> Result<Value, ApiError> {
+        let mut url = self.url(segments);
+        for (key, value) in query {
+            if let Some(value) = value {
+                url.query_pairs_mut().append_pair(key, value);
+            }
+        }
+        let request = self.http.get(url.clone()).timeout(REQUEST_TIMEOUT);
+        self.send(Method::GET, &url, request).await
+    }
+
     /// Returns `GET /v1/workflows`, or `GET /v1/workflows/{name}[?version=N]` for one.
     pub async fn workflows(
         &self,

@@ -19,7 +19,7 @@ use std::time::Duration;
 
 pub use args::{Cli, Command};
 
-use args::{StatusArgs, SubmitArgs, WaitArgs, WorkflowsArgs};
+use args::{LogsArgs, RunsArgs, StatusArgs, SubmitArgs, WaitArgs, WorkflowsArgs};
 use body::InputError;
 use client::{ApiError, Client, Kind};
 use poll::{Outcome, Waited};
@@ -82,6 +82,8 @@ enum CliError {
     RunNotFound(ApiError),
     /// The result could not be written to stdout.
     Output(std::io::Error),
+    /// A run has no step of that id (the run's id, the step's).
+    NoSuchStep(String, String),
 }
 
 impl fmt::Display for CliError {
@@ -93,6 +95,7 @@ impl fmt::Display for CliError {
                 write!(formatter, "{error}\n(if it is a job's id, add --job)")
             }
             Self::Output(error) => write!(formatter, "writing to stdout: {error}"),
+            Self::NoSuchStep(run, step) => write!(formatter, "run {run} has no step {step:?}"),
         }
     }
 }
@@ -122,7 +125,40 @@ async fn dispatch(command: Command, api_url: &str) -> Result<Exit, CliError> {
         Command::Workflows(workflows_args) => workflows(&client, workflows_args).await,
         Command::Workers => show(&client, &["v1", "workers"]).await,
         Command::Queues => show(&client, &["v1", "queues"]).await,
+        Command::Stats => show(&client, &["v1", "stats"]).await,
+        Command::Runs(runs_args) => runs(&client, runs_args).await,
+        Command::Logs(logs_args) => logs(&client, logs_args).await,
     }
+}
+
+/// `taskfleet runs`: lists workflow runs, newest first.
+async fn runs(client: &Client, runs_args: RunsArgs) -> Result<Exit, CliError> {
+    let answer = client
+        .get_with_query(
+            &["v1", "runs"],
+            &[
+                ("status", runs_args.status),
+                ("workflow", runs_args.workflow),
+                ("limit", runs_args.limit.map(|limit| limit.to_string())),
+                ("cursor", runs_args.cursor),
+            ],
+        )
+        .await?;
+    emit(&report::pretty(&answer))?;
+    Ok(Exit::Success)
+}
+
+/// `taskfleet logs`: prints each step's (or one step's) logs under a line naming the step.
+async fn logs(client: &Client, logs_args: LogsArgs) -> Result<Exit, CliError> {
+    let kind = Kind::from_job_flag(logs_args.job);
+    let run = client
+        .show(kind, &logs_args.id, None)
+        .await
+        .map_err(|error| lookup_error(kind, error))?;
+    let text = report::logs(&run, logs_args.step.as_deref())
+        .map_err(|step| CliError::NoSuchStep(logs_args.id.clone(), step))?;
+    emit(&text)?;
+    Ok(Exit::Success)
 }
 
 /// `taskfleet workers` and `taskfleet queues`: prints what the API answers at a path.

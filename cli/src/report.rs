@@ -20,6 +20,35 @@ pub fn accepted(accepted: &Accepted) -> String {
     json!({"id": accepted.id, "status": accepted.status}).to_string()
 }
 
+/// Returns the logs of a run's steps (or of the step `only`), each under a line naming the step,
+/// its status and its attempts; `Err` names a step the run does not have.
+pub fn logs(run: &Value, only: Option<&str>) -> Result<String, String> {
+    let steps = run["steps"].as_object().cloned().unwrap_or_default();
+    if let Some(step) = only
+        && !steps.contains_key(step)
+    {
+        return Err(step.to_owned());
+    }
+    let mut text = String::new();
+    for (id, step) in steps
+        .iter()
+        .filter(|(id, _)| only.is_none_or(|only| only == id.as_str()))
+    {
+        let status = step["status"].as_str().unwrap_or("unknown");
+        let attempts = step["attempts"].as_u64().unwrap_or(0);
+        let _ = writeln!(text, "== {id} ({status}, attempts {attempts})");
+        match step["logs"].as_str() {
+            Some(logs) if !logs.is_empty() => {
+                let _ = writeln!(text, "{}", logs.trim_end());
+            }
+            _ => {
+                let _ = writeln!(text, "(nothing printed or logged)");
+            }
+        }
+    }
+    Ok(text.trim_end().to_owned())
+}
+
 /// Returns what to say about a run or job that failed or was cancelled: a headline, then the
 /// error's traceback when it has one.
 pub fn failure(kind: Kind, id: &str, outcome: Outcome, run: &Value) -> String {
@@ -81,6 +110,23 @@ pub fn timed_out(kind: Kind, id: &str, timeout: Option<Duration>, run: &Value) -
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn logs_are_printed_under_their_step_and_an_unknown_step_is_named() {
+        let run = json!({"steps": {
+            "a": {"status": "succeeded", "attempts": 1, "logs": "hello\n"},
+            "b": {"status": "failed", "attempts": 2, "logs": null},
+        }});
+        assert_eq!(
+            logs(&run, None),
+            Ok("== a (succeeded, attempts 1)\nhello\n== b (failed, attempts 2)\n(nothing printed or logged)".to_owned())
+        );
+        assert_eq!(
+            logs(&run, Some("a")),
+            Ok("== a (succeeded, attempts 1)\nhello".to_owned())
+        );
+        assert_eq!(logs(&run, Some("c")), Err("c".to_owned()));
+    }
 
     fn check(error: Value, expected: &str) {
         assert_eq!(describe_error(&error), expected);
