@@ -95,10 +95,17 @@ pub struct WorkflowsArgs {
 /// The arguments of `taskfleet submit`.
 #[derive(Debug, Args)]
 pub struct SubmitArgs {
-    /// A registered workflow's name, or a definition file (an existing file, or any name ending
-    /// in .json)
-    #[arg(value_name = "WORKFLOW_OR_FILE")]
-    pub target: String,
+    /// A registered workflow's name, a definition file (an existing file, or any name ending
+    /// in .json), or - to read the definition from standard input
+    #[arg(
+        value_name = "WORKFLOW_OR_FILE",
+        required_unless_present = "definition",
+        conflicts_with = "definition"
+    )]
+    pub target: Option<String>,
+    /// The definition itself, as JSON text
+    #[arg(long, value_name = "JSON")]
+    pub definition: Option<String>,
     /// The run's input.
     #[command(flatten)]
     pub input: InputArgs,

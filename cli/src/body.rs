@@ -30,6 +30,8 @@ pub enum InputError {
     },
     /// `--version` was given together with a definition file.
     VersionWithDefinition,
+    /// Standard input was named for both the definition and the input.
+    StdinTwice,
 }
 
 impl fmt::Display for InputError {
@@ -40,7 +42,10 @@ impl fmt::Display for InputError {
                 write!(formatter, "{what} is not valid JSON: {source}")
             }
             Self::VersionWithDefinition => formatter.write_str(
-                "--version only applies to a registered workflow name, not a definition file",
+                "--version only applies to a registered workflow name, not a definition",
+            ),
+            Self::StdinTwice => formatter.write_str(
+                "standard input can hold the definition (-) or the input (--input-file -), not both",
             ),
         }
     }
@@ -51,7 +56,7 @@ impl std::error::Error for InputError {
         match self {
             Self::Read { source, .. } => Some(source),
             Self::BadJson { source, .. } => Some(source),
-            Self::VersionWithDefinition => None,
+            Self::VersionWithDefinition | Self::StdinTwice => None,
         }
     }
 }
@@ -63,11 +68,16 @@ pub enum Target {
     Workflow(String),
     /// A file holding a workflow definition, to be run inline.
     DefinitionFile(PathBuf),
+    /// A definition on standard input (`-`).
+    DefinitionStdin,
 }
 
 /// Returns what `argument` names: a definition file when it is an existing file (`is_file`) or
 /// ends in `.json`, otherwise a registered workflow.
 pub fn classify(argument: &str, is_file: bool) -> Target {
+    if argument == "-" {
+        return Target::DefinitionStdin;
+    }
     let looks_like_json = Path::new(argument)
         .extension()
         .is_some_and(|extension| extension.eq_ignore_ascii_case("json"));
@@ -94,16 +104,34 @@ pub enum Source {
 
 /// Returns the body of `POST /v1/runs` for `submit`'s arguments, reading the files they name.
 pub fn run_request(submit_args: &SubmitArgs) -> Result<Value, InputError> {
-    let is_file = Path::new(&submit_args.target).is_file();
-    let source = match classify(&submit_args.target, is_file) {
+    let target = match (&submit_args.target, &submit_args.definition) {
+        (Some(target), _) => classify(target, Path::new(target).is_file()),
+        (None, _) => Target::DefinitionStdin,
+    };
+    if submit_args.version.is_some() && !matches!(target, Target::Workflow(_)) {
+        return Err(InputError::VersionWithDefinition);
+    }
+    let source = match target {
         Target::Workflow(name) => Source::Workflow {
             name,
             version: submit_args.version,
         },
-        Target::DefinitionFile(_) if submit_args.version.is_some() => {
-            return Err(InputError::VersionWithDefinition);
-        }
         Target::DefinitionFile(path) => Source::Definition(read_definition(&path)?),
+        Target::DefinitionStdin => match &submit_args.definition {
+            Some(text) => Source::Definition(parse_json(text, "--definition".to_owned())?),
+            None if submit_args
+                .input
+                .input_file
+                .as_ref()
+                .is_some_and(|path| path.as_os_str() == "-") =>
+            {
+                return Err(InputError::StdinTwice);
+            }
+            None => Source::Definition(parse_json(
+                &read_stdin("the definition on standard input (-)")?,
+                "the definition on standard input (-)".to_owned(),
+            )?),
+        },
     };
     let input = read_input(&submit_args.input)?;
     Ok(build_request(
@@ -149,15 +177,8 @@ pub fn read_input(input_args: &InputArgs) -> Result<Value, InputError> {
     match (&input_args.input, &input_args.input_file) {
         (Some(text), _) => parse_json(text, "--input".to_owned()),
         (None, Some(path)) if path.as_os_str() == "-" => {
-            let what = "--input-file - (standard input)".to_owned();
-            let mut text = String::new();
-            std::io::stdin()
-                .read_to_string(&mut text)
-                .map_err(|source| InputError::Read {
-                    what: what.clone(),
-                    source,
-                })?;
-            parse_json(&text, what)
+            let what = "--input-file - (standard input)";
+            parse_json(&read_stdin(what)?, what.to_owned())
         }
         (None, Some(path)) => {
             let what = format!("--input-file {}", path.display());
@@ -169,6 +190,18 @@ pub fn read_input(input_args: &InputArgs) -> Result<Value, InputError> {
         }
         (None, None) => Ok(Value::Null),
     }
+}
+
+/// Reads all of standard input; `what` names it in the error.
+fn read_stdin(what: &str) -> Result<String, InputError> {
+    let mut text = String::new();
+    std::io::stdin()
+        .read_to_string(&mut text)
+        .map_err(|source| InputError::Read {
+            what: what.to_owned(),
+            source,
+        })?;
+    Ok(text)
 }
 
 /// Parses `text` as JSON; `what` names where it came from in the error.
@@ -281,7 +314,8 @@ mod tests {
 
     fn submit_args(target: &str, version: Option<u32>) -> SubmitArgs {
         SubmitArgs {
-            target: target.to_owned(),
+            target: Some(target.to_owned()),
+            definition: None,
             input: InputArgs {
                 input: Some("1".to_owned()),
                 input_file: None,
@@ -291,6 +325,35 @@ mod tests {
             wait: false,
             timeout: None,
         }
+    }
+
+    #[test]
+    fn an_inline_definition_is_sent_as_given_and_stdin_serves_one_purpose() {
+        let inline = SubmitArgs {
+            target: None,
+            definition: Some(r#"{"steps": [{"id": "a", "dataflow": "."}]}"#.to_owned()),
+            ..submit_args("unused", None)
+        };
+        let body = run_request(&inline).expect("a body");
+        assert_eq!(body["definition"]["steps"][0]["id"], "a");
+        assert_eq!(body["input"], 1);
+        let bad = SubmitArgs {
+            definition: Some("{steps".to_owned()),
+            ..inline
+        };
+        let message = run_request(&bad).err().map(|error| error.to_string());
+        assert!(
+            message.is_some_and(|message| message.starts_with("--definition is not valid JSON")),
+        );
+        let twice = SubmitArgs {
+            input: InputArgs {
+                input: None,
+                input_file: Some(PathBuf::from("-")),
+            },
+            ..submit_args("-", None)
+        };
+        assert!(matches!(run_request(&twice), Err(InputError::StdinTwice)));
+        assert_eq!(classify("-", false), Target::DefinitionStdin);
     }
 
     #[test]

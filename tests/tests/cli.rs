@@ -76,6 +76,31 @@ async fn a_newcomer_submits_lists_runs_and_reads_logs_with_the_cli() {
     let counts: Value = serde_json::from_str(&stdout(&stats)).unwrap();
     assert_eq!(counts["namespace"], fleet.namespace.as_str(), "{counts}");
 
+    // The definition inline, and on standard input.
+    let text = definition.to_string();
+    let inline = taskfleet(
+        &fleet,
+        &["submit", "--definition", &text, "--input", "1", "--wait"],
+    );
+    assert!(inline.status.success(), "{}", stderr(&inline));
+    assert_eq!(stdout(&inline).trim(), "4");
+    let mut piped = Command::new(taskfleet_tests::bin_dir().join("taskfleet"))
+        .args(["submit", "-", "--input", "2", "--wait"])
+        .env("TASKFLEET_API_URL", &fleet.api)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::Write as _;
+        let mut stdin = piped.stdin.take().unwrap();
+        stdin.write_all(text.as_bytes()).unwrap();
+    }
+    let piped = piped.wait_with_output().unwrap();
+    assert!(piped.status.success(), "{}", stderr(&piped));
+    assert_eq!(stdout(&piped).trim(), "6");
+
     let bad = taskfleet(&fleet, &["runs", "--status", "sleeping"]);
     assert!(!bad.status.success());
     assert!(stderr(&bad).contains("sleeping"), "{}", stderr(&bad));
