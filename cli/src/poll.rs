@@ -69,10 +69,14 @@ pub async fn wait_until_finished(
     let mut last_progress = String::new();
     let mut bar_shown = false;
     let mut fanning_out = false;
+    let mut first = true;
     loop {
         let started = Instant::now();
         let remaining = deadline.map(|deadline| deadline.saturating_duration_since(started));
-        let most = if fanning_out {
+        // The first look is at once, so that a fan-out's progress shows from the start even
+        // when it ends before a long poll would have come back; then long polls, except while
+        // a fan-out's progress is shown.
+        let most = if fanning_out || std::mem::take(&mut first) {
             Duration::ZERO
         } else {
             MAX_POLL

@@ -101,6 +101,16 @@ async fn a_newcomer_submits_lists_runs_and_reads_logs_with_the_cli() {
     assert!(piped.status.success(), "{}", stderr(&piped));
     assert_eq!(stdout(&piped).trim(), "6");
 
+    // A fan-out shows its progress from the first look, however quickly it ends.
+    let fan_out =
+        json!({"steps": [{"id": "each", "for_each": "[range(500)]", "dataflow": ". + 1"}]});
+    let waited = taskfleet(
+        &fleet,
+        &["submit", "--definition", &fan_out.to_string(), "--wait"],
+    );
+    assert!(waited.status.success(), "{}", stderr(&waited));
+    assert!(stderr(&waited).contains("/500"), "{}", stderr(&waited));
+
     let bad = taskfleet(&fleet, &["runs", "--status", "sleeping"]);
     assert!(!bad.status.success());
     assert!(stderr(&bad).contains("sleeping"), "{}", stderr(&bad));
