@@ -48,39 +48,13 @@ show_logs() {
   done
 }
 
+# shellcheck source=scripts/fleet-lib.sh
+source scripts/fleet-lib.sh
 pids=()
 stop_fleet() {
   local status=$?
-  for pid in ${pids[@]+"${pids[@]}"}; do kill "$pid" 2>/dev/null || true; done
-  # Give them the worker's grace period and a little more, then kill what is left.
-  for _ in $(seq 1 100); do
-    local alive=0
-    for pid in ${pids[@]+"${pids[@]}"}; do
-      if kill -0 "$pid" 2>/dev/null; then alive=1; fi
-    done
-    if [ "$alive" = 0 ]; then break; fi
-    sleep 0.1
-  done
-  for pid in ${pids[@]+"${pids[@]}"}; do kill -9 "$pid" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  # Best effort: whatever cannot be removed is named by the fleet's suffix.
-  local queues="default"
-  if command -v psql >/dev/null; then
-    queues=$(psql -U postgres -h 127.0.0.1 -d "$database" -Atq \
-      -c "SELECT DISTINCT queue FROM tasks UNION SELECT 'default'" 2>/dev/null || echo default)
-    psql -U postgres -h 127.0.0.1 -d postgres -q \
-      -c "DROP DATABASE IF EXISTS \"$database\" WITH (FORCE)" >/dev/null 2>&1 || true
-  fi
-  if command -v rabbitmqctl >/dev/null; then
-    for queue in $queues; do
-      timeout 30 rabbitmqctl -q delete_queue "$TASKFLEET_NAMESPACE.tasks.$queue" >/dev/null 2>&1 || true
-    done
-    timeout 30 rabbitmqctl -q delete_queue "$TASKFLEET_NAMESPACE.completions" >/dev/null 2>&1 || true
-  fi
-  if command -v redis-cli >/dev/null; then
-    redis-cli --scan --pattern "$TASKFLEET_NAMESPACE:*" 2>/dev/null \
-      | xargs -r redis-cli del >/dev/null 2>&1 || true
-  fi
+  stop_processes ${pids[@]+"${pids[@]}"}
+  remove_fleet_state "$TASKFLEET_NAMESPACE" "$database"
   exit "$status"
 }
 trap stop_fleet EXIT
