@@ -2,8 +2,8 @@
 # The whole test suite: starts (or installs) the services, checks formatting and lints, builds
 # the binaries once, runs every Rust test (unit and integration, against the real PostgreSQL,
 # Redis and RabbitMQ) and the Python package's tests (against a fleet started from those binaries,
-# by scripts/python-tests.sh), the demo twice (scripts/demo-test.sh), then a short run of the
-# benchmark against Celery.
+# by scripts/python-tests.sh), the demo twice (scripts/demo-test.sh), a fleet of scripts/fleet.sh
+# (scripts/fleet-test.sh), then a short run of the benchmark against Celery.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -27,6 +27,8 @@ scripts/python-tests.sh
 
 echo "== the demo, twice: it prints the example's result and leaves nothing behind"
 scripts/demo-test.sh
+echo "== a fleet of one's own (scripts/fleet.sh) driven through the CLI, then purged"
+scripts/fleet-test.sh
 
 echo "== benchmark against Celery, short form (a smoke test: no figure is checked)"
 target/debug/taskfleet-bench --short
