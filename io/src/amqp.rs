@@ -91,14 +91,7 @@ pub async fn declare_completions_queue(
     channel: &Channel,
     namespace: &Namespace,
 ) -> Result<(), lapin::Error> {
-    channel
-        .queue_declare(
-            namespace.completions_queue().into(),
-            QueueDeclareOptions::durable(),
-            FieldTable::default(),
-        )
-        .await?;
-    Ok(())
+    declare_plain_queue(channel, namespace.completions_queue()).await
 }
 
 /// Declares the durable queue of messages nobody can read.
@@ -106,9 +99,14 @@ pub async fn declare_dead_letters_queue(
     channel: &Channel,
     namespace: &Namespace,
 ) -> Result<(), lapin::Error> {
+    declare_plain_queue(channel, namespace.dead_letters_queue()).await
+}
+
+/// Declares a durable queue with no arguments.
+async fn declare_plain_queue(channel: &Channel, name: String) -> Result<(), lapin::Error> {
     channel
         .queue_declare(
-            namespace.dead_letters_queue().into(),
+            name.into(),
             QueueDeclareOptions::durable(),
             FieldTable::default(),
         )

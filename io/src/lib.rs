@@ -10,5 +10,6 @@
 pub mod amqp;
 pub mod jq_sandbox;
 pub mod pubsub;
+pub mod redis_connection;
 pub mod settings;
 pub mod signals;

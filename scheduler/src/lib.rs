@@ -33,12 +33,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     let db = store::connect(&config.database_url, config.database_pool_size)
         .await
         .context("connecting to postgresql")?;
-    let redis_client =
-        redis::Client::open(config.redis_url.as_str()).context("parsing the redis url")?;
-    let redis = redis_client
-        .get_connection_manager()
-        .await
-        .context("connecting to redis")?;
+    let (redis_client, redis) = taskfleet_io::redis_connection::connect(&config.redis_url).await?;
     let Some(broker) = broker::Broker::connect(
         &config.amqp_url,
         config.namespace.clone(),

@@ -227,12 +227,21 @@ async fn a_step_stopped_by_its_runs_cancellation_keeps_what_it_printed_up_to_its
     })
     .await
     .unwrap();
+    // The step leaves a file once it has printed, so that it is cancelled only then.
+    let started = std::env::temp_dir().join(format!("taskfleet-started-{}", fleet.namespace));
     let definition = json!({"steps": [{
         "id": "slow",
-        "python_code": "import time\n\ndef main(input):\n    print('started')\n    try:\n        while True:\n            time.sleep(0.01)\n    finally:\n        print('cleaning up')\n",
+        "python_code": "import time\n\ndef main(input):\n    print('started')\n    open(input, 'w').close()\n    try:\n        while True:\n            time.sleep(0.01)\n    finally:\n        print('cleaning up')\n",
     }]});
-    let id = fleet.submit(&definition, &json!(null)).await;
-    wait_for_step(&fleet, &id, "slow", "running").await;
+    let id = fleet
+        .submit(&definition, &json!(started.to_str().unwrap()))
+        .await;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !started.exists() {
+        assert!(Instant::now() < deadline, "the step never started");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let _ = std::fs::remove_file(&started);
     let (status, _) = fleet
         .request("POST", &format!("/v1/runs/{id}/cancel"), None)
         .await;

@@ -32,7 +32,6 @@ pub async fn run(
     executors: Executors,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    use anyhow::Context;
     let prefetch = u16::try_from(config.concurrency.get()).unwrap_or(u16::MAX);
     let connect = || {
         Broker::connect(
@@ -46,12 +45,7 @@ pub async fn run(
     let Some(broker) = connect().await else {
         return Ok(());
     };
-    let redis_client =
-        redis::Client::open(config.redis_url.as_str()).context("parsing the redis url")?;
-    let redis = redis_client
-        .get_connection_manager()
-        .await
-        .context("connecting to redis")?;
+    let (redis_client, redis) = taskfleet_io::redis_connection::connect(&config.redis_url).await?;
     let broker = Arc::new(BrokerSlot::new(broker));
     let report_stop = CancellationToken::new();
     let (reporter, report_loop) = report::reporter(
