@@ -22,7 +22,7 @@ taskfleet=target/debug/taskfleet
 definition='{"name": "fleet-test", "steps": [{"id": "hello", "python_code": "def main(input):\n    print(\"hello from\", input)\n    return input\n"}]}'
 output=$("$taskfleet" submit --definition "$definition" --input '"the fleet"' --wait) || fail "the run failed"
 [ "$output" = '"the fleet"' ] || fail "unexpected output: $output"
-runs=$("$taskfleet" runs --workflow fleet-test) || fail "taskfleet runs failed"
+runs=$("$taskfleet" runs --workflow fleet-test --output json) || fail "taskfleet runs failed"
 id=$(python3 -c 'import json, sys; print(json.load(sys.stdin)["runs"][0]["id"])' <<<"$runs") \
   || fail "the run is not listed: $runs"
 logs=$("$taskfleet" logs "$id") || fail "taskfleet logs failed"

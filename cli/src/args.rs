@@ -11,12 +11,36 @@ use clap::{Args, Parser, Subcommand};
 #[derive(Debug, Parser)]
 #[command(name = "taskfleet", version, about)]
 pub struct Cli {
-    /// The scheduler's base URL [env: TASKFLEET_API_URL] [default: http://127.0.0.1:8080]
-    #[arg(long, global = true, value_name = "URL")]
-    pub api_url: Option<String>,
+    /// The scheduler's base URL
+    #[arg(
+        long,
+        global = true,
+        value_name = "URL",
+        env = "TASKFLEET_API_URL",
+        default_value = "http://127.0.0.1:8080"
+    )]
+    pub api_url: String,
+    /// How results are printed: text for people, json for scripts (one JSON document on stdout)
+    #[arg(
+        long,
+        global = true,
+        value_name = "FORMAT",
+        env = "TASKFLEET_OUTPUT",
+        default_value = "text"
+    )]
+    pub output: Output,
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
+}
+
+/// How results are printed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Output {
+    /// Tables and summaries for people; a run's output as indented JSON.
+    Text,
+    /// The API's answers as JSON, one document per command.
+    Json,
 }
 
 /// The commands.
@@ -24,11 +48,17 @@ pub struct Cli {
 pub enum Command {
     /// Starts a run of a registered workflow or of a definition file
     ///
-    /// Without --wait, prints {"id", "status"} as JSON. With --wait, prints the run's output as
-    /// JSON when it succeeds (exit 0), or its error on stderr when it fails or is cancelled
-    /// (exit 1); exit 2 when --timeout runs out first.
+    /// Without --wait, prints the run's id (with --output json, {"id", "status"}). With --wait,
+    /// prints the run's output as JSON when it succeeds (exit 0), or its error on stderr when it
+    /// fails or is cancelled (exit 1); exit 2 when --timeout runs out first. With --wait and
+    /// --output json, prints the whole run, whatever its outcome.
     Submit(SubmitArgs),
-    /// Prints a run (or, with --job, a job) as JSON
+    /// Enqueues one step as a job (POST /v1/tasks)
+    ///
+    /// The step comes from a file, standard input (-), --step JSON, or --python / --dataflow.
+    /// Prints and waits like submit.
+    Enqueue(EnqueueArgs),
+    /// Shows a run (or, with --job, a job): its status, steps, error and output
     Status(StatusArgs),
     /// Waits for a run (or, with --job, a job) to finish and prints its output as JSON
     ///
@@ -36,18 +66,128 @@ pub enum Command {
     Wait(WaitArgs),
     /// Cancels a run (or, with --job, a job): no new step starts and running ones are stopped
     Cancel(StatusArgs),
-    /// Lists the registered workflows, or shows one (its latest version, or --version N)
+    /// Lists workflow runs, newest first
+    Runs(RunsArgs),
+    /// Lists jobs, newest first
+    Jobs(JobsArgs),
+    /// Prints what each step of a run (or, with --job, a job) printed and logged
+    Logs(LogsArgs),
+    /// Lists, shows and registers workflows (without a subcommand: lists them)
     Workflows(WorkflowsArgs),
     /// Lists the live workers: queues, concurrency, tasks running, last heartbeat
     Workers,
     /// Lists the task queues: tasks ready, in flight, consumers
     Queues,
-    /// Lists workflow runs, newest first, as JSON ({"runs", "next_cursor"})
-    Runs(RunsArgs),
-    /// Prints what each step of a run (or, with --job, a job) printed and logged
-    Logs(LogsArgs),
     /// Prints the counts of runs and tasks by status
     Stats,
+    /// Prints a shell completion script (bash, zsh, fish, elvish, powershell)
+    ///
+    /// For example: taskfleet completions bash > /etc/bash_completion.d/taskfleet
+    Completions(CompletionsArgs),
+}
+
+/// The arguments of `taskfleet completions`.
+#[derive(Debug, Args)]
+pub struct CompletionsArgs {
+    /// The shell to complete in
+    #[arg(value_name = "SHELL")]
+    pub shell: clap_complete::Shell,
+}
+
+/// The arguments of `taskfleet jobs`.
+#[derive(Debug, Args)]
+pub struct JobsArgs {
+    /// Only jobs in this status (pending, running, succeeded, failed, cancelled)
+    #[arg(long, value_name = "STATUS")]
+    pub status: Option<String>,
+    /// The most jobs listed [default: 50]
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub limit: Option<u32>,
+    /// Where to go on from: the `next_cursor` of a previous listing
+    #[arg(long, value_name = "CURSOR")]
+    pub cursor: Option<String>,
+}
+
+/// The arguments of `taskfleet enqueue`.
+#[derive(Debug, Args)]
+#[command(group(
+    clap::ArgGroup::new("the_step")
+        .required(true)
+        .args(["file", "step", "python", "dataflow"])
+))]
+pub struct EnqueueArgs {
+    /// A file holding the step as JSON ({"python": ...} or {"dataflow": ...} with any of a
+    /// step's fields), or - to read it from standard input
+    #[arg(value_name = "STEP_FILE", conflicts_with_all = ["step", "python", "dataflow"])]
+    pub file: Option<PathBuf>,
+    /// The step itself, as JSON text
+    #[arg(long, value_name = "JSON", conflicts_with_all = ["python", "dataflow"])]
+    pub step: Option<String>,
+    /// A Python function to run, module.path:function
+    #[arg(long, value_name = "REF", conflicts_with = "dataflow")]
+    pub python: Option<String>,
+    /// A jq program to run
+    #[arg(long, value_name = "PROGRAM")]
+    pub dataflow: Option<String>,
+    /// The queue to send it to [default: the step's, else default]
+    #[arg(long, value_name = "QUEUE")]
+    pub queue: Option<String>,
+    /// The job's input.
+    #[command(flatten)]
+    pub input: InputArgs,
+    /// Seconds before the job is dispatched
+    #[arg(long, value_name = "SECONDS")]
+    pub delay: Option<f64>,
+    /// A key that makes the enqueueing idempotent: repeating it returns the existing job
+    #[arg(long, value_name = "K")]
+    pub idempotency_key: Option<String>,
+    /// Waits for the job to finish and prints its output
+    #[arg(long)]
+    pub wait: bool,
+    /// With --wait, gives up after this many seconds (exit 2) [default: no limit]
+    #[arg(long, value_name = "SECONDS", value_parser = parse_seconds, requires = "wait")]
+    pub timeout: Option<Duration>,
+}
+
+/// The arguments of `taskfleet workflows`.
+#[derive(Debug, Args)]
+pub struct WorkflowsArgs {
+    /// What to do with workflows.
+    #[command(subcommand)]
+    pub command: Option<WorkflowsCommand>,
+}
+
+/// The subcommands of `taskfleet workflows`.
+#[derive(Debug, Subcommand)]
+pub enum WorkflowsCommand {
+    /// Lists the registered workflows (the latest version of each)
+    List,
+    /// Shows a workflow's definition (its latest version, or --version N)
+    Show(ShowWorkflowArgs),
+    /// Registers a definition file as a new version of a workflow (unchanged if identical)
+    Register(RegisterArgs),
+}
+
+/// The arguments of `taskfleet workflows show`.
+#[derive(Debug, Args)]
+pub struct ShowWorkflowArgs {
+    /// The workflow's name
+    #[arg(value_name = "NAME")]
+    pub name: String,
+    /// The version to show [default: the latest]
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=i64::from(i32::MAX)))]
+    pub version: Option<u32>,
+}
+
+/// The arguments of `taskfleet workflows register`.
+#[derive(Debug, Args)]
+pub struct RegisterArgs {
+    /// A file holding the definition as JSON, or - to read it from standard input
+    #[arg(value_name = "FILE")]
+    pub file: PathBuf,
+    /// The name to register it under, replacing the definition's own [default: its "name"]
+    #[arg(long, value_name = "NAME")]
+    pub name: Option<String>,
 }
 
 /// The arguments of `taskfleet runs`.
@@ -81,17 +221,6 @@ pub struct LogsArgs {
     pub job: bool,
 }
 
-/// The arguments of `taskfleet workflows`.
-#[derive(Debug, Args)]
-pub struct WorkflowsArgs {
-    /// A workflow to show; without it, every workflow is listed
-    #[arg(value_name = "NAME")]
-    pub name: Option<String>,
-    /// The version to show [default: the latest]
-    #[arg(long, value_name = "N", requires = "name", value_parser = clap::value_parser!(u32).range(1..=i64::from(i32::MAX)))]
-    pub version: Option<u32>,
-}
-
 /// The arguments of `taskfleet submit`.
 #[derive(Debug, Args)]
 pub struct SubmitArgs {
@@ -123,13 +252,13 @@ pub struct SubmitArgs {
     pub timeout: Option<Duration>,
 }
 
-/// Where a run's input comes from; without either flag the input is `null`.
+/// Where a run's or job's input comes from; without either flag the input is `null`.
 #[derive(Debug, Args)]
 pub struct InputArgs {
-    /// The run's input as JSON text
+    /// The input as JSON text
     #[arg(long, value_name = "JSON", conflicts_with = "input_file")]
     pub input: Option<String>,
-    /// A file holding the run's input as JSON; - reads standard input
+    /// A file holding the input as JSON; - reads standard input
     #[arg(long, value_name = "PATH")]
     pub input_file: Option<PathBuf>,
 }

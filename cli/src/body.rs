@@ -1,5 +1,6 @@
-//! Building the body of `POST /v1/runs` from `taskfleet submit`'s arguments: telling a
-//! definition file from a workflow name, reading and parsing the input.
+//! Building request bodies from arguments: `POST /v1/runs` from `taskfleet submit`'s (telling a
+//! definition file from a workflow name), `POST /v1/tasks` from `taskfleet enqueue`'s, and
+//! definitions to register; reading and parsing the input.
 //!
 //! It reads the files and standard input the arguments name, but never talks to the API.
 
@@ -9,7 +10,7 @@ use std::path::{Path, PathBuf};
 
 use serde_json::{Map, Value};
 
-use crate::args::{InputArgs, SubmitArgs};
+use crate::args::{EnqueueArgs, InputArgs, SubmitArgs};
 
 /// An argument, file or standard input that cannot be used.
 #[derive(Debug)]
@@ -32,6 +33,10 @@ pub enum InputError {
     VersionWithDefinition,
     /// Standard input was named for both the definition and the input.
     StdinTwice,
+    /// A step or definition is JSON, but not an object (where it came from).
+    NotAnObject(String),
+    /// A definition to register has no name, and none was given.
+    Unnamed(String),
 }
 
 impl fmt::Display for InputError {
@@ -47,6 +52,11 @@ impl fmt::Display for InputError {
             Self::StdinTwice => formatter.write_str(
                 "standard input can hold the definition (-) or the input (--input-file -), not both",
             ),
+            Self::NotAnObject(what) => write!(formatter, "{what} is not a JSON object"),
+            Self::Unnamed(what) => write!(
+                formatter,
+                "{what} has no \"name\": add one, or give --name"
+            ),
         }
     }
 }
@@ -56,7 +66,10 @@ impl std::error::Error for InputError {
         match self {
             Self::Read { source, .. } => Some(source),
             Self::BadJson { source, .. } => Some(source),
-            Self::VersionWithDefinition | Self::StdinTwice => None,
+            Self::VersionWithDefinition
+            | Self::StdinTwice
+            | Self::NotAnObject(_)
+            | Self::Unnamed(_) => None,
         }
     }
 }
@@ -162,14 +175,99 @@ pub fn build_request(source: Source, input: Value, idempotency_key: Option<&str>
     Value::Object(body)
 }
 
+/// Returns the body of `POST /v1/tasks` for `enqueue`'s arguments: the step's fields, with
+/// the queue, input, delay and idempotency key the flags give.
+pub fn job_request(enqueue_args: &EnqueueArgs) -> Result<Value, InputError> {
+    let input_from_stdin = enqueue_args
+        .input
+        .input_file
+        .as_ref()
+        .is_some_and(|path| path.as_os_str() == "-");
+    let mut step = if let Some(path) = &enqueue_args.file {
+        let (text, what) = if path.as_os_str() == "-" {
+            if input_from_stdin {
+                return Err(InputError::StdinTwice);
+            }
+            let what = "the step on standard input (-)";
+            (read_stdin(what)?, what.to_owned())
+        } else {
+            let what = format!("step file {}", path.display());
+            (read_file(path, &what)?, what)
+        };
+        object(parse_json(&text, what.clone())?, what)?
+    } else if let Some(text) = &enqueue_args.step {
+        object(parse_json(text, "--step".to_owned())?, "--step".to_owned())?
+    } else {
+        let mut step = Map::new();
+        if let Some(reference) = &enqueue_args.python {
+            step.insert("python".to_owned(), Value::String(reference.clone()));
+        }
+        if let Some(program) = &enqueue_args.dataflow {
+            step.insert("dataflow".to_owned(), Value::String(program.clone()));
+        }
+        step
+    };
+    if let Some(queue) = &enqueue_args.queue {
+        step.insert("queue".to_owned(), Value::String(queue.clone()));
+    }
+    if enqueue_args.input.input.is_some() || enqueue_args.input.input_file.is_some() {
+        step.insert("input".to_owned(), read_input(&enqueue_args.input)?);
+    }
+    if let Some(delay) = enqueue_args.delay {
+        step.insert("delay_s".to_owned(), Value::from(delay));
+    }
+    if let Some(key) = &enqueue_args.idempotency_key {
+        step.insert("idempotency_key".to_owned(), Value::String(key.clone()));
+    }
+    Ok(Value::Object(step))
+}
+
+/// Returns the definition in `path` (standard input for `-`) and the name to register it under:
+/// `name` if given (written into the definition), else the definition's own.
+pub fn definition_to_register(
+    path: &Path,
+    name: Option<&str>,
+) -> Result<(String, Value), InputError> {
+    let what = if path.as_os_str() == "-" {
+        "the definition on standard input (-)".to_owned()
+    } else {
+        format!("definition file {}", path.display())
+    };
+    let text = if path.as_os_str() == "-" {
+        read_stdin(&what)?
+    } else {
+        read_file(path, &what)?
+    };
+    let mut definition = object(parse_json(&text, what.clone())?, what.clone())?;
+    let name = match (name, definition.get("name").and_then(Value::as_str)) {
+        (Some(name), _) | (None, Some(name)) => name.to_owned(),
+        (None, None) => return Err(InputError::Unnamed(what)),
+    };
+    // The name given wins over the definition's own, which the API requires to match.
+    definition.insert("name".to_owned(), Value::String(name.clone()));
+    Ok((name, Value::Object(definition)))
+}
+
+/// Returns `value` as an object, or the error naming `what` it came from.
+fn object(value: Value, what: String) -> Result<Map<String, Value>, InputError> {
+    match value {
+        Value::Object(object) => Ok(object),
+        _ => Err(InputError::NotAnObject(what)),
+    }
+}
+
+/// Reads the file at `path`; `what` names it in the error.
+fn read_file(path: &Path, what: &str) -> Result<String, InputError> {
+    std::fs::read_to_string(path).map_err(|source| InputError::Read {
+        what: what.to_owned(),
+        source,
+    })
+}
+
 /// Returns the definition held in the file at `path`.
 fn read_definition(path: &Path) -> Result<Value, InputError> {
     let what = format!("definition file {}", path.display());
-    let text = std::fs::read_to_string(path).map_err(|source| InputError::Read {
-        what: what.clone(),
-        source,
-    })?;
-    parse_json(&text, what)
+    parse_json(&read_file(path, &what)?, what)
 }
 
 /// Returns the run input named by `--input` or `--input-file`, or `null` without either.
@@ -182,11 +280,7 @@ pub fn read_input(input_args: &InputArgs) -> Result<Value, InputError> {
         }
         (None, Some(path)) => {
             let what = format!("--input-file {}", path.display());
-            let text = std::fs::read_to_string(path).map_err(|source| InputError::Read {
-                what: what.clone(),
-                source,
-            })?;
-            parse_json(&text, what)
+            parse_json(&read_file(path, &what)?, what)
         }
         (None, None) => Ok(Value::Null),
     }

@@ -152,12 +152,12 @@ impl Kind {
     }
 }
 
-/// The answer to `POST /v1/runs`.
+/// The answer to `POST /v1/runs` and `POST /v1/tasks`.
 #[derive(Debug, Clone, Deserialize)]
 pub struct Accepted {
-    /// The run's id.
+    /// The run's (or job's) id.
     pub id: String,
-    /// The run's status when it was accepted.
+    /// Its status when it was accepted.
     pub status: String,
 }
 
@@ -194,9 +194,9 @@ impl Client {
         Ok(Self { http, base })
     }
 
-    /// Starts a run with `POST /v1/runs`.
-    pub async fn submit(&self, body: &Value) -> Result<Accepted, ApiError> {
-        let url = self.url(&["v1", "runs"]);
+    /// Starts a run with `POST /v1/runs`, or a job with `POST /v1/tasks`.
+    pub async fn create(&self, kind: Kind, body: &Value) -> Result<Accepted, ApiError> {
+        let url = self.url(&["v1", kind.collection()]);
         let request = self
             .http
             .post(url.clone())
@@ -207,6 +207,23 @@ impl Client {
             request: request_line(&Method::POST, &url),
             reason: error.to_string(),
         })
+    }
+
+    /// Registers a definition with `PUT /v1/workflows/{name}`; returns the answer and whether
+    /// it made a new version (201) rather than finding the definition unchanged (200).
+    pub async fn register(
+        &self,
+        name: &str,
+        definition: &Value,
+    ) -> Result<(Value, bool), ApiError> {
+        let url = self.url(&["v1", "workflows", name]);
+        let request = self
+            .http
+            .put(url.clone())
+            .json(definition)
+            .timeout(REQUEST_TIMEOUT);
+        let (status, value) = self.exchange(Method::PUT, &url, request).await?;
+        Ok((value, status == StatusCode::CREATED))
     }
 
     /// Returns a run or job, checked to have a `status`; with `wait`, the server holds the
@@ -301,6 +318,17 @@ impl Client {
         url: &Url,
         request: reqwest::RequestBuilder,
     ) -> Result<Value, ApiError> {
+        Ok(self.exchange(method, url, request).await?.1)
+    }
+
+    /// Sends `request` and returns its success status and JSON body, or the error it was
+    /// answered with.
+    async fn exchange(
+        &self,
+        method: Method,
+        url: &Url,
+        request: reqwest::RequestBuilder,
+    ) -> Result<(StatusCode, Value), ApiError> {
         let unreachable = |source| ApiError::Unreachable {
             request: request_line(&method, url),
             source,
@@ -318,10 +346,11 @@ impl Client {
                 details,
             });
         }
-        serde_json::from_slice(&bytes).map_err(|error| ApiError::BadResponse {
+        let value = serde_json::from_slice(&bytes).map_err(|error| ApiError::BadResponse {
             request: request_line(&method, url),
             reason: format!("the body is not JSON: {error}"),
-        })
+        })?;
+        Ok((status, value))
     }
 }
 

@@ -1,8 +1,8 @@
 //! The `taskfleet` command-line client of the scheduler's HTTP API (`docs/api.md`).
 //!
 //! The library owns the commands: building request bodies from arguments, talking HTTP, waiting
-//! for runs to finish and printing results. It never reads the process environment; `main` does
-//! that and passes the API URL in.
+//! for runs to finish and printing results. Only [`parse`] reads the process's environment (the
+//! variables the flags name).
 
 // A command-line client's output is its interface: results go to stdout, diagnostics to stderr.
 #![allow(clippy::print_stdout, clippy::print_stderr)]
@@ -12,36 +12,43 @@ mod body;
 mod client;
 mod poll;
 mod report;
+mod text;
 
 use std::fmt;
 use std::process::ExitCode;
 use std::time::Duration;
 
-pub use args::{Cli, Command};
+pub use args::{Cli, Command, Output};
 
-use args::{LogsArgs, RunsArgs, StatusArgs, SubmitArgs, WaitArgs, WorkflowsArgs};
+use args::{
+    CompletionsArgs, EnqueueArgs, JobsArgs, LogsArgs, RegisterArgs, RunsArgs, ShowWorkflowArgs,
+    StatusArgs, SubmitArgs, WaitArgs, WorkflowsCommand,
+};
 use body::InputError;
-use client::{ApiError, Client, Kind};
+use client::{Accepted, ApiError, Client, Kind};
 use poll::{Outcome, Waited};
+use serde_json::{Value, json};
 
-/// The environment variable naming the scheduler's base URL.
-pub const API_URL_ENV: &str = "TASKFLEET_API_URL";
-
-/// The scheduler's base URL when neither `--api-url` nor the environment names one.
-pub const DEFAULT_API_URL: &str = "http://127.0.0.1:8080";
-
-/// Returns the API URL to use: the flag, else a non-empty environment value, else the default.
-pub fn resolve_api_url(flag: Option<&str>, env: Option<&str>) -> String {
-    flag.or(env.filter(|value| !value.trim().is_empty()))
-        .unwrap_or(DEFAULT_API_URL)
-        .trim()
-        .to_owned()
+/// Returns the command line as `taskfleet` reads it: each flag's environment variable in
+/// `--help`, and a variable set to the empty string read as unset.
+pub fn command() -> clap::Command {
+    use clap::CommandFactory as _;
+    taskfleet_common::settings::with_environment(Cli::command())
 }
 
-/// Runs one command against the API at `api_url` and returns the process's exit code: 0 for
-/// success, 1 for a failed or cancelled run and for any error, 2 when a wait timed out.
-pub async fn run(command: Command, api_url: &str) -> ExitCode {
-    match dispatch(command, api_url).await {
+/// Parses the process's arguments and environment; `Err` is clap's help, version or usage
+/// message.
+pub fn parse() -> Result<Cli, clap::Error> {
+    use clap::FromArgMatches as _;
+    let matches = command().try_get_matches()?;
+    Cli::from_arg_matches(&matches)
+}
+
+/// Runs a parsed command line and returns the process's exit code: 0 for success, 1 for a
+/// failed or cancelled run and for any error, 2 when a wait timed out.
+pub async fn run(cli: Cli) -> ExitCode {
+    let printer = Printer { output: cli.output };
+    match dispatch(cli.command, cli.api_url.trim(), printer).await {
         Ok(exit) => exit.into(),
         Err(error) => {
             eprintln!("taskfleet: error: {error}");
@@ -114,25 +121,70 @@ impl From<ApiError> for CliError {
     }
 }
 
-/// Runs one command with a client of the API at `api_url`.
-async fn dispatch(command: Command, api_url: &str) -> Result<Exit, CliError> {
-    let client = Client::new(api_url)?;
-    match command {
-        Command::Submit(submit_args) => submit(&client, submit_args).await,
-        Command::Status(status_args) => status(&client, status_args).await,
-        Command::Wait(wait_args) => wait(&client, wait_args).await,
-        Command::Cancel(cancel_args) => cancel(&client, cancel_args).await,
-        Command::Workflows(workflows_args) => workflows(&client, workflows_args).await,
-        Command::Workers => show(&client, &["v1", "workers"]).await,
-        Command::Queues => show(&client, &["v1", "queues"]).await,
-        Command::Stats => show(&client, &["v1", "stats"]).await,
-        Command::Runs(runs_args) => runs(&client, runs_args).await,
-        Command::Logs(logs_args) => logs(&client, logs_args).await,
+/// Prints answers as `--output` asks: for people, or as the API's JSON.
+#[derive(Debug, Clone, Copy)]
+struct Printer {
+    output: Output,
+}
+
+impl Printer {
+    /// Prints `answer`: its text rendering, or the JSON itself.
+    fn print(self, answer: &Value, render: impl FnOnce(&Value) -> String) -> Result<(), CliError> {
+        match self.output {
+            Output::Text => emit(&render(answer)),
+            Output::Json => emit(&report::pretty(answer)),
+        }
     }
 }
 
+/// Runs one command with a client of the API at `api_url`.
+async fn dispatch(command: Command, api_url: &str, printer: Printer) -> Result<Exit, CliError> {
+    if let Command::Completions(completions_args) = command {
+        return completions(&completions_args);
+    }
+    let client = Client::new(api_url)?;
+    match command {
+        Command::Submit(submit_args) => submit(&client, printer, submit_args).await,
+        Command::Enqueue(enqueue_args) => enqueue(&client, printer, enqueue_args).await,
+        Command::Status(status_args) => status(&client, printer, status_args).await,
+        Command::Wait(wait_args) => wait(&client, printer, wait_args).await,
+        Command::Cancel(cancel_args) => cancel(&client, printer, cancel_args).await,
+        Command::Runs(runs_args) => runs(&client, printer, runs_args).await,
+        Command::Jobs(jobs_args) => jobs(&client, printer, jobs_args).await,
+        Command::Logs(logs_args) => logs(&client, printer, logs_args).await,
+        Command::Workflows(workflows_args) => match workflows_args.command {
+            None | Some(WorkflowsCommand::List) => {
+                show(&client, printer, &["v1", "workflows"], text::workflows).await
+            }
+            Some(WorkflowsCommand::Show(show_args)) => {
+                show_workflow(&client, printer, show_args).await
+            }
+            Some(WorkflowsCommand::Register(register_args)) => {
+                register(&client, printer, register_args).await
+            }
+        },
+        Command::Workers => show(&client, printer, &["v1", "workers"], text::workers).await,
+        Command::Queues => show(&client, printer, &["v1", "queues"], text::queues).await,
+        Command::Stats => show(&client, printer, &["v1", "stats"], text::stats).await,
+        Command::Completions(_) => Ok(Exit::Success),
+    }
+}
+
+/// `taskfleet completions`: prints the completion script of a shell.
+fn completions(completions_args: &CompletionsArgs) -> Result<Exit, CliError> {
+    let mut script = Vec::new();
+    clap_complete::generate(
+        completions_args.shell,
+        &mut command(),
+        "taskfleet",
+        &mut script,
+    );
+    emit(String::from_utf8_lossy(&script).trim_end())?;
+    Ok(Exit::Success)
+}
+
 /// `taskfleet runs`: lists workflow runs, newest first.
-async fn runs(client: &Client, runs_args: RunsArgs) -> Result<Exit, CliError> {
+async fn runs(client: &Client, printer: Printer, runs_args: RunsArgs) -> Result<Exit, CliError> {
     let answer = client
         .get_with_query(
             &["v1", "runs"],
@@ -144,82 +196,209 @@ async fn runs(client: &Client, runs_args: RunsArgs) -> Result<Exit, CliError> {
             ],
         )
         .await?;
-    emit(&report::pretty(&answer))?;
+    print_page(printer, &answer, "runs", text::runs)
+}
+
+/// `taskfleet jobs`: lists jobs, newest first.
+async fn jobs(client: &Client, printer: Printer, jobs_args: JobsArgs) -> Result<Exit, CliError> {
+    let answer = client
+        .get_with_query(
+            &["v1", "tasks"],
+            &[
+                ("status", jobs_args.status),
+                ("limit", jobs_args.limit.map(|limit| limit.to_string())),
+                ("cursor", jobs_args.cursor),
+            ],
+        )
+        .await?;
+    print_page(printer, &answer, "jobs", text::jobs)
+}
+
+/// Prints a page of a listing; as text, says on stderr how to list the next page.
+fn print_page(
+    printer: Printer,
+    answer: &Value,
+    command: &str,
+    render: fn(&Value) -> String,
+) -> Result<Exit, CliError> {
+    printer.print(answer, render)?;
+    if printer.output == Output::Text
+        && let Some(line) = text::next_page(answer, command)
+    {
+        eprintln!("{line}");
+    }
     Ok(Exit::Success)
 }
 
 /// `taskfleet logs`: prints each step's (or one step's) logs under a line naming the step.
-async fn logs(client: &Client, logs_args: LogsArgs) -> Result<Exit, CliError> {
+async fn logs(client: &Client, printer: Printer, logs_args: LogsArgs) -> Result<Exit, CliError> {
     let kind = Kind::from_job_flag(logs_args.job);
     let run = client
         .show(kind, &logs_args.id, None)
         .await
         .map_err(|error| lookup_error(kind, error))?;
-    let text = report::logs(&run, logs_args.step.as_deref())
+    let steps = report::logged_steps(&run, logs_args.step.as_deref())
         .map_err(|step| CliError::NoSuchStep(logs_args.id.clone(), step))?;
-    emit(&text)?;
+    match printer.output {
+        Output::Text => emit(&report::logs(&steps))?,
+        Output::Json => emit(&report::pretty(&json!({"id": run["id"], "steps": steps})))?,
+    }
     Ok(Exit::Success)
 }
 
-/// `taskfleet workers` and `taskfleet queues`: prints what the API answers at a path.
-async fn show(client: &Client, segments: &[&str]) -> Result<Exit, CliError> {
+/// `taskfleet workers`, `queues`, `stats` and `workflows list`: prints what the API answers at
+/// a path.
+async fn show(
+    client: &Client,
+    printer: Printer,
+    segments: &[&str],
+    render: fn(&Value) -> String,
+) -> Result<Exit, CliError> {
     let answer = client.get(segments).await?;
-    emit(&report::pretty(&answer))?;
+    printer.print(&answer, render)?;
     Ok(Exit::Success)
 }
 
 /// `taskfleet cancel`: cancels a run or job and prints the answer.
-async fn cancel(client: &Client, cancel_args: StatusArgs) -> Result<Exit, CliError> {
+async fn cancel(
+    client: &Client,
+    printer: Printer,
+    cancel_args: StatusArgs,
+) -> Result<Exit, CliError> {
     let kind = Kind::from_job_flag(cancel_args.job);
     let answer = client
         .cancel(kind, &cancel_args.id)
         .await
         .map_err(|error| lookup_error(kind, error))?;
-    emit(&report::pretty(&answer))?;
+    printer.print(&answer, |answer| {
+        let status = answer["status"].as_str().unwrap_or("cancelled");
+        format!("{} {} {status}", kind.noun(), cancel_args.id)
+    })?;
     Ok(Exit::Success)
 }
 
-/// `taskfleet workflows`: lists workflows, or shows one.
-async fn workflows(client: &Client, workflows_args: WorkflowsArgs) -> Result<Exit, CliError> {
+/// `taskfleet workflows show`: prints a workflow's definition (as text, the definition alone,
+/// ready to edit and register again).
+async fn show_workflow(
+    client: &Client,
+    printer: Printer,
+    show_args: ShowWorkflowArgs,
+) -> Result<Exit, CliError> {
     let answer = client
-        .workflows(workflows_args.name.as_deref(), workflows_args.version)
+        .workflows(Some(&show_args.name), show_args.version)
         .await?;
-    emit(&report::pretty(&answer))?;
+    printer.print(&answer, |answer| report::pretty(&answer["definition"]))?;
+    Ok(Exit::Success)
+}
+
+/// `taskfleet workflows register`: registers a definition file under its name.
+async fn register(
+    client: &Client,
+    printer: Printer,
+    register_args: RegisterArgs,
+) -> Result<Exit, CliError> {
+    let (name, definition) =
+        body::definition_to_register(&register_args.file, register_args.name.as_deref())?;
+    let (mut answer, created) = client.register(&name, &definition).await?;
+    answer["created"] = Value::Bool(created);
+    printer.print(&answer, |answer| {
+        let version = &answer["version"];
+        if created {
+            format!("registered workflow {name} version {version}")
+        } else {
+            format!("workflow {name} unchanged (version {version})")
+        }
+    })?;
     Ok(Exit::Success)
 }
 
 /// `taskfleet submit`: starts a run; with `--wait`, waits for it like `taskfleet wait`.
-async fn submit(client: &Client, submit_args: SubmitArgs) -> Result<Exit, CliError> {
+async fn submit(
+    client: &Client,
+    printer: Printer,
+    submit_args: SubmitArgs,
+) -> Result<Exit, CliError> {
     let request_body = body::run_request(&submit_args)?;
-    let accepted = client.submit(&request_body).await?;
-    if !submit_args.wait {
-        emit(&report::accepted(&accepted))?;
-        return Ok(Exit::Success);
-    }
-    eprintln!("run {} submitted ({})", accepted.id, accepted.status);
-    wait_and_report(client, Kind::Run, &accepted.id, submit_args.timeout).await
+    let accepted = client.create(Kind::Run, &request_body).await?;
+    created(
+        client,
+        printer,
+        Kind::Run,
+        &accepted,
+        submit_args.wait.then_some(submit_args.timeout),
+    )
+    .await
 }
 
-/// `taskfleet status`: prints a run or job as pretty JSON.
-async fn status(client: &Client, status_args: StatusArgs) -> Result<Exit, CliError> {
+/// `taskfleet enqueue`: enqueues a job; with `--wait`, waits for it like `taskfleet wait --job`.
+async fn enqueue(
+    client: &Client,
+    printer: Printer,
+    enqueue_args: EnqueueArgs,
+) -> Result<Exit, CliError> {
+    let request_body = body::job_request(&enqueue_args)?;
+    let accepted = client.create(Kind::Job, &request_body).await?;
+    created(
+        client,
+        printer,
+        Kind::Job,
+        &accepted,
+        enqueue_args.wait.then_some(enqueue_args.timeout),
+    )
+    .await
+}
+
+/// Prints an accepted run or job (its id, as text), or waits for it when `wait` holds the
+/// wait's time limit.
+async fn created(
+    client: &Client,
+    printer: Printer,
+    kind: Kind,
+    accepted: &Accepted,
+    wait: Option<Option<Duration>>,
+) -> Result<Exit, CliError> {
+    let Some(timeout) = wait else {
+        match printer.output {
+            Output::Text => emit(&accepted.id)?,
+            Output::Json => emit(&report::accepted(accepted))?,
+        }
+        return Ok(Exit::Success);
+    };
+    eprintln!(
+        "{} {} submitted ({})",
+        kind.noun(),
+        accepted.id,
+        accepted.status
+    );
+    wait_and_report(client, printer, kind, &accepted.id, timeout).await
+}
+
+/// `taskfleet status`: shows a run or job.
+async fn status(
+    client: &Client,
+    printer: Printer,
+    status_args: StatusArgs,
+) -> Result<Exit, CliError> {
     let kind = Kind::from_job_flag(status_args.job);
     let run = client
         .show(kind, &status_args.id, None)
         .await
         .map_err(|error| lookup_error(kind, error))?;
-    emit(&report::pretty(&run))?;
+    printer.print(&run, |run| text::run(kind, run))?;
     Ok(Exit::Success)
 }
 
 /// `taskfleet wait`: waits for an existing run or job to finish.
-async fn wait(client: &Client, wait_args: WaitArgs) -> Result<Exit, CliError> {
+async fn wait(client: &Client, printer: Printer, wait_args: WaitArgs) -> Result<Exit, CliError> {
     let kind = Kind::from_job_flag(wait_args.job);
-    wait_and_report(client, kind, &wait_args.id, wait_args.timeout).await
+    wait_and_report(client, printer, kind, &wait_args.id, wait_args.timeout).await
 }
 
-/// Waits for a run or job, then prints its output (stdout) or what went wrong (stderr).
+/// Waits for a run or job, then prints its output (stdout) or what went wrong (stderr); with
+/// `--output json`, prints the run as last seen on stdout whatever came of it.
 async fn wait_and_report(
     client: &Client,
+    printer: Printer,
     kind: Kind,
     id: &str,
     timeout: Option<Duration>,
@@ -227,20 +406,23 @@ async fn wait_and_report(
     let waited = poll::wait_until_finished(client, kind, id, timeout)
         .await
         .map_err(|error| lookup_error(kind, error))?;
-    match waited {
-        Waited::Finished(Outcome::Succeeded, run) => {
-            emit(&report::pretty(&run["output"]))?;
-            Ok(Exit::Success)
-        }
+    let (exit, run) = match &waited {
+        Waited::Finished(Outcome::Succeeded, run) => (Exit::Success, run),
         Waited::Finished(outcome, run) => {
-            eprintln!("{}", report::failure(kind, id, outcome, &run));
-            Ok(Exit::RunFailed)
+            eprintln!("{}", report::failure(kind, id, *outcome, run));
+            (Exit::RunFailed, run)
         }
         Waited::TimedOut(run) => {
-            eprintln!("{}", report::timed_out(kind, id, timeout, &run));
-            Ok(Exit::TimedOut)
+            eprintln!("{}", report::timed_out(kind, id, timeout, run));
+            (Exit::TimedOut, run)
         }
+    };
+    match printer.output {
+        Output::Json => emit(&report::pretty(run))?,
+        Output::Text if exit == Exit::Success => emit(&report::pretty(&run["output"]))?,
+        Output::Text => {}
     }
+    Ok(exit)
 }
 
 /// Writes a result line to stdout. A reader that went away early (`taskfleet status … | head`)
@@ -270,15 +452,55 @@ fn lookup_error(kind: Kind, error: ApiError) -> CliError {
 mod tests {
     use super::*;
 
-    fn check(flag: Option<&str>, env: Option<&str>, expected: &str) {
-        assert_eq!(resolve_api_url(flag, env), expected, "{flag:?} {env:?}");
+    fn parse_args(args: &[&str]) -> Result<Cli, clap::Error> {
+        use clap::FromArgMatches as _;
+        let matches = command()
+            .mut_args(|arg| arg.env(None))
+            .try_get_matches_from(args)?;
+        Cli::from_arg_matches(&matches)
     }
 
     #[test]
-    fn api_url_prefers_flag_then_env_then_default() {
-        check(Some("http://a:1"), Some("http://b:2"), "http://a:1");
-        check(None, Some("http://b:2"), "http://b:2");
-        check(None, Some("  "), DEFAULT_API_URL);
-        check(None, None, DEFAULT_API_URL);
+    fn api_url_and_output_have_defaults_and_flags_anywhere() {
+        let cli = parse_args(&["taskfleet", "stats"]).expect("the command line parses");
+        assert_eq!(cli.api_url, "http://127.0.0.1:8080");
+        assert_eq!(cli.output, Output::Text);
+        let cli = parse_args(&[
+            "taskfleet",
+            "runs",
+            "--output",
+            "json",
+            "--api-url",
+            "http://h:1",
+        ])
+        .expect("the command line parses");
+        assert_eq!(cli.api_url, "http://h:1");
+        assert_eq!(cli.output, Output::Json);
+        assert!(parse_args(&["taskfleet", "stats", "--output", "yaml"]).is_err());
+    }
+
+    #[test]
+    fn help_names_the_environment_variables() {
+        let help = command().render_long_help().to_string();
+        assert!(help.contains("TASKFLEET_API_URL"), "{help}");
+        assert!(help.contains("TASKFLEET_OUTPUT"), "{help}");
+    }
+
+    #[test]
+    fn enqueue_needs_exactly_one_step() {
+        assert!(parse_args(&["taskfleet", "enqueue"]).is_err());
+        assert!(
+            parse_args(&["taskfleet", "enqueue", "--python", "m:f", "--dataflow", "."]).is_err()
+        );
+        assert!(parse_args(&["taskfleet", "enqueue", "step.json", "--step", "{}"]).is_err());
+        assert!(parse_args(&["taskfleet", "enqueue", "--dataflow", ".", "--queue", "q"]).is_ok());
+    }
+
+    #[test]
+    fn workflows_lists_without_a_subcommand() {
+        let cli = parse_args(&["taskfleet", "workflows"]).expect("the command line parses");
+        assert!(matches!(cli.command, Command::Workflows(args) if args.command.is_none()));
+        assert!(parse_args(&["taskfleet", "workflows", "register"]).is_err());
+        assert!(parse_args(&["taskfleet", "workflows", "show", "w", "--version", "2"]).is_ok());
     }
 }

@@ -4,7 +4,7 @@
 use std::fmt::Write as _;
 use std::time::Duration;
 
-use serde_json::{Value, json};
+use serde_json::{Map, Value, json};
 
 use crate::client::{Accepted, Kind};
 use crate::poll::{Outcome, run_status};
@@ -20,20 +20,34 @@ pub fn accepted(accepted: &Accepted) -> String {
     json!({"id": accepted.id, "status": accepted.status}).to_string()
 }
 
-/// Returns the logs of a run's steps (or of the step `only`), each under a line naming the step,
-/// its status and its attempts; `Err` names a step the run does not have.
-pub fn logs(run: &Value, only: Option<&str>) -> Result<String, String> {
+/// Returns the steps of a run whose logs are asked for: all of them, or the step `only`;
+/// `Err` names a step the run does not have.
+pub fn logged_steps(run: &Value, only: Option<&str>) -> Result<Map<String, Value>, String> {
     let steps = run["steps"].as_object().cloned().unwrap_or_default();
     if let Some(step) = only
         && !steps.contains_key(step)
     {
         return Err(step.to_owned());
     }
-    let mut text = String::new();
-    for (id, step) in steps
-        .iter()
+    Ok(steps
+        .into_iter()
         .filter(|(id, _)| only.is_none_or(|only| only == id.as_str()))
-    {
+        .map(|(id, step)| {
+            let logged = json!({
+                "status": step["status"],
+                "attempts": step["attempts"],
+                "logs": step["logs"],
+            });
+            (id, logged)
+        })
+        .collect())
+}
+
+/// Returns the logs of steps (from [`logged_steps`]), each under a line naming the step, its
+/// status and its attempts.
+pub fn logs(steps: &Map<String, Value>) -> String {
+    let mut text = String::new();
+    for (id, step) in steps {
         let status = step["status"].as_str().unwrap_or("unknown");
         let attempts = step["attempts"].as_u64().unwrap_or(0);
         let _ = writeln!(text, "== {id} ({status}, attempts {attempts})");
@@ -46,7 +60,7 @@ pub fn logs(run: &Value, only: Option<&str>) -> Result<String, String> {
             }
         }
     }
-    Ok(text.trim_end().to_owned())
+    text.trim_end().to_owned()
 }
 
 /// Returns what to say about a run or job that failed or was cancelled: a headline, then the
@@ -117,15 +131,18 @@ mod tests {
             "a": {"status": "succeeded", "attempts": 1, "logs": "hello\n"},
             "b": {"status": "failed", "attempts": 2, "logs": null},
         }});
+        let all = logged_steps(&run, None).expect("every step");
         assert_eq!(
-            logs(&run, None),
-            Ok("== a (succeeded, attempts 1)\nhello\n== b (failed, attempts 2)\n(nothing printed or logged)".to_owned())
+            logs(&all),
+            "== a (succeeded, attempts 1)\nhello\n== b (failed, attempts 2)\n(nothing printed or logged)"
         );
+        let one = logged_steps(&run, Some("a")).expect("step a exists");
+        assert_eq!(logs(&one), "== a (succeeded, attempts 1)\nhello");
         assert_eq!(
-            logs(&run, Some("a")),
-            Ok("== a (succeeded, attempts 1)\nhello".to_owned())
+            Value::Object(one),
+            json!({"a": {"status": "succeeded", "attempts": 1, "logs": "hello\n"}})
         );
-        assert_eq!(logs(&run, Some("c")), Err("c".to_owned()));
+        assert_eq!(logged_steps(&run, Some("c")), Err("c".to_owned()));
     }
 
     fn check(error: Value, expected: &str) {

@@ -34,25 +34,10 @@ impl FleetSettings {
     }
 }
 
-/// Returns `command` as this project reads settings: an argument whose environment variable is
-/// set but empty reads as if the variable were unset (shells and env files often leave variables
-/// empty, and an empty value is never a setting), and `--help` names each variable without
-/// showing its value (URLs hold passwords).
-fn with_environment(command: clap::Command) -> clap::Command {
-    command.mut_args(|arg| {
-        let empty = arg
-            .get_env()
-            .and_then(std::env::var_os)
-            .is_some_and(|value| value.is_empty());
-        let arg = arg.hide_env_values(true);
-        if empty { arg.env(None) } else { arg }
-    })
-}
-
 /// Parses settings of type `T` from the process's arguments and environment; exits with clap's
 /// message on a bad value or `--help`.
 pub fn parse<T: clap::Parser>() -> T {
-    let matches = with_environment(T::command()).get_matches();
+    let matches = taskfleet_common::settings::with_environment(T::command()).get_matches();
     T::from_arg_matches(&matches).unwrap_or_else(|error| error.exit())
 }
 

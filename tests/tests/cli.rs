@@ -1,5 +1,6 @@
 //! The `taskfleet` command against a real fleet, run as its users run it: submitting a
-//! definition file and waiting, listing runs, reading a run's logs, and the counts.
+//! definition file and waiting, listing runs, reading a run's logs, the counts; enqueueing and
+//! listing jobs, registering workflows, and what scripts read with `--output json`.
 
 #![allow(clippy::unwrap_used, missing_docs)]
 
@@ -25,6 +26,14 @@ fn stderr(output: &Output) -> String {
     String::from_utf8_lossy(&output.stderr).into_owned()
 }
 
+/// Runs `taskfleet ARGS --output json`, checks that it succeeded and returns what it printed.
+fn json_of(fleet: &TestFleet, args: &[&str]) -> Value {
+    let output = taskfleet(fleet, &[args, &["--output", "json"]].concat());
+    assert!(output.status.success(), "{args:?}: {}", stderr(&output));
+    serde_json::from_str(&stdout(&output))
+        .unwrap_or_else(|error| panic!("{args:?} printed no JSON ({error}): {}", stdout(&output)))
+}
+
 #[tokio::test]
 async fn a_newcomer_submits_lists_runs_and_reads_logs_with_the_cli() {
     let fleet = TestFleet::start_with(FleetOptions {
@@ -47,13 +56,15 @@ async fn a_newcomer_submits_lists_runs_and_reads_logs_with_the_cli() {
     assert!(submitted.status.success(), "{}", stderr(&submitted));
     assert_eq!(stdout(&submitted).trim(), "42");
 
-    let listed = taskfleet(&fleet, &["runs", "--workflow", "hello", "--limit", "5"]);
-    assert!(listed.status.success(), "{}", stderr(&listed));
-    let listing: Value = serde_json::from_str(&stdout(&listed)).unwrap();
+    let listing = json_of(&fleet, &["runs", "--workflow", "hello", "--limit", "5"]);
     let runs = listing["runs"].as_array().unwrap();
     assert_eq!(runs.len(), 1, "{listing}");
     assert_eq!(runs[0]["status"], "succeeded", "{listing}");
     let id = runs[0]["id"].as_str().unwrap();
+    // As text, a table with the run in it.
+    let table = taskfleet(&fleet, &["runs", "--workflow", "hello"]);
+    assert!(stdout(&table).starts_with("ID "), "{}", stdout(&table));
+    assert!(stdout(&table).contains(id), "{}", stdout(&table));
 
     let logs = taskfleet(&fleet, &["logs", id]);
     assert!(logs.status.success(), "{}", stderr(&logs));
@@ -71,9 +82,7 @@ async fn a_newcomer_submits_lists_runs_and_reads_logs_with_the_cli() {
         stderr(&unknown)
     );
 
-    let stats = taskfleet(&fleet, &["stats"]);
-    assert!(stats.status.success(), "{}", stderr(&stats));
-    let counts: Value = serde_json::from_str(&stdout(&stats)).unwrap();
+    let counts = json_of(&fleet, &["stats"]);
     assert_eq!(counts["namespace"], fleet.namespace.as_str(), "{counts}");
 
     // The definition inline, and on standard input.
@@ -114,5 +123,156 @@ async fn a_newcomer_submits_lists_runs_and_reads_logs_with_the_cli() {
     let bad = taskfleet(&fleet, &["runs", "--status", "sleeping"]);
     assert!(!bad.status.success());
     assert!(stderr(&bad).contains("sleeping"), "{}", stderr(&bad));
+    let _ = std::fs::remove_dir_all(&directory);
+}
+
+#[tokio::test]
+async fn jobs_workflows_and_scripts_through_the_cli() {
+    let fleet = TestFleet::start_with(FleetOptions {
+        workers: 1,
+        ..FleetOptions::default()
+    })
+    .await
+    .unwrap();
+    let directory = std::env::temp_dir().join(format!("taskfleet-cli-{}", fleet.namespace));
+    std::fs::create_dir_all(&directory).unwrap();
+
+    // A job from flags: as text, the id; waited for, its output.
+    let enqueued = taskfleet(&fleet, &["enqueue", "--dataflow", ". * 2", "--input", "21"]);
+    assert!(enqueued.status.success(), "{}", stderr(&enqueued));
+    let job_id = stdout(&enqueued).trim().to_owned();
+    assert_eq!(job_id.len(), 36, "{job_id}");
+    let waited = taskfleet(&fleet, &["wait", &job_id, "--job"]);
+    assert_eq!(stdout(&waited).trim(), "42", "{}", stderr(&waited));
+    // A job from a step file, sent to a queue no worker reads: listed as pending there.
+    let step_file = directory.join("step.json");
+    std::fs::write(&step_file, r#"{"id": "later", "python": "steps:run"}"#).unwrap();
+    let parked = json_of(
+        &fleet,
+        &["enqueue", step_file.to_str().unwrap(), "--queue", "nobody"],
+    );
+    let parked_id = parked["id"].as_str().unwrap();
+    let jobs = json_of(&fleet, &["jobs", "--limit", "1"]);
+    assert_eq!(jobs["jobs"][0]["id"], parked_id, "{jobs}");
+    assert_eq!(jobs["jobs"][0]["step"], "later", "{jobs}");
+    assert_eq!(jobs["jobs"][0]["executor"], "python", "{jobs}");
+    assert_eq!(jobs["jobs"][0]["queue"], "nobody", "{jobs}");
+    assert_eq!(jobs["next_cursor"], parked_id, "{jobs}");
+    let next = json_of(&fleet, &["jobs", "--cursor", parked_id]);
+    assert_eq!(next["jobs"][0]["id"], job_id.as_str(), "{next}");
+    assert_eq!(next["jobs"][0]["status"], "succeeded", "{next}");
+    let succeeded = json_of(&fleet, &["jobs", "--status", "succeeded"]);
+    assert_eq!(
+        succeeded["jobs"].as_array().unwrap().len(),
+        1,
+        "{succeeded}"
+    );
+    let cancelled = taskfleet(&fleet, &["cancel", parked_id, "--job"]);
+    assert_eq!(
+        stdout(&cancelled).trim(),
+        format!("job {parked_id} cancelled"),
+        "{}",
+        stderr(&cancelled)
+    );
+
+    // A failed job waited for with --output json: the whole job on stdout, exit 1.
+    let failed = taskfleet(
+        &fleet,
+        &[
+            "enqueue",
+            "--step",
+            r#"{"python_code": "def main(x):\n    raise ValueError('no ' + x)\n"}"#,
+            "--input",
+            "\"way\"",
+            "--wait",
+            "--output",
+            "json",
+        ],
+    );
+    assert_eq!(failed.status.code(), Some(1), "{}", stderr(&failed));
+    let job: Value = serde_json::from_str(&stdout(&failed)).unwrap();
+    assert_eq!(job["status"], "failed", "{job}");
+    assert_eq!(job["error"]["type"], "ValueError", "{job}");
+    assert!(stderr(&failed).contains("no way"), "{}", stderr(&failed));
+
+    // Workflows: registered from a file, again unchanged, listed, shown, run by name.
+    let definition = directory.join("twice.json");
+    std::fs::write(
+        &definition,
+        json!({"name": "twice", "steps": [{"id": "a", "dataflow": ". * 2"}]}).to_string(),
+    )
+    .unwrap();
+    let path = definition.to_str().unwrap();
+    let registered = taskfleet(&fleet, &["workflows", "register", path]);
+    assert_eq!(
+        stdout(&registered).trim(),
+        "registered workflow twice version 1",
+        "{}",
+        stderr(&registered)
+    );
+    let again = json_of(&fleet, &["workflows", "register", path]);
+    assert_eq!(
+        again,
+        json!({"name": "twice", "version": 1, "created": false})
+    );
+    let renamed = json_of(&fleet, &["workflows", "register", path, "--name", "other"]);
+    assert!(renamed.is_object(), "{renamed}");
+    let listed = taskfleet(&fleet, &["workflows"]);
+    assert!(stdout(&listed).contains("twice"), "{}", stdout(&listed));
+    let shown = taskfleet(&fleet, &["workflows", "show", "twice"]);
+    let shown: Value = serde_json::from_str(&stdout(&shown)).unwrap();
+    assert_eq!(shown["steps"][0]["dataflow"], ". * 2", "{shown}");
+    let run = taskfleet(&fleet, &["submit", "twice", "--input", "4", "--wait"]);
+    assert_eq!(stdout(&run).trim(), "8", "{}", stderr(&run));
+    let status = taskfleet(
+        &fleet,
+        &["status", "--output", "text", &{
+            let runs = json_of(&fleet, &["runs", "--workflow", "twice"]);
+            runs["runs"][0]["id"].as_str().unwrap().to_owned()
+        }],
+    );
+    assert!(
+        stdout(&status).contains("workflow   twice (version 1)"),
+        "{}",
+        stdout(&status)
+    );
+    let unnamed = directory.join("unnamed.json");
+    std::fs::write(&unnamed, r#"{"steps": []}"#).unwrap();
+    let refused = taskfleet(
+        &fleet,
+        &["workflows", "register", unnamed.to_str().unwrap()],
+    );
+    assert!(!refused.status.success());
+    assert!(stderr(&refused).contains("--name"), "{}", stderr(&refused));
+
+    // Output chosen by the environment; an empty variable reads as unset.
+    let from_env = Command::new(taskfleet_tests::bin_dir().join("taskfleet"))
+        .args(["workers"])
+        .env("TASKFLEET_API_URL", &fleet.api)
+        .env("TASKFLEET_OUTPUT", "json")
+        .output()
+        .unwrap();
+    let workers: Value = serde_json::from_str(&stdout(&from_env)).unwrap();
+    assert_eq!(workers["workers"].as_array().unwrap().len(), 1, "{workers}");
+    let empty = Command::new(taskfleet_tests::bin_dir().join("taskfleet"))
+        .args(["queues"])
+        .env("TASKFLEET_API_URL", &fleet.api)
+        .env("TASKFLEET_OUTPUT", "")
+        .output()
+        .unwrap();
+    assert!(stdout(&empty).starts_with("QUEUE"), "{}", stderr(&empty));
+
+    // Completions for bash parse as bash and know the commands.
+    let completions = taskfleet(&fleet, &["completions", "bash"]);
+    let script = stdout(&completions);
+    assert!(
+        script.contains("enqueue") && script.contains("register"),
+        "{script}"
+    );
+    let checked = Command::new("bash")
+        .args(["-n", "-c", &script])
+        .output()
+        .unwrap();
+    assert!(checked.status.success(), "{}", stderr(&checked));
     let _ = std::fs::remove_dir_all(&directory);
 }

@@ -88,6 +88,17 @@ async fn every_bad_input_gets_its_status_and_names_the_problem() {
     )
     .await;
     check(&fleet, "GET", "/v1/runs?limit=abc", None, 400, &["limit"]).await;
+    check(&fleet, "GET", "/v1/tasks?limit=0", None, 400, &["limit"]).await;
+    check(&fleet, "GET", "/v1/tasks?status=done", None, 400, &["done"]).await;
+    check(
+        &fleet,
+        "GET",
+        "/v1/tasks?workflow=w",
+        None,
+        400,
+        &["workflow"],
+    )
+    .await;
     check(
         &fleet,
         "GET",

@@ -64,7 +64,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/runs:batch", post(runs::create_batch))
         .route("/v1/runs/{id}", get(runs::show))
         .route("/v1/runs/{id}/cancel", post(runs::cancel))
-        .route("/v1/tasks", post(runs::create_job))
+        .route("/v1/tasks", post(runs::create_job).get(runs::list_jobs))
         .route("/v1/tasks/{id}", get(runs::show_job))
         .route("/v1/tasks/{id}/cancel", post(runs::cancel_job))
         .route("/v1/stats", get(stats))

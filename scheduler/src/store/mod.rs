@@ -41,8 +41,8 @@ pub use completions::{
 };
 pub use outbox::{UndispatchedTask, claim_due, claim_undispatched, mark_dispatched};
 pub use runs::{
-    Cancellation, NewRun, NewTask, RunFilter, cancel_run, get_run, get_tasks, insert_runs,
-    insert_tasks, list_runs, runs_by_idempotency_key,
+    Cancellation, NewRun, NewTask, RunFilter, RunSummaryRow, cancel_run, get_run, get_tasks,
+    insert_runs, insert_tasks, list_runs, runs_by_idempotency_key,
 };
 pub use stats::{queues_with_queued_tasks, stats};
 pub use workflows::{WorkflowRow, get_workflow, list_workflows, put_workflow};

@@ -3,6 +3,7 @@
 //! runs and their steps, and cancellation. What a completion writes is in `completions`; the
 //! statements of a run being advanced are in `advance`.
 
+use chrono::{DateTime, Utc};
 use serde_json::Value;
 use sqlx::postgres::PgArguments;
 use sqlx::types::Json;
@@ -301,12 +302,14 @@ pub async fn get_tasks(db: &PgPool, run_id: Uuid) -> Result<Vec<TaskRow>, StoreE
     .await?)
 }
 
-/// Filters of the run listing.
-#[derive(Debug, Default)]
+/// Filters of the run and job listings.
+#[derive(Debug)]
 pub struct RunFilter {
+    /// Workflow runs or jobs.
+    pub kind: RunKind,
     /// Only runs in this status.
     pub status: Option<RunStatus>,
-    /// Only runs of this registered workflow.
+    /// Only runs of this workflow.
     pub workflow: Option<String>,
     /// Only runs older than this one (the cursor).
     pub before: Option<Uuid>,
@@ -314,28 +317,59 @@ pub struct RunFilter {
     pub limit: i64,
 }
 
-/// Lists workflow runs, newest first.
+/// A run or job as listings show it: no input, output or definition, which may be large.
+#[derive(Debug, sqlx::FromRow)]
+pub struct RunSummaryRow {
+    /// Its id.
+    pub id: Uuid,
+    /// The workflow it runs, if it has a name.
+    pub workflow: Option<String>,
+    /// The registered workflow's version.
+    pub workflow_version: Option<i32>,
+    /// Its status.
+    #[sqlx(try_from = "String")]
+    pub status: RunStatus,
+    /// A job's step id.
+    pub step: Option<String>,
+    /// A job's queue, when its step names one.
+    pub queue: Option<String>,
+    /// A job's executor: `python`, `python_code` or `dataflow`.
+    pub executor: Option<String>,
+    /// When it was accepted.
+    pub created_at: DateTime<Utc>,
+    /// When it finished.
+    pub finished_at: Option<DateTime<Utc>>,
+}
+
+/// Lists workflow runs or jobs, newest first.
 pub async fn list_runs(
     db: &PgPool,
     namespace: &str,
     filter: &RunFilter,
-) -> Result<Vec<RunRow>, StoreError> {
-    let sql = format!(
-        "SELECT {RUN_COLUMNS} FROM runs
-         WHERE namespace = $5 AND kind = 'workflow'
+) -> Result<Vec<RunSummaryRow>, StoreError> {
+    Ok(sqlx::query_as(
+        "SELECT id, workflow, workflow_version, status, created_at, finished_at,
+                CASE WHEN kind = 'job' THEN definition->'steps'->0->>'id' END AS step,
+                CASE WHEN kind = 'job' THEN definition->'steps'->0->>'queue' END AS queue,
+                CASE WHEN kind = 'job' THEN
+                    (SELECT key FROM jsonb_object_keys(definition->'steps'->0) AS key
+                     WHERE key IN ('python', 'python_code', 'dataflow') LIMIT 1)
+                END AS executor
+         FROM runs
+         WHERE namespace = $5 AND kind = $6
            AND ($1::text IS NULL OR status = $1)
            AND ($2::text IS NULL OR workflow = $2)
            AND ($3::uuid IS NULL OR id < $3)
-         ORDER BY id DESC LIMIT $4"
-    );
-    Ok(sqlx::query_as(sqlx::AssertSqlSafe(sql))
-        .bind(filter.status.map(RunStatus::as_str))
-        .bind(&filter.workflow)
-        .bind(filter.before)
-        .bind(filter.limit)
-        .bind(namespace)
-        .fetch_all(db)
-        .await?)
+         ORDER BY id DESC LIMIT $4",
+    )
+    .bind(filter.status.map(RunStatus::as_str))
+    .bind(&filter.workflow)
+    .bind(filter.before)
+    .bind(filter.limit)
+    .bind(namespace)
+    .bind(filter.kind.as_str())
+    .fetch_all(db)
+    .await?)
 }
 
 /// What became of a cancellation.

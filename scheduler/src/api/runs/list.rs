@@ -1,15 +1,21 @@
-//! `GET /v1/runs`: workflow runs, newest first, with cursor pagination.
+//! `GET /v1/runs` and `GET /v1/tasks`: workflow runs and jobs, newest first, with cursor
+//! pagination.
 
 use axum::Json;
 use axum::extract::State;
 use serde::Deserialize;
 use serde_json::{Value, json};
-use taskfleet_common::RunStatus;
 use taskfleet_common::names::is_valid_name;
+use taskfleet_common::{RunKind, RunStatus};
 use uuid::Uuid;
 
 use crate::api::{ApiError, AppState, QueryParams};
-use crate::store::{self, RunFilter};
+use crate::store::{self, RunFilter, RunSummaryRow};
+
+/// The most runs or jobs one page lists unless asked.
+const DEFAULT_LIMIT: i64 = 50;
+/// The most runs or jobs one page may list.
+const MAX_LIMIT: i64 = 1000;
 
 /// The query of `GET /v1/runs`.
 #[derive(Debug, Deserialize)]
@@ -21,19 +27,20 @@ pub struct ListQuery {
     cursor: Option<String>,
 }
 
+/// The query of `GET /v1/tasks`: that of runs, without a workflow.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JobListQuery {
+    status: Option<String>,
+    limit: Option<i64>,
+    cursor: Option<String>,
+}
+
 /// `GET /v1/runs`: workflow runs, newest first, with cursor pagination.
 pub async fn list(
     State(state): State<AppState>,
     QueryParams(query): QueryParams<ListQuery>,
 ) -> Result<Json<Value>, ApiError> {
-    let status = match &query.status {
-        None => None,
-        Some(status) => Some(RunStatus::parse(status).ok_or_else(|| {
-            ApiError::bad_request(format!(
-                "status {status:?} is not one of pending, running, succeeded, failed, cancelled"
-            ))
-        })?),
-    };
     if let Some(workflow) = &query.workflow
         && !is_valid_name(workflow)
     {
@@ -41,32 +48,15 @@ pub async fn list(
             "workflow {workflow:?} is not a valid workflow name"
         )));
     }
-    let limit = query.limit.unwrap_or(50);
-    if !(1..=1000).contains(&limit) {
-        return Err(ApiError::bad_request("limit must be between 1 and 1000"));
-    }
-    let before = match &query.cursor {
-        Some(cursor) => Some(
-            cursor
-                .parse::<Uuid>()
-                .map_err(|_| ApiError::bad_request(format!("cursor {cursor:?} is not valid")))?,
-        ),
-        None => None,
-    };
-    let rows = store::list_runs(
-        &state.db,
-        state.config.namespace.as_str(),
-        &RunFilter {
-            status,
-            workflow: query.workflow,
-            before,
-            limit,
-        },
-    )
-    .await?;
-    let next_cursor = (rows.len() as i64 == limit)
-        .then(|| rows.last().map(|row| row.id))
-        .flatten();
+    let filter = filter(
+        RunKind::Workflow,
+        query.status.as_deref(),
+        query.workflow,
+        query.limit,
+        query.cursor.as_deref(),
+    )?;
+    let rows = store::list_runs(&state.db, state.config.namespace.as_str(), &filter).await?;
+    let next_cursor = next_cursor(&rows, filter.limit);
     let runs: Vec<Value> = rows
         .into_iter()
         .map(|row| {
@@ -81,4 +71,81 @@ pub async fn list(
         })
         .collect();
     Ok(Json(json!({"runs": runs, "next_cursor": next_cursor})))
+}
+
+/// `GET /v1/tasks`: jobs, newest first, with cursor pagination.
+pub async fn list_jobs(
+    State(state): State<AppState>,
+    QueryParams(query): QueryParams<JobListQuery>,
+) -> Result<Json<Value>, ApiError> {
+    let filter = filter(
+        RunKind::Job,
+        query.status.as_deref(),
+        None,
+        query.limit,
+        query.cursor.as_deref(),
+    )?;
+    let rows = store::list_runs(&state.db, state.config.namespace.as_str(), &filter).await?;
+    let next_cursor = next_cursor(&rows, filter.limit);
+    let jobs: Vec<Value> = rows
+        .into_iter()
+        .map(|row| {
+            json!({
+                "id": row.id,
+                "step": row.step,
+                "executor": row.executor,
+                "queue": row.queue.as_deref().unwrap_or(taskfleet_common::names::DEFAULT_QUEUE),
+                "status": row.status,
+                "created_at": row.created_at,
+                "finished_at": row.finished_at,
+            })
+        })
+        .collect();
+    Ok(Json(json!({"jobs": jobs, "next_cursor": next_cursor})))
+}
+
+/// Returns the listing's filter from the query's fields, or the 400 naming the bad one.
+fn filter(
+    kind: RunKind,
+    status: Option<&str>,
+    workflow: Option<String>,
+    limit: Option<i64>,
+    cursor: Option<&str>,
+) -> Result<RunFilter, ApiError> {
+    let status = match status {
+        None => None,
+        Some(status) => Some(RunStatus::parse(status).ok_or_else(|| {
+            ApiError::bad_request(format!(
+                "status {status:?} is not one of pending, running, succeeded, failed, cancelled"
+            ))
+        })?),
+    };
+    let limit = limit.unwrap_or(DEFAULT_LIMIT);
+    if !(1..=MAX_LIMIT).contains(&limit) {
+        return Err(ApiError::bad_request(format!(
+            "limit must be between 1 and {MAX_LIMIT}"
+        )));
+    }
+    let before = match cursor {
+        Some(cursor) => Some(
+            cursor
+                .parse::<Uuid>()
+                .map_err(|_| ApiError::bad_request(format!("cursor {cursor:?} is not valid")))?,
+        ),
+        None => None,
+    };
+    Ok(RunFilter {
+        kind,
+        status,
+        workflow,
+        before,
+        limit,
+    })
+}
+
+/// Returns the cursor of the next page: the last id of a full page.
+fn next_cursor(rows: &[RunSummaryRow], limit: i64) -> Option<Uuid> {
+    (i64::try_from(rows.len()).ok() == Some(limit))
+        .then(|| rows.last().map(|row| row.id))
+        .flatten()
 }

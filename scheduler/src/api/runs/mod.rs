@@ -21,7 +21,7 @@ use super::{ApiError, AppState};
 use crate::store;
 
 pub use cancel::{cancel, cancel_job};
-pub use list::list;
+pub use list::{list, list_jobs};
 pub use show::{show, show_job};
 pub use submit::{create, create_batch, create_job};
 
