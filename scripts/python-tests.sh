@@ -2,9 +2,10 @@
 # The Python package's tests against a fleet of their own: starts one scheduler and one worker
 # from the debug binaries (build them first: cargo build --workspace --bins) with their own
 # database, namespace and port, waits until the API is ready and the worker has reported in,
-# runs pytest on python/tests with TASKFLEET_API_URL pointing at the fleet, then stops the
-# fleet and removes its database, queues and Redis keys. Needs PostgreSQL, Redis and RabbitMQ
-# running (scripts/services.sh). Arguments go to pytest: scripts/python-tests.sh -k cancel
+# runs pytest on python/tests with TASKFLEET_API_URL pointing at the fleet, then the examples of
+# python/README.md with the package installed into a fresh virtualenv, then stops the fleet and
+# removes its database, queues and Redis keys. Needs PostgreSQL, Redis and RabbitMQ running
+# (scripts/services.sh). Arguments go to pytest: scripts/python-tests.sh -k cancel
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -51,10 +52,12 @@ show_logs() {
 # shellcheck source=scripts/fleet-lib.sh
 source scripts/fleet-lib.sh
 pids=()
+readme_dir=""
 stop_fleet() {
   local status=$?
   stop_processes ${pids[@]+"${pids[@]}"}
   remove_fleet_state "$TASKFLEET_NAMESPACE" "$database"
+  if [ -n "$readme_dir" ]; then rm -rf "$readme_dir"; fi
   exit "$status"
 }
 trap stop_fleet EXIT
@@ -101,3 +104,35 @@ if [ "$pytest_status" != 0 ]; then
   show_logs
   exit "$pytest_status"
 fi
+
+# The README's examples as its readers run them: the package installed (not editable) into a
+# brand-new virtualenv, and run from an empty directory, so that nothing is imported from the
+# repository; the step module the README shows is written there. TASKFLEET_API_URL (exported
+# above) points them at this fleet.
+echo "== python/README.md examples from a fresh virtualenv"
+readme_started=$SECONDS
+repo=$PWD
+readme_dir=$(mktemp -d)
+readme_python="$readme_dir/venv/bin/python"
+python3 -m venv "$readme_dir/venv"
+"$readme_python" -m pip install --quiet --disable-pip-version-check ./python
+(cd "$readme_dir" && env -u PYTHONPATH "$readme_python" - <<'PY')
+import pathlib, sys, sysconfig
+import taskfleet
+package = pathlib.Path(taskfleet.__file__).resolve().parent
+site_packages = pathlib.Path(sysconfig.get_paths()["purelib"]).resolve()
+if package.parent != site_packages:
+    sys.exit(f"import taskfleet found {package}, not the package installed in {site_packages}")
+if not (package / "py.typed").is_file():
+    sys.exit(f"the installed package {package} has no py.typed")
+print(f"taskfleet {taskfleet.__version__} installed in {site_packages}, with py.typed")
+PY
+readme_status=0
+(cd "$readme_dir" && env -u PYTHONPATH "$readme_python" \
+  "$repo/python/tests/readme_examples.py" "$repo/python/README.md") || readme_status=$?
+if [ "$readme_status" != 0 ]; then
+  echo "python/README.md's examples failed (exit status $readme_status); the fleet's logs follow" >&2
+  show_logs
+  exit "$readme_status"
+fi
+echo "== python/README.md examples passed ($((SECONDS - readme_started)) s)"
