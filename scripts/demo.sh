@@ -44,6 +44,9 @@ trap stop EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
 
+# The API needs a key: an admin key of the tenant "demo", for this run only.
+TASKFLEET_API_KEY=$(create_api_key "$bin/taskfleet-scheduler" demo admin)
+export TASKFLEET_API_KEY
 "$bin/taskfleet-scheduler" >"$logs/scheduler.log" 2>&1 &
 pids+=($!)
 for n in 1 2; do
@@ -59,8 +62,6 @@ curl -fsS "$TASKFLEET_API_URL/readyz" >/dev/null || { echo "the scheduler did no
 echo "== fleet up: scheduler on $TASKFLEET_API_URL, 2 workers, namespace $TASKFLEET_NAMESPACE"
 
 echo "== registering the workflow examples/orders.json"
-curl -fsS -X PUT "$TASKFLEET_API_URL/v1/workflows/orders" \
-  -H 'content-type: application/json' --data-binary @examples/orders.json
-echo
+"$bin/taskfleet" workflows register examples/orders.json
 echo "== running it on examples/orders-input.json"
 "$bin/taskfleet" submit orders --input-file examples/orders-input.json --wait

@@ -1,6 +1,15 @@
 # Shared by the scripts that start fleets of their own (demo.sh, python-tests.sh): stopping their
 # processes, and removing what a fleet left in PostgreSQL, RabbitMQ and Redis. Sourced, not run.
 
+# create_api_key SCHEDULER_BINARY TENANT SCOPES: makes an API key in the database that
+# TASKFLEET_DATABASE_URL and TASKFLEET_NAMESPACE name (creating the database if it is new) and
+# prints it. The secret exists only in what the caller does with it.
+create_api_key() {
+  local output
+  output=$("$1" create-key --tenant "$2" --scopes "$3" --description "made by ${0##*/}") || return 1
+  tail -n 1 <<<"$output"
+}
+
 # stop_processes PID...: SIGTERM, up to 10 s for them to leave (a worker's grace period is
 # longer, but these fleets set a short one or run nothing long), then SIGKILL.
 stop_processes() {

@@ -62,6 +62,7 @@ export TASKFLEET_DATABASE_URL=postgres://postgres@127.0.0.1:5432/taskfleet_fleet
 export TASKFLEET_HTTP_ADDR=127.0.0.1:$port
 export TASKFLEET_API_URL=http://127.0.0.1:$port
 EOF
+    chmod 600 "$state/env"
   fi
   # shellcheck source=/dev/null
   source "$state/env"
@@ -79,6 +80,13 @@ EOF
     echo "$name $(cat "$logs/$name.pid")" >>"$state/pids"
     rm -f "$logs/$name.pid"
   }
+  if [ -z "${TASKFLEET_API_KEY:-}" ]; then
+    # An admin key of the tenant "fleet", kept with the fleet's settings (readable by this
+    # user only) so that `up` after `down` uses it again.
+    TASKFLEET_API_KEY=$(create_api_key "$bin/taskfleet-scheduler" fleet admin) \
+      || die "could not make an API key"
+    (umask 077 && echo "export TASKFLEET_API_KEY=$TASKFLEET_API_KEY" >>"$state/env")
+  fi
   start scheduler "$bin/taskfleet-scheduler"
   for n in $(seq 1 "$workers"); do
     start "worker-$n" "$bin/taskfleet-worker" --python-path examples/steps
@@ -96,6 +104,7 @@ EOF
   echo "  export TASKFLEET_API_URL=$TASKFLEET_API_URL"
   echo "  export TASKFLEET_NAMESPACE=$TASKFLEET_NAMESPACE"
   echo "  export TASKFLEET_DATABASE_URL=$TASKFLEET_DATABASE_URL"
+  echo "  export TASKFLEET_API_KEY=$TASKFLEET_API_KEY   # an admin key of the tenant \"fleet\""
 }
 
 status() {

@@ -64,6 +64,10 @@ trap stop_fleet EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
 
+# The API needs a key: an admin key of its own tenant, which the client reads from the
+# environment as its users' programs do.
+TASKFLEET_API_KEY=$(create_api_key "$bin/taskfleet-scheduler" pytest admin)
+export TASKFLEET_API_KEY
 NO_COLOR=1 "$bin/taskfleet-scheduler" >"$scheduler_log" 2>&1 &
 pids+=($!)
 NO_COLOR=1 "$bin/taskfleet-worker" >"$worker_log" 2>&1 &
@@ -72,10 +76,13 @@ pids+=($!)
 # Ready: the scheduler answers /readyz with 200 and the worker's heartbeat is listed.
 ready() {
   python3 - "$TASKFLEET_API_URL" <<'PY' 2>/dev/null
-import json, sys, urllib.request
+import json, os, sys, urllib.request
 base = sys.argv[1]
 urllib.request.urlopen(base + "/readyz", timeout=2)
-workers = json.load(urllib.request.urlopen(base + "/v1/workers", timeout=2))
+request = urllib.request.Request(
+    base + "/v1/workers", headers={"Authorization": "Bearer " + os.environ["TASKFLEET_API_KEY"]}
+)
+workers = json.load(urllib.request.urlopen(request, timeout=2))
 sys.exit(0 if workers.get("workers") else 1)
 PY
 }

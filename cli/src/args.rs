@@ -20,6 +20,9 @@ pub struct Cli {
         default_value = "http://127.0.0.1:8080"
     )]
     pub api_url: String,
+    /// The API key sent with every request (`Authorization: Bearer`)
+    #[arg(long, global = true, value_name = "KEY", env = "TASKFLEET_API_KEY")]
+    pub api_key: Option<String>,
     /// How results are printed: text for people, json for scripts (one JSON document on stdout)
     #[arg(
         long,
@@ -80,10 +83,87 @@ pub enum Command {
     Queues,
     /// Prints the counts of runs and tasks by status
     Stats,
+    /// Makes, lists and revokes API keys (an admin key's work)
+    Keys(KeysArgs),
+    /// Lists and sets tenants' quotas (an admin key's work)
+    Tenants(TenantsArgs),
+    /// Lists what keys did: keys made and revoked, cancellations, quota changes (admin)
+    Audit(AuditArgs),
     /// Prints a shell completion script (bash, zsh, fish, elvish, powershell)
     ///
     /// For example: taskfleet completions bash > /etc/bash_completion.d/taskfleet
     Completions(CompletionsArgs),
+}
+
+/// The arguments of `taskfleet tenants`.
+#[derive(Debug, Args)]
+pub struct TenantsArgs {
+    /// What to do with tenants.
+    #[command(subcommand)]
+    pub command: TenantsCommand,
+}
+
+/// The subcommands of `taskfleet tenants`.
+#[derive(Debug, Subcommand)]
+pub enum TenantsCommand {
+    /// Lists the tenants that have quotas
+    List,
+    /// Sets a tenant's quotas; a quota not given is no limit
+    Set(SetQuotaArgs),
+}
+
+/// The arguments of `taskfleet tenants set`.
+#[derive(Debug, Args)]
+pub struct SetQuotaArgs {
+    /// The tenant
+    #[arg(value_name = "TENANT")]
+    pub tenant: String,
+    /// The most runs and jobs it may submit per second, across the fleet
+    #[arg(long, value_name = "N")]
+    pub submissions_per_s: Option<u32>,
+    /// The most of its runs and jobs unfinished at once
+    #[arg(long, value_name = "N")]
+    pub runs_in_flight: Option<u32>,
+}
+
+/// The arguments of `taskfleet audit`.
+#[derive(Debug, Args)]
+pub struct AuditArgs {
+    /// The most events listed [default: 100]
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub limit: Option<u32>,
+    /// Where to go on from: the `next_cursor` of a previous listing
+    #[arg(long, value_name = "CURSOR")]
+    pub cursor: Option<String>,
+}
+
+/// The arguments of `taskfleet keys`.
+#[derive(Debug, Args)]
+pub struct KeysArgs {
+    /// What to do with keys.
+    #[command(subcommand)]
+    pub command: KeysCommand,
+}
+
+/// The subcommands of `taskfleet keys`.
+#[derive(Debug, Subcommand)]
+pub enum KeysCommand {
+    /// Makes a key and prints it (as text, on the last line); it is shown only now
+    Create(CreateKeyArgs),
+    /// Lists the keys, without their secrets
+    List,
+    /// Revokes a key: every scheduler refuses it within a second
+    Revoke(RevokeKeyArgs),
+}
+
+pub use taskfleet_common::settings::NewKeyArgs as CreateKeyArgs;
+
+/// The arguments of `taskfleet keys revoke`.
+#[derive(Debug, Args)]
+pub struct RevokeKeyArgs {
+    /// The key's id (from `taskfleet keys list`), not its secret
+    #[arg(value_name = "KEY_ID")]
+    pub id: String,
 }
 
 /// The arguments of `taskfleet completions`.

@@ -29,6 +29,8 @@ pub enum ApiError {
     },
     /// The HTTP client could not be set up.
     Setup(reqwest::Error),
+    /// The API key cannot be sent in a header.
+    BadKey,
     /// The request got no answer: connection refused, timed out, reset.
     Unreachable {
         /// The request's method and URL, such as `GET http://127.0.0.1:8080/v1/runs/…`.
@@ -63,6 +65,9 @@ impl fmt::Display for ApiError {
         match self {
             Self::BadUrl { url, reason } => write!(formatter, "API URL {url:?} {reason}"),
             Self::Setup(error) => write!(formatter, "setting up the HTTP client: {error}"),
+            Self::BadKey => formatter.write_str(
+                "the API key (--api-key or TASKFLEET_API_KEY) holds characters a header cannot carry",
+            ),
             Self::Unreachable { request, source } => write!(
                 formatter,
                 "{request}: cannot reach the scheduler: {}",
@@ -95,6 +100,11 @@ impl fmt::Display for ApiError {
 impl std::error::Error for ApiError {}
 
 impl ApiError {
+    /// Returns whether the server answered 401 Unauthorized.
+    pub fn is_unauthorized(&self) -> bool {
+        matches!(self, Self::Status { status, .. } if *status == StatusCode::UNAUTHORIZED)
+    }
+
     /// Returns whether the server answered 404 Not Found.
     pub fn is_not_found(&self) -> bool {
         matches!(self, Self::Status { status, .. } if *status == StatusCode::NOT_FOUND)
@@ -183,10 +193,19 @@ pub struct Client {
 }
 
 impl Client {
-    /// Returns a client of the API at `api_url` (a base URL such as `http://127.0.0.1:8080`).
-    pub fn new(api_url: &str) -> Result<Self, ApiError> {
+    /// Returns a client of the API at `api_url` (a base URL such as `http://127.0.0.1:8080`)
+    /// that sends `api_key`, if any, with every request.
+    pub fn new(api_url: &str, api_key: Option<&str>) -> Result<Self, ApiError> {
         let base = parse_base_url(api_url)?;
+        let mut headers = reqwest::header::HeaderMap::new();
+        if let Some(api_key) = api_key {
+            let mut value = reqwest::header::HeaderValue::from_str(&format!("Bearer {api_key}"))
+                .map_err(|_| ApiError::BadKey)?;
+            value.set_sensitive(true);
+            headers.insert(reqwest::header::AUTHORIZATION, value);
+        }
         let http = reqwest::Client::builder()
+            .default_headers(headers)
             .connect_timeout(CONNECT_TIMEOUT)
             .user_agent(concat!("taskfleet-cli/", env!("CARGO_PKG_VERSION")))
             .build()
@@ -251,6 +270,35 @@ impl Client {
             });
         }
         Ok(value)
+    }
+
+    /// Sends `body` with `POST` to the API path made of `segments` and returns the answer.
+    pub async fn post(&self, segments: &[&str], body: &Value) -> Result<Value, ApiError> {
+        let url = self.url(segments);
+        let request = self
+            .http
+            .post(url.clone())
+            .json(body)
+            .timeout(REQUEST_TIMEOUT);
+        self.send(Method::POST, &url, request).await
+    }
+
+    /// Sends `body` with `PUT` to the API path made of `segments` and returns the answer.
+    pub async fn put(&self, segments: &[&str], body: &Value) -> Result<Value, ApiError> {
+        let url = self.url(segments);
+        let request = self
+            .http
+            .put(url.clone())
+            .json(body)
+            .timeout(REQUEST_TIMEOUT);
+        self.send(Method::PUT, &url, request).await
+    }
+
+    /// Sends `DELETE` to the API path made of `segments` and returns the answer.
+    pub async fn delete(&self, segments: &[&str]) -> Result<Value, ApiError> {
+        let url = self.url(segments);
+        let request = self.http.delete(url.clone()).timeout(REQUEST_TIMEOUT);
+        self.send(Method::DELETE, &url, request).await
     }
 
     /// Cancels a run or job with `POST /v1/{runs|tasks}/{id}/cancel`.
@@ -421,7 +469,7 @@ mod tests {
     use super::*;
 
     fn check_url(api_url: &str, kind: Kind, id: &str, expected: &str) {
-        let client = Client::new(api_url).expect("the test URL is valid");
+        let client = Client::new(api_url, None).expect("the test URL is valid");
         assert_eq!(
             client.url(&["v1", kind.collection(), id]).as_str(),
             expected
@@ -455,11 +503,13 @@ mod tests {
 
     #[test]
     fn unusable_api_urls_are_refused() {
-        assert!(Client::new("127.0.0.1:8080").is_err());
-        assert!(Client::new("ftp://h/").is_err());
-        assert!(Client::new("https://h/").is_err());
-        assert!(Client::new("http://h:1/").is_ok());
-        assert!(Client::new("").is_err());
+        assert!(Client::new("127.0.0.1:8080", None).is_err());
+        assert!(Client::new("ftp://h/", None).is_err());
+        assert!(Client::new("https://h/", None).is_err());
+        assert!(Client::new("http://h:1/", None).is_ok());
+        assert!(Client::new("http://h:1/", Some("tfk_ok")).is_ok());
+        assert!(Client::new("http://h:1/", Some("bad\nkey")).is_err());
+        assert!(Client::new("", None).is_err());
     }
 
     #[test]

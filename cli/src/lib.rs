@@ -21,8 +21,9 @@ use std::time::Duration;
 pub use args::{Cli, Command, Output};
 
 use args::{
-    CompletionsArgs, EnqueueArgs, JobsArgs, LogsArgs, RegisterArgs, RunsArgs, ShowWorkflowArgs,
-    StatusArgs, SubmitArgs, WaitArgs, WorkflowsCommand,
+    AuditArgs, CompletionsArgs, CreateKeyArgs, EnqueueArgs, JobsArgs, KeysCommand, LogsArgs,
+    RegisterArgs, RunsArgs, ShowWorkflowArgs, StatusArgs, SubmitArgs, TenantsCommand, WaitArgs,
+    WorkflowsCommand,
 };
 use body::InputError;
 use client::{Accepted, ApiError, Client, Kind};
@@ -48,10 +49,15 @@ pub fn parse() -> Result<Cli, clap::Error> {
 /// failed or cancelled run and for any error, 2 when a wait timed out.
 pub async fn run(cli: Cli) -> ExitCode {
     let printer = Printer { output: cli.output };
-    match dispatch(cli.command, cli.api_url.trim(), printer).await {
+    let api_key = cli.api_key.as_deref().map(str::trim);
+    match dispatch(cli.command, cli.api_url.trim(), api_key, printer).await {
         Ok(exit) => exit.into(),
         Err(error) => {
             eprintln!("taskfleet: error: {error}");
+            if api_key.is_none() && matches!(&error, CliError::Api(api) if api.is_unauthorized())
+            {
+                eprintln!("(no API key was sent: set TASKFLEET_API_KEY or pass --api-key)");
+            }
             ExitCode::FAILURE
         }
     }
@@ -138,11 +144,16 @@ impl Printer {
 }
 
 /// Runs one command with a client of the API at `api_url`.
-async fn dispatch(command: Command, api_url: &str, printer: Printer) -> Result<Exit, CliError> {
+async fn dispatch(
+    command: Command,
+    api_url: &str,
+    api_key: Option<&str>,
+    printer: Printer,
+) -> Result<Exit, CliError> {
     if let Command::Completions(completions_args) = command {
         return completions(&completions_args);
     }
-    let client = Client::new(api_url)?;
+    let client = Client::new(api_url, api_key)?;
     match command {
         Command::Submit(submit_args) => submit(&client, printer, submit_args).await,
         Command::Enqueue(enqueue_args) => enqueue(&client, printer, enqueue_args).await,
@@ -166,8 +177,80 @@ async fn dispatch(command: Command, api_url: &str, printer: Printer) -> Result<E
         Command::Workers => show(&client, printer, &["v1", "workers"], text::workers).await,
         Command::Queues => show(&client, printer, &["v1", "queues"], text::queues).await,
         Command::Stats => show(&client, printer, &["v1", "stats"], text::stats).await,
+        Command::Tenants(tenants_args) => match tenants_args.command {
+            TenantsCommand::List => show(&client, printer, &["v1", "tenants"], text::tenants).await,
+            TenantsCommand::Set(set_args) => {
+                let body = json!({
+                    "submissions_per_s": set_args.submissions_per_s,
+                    "runs_in_flight": set_args.runs_in_flight,
+                });
+                let answer = client
+                    .put(&["v1", "tenants", &set_args.tenant], &body)
+                    .await?;
+                printer.print(&answer, |answer| {
+                    text::tenants(&json!({ "tenants": [answer] }))
+                })?;
+                Ok(Exit::Success)
+            }
+        },
+        Command::Audit(audit_args) => audit(&client, printer, audit_args).await,
+        Command::Keys(keys_args) => match keys_args.command {
+            KeysCommand::Create(create_args) => create_key(&client, printer, create_args).await,
+            KeysCommand::List => show(&client, printer, &["v1", "keys"], text::keys).await,
+            KeysCommand::Revoke(revoke_args) => {
+                let answer = client.delete(&["v1", "keys", &revoke_args.id]).await?;
+                printer.print(&answer, |answer| {
+                    format!(
+                        "key {} revoked",
+                        answer["id"].as_str().unwrap_or(&revoke_args.id)
+                    )
+                })?;
+                Ok(Exit::Success)
+            }
+        },
         Command::Completions(_) => Ok(Exit::Success),
     }
+}
+
+/// `taskfleet audit`: lists what keys did, newest first.
+async fn audit(client: &Client, printer: Printer, audit_args: AuditArgs) -> Result<Exit, CliError> {
+    let answer = client
+        .get_with_query(
+            &["v1", "audit"],
+            &[
+                ("limit", audit_args.limit.map(|limit| limit.to_string())),
+                ("cursor", audit_args.cursor),
+            ],
+        )
+        .await?;
+    print_page(printer, &answer, "audit", text::audit)
+}
+
+/// `taskfleet keys create`: makes a key; as text, its secret is the last line.
+async fn create_key(
+    client: &Client,
+    printer: Printer,
+    create_args: CreateKeyArgs,
+) -> Result<Exit, CliError> {
+    let mut request = json!({"tenant": create_args.tenant, "scopes": create_args.scopes});
+    if let Some(description) = create_args.description {
+        request["description"] = Value::String(description);
+    }
+    let answer = client.post(&["v1", "keys"], &request).await?;
+    printer.print(&answer, |answer| {
+        let scopes: Vec<&str> = answer["scopes"]
+            .as_array()
+            .map(|scopes| scopes.iter().filter_map(Value::as_str).collect())
+            .unwrap_or_default();
+        format!(
+            "API key {} for tenant {} with scopes {} (shown only now):\n{}",
+            answer["id"].as_str().unwrap_or("?"),
+            answer["tenant"].as_str().unwrap_or("?"),
+            scopes.join(","),
+            answer["key"].as_str().unwrap_or("?")
+        )
+    })?;
+    Ok(Exit::Success)
 }
 
 /// `taskfleet completions`: prints the completion script of a shell.

@@ -236,6 +236,91 @@ pub fn queues(answer: &Value) -> String {
     )
 }
 
+/// Returns the answer of `GET /v1/keys` as a table.
+pub fn keys(answer: &Value) -> String {
+    let rows: Vec<Vec<String>> = items(answer, "keys")
+        .iter()
+        .map(|key| {
+            let scopes = key
+                .get("scopes")
+                .and_then(Value::as_array)
+                .map(|scopes| {
+                    scopes
+                        .iter()
+                        .filter_map(Value::as_str)
+                        .collect::<Vec<_>>()
+                        .join(",")
+                })
+                .unwrap_or_default();
+            let state = if key.get("revoked_at").is_some_and(|at| !at.is_null()) {
+                format!("revoked {}", time_cell(key, "revoked_at"))
+            } else {
+                "active".to_owned()
+            };
+            vec![
+                cell(key, "id"),
+                cell(key, "tenant"),
+                scopes,
+                state,
+                time_cell(key, "last_used_at"),
+                cell(key, "description"),
+            ]
+        })
+        .collect();
+    table_or_none(
+        &[
+            "ID",
+            "TENANT",
+            "SCOPES",
+            "STATE",
+            "LAST USED (UTC)",
+            "DESCRIPTION",
+        ],
+        &rows,
+        "no keys",
+    )
+}
+
+/// Returns the answer of `GET /v1/tenants` as a table.
+pub fn tenants(answer: &Value) -> String {
+    let rows: Vec<Vec<String>> = items(answer, "tenants")
+        .iter()
+        .map(|tenant| {
+            vec![
+                cell(tenant, "tenant"),
+                cell(tenant, "submissions_per_s"),
+                cell(tenant, "runs_in_flight"),
+            ]
+        })
+        .collect();
+    table_or_none(
+        &["TENANT", "SUBMISSIONS/S", "RUNS IN FLIGHT"],
+        &rows,
+        "no tenant has quotas",
+    )
+}
+
+/// Returns the answer of `GET /v1/audit` as a table.
+pub fn audit(answer: &Value) -> String {
+    let rows: Vec<Vec<String>> = items(answer, "events")
+        .iter()
+        .map(|event| {
+            vec![
+                time_cell(event, "at"),
+                cell(event, "action"),
+                cell(event, "target"),
+                cell(event, "tenant"),
+                cell(event, "key_id"),
+            ]
+        })
+        .collect();
+    table_or_none(
+        &["AT (UTC)", "ACTION", "TARGET", "TENANT", "KEY"],
+        &rows,
+        "no events",
+    )
+}
+
 /// Returns the answer of `GET /v1/stats`: the namespace, then runs and tasks by status.
 pub fn stats(answer: &Value) -> String {
     let counts = |field: &str| {

@@ -122,6 +122,11 @@ impl Namespace {
     pub fn run_finished_channel(&self) -> String {
         format!("{}:run-finished", self.0)
     }
+
+    /// The Redis counter of a tenant's submissions in one second (Unix time).
+    pub fn submissions_key(&self, tenant: &str, second: u64) -> String {
+        format!("{}:submissions:{tenant}:{second}", self.0)
+    }
 }
 
 impl Default for Namespace {

@@ -15,3 +15,19 @@ pub fn with_environment(command: clap::Command) -> clap::Command {
         if empty { arg.env(None) } else { arg }
     })
 }
+
+/// What a new API key is: the arguments of `taskfleet-scheduler create-key` and of
+/// `taskfleet keys create`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct NewKeyArgs {
+    /// The tenant whose runs, jobs and workflows the key reaches
+    #[arg(long)]
+    pub tenant: String,
+    /// What the key may do, comma-separated: runs:read, runs:write, workflows:write,
+    /// python_code, admin
+    #[arg(long, value_delimiter = ',', required = true)]
+    pub scopes: Vec<String>,
+    /// What the key is for
+    #[arg(long)]
+    pub description: Option<String>,
+}

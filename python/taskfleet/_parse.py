@@ -15,6 +15,8 @@ from typing import Any, Callable, Dict, List, Optional, TypeVar
 
 from taskfleet.models import (
     Items,
+    JobPage,
+    JobSummary,
     Queue,
     Run,
     RunPage,
@@ -232,6 +234,27 @@ def _run_page(value: Any) -> RunPage:
     fields = _Fields(value, "answer")
     return RunPage(
         runs=fields.each("runs", _run_summary), next_cursor=fields.opt_text("next_cursor")
+    )
+
+
+def _job_summary(value: Any, where: str) -> JobSummary:
+    fields = _Fields(value, where)
+    return JobSummary(
+        id=fields.text("id"),
+        status=fields.text("status"),
+        step=fields.text("step"),
+        executor=fields.text("executor"),
+        queue=fields.text("queue"),
+        created_at=fields.timestamp("created_at"),
+        finished_at=fields.opt_timestamp("finished_at"),
+        raw=fields.value,
+    )
+
+
+def _job_page(value: Any) -> JobPage:
+    fields = _Fields(value, "answer")
+    return JobPage(
+        jobs=fields.each("jobs", _job_summary), next_cursor=fields.opt_text("next_cursor")
     )
 
 

@@ -49,6 +49,7 @@ from typing import (
     Mapping,
     Optional,
     Sequence,
+    Tuple,
     TypeVar,
     Union,
 )
@@ -56,6 +57,7 @@ from typing import (
 from taskfleet._parse import (
     _Fields,
     _ids,
+    _job_page,
     _queue,
     _run,
     _run_page,
@@ -69,12 +71,14 @@ from taskfleet._parse import (
 from taskfleet.errors import (
     ApiError,
     Conflict,
+    Forbidden,
     InvalidRequest,
     NotFound,
     RunCancelled,
     RunFailed,
     SchedulerUnreachable,
     TaskfleetError,
+    Unauthorized,
     Unavailable,
     UnexpectedResponse,
     WaitTimeout,
@@ -83,6 +87,8 @@ from taskfleet.errors import (
 from taskfleet.models import (
     FINISHED_STATUSES,
     Items,
+    JobPage,
+    JobSummary,
     Queue,
     Run,
     RunPage,
@@ -98,14 +104,18 @@ from taskfleet.models import (
 )
 
 __all__ = [
+    "API_KEY_ENV",
     "API_URL_ENV",
     "DEFAULT_API_URL",
     "FINISHED_STATUSES",
     "ApiError",
     "Client",
     "Conflict",
+    "Forbidden",
     "InvalidRequest",
     "Items",
+    "JobPage",
+    "JobSummary",
     "NotFound",
     "Queue",
     "Run",
@@ -119,6 +129,7 @@ __all__ = [
     "StepError",
     "Submitted",
     "TaskfleetError",
+    "Unauthorized",
     "Unavailable",
     "UnexpectedResponse",
     "WaitTimeout",
@@ -130,6 +141,8 @@ __all__ = [
 
 #: The environment variable naming the API's base URL.
 API_URL_ENV = "TASKFLEET_API_URL"
+#: The environment variable holding the API key sent with every request.
+API_KEY_ENV = "TASKFLEET_API_KEY"
 #: The base URL used when neither an argument nor ``TASKFLEET_API_URL`` gives one.
 DEFAULT_API_URL = "http://127.0.0.1:8080"
 
@@ -204,15 +217,23 @@ class Client:
             ``TASKFLEET_API_URL`` environment variable, else ``http://127.0.0.1:8080``.
         timeout: The longest, in seconds, one request may take, beyond any long-poll wait it
             asks for.
+        api_key: The API key sent with every request (``Authorization: Bearer``). Default:
+            the ``TASKFLEET_API_KEY`` environment variable, else none.
 
     Raises:
-        ValueError: The base URL is not an ``http://`` or ``https://`` URL, or the timeout is
-            not a positive number.
+        ValueError: The base URL is not an ``http://`` or ``https://`` URL, the timeout is
+            not a positive number, or the API key holds characters a header cannot carry.
 
     A client keeps no connection open between requests and may be shared between threads.
     """
 
-    def __init__(self, base_url: Optional[str] = None, timeout: float = 30.0) -> None:
+    def __init__(
+        self,
+        base_url: Optional[str] = None,
+        timeout: float = 30.0,
+        *,
+        api_key: Optional[str] = None,
+    ) -> None:
         source = "base_url"
         if base_url is None:
             from_env = os.environ.get(API_URL_ENV)
@@ -234,6 +255,15 @@ class Client:
             (parts.scheme, parts.netloc, parts.path.rstrip("/"), "", "")
         )
         self.timeout = float(timeout)
+        if api_key is None:
+            api_key = os.environ.get(API_KEY_ENV) or None
+        if api_key is not None:
+            api_key = api_key.strip()
+            if not api_key or not api_key.isascii() or not api_key.isprintable():
+                raise ValueError(
+                    "api_key (or TASKFLEET_API_KEY) must be printable ASCII, as the API's keys are"
+                )
+        self._authorization = None if api_key is None else f"Bearer {api_key}"
         self._opener = urllib.request.build_opener()
 
     @property
@@ -345,18 +375,13 @@ class Client:
             workflow: Only runs of this registered workflow.
             limit: The most runs on the page, 1 to 1000 (the API's default is 50).
             cursor: The ``next_cursor`` of the previous page.
+
+        Raises:
+            InvalidRequest: A status, limit or cursor the API does not take.
         """
-        query: Dict[str, str] = {}
-        if status is not None:
-            query["status"] = status
-        if workflow is not None:
-            query["workflow"] = workflow
-        if limit is not None:
-            query["limit"] = str(limit)
-        if cursor is not None:
-            query["cursor"] = cursor
-        answer = self._call("GET", "/v1/runs", query=query)
-        return self._read(answer, "GET", "/v1/runs", _run_page)
+        return self._list(
+            "/v1/runs", _run_page, status=status, workflow=workflow, limit=limit, cursor=cursor
+        )
 
     def iter_runs(
         self,
@@ -366,13 +391,12 @@ class Client:
         page_size: Optional[int] = None,
     ) -> Iterator[RunSummary]:
         """Yields every matching run, newest first, fetching pages of ``page_size`` as needed."""
-        cursor: Optional[str] = None
-        while True:
-            page = self.list_runs(status=status, workflow=workflow, limit=page_size, cursor=cursor)
-            yield from page.runs
-            if page.next_cursor is None:
-                return
-            cursor = page.next_cursor
+
+        def page(cursor: Optional[str]) -> Tuple[List[RunSummary], Optional[str]]:
+            found = self.list_runs(status=status, workflow=workflow, limit=page_size, cursor=cursor)
+            return found.runs, found.next_cursor
+
+        return _every_page(page)
 
     # Jobs
 
@@ -425,6 +449,36 @@ class Client:
     def cancel_job(self, job_id: str) -> None:
         """Cancels the job with ``POST /v1/tasks/{id}/cancel``, as :meth:`cancel` does a run."""
         self._call("POST", f"/v1/tasks/{_segment(job_id)}/cancel")
+
+    def list_jobs(
+        self,
+        *,
+        status: Optional[str] = None,
+        limit: Optional[int] = None,
+        cursor: Optional[str] = None,
+    ) -> JobPage:
+        """Returns one page of jobs, newest first, with ``GET /v1/tasks``.
+
+        Args:
+            status: Only jobs with this status.
+            limit: The most jobs on the page, 1 to 1000 (the API's default is 50).
+            cursor: The ``next_cursor`` of the previous page.
+
+        Raises:
+            InvalidRequest: A status, limit or cursor the API does not take.
+        """
+        return self._list("/v1/tasks", _job_page, status=status, limit=limit, cursor=cursor)
+
+    def iter_jobs(
+        self, *, status: Optional[str] = None, page_size: Optional[int] = None
+    ) -> Iterator[JobSummary]:
+        """Yields every matching job, newest first, fetching pages of ``page_size`` as needed."""
+
+        def page(cursor: Optional[str]) -> Tuple[List[JobSummary], Optional[str]]:
+            found = self.list_jobs(status=status, limit=page_size, cursor=cursor)
+            return found.jobs, found.next_cursor
+
+        return _every_page(page)
 
     # Workflows
 
@@ -503,6 +557,13 @@ class Client:
 
     # Plumbing
 
+    def _list(self, path: str, parse: Callable[[Any], _T], **params: Union[str, int, None]) -> _T:
+        """Returns one page of a listing: ``GET path`` with the parameters that are not
+        ``None``, its answer parsed."""
+        query = {name: str(value) for name, value in params.items() if value is not None}
+        answer = self._call("GET", path, query=query)
+        return self._read(answer, "GET", path, parse)
+
     def _show(self, collection: str, kind: str, run_id: str, wait: Optional[float]) -> Run:
         path = f"/v1/{collection}/{_segment(run_id)}"
         query = {"wait": _wait_parameter(wait)} if wait is not None else None
@@ -551,6 +612,8 @@ class Client:
         if query:
             url += "?" + urllib.parse.urlencode(query)
         headers = {"Accept": "application/json", "User-Agent": _USER_AGENT}
+        if self._authorization is not None:
+            headers["Authorization"] = self._authorization
         data = None
         if body is not _NO_BODY:
             try:
@@ -582,6 +645,17 @@ class Client:
         except ValueError as error:
             raise UnexpectedResponse(method, url, f"the body is not JSON: {error}") from None
         return _Answer(status, parsed)
+
+
+def _every_page(fetch: Callable[[Optional[str]], Tuple[List[_T], Optional[str]]]) -> Iterator[_T]:
+    """Yields the items of a listing's pages: ``fetch(cursor)`` returns a page's items and the
+    next page's cursor, starting from ``None`` and ending with the page that has no next."""
+    cursor: Optional[str] = None
+    while True:
+        items, cursor = fetch(cursor)
+        yield from items
+        if cursor is None:
+            return
 
 
 def _output(run: Run) -> Any:

@@ -22,6 +22,7 @@ from taskfleet.models import Run
 __all__ = [
     "ApiError",
     "Conflict",
+    "Forbidden",
     "InvalidRequest",
     "NotFound",
     "RunCancelled",
@@ -29,6 +30,7 @@ __all__ = [
     "SchedulerUnreachable",
     "TaskfleetError",
     "Unavailable",
+    "Unauthorized",
     "UnexpectedResponse",
     "WaitTimeout",
 ]
@@ -81,7 +83,8 @@ class ApiError(TaskfleetError):
     The API's errors are ``{"error": {"code", "message", "details"?}}``; an answer that is not
     (from a proxy, say) gives ``code`` ``None`` and the start of its body as ``message``.
     Subclasses name the common statuses: :class:`InvalidRequest` (400, 413, 422),
-    :class:`NotFound` (404), :class:`Conflict` (409), :class:`Unavailable` (503).
+    :class:`Unauthorized` (401), :class:`Forbidden` (403), :class:`NotFound` (404),
+    :class:`Conflict` (409), :class:`Unavailable` (503).
 
     Attributes:
         status: The HTTP status, such as 422.
@@ -119,6 +122,15 @@ class InvalidRequest(ApiError):
     and 422 (a definition that cannot run; the message names the step)."""
 
 
+class Unauthorized(ApiError):
+    """Raised on 401: no API key was sent, or it is unknown or revoked (the answer does not say
+    which), or the ``Authorization`` header is malformed."""
+
+
+class Forbidden(ApiError):
+    """Raised on 403: the API key lacks the scope the request needs (the message names it)."""
+
+
 class NotFound(ApiError):
     """Raised on 404: no such run, job, workflow (or workflow version)."""
 
@@ -135,6 +147,8 @@ _ERROR_CLASSES: Dict[int, Type[ApiError]] = {
     400: InvalidRequest,
     413: InvalidRequest,
     422: InvalidRequest,
+    401: Unauthorized,
+    403: Forbidden,
     404: NotFound,
     409: Conflict,
     503: Unavailable,

@@ -1,9 +1,9 @@
 """The answers of the taskfleet HTTP API as typed, frozen dataclasses.
 
 A :class:`Run` holds :class:`Step` objects and, when something failed, :class:`StepError`
-objects; :class:`Submitted`, :class:`RunPage`, :class:`Workflow` and the others below describe
-the other answers, and :class:`RunRequest` is one run to start. The larger ones keep the JSON
-they were read from as ``raw``.
+objects; :class:`Submitted`, :class:`RunPage`, :class:`JobPage`, :class:`Workflow` and the
+others below describe the other answers, and :class:`RunRequest` is one run to start. The
+larger ones keep the JSON they were read from as ``raw``.
 
 This module only declares them: it sends no request, and reading them from the API's JSON is
 :mod:`taskfleet._parse`'s work. Every name here is also importable from
@@ -21,6 +21,8 @@ from typing import Any, Dict, List, Mapping, Optional, Union
 __all__ = [
     "FINISHED_STATUSES",
     "Items",
+    "JobPage",
+    "JobSummary",
     "Queue",
     "Run",
     "RunPage",
@@ -222,6 +224,40 @@ class RunPage:
     (``None`` when there is none)."""
 
     runs: List[RunSummary]
+    next_cursor: Optional[str]
+
+
+@dataclass(frozen=True)
+class JobSummary:
+    """One job in a listing (``GET /v1/tasks``): no input, output or error.
+
+    Attributes:
+        id: The job's id.
+        status: ``pending``, ``running``, ``succeeded``, ``failed`` or ``cancelled``.
+        step: The job's step id (``"job"`` unless the step gave one).
+        executor: What runs the step: ``python``, ``python_code`` or ``dataflow``.
+        queue: The task queue the job is dispatched to (``default`` unless the step names one).
+        created_at: When the job was accepted.
+        finished_at: When it finished, else ``None``.
+        raw: The JSON object it was read from.
+    """
+
+    id: str
+    status: str
+    step: str
+    executor: str
+    queue: str
+    created_at: datetime
+    finished_at: Optional[datetime]
+    raw: Dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+
+@dataclass(frozen=True)
+class JobPage:
+    """A page of jobs, newest first; pass ``next_cursor`` as ``cursor`` for the next page
+    (``None`` when there is none)."""
+
+    jobs: List[JobSummary]
     next_cursor: Optional[str]
 
 

@@ -14,7 +14,7 @@ import os
 import time
 import uuid
 from datetime import datetime
-from typing import Any, Dict, Iterator, List
+from typing import Any, Dict, Iterable, Iterator, List
 
 import pytest
 
@@ -22,6 +22,7 @@ from taskfleet import (
     Client,
     Conflict,
     InvalidRequest,
+    JobSummary,
     NotFound,
     Run,
     RunCancelled,
@@ -29,6 +30,7 @@ from taskfleet import (
     RunRequest,
     SchedulerUnreachable,
     TaskfleetError,
+    Unauthorized,
     WaitTimeout,
     WorkflowVersion,
 )
@@ -463,6 +465,90 @@ def test_cancelled_job_raises_run_cancelled(client: Client) -> None:
     assert str(caught.value) == f"job {submitted.id} was cancelled"
 
 
+def jobs_down_to(listed: Iterable[JobSummary], job_id: str) -> List[JobSummary]:
+    """Returns the listed jobs (newest first) down to the one with this id, failing the test if
+    it is not listed. Jobs have no workflow to filter on: the fleet may hold others."""
+    seen: List[JobSummary] = []
+    for job in listed:
+        seen.append(job)
+        if job.id == job_id:
+            return seen
+    pytest.fail(f"job {job_id} is not listed; the listing held {[job.id for job in seen]}")
+
+
+def test_list_jobs_pages_newest_first(client: Client) -> None:
+    # No worker reads this queue: a job sent to it stays unfinished until it is cancelled.
+    unread_queue = unique_name("unread")
+    done = client.submit_job({"id": "double", "dataflow": ". * 2"}, 21)
+    assert client.job_result(done.id, timeout=WAIT_S) == 42
+    parked = client.submit_job(
+        {"id": "parked", "python_code": "def main(x):\n    return x\n", "queue": unread_queue}
+    )
+    try:
+        parked_status = client.job_status(parked.id).status
+        assert parked_status in ("pending", "running")
+
+        # One job a page, following the cursor, down to the older of the two.
+        listed: List[JobSummary] = []
+        cursor = None
+        while done.id not in [job.id for job in listed]:
+            assert len(listed) < 100, "the jobs were not listed near the top"
+            page = client.list_jobs(limit=1, cursor=cursor)
+            assert len(page.jobs) == 1 and page.next_cursor is not None
+            listed += page.jobs
+            cursor = page.next_cursor
+        ids = [job.id for job in listed]
+        assert ids.index(parked.id) < ids.index(done.id)
+        created = [job.created_at for job in listed]
+        assert created == sorted(created, reverse=True)
+        assert jobs_down_to(client.iter_jobs(page_size=1), done.id)[-1] == listed[-1]
+
+        by_id = {job.id: job for job in listed}
+        listed_parked, listed_done = by_id[parked.id], by_id[done.id]
+        assert (
+            listed_parked.step,
+            listed_parked.executor,
+            listed_parked.queue,
+            listed_parked.status,
+            listed_parked.finished_at,
+        ) == ("parked", "python_code", unread_queue, parked_status, None)
+        assert listed_parked.created_at == client.job_status(parked.id).created_at
+        assert (listed_done.step, listed_done.executor, listed_done.queue) == (
+            "double",
+            "dataflow",
+            "default",
+        )
+        shown = client.job_status(done.id)
+        assert (listed_done.status, listed_done.created_at, listed_done.finished_at) == (
+            "succeeded",
+            shown.created_at,
+            shown.finished_at,
+        )
+        assert listed_done.raw["id"] == done.id
+
+        # The status filter: the newer, unfinished job is not among the succeeded ones above
+        # the older; the succeeded job is not among the unfinished ones.
+        succeeded = jobs_down_to(client.iter_jobs(status="succeeded", page_size=2), done.id)
+        assert parked.id not in [job.id for job in succeeded]
+        assert all(job.status == "succeeded" for job in succeeded)
+        unfinished = list(client.iter_jobs(status=parked_status))
+        assert parked.id in [job.id for job in unfinished]
+        assert done.id not in [job.id for job in unfinished]
+        assert all(job.status == parked_status for job in unfinished)
+
+        client.cancel_job(parked.id)
+        cancelled = jobs_down_to(client.iter_jobs(status="cancelled"), parked.id)[-1]
+        assert cancelled.status == "cancelled" and cancelled.finished_at is not None
+    finally:
+        with contextlib.suppress(Conflict):
+            client.cancel_job(parked.id)
+    with pytest.raises(InvalidRequest) as bad_status:
+        client.list_jobs(status="sleeping")
+    assert "sleeping" in bad_status.value.message
+    with pytest.raises(InvalidRequest):
+        client.list_jobs(limit=0)
+
+
 def test_fleet_endpoints_show_the_worker(client: Client) -> None:
     workers = client.workers()
     assert workers, "the fleet has a worker"
@@ -491,3 +577,10 @@ def test_unreachable_scheduler_raises_a_connection_error() -> None:
         assert error.reason == "connection refused"
         assert f"{error.method} {error.url}: cannot reach the scheduler" in str(error)
         assert isinstance(error, ConnectionError) and isinstance(error, TaskfleetError)
+
+
+def test_a_wrong_key_is_refused_and_the_fleets_key_works() -> None:
+    assert os.environ.get("TASKFLEET_API_KEY"), "the fleet's tests run with a key"
+    with pytest.raises(Unauthorized):
+        Client(API_URL, api_key="tfk_not-a-key").list_runs()
+    Client(API_URL).list_runs(limit=1)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import threading
 import time
@@ -16,10 +17,14 @@ from taskfleet import (
     ApiError,
     Client,
     Conflict,
+    Forbidden,
     InvalidRequest,
+    JobPage,
+    JobSummary,
     NotFound,
     RunRequest,
     SchedulerUnreachable,
+    Unauthorized,
     Unavailable,
     UnexpectedResponse,
     WaitTimeout,
@@ -71,6 +76,7 @@ class Stub:
 
     def __init__(self, respond: Callable[[str, str, bytes], Answer]) -> None:
         self.requests: List[Tuple[str, str, bytes]] = []
+        self.authorizations: List[Any] = []
         stub = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -78,6 +84,7 @@ class Stub:
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length) if length else b""
                 stub.requests.append((self.command, self.path, body))
+                stub.authorizations.append(self.headers.get("Authorization"))
                 status, content_type, answer = respond(self.command, self.path, body)
                 self.send_response(status)
                 self.send_header("Content-Type", content_type)
@@ -267,3 +274,226 @@ def test_refused_connection_names_the_url() -> None:
         "GET http://127.0.0.1:1/v1/workflows: cannot reach the scheduler: connection refused"
     )
     assert isinstance(caught.value, ConnectionError)
+
+
+JOB_PAGE = {
+    "jobs": [
+        {
+            "id": "j2",
+            "step": "resize",
+            "executor": "python",
+            "queue": "images",
+            "status": "running",
+            "created_at": "2026-11-26T12:00:01Z",
+            "finished_at": None,
+        },
+        {
+            "id": "j1",
+            "step": "job",
+            "executor": "dataflow",
+            "queue": "default",
+            "status": "succeeded",
+            "created_at": "2026-11-26T12:00:00.5Z",
+            "finished_at": "2026-11-26T12:00:00.75Z",
+        },
+    ],
+    "next_cursor": "j1",
+}
+
+
+def test_jobs_listing_is_read_into_types(stub: Any) -> None:
+    server = stub(lambda method, path, body: json_answer(200, JOB_PAGE))
+
+    page = Client(server.url).list_jobs()
+
+    assert isinstance(page, JobPage) and page.next_cursor == "j1"
+    assert [type(job) for job in page.jobs] == [JobSummary, JobSummary]
+    running, done = page.jobs
+    assert (running.id, running.status, running.step, running.executor, running.queue) == (
+        "j2",
+        "running",
+        "resize",
+        "python",
+        "images",
+    )
+    assert running.created_at == datetime(2026, 11, 26, 12, 0, 1, tzinfo=timezone.utc)
+    assert running.finished_at is None
+    assert (done.id, done.status, done.step, done.executor, done.queue) == (
+        "j1",
+        "succeeded",
+        "job",
+        "dataflow",
+        "default",
+    )
+    assert done.finished_at is not None and done.finished_at - done.created_at == timedelta(
+        milliseconds=250
+    )
+    assert done.raw == JOB_PAGE["jobs"][1]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        done.status = "failed"  # type: ignore[misc]
+    assert server.requests == [("GET", "/v1/tasks", b"")]
+    last = stub(lambda method, path, body: json_answer(200, {"jobs": [], "next_cursor": None}))
+    assert Client(last.url).list_jobs() == JobPage(jobs=[], next_cursor=None)
+
+
+def test_listings_send_only_the_parameters_given(stub: Any) -> None:
+    def respond(method: str, path: str, body: bytes) -> Answer:
+        key = "runs" if urlsplit(path).path == "/v1/runs" else "jobs"
+        return json_answer(200, {key: [], "next_cursor": None})
+
+    server = stub(respond)
+    client = Client(server.url)
+
+    client.list_runs()
+    client.list_runs(status="failed", workflow="orders/eu", limit=2, cursor="c 1")
+    client.list_jobs()
+    client.list_jobs(status="running", limit=1000, cursor="c&2")
+    client.list_jobs(limit=1)
+
+    paths = [path for _, path, _ in server.requests]
+    assert [urlsplit(path).path for path in paths] == ["/v1/runs"] * 2 + ["/v1/tasks"] * 3
+    assert [parse_qs(urlsplit(path).query) for path in paths] == [
+        {},
+        {"status": ["failed"], "workflow": ["orders/eu"], "limit": ["2"], "cursor": ["c 1"]},
+        {},
+        {"status": ["running"], "limit": ["1000"], "cursor": ["c&2"]},
+        {"limit": ["1"]},
+    ]
+    assert paths[0] == "/v1/runs" and paths[2] == "/v1/tasks"  # no "?" without parameters
+
+
+@pytest.mark.parametrize("kind", ["runs", "jobs"])
+def test_iterating_follows_the_cursor_to_the_last_page(stub: Any, kind: str) -> None:
+    def item(number: int) -> Dict[str, Any]:
+        common = {"id": f"x{number}", "status": "failed", "created_at": "2026-11-26T12:00:00Z"}
+        if kind == "runs":
+            return {**common, "workflow": "orders", "version": 1, "finished_at": None}
+        return {**common, "step": "job", "executor": "python_code", "queue": "default"}
+
+    # Three pages of 2, 2 and 1 item; a page's cursor is its last item's id.
+    pages = {None: [5, 4], "x4": [3, 2], "x2": [1]}
+
+    def respond(method: str, path: str, body: bytes) -> Answer:
+        cursor = parse_qs(urlsplit(path).query).get("cursor", [None])[0]
+        numbers = pages[cursor]
+        next_cursor = f"x{numbers[-1]}" if len(numbers) == 2 else None
+        return json_answer(200, {kind: [item(n) for n in numbers], "next_cursor": next_cursor})
+
+    server = stub(respond)
+    client = Client(server.url)
+
+    if kind == "runs":
+        listed = client.iter_runs(status="failed", workflow="orders", page_size=2)
+    else:
+        listed = client.iter_jobs(status="failed", page_size=2)
+    assert server.requests == []  # nothing is fetched before the first item is asked for
+    assert [summary.id for summary in listed] == ["x5", "x4", "x3", "x2", "x1"]
+
+    path = "/v1/runs" if kind == "runs" else "/v1/tasks"
+    filters = {"status": ["failed"], "limit": ["2"]}
+    if kind == "runs":
+        filters["workflow"] = ["orders"]
+    assert [urlsplit(request[1]).path for request in server.requests] == [path] * 3
+    assert [parse_qs(urlsplit(request[1]).query) for request in server.requests] == [
+        filters,
+        {**filters, "cursor": ["x4"]},
+        {**filters, "cursor": ["x2"]},
+    ]
+
+
+@pytest.mark.parametrize(
+    ("answer", "problem"),
+    [
+        ({"next_cursor": None}, "answer has no 'jobs'"),
+        ({"jobs": {}, "next_cursor": None}, "answer['jobs'] is an object, not an array"),
+        ({"jobs": [7]}, "answer['jobs'][0] is a number, not an object"),
+        (
+            {"jobs": [{k: v for k, v in JOB_PAGE["jobs"][0].items() if k != "executor"}]},
+            "answer['jobs'][0] has no 'executor'",
+        ),
+        (
+            {"jobs": [JOB_PAGE["jobs"][1], {**JOB_PAGE["jobs"][0], "queue": None}]},
+            "answer['jobs'][1]['queue'] is null, not a string",
+        ),
+        (
+            {"jobs": [{**JOB_PAGE["jobs"][0], "step": 3}]},
+            "answer['jobs'][0]['step'] is a number, not a string",
+        ),
+        (
+            {"jobs": [{**JOB_PAGE["jobs"][0], "created_at": "yesterday"}]},
+            "answer['jobs'][0]['created_at'] is not a timestamp: 'yesterday'",
+        ),
+        ({"jobs": [], "next_cursor": 5}, "answer['next_cursor'] is a number, not a string"),
+        ([], "answer is an array, not an object"),
+    ],
+)
+def test_a_bad_jobs_listing_is_an_unexpected_response(
+    stub: Any, answer: Any, problem: str
+) -> None:
+    server = stub(lambda method, path, body: json_answer(200, answer))
+
+    with pytest.raises(UnexpectedResponse) as caught:
+        Client(server.url).list_jobs(limit=5)
+
+    assert str(caught.value).endswith(problem), str(caught.value)
+    assert caught.value.url == f"{server.url}/v1/tasks"
+
+
+def test_a_refused_jobs_listing_is_an_invalid_request(stub: Any) -> None:
+    message = 'status "sleeping" is not one of pending, running, succeeded, failed, cancelled'
+    server = stub(
+        lambda method, path, body: json_answer(
+            400, {"error": {"code": "bad_request", "message": message}}
+        )
+    )
+
+    with pytest.raises(InvalidRequest) as caught:
+        Client(server.url).list_jobs(status="sleeping")
+
+    assert (caught.value.status, caught.value.code, caught.value.message) == (
+        400,
+        "bad_request",
+        message,
+    )
+    assert caught.value.url == f"{server.url}/v1/tasks?status=sleeping"
+
+
+def test_the_api_key_is_sent_as_a_bearer_token(
+    stub: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    server = stub(lambda method, path, body: (200, "application/json", b'{"workflows": []}'))
+    monkeypatch.delenv("TASKFLEET_API_KEY", raising=False)
+    Client(server.url).workflows()
+    Client(server.url, api_key="tfk_given").workflows()
+    monkeypatch.setenv("TASKFLEET_API_KEY", "tfk_from_env")
+    Client(server.url).workflows()
+    Client(server.url, api_key="tfk_given").workflows()
+    assert server.authorizations == [
+        None,
+        "Bearer tfk_given",
+        "Bearer tfk_from_env",
+        "Bearer tfk_given",
+    ]
+    assert "tfk_" not in repr(Client(server.url))
+    for bad in ["", "tfk_caf\u00e9", "tfk\nx"]:
+        with pytest.raises(ValueError, match="api_key"):
+            Client(server.url, api_key=bad)
+
+
+def test_refused_keys_and_scopes_are_typed_errors(stub: Any) -> None:
+    answers = {
+        "/v1/runs": (401, {"code": "unauthorized", "message": "a valid API key is required"}),
+        "/v1/workers": (403, {"code": "forbidden", "message": "lacks the scope admin"}),
+    }
+
+    def respond(method: str, path: str, body: bytes) -> Answer:
+        status, error = answers[urlsplit(path).path]
+        return status, "application/json", json.dumps({"error": error}).encode()
+
+    client = Client(stub(respond).url, api_key="tfk_x")
+    with pytest.raises(Unauthorized) as unauthorized:
+        client.list_runs()
+    assert unauthorized.value.status == 401
+    assert isinstance(unauthorized.value, ApiError)
+    with pytest.raises(Forbidden, match="admin"):
+        client.workers()

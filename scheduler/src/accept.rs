@@ -174,7 +174,7 @@ impl Writer {
         let conn = self.db.get().await?;
         let inserted = store::insert_runs(conn, &self.namespace, &runs, &tasks).await;
         let inserted: HashSet<Uuid> = self.db.check(inserted)?.into_iter().collect();
-        let mut keys_by_kind: HashMap<RunKind, Vec<String>> = HashMap::new();
+        let mut keys_by_kind: HashMap<RunKind, Vec<(String, String)>> = HashMap::new();
         for submission in &submissions {
             if !inserted.contains(&submission.run.id)
                 && let Some(key) = &submission.run.idempotency_key
@@ -182,17 +182,17 @@ impl Writer {
                 keys_by_kind
                     .entry(submission.run.kind)
                     .or_default()
-                    .push(key.clone());
+                    .push((submission.run.tenant.clone(), key.clone()));
             }
         }
         // Runs already holding a key were committed before this statement, so reading them
         // afterwards finds them.
-        let mut existing: HashMap<(RunKind, String), (Uuid, RunStatus)> = HashMap::new();
+        let mut existing: HashMap<(RunKind, String, String), (Uuid, RunStatus)> = HashMap::new();
         for (kind, keys) in keys_by_kind {
             let conn = self.db.get().await?;
             let found = store::runs_by_idempotency_key(conn, &self.namespace, kind, &keys).await;
-            for (key, id, status) in self.db.check(found)? {
-                existing.insert((kind, key), (id, status));
+            for (tenant, key, id, status) in self.db.check(found)? {
+                existing.insert((kind, tenant, key), (id, status));
             }
         }
         let outcome = |submission: &Submission| {
@@ -200,7 +200,7 @@ impl Writer {
             let found = run
                 .idempotency_key
                 .as_ref()
-                .and_then(|key| existing.get(&(run.kind, key.clone())));
+                .and_then(|key| existing.get(&(run.kind, run.tenant.clone(), key.clone())));
             match found {
                 Some((id, status)) if !inserted.contains(&run.id) => Accepted::Existing {
                     id: *id,

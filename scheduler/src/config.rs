@@ -10,6 +10,8 @@ use std::time::Duration;
 use taskfleet_common::Namespace;
 use taskfleet_io::settings::{self, FleetSettings};
 
+pub use crate::auth::AuthMode;
+
 /// The taskfleet scheduler: HTTP API, durable record in PostgreSQL, dispatch through RabbitMQ.
 /// Every flag has its environment variable (shown with it); a flag wins over its variable.
 #[derive(Debug, Clone, clap::Parser)]
@@ -55,7 +57,24 @@ pub struct Settings {
         env = "TASKFLEET_PLANNING_JQ_SANDBOXES"
     )]
     pub jq_sandboxes: Option<NonZeroUsize>,
+    /// Whether /v1 requests need an API key: required, or off (local development only: the
+    /// API then listens on a loopback address only).
+    #[arg(long, env = "TASKFLEET_AUTH", default_value = "required")]
+    pub auth: AuthMode,
+    /// What to do instead of serving.
+    #[command(subcommand)]
+    pub command: Option<SchedulerCommand>,
 }
+
+/// What the scheduler binary can do besides serving.
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum SchedulerCommand {
+    /// Makes an API key straight in the database (the first `admin` key, say) and prints it
+    /// as the last line; it is shown nowhere else
+    CreateKey(CreateKeyArgs),
+}
+
+pub use taskfleet_common::settings::NewKeyArgs as CreateKeyArgs;
 
 /// Everything the scheduler needs to know to start.
 #[derive(Debug, Clone)]
@@ -86,6 +105,23 @@ pub struct Config {
     pub jq_memory_bytes: u64,
     /// The most sandbox processes running planning's jq programs at once.
     pub jq_sandboxes: NonZeroUsize,
+    /// Whether requests need an API key.
+    pub auth: AuthMode,
+}
+
+impl Config {
+    /// Checks what no single setting can: authentication is off only on a loopback address.
+    pub fn check(&self) -> Result<(), String> {
+        if self.auth == AuthMode::Off && !self.http_addr.ip().is_loopback() {
+            return Err(format!(
+                "TASKFLEET_AUTH=off serves the API to anyone who can reach it, so it is allowed \
+                 only on a loopback address, and TASKFLEET_HTTP_ADDR is {}; use a loopback \
+                 address (127.0.0.1) or TASKFLEET_AUTH=required with API keys",
+                self.http_addr
+            ));
+        }
+        Ok(())
+    }
 }
 
 impl From<Settings> for Config {
@@ -106,6 +142,7 @@ impl From<Settings> for Config {
             jq_sandboxes: settings
                 .jq_sandboxes
                 .unwrap_or(NonZeroUsize::new(settings::cores()).unwrap_or(NonZeroUsize::MIN)),
+            auth: settings.auth,
         }
     }
 }
@@ -161,6 +198,19 @@ mod tests {
             let error = load(&[flag, value]).expect_err("a bad value");
             assert!(error.to_string().contains(flag), "{flag}: {error}");
         }
+    }
+
+    #[test]
+    fn authentication_is_off_only_on_loopback() {
+        let required = load(&["--http-addr", "0.0.0.0:8080"]).expect("loads");
+        assert_eq!(required.auth, AuthMode::Required);
+        assert!(required.check().is_ok());
+        let local = load(&["--auth", "off"]).expect("loads");
+        assert!(local.check().is_ok());
+        let exposed = load(&["--auth", "off", "--http-addr", "0.0.0.0:8080"]).expect("loads");
+        let error = exposed.check().expect_err("off on every address");
+        assert!(error.contains("0.0.0.0:8080"), "{error}");
+        assert!(load(&["--auth", "maybe"]).is_err());
     }
 
     #[test]

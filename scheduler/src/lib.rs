@@ -6,6 +6,7 @@
 
 pub mod accept;
 pub mod api;
+pub mod auth;
 pub mod broker;
 pub mod completions;
 pub mod config;
@@ -127,6 +128,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         notifier,
         programs: submission_programs,
         shutdown: shutdown.clone(),
+        authenticator: auth::Authenticator::new(config.auth),
+        quotas: api::Quotas::default(),
     };
     let listener = tokio::net::TcpListener::bind(config.http_addr)
         .await

@@ -30,6 +30,55 @@ impl TestFleet {
         self.send(request).await
     }
 
+    /// Sends a request with `authorization` as its whole `Authorization` header (none when
+    /// `None`) instead of the fleet's admin key, to the API at `api`.
+    pub async fn request_with_credentials(
+        &self,
+        api: &str,
+        authorization: Option<&[u8]>,
+        method: &str,
+        path: &str,
+        body: Option<&Value>,
+    ) -> (u16, Value) {
+        let method = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
+        let client = reqwest::Client::builder()
+            .timeout(Duration::from_secs(120))
+            .build()
+            .unwrap();
+        let mut request = client.request(method, format!("{api}{path}"));
+        if let Some(authorization) = authorization {
+            request = request.header(
+                reqwest::header::AUTHORIZATION,
+                reqwest::header::HeaderValue::from_bytes(authorization).unwrap(),
+            );
+        }
+        if let Some(body) = body {
+            request = request
+                .header("content-type", "application/json")
+                .body(body.to_string());
+        }
+        self.send(request).await
+    }
+
+    /// Sends a request as the holder of `key` to this fleet's API.
+    pub async fn request_as(
+        &self,
+        key: &str,
+        method: &str,
+        path: &str,
+        body: Option<&Value>,
+    ) -> (u16, Value) {
+        let authorization = format!("Bearer {key}");
+        self.request_with_credentials(
+            &self.api,
+            Some(authorization.as_bytes()),
+            method,
+            path,
+            body,
+        )
+        .await
+    }
+
     async fn send(&self, request: reqwest::RequestBuilder) -> (u16, Value) {
         let response = request.send().await.expect("the scheduler answers");
         let status = response.status().as_u16();

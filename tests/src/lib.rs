@@ -18,6 +18,9 @@ use std::process::Child;
 use anyhow::{Result, bail};
 
 /// PostgreSQL server the tests use (trust auth as `postgres`).
+/// The tenant of the `admin` key every test fleet makes ([`TestFleet::api_key`]).
+pub const TEST_TENANT: &str = "test";
+
 pub const POSTGRES: &str = "postgres://postgres@127.0.0.1:5432";
 /// RabbitMQ the tests use.
 pub const AMQP: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
@@ -59,6 +62,8 @@ pub struct TestFleet {
     pub api: String,
     pub namespace: String,
     pub database: String,
+    /// An `admin` key of tenant `test`, which `http` sends with every request.
+    pub api_key: String,
     pub http: reqwest::Client,
     scheduler: Option<Child>,
     scheduler_port: u16,

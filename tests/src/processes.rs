@@ -28,12 +28,20 @@ impl TestFleet {
         let log_dir = workspace_root().join("target/test-logs").join(&namespace);
         std::fs::create_dir_all(&log_dir)?;
         let port = free_port();
+        let api_key = create_key(&namespace, &database, &log_dir, TEST_TENANT, "admin")?;
+        let mut headers = reqwest::header::HeaderMap::new();
+        headers.insert(
+            reqwest::header::AUTHORIZATION,
+            reqwest::header::HeaderValue::from_str(&format!("Bearer {api_key}"))?,
+        );
         let mut fleet = Self {
             api: format!("http://127.0.0.1:{port}"),
             namespace,
             database,
+            api_key,
             http: reqwest::Client::builder()
                 .timeout(Duration::from_secs(120))
+                .default_headers(headers)
                 .build()?,
             scheduler: None,
             scheduler_port: port,
@@ -50,6 +58,18 @@ impl TestFleet {
         }
         fleet.wait_ready().await?;
         Ok(fleet)
+    }
+
+    /// Makes another API key of this fleet, as `taskfleet-scheduler create-key` does, and
+    /// returns it.
+    pub fn create_key(&self, tenant: &str, scopes: &str) -> Result<String> {
+        create_key(
+            &self.namespace,
+            &self.database,
+            &self.log_dir,
+            tenant,
+            scopes,
+        )
     }
 
     fn log(&self, name: &str) -> Result<(Stdio, Stdio)> {
@@ -417,4 +437,32 @@ async fn remove_fleet_state(database: &str, owns_database: bool, namespace: &str
             let _: Result<(), _> = redis::cmd("DEL").arg(&keys).query_async(&mut redis).await;
         }
     }
+}
+
+/// Makes an API key with `taskfleet-scheduler create-key` (which creates and migrates the
+/// database if it is new) and returns it: the command's last line.
+fn create_key(
+    namespace: &str,
+    database: &str,
+    log_dir: &Path,
+    tenant: &str,
+    scopes: &str,
+) -> Result<String> {
+    let output = Command::new(binary("taskfleet-scheduler")?)
+        .args(["create-key", "--tenant", tenant, "--scopes", scopes])
+        .env("TASKFLEET_DATABASE_URL", format!("{POSTGRES}/{database}"))
+        .env("TASKFLEET_NAMESPACE", namespace)
+        .output()
+        .context("running taskfleet-scheduler create-key")?;
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    if !output.status.success() {
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        let _ = std::fs::write(log_dir.join("create-key.log"), format!("{stdout}{stderr}"));
+        bail!("taskfleet-scheduler create-key failed: {stderr}");
+    }
+    stdout
+        .lines()
+        .last()
+        .map(str::to_owned)
+        .context("taskfleet-scheduler create-key printed nothing")
 }

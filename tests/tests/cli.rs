@@ -14,6 +14,7 @@ fn taskfleet(fleet: &TestFleet, args: &[&str]) -> Output {
     Command::new(taskfleet_tests::bin_dir().join("taskfleet"))
         .args(args)
         .env("TASKFLEET_API_URL", &fleet.api)
+        .env("TASKFLEET_API_KEY", &fleet.api_key)
         .output()
         .unwrap()
 }
@@ -96,6 +97,7 @@ async fn a_newcomer_submits_lists_runs_and_reads_logs_with_the_cli() {
     let mut piped = Command::new(taskfleet_tests::bin_dir().join("taskfleet"))
         .args(["submit", "-", "--input", "2", "--wait"])
         .env("TASKFLEET_API_URL", &fleet.api)
+        .env("TASKFLEET_API_KEY", &fleet.api_key)
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
@@ -249,6 +251,7 @@ async fn jobs_workflows_and_scripts_through_the_cli() {
     let from_env = Command::new(taskfleet_tests::bin_dir().join("taskfleet"))
         .args(["workers"])
         .env("TASKFLEET_API_URL", &fleet.api)
+        .env("TASKFLEET_API_KEY", &fleet.api_key)
         .env("TASKFLEET_OUTPUT", "json")
         .output()
         .unwrap();
@@ -257,10 +260,22 @@ async fn jobs_workflows_and_scripts_through_the_cli() {
     let empty = Command::new(taskfleet_tests::bin_dir().join("taskfleet"))
         .args(["queues"])
         .env("TASKFLEET_API_URL", &fleet.api)
+        .env("TASKFLEET_API_KEY", &fleet.api_key)
         .env("TASKFLEET_OUTPUT", "")
         .output()
         .unwrap();
     assert!(stdout(&empty).starts_with("QUEUE"), "{}", stderr(&empty));
+
+    // Without a key, the refusal says how to give one.
+    let keyless = Command::new(taskfleet_tests::bin_dir().join("taskfleet"))
+        .args(["runs"])
+        .env("TASKFLEET_API_URL", &fleet.api)
+        .env_remove("TASKFLEET_API_KEY")
+        .output()
+        .unwrap();
+    assert_eq!(keyless.status.code(), Some(1));
+    assert!(stderr(&keyless).contains("401"), "{}", stderr(&keyless));
+    assert!(stderr(&keyless).contains("TASKFLEET_API_KEY"), "{}", stderr(&keyless));
 
     // Completions for bash parse as bash and know the commands.
     let completions = taskfleet(&fleet, &["completions", "bash"]);

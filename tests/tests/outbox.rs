@@ -36,13 +36,14 @@ async fn write_unpublished_run(
     let run_id = Uuid::now_v7();
     let definition = json!({"steps": [{"id": "inc", "dataflow": ". + 1"}]});
     sqlx::query(
-        "INSERT INTO runs (namespace, id, kind, definition, input, status, created_at)
-         VALUES ($1, $2, 'workflow', $3, '41', 'running', now() - make_interval(secs => $4))",
+        "INSERT INTO runs (namespace, id, kind, definition, input, status, created_at, tenant)
+         VALUES ($1, $2, 'workflow', $3, '41', 'running', now() - make_interval(secs => $4), $5)",
     )
     .bind(namespace)
     .bind(run_id)
     .bind(sqlx::types::Json(&definition))
     .bind(age_s)
+    .bind(taskfleet_tests::TEST_TENANT)
     .execute(db)
     .await
     .unwrap();

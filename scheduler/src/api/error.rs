@@ -16,6 +16,8 @@ pub struct ApiError {
     code: &'static str,
     message: String,
     details: Option<Value>,
+    /// Seconds after which to try again (`Retry-After`).
+    retry_after: Option<u32>,
 }
 
 impl ApiError {
@@ -25,6 +27,7 @@ impl ApiError {
             code,
             message: message.into(),
             details: None,
+            retry_after: None,
         }
     }
 
@@ -32,6 +35,35 @@ impl ApiError {
     pub fn in_batch(mut self, index: usize) -> Self {
         self.message = format!("runs[{index}]: {}", self.message);
         self
+    }
+
+    /// Returns a 401: no valid API key. Missing, unknown and revoked keys get the same answer,
+    /// so that it tells a caller nothing about which keys exist.
+    pub fn unauthorized() -> Self {
+        Self::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "a valid API key is required: send it as `Authorization: Bearer <key>`",
+        )
+    }
+
+    /// Returns a 401 for an `Authorization` header that is not `Bearer <key>`, saying what is
+    /// wrong with it.
+    pub fn malformed_credentials(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::UNAUTHORIZED, "unauthorized", message)
+    }
+
+    /// Returns a 429: the tenant's quota is used up for now; try again in a second.
+    pub fn quota_exceeded(message: impl Into<String>) -> Self {
+        Self {
+            retry_after: Some(1),
+            ..Self::new(StatusCode::TOO_MANY_REQUESTS, "quota_exceeded", message)
+        }
+    }
+
+    /// Returns a 403: the key is valid but may not do this.
+    pub fn forbidden(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::FORBIDDEN, "forbidden", message)
     }
 
     /// Returns a 400: the request is malformed.
@@ -128,6 +160,19 @@ impl IntoResponse for ApiError {
         if let Some(details) = self.details {
             error["details"] = details;
         }
-        (self.status, Json(json!({ "error": error }))).into_response()
+        let mut response = (self.status, Json(json!({ "error": error }))).into_response();
+        if let Some(seconds) = self.retry_after {
+            response.headers_mut().insert(
+                axum::http::header::RETRY_AFTER,
+                axum::http::HeaderValue::from(seconds),
+            );
+        }
+        if self.status == StatusCode::UNAUTHORIZED {
+            response.headers_mut().insert(
+                axum::http::header::WWW_AUTHENTICATE,
+                axum::http::HeaderValue::from_static("Bearer"),
+            );
+        }
+        response
     }
 }

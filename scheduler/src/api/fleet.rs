@@ -10,6 +10,7 @@ use taskfleet_common::names::DEFAULT_QUEUE;
 use taskfleet_common::records::{HEARTBEAT_STALE_AFTER, WorkerHeartbeat};
 
 use super::{ApiError, AppState};
+use crate::auth::{Principal, Scope};
 use crate::store;
 
 /// A live worker: its id and its last heartbeat.
@@ -80,7 +81,11 @@ async fn live_workers(state: &AppState) -> Result<Vec<LiveWorker>, ApiError> {
 
 /// `GET /v1/workers`: the live workers, with their queues, concurrency, tasks running and
 /// last heartbeat.
-pub async fn workers(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
+pub async fn workers(
+    State(state): State<AppState>,
+    principal: Principal,
+) -> Result<Json<Value>, ApiError> {
+    principal.require(Scope::Admin)?;
     let workers: Vec<Value> = live_workers(&state)
         .await?
         .iter()
@@ -93,7 +98,11 @@ pub async fn workers(State(state): State<AppState>) -> Result<Json<Value>, ApiEr
 /// many tasks were dispatched at once and share messages), the tasks in flight (held by the
 /// live workers, delivered and not yet reported, as of their last heartbeats) and the
 /// consumers.
-pub async fn queues(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
+pub async fn queues(
+    State(state): State<AppState>,
+    principal: Principal,
+) -> Result<Json<Value>, ApiError> {
+    principal.require(Scope::Admin)?;
     let mut names: BTreeSet<String> =
         store::queues_with_queued_tasks(&state.db, state.config.namespace.as_str())
             .await?

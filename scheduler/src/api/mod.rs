@@ -5,7 +5,10 @@
 
 mod error;
 mod fleet;
+pub(crate) mod keys;
+mod quotas;
 mod runs;
+mod tenants;
 mod workflows;
 
 use std::sync::Arc;
@@ -14,14 +17,16 @@ use axum::body::Bytes;
 use axum::extract::{FromRequest, Request};
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
-use axum::routing::{get, post};
+use axum::routing::{delete, get, post};
 use axum::{Json, Router};
 use serde::de::DeserializeOwned;
 use serde_json::json;
 
 pub use error::ApiError;
+pub use quotas::Quotas;
 
 use crate::accept::Acceptor;
+use crate::auth::{self, Authenticator, Principal, Scope};
 use crate::broker::Broker;
 use crate::config::Config;
 use crate::notify::Notifier;
@@ -47,14 +52,24 @@ pub struct AppState {
     pub programs: SandboxedPrograms,
     /// Cancelled when the scheduler stops; long polls then answer at once.
     pub shutdown: tokio_util::sync::CancellationToken,
+    /// Finds the caller of each `/v1` request.
+    pub authenticator: Authenticator,
+    /// Checks submissions against their tenant's quotas.
+    pub quotas: Quotas,
+}
+
+/// Returns whose objects a caller reaches: its tenant's, in this scheduler's namespace.
+pub fn owner<'a>(state: &'a AppState, principal: &'a Principal) -> store::Owner<'a> {
+    store::Owner {
+        namespace: state.config.namespace.as_str(),
+        tenant: &principal.tenant,
+    }
 }
 
 /// Returns the API's router.
 pub fn router(state: AppState) -> Router {
     let limit = state.config.max_body_bytes;
-    Router::new()
-        .route("/healthz", get(healthz))
-        .route("/readyz", get(readyz))
+    let v1 = Router::new()
         .route("/v1/workflows", get(workflows::list))
         .route(
             "/v1/workflows/{name}",
@@ -70,6 +85,19 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/stats", get(stats))
         .route("/v1/workers", get(fleet::workers))
         .route("/v1/queues", get(fleet::queues))
+        .route("/v1/keys", post(keys::create).get(keys::list))
+        .route("/v1/keys/{id}", delete(keys::revoke))
+        .route("/v1/audit", get(keys::audit))
+        .route("/v1/tenants", get(tenants::list))
+        .route("/v1/tenants/{name}", axum::routing::put(tenants::put))
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            auth::authenticate,
+        ));
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .merge(v1)
         .fallback(not_found)
         .layer(axum::extract::DefaultBodyLimit::max(limit))
         .layer(tower_http::catch_panic::CatchPanicLayer::new())
@@ -145,10 +173,14 @@ async fn readyz(axum::extract::State(state): axum::extract::State<AppState>) -> 
     )
 }
 
+/// `GET /v1/stats`: the caller's tenant's counts; an `admin` key's are of every tenant.
 async fn stats(
     axum::extract::State(state): axum::extract::State<AppState>,
+    principal: Principal,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    let (runs, tasks) = store::stats(&state.db, state.config.namespace.as_str()).await?;
+    principal.require(Scope::RunsRead)?;
+    let tenant = (!principal.has(Scope::Admin)).then_some(principal.tenant.as_str());
+    let (runs, tasks) = store::stats(&state.db, state.config.namespace.as_str(), tenant).await?;
     let to_object = |counts: Vec<(String, i64)>| {
         counts
             .into_iter()
@@ -157,6 +189,7 @@ async fn stats(
     };
     Ok(Json(json!({
         "namespace": state.config.namespace.as_str(),
+        "tenant": tenant,
         "runs": to_object(runs),
         "tasks": to_object(tasks),
     })))
@@ -164,6 +197,38 @@ async fn stats(
 
 async fn not_found(uri: axum::http::Uri) -> ApiError {
     ApiError::not_found(format!("no route for {}", uri.path()))
+}
+
+/// Returns a listing's page size (`default` when not given, else 1 to 1000) and the id it
+/// goes on from (its `cursor`), or the 400 naming the bad one.
+pub fn page(
+    limit: Option<i64>,
+    cursor: Option<&str>,
+    default: i64,
+) -> Result<(i64, Option<uuid::Uuid>), ApiError> {
+    const MAX_LIMIT: i64 = 1000;
+    let limit = limit.unwrap_or(default);
+    if !(1..=MAX_LIMIT).contains(&limit) {
+        return Err(ApiError::bad_request(format!(
+            "limit must be between 1 and {MAX_LIMIT}"
+        )));
+    }
+    let before = cursor
+        .map(|cursor| {
+            cursor
+                .parse::<uuid::Uuid>()
+                .map_err(|_| ApiError::bad_request(format!("cursor {cursor:?} is not valid")))
+        })
+        .transpose()?;
+    Ok((limit, before))
+}
+
+/// Returns the cursor of the page after one of `limit` rows whose last id is `last`: none
+/// when the page is not full.
+pub fn next_cursor(rows: usize, limit: i64, last: Option<uuid::Uuid>) -> Option<uuid::Uuid> {
+    (i64::try_from(rows).ok() == Some(limit))
+        .then_some(last)
+        .flatten()
 }
 
 /// Query parameters whose failures are answered as the API's 400.

@@ -9,7 +9,9 @@ use taskfleet_common::WorkflowDefinition;
 use taskfleet_common::jq::ProgramCache;
 use taskfleet_common::names::is_valid_name;
 
-use super::{ApiError, AppState, JsonBody, QueryParams};
+use super::runs::check_python_code;
+use super::{ApiError, AppState, JsonBody, QueryParams, owner};
+use crate::auth::{Principal, Scope};
 use crate::planning::ProgramRunner;
 use crate::store;
 
@@ -28,9 +30,11 @@ pub fn check_definition(
 /// `PUT /v1/workflows/{name}`: registers a definition; 201 for a new version, 200 if unchanged.
 pub async fn register(
     State(state): State<AppState>,
+    principal: Principal,
     Path(name): Path<String>,
     JsonBody(mut definition): JsonBody<WorkflowDefinition>,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
+    principal.require(Scope::WorkflowsWrite)?;
     if !is_valid_name(&name) {
         return Err(ApiError::bad_request(format!(
             "workflow name {name:?} must be 1 to 64 characters among A-Z a-z 0-9 _ - ."
@@ -47,10 +51,11 @@ pub async fn register(
         }
         _ => definition.name = Some(name.clone()),
     }
+    check_python_code(&principal, &definition)?;
     check_definition(state.programs.cache(), &definition)?;
     let value = serde_json::to_value(&definition).map_err(|error| ApiError::internal(&error))?;
     let (version, created) =
-        store::put_workflow(&state.db, state.config.namespace.as_str(), &name, &value).await?;
+        store::put_workflow(&state.db, owner(&state, &principal), &name, &value).await?;
     let status = if created {
         StatusCode::CREATED
     } else {
@@ -60,8 +65,12 @@ pub async fn register(
 }
 
 /// `GET /v1/workflows`: the latest version of each workflow.
-pub async fn list(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
-    let rows = store::list_workflows(&state.db, state.config.namespace.as_str()).await?;
+pub async fn list(
+    State(state): State<AppState>,
+    principal: Principal,
+) -> Result<Json<Value>, ApiError> {
+    principal.require(Scope::RunsRead)?;
+    let rows = store::list_workflows(&state.db, owner(&state, &principal)).await?;
     let workflows: Vec<Value> = rows
         .into_iter()
         .map(|row| {
@@ -86,17 +95,13 @@ pub struct ShowQuery {
 /// `GET /v1/workflows/{name}`: one version (the latest unless `?version=N`).
 pub async fn show(
     State(state): State<AppState>,
+    principal: Principal,
     Path(name): Path<String>,
     QueryParams(query): QueryParams<ShowQuery>,
 ) -> Result<Json<Value>, ApiError> {
+    principal.require(Scope::RunsRead)?;
     let row = if is_valid_name(&name) {
-        store::get_workflow(
-            &state.db,
-            state.config.namespace.as_str(),
-            &name,
-            query.version,
-        )
-        .await?
+        store::get_workflow(&state.db, owner(&state, &principal), &name, query.version).await?
     } else {
         None
     };

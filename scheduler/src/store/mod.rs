@@ -25,7 +25,9 @@ use uuid::Uuid;
 
 mod advance;
 mod completions;
+mod keys;
 mod outbox;
+mod quotas;
 mod runs;
 mod stats;
 mod workflows;
@@ -39,7 +41,12 @@ pub use completions::{
     finish_single_steps, keep_logs_of_cancelled, lock_and_record, record_completions,
     schedule_retries,
 };
+pub use keys::{
+    AuditEvent, AuditRow, KeyRow, NewKey, audit, find_key, insert_key, list_audit, list_keys,
+    revoke_key, touch_key,
+};
 pub use outbox::{UndispatchedTask, claim_due, claim_undispatched, mark_dispatched};
+pub use quotas::{QuotaRow, TenantQuotaRow, get_quota, list_quotas, put_quota, runs_in_flight};
 pub use runs::{
     Cancellation, NewRun, NewTask, RunFilter, RunSummaryRow, cancel_run, get_run, get_tasks,
     insert_runs, insert_tasks, list_runs, runs_by_idempotency_key,
@@ -207,6 +214,15 @@ where
     T: sqlx::Encode<'q, Postgres> + sqlx::Type<Postgres>,
 {
     arguments.add(value).map_err(sqlx::Error::Encode)
+}
+
+/// Whose objects a statement reaches: a namespace's, and in it a tenant's.
+#[derive(Debug, Clone, Copy)]
+pub struct Owner<'a> {
+    /// The fleet's namespace.
+    pub namespace: &'a str,
+    /// The tenant.
+    pub tenant: &'a str,
 }
 
 /// A run as the API shows it.

@@ -11,7 +11,7 @@ use sqlx::{PgConnection, PgPool};
 use taskfleet_common::{RunKind, RunStatus, TaskStatus};
 use uuid::Uuid;
 
-use super::{RunRow, StoreError, TaskRow, add};
+use super::{Owner, RunRow, StoreError, TaskRow, add};
 
 /// A run to insert.
 #[derive(Debug, Clone)]
@@ -20,6 +20,8 @@ pub struct NewRun {
     pub id: Uuid,
     /// `workflow` or `job`.
     pub kind: RunKind,
+    /// The tenant it belongs to.
+    pub tenant: String,
     /// The registered workflow it runs, if any.
     pub workflow: Option<String>,
     /// The version of that workflow.
@@ -95,22 +97,26 @@ pub async fn insert_runs(
         .map(|run| run.error.as_ref().map(Json))
         .collect();
     let keys: Vec<Option<String>> = runs.iter().map(|run| run.idempotency_key.clone()).collect();
+    let tenants: Vec<&str> = runs.iter().map(|run| run.tenant.as_str()).collect();
     let columns = TaskColumns::of(namespace, tasks);
     let sql = format!(
         "WITH inserted AS (
              INSERT INTO runs (namespace, id, kind, workflow, workflow_version, definition, input,
-                               status, output, error, idempotency_key, finished_at)
+                               status, output, error, idempotency_key, tenant, finished_at)
              SELECT $11, id, kind, workflow, version, definition, input, status, output, error,
-                    key, CASE WHEN status IN ('succeeded', 'failed') THEN now() END
+                    key, tenant, CASE WHEN status IN ('succeeded', 'failed') THEN now() END
              FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::integer[], $5::jsonb[],
-                         $6::jsonb[], $7::text[], $8::jsonb[], $9::jsonb[], $10::text[])
-                  AS t(id, kind, workflow, version, definition, input, status, output, error, key)
-             ON CONFLICT (namespace, kind, idempotency_key) WHERE idempotency_key IS NOT NULL
+                         $6::jsonb[], $7::text[], $8::jsonb[], $9::jsonb[], $10::text[],
+                         $12::text[])
+                  AS t(id, kind, workflow, version, definition, input, status, output, error, key,
+                       tenant)
+             ON CONFLICT (namespace, tenant, kind, idempotency_key)
+                WHERE idempotency_key IS NOT NULL
              DO NOTHING
              RETURNING id),
          first_tasks AS ({} WHERE t.run_id IN (SELECT id FROM inserted))
          SELECT id FROM inserted",
-        TaskColumns::insert_sql(12)
+        TaskColumns::insert_sql(13)
     );
     let mut arguments = PgArguments::default();
     add(&mut arguments, &ids)?;
@@ -124,30 +130,39 @@ pub async fn insert_runs(
     add(&mut arguments, &errors)?;
     add(&mut arguments, &keys)?;
     add(&mut arguments, namespace)?;
+    add(&mut arguments, &tenants)?;
     columns.add_to(&mut arguments)?;
     Ok(sqlx::query_scalar_with(sqlx::AssertSqlSafe(sql), arguments)
         .fetch_all(conn)
         .await?)
 }
 
-/// Returns the ids of the runs that hold the given idempotency keys.
+/// Returns the ids and statuses of the runs that hold the given idempotency keys, each
+/// `(tenant, key)`, as `(tenant, key, id, status)`.
 pub async fn runs_by_idempotency_key(
     conn: &mut PgConnection,
     namespace: &str,
     kind: RunKind,
-    keys: &[String],
-) -> Result<Vec<(String, Uuid, RunStatus)>, StoreError> {
-    let rows: Vec<(String, Uuid, String)> = sqlx::query_as(
-        "SELECT idempotency_key, id, status FROM runs
-         WHERE namespace = $1 AND kind = $2 AND idempotency_key = ANY($3)",
+    keys: &[(String, String)],
+) -> Result<Vec<(String, String, Uuid, RunStatus)>, StoreError> {
+    let (tenants, keys): (Vec<&str>, Vec<&str>) = keys
+        .iter()
+        .map(|(tenant, key)| (tenant.as_str(), key.as_str()))
+        .unzip();
+    let rows: Vec<(String, String, Uuid, String)> = sqlx::query_as(
+        "SELECT r.tenant, r.idempotency_key, r.id, r.status
+         FROM UNNEST($3::text[], $4::text[]) AS k(tenant, key)
+         JOIN runs r ON r.namespace = $1 AND r.tenant = k.tenant AND r.kind = $2
+                    AND r.idempotency_key = k.key",
     )
     .bind(namespace)
     .bind(kind.as_str())
-    .bind(keys)
+    .bind(&tenants)
+    .bind(&keys)
     .fetch_all(conn)
     .await?;
     rows.into_iter()
-        .map(|(key, id, status)| Ok((key, id, run_status(status)?)))
+        .map(|(tenant, key, id, status)| Ok((tenant, key, id, run_status(status)?)))
         .collect()
 }
 
@@ -273,19 +288,22 @@ pub async fn insert_tasks(
 const RUN_COLUMNS: &str = "id, kind, workflow, workflow_version, definition, input, status, \
                            output, error, created_at, finished_at";
 
-/// Returns a run of the given kind.
+/// Returns a run of the given kind, if the owner has it.
 pub async fn get_run(
     db: &PgPool,
-    namespace: &str,
+    owner: Owner<'_>,
     id: Uuid,
     kind: RunKind,
 ) -> Result<Option<RunRow>, StoreError> {
-    let sql =
-        format!("SELECT {RUN_COLUMNS} FROM runs WHERE id = $1 AND kind = $2 AND namespace = $3");
+    let sql = format!(
+        "SELECT {RUN_COLUMNS} FROM runs
+         WHERE id = $1 AND kind = $2 AND namespace = $3 AND tenant = $4"
+    );
     Ok(sqlx::query_as(sqlx::AssertSqlSafe(sql))
         .bind(id)
         .bind(kind.as_str())
-        .bind(namespace)
+        .bind(owner.namespace)
+        .bind(owner.tenant)
         .fetch_optional(db)
         .await?)
 }
@@ -344,7 +362,7 @@ pub struct RunSummaryRow {
 /// Lists workflow runs or jobs, newest first.
 pub async fn list_runs(
     db: &PgPool,
-    namespace: &str,
+    owner: Owner<'_>,
     filter: &RunFilter,
 ) -> Result<Vec<RunSummaryRow>, StoreError> {
     Ok(sqlx::query_as(
@@ -356,7 +374,7 @@ pub async fn list_runs(
                      WHERE key IN ('python', 'python_code', 'dataflow') LIMIT 1)
                 END AS executor
          FROM runs
-         WHERE namespace = $5 AND kind = $6
+         WHERE namespace = $5 AND tenant = $7 AND kind = $6
            AND ($1::text IS NULL OR status = $1)
            AND ($2::text IS NULL OR workflow = $2)
            AND ($3::uuid IS NULL OR id < $3)
@@ -366,8 +384,9 @@ pub async fn list_runs(
     .bind(&filter.workflow)
     .bind(filter.before)
     .bind(filter.limit)
-    .bind(namespace)
+    .bind(owner.namespace)
     .bind(filter.kind.as_str())
+    .bind(owner.tenant)
     .fetch_all(db)
     .await?)
 }
@@ -387,17 +406,19 @@ pub enum Cancellation {
 /// new task of it starts and no completion of it is recorded any more.
 pub async fn cancel_run(
     db: &PgPool,
-    namespace: &str,
+    owner: Owner<'_>,
     id: Uuid,
     kind: RunKind,
 ) -> Result<Cancellation, StoreError> {
     let mut tx = db.begin().await?;
     let status: Option<String> = sqlx::query_scalar(
-        "SELECT status FROM runs WHERE id = $1 AND kind = $2 AND namespace = $3 FOR UPDATE",
+        "SELECT status FROM runs
+         WHERE id = $1 AND kind = $2 AND namespace = $3 AND tenant = $4 FOR UPDATE",
     )
     .bind(id)
     .bind(kind.as_str())
-    .bind(namespace)
+    .bind(owner.namespace)
+    .bind(owner.tenant)
     .fetch_optional(&mut *tx)
     .await?;
     match status.map(run_status).transpose()? {

@@ -16,22 +16,27 @@ async fn scanning(db: &PgPool) -> Result<Transaction<'static, Postgres>, StoreEr
     Ok(tx)
 }
 
-/// Returns counts of runs and of tasks by status.
+/// Returns counts of runs and of tasks by status, of one tenant or (with `None`) of all.
 pub async fn stats(
     db: &PgPool,
     namespace: &str,
+    tenant: Option<&str>,
 ) -> Result<(Vec<(String, i64)>, Vec<(String, i64)>), StoreError> {
     let mut tx = scanning(db).await?;
-    let runs =
-        sqlx::query_as("SELECT status, count(*) FROM runs WHERE namespace = $1 GROUP BY status")
-            .bind(namespace)
-            .fetch_all(&mut *tx)
-            .await?;
-    let tasks = sqlx::query_as(
-        "SELECT t.status, count(*) FROM tasks t JOIN runs r ON r.id = t.run_id
-         WHERE r.namespace = $1 GROUP BY t.status",
+    let runs = sqlx::query_as(
+        "SELECT status, count(*) FROM runs
+         WHERE namespace = $1 AND ($2::text IS NULL OR tenant = $2) GROUP BY status",
     )
     .bind(namespace)
+    .bind(tenant)
+    .fetch_all(&mut *tx)
+    .await?;
+    let tasks = sqlx::query_as(
+        "SELECT t.status, count(*) FROM tasks t JOIN runs r ON r.id = t.run_id
+         WHERE r.namespace = $1 AND ($2::text IS NULL OR r.tenant = $2) GROUP BY t.status",
+    )
+    .bind(namespace)
+    .bind(tenant)
     .fetch_all(&mut *tx)
     .await?;
     tx.commit().await?;

@@ -7,31 +7,39 @@ use serde_json::{Value, json};
 use taskfleet_common::RunKind;
 
 use super::{noun, parse_id};
-use crate::api::{ApiError, AppState};
+use crate::api::{ApiError, AppState, owner};
+use crate::auth::{Principal, Scope};
 use crate::store;
 
 /// `POST /v1/runs/{id}/cancel`: cancels a run. No new task of it starts, tasks delivered later
 /// are dropped, and workers stop its running tasks. A finished run answers 409.
 pub async fn cancel(
     State(state): State<AppState>,
+    principal: Principal,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    cancel_kind(&state, &id, RunKind::Workflow).await
+    cancel_kind(&state, &principal, &id, RunKind::Workflow).await
 }
 
 /// `POST /v1/tasks/{id}/cancel`: cancels a job, as a run is cancelled.
 pub async fn cancel_job(
     State(state): State<AppState>,
+    principal: Principal,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    cancel_kind(&state, &id, RunKind::Job).await
+    cancel_kind(&state, &principal, &id, RunKind::Job).await
 }
 
-async fn cancel_kind(state: &AppState, id: &str, kind: RunKind) -> Result<Json<Value>, ApiError> {
+async fn cancel_kind(
+    state: &AppState,
+    principal: &Principal,
+    id: &str,
+    kind: RunKind,
+) -> Result<Json<Value>, ApiError> {
+    principal.require(Scope::RunsWrite)?;
     let what = noun(kind);
     let id = parse_id(id, what)?;
-    let namespace = &state.config.namespace;
-    match store::cancel_run(&state.db, namespace.as_str(), id, kind).await? {
+    match store::cancel_run(&state.db, owner(state, principal), id, kind).await? {
         store::Cancellation::NotFound => {
             Err(ApiError::not_found(format!("no {what} with id {id}")))
         }
@@ -41,6 +49,11 @@ async fn cancel_kind(state: &AppState, id: &str, kind: RunKind) -> Result<Json<V
         store::Cancellation::Cancelled => {
             state.notifier.stop_runs(&[id]).await;
             state.notifier.announce(&[id]).await;
+            let action = match kind {
+                RunKind::Workflow => "run.cancel",
+                RunKind::Job => "job.cancel",
+            };
+            crate::api::keys::record(state, principal, action, Some(id.to_string()), None).await;
             Ok(Json(json!({"id": id, "status": "cancelled"})))
         }
     }

@@ -9,13 +9,12 @@ use taskfleet_common::names::is_valid_name;
 use taskfleet_common::{RunKind, RunStatus};
 use uuid::Uuid;
 
-use crate::api::{ApiError, AppState, QueryParams};
+use crate::api::{ApiError, AppState, QueryParams, owner};
+use crate::auth::{Principal, Scope};
 use crate::store::{self, RunFilter, RunSummaryRow};
 
 /// The most runs or jobs one page lists unless asked.
 const DEFAULT_LIMIT: i64 = 50;
-/// The most runs or jobs one page may list.
-const MAX_LIMIT: i64 = 1000;
 
 /// The query of `GET /v1/runs`.
 #[derive(Debug, Deserialize)]
@@ -39,8 +38,10 @@ pub struct JobListQuery {
 /// `GET /v1/runs`: workflow runs, newest first, with cursor pagination.
 pub async fn list(
     State(state): State<AppState>,
+    principal: Principal,
     QueryParams(query): QueryParams<ListQuery>,
 ) -> Result<Json<Value>, ApiError> {
+    principal.require(Scope::RunsRead)?;
     if let Some(workflow) = &query.workflow
         && !is_valid_name(workflow)
     {
@@ -55,7 +56,7 @@ pub async fn list(
         query.limit,
         query.cursor.as_deref(),
     )?;
-    let rows = store::list_runs(&state.db, state.config.namespace.as_str(), &filter).await?;
+    let rows = store::list_runs(&state.db, owner(&state, &principal), &filter).await?;
     let next_cursor = next_cursor(&rows, filter.limit);
     let runs: Vec<Value> = rows
         .into_iter()
@@ -76,8 +77,10 @@ pub async fn list(
 /// `GET /v1/tasks`: jobs, newest first, with cursor pagination.
 pub async fn list_jobs(
     State(state): State<AppState>,
+    principal: Principal,
     QueryParams(query): QueryParams<JobListQuery>,
 ) -> Result<Json<Value>, ApiError> {
+    principal.require(Scope::RunsRead)?;
     let filter = filter(
         RunKind::Job,
         query.status.as_deref(),
@@ -85,7 +88,7 @@ pub async fn list_jobs(
         query.limit,
         query.cursor.as_deref(),
     )?;
-    let rows = store::list_runs(&state.db, state.config.namespace.as_str(), &filter).await?;
+    let rows = store::list_runs(&state.db, owner(&state, &principal), &filter).await?;
     let next_cursor = next_cursor(&rows, filter.limit);
     let jobs: Vec<Value> = rows
         .into_iter()
@@ -120,20 +123,7 @@ fn filter(
             ))
         })?),
     };
-    let limit = limit.unwrap_or(DEFAULT_LIMIT);
-    if !(1..=MAX_LIMIT).contains(&limit) {
-        return Err(ApiError::bad_request(format!(
-            "limit must be between 1 and {MAX_LIMIT}"
-        )));
-    }
-    let before = match cursor {
-        Some(cursor) => Some(
-            cursor
-                .parse::<Uuid>()
-                .map_err(|_| ApiError::bad_request(format!("cursor {cursor:?} is not valid")))?,
-        ),
-        None => None,
-    };
+    let (limit, before) = crate::api::page(limit, cursor, DEFAULT_LIMIT)?;
     Ok(RunFilter {
         kind,
         status,
@@ -145,7 +135,5 @@ fn filter(
 
 /// Returns the cursor of the next page: the last id of a full page.
 fn next_cursor(rows: &[RunSummaryRow], limit: i64) -> Option<Uuid> {
-    (i64::try_from(rows.len()).ok() == Some(limit))
-        .then(|| rows.last().map(|row| row.id))
-        .flatten()
+    crate::api::next_cursor(rows.len(), limit, rows.last().map(|row| row.id))
 }

@@ -17,7 +17,8 @@ use taskfleet_common::names::is_valid_name;
 use taskfleet_common::{RunKind, WorkflowDefinition};
 use uuid::Uuid;
 
-use super::{ApiError, AppState};
+use super::{ApiError, AppState, owner};
+use crate::auth::{Principal, Scope};
 use crate::store;
 
 pub use cancel::{cancel, cancel_job};
@@ -76,6 +77,7 @@ type Resolved = HashMap<(String, Option<i32>), (WorkflowDefinition, i32)>;
 /// checking and planning follow in [`submit`].
 async fn prepare(
     state: &AppState,
+    principal: &Principal,
     request: RunRequest,
     resolved: &mut Resolved,
 ) -> Result<NewRunParts, ApiError> {
@@ -97,7 +99,7 @@ async fn prepare(
             let (definition, version) = match resolved.get(&key) {
                 Some(found) => found.clone(),
                 None => {
-                    let found = resolve(state, &name, request.version).await?;
+                    let found = resolve(state, principal, &name, request.version).await?;
                     resolved.insert(key, found.clone());
                     found
                 }
@@ -110,6 +112,7 @@ async fn prepare(
                     "\"version\" only applies to a registered \"workflow\"",
                 ));
             }
+            check_python_code(principal, &definition)?;
             // A run of an inline definition is listed under the definition's name, if any.
             let name = definition.name.clone();
             (definition, name, None)
@@ -117,6 +120,7 @@ async fn prepare(
     };
     Ok(NewRunParts {
         kind: RunKind::Workflow,
+        tenant: principal.tenant.clone(),
         // A registered definition (the only kind with a version) was checked when registered.
         unchecked: version.is_none(),
         definition,
@@ -131,6 +135,7 @@ async fn prepare(
 /// Returns a registered workflow's definition and version.
 async fn resolve(
     state: &AppState,
+    principal: &Principal,
     name: &str,
     version: Option<i32>,
 ) -> Result<(WorkflowDefinition, i32), ApiError> {
@@ -141,7 +146,7 @@ async fn resolve(
     if !is_valid_name(name) {
         return Err(not_found());
     }
-    let row = store::get_workflow(&state.db, state.config.namespace.as_str(), name, version)
+    let row = store::get_workflow(&state.db, owner(state, principal), name, version)
         .await?
         .ok_or_else(not_found)?;
     let definition =
@@ -152,6 +157,8 @@ async fn resolve(
 /// What a new run is made of, before planning.
 struct NewRunParts {
     kind: RunKind,
+    /// The tenant it belongs to.
+    tenant: String,
     definition: WorkflowDefinition,
     /// Whether the definition came inline and is still to be checked.
     unchecked: bool,
@@ -161,6 +168,28 @@ struct NewRunParts {
     idempotency_key: Option<String>,
     /// Seconds before the first steps are dispatched (jobs' `delay_s`).
     delay_s: Option<f64>,
+}
+
+/// Returns the 403 naming the first step with `python_code` unless the caller may submit
+/// Python source.
+pub fn check_python_code(
+    principal: &Principal,
+    definition: &WorkflowDefinition,
+) -> Result<(), ApiError> {
+    if principal.has(Scope::PythonCode) {
+        return Ok(());
+    }
+    match definition
+        .steps
+        .iter()
+        .find(|step| step.python_code.is_some())
+    {
+        Some(step) => Err(ApiError::forbidden(format!(
+            "step {:?} has python_code, which needs the scope python_code; this API key lacks it",
+            step.id
+        ))),
+        None => Ok(()),
+    }
 }
 
 fn parse_id(text: &str, what: &str) -> Result<Uuid, ApiError> {

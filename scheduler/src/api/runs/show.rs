@@ -12,7 +12,8 @@ use taskfleet_common::{RunKind, TaskId, TaskStatus};
 use uuid::Uuid;
 
 use super::{noun, parse_id};
-use crate::api::{ApiError, AppState, QueryParams};
+use crate::api::{ApiError, AppState, QueryParams, owner};
+use crate::auth::{Principal, Scope};
 use crate::notify::Notifier;
 use crate::store;
 use crate::views::run_view;
@@ -26,10 +27,12 @@ pub struct ShowQuery {
 
 async fn show_kind(
     state: &AppState,
+    principal: &Principal,
     id: &str,
     kind: RunKind,
     wait: Option<f64>,
 ) -> Result<Json<Value>, ApiError> {
+    principal.require(Scope::RunsRead)?;
     let what = noun(kind);
     let id = parse_id(id, what)?;
     let wait = match wait {
@@ -44,10 +47,9 @@ async fn show_kind(
     // Watch before reading, so an end recorded in between wakes us.
     let mut watch = state.notifier.watch(id);
     let deadline = tokio::time::Instant::now() + wait;
-    let namespace = state.config.namespace.as_str();
     let mut woken = false;
     loop {
-        let get_run = store::get_run(&state.db, namespace, id, kind);
+        let get_run = store::get_run(&state.db, owner(state, principal), id, kind);
         // Once woken (most often by the run's end) the steps are read alongside the run, on a
         // second connection, so the answer waits for one round trip rather than two.
         let (run, tasks) = if woken {
@@ -119,17 +121,19 @@ async fn leased_tasks(state: &AppState, tasks: &[store::TaskRow]) -> HashSet<Uui
 /// `GET /v1/runs/{id}`: a run, long-polling up to `?wait=S` seconds for it to finish.
 pub async fn show(
     State(state): State<AppState>,
+    principal: Principal,
     Path(id): Path<String>,
     QueryParams(query): QueryParams<ShowQuery>,
 ) -> Result<Json<Value>, ApiError> {
-    show_kind(&state, &id, RunKind::Workflow, query.wait).await
+    show_kind(&state, &principal, &id, RunKind::Workflow, query.wait).await
 }
 
 /// `GET /v1/tasks/{id}`: a job, with the same shape and long poll as a run.
 pub async fn show_job(
     State(state): State<AppState>,
+    principal: Principal,
     Path(id): Path<String>,
     QueryParams(query): QueryParams<ShowQuery>,
 ) -> Result<Json<Value>, ApiError> {
-    show_kind(&state, &id, RunKind::Job, query.wait).await
+    show_kind(&state, &principal, &id, RunKind::Job, query.wait).await
 }

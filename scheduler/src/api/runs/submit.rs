@@ -13,10 +13,14 @@ use taskfleet_common::jq::ProgramCache;
 use taskfleet_common::{RunKind, RunStatus, WorkflowDefinition};
 use uuid::Uuid;
 
-use super::{NewRunParts, Resolved, RunRequest, check_idempotency_key, check_input, prepare};
+use super::{
+    NewRunParts, Resolved, RunRequest, check_idempotency_key, check_input, check_python_code,
+    prepare,
+};
 use crate::accept::{Accepted, Submission};
 use crate::api::workflows::check_definition;
 use crate::api::{ApiError, AppState, JsonBody};
+use crate::auth::{Principal, Scope};
 use crate::planning::{
     self, Halted, PlanningError, PlanningLoad, ProgramRunner, SandboxedPrograms,
 };
@@ -129,6 +133,7 @@ fn plan_submission(
         run: NewRun {
             id,
             kind: parts.kind,
+            tenant: parts.tenant,
             workflow: parts.workflow,
             workflow_version: parts.version,
             definition: serde_json::to_value(&parts.definition).unwrap_or(Value::Null),
@@ -171,9 +176,12 @@ async fn submit_one(
 /// `POST /v1/runs`: starts a run of a registered workflow or an inline definition.
 pub async fn create(
     State(state): State<AppState>,
+    principal: Principal,
     JsonBody(request): JsonBody<RunRequest>,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
-    let parts = prepare(&state, request, &mut Resolved::new()).await?;
+    principal.require(Scope::RunsWrite)?;
+    state.quotas.admit(&state, &principal, 1).await?;
+    let parts = prepare(&state, &principal, request, &mut Resolved::new()).await?;
     let submission = plan_one(&state, parts).await?;
     submit_one(&state, submission).await
 }
@@ -189,18 +197,24 @@ pub struct BatchRequest {
 /// written, and they are written in one transaction.
 pub async fn create_batch(
     State(state): State<AppState>,
+    principal: Principal,
     JsonBody(request): JsonBody<BatchRequest>,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
+    principal.require(Scope::RunsWrite)?;
     if request.runs.len() > MAX_BATCH_RUNS {
         return Err(ApiError::bad_request(format!(
             "a batch holds at most {MAX_BATCH_RUNS} runs, this one has {}",
             request.runs.len()
         )));
     }
+    state
+        .quotas
+        .admit(&state, &principal, request.runs.len())
+        .await?;
     let mut runs = Vec::with_capacity(request.runs.len());
     let mut resolved = Resolved::new();
     for (index, run) in request.runs.into_iter().enumerate() {
-        let parts = prepare(&state, run, &mut resolved)
+        let parts = prepare(&state, &principal, run, &mut resolved)
             .await
             .map_err(|error| error.in_batch(index))?;
         runs.push(parts);
@@ -229,8 +243,10 @@ const JOB_FIELDS: [&str; 3] = ["input", "delay_s", "idempotency_key"];
 /// `POST /v1/tasks`: enqueues one step as a job.
 pub async fn create_job(
     State(state): State<AppState>,
+    principal: Principal,
     JsonBody(mut body): JsonBody<Map<String, Value>>,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
+    principal.require(Scope::RunsWrite)?;
     let mut extra: BTreeMap<&str, Value> = BTreeMap::new();
     for field in JOB_FIELDS {
         if let Some(value) = body.remove(field) {
@@ -265,10 +281,13 @@ pub async fn create_job(
         steps: vec![step],
         output: None,
     };
+    check_python_code(&principal, &definition)?;
+    state.quotas.admit(&state, &principal, 1).await?;
     let input = extra.remove("input").unwrap_or(Value::Null);
     check_input(&input)?;
     let parts = NewRunParts {
         kind: RunKind::Job,
+        tenant: principal.tenant.clone(),
         unchecked: true,
         definition,
         workflow: None,
@@ -290,6 +309,7 @@ mod tests {
     fn parts(definition: Value, unchecked: bool) -> NewRunParts {
         NewRunParts {
             kind: RunKind::Workflow,
+            tenant: "t".to_owned(),
             definition: serde_json::from_value(definition).expect("a definition"),
             unchecked,
             workflow: None,

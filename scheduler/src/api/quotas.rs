@@ -1,0 +1,99 @@
+//! Per-tenant quotas on submissions (`docs/security.md`): runs and jobs per second across the
+//! fleet, counted in Redis in one-second windows, and runs and jobs unfinished at once, counted
+//! in PostgreSQL. What a tenant's quotas are is read at most once a second per scheduler.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use super::{ApiError, AppState, owner};
+use crate::auth::Principal;
+use crate::store::{self, QuotaRow};
+
+/// How long a tenant's quotas, once read, are trusted: a change takes effect within this.
+const CACHE_TTL: Duration = Duration::from_secs(1);
+/// The most tenants whose quotas are remembered at once; past it, the cache starts afresh.
+const CACHE_CAPACITY: usize = 10_000;
+
+/// Checks submissions against their tenant's quotas.
+#[derive(Clone, Default)]
+pub struct Quotas {
+    cache: Arc<Mutex<HashMap<String, (Instant, QuotaRow)>>>,
+}
+
+impl Quotas {
+    /// Admits `runs` new runs or jobs of the caller's tenant, or answers 429 with the quota they
+    /// would pass. Redis being unreachable admits them (a counter is not worth refusing work
+    /// for), and says so in the log.
+    pub async fn admit(
+        &self,
+        state: &AppState,
+        principal: &Principal,
+        runs: usize,
+    ) -> Result<(), ApiError> {
+        let quota = self.quota(state, principal).await?;
+        let runs = i64::try_from(runs).unwrap_or(i64::MAX);
+        let tenant = &principal.tenant;
+        if let Some(limit) = quota.runs_in_flight {
+            let limit = i64::from(limit);
+            if runs > limit {
+                return Err(ApiError::quota_exceeded(format!(
+                    "tenant {tenant:?} may have at most {limit} runs unfinished at once, and this request holds {runs}"
+                )));
+            }
+            let unfinished =
+                store::runs_in_flight(&state.db, owner(state, principal), limit).await?;
+            if unfinished + runs > limit {
+                return Err(ApiError::quota_exceeded(format!(
+                    "tenant {tenant:?} may have at most {limit} runs unfinished at once and has {unfinished}; try again when some finish"
+                )));
+            }
+        }
+        if let Some(limit) = quota.submissions_per_s {
+            let limit = i64::from(limit);
+            let second = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_secs();
+            let key = state.config.namespace.submissions_key(tenant, second);
+            let mut redis = state.redis.clone();
+            let counted: Result<(i64,), redis::RedisError> = redis::pipe()
+                .incr(&key, runs)
+                .expire(&key, 2)
+                .ignore()
+                .query_async(&mut redis)
+                .await;
+            match counted {
+                Ok((count,)) if count > limit => {
+                    return Err(ApiError::quota_exceeded(format!(
+                        "tenant {tenant:?} may submit at most {limit} runs per second"
+                    )));
+                }
+                Ok(_) => {}
+                Err(error) => {
+                    tracing::warn!(%error, tenant, "counting submissions; admitting them");
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Returns the caller's tenant's quotas, read at most once per [`CACHE_TTL`].
+    async fn quota(&self, state: &AppState, principal: &Principal) -> Result<QuotaRow, ApiError> {
+        let now = Instant::now();
+        let cached = taskfleet_common::sync::lock(&self.cache)
+            .get(&principal.tenant)
+            .filter(|(at, _)| now.duration_since(*at) < CACHE_TTL)
+            .map(|(_, quota)| *quota);
+        if let Some(quota) = cached {
+            return Ok(quota);
+        }
+        let quota = store::get_quota(&state.db, owner(state, principal)).await?;
+        let mut cache = taskfleet_common::sync::lock(&self.cache);
+        if cache.len() >= CACHE_CAPACITY {
+            cache.clear();
+        }
+        cache.insert(principal.tenant.clone(), (now, quota));
+        Ok(quota)
+    }
+}
