@@ -13,3 +13,4 @@ pub mod pubsub;
 pub mod redis_connection;
 pub mod settings;
 pub mod signals;
+pub mod tls;

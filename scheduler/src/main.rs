@@ -11,6 +11,7 @@ const THREAD_STACK_SIZE: usize = 32 * 1024 * 1024;
 
 fn main() -> anyhow::Result<()> {
     taskfleet_io::jq_sandbox::serve_if_started_as_one();
+    taskfleet_io::tls::install_crypto_provider();
     let mut settings: Settings = taskfleet_io::settings::parse();
     let command = settings.command.take();
     let config = Config::from(settings);

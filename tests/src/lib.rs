@@ -8,6 +8,7 @@
 #![allow(clippy::unwrap_used, clippy::print_stderr, missing_docs)]
 
 mod http;
+pub mod pki;
 mod processes;
 pub mod services;
 

@@ -27,6 +27,7 @@ fn main() -> anyhow::Result<()> {
         process::serve(&socket)?;
         std::process::exit(0);
     }
+    taskfleet_io::tls::install_crypto_provider();
     let settings: Settings = taskfleet_io::settings::parse();
     let python_path = std::env::var(PYTHON_PATH_VARIABLE).ok();
     let config = Config::new(
