@@ -197,6 +197,8 @@ impl Client {
     /// that sends `api_key`, if any, with every request.
     pub fn new(api_url: &str, api_key: Option<&str>) -> Result<Self, ApiError> {
         let base = parse_base_url(api_url)?;
+        // The one TLS stack: rustls with ring. Installing it again does nothing.
+        let _ = rustls::crypto::ring::default_provider().install_default();
         let mut headers = reqwest::header::HeaderMap::new();
         if let Some(api_key) = api_key {
             let mut value = reqwest::header::HeaderValue::from_str(&format!("Bearer {api_key}"))

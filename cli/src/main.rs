@@ -8,8 +8,6 @@
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
-    // The one TLS stack: rustls with ring, for https:// API URLs.
-    let _ = rustls::crypto::ring::default_provider().install_default();
     let cli = match taskfleet_cli::parse() {
         Ok(cli) => cli,
         Err(error) => return usage_exit(&error),

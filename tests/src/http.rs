@@ -41,7 +41,7 @@ impl TestFleet {
         body: Option<&Value>,
     ) -> (u16, Value) {
         let method = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
-        let client = reqwest::Client::builder()
+        let client = http_client()
             .timeout(Duration::from_secs(120))
             .build()
             .unwrap();

@@ -76,6 +76,12 @@ pub struct TestFleet {
     started_workers: usize,
 }
 
+/// Returns a builder of HTTP clients, with the one TLS stack (rustls with ring) in place.
+pub fn http_client() -> reqwest::ClientBuilder {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    reqwest::Client::builder()
+}
+
 /// Returns the directory holding the workspace's binaries.
 pub fn bin_dir() -> PathBuf {
     if let Ok(dir) = std::env::var("TASKFLEET_BIN_DIR") {

@@ -39,7 +39,7 @@ impl TestFleet {
             namespace,
             database,
             api_key,
-            http: reqwest::Client::builder()
+            http: http_client()
                 .timeout(Duration::from_secs(120))
                 .default_headers(headers)
                 .build()?,
