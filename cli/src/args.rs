@@ -23,6 +23,9 @@ pub struct Cli {
     /// The API key sent with every request (`Authorization: Bearer`)
     #[arg(long, global = true, value_name = "KEY", env = "TASKFLEET_API_KEY")]
     pub api_key: Option<String>,
+    /// A PEM file of CA certificates to trust for an https:// API URL, besides the system's
+    #[arg(long, global = true, value_name = "PATH", env = "TASKFLEET_CA_CERT")]
+    pub ca_cert: Option<PathBuf>,
     /// How results are printed: text for people, json for scripts (one JSON document on stdout)
     #[arg(
         long,

@@ -31,6 +31,13 @@ pub enum ApiError {
     Setup(reqwest::Error),
     /// The API key cannot be sent in a header.
     BadKey,
+    /// The CA certificate file cannot be used.
+    BadCa {
+        /// The file, as given.
+        path: String,
+        /// What is wrong with it.
+        reason: String,
+    },
     /// The request got no answer: connection refused, timed out, reset.
     Unreachable {
         /// The request's method and URL, such as `GET http://127.0.0.1:8080/v1/runs/…`.
@@ -65,6 +72,9 @@ impl fmt::Display for ApiError {
         match self {
             Self::BadUrl { url, reason } => write!(formatter, "API URL {url:?} {reason}"),
             Self::Setup(error) => write!(formatter, "setting up the HTTP client: {error}"),
+            Self::BadCa { path, reason } => {
+                write!(formatter, "CA certificate (--ca-cert or TASKFLEET_CA_CERT) {path}: {reason}")
+            }
             Self::BadKey => formatter.write_str(
                 "the API key (--api-key or TASKFLEET_API_KEY) holds characters a header cannot carry",
             ),
@@ -194,8 +204,13 @@ pub struct Client {
 
 impl Client {
     /// Returns a client of the API at `api_url` (a base URL such as `http://127.0.0.1:8080`)
-    /// that sends `api_key`, if any, with every request.
-    pub fn new(api_url: &str, api_key: Option<&str>) -> Result<Self, ApiError> {
+    /// that sends `api_key`, if any, with every request, and trusts the CA certificates in the
+    /// PEM file `ca_cert`, if any, besides the system's.
+    pub fn new(
+        api_url: &str,
+        api_key: Option<&str>,
+        ca_cert: Option<&std::path::Path>,
+    ) -> Result<Self, ApiError> {
         let base = parse_base_url(api_url)?;
         // The one TLS stack: rustls with ring. Installing it again does nothing.
         let _ = rustls::crypto::ring::default_provider().install_default();
@@ -206,7 +221,11 @@ impl Client {
             value.set_sensitive(true);
             headers.insert(reqwest::header::AUTHORIZATION, value);
         }
-        let http = reqwest::Client::builder()
+        let mut builder = reqwest::Client::builder();
+        if let Some(path) = ca_cert {
+            builder = builder.tls_certs_merge(read_ca(path)?);
+        }
+        let http = builder
             .default_headers(headers)
             .connect_timeout(CONNECT_TIMEOUT)
             .user_agent(concat!("taskfleet-cli/", env!("CARGO_PKG_VERSION")))
@@ -404,28 +423,45 @@ impl Client {
     }
 }
 
+/// Returns the certificates of a PEM file of CA certificates.
+fn read_ca(path: &std::path::Path) -> Result<Vec<reqwest::Certificate>, ApiError> {
+    let bad = |reason: String| ApiError::BadCa {
+        path: path.display().to_string(),
+        reason,
+    };
+    let pem = std::fs::read(path).map_err(|error| bad(format!("cannot be read: {error}")))?;
+    let certs = reqwest::Certificate::from_pem_bundle(&pem)
+        .map_err(|error| bad(format!("is not PEM: {error}")))?;
+    if certs.is_empty() {
+        return Err(bad(
+            "holds no PEM certificate (-----BEGIN CERTIFICATE-----)".to_owned(),
+        ));
+    }
+    Ok(certs)
+}
+
 /// Returns how errors name a request: its method and URL.
 fn request_line(method: &Method, url: &Url) -> String {
     format!("{method} {url}")
 }
 
-/// Returns `api_url` parsed, checked to be an `http` base URL. This build has no TLS, so
-/// `https` is refused here rather than failing obscurely at the first request.
+/// Returns `api_url` parsed, checked to be an `http` or `https` base URL.
 fn parse_base_url(api_url: &str) -> Result<Url, ApiError> {
     let bad = |reason: String| ApiError::BadUrl {
         url: api_url.to_owned(),
         reason,
     };
-    let not_http = || bad(format!("is not an http:// URL (try \"http://{api_url}\")"));
+    let not_http = || {
+        bad(format!(
+            "is not an http:// or https:// URL (try \"http://{api_url}\")"
+        ))
+    };
     if !api_url.contains("://") {
         return Err(not_http());
     }
     let url = Url::parse(api_url).map_err(|error| bad(format!("is not a URL: {error}")))?;
     match url.scheme() {
-        "http" if !url.cannot_be_a_base() => Ok(url),
-        "https" => Err(bad(
-            "uses https, which this build of taskfleet does not support".to_owned(),
-        )),
+        "http" | "https" if !url.cannot_be_a_base() => Ok(url),
         _ => Err(not_http()),
     }
 }
@@ -471,7 +507,7 @@ mod tests {
     use super::*;
 
     fn check_url(api_url: &str, kind: Kind, id: &str, expected: &str) {
-        let client = Client::new(api_url, None).expect("the test URL is valid");
+        let client = Client::new(api_url, None, None).expect("the test URL is valid");
         assert_eq!(
             client.url(&["v1", kind.collection(), id]).as_str(),
             expected
@@ -505,13 +541,21 @@ mod tests {
 
     #[test]
     fn unusable_api_urls_are_refused() {
-        assert!(Client::new("127.0.0.1:8080", None).is_err());
-        assert!(Client::new("ftp://h/", None).is_err());
-        assert!(Client::new("https://h/", None).is_err());
-        assert!(Client::new("http://h:1/", None).is_ok());
-        assert!(Client::new("http://h:1/", Some("tfk_ok")).is_ok());
-        assert!(Client::new("http://h:1/", Some("bad\nkey")).is_err());
-        assert!(Client::new("", None).is_err());
+        assert!(Client::new("127.0.0.1:8080", None, None).is_err());
+        assert!(Client::new("ftp://h/", None, None).is_err());
+        assert!(Client::new("https://h/", None, None).is_ok());
+        assert!(
+            Client::new(
+                "https://h/",
+                None,
+                Some(std::path::Path::new("/no/such/ca.pem"))
+            )
+            .is_err()
+        );
+        assert!(Client::new("http://h:1/", None, None).is_ok());
+        assert!(Client::new("http://h:1/", Some("tfk_ok"), None).is_ok());
+        assert!(Client::new("http://h:1/", Some("bad\nkey"), None).is_err());
+        assert!(Client::new("", None, None).is_err());
     }
 
     #[test]

@@ -50,12 +50,16 @@ pub fn parse() -> Result<Cli, clap::Error> {
 pub async fn run(cli: Cli) -> ExitCode {
     let printer = Printer { output: cli.output };
     let api_key = cli.api_key.as_deref().map(str::trim);
-    match dispatch(cli.command, cli.api_url.trim(), api_key, printer).await {
+    let connection = Connection {
+        api_url: cli.api_url.trim(),
+        api_key,
+        ca_cert: cli.ca_cert.as_deref(),
+    };
+    match dispatch(cli.command, &connection, printer).await {
         Ok(exit) => exit.into(),
         Err(error) => {
             eprintln!("taskfleet: error: {error}");
-            if api_key.is_none() && matches!(&error, CliError::Api(api) if api.is_unauthorized())
-            {
+            if api_key.is_none() && matches!(&error, CliError::Api(api) if api.is_unauthorized()) {
                 eprintln!("(no API key was sent: set TASKFLEET_API_KEY or pass --api-key)");
             }
             ExitCode::FAILURE
@@ -143,17 +147,23 @@ impl Printer {
     }
 }
 
-/// Runs one command with a client of the API at `api_url`.
+/// How to reach the API: its URL, the key to send and the CA to trust.
+struct Connection<'a> {
+    api_url: &'a str,
+    api_key: Option<&'a str>,
+    ca_cert: Option<&'a std::path::Path>,
+}
+
+/// Runs one command with a client of the API that `connection` names.
 async fn dispatch(
     command: Command,
-    api_url: &str,
-    api_key: Option<&str>,
+    connection: &Connection<'_>,
     printer: Printer,
 ) -> Result<Exit, CliError> {
     if let Command::Completions(completions_args) = command {
         return completions(&completions_args);
     }
-    let client = Client::new(api_url, api_key)?;
+    let client = Client::new(connection.api_url, connection.api_key, connection.ca_cert)?;
     match command {
         Command::Submit(submit_args) => submit(&client, printer, submit_args).await,
         Command::Enqueue(enqueue_args) => enqueue(&client, printer, enqueue_args).await,

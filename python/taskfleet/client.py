@@ -34,6 +34,7 @@ import json
 import math
 import os
 import socket
+import ssl
 import time
 import urllib.error
 import urllib.parse
@@ -105,6 +106,7 @@ from taskfleet.models import (
 
 __all__ = [
     "API_KEY_ENV",
+    "CA_CERT_ENV",
     "API_URL_ENV",
     "DEFAULT_API_URL",
     "FINISHED_STATUSES",
@@ -143,6 +145,8 @@ __all__ = [
 API_URL_ENV = "TASKFLEET_API_URL"
 #: The environment variable holding the API key sent with every request.
 API_KEY_ENV = "TASKFLEET_API_KEY"
+#: The environment variable naming a PEM file of CA certificates to trust for ``https://``.
+CA_CERT_ENV = "TASKFLEET_CA_CERT"
 #: The base URL used when neither an argument nor ``TASKFLEET_API_URL`` gives one.
 DEFAULT_API_URL = "http://127.0.0.1:8080"
 
@@ -219,10 +223,13 @@ class Client:
             asks for.
         api_key: The API key sent with every request (``Authorization: Bearer``). Default:
             the ``TASKFLEET_API_KEY`` environment variable, else none.
+        ca_cert: A PEM file of CA certificates trusted for an ``https://`` URL, besides the
+            system's. Default: the ``TASKFLEET_CA_CERT`` environment variable, else none.
 
     Raises:
         ValueError: The base URL is not an ``http://`` or ``https://`` URL, the timeout is
-            not a positive number, or the API key holds characters a header cannot carry.
+            not a positive number, the API key holds characters a header cannot carry, or
+            the CA certificate file cannot be read as PEM certificates.
 
     A client keeps no connection open between requests and may be shared between threads.
     """
@@ -233,6 +240,7 @@ class Client:
         timeout: float = 30.0,
         *,
         api_key: Optional[str] = None,
+        ca_cert: Optional[str] = None,
     ) -> None:
         source = "base_url"
         if base_url is None:
@@ -264,7 +272,19 @@ class Client:
                     "api_key (or TASKFLEET_API_KEY) must be printable ASCII, as the API's keys are"
                 )
         self._authorization = None if api_key is None else f"Bearer {api_key}"
-        self._opener = urllib.request.build_opener()
+        if ca_cert is None:
+            ca_cert = os.environ.get(CA_CERT_ENV) or None
+        handlers: List[urllib.request.BaseHandler] = []
+        if ca_cert is not None:
+            context = ssl.create_default_context()
+            try:
+                context.load_verify_locations(cafile=ca_cert)
+            except (OSError, ssl.SSLError) as error:
+                raise ValueError(
+                    f"ca_cert (or TASKFLEET_CA_CERT) {ca_cert!r} cannot be used: {error}"
+                ) from error
+            handlers.append(urllib.request.HTTPSHandler(context=context))
+        self._opener = urllib.request.build_opener(*handlers)
 
     @property
     def base_url(self) -> str:

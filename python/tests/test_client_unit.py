@@ -497,3 +497,13 @@ def test_refused_keys_and_scopes_are_typed_errors(stub: Any) -> None:
     assert isinstance(unauthorized.value, ApiError)
     with pytest.raises(Forbidden, match="admin"):
         client.workers()
+
+
+def test_a_ca_certificate_that_cannot_be_read_is_refused_at_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    with pytest.raises(ValueError, match="/no/such/ca.pem"):
+        Client("https://scheduler.example", ca_cert="/no/such/ca.pem")
+    monkeypatch.setenv("TASKFLEET_CA_CERT", "/no/such/env-ca.pem")
+    with pytest.raises(ValueError, match="env-ca.pem"):
+        Client("https://scheduler.example")

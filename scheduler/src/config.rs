@@ -5,12 +5,14 @@
 
 use std::net::SocketAddr;
 use std::num::NonZeroUsize;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use taskfleet_common::Namespace;
 use taskfleet_io::settings::{self, FleetSettings};
 
 pub use crate::auth::AuthMode;
+pub use crate::tls::{MinVersion, TlsSettings};
 
 /// The taskfleet scheduler: HTTP API, durable record in PostgreSQL, dispatch through RabbitMQ.
 /// Every flag has its environment variable (shown with it); a flag wins over its variable.
@@ -61,6 +63,30 @@ pub struct Settings {
     /// API then listens on a loopback address only).
     #[arg(long, env = "TASKFLEET_AUTH", default_value = "required")]
     pub auth: AuthMode,
+    /// The API's TLS certificate chain (PEM); with --tls-key, the API serves HTTPS only.
+    #[arg(
+        long,
+        value_name = "PATH",
+        env = "TASKFLEET_TLS_CERT",
+        requires = "tls_key"
+    )]
+    pub tls_cert: Option<PathBuf>,
+    /// The private key (PEM) of --tls-cert.
+    #[arg(
+        long,
+        value_name = "PATH",
+        env = "TASKFLEET_TLS_KEY",
+        requires = "tls_cert"
+    )]
+    pub tls_key: Option<PathBuf>,
+    /// The oldest TLS version the API accepts: 1.3, or 1.2 for clients that lack 1.3.
+    #[arg(
+        long,
+        value_name = "VERSION",
+        env = "TASKFLEET_TLS_MIN_VERSION",
+        default_value = "1.3"
+    )]
+    pub tls_min_version: MinVersion,
     /// What to do instead of serving.
     #[command(subcommand)]
     pub command: Option<SchedulerCommand>,
@@ -107,6 +133,8 @@ pub struct Config {
     pub jq_sandboxes: NonZeroUsize,
     /// Whether requests need an API key.
     pub auth: AuthMode,
+    /// The API's certificate and key, when it serves HTTPS.
+    pub tls: Option<TlsSettings>,
 }
 
 impl Config {
@@ -143,6 +171,14 @@ impl From<Settings> for Config {
                 .jq_sandboxes
                 .unwrap_or(NonZeroUsize::new(settings::cores()).unwrap_or(NonZeroUsize::MIN)),
             auth: settings.auth,
+            tls: settings
+                .tls_cert
+                .zip(settings.tls_key)
+                .map(|(cert, key)| TlsSettings {
+                    cert,
+                    key,
+                    min_version: settings.tls_min_version,
+                }),
         }
     }
 }
@@ -198,6 +234,30 @@ mod tests {
             let error = load(&[flag, value]).expect_err("a bad value");
             assert!(error.to_string().contains(flag), "{flag}: {error}");
         }
+    }
+
+    #[test]
+    fn tls_needs_both_certificate_and_key() {
+        assert!(load(&[]).expect("loads").tls.is_none());
+        let error = load(&["--tls-cert", "c.pem"]).expect_err("a key is needed too");
+        assert!(error.to_string().contains("--tls-key"), "{error}");
+        let config = load(&["--tls-cert", "c.pem", "--tls-key", "k.pem"]).expect("loads");
+        let tls = config.tls.expect("TLS is on");
+        assert_eq!(tls.min_version, MinVersion::Tls13);
+        let config = load(&[
+            "--tls-cert",
+            "c.pem",
+            "--tls-key",
+            "k.pem",
+            "--tls-min-version",
+            "1.2",
+        ])
+        .expect("loads");
+        assert_eq!(
+            config.tls.map(|tls| tls.min_version),
+            Some(MinVersion::Tls12)
+        );
+        assert!(load(&["--tls-min-version", "1.1"]).is_err());
     }
 
     #[test]

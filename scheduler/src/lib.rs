@@ -16,6 +16,7 @@ pub mod notify;
 pub mod planning;
 pub mod retry;
 pub mod store;
+pub mod tls;
 pub mod views;
 
 use std::sync::Arc;
@@ -31,6 +32,8 @@ pub use config::Config;
 /// Runs a scheduler until `shutdown` is cancelled, then drains and returns.
 pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
     let config = Arc::new(config);
+    // Read the certificate and key first: a bad file stops the start before anything else.
+    let tls_acceptor = config.tls.as_ref().map(tls::acceptor).transpose()?;
     let db = store::connect(&config.database_url, config.database_pool_size)
         .await
         .context("connecting to postgresql")?;
@@ -134,12 +137,26 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     let listener = tokio::net::TcpListener::bind(config.http_addr)
         .await
         .with_context(|| format!("listening on {}", config.http_addr))?;
-    tracing::info!(addr = %listener.local_addr()?, namespace = %config.namespace, "scheduler listening");
     let http_shutdown = shutdown.clone();
-    axum::serve(listener, api::router(state))
-        .with_graceful_shutdown(async move { http_shutdown.cancelled().await })
-        .await
-        .context("serving http")?;
+    let stopped = async move { http_shutdown.cancelled().await };
+    match tls_acceptor {
+        Some(acceptor) => {
+            let listener = tls::TlsListener::new(listener, acceptor, shutdown.child_token())?;
+            let addr = axum::serve::Listener::local_addr(&listener)?;
+            tracing::info!(%addr, namespace = %config.namespace, "scheduler listening (https)");
+            axum::serve(listener, api::router(state))
+                .with_graceful_shutdown(stopped)
+                .await
+                .context("serving https")?;
+        }
+        None => {
+            tracing::info!(addr = %listener.local_addr()?, namespace = %config.namespace, "scheduler listening");
+            axum::serve(listener, api::router(state))
+                .with_graceful_shutdown(stopped)
+                .await
+                .context("serving http")?;
+        }
+    }
 
     // The router (and its acceptor) is gone: the writer finishes what it holds and ends.
     let _ = writer_task.await;

@@ -43,6 +43,8 @@ pub struct FleetOptions {
     pub worker_args: Vec<String>,
     /// Extra environment of every worker.
     pub worker_env: Vec<(String, String)>,
+    /// Serve the API over TLS with this certificate (and trust its CA).
+    pub api_tls: Option<pki::Pki>,
 }
 
 impl Default for FleetOptions {
@@ -54,6 +56,7 @@ impl Default for FleetOptions {
             shared_database: None,
             worker_args: Vec::new(),
             worker_env: Vec::new(),
+            api_tls: None,
         }
     }
 }

@@ -34,12 +34,21 @@ impl TestFleet {
             reqwest::header::AUTHORIZATION,
             reqwest::header::HeaderValue::from_str(&format!("Bearer {api_key}"))?,
         );
+        let mut http = http_client();
+        let api = match &options.api_tls {
+            Some(pki) => {
+                let ca = reqwest::Certificate::from_pem(&std::fs::read(&pki.ca)?)?;
+                http = http.tls_certs_only([ca]);
+                format!("https://localhost:{port}")
+            }
+            None => format!("http://127.0.0.1:{port}"),
+        };
         let mut fleet = Self {
-            api: format!("http://127.0.0.1:{port}"),
+            api,
             namespace,
             database,
             api_key,
-            http: http_client()
+            http: http
                 .timeout(Duration::from_secs(120))
                 .default_headers(headers)
                 .build()?,
@@ -109,7 +118,10 @@ impl TestFleet {
         let port = free_port();
         self.other_schedulers
             .push(self.spawn_scheduler(port, &name)?);
-        let api = format!("http://127.0.0.1:{port}");
+        let api = match self.options.api_tls {
+            Some(_) => format!("https://localhost:{port}"),
+            None => format!("http://127.0.0.1:{port}"),
+        };
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             if let Ok(response) = self.http.get(format!("{api}/readyz")).send().await
@@ -139,6 +151,11 @@ impl TestFleet {
             .env("RUST_LOG", "info,taskfleet_scheduler=debug")
             .stdout(stdout)
             .stderr(stderr);
+        if let Some(pki) = &self.options.api_tls {
+            command
+                .env("TASKFLEET_TLS_CERT", &pki.cert)
+                .env("TASKFLEET_TLS_KEY", &pki.key);
+        }
         for (key, value) in &self.options.scheduler_env {
             command.env(key, value);
         }

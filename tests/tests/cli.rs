@@ -275,7 +275,11 @@ async fn jobs_workflows_and_scripts_through_the_cli() {
         .unwrap();
     assert_eq!(keyless.status.code(), Some(1));
     assert!(stderr(&keyless).contains("401"), "{}", stderr(&keyless));
-    assert!(stderr(&keyless).contains("TASKFLEET_API_KEY"), "{}", stderr(&keyless));
+    assert!(
+        stderr(&keyless).contains("TASKFLEET_API_KEY"),
+        "{}",
+        stderr(&keyless)
+    );
 
     // Completions for bash parse as bash and know the commands.
     let completions = taskfleet(&fleet, &["completions", "bash"]);
