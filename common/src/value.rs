@@ -13,6 +13,49 @@ use serde_json::Value;
 /// The deepest nesting of arrays and objects a step input or output may have.
 pub const MAX_DEPTH: usize = 64;
 
+/// The largest run input or step output by default, as compact JSON: 4 MiB
+/// (`TASKFLEET_MAX_VALUE_BYTES`).
+pub const DEFAULT_MAX_BYTES: usize = 4 * 1024 * 1024;
+
+/// Returns the size of `value` as compact JSON, in bytes, without writing it anywhere.
+pub fn encoded_len(value: &Value) -> usize {
+    /// Counts what would be written.
+    struct Counter(usize);
+    impl std::io::Write for Counter {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            self.0 += bytes.len();
+            Ok(bytes.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut counter = Counter(0);
+    // Writing a `Value` to a writer that never fails cannot fail.
+    let _ = serde_json::to_writer(&mut counter, value);
+    counter.0
+}
+
+/// Checks that `value` is at most `max_bytes` long as compact JSON.
+pub fn check_size(value: &Value, max_bytes: usize) -> Result<(), TooLarge> {
+    let bytes = encoded_len(value);
+    if bytes > max_bytes {
+        Err(TooLarge { bytes, max_bytes })
+    } else {
+        Ok(())
+    }
+}
+
+/// A value longer than its limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("{bytes} bytes as JSON, more than the limit of {max_bytes} (TASKFLEET_MAX_VALUE_BYTES)")]
+pub struct TooLarge {
+    /// Its size as compact JSON.
+    pub bytes: usize,
+    /// The limit.
+    pub max_bytes: usize,
+}
+
 /// Describes why a value cannot travel through taskfleet.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ValueError {
@@ -183,6 +226,22 @@ pub fn sizes_at_most<'a>(values: impl IntoIterator<Item = &'a Value>, limit: usi
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn sizes_are_those_of_compact_json() {
+        let value = serde_json::json!({"a": [1, "two", null], "b": "\u{e9}\""});
+        assert_eq!(encoded_len(&value), value.to_string().len());
+        assert_eq!(check_size(&value, 1000), Ok(()));
+        let size = value.to_string().len();
+        assert_eq!(
+            check_size(&value, size - 1),
+            Err(TooLarge {
+                bytes: size,
+                max_bytes: size - 1
+            })
+        );
+        assert_eq!(check_size(&value, size), Ok(()));
+    }
     use super::*;
     use serde_json::json;
 

@@ -35,6 +35,9 @@ pub struct Settings {
     /// The largest request body the API accepts, in bytes (larger ones get 413).
     #[arg(long, env = "TASKFLEET_MAX_BODY_BYTES", default_value = "10485760")]
     pub max_body_bytes: usize,
+    /// The largest run or job input, in bytes of JSON (larger ones get 413).
+    #[arg(long, env = "TASKFLEET_MAX_VALUE_BYTES", default_value = "4194304", value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_value_bytes: u64,
     /// The longest long poll (`?wait=`) a client may ask for, in seconds.
     #[arg(long = "max-wait-s", value_name = "SECONDS", env = "TASKFLEET_MAX_WAIT_S", default_value = "60", value_parser = settings::seconds)]
     pub max_wait: Duration,
@@ -117,6 +120,8 @@ pub struct Config {
     pub namespace: Namespace,
     /// The largest request body the API accepts, in bytes.
     pub max_body_bytes: usize,
+    /// The largest run or job input, in bytes of JSON.
+    pub max_value_bytes: usize,
     /// The longest `?wait=` a client may ask for.
     pub max_wait: Duration,
     /// Connections in the PostgreSQL pool.
@@ -161,6 +166,7 @@ impl From<Settings> for Config {
             http_addr: settings.http_addr,
             namespace: settings.fleet.namespace,
             max_body_bytes: settings.max_body_bytes,
+            max_value_bytes: usize::try_from(settings.max_value_bytes).unwrap_or(usize::MAX),
             max_wait: settings.max_wait,
             database_pool_size: settings.database_pool_size,
             relay_after: settings.relay_after,

@@ -488,3 +488,57 @@ async fn bodies_declared_as_other_than_json_get_415_and_inline_names_are_kept() 
     )
     .await;
 }
+
+#[tokio::test]
+async fn inputs_and_outputs_over_the_value_limit_fail_naming_size_and_limit() {
+    let limit = ("TASKFLEET_MAX_VALUE_BYTES".to_owned(), "1000".to_owned());
+    let fleet = TestFleet::start_with(FleetOptions {
+        workers: 1,
+        scheduler_env: vec![limit.clone()],
+        worker_env: vec![limit],
+        ..FleetOptions::default()
+    })
+    .await
+    .unwrap();
+    // A run input (and a job input) over the limit is refused whole.
+    let big = json!("x".repeat(2000));
+    let size = big.to_string().len();
+    check(
+        &fleet,
+        "POST",
+        "/v1/runs",
+        Some(json!({"definition": {"steps": [{"id": "a", "dataflow": "."}]}, "input": big})),
+        413,
+        &[&format!("input is {size} bytes"), "limit of 1000"],
+    )
+    .await;
+    check(
+        &fleet,
+        "POST",
+        "/v1/tasks",
+        Some(json!({"dataflow": ".", "input": big})),
+        413,
+        &["limit of 1000"],
+    )
+    .await;
+    // Step outputs over it fail their step with invalid_output, from Python and from jq.
+    for step in [
+        json!({"id": "big", "python_code": "def main(x):\n    return 'y' * 5000\n"}),
+        json!({"id": "big", "dataflow": "[range(1000)]"}),
+    ] {
+        let run = fleet.run(&json!({"steps": [step]}), &json!(null)).await;
+        assert_eq!(run["status"], "failed", "{run}");
+        let error = &run["steps"]["big"]["error"];
+        assert_eq!(error["type"], "invalid_output", "{run}");
+        let message = error["message"].as_str().unwrap();
+        assert!(message.contains("bytes as JSON, more than the limit of 1000"), "{message}");
+    }
+    // At the limit, it goes through.
+    let run = fleet
+        .run(
+            &json!({"steps": [{"id": "ok", "dataflow": "."}]}),
+            &json!("z".repeat(990)),
+        )
+        .await;
+    assert_eq!(run["status"], "succeeded", "{run}");
+}

@@ -49,6 +49,10 @@ pub struct Settings {
     /// The most characters of a Python step's printed and logged output kept per attempt.
     #[arg(long, env = "TASKFLEET_MAX_LOG_CHARS", default_value = "65536")]
     pub max_log_chars: usize,
+    /// The largest step output, in bytes of JSON; a larger one fails its step with
+    /// `invalid_output`.
+    #[arg(long, env = "TASKFLEET_MAX_VALUE_BYTES", default_value = "4194304", value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_value_bytes: u64,
     /// Python executor processes, each running one Python step at a time (default: one per
     /// core).
     #[arg(long, env = "TASKFLEET_PYTHON_EXECUTORS")]
@@ -128,6 +132,8 @@ pub struct Config {
     pub shutdown_grace: Duration,
     /// The most characters of a Python step's printed and logged output kept per attempt.
     pub max_log_chars: usize,
+    /// The largest step output, in bytes of JSON.
+    pub max_value_bytes: usize,
     /// How many Python executor processes run at once.
     pub python_executors: NonZeroUsize,
     /// Retire a Python executor after this many calls.
@@ -186,6 +192,7 @@ impl Config {
             lease_ttl: settings.lease_ttl,
             shutdown_grace: settings.shutdown_grace,
             max_log_chars: settings.max_log_chars,
+            max_value_bytes: usize::try_from(settings.max_value_bytes).unwrap_or(usize::MAX),
             python_executors: settings.python_executors.unwrap_or(cores),
             // 0 means no limit, for both recycling settings.
             python_max_tasks: Some(settings.python_max_tasks).filter(|n| *n > 0),

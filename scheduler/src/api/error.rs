@@ -102,6 +102,11 @@ impl ApiError {
         )
     }
 
+    /// Returns a 413 for a value (a run's or job's input) over its size limit.
+    pub fn value_too_large(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", message)
+    }
+
     /// Returns a 415: the body is declared as something other than JSON.
     pub fn unsupported_media_type(content_type: &str) -> Self {
         Self::new(

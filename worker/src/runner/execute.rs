@@ -184,12 +184,20 @@ impl Shared {
         let Executed { result, logs, ran } = executed;
         let outcome = match result {
             Ok(output) => match value::check(&output) {
-                Ok(()) => Outcome::Succeeded { output },
                 Err(error) => Outcome::Failed {
                     error: StepError::new(
                         INVALID_OUTPUT,
                         format!("step output cannot be stored: {error}"),
                     ),
+                },
+                Ok(()) => match value::check_size(&output, self.max_value_bytes) {
+                    Ok(()) => Outcome::Succeeded { output },
+                    Err(too_large) => Outcome::Failed {
+                        error: StepError::new(
+                            INVALID_OUTPUT,
+                            format!("step output is {too_large}"),
+                        ),
+                    },
                 },
             },
             Err(error) => Outcome::Failed { error },

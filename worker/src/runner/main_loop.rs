@@ -66,6 +66,7 @@ pub async fn run(
         worker_id: config.worker_id.clone(),
         executors,
         lease_ttl: config.lease_ttl,
+        max_value_bytes: config.max_value_bytes,
         running: Mutex::new(HashMap::new()),
         requeueing: Mutex::new(HashMap::new()),
         held: HeldTasks::default(),

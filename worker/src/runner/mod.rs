@@ -55,6 +55,8 @@ struct Shared {
     worker_id: String,
     executors: Executors,
     lease_ttl: Duration,
+    /// The largest step output, in bytes of JSON.
+    max_value_bytes: usize,
     /// The tasks running now, whose leases the renewal loop keeps alive, with their run and
     /// the token that stops them when their run is cancelled.
     running: Mutex<HashMap<TaskId, (RunId, CancellationToken)>>,

@@ -64,10 +64,12 @@ fn check_idempotency_key(key: Option<&String>) -> Result<(), ApiError> {
     }
 }
 
-/// Checks that a run input can be stored and sent.
-fn check_input(input: &Value) -> Result<(), ApiError> {
+/// Checks that a run input can be stored and sent, and is within the size limit.
+fn check_input(state: &AppState, input: &Value) -> Result<(), ApiError> {
     taskfleet_common::value::check(input)
-        .map_err(|error| ApiError::bad_request(format!("input: {error}")))
+        .map_err(|error| ApiError::bad_request(format!("input: {error}")))?;
+    taskfleet_common::value::check_size(input, state.config.max_value_bytes)
+        .map_err(|too_large| ApiError::value_too_large(format!("input is {too_large}")))
 }
 
 /// Registered definitions already read while handling one request, by name and version.
@@ -82,7 +84,7 @@ async fn prepare(
     resolved: &mut Resolved,
 ) -> Result<NewRunParts, ApiError> {
     check_idempotency_key(request.idempotency_key.as_ref())?;
-    check_input(&request.input)?;
+    check_input(state, &request.input)?;
     let (definition, workflow, version) = match (request.workflow, request.definition) {
         (Some(_), Some(_)) => {
             return Err(ApiError::bad_request(

@@ -284,7 +284,7 @@ pub async fn create_job(
     check_python_code(&principal, &definition)?;
     state.quotas.admit(&state, &principal, 1).await?;
     let input = extra.remove("input").unwrap_or(Value::Null);
-    check_input(&input)?;
+    check_input(&state, &input)?;
     let parts = NewRunParts {
         kind: RunKind::Job,
         tenant: principal.tenant.clone(),
