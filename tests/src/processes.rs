@@ -186,6 +186,8 @@ impl TestFleet {
             .env("TASKFLEET_REDIS_URL", REDIS)
             .env("TASKFLEET_NAMESPACE", &self.namespace)
             .env("TASKFLEET_LEASE_TTL_S", "3")
+            // Steps of these tests leave marker files in the temporary directory.
+            .env("TASKFLEET_PYTHON_WRITABLE_PATHS", std::env::temp_dir())
             .env("RUST_LOG", "info,taskfleet_worker=debug")
             .envs(self.options.worker_env.iter().map(|(k, v)| (k, v)))
             .stdout(stdout)

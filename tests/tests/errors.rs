@@ -531,7 +531,10 @@ async fn inputs_and_outputs_over_the_value_limit_fail_naming_size_and_limit() {
         let error = &run["steps"]["big"]["error"];
         assert_eq!(error["type"], "invalid_output", "{run}");
         let message = error["message"].as_str().unwrap();
-        assert!(message.contains("bytes as JSON, more than the limit of 1000"), "{message}");
+        assert!(
+            message.contains("bytes as JSON, more than the limit of 1000"),
+            "{message}"
+        );
     }
     // At the limit, it goes through.
     let run = fleet

@@ -12,6 +12,17 @@ use taskfleet_common::Namespace;
 use taskfleet_common::names::{DEFAULT_QUEUE, check_queue_name};
 use taskfleet_io::settings::{self, FleetSettings};
 
+use crate::executor::process::Confinement;
+
+/// Whether Python executors' file system is confined.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum PythonSandbox {
+    /// With Landlock, where the kernel has it.
+    Landlock,
+    /// Not confined.
+    Off,
+}
+
 /// The variable whose directories are added to `--python-path`'s.
 pub const PYTHON_PATH_VARIABLE: &str = "TASKFLEET_PYTHON_PATH";
 
@@ -73,6 +84,59 @@ pub struct Settings {
     /// seconds (fractions allowed).
     #[arg(long = "python-kill-grace-s", value_name = "SECONDS", env = "TASKFLEET_PYTHON_KILL_GRACE_S", default_value = "2", value_parser = settings::fractional_seconds)]
     pub python_kill_grace: Duration,
+    /// The address space of each Python executor, in MiB (0: no limit); past it, a step's
+    /// allocations fail with MemoryError.
+    #[arg(
+        long,
+        value_name = "MIB",
+        env = "TASKFLEET_PYTHON_MEMORY_MB",
+        default_value = "4096"
+    )]
+    pub python_memory_mb: u64,
+    /// The files each Python executor may have open at once (0: no limit).
+    #[arg(
+        long,
+        value_name = "N",
+        env = "TASKFLEET_PYTHON_OPEN_FILES",
+        default_value = "1024"
+    )]
+    pub python_open_files: u64,
+    /// The processes and threads the worker's user may have, as seen by Python executors
+    /// (RLIMIT_NPROC; 0: no limit; root is not limited).
+    #[arg(
+        long,
+        value_name = "N",
+        env = "TASKFLEET_PYTHON_PROCESSES",
+        default_value = "4096"
+    )]
+    pub python_processes: u64,
+    /// The CPU seconds each Python executor may use in its life before it is killed and
+    /// replaced (0: no limit).
+    #[arg(
+        long = "python-cpu-s",
+        value_name = "SECONDS",
+        env = "TASKFLEET_PYTHON_CPU_S",
+        default_value = "0"
+    )]
+    pub python_cpu_s: u64,
+    /// Confine each Python executor's file system with Landlock (read-only but for a scratch
+    /// directory emptied after every step): landlock, or off.
+    #[arg(
+        long,
+        value_name = "MODE",
+        env = "TASKFLEET_PYTHON_SANDBOX",
+        default_value = "landlock"
+    )]
+    pub python_sandbox: PythonSandbox,
+    /// Directories Python steps may write to besides their scratch directory, when their
+    /// file system is confined (`:`-separated; each must exist).
+    #[arg(
+        long,
+        value_name = "DIR",
+        env = "TASKFLEET_PYTHON_WRITABLE_PATHS",
+        value_delimiter = ':'
+    )]
+    pub python_writable_paths: Vec<PathBuf>,
     /// How long a jq program may run when its step sets no `timeout_s`, in ms.
     #[arg(long = "jq-time-limit-ms", value_name = "MS", env = "TASKFLEET_JQ_TIME_LIMIT_MS", default_value = "60000", value_parser = settings::positive_millis)]
     pub jq_time_limit: Duration,
@@ -142,6 +206,8 @@ pub struct Config {
     pub python_max_rss_mb: Option<u64>,
     /// How long an interrupted Python step has to end before its executor is killed.
     pub python_kill_grace: Duration,
+    /// What each Python executor may use.
+    pub python_confinement: Confinement,
     /// How long a jq program may run when its step sets no `timeout_s`.
     pub jq_time_limit: Duration,
     /// The memory one jq program may take, in bytes.
@@ -198,6 +264,16 @@ impl Config {
             python_max_tasks: Some(settings.python_max_tasks).filter(|n| *n > 0),
             python_max_rss_mb: Some(settings.python_max_rss_mb).filter(|n| *n > 0),
             python_kill_grace: settings.python_kill_grace,
+            python_confinement: Confinement {
+                memory_bytes: (settings.python_memory_mb > 0)
+                    .then(|| settings.python_memory_mb.saturating_mul(1024 * 1024)),
+                open_files: (settings.python_open_files > 0).then_some(settings.python_open_files),
+                processes: (settings.python_processes > 0).then_some(settings.python_processes),
+                cpu_seconds: (settings.python_cpu_s > 0).then_some(settings.python_cpu_s),
+                scratch: None,
+                writable: settings.python_writable_paths,
+                landlock: settings.python_sandbox == PythonSandbox::Landlock,
+            },
             jq_time_limit: settings.jq_time_limit,
             jq_memory_bytes: settings.jq_memory_bytes,
             jq_sandboxes: settings.jq_sandboxes.unwrap_or(cores),

@@ -60,6 +60,7 @@ impl ExecutorSettings {
                     max_log_chars: config.max_log_chars,
                     python_path: config.python_path.clone(),
                     virtual_env: config.virtual_env.clone(),
+                    confinement: config.python_confinement.clone(),
                 },
             },
             jq: SandboxSettings {

@@ -41,6 +41,17 @@ pub(super) struct ExecutorProcess {
     control: UnixStream,
     /// Calls served so far.
     pub(super) calls: u64,
+    /// Its scratch directory, removed with it.
+    _scratch: ScratchDir,
+}
+
+/// An executor's scratch directory, removed when dropped.
+struct ScratchDir(PathBuf);
+
+impl Drop for ScratchDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }
 
 impl ExecutorProcess {
@@ -51,9 +62,22 @@ impl ExecutorProcess {
         let path = inner.sockets.path.join(format!("executor-{number}.sock"));
         let listener = UnixListener::bind(&path)
             .with_context(|| format!("listening on {}", path.display()))?;
+        // A scratch directory of its own, its temporary directory, the one place it may write
+        // to when Landlock confines it.
+        let mut python = inner.settings.python.clone();
+        let scratch = inner.sockets.path.join(format!("scratch-{number}"));
+        {
+            use std::os::unix::fs::DirBuilderExt;
+            std::fs::DirBuilder::new()
+                .mode(0o700)
+                .create(&scratch)
+                .with_context(|| format!("creating {}", scratch.display()))?;
+        }
+        python.confinement.scratch = Some(scratch.clone());
         let mut child = Command::new(&inner.settings.program)
             .arg(EXECUTOR_FLAG)
             .arg(&path)
+            .env("TMPDIR", &scratch)
             .stdin(Stdio::null())
             // What an executor writes outside a step's capture joins the worker's own log.
             .stdout(Stdio::from(std::io::stderr()))
@@ -89,9 +113,10 @@ impl ExecutorProcess {
             calls_connection,
             control,
             calls: 0,
+            _scratch: ScratchDir(scratch),
         };
         executor
-            .send(&ExecutorRequest::Start(inner.settings.python.clone()))
+            .send(&ExecutorRequest::Start(python))
             .await
             .context("sending a python executor its settings")?;
         let reply = tokio::time::timeout(START_TIMEOUT, executor.next_reply(None))

@@ -12,6 +12,7 @@
 //! The executor ignores SIGINT and SIGTERM: it leaves when the worker closes the connection (or
 //! dies), at once, even in the middle of a step.
 
+mod confine;
 pub(crate) mod frame;
 
 use std::io::{Read, Write};
@@ -24,6 +25,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 
 use super::python::{IncomingCall, ignore_termination_signals, serve_calls};
+pub use confine::{Confinement, FileSystem};
 use frame::{ExecutorReply, ExecutorRequest, decode, encode, read_frame, take_frame};
 
 /// The hidden command-line flag that makes `taskfleet-worker` an executor process; its value is
@@ -148,6 +150,23 @@ pub fn serve(socket: &Path) -> anyhow::Result<()> {
     let Some(ExecutorRequest::Start(settings)) = calls.next(Duration::ZERO)? else {
         anyhow::bail!("the worker did not send the executor's settings first");
     };
+    // Before any thread starts: the limits and the file system rules hold for every thread.
+    let confinement = settings.confinement.clone();
+    match confinement.apply() {
+        Ok(FileSystem::PartlyConfined | FileSystem::Unconfined) => {
+            tracing::warn!(
+                "this kernel cannot confine python executors' file system with Landlock (fully); they run with resource limits only"
+            );
+        }
+        Ok(FileSystem::Open | FileSystem::Confined) => {}
+        Err(error) => {
+            let message = format!("confining the python executor: {error}");
+            send(&ExecutorReply::StartFailed {
+                message: message.clone(),
+            })?;
+            anyhow::bail!(message);
+        }
+    }
     let done = send.clone();
     // The first call is awaited asleep; a later one is polled for a while first if the call
     // before it asked for that (see `CALL_POLL`). Once the executor is ready only the
@@ -155,6 +174,8 @@ pub fn serve(socket: &Path) -> anyhow::Result<()> {
     let mut poll = Duration::ZERO;
     // Runs on the interpreter thread, without the GIL, between calls.
     let next_call = move || loop {
+        // Nothing a step left in the scratch directory reaches the next one.
+        confinement.clear_scratch();
         match calls.next(poll) {
             Ok(Some(ExecutorRequest::Run {
                 id,

@@ -61,6 +61,9 @@ pub struct PythonSettings {
     pub python_path: Vec<PathBuf>,
     /// A virtualenv whose `lib/pythonX.Y/site-packages` is added, for the running X.Y.
     pub virtual_env: Option<PathBuf>,
+    /// What the executor process may use; applied by the process itself before its
+    /// interpreter starts.
+    pub confinement: crate::executor::process::Confinement,
 }
 
 /// Describes what a Python step calls.

@@ -103,6 +103,7 @@ mod tests {
             python_path: Vec::new(),
             virtual_env: Some(venv.clone()),
             max_log_chars: 0,
+            ..PythonSettings::default()
         };
         let venv_dir = venv;
         // A second interpreter thread shares the interpreter, and with it sys.path.
@@ -123,6 +124,7 @@ mod tests {
             python_path: Vec::new(),
             virtual_env: Some(venv.clone()),
             max_log_chars: 0,
+            ..PythonSettings::default()
         };
         let Err(error) = Interpreter::start(settings) else {
             panic!("the interpreter started without the virtualenv's site-packages");

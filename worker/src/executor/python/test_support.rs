@@ -127,6 +127,7 @@ pub(super) fn fixture() -> &'static Fixture {
             python_path: vec![first, second],
             virtual_env: None,
             max_log_chars: 0,
+            ..PythonSettings::default()
         };
         let interpreter = Interpreter::start(settings).expect("starting the interpreter");
         Fixture { interpreter, dir }
