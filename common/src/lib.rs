@@ -12,6 +12,7 @@ pub mod jq;
 pub mod names;
 pub mod protocol;
 pub mod records;
+pub mod seal;
 pub mod settings;
 pub mod status;
 pub mod sync;

@@ -32,7 +32,8 @@ pub struct TaskMessage {
     pub attempt: u32,
     /// What to run.
     pub step: StepKind,
-    /// The step's input.
+    /// The step's input (sealed on the wire when encryption is on: `crate::seal`).
+    #[serde(with = "crate::seal::value")]
     pub input: serde_json::Value,
     /// The longest the attempt may run, in seconds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -50,12 +51,14 @@ pub struct TaskMessage {
 pub enum Outcome {
     /// The step returned a value.
     Succeeded {
-        /// The step's output.
+        /// The step's output (sealed on the wire when encryption is on).
+        #[serde(with = "crate::seal::value")]
         output: serde_json::Value,
     },
     /// The step failed.
     Failed {
-        /// Why.
+        /// Why (sealed on the wire when encryption is on).
+        #[serde(with = "crate::seal::payload")]
         error: StepError,
     },
 }
@@ -79,8 +82,13 @@ pub struct CompletionMessage {
     pub started_at: DateTime<Utc>,
     /// When the attempt ended.
     pub finished_at: DateTime<Utc>,
-    /// What the step printed or logged during the attempt (capped by the worker).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// What the step printed or logged during the attempt (capped by the worker; sealed on the
+    /// wire when encryption is on).
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "crate::seal::text"
+    )]
     pub logs: Option<String>,
     /// The task's [`TaskMessage::ends_run`], repeated.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]

@@ -34,6 +34,30 @@ impl FleetSettings {
     }
 }
 
+/// Payload encryption, which the scheduler and every worker of a fleet share.
+#[derive(Debug, Clone, clap::Args)]
+pub struct EncryptionSettings {
+    /// Keys that encrypt payloads (inputs, outputs, errors, logs) wherever they rest or travel:
+    /// `id:base64-of-32-bytes`, comma-separated; the first encrypts, all decrypt.
+    #[arg(long, value_name = "KEYS", env = "TASKFLEET_ENCRYPTION_KEYS")]
+    pub encryption_keys: Option<String>,
+}
+
+impl EncryptionSettings {
+    /// Turns encryption on for this process when keys are given; `Err` says what is wrong with
+    /// them (never quoting a key).
+    pub fn install(&self) -> Result<(), String> {
+        let Some(keys) = self.encryption_keys.as_deref() else {
+            return Ok(());
+        };
+        let keyring = taskfleet_common::seal::Keyring::parse(keys)
+            .map_err(|error| format!("TASKFLEET_ENCRYPTION_KEYS: {error}"))?;
+        tracing::info!(key = keyring.sealing_key_id(), "payload encryption on");
+        taskfleet_common::seal::install(keyring);
+        Ok(())
+    }
+}
+
 /// Parses settings of type `T` from the process's arguments and environment; exits with clap's
 /// message on a bad value or `--help`.
 pub fn parse<T: clap::Parser>() -> T {

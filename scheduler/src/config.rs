@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use taskfleet_common::Namespace;
-use taskfleet_io::settings::{self, FleetSettings};
+use taskfleet_io::settings::{self, EncryptionSettings, FleetSettings};
 
 pub use crate::auth::AuthMode;
 pub use crate::tls::{MinVersion, TlsSettings};
@@ -29,6 +29,9 @@ pub struct Settings {
     /// RabbitMQ, Redis and the namespace.
     #[command(flatten)]
     pub fleet: FleetSettings,
+    /// Payload encryption.
+    #[command(flatten)]
+    pub encryption: EncryptionSettings,
     /// Where the HTTP API listens.
     #[arg(long, env = "TASKFLEET_HTTP_ADDR", default_value = "127.0.0.1:8080")]
     pub http_addr: SocketAddr,

@@ -37,6 +37,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     let db = store::connect(&config.database_url, config.database_pool_size)
         .await
         .context("connecting to postgresql")?;
+    store::check_sealed(&db, config.namespace.as_str())
+        .await
+        .context("reading stored runs with TASKFLEET_ENCRYPTION_KEYS")?;
     let (redis_client, redis) = taskfleet_io::redis_connection::connect(&config.redis_url).await?;
     let Some(broker) = broker::Broker::connect(
         &config.amqp_url,

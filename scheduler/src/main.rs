@@ -14,6 +14,9 @@ fn main() -> anyhow::Result<()> {
     taskfleet_io::tls::install_crypto_provider();
     let mut settings: Settings = taskfleet_io::settings::parse();
     let command = settings.command.take();
+    if let Err(message) = settings.encryption.install() {
+        anyhow::bail!(message);
+    }
     let config = Config::from(settings);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

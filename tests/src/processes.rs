@@ -69,6 +69,17 @@ impl TestFleet {
         Ok(fleet)
     }
 
+    /// Sets an environment variable of the schedulers and workers started from now on.
+    pub fn set_env(&mut self, key: &str, value: &str) {
+        for env in [
+            &mut self.options.scheduler_env,
+            &mut self.options.worker_env,
+        ] {
+            env.retain(|(known, _)| known != key);
+            env.push((key.to_owned(), value.to_owned()));
+        }
+    }
+
     /// Makes another API key of this fleet, as `taskfleet-scheduler create-key` does, and
     /// returns it.
     pub fn create_key(&self, tenant: &str, scopes: &str) -> Result<String> {

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use taskfleet_common::Namespace;
 use taskfleet_common::names::{DEFAULT_QUEUE, check_queue_name};
-use taskfleet_io::settings::{self, FleetSettings};
+use taskfleet_io::settings::{self, EncryptionSettings, FleetSettings};
 
 use crate::executor::process::Confinement;
 
@@ -34,6 +34,9 @@ pub struct Settings {
     /// RabbitMQ, Redis and the namespace.
     #[command(flatten)]
     pub fleet: FleetSettings,
+    /// Payload encryption.
+    #[command(flatten)]
+    pub encryption: EncryptionSettings,
     /// Task queues to consume, comma separated.
     #[arg(long, env = "TASKFLEET_QUEUES", default_value = DEFAULT_QUEUE, value_parser = parse_queues)]
     pub queues: Queues,

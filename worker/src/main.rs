@@ -29,6 +29,9 @@ fn main() -> anyhow::Result<()> {
     }
     taskfleet_io::tls::install_crypto_provider();
     let settings: Settings = taskfleet_io::settings::parse();
+    if let Err(message) = settings.encryption.install() {
+        anyhow::bail!(message);
+    }
     let python_path = std::env::var(PYTHON_PATH_VARIABLE).ok();
     let config = Config::new(
         settings,

@@ -352,8 +352,8 @@ fn error_type(completion: &Completion) -> Option<&str> {
 /// Returns the planner's view of a stored task.
 pub fn step_state(
     status: TaskStatus,
-    output: Option<sqlx::types::Json<Value>>,
-    error: Option<sqlx::types::Json<Value>>,
+    output: Option<crate::store::Payload>,
+    error: Option<crate::store::Payload>,
 ) -> StepState {
     StepState {
         status: status.step_status(),

@@ -2,13 +2,15 @@
 //! the runs (in id order), reading their steps' states for the planner, counting and joining
 //! the items of `for_each` steps, and finishing runs with their still-queued tasks.
 
+use std::borrow::Cow;
+
 use serde_json::Value;
 use sqlx::types::Json;
 use sqlx::{Postgres, Transaction};
 use taskfleet_common::{RunStatus, TaskStatus};
 use uuid::Uuid;
 
-use super::StoreError;
+use super::{Payload, StoreError, sealed};
 
 /// A run being advanced, locked for the rest of the transaction.
 #[derive(Debug, sqlx::FromRow)]
@@ -18,7 +20,7 @@ pub struct LockedRun {
     /// The definition it runs.
     pub definition: Json<Value>,
     /// Its input.
-    pub input: Json<Value>,
+    pub input: Payload,
     /// Its status.
     #[sqlx(try_from = "String")]
     pub status: RunStatus,
@@ -48,9 +50,9 @@ pub struct TaskState {
     #[sqlx(try_from = "String")]
     pub status: TaskStatus,
     /// Its output.
-    pub output: Option<Json<Value>>,
+    pub output: Option<Payload>,
     /// Its error.
-    pub error: Option<Json<Value>>,
+    pub error: Option<Payload>,
 }
 
 /// Returns the states of every task of the given runs.
@@ -136,7 +138,8 @@ pub async fn fail_items(
     }
     let runs: Vec<Uuid> = failures.iter().map(|(run, _, _)| *run).collect();
     let steps: Vec<&str> = failures.iter().map(|(_, step, _)| step.as_str()).collect();
-    let errors: Vec<Json<&Value>> = failures.iter().map(|(_, _, error)| Json(error)).collect();
+    let errors: Vec<Json<Cow<'_, Value>>> =
+        failures.iter().map(|(_, _, error)| sealed(error)).collect();
     sqlx::query(
         "UPDATE tasks p SET status = 'failed', finished_at = now(), due_at = NULL,
                 error = f.error
@@ -178,13 +181,13 @@ pub async fn finish_runs(
     }
     let ids: Vec<Uuid> = runs.iter().map(|run| run.id).collect();
     let statuses: Vec<&str> = runs.iter().map(|run| run.status.as_str()).collect();
-    let outputs: Vec<Option<Json<&Value>>> = runs
+    let outputs: Vec<Option<Json<Cow<'_, Value>>>> = runs
         .iter()
-        .map(|run| run.output.as_ref().map(Json))
+        .map(|run| run.output.as_ref().map(sealed))
         .collect();
-    let errors: Vec<Option<Json<&Value>>> = runs
+    let errors: Vec<Option<Json<Cow<'_, Value>>>> = runs
         .iter()
-        .map(|run| run.error.as_ref().map(Json))
+        .map(|run| run.error.as_ref().map(sealed))
         .collect();
     sqlx::query(
         "WITH finished AS (

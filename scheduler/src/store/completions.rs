@@ -2,6 +2,8 @@
 //! being queued), together with the lock of its run where the batch allows, or, for a failure
 //! that is retried, the task moved to its next attempt and due after its backoff.
 
+use std::borrow::Cow;
+
 use chrono::{DateTime, Utc};
 use serde_json::Value;
 use sqlx::postgres::PgArguments;
@@ -10,7 +12,7 @@ use sqlx::{PgConnection, Postgres, Transaction};
 use taskfleet_common::{RunStatus, TaskStatus};
 use uuid::Uuid;
 
-use super::{LockedRun, RunRow, StoreError, TaskRow};
+use super::{LockedRun, Payload, RunRow, StoreError, TaskRow, sealed, sealed_text};
 
 /// A completion to record.
 #[derive(Debug, Clone)]
@@ -52,9 +54,9 @@ pub struct Recorded {
     #[sqlx(try_from = "String")]
     pub status: TaskStatus,
     /// The output of a success.
-    pub output: Option<Json<Value>>,
+    pub output: Option<Payload>,
     /// The error of a failure.
-    pub error: Option<Json<Value>>,
+    pub error: Option<Payload>,
 }
 
 /// The completions, bound as arrays (`$1` to `$9`), one row per attempt of a task (a batch
@@ -86,14 +88,18 @@ fn bind_completions<'q, O, C: std::borrow::Borrow<Completion>>(
     let ids: Vec<Uuid> = completions().map(|c| c.task_id).collect();
     let attempts: Vec<i32> = completions().map(|c| c.attempt).collect();
     let statuses: Vec<&str> = completions().map(|c| c.status.as_str()).collect();
-    let outputs: Vec<Option<Json<&Value>>> =
-        completions().map(|c| c.output.as_ref().map(Json)).collect();
-    let errors: Vec<Option<Json<&Value>>> =
-        completions().map(|c| c.error.as_ref().map(Json)).collect();
+    let outputs: Vec<Option<Json<Cow<'_, Value>>>> = completions()
+        .map(|c| c.output.as_ref().map(sealed))
+        .collect();
+    let errors: Vec<Option<Json<Cow<'_, Value>>>> = completions()
+        .map(|c| c.error.as_ref().map(sealed))
+        .collect();
     let workers: Vec<&str> = completions().map(|c| c.worker_id.as_str()).collect();
     let started: Vec<DateTime<Utc>> = completions().map(|c| c.started_at).collect();
     let finished: Vec<DateTime<Utc>> = completions().map(|c| c.finished_at).collect();
-    let logs: Vec<Option<&str>> = completions().map(|c| c.logs.as_deref()).collect();
+    let logs: Vec<Option<Cow<'_, str>>> = completions()
+        .map(|c| c.logs.as_deref().map(sealed_text))
+        .collect();
     query
         .bind(ids)
         .bind(attempts)
@@ -138,7 +144,10 @@ pub async fn keep_logs_of_cancelled(
     }
     let ids: Vec<Uuid> = completions.iter().map(|c| c.task_id).collect();
     let attempts: Vec<i32> = completions.iter().map(|c| c.attempt).collect();
-    let logs: Vec<Option<&str>> = completions.iter().map(|c| c.logs.as_deref()).collect();
+    let logs: Vec<Option<Cow<'_, str>>> = completions
+        .iter()
+        .map(|c| c.logs.as_deref().map(sealed_text))
+        .collect();
     let workers: Vec<&str> = completions.iter().map(|c| c.worker_id.as_str()).collect();
     let started: Vec<DateTime<Utc>> = completions.iter().map(|c| c.started_at).collect();
     sqlx::query(
@@ -233,12 +242,12 @@ pub async fn finish_single_steps(
 struct LockedOrRecorded {
     run_id: Uuid,
     definition: Option<Json<Value>>,
-    input: Option<Json<Value>>,
+    input: Option<Payload>,
     status: String,
     step_id: Option<String>,
     item: Option<i32>,
-    output: Option<Json<Value>>,
-    error: Option<Json<Value>>,
+    output: Option<Payload>,
+    error: Option<Payload>,
 }
 
 /// Locks the runs of `completions` (as [`lock_runs`](super::lock_runs) does) and records the
@@ -353,11 +362,14 @@ pub async fn schedule_retries(
     }
     let ids: Vec<Uuid> = retries.iter().map(|r| r.task_id).collect();
     let attempts: Vec<i32> = retries.iter().map(|r| r.attempt).collect();
-    let errors: Vec<Json<&Value>> = retries.iter().map(|r| Json(&r.error)).collect();
+    let errors: Vec<Json<Cow<'_, Value>>> = retries.iter().map(|r| sealed(&r.error)).collect();
     let workers: Vec<&str> = retries.iter().map(|r| r.worker_id.as_str()).collect();
     let started: Vec<DateTime<Utc>> = retries.iter().map(|r| r.started_at).collect();
     let delays: Vec<f64> = retries.iter().map(|r| r.delay.as_secs_f64()).collect();
-    let logs: Vec<Option<&str>> = retries.iter().map(|r| r.logs.as_deref()).collect();
+    let logs: Vec<Option<Cow<'_, str>>> = retries
+        .iter()
+        .map(|r| r.logs.as_deref().map(sealed_text))
+        .collect();
     sqlx::query(
         "UPDATE tasks SET attempt = tasks.attempt + 1, error = r.error, worker_id = r.worker,
                 started_at = r.started, due_at = now() + make_interval(secs => r.delay),

@@ -48,8 +48,8 @@ pub use keys::{
 pub use outbox::{UndispatchedTask, claim_due, claim_undispatched, mark_dispatched};
 pub use quotas::{QuotaRow, TenantQuotaRow, get_quota, list_quotas, put_quota, runs_in_flight};
 pub use runs::{
-    Cancellation, NewRun, NewTask, RunFilter, RunSummaryRow, cancel_run, get_run, get_tasks,
-    insert_runs, insert_tasks, list_runs, runs_by_idempotency_key,
+    Cancellation, NewRun, NewTask, RunFilter, RunSummaryRow, cancel_run, check_sealed, get_run,
+    get_tasks, insert_runs, insert_tasks, list_runs, runs_by_idempotency_key,
 };
 pub use stats::{queues_with_queued_tasks, stats};
 pub use workflows::{WorkflowRow, get_workflow, list_workflows, put_workflow};
@@ -216,6 +216,93 @@ where
     arguments.add(value).map_err(sqlx::Error::Encode)
 }
 
+/// A payload column (an input, output or error) as read: opened when it was sealed
+/// (`common::seal`), so the scheduler holds plain values and the database sealed ones. An
+/// array whose items are sealed (a `for_each` step's output, gathered in SQL from its items'
+/// outputs) is opened item by item.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+#[serde(transparent)]
+pub struct Payload(pub Value);
+
+impl Payload {
+    /// Returns a stored payload opened, item by item for an array.
+    fn open(value: Value) -> Result<Self, taskfleet_common::seal::SealError> {
+        Ok(Self(match value {
+            Value::Array(items) => Value::Array(
+                items
+                    .into_iter()
+                    .map(taskfleet_common::seal::open)
+                    .collect::<Result<_, _>>()?,
+            ),
+            other => taskfleet_common::seal::open(other)?,
+        }))
+    }
+}
+
+/// Rows read whole as JSON (`to_jsonb(runs)`) hold their payloads as stored.
+impl<'de> serde::Deserialize<'de> for Payload {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        Self::open(Value::deserialize(deserializer)?).map_err(serde::de::Error::custom)
+    }
+}
+
+impl sqlx::Type<sqlx::Postgres> for Payload {
+    fn type_info() -> sqlx::postgres::PgTypeInfo {
+        <Json<Value> as sqlx::Type<sqlx::Postgres>>::type_info()
+    }
+
+    fn compatible(ty: &sqlx::postgres::PgTypeInfo) -> bool {
+        <Json<Value> as sqlx::Type<sqlx::Postgres>>::compatible(ty)
+    }
+}
+
+impl<'r> sqlx::Decode<'r, sqlx::Postgres> for Payload {
+    fn decode(value: sqlx::postgres::PgValueRef<'r>) -> Result<Self, sqlx::error::BoxDynError> {
+        let Json(value) = <Json<Value> as sqlx::Decode<'r, sqlx::Postgres>>::decode(value)?;
+        Ok(Self::open(value)?)
+    }
+}
+
+/// A text payload column (a step's logs) as read: opened when it was sealed.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+#[serde(transparent)]
+pub struct PayloadText(pub String);
+
+impl<'de> serde::Deserialize<'de> for PayloadText {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        taskfleet_common::seal::open_text(String::deserialize(deserializer)?)
+            .map(Self)
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+impl sqlx::Type<sqlx::Postgres> for PayloadText {
+    fn type_info() -> sqlx::postgres::PgTypeInfo {
+        <String as sqlx::Type<sqlx::Postgres>>::type_info()
+    }
+
+    fn compatible(ty: &sqlx::postgres::PgTypeInfo) -> bool {
+        <String as sqlx::Type<sqlx::Postgres>>::compatible(ty)
+    }
+}
+
+impl<'r> sqlx::Decode<'r, sqlx::Postgres> for PayloadText {
+    fn decode(value: sqlx::postgres::PgValueRef<'r>) -> Result<Self, sqlx::error::BoxDynError> {
+        let text = <String as sqlx::Decode<'r, sqlx::Postgres>>::decode(value)?;
+        Ok(Self(taskfleet_common::seal::open_text(text)?))
+    }
+}
+
+/// Returns a payload as it is written: sealed when encryption is on.
+pub(crate) fn sealed(value: &Value) -> Json<std::borrow::Cow<'_, Value>> {
+    Json(taskfleet_common::seal::seal(value))
+}
+
+/// Returns text logs as they are written: sealed when encryption is on.
+pub(crate) fn sealed_text(text: &str) -> std::borrow::Cow<'_, str> {
+    taskfleet_common::seal::seal_text(text)
+}
+
 /// Whose objects a statement reaches: a namespace's, and in it a tenant's.
 #[derive(Debug, Clone, Copy)]
 pub struct Owner<'a> {
@@ -240,14 +327,14 @@ pub struct RunRow {
     /// The definition it runs.
     pub definition: Json<Value>,
     /// Its input.
-    pub input: Json<Value>,
+    pub input: Payload,
     /// Its status.
     #[sqlx(try_from = "String")]
     pub status: RunStatus,
     /// Its output.
-    pub output: Option<Json<Value>>,
+    pub output: Option<Payload>,
     /// Its error.
-    pub error: Option<Json<Value>>,
+    pub error: Option<Payload>,
     /// When it was accepted.
     pub created_at: DateTime<Utc>,
     /// When it finished.
@@ -267,9 +354,9 @@ pub struct TaskRow {
     /// The current attempt.
     pub attempt: i32,
     /// Its output.
-    pub output: Option<Json<Value>>,
+    pub output: Option<Payload>,
     /// Its error.
-    pub error: Option<Json<Value>>,
+    pub error: Option<Payload>,
     /// When the worker started the attempt that finished it.
     pub started_at: Option<DateTime<Utc>>,
     /// When it finished.
@@ -279,7 +366,7 @@ pub struct TaskRow {
     /// For a `for_each` step: how many items succeeded.
     pub items_done: i32,
     /// What the latest attempt printed or logged.
-    pub logs: Option<String>,
+    pub logs: Option<PayloadText>,
 }
 
 /// Checks that the database answers.

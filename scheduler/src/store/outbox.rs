@@ -8,7 +8,7 @@ use sqlx::types::Json;
 use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
 
-use super::StoreError;
+use super::{Payload, StoreError};
 
 /// Marks tasks as confirmed by the broker, so the relay leaves them alone.
 /// Tasks that finished meanwhile are left as they are: they are out of the outbox already.
@@ -39,7 +39,7 @@ pub struct UndispatchedTask {
     /// Its priority.
     pub priority: i16,
     /// Its input.
-    pub input: Option<Json<Value>>,
+    pub input: Option<Payload>,
     /// The definition of its run.
     pub definition: Json<Value>,
 }

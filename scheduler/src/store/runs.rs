@@ -3,6 +3,8 @@
 //! runs and their steps, and cancellation. What a completion writes is in `completions`; the
 //! statements of a run being advanced are in `advance`.
 
+use std::borrow::Cow;
+
 use chrono::{DateTime, Utc};
 use serde_json::Value;
 use sqlx::postgres::PgArguments;
@@ -11,7 +13,7 @@ use sqlx::{PgConnection, PgPool};
 use taskfleet_common::{RunKind, RunStatus, TaskStatus};
 use uuid::Uuid;
 
-use super::{Owner, RunRow, StoreError, TaskRow, add};
+use super::{Owner, Payload, RunRow, StoreError, TaskRow, add, sealed};
 
 /// A run to insert.
 #[derive(Debug, Clone)]
@@ -86,15 +88,15 @@ pub async fn insert_runs(
     let workflows: Vec<Option<String>> = runs.iter().map(|run| run.workflow.clone()).collect();
     let versions: Vec<Option<i32>> = runs.iter().map(|run| run.workflow_version).collect();
     let definitions: Vec<Json<&Value>> = runs.iter().map(|run| Json(&run.definition)).collect();
-    let inputs: Vec<Json<&Value>> = runs.iter().map(|run| Json(&run.input)).collect();
+    let inputs: Vec<Json<Cow<'_, Value>>> = runs.iter().map(|run| sealed(&run.input)).collect();
     let statuses: Vec<&str> = runs.iter().map(|run| run.status.as_str()).collect();
-    let outputs: Vec<Option<Json<&Value>>> = runs
+    let outputs: Vec<Option<Json<Cow<'_, Value>>>> = runs
         .iter()
-        .map(|run| run.output.as_ref().map(Json))
+        .map(|run| run.output.as_ref().map(sealed))
         .collect();
-    let errors: Vec<Option<Json<&Value>>> = runs
+    let errors: Vec<Option<Json<Cow<'_, Value>>>> = runs
         .iter()
-        .map(|run| run.error.as_ref().map(Json))
+        .map(|run| run.error.as_ref().map(sealed))
         .collect();
     let keys: Vec<Option<String>> = runs.iter().map(|run| run.idempotency_key.clone()).collect();
     let tenants: Vec<&str> = runs.iter().map(|run| run.tenant.as_str()).collect();
@@ -181,12 +183,12 @@ struct TaskColumns<'a> {
     statuses: Vec<&'a str>,
     queues: Vec<&'a str>,
     priorities: Vec<i16>,
-    inputs: Vec<Option<Json<&'a Value>>>,
-    errors: Vec<Option<Json<&'a Value>>>,
+    inputs: Vec<Option<Json<Cow<'a, Value>>>>,
+    errors: Vec<Option<Json<Cow<'a, Value>>>>,
     delays: Vec<Option<f64>>,
     items: Vec<i32>,
     totals: Vec<Option<i32>>,
-    outputs: Vec<Option<Json<&'a Value>>>,
+    outputs: Vec<Option<Json<Cow<'a, Value>>>>,
 }
 
 impl<'a> TaskColumns<'a> {
@@ -201,18 +203,18 @@ impl<'a> TaskColumns<'a> {
             priorities: tasks.iter().map(|task| task.priority).collect(),
             inputs: tasks
                 .iter()
-                .map(|task| task.input.as_ref().map(Json))
+                .map(|task| task.input.as_ref().map(sealed))
                 .collect(),
             errors: tasks
                 .iter()
-                .map(|task| task.error.as_ref().map(Json))
+                .map(|task| task.error.as_ref().map(sealed))
                 .collect(),
             delays: tasks.iter().map(|task| task.delay_s).collect(),
             items: tasks.iter().map(|task| task.item).collect(),
             totals: tasks.iter().map(|task| task.items_total).collect(),
             outputs: tasks
                 .iter()
-                .map(|task| task.output.as_ref().map(Json))
+                .map(|task| task.output.as_ref().map(sealed))
                 .collect(),
         }
     }
@@ -444,4 +446,20 @@ pub async fn cancel_run(
     .await?;
     tx.commit().await?;
     Ok(Cancellation::Cancelled)
+}
+
+/// Reads the inputs and outputs of the namespace's newest runs, as a scheduler does at start to
+/// find out whether its keys open what is stored: `Err` names the first value they do not
+/// (sealed with a key it lacks, or with another key of the same id).
+pub async fn check_sealed(db: &PgPool, namespace: &str) -> Result<(), StoreError> {
+    /// How many of the newest runs are read.
+    const SAMPLE: i64 = 100;
+    let _: Vec<(Payload, Option<Payload>)> = sqlx::query_as(
+        "SELECT input, output FROM runs WHERE namespace = $1 ORDER BY id DESC LIMIT $2",
+    )
+    .bind(namespace)
+    .bind(SAMPLE)
+    .fetch_all(db)
+    .await?;
+    Ok(())
 }
