@@ -1,6 +1,7 @@
-//! RabbitMQ policy the scheduler and the worker share: how they reach the broker (backoff from
-//! 0.1 to 2 s, for as long as it takes, until shutdown), the queues both declare and the
-//! arguments they declare them with, and the headers of a dead letter.
+//! RabbitMQ policy the scheduler and the worker share: how they reach the broker (the URL with
+//! the CA certificate its `amqps://` connections trust, and backoff from 0.1 to 2 s, for as long
+//! as it takes, until shutdown), the queues both declare and the arguments they declare them
+//! with, and the headers of a dead letter.
 //!
 //! Both sides declare the queues they use, so whichever comes first creates them, and a queue
 //! declared again with other arguments is refused by the broker (`PRECONDITION_FAILED`): the
@@ -11,12 +12,15 @@ use std::fmt::Display;
 use std::time::Duration;
 
 use backon::{ExponentialBuilder, Retryable};
-use lapin::Channel;
 use lapin::options::QueueDeclareOptions;
+use lapin::tcp::OwnedTLSConfig;
 use lapin::types::{AMQPValue, FieldTable};
+use lapin::{Channel, Connection, ConnectionProperties};
 use taskfleet_common::Namespace;
 use taskfleet_common::names::MAX_PRIORITY;
 use tokio_util::sync::CancellationToken;
+
+use crate::tls::CaCertificate;
 
 /// The shortest wait between attempts to reach RabbitMQ.
 pub const RECONNECT_MIN_DELAY: Duration = Duration::from_millis(100);
@@ -27,6 +31,45 @@ pub const RECONNECT_MAX_DELAY: Duration = Duration::from_secs(2);
 pub const DEAD_LETTER_REASON_HEADER: &str = "x-taskfleet-reason";
 /// The header of a dead letter that names the queue it came from.
 pub const DEAD_LETTER_SOURCE_HEADER: &str = "x-taskfleet-source";
+
+/// A RabbitMQ URL, with the CA certificate its `amqps://` connections trust.
+#[derive(Debug, Clone)]
+pub struct AmqpUrl {
+    url: String,
+    ca_certificate: Option<CaCertificate>,
+}
+
+impl AmqpUrl {
+    /// Describes RabbitMQ at `url`. With an `amqps://` URL, TLS connections trust the system's
+    /// CA certificates and `ca_certificate` besides; an `amqp://` URL is plain TCP either way.
+    pub fn new(url: impl Into<String>, ca_certificate: Option<CaCertificate>) -> Self {
+        Self {
+            url: url.into(),
+            ca_certificate,
+        }
+    }
+
+    /// Returns the URL.
+    pub fn as_str(&self) -> &str {
+        &self.url
+    }
+
+    /// Opens one connection, with TLS as the URL's scheme says; every connection (each
+    /// reconnection too) is opened here, so none falls back to plain TCP or forgets the CA.
+    pub async fn connect(&self) -> Result<Connection, lapin::Error> {
+        let tls = OwnedTLSConfig {
+            identity: None,
+            cert_chain: self.ca_certificate.as_ref().map(|ca| ca.pem().to_owned()),
+        };
+        Connection::connect_with_config(
+            &self.url,
+            ConnectionProperties::default(),
+            tls,
+            lapin::runtime::default_runtime()?,
+        )
+        .await
+    }
+}
 
 /// Returns the backoff between attempts to reach RabbitMQ: from [`RECONNECT_MIN_DELAY`], doubling
 /// up to [`RECONNECT_MAX_DELAY`], each wait with up to as much again of jitter (so processes that

@@ -4,6 +4,10 @@
 use taskfleet_common::names::DEFAULT_NAMESPACE;
 use taskfleet_common::{Namespace, amqp};
 
+use crate::amqp::AmqpUrl;
+use crate::redis_connection::RedisUrl;
+use crate::tls::CaCertificate;
+
 /// What every process of a fleet shares: its services and its namespace.
 #[derive(Debug, Clone, clap::Args)]
 pub struct FleetSettings {
@@ -24,7 +28,14 @@ pub struct FleetSettings {
     /// Prefix of every queue and Redis key, so fleets can share services.
     #[arg(long, env = "TASKFLEET_NAMESPACE", default_value = DEFAULT_NAMESPACE, value_parser = Namespace::new)]
     pub namespace: Namespace,
+    /// CA certificate (PEM file) that `amqps://` and `rediss://` connections trust: added to
+    /// the system's CA certificates for RabbitMQ, the only one trusted for Redis.
+    #[arg(long, value_name = "PATH", env = CA_CERT_VARIABLE, value_parser = ca_certificate)]
+    pub ca_cert: Option<CaCertificate>,
 }
+
+/// The variable naming the CA certificate of the fleet's TLS connections to its services.
+pub const CA_CERT_VARIABLE: &str = "TASKFLEET_CA_CERT";
 
 impl FleetSettings {
     /// The RabbitMQ URL to connect to: the one given, with the default heartbeat unless it
@@ -32,6 +43,23 @@ impl FleetSettings {
     pub fn amqp_url_with_heartbeat(&self) -> String {
         amqp::with_heartbeat(&self.amqp_url, amqp::DEFAULT_HEARTBEAT_S)
     }
+
+    /// Returns how to reach RabbitMQ: [`Self::amqp_url_with_heartbeat`] and the CA certificate.
+    pub fn amqp(&self) -> AmqpUrl {
+        AmqpUrl::new(self.amqp_url_with_heartbeat(), self.ca_cert.clone())
+    }
+
+    /// Returns how to reach Redis: its URL and the CA certificate.
+    pub fn redis(&self) -> RedisUrl {
+        RedisUrl::new(self.redis_url.clone(), self.ca_cert.clone())
+    }
+}
+
+/// Reads and checks the CA certificate file named by `--ca-cert` or [`CA_CERT_VARIABLE`], so
+/// that one that cannot be used stops the process at start, naming the setting and the file.
+pub fn ca_certificate(path: &str) -> Result<CaCertificate, String> {
+    CaCertificate::read(std::path::Path::new(path))
+        .map_err(|error| format!("{CA_CERT_VARIABLE} cannot be used: {error}"))
 }
 
 /// Payload encryption, which the scheduler and every worker of a fleet share.
@@ -134,5 +162,23 @@ mod tests {
         assert!(positive_millis("0").is_err());
         assert_eq!(positive_mib("2"), Ok(2 * 1024 * 1024));
         assert!(positive_mib("0").is_err());
+    }
+
+    #[derive(Debug, clap::Parser)]
+    struct Fleet {
+        #[command(flatten)]
+        fleet: FleetSettings,
+    }
+
+    #[test]
+    fn the_ca_certificate_is_optional_and_one_that_cannot_be_read_is_named() {
+        let fleet = try_parse_from_args::<Fleet>(["fleet"]).expect("defaults load");
+        assert!(fleet.fleet.ca_cert.is_none());
+        let error = try_parse_from_args::<Fleet>(["fleet", "--ca-cert", "/nonexistent/ca.pem"])
+            .expect_err("no such file");
+        let message = error.to_string();
+        for named in ["--ca-cert", "TASKFLEET_CA_CERT", "/nonexistent/ca.pem"] {
+            assert!(message.contains(named), "{named}: {message}");
+        }
     }
 }

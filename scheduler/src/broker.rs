@@ -15,9 +15,9 @@ use lapin::options::{
     QueueDeclareOptions,
 };
 use lapin::types::FieldTable;
-use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, Consumer};
+use lapin::{BasicProperties, Channel, Connection, Consumer};
 use taskfleet_common::Namespace;
-use taskfleet_io::amqp;
+use taskfleet_io::amqp::{self, AmqpUrl};
 use tokio::sync::Mutex;
 use tokio_util::sync::CancellationToken;
 
@@ -25,7 +25,7 @@ use tokio_util::sync::CancellationToken;
 /// restart, a network cut): whoever meets the failure first reconnects, with backoff, and the
 /// others wait for that and carry on with the new connection.
 pub struct Broker {
-    url: String,
+    url: AmqpUrl,
     namespace: Namespace,
     link: std::sync::RwLock<Arc<Link>>,
     /// Held while reconnecting, so one caller reconnects and the others wait for it.
@@ -56,14 +56,15 @@ pub struct Outgoing {
 impl Broker {
     /// Connects to `url`, retrying with backoff ([`amqp::reconnect_backoff`]) until it succeeds
     /// or `shutdown` is cancelled (then `None`), so the scheduler can start before the broker.
+    /// Every reconnection uses `url` the same way (TLS and its CA certificate included).
     pub async fn connect(
-        url: &str,
+        url: &AmqpUrl,
         namespace: Namespace,
         shutdown: CancellationToken,
     ) -> Option<Self> {
         let link = Link::connect_until(url, &namespace, 0, &shutdown).await?;
         Some(Self {
-            url: url.to_owned(),
+            url: url.clone(),
             namespace,
             link: std::sync::RwLock::new(Arc::new(link)),
             reconnecting: Mutex::new(()),
@@ -227,7 +228,7 @@ impl Broker {
 
 impl Link {
     async fn connect_until(
-        url: &str,
+        url: &AmqpUrl,
         namespace: &Namespace,
         generation: u64,
         shutdown: &CancellationToken,
@@ -237,11 +238,11 @@ impl Link {
     }
 
     async fn connect(
-        url: &str,
+        url: &AmqpUrl,
         namespace: &Namespace,
         generation: u64,
     ) -> Result<Self, lapin::Error> {
-        let connection = Connection::connect(url, ConnectionProperties::default()).await?;
+        let connection = url.connect().await?;
         let publisher = connection.create_channel().await?;
         publisher
             .confirm_select(ConfirmSelectOptions::default())

@@ -9,6 +9,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use taskfleet_common::Namespace;
+use taskfleet_io::amqp::AmqpUrl;
+use taskfleet_io::redis_connection::RedisUrl;
 use taskfleet_io::settings::{self, EncryptionSettings, FleetSettings};
 
 pub use crate::auth::AuthMode;
@@ -26,7 +28,7 @@ pub struct Settings {
         default_value = "postgres://postgres@127.0.0.1:5432/taskfleet"
     )]
     pub database_url: String,
-    /// RabbitMQ, Redis and the namespace.
+    /// RabbitMQ, Redis, the CA certificate of their TLS connections, and the namespace.
     #[command(flatten)]
     pub fleet: FleetSettings,
     /// Payload encryption.
@@ -113,10 +115,10 @@ pub use taskfleet_common::settings::NewKeyArgs as CreateKeyArgs;
 pub struct Config {
     /// PostgreSQL URL; the database is created if missing.
     pub database_url: String,
-    /// RabbitMQ URL, with its heartbeat.
-    pub amqp_url: String,
-    /// Redis URL.
-    pub redis_url: String,
+    /// RabbitMQ URL, with its heartbeat, and the CA certificate its TLS connections trust.
+    pub amqp_url: AmqpUrl,
+    /// Redis URL, and the CA certificate its TLS connections trust.
+    pub redis_url: RedisUrl,
     /// Where the HTTP API listens.
     pub http_addr: SocketAddr,
     /// Prefix of every queue and Redis key.
@@ -164,8 +166,8 @@ impl From<Settings> for Config {
     fn from(settings: Settings) -> Self {
         Self {
             database_url: settings.database_url,
-            amqp_url: settings.fleet.amqp_url_with_heartbeat(),
-            redis_url: settings.fleet.redis_url,
+            amqp_url: settings.fleet.amqp(),
+            redis_url: settings.fleet.redis(),
             http_addr: settings.http_addr,
             namespace: settings.fleet.namespace,
             max_body_bytes: settings.max_body_bytes,
@@ -211,9 +213,10 @@ mod tests {
             "postgres://postgres@127.0.0.1:5432/taskfleet"
         );
         assert_eq!(
-            config.amqp_url,
+            config.amqp_url.as_str(),
             "amqp://guest:guest@127.0.0.1:5672/%2f?heartbeat=5"
         );
+        assert_eq!(config.redis_url.as_str(), "redis://127.0.0.1:6379/0");
         assert_eq!(config.http_addr.to_string(), "127.0.0.1:8080");
         assert_eq!(config.namespace.as_str(), "taskfleet");
         assert_eq!(config.max_wait, Duration::from_secs(60));

@@ -28,6 +28,37 @@ pub const AMQP: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 /// Redis the tests use.
 pub const REDIS: &str = "redis://127.0.0.1:6379/0";
 
+/// Where a fleet's processes find PostgreSQL, RabbitMQ and Redis.
+#[derive(Debug, Clone)]
+pub struct Services {
+    /// PostgreSQL server URL without a database (`postgres://user@host:port`), optionally with
+    /// a query (`?sslmode=...`) that is kept after the database's name.
+    pub postgres: String,
+    /// RabbitMQ URL.
+    pub amqp: String,
+    /// Redis URL.
+    pub redis: String,
+}
+
+impl Services {
+    /// The services every test shares: [`POSTGRES`], [`AMQP`] and [`REDIS`].
+    pub fn shared() -> Self {
+        Self {
+            postgres: POSTGRES.to_owned(),
+            amqp: AMQP.to_owned(),
+            redis: REDIS.to_owned(),
+        }
+    }
+
+    /// Returns the URL of `database` on the PostgreSQL server.
+    pub fn database_url(&self, database: &str) -> String {
+        match self.postgres.split_once('?') {
+            Some((server, query)) => format!("{server}/{database}?{query}"),
+            None => format!("{}/{database}", self.postgres),
+        }
+    }
+}
+
 /// How a fleet is started.
 #[derive(Debug, Clone)]
 pub struct FleetOptions {
@@ -45,6 +76,9 @@ pub struct FleetOptions {
     pub worker_env: Vec<(String, String)>,
     /// Serve the API over TLS with this certificate (and trust its CA).
     pub api_tls: Option<pki::Pki>,
+    /// The services the fleet's processes use. Whatever the fleet leaves in them is removed from
+    /// the shared services only: a test that gives others removes what it leaves there itself.
+    pub services: Services,
 }
 
 impl Default for FleetOptions {
@@ -57,6 +91,7 @@ impl Default for FleetOptions {
             worker_args: Vec::new(),
             worker_env: Vec::new(),
             api_tls: None,
+            services: Services::shared(),
         }
     }
 }

@@ -28,7 +28,14 @@ impl TestFleet {
         let log_dir = workspace_root().join("target/test-logs").join(&namespace);
         std::fs::create_dir_all(&log_dir)?;
         let port = free_port();
-        let api_key = create_key(&namespace, &database, &log_dir, TEST_TENANT, "admin")?;
+        let api_key = create_key(
+            &options.services,
+            &namespace,
+            &database,
+            &log_dir,
+            TEST_TENANT,
+            "admin",
+        )?;
         let mut headers = reqwest::header::HeaderMap::new();
         headers.insert(
             reqwest::header::AUTHORIZATION,
@@ -84,6 +91,7 @@ impl TestFleet {
     /// returns it.
     pub fn create_key(&self, tenant: &str, scopes: &str) -> Result<String> {
         create_key(
+            &self.options.services,
             &self.namespace,
             &self.database,
             &self.log_dir,
@@ -153,10 +161,10 @@ impl TestFleet {
         command
             .env(
                 "TASKFLEET_DATABASE_URL",
-                format!("{POSTGRES}/{}", self.database),
+                self.options.services.database_url(&self.database),
             )
-            .env("TASKFLEET_AMQP_URL", AMQP)
-            .env("TASKFLEET_REDIS_URL", REDIS)
+            .env("TASKFLEET_AMQP_URL", &self.options.services.amqp)
+            .env("TASKFLEET_REDIS_URL", &self.options.services.redis)
             .env("TASKFLEET_HTTP_ADDR", format!("127.0.0.1:{port}"))
             .env("TASKFLEET_NAMESPACE", &self.namespace)
             .env("RUST_LOG", "info,taskfleet_scheduler=debug")
@@ -193,8 +201,8 @@ impl TestFleet {
             .arg(self.options.concurrency.to_string())
             .args(&self.options.worker_args)
             .args(extra)
-            .env("TASKFLEET_AMQP_URL", AMQP)
-            .env("TASKFLEET_REDIS_URL", REDIS)
+            .env("TASKFLEET_AMQP_URL", &self.options.services.amqp)
+            .env("TASKFLEET_REDIS_URL", &self.options.services.redis)
             .env("TASKFLEET_NAMESPACE", &self.namespace)
             .env("TASKFLEET_LEASE_TTL_S", "3")
             // Steps of these tests leave marker files in the temporary directory.
@@ -472,6 +480,7 @@ async fn remove_fleet_state(database: &str, owns_database: bool, namespace: &str
 /// Makes an API key with `taskfleet-scheduler create-key` (which creates and migrates the
 /// database if it is new) and returns it: the command's last line.
 fn create_key(
+    services: &Services,
     namespace: &str,
     database: &str,
     log_dir: &Path,
@@ -480,7 +489,7 @@ fn create_key(
 ) -> Result<String> {
     let output = Command::new(binary("taskfleet-scheduler")?)
         .args(["create-key", "--tenant", tenant, "--scopes", scopes])
-        .env("TASKFLEET_DATABASE_URL", format!("{POSTGRES}/{database}"))
+        .env("TASKFLEET_DATABASE_URL", services.database_url(database))
         .env("TASKFLEET_NAMESPACE", namespace)
         .output()
         .context("running taskfleet-scheduler create-key")?;

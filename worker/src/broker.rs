@@ -6,9 +6,9 @@ use lapin::options::{
     BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions,
 };
 use lapin::types::FieldTable;
-use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, Consumer};
+use lapin::{BasicProperties, Channel, Connection, Consumer};
 use taskfleet_common::Namespace;
-use taskfleet_io::amqp;
+use taskfleet_io::amqp::{self, AmqpUrl};
 use tokio_util::sync::CancellationToken;
 
 /// The worker's connection with one channel for consuming and one for publishing.
@@ -27,7 +27,7 @@ impl Broker {
     /// prefetch of the consuming channel to `prefetch` unacknowledged deliveries across all its
     /// consumers.
     pub async fn connect(
-        url: &str,
+        url: &AmqpUrl,
         namespace: &Namespace,
         queues: &[String],
         prefetch: u16,
@@ -38,12 +38,12 @@ impl Broker {
     }
 
     async fn connect_once(
-        url: &str,
+        url: &AmqpUrl,
         namespace: Namespace,
         queues: &[String],
         prefetch: u16,
     ) -> Result<Self, lapin::Error> {
-        let connection = Connection::connect(url, ConnectionProperties::default()).await?;
+        let connection = url.connect().await?;
         let consumer = connection.create_channel().await?;
         let publisher = connection.create_channel().await?;
         publisher

@@ -10,6 +10,8 @@ use std::time::Duration;
 
 use taskfleet_common::Namespace;
 use taskfleet_common::names::{DEFAULT_QUEUE, check_queue_name};
+use taskfleet_io::amqp::AmqpUrl;
+use taskfleet_io::redis_connection::RedisUrl;
 use taskfleet_io::settings::{self, EncryptionSettings, FleetSettings};
 
 use crate::executor::process::Confinement;
@@ -31,7 +33,7 @@ pub const PYTHON_PATH_VARIABLE: &str = "TASKFLEET_PYTHON_PATH";
 #[derive(Debug, Clone, clap::Parser)]
 #[command(name = "taskfleet-worker", version, about, long_about = None)]
 pub struct Settings {
-    /// RabbitMQ, Redis and the namespace.
+    /// RabbitMQ, Redis, the CA certificate of their TLS connections, and the namespace.
     #[command(flatten)]
     pub fleet: FleetSettings,
     /// Payload encryption.
@@ -175,10 +177,10 @@ fn parse_queues(text: &str) -> Result<Queues, String> {
 /// Everything a worker needs to know to start.
 #[derive(Debug, Clone)]
 pub struct Config {
-    /// RabbitMQ URL, with its heartbeat.
-    pub amqp_url: String,
-    /// Redis URL.
-    pub redis_url: String,
+    /// RabbitMQ URL, with its heartbeat, and the CA certificate its TLS connections trust.
+    pub amqp_url: AmqpUrl,
+    /// Redis URL, and the CA certificate its TLS connections trust.
+    pub redis_url: RedisUrl,
     /// Prefix of every queue and Redis key.
     pub namespace: Namespace,
     /// The task queues consumed.
@@ -243,8 +245,8 @@ impl Config {
             })
             .unwrap_or_else(|| "worker".to_owned());
         Self {
-            amqp_url: settings.fleet.amqp_url_with_heartbeat(),
-            redis_url: settings.fleet.redis_url,
+            amqp_url: settings.fleet.amqp(),
+            redis_url: settings.fleet.redis(),
             namespace: settings.fleet.namespace,
             queues: settings.queues.0,
             concurrency: settings

@@ -66,6 +66,9 @@ pub enum StoreError {
     /// The schema could not be applied.
     #[error("applying migrations: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
+    /// The CA certificate file the database URL names (`sslrootcert`) cannot be used.
+    #[error("the database url's sslrootcert cannot be used: {0}")]
+    RootCertificate(#[source] taskfleet_io::tls::CaCertificateError),
 }
 
 impl StoreError {
@@ -102,6 +105,7 @@ impl StoreError {
 /// is small; a statement's cached plan keeps doing so as the table grows, so each batch of
 /// completions would read every run.
 pub async fn connect(url: &str, pool_size: u32) -> Result<PgPool, StoreError> {
+    check_root_certificate(url)?;
     let options = connect_options(url)?.options([("enable_seqscan", "off")]);
     create_database_if_missing(&options).await?;
     let pool = PgPoolOptions::new()
@@ -159,7 +163,8 @@ impl HeldConnection {
 
 /// Reads a database URL. Where neither the URL nor `PGSSLMODE` names an `sslmode`, TLS is
 /// `prefer` (PostgreSQL's default), except to a server on this machine: TLS over loopback
-/// protects nothing and doubles the cost of every round trip.
+/// protects nothing and doubles the cost of every round trip. An `sslmode` the URL names is
+/// kept whatever the host, with its `sslrootcert`.
 fn connect_options(url: &str) -> Result<PgConnectOptions, StoreError> {
     use sqlx::postgres::PgSslMode;
     let options = PgConnectOptions::from_str(url)?;
@@ -176,6 +181,25 @@ fn connect_options(url: &str) -> Result<PgConnectOptions, StoreError> {
     } else {
         options
     })
+}
+
+/// Checks the CA certificate file a database URL names (`sslrootcert`, or sqlx's other names
+/// for it, `ssl-root-cert` and `ssl-ca`) as `TASKFLEET_CA_CERT` is checked. sqlx reads the file
+/// at each connection, but one that holds no certificate would leave only the system's CA
+/// certificates trusted without a word; this makes it, or a missing file, stop the start,
+/// naming the file.
+fn check_root_certificate(url: &str) -> Result<(), StoreError> {
+    // A URL that does not parse is left for sqlx to report.
+    let Ok(url) = url::Url::parse(url) else {
+        return Ok(());
+    };
+    for (key, value) in url.query_pairs() {
+        if matches!(key.as_ref(), "sslrootcert" | "ssl-root-cert" | "ssl-ca") {
+            taskfleet_io::tls::CaCertificate::read(std::path::Path::new(value.as_ref()))
+                .map_err(StoreError::RootCertificate)?;
+        }
+    }
+    Ok(())
 }
 
 /// Creates the database named in `options` if it does not exist. Connects to the maintenance
@@ -379,7 +403,7 @@ pub async fn ping(db: &PgPool) -> Result<(), StoreError> {
 mod tests {
     use sqlx::postgres::PgSslMode;
 
-    use super::connect_options;
+    use super::{StoreError, check_root_certificate, connect_options};
 
     fn check(url: &str, expected: PgSslMode) {
         let options = connect_options(url).expect("a valid url");
@@ -409,8 +433,48 @@ mod tests {
             PgSslMode::Prefer,
         );
         check(
+            "postgres://postgres@localhost:5433/taskfleet?sslmode=verify-full&sslrootcert=/etc/ca.pem",
+            PgSslMode::VerifyFull,
+        );
+        check(
+            "postgres://postgres@[::1]/taskfleet?sslrootcert=/etc/ca.pem&sslmode=verify-ca",
+            PgSslMode::VerifyCa,
+        );
+        check(
             "postgres://postgres@db.internal/taskfleet",
             PgSslMode::Prefer,
+        );
+    }
+
+    #[test]
+    fn a_root_certificate_file_that_cannot_be_used_is_named() {
+        assert!(check_root_certificate("postgres://postgres@db.internal/taskfleet").is_ok());
+        let missing = "/nonexistent/taskfleet/ca%20file.pem";
+        for key in ["sslrootcert", "ssl-root-cert", "ssl-ca"] {
+            let url = format!(
+                "postgres://postgres@db.internal/taskfleet?sslmode=verify-full&{key}={missing}"
+            );
+            let error = check_root_certificate(&url).expect_err("no such file");
+            assert!(matches!(error, StoreError::RootCertificate(_)), "{error}");
+            let message = error.to_string();
+            assert!(message.contains("sslrootcert"), "{message}");
+            assert!(
+                message.contains("/nonexistent/taskfleet/ca file.pem"),
+                "{message}"
+            );
+        }
+        let empty =
+            std::env::temp_dir().join(format!("taskfleet-empty-{}.pem", std::process::id()));
+        std::fs::write(&empty, "").expect("writing the file");
+        let url = format!(
+            "postgres://postgres@db.internal/taskfleet?sslrootcert={}",
+            empty.display()
+        );
+        let error = check_root_certificate(&url).expect_err("no certificate");
+        let _ = std::fs::remove_file(&empty);
+        assert!(
+            error.to_string().contains("holds no PEM certificate"),
+            "{error}"
         );
     }
 }
