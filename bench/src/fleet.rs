@@ -36,11 +36,44 @@ pub fn python_noop() -> Value {
 
 /// Starts a fleet as an operator would run it: info logs only, the default lease.
 pub async fn start(shape: Shape) -> Result<TestFleet> {
+    start_with(shape, &[]).await
+}
+
+/// How a fleet is secured: API keys and payload encryption (every fleet has TLS off).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Security {
+    /// API keys required (the default), payloads in clear.
+    Keys,
+    /// No API keys (`TASKFLEET_AUTH=off`), payloads in clear.
+    Open,
+    /// API keys required and payloads encrypted (`TASKFLEET_ENCRYPTION_KEYS`).
+    KeysAndEncryption,
+}
+
+impl Security {
+    /// The settings of every process of a fleet secured so.
+    pub fn env(self) -> Vec<(String, String)> {
+        match self {
+            Self::Keys => Vec::new(),
+            Self::Open => vec![("TASKFLEET_AUTH".to_owned(), "off".to_owned())],
+            Self::KeysAndEncryption => vec![(
+                "TASKFLEET_ENCRYPTION_KEYS".to_owned(),
+                // A key of the benchmark's own: 32 bytes of 0x5a, in base64.
+                "bench:WlpaWlpaWlpaWlpaWlpaWlpaWlpaWlpaWlpaWlpaWlo=".to_owned(),
+            )],
+        }
+    }
+}
+
+/// Starts a fleet as [`start`] does, with `extra` settings for all its processes.
+pub async fn start_with(shape: Shape, extra: &[(String, String)]) -> Result<TestFleet> {
     let production = || {
-        vec![
+        let mut env = vec![
             ("RUST_LOG".to_owned(), "warn".to_owned()),
             ("TASKFLEET_LEASE_TTL_S".to_owned(), "30".to_owned()),
-        ]
+        ];
+        env.extend(extra.iter().cloned());
+        env
     };
     TestFleet::start_with(FleetOptions {
         workers: shape.workers,

@@ -30,7 +30,7 @@ use clap::Parser;
 use serde_json::Value;
 
 use crate::celery::Celery;
-use crate::fleet::Shape;
+use crate::fleet::{Security, Shape};
 use crate::report::{Row, Table, median};
 
 /// Benchmarks taskfleet against Celery on this machine.
@@ -208,7 +208,22 @@ async fn main() -> Result<()> {
     // 1. Throughput: a fresh fleet (and database) for every round.
     let mut throughputs = Vec::new();
     if args.runs(Workload::Throughput) {
-        for (label, step) in [("jq", fleet::jq_noop()), ("Python", fleet::python_noop())] {
+        // Every fleet requires API keys, as deployed; two more rows price security: none at
+        // all, and keys with payload encryption.
+        for (label, step, security) in [
+            ("jq", fleet::jq_noop(), Security::Keys),
+            ("Python", fleet::python_noop(), Security::Keys),
+            (
+                "jq (no API keys, no encryption)",
+                fleet::jq_noop(),
+                Security::Open,
+            ),
+            (
+                "jq (API keys and encryption)",
+                fleet::jq_noop(),
+                Security::KeysAndEncryption,
+            ),
+        ] {
             let mut rates = Vec::new();
             let mut cpu = Vec::new();
             for round in 0..rounds {
@@ -216,7 +231,7 @@ async fn main() -> Result<()> {
                     "taskfleet: throughput {label}, round {}",
                     round + 1
                 ));
-                let fleet = fleet::start(args.shape()).await?;
+                let fleet = fleet::start_with(args.shape(), &security.env()).await?;
                 let measured = fleet::throughput(&fleet, args.jobs, &step).await?;
                 rates.push(measured.rate);
                 cpu.push(measured.cpu.per_task(args.jobs));
