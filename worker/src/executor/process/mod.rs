@@ -200,7 +200,8 @@ pub fn serve(socket: &Path) -> anyhow::Result<()> {
                     }),
                 });
             }
-            Ok(Some(other)) => tracing::warn!(?other, "unexpected frame on the calls connection"),
+            // Not the frame itself, which may hold a step's input.
+            Ok(Some(_)) => tracing::warn!("unexpected frame on the calls connection"),
             // The worker is gone: so is this executor, even in the middle of nothing.
             Ok(None) => std::process::exit(0),
             Err(error) => {
@@ -227,7 +228,7 @@ pub fn serve(socket: &Path) -> anyhow::Result<()> {
     while let Some(request) = read_frame(&mut control)? {
         match request {
             ExecutorRequest::Stop { id } => stopper.stop(id),
-            other => tracing::warn!(?other, "unexpected frame on the control connection"),
+            _ => tracing::warn!("unexpected frame on the control connection"),
         }
     }
     Ok(())
