@@ -201,37 +201,100 @@ pub fn keyring() -> Option<&'static Keyring> {
     KEYRING.get()
 }
 
-/// Returns `value` sealed when encryption is on, else as it is.
+/// Returns `value` sealed when encryption is on; else as it is, but for its strings that could
+/// be taken for sealed (or escaped) ones, which are escaped so that no value a client or a step
+/// makes can pass for a sealed one.
 pub fn seal(value: &Value) -> Cow<'_, Value> {
     match keyring() {
         Some(keyring) => Cow::Owned(keyring.seal_value(value)),
+        None if needs_escape(value) => {
+            let mut escaped = value.clone();
+            escape(&mut escaped);
+            Cow::Owned(escaped)
+        }
         None => Cow::Borrowed(value),
     }
 }
 
-/// Returns text (logs) sealed when encryption is on, else as it is.
+/// Returns text (logs) sealed when encryption is on, else as it is (escaped like a string of
+/// [`seal`]).
 pub fn seal_text(text: &str) -> Cow<'_, str> {
     match keyring() {
         Some(keyring) => Cow::Owned(keyring.seal_text(text)),
+        None if collides(text) => Cow::Owned(format!("{ESCAPE}{text}")),
         None => Cow::Borrowed(text),
     }
 }
 
-/// Returns a value opened if it is sealed, else as it is.
-pub fn open(value: Value) -> Result<Value, SealError> {
-    let Value::String(text) = &value else {
-        return Ok(value);
-    };
-    let Some((id, encoded)) = sealed_parts(text) else {
-        return Ok(value);
-    };
-    let keyring = keyring().ok_or_else(|| SealError::NoKeys(id.to_owned()))?;
-    let bytes = keyring.open_bytes(id, encoded)?;
-    serde_json::from_slice(&bytes).map_err(|_| SealError::NotJson(id.to_owned()))
+/// The prefix of a string of a value written in clear that began like a sealed (or escaped)
+/// one.
+const ESCAPE: &str = "tfesc:";
+
+/// Whether a string written in clear must be escaped.
+fn collides(text: &str) -> bool {
+    text.starts_with(PREFIX) || text.starts_with(ESCAPE)
 }
 
-/// Returns text (logs) opened if it is sealed, else as it is.
+/// Whether any string of `value` must be escaped.
+fn needs_escape(value: &Value) -> bool {
+    match value {
+        Value::String(text) => collides(text),
+        Value::Array(items) => items.iter().any(needs_escape),
+        Value::Object(map) => map.values().any(needs_escape),
+        Value::Null | Value::Bool(_) | Value::Number(_) => false,
+    }
+}
+
+/// Escapes every string of `value` that must be.
+fn escape(value: &mut Value) {
+    match value {
+        Value::String(text) if collides(text) => text.insert_str(0, ESCAPE),
+        Value::Array(items) => items.iter_mut().for_each(escape),
+        Value::Object(map) => map.values_mut().for_each(escape),
+        _ => {}
+    }
+}
+
+/// Returns a value as written by [`seal`] opened: sealed strings (at its top, or anywhere in a
+/// value gathered from several, such as a `for_each` step's items) decrypted, escaped ones
+/// restored, anything else as it is.
+pub fn open(mut value: Value) -> Result<Value, SealError> {
+    open_in_place(&mut value)?;
+    Ok(value)
+}
+
+fn open_in_place(value: &mut Value) -> Result<(), SealError> {
+    match value {
+        Value::String(text) => {
+            if let Some(escaped) = text.strip_prefix(ESCAPE) {
+                *text = escaped.to_owned();
+            } else if let Some((id, encoded)) = sealed_parts(text) {
+                let keyring = keyring().ok_or_else(|| SealError::NoKeys(id.to_owned()))?;
+                let bytes = keyring.open_bytes(id, encoded)?;
+                *value = serde_json::from_slice(&bytes)
+                    .map_err(|_| SealError::NotJson(id.to_owned()))?;
+            }
+        }
+        Value::Array(items) => {
+            for item in items {
+                open_in_place(item)?;
+            }
+        }
+        Value::Object(map) => {
+            for item in map.values_mut() {
+                open_in_place(item)?;
+            }
+        }
+        Value::Null | Value::Bool(_) | Value::Number(_) => {}
+    }
+    Ok(())
+}
+
+/// Returns text (logs) as written by [`seal_text`] opened.
 pub fn open_text(text: String) -> Result<String, SealError> {
+    if let Some(escaped) = text.strip_prefix(ESCAPE) {
+        return Ok(escaped.to_owned());
+    }
     let Some((id, encoded)) = sealed_parts(&text) else {
         return Ok(text);
     };
@@ -397,5 +460,28 @@ mod tests {
             open_text("plain logs".to_owned()),
             Ok("plain logs".to_owned())
         );
+    }
+
+    #[test]
+    fn values_in_clear_that_look_sealed_are_escaped_and_come_back_unchanged() {
+        // No keys are installed in this test process: values are written in clear.
+        for value in [
+            json!("tfenc1:k1:AAAA"),
+            json!("tfesc:x"),
+            json!(["tfenc1:k1:AAAA", ["tfesc:tfesc:y"], {"k": "tfenc1:z:w"}]),
+            json!({"plain": "value", "n": 1}),
+        ] {
+            let written = seal(&value).into_owned();
+            assert_eq!(open(written.clone()), Ok(value.clone()), "{written}");
+            // What was written holds no string that passes for a sealed one.
+            assert!(!written.to_string().contains("\"tfenc1:"), "{written}");
+        }
+        // Values written one by one and gathered (a `for_each` step's items) come back too.
+        let items = [json!("tfenc1:a:b"), json!(["tfesc:c"]), json!(3)];
+        let gathered = Value::Array(items.iter().map(|item| seal(item).into_owned()).collect());
+        assert_eq!(open(gathered), Ok(Value::Array(items.to_vec())));
+        for text in ["tfenc1:k:v", "tfesc:", "plain"] {
+            assert_eq!(open_text(seal_text(text).into_owned()), Ok(text.to_owned()));
+        }
     }
 }

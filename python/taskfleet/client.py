@@ -632,8 +632,6 @@ class Client:
         if query:
             url += "?" + urllib.parse.urlencode(query)
         headers = {"Accept": "application/json", "User-Agent": _USER_AGENT}
-        if self._authorization is not None:
-            headers["Authorization"] = self._authorization
         data = None
         if body is not _NO_BODY:
             try:
@@ -644,6 +642,9 @@ class Client:
                 ) from error
             headers["Content-Type"] = "application/json"
         request = urllib.request.Request(url, data=data, headers=headers, method=method)
+        if self._authorization is not None:
+            # Not repeated to wherever a redirect points.
+            request.add_unredirected_header("Authorization", self._authorization)
         timeout = self.timeout + extra_time
         try:
             with self._opener.open(request, timeout=timeout) as response:

@@ -284,6 +284,9 @@ impl Authenticator {
             return Ok(Principal::unauthenticated());
         }
         let secret = bearer(header)?;
+        if !well_formed(secret) {
+            return Err(ApiError::unauthorized());
+        }
         let hash = hash(secret);
         let now = Instant::now();
         let cached = taskfleet_common::sync::lock(&self.cache)
@@ -345,6 +348,17 @@ fn bearer(header: Option<&HeaderValue>) -> Result<&str, ApiError> {
     Ok(key)
 }
 
+/// Whether `key` has the form of a key this scheduler makes: `tfk_` and 43 base64url
+/// characters. Anything else is refused without a lookup.
+fn well_formed(key: &str) -> bool {
+    key.strip_prefix(KEY_PREFIX).is_some_and(|secret| {
+        secret.len() == 43
+            && secret
+                .bytes()
+                .all(|byte| byte.is_ascii_alphanumeric() || byte == b'-' || byte == b'_')
+    })
+}
+
 /// The middleware of every `/v1` route: finds the caller, or answers 401.
 pub async fn authenticate(
     State(state): State<AppState>,
@@ -399,6 +413,16 @@ mod tests {
         assert_eq!(first.secret.len(), 4 + 43);
         assert_eq!(first.hash.len(), 32);
         assert_eq!(first.hash, hash(&first.secret));
+    }
+
+    #[test]
+    fn only_keys_of_the_right_form_are_looked_up() {
+        let key = new_secret().expect("random bytes").secret;
+        assert!(well_formed(&key));
+        assert!(!well_formed("tfk_short"));
+        assert!(!well_formed(&key.replace("tfk_", "xyz_")));
+        assert!(!well_formed(&format!("{key}x")));
+        assert!(!well_formed(&format!("tfk_{}", "+".repeat(43))));
     }
 
     fn check_bearer(header: &[u8], expected: Option<&str>) {

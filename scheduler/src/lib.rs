@@ -108,6 +108,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
             config.jq_time_limit,
             shutdown.clone(),
         )
+        .with_max_value_bytes(config.max_value_bytes)
     };
     let programs = planning_programs(sandbox_settings.clone());
     let submission_programs = planning_programs(sandbox_settings);

@@ -19,6 +19,9 @@ use tokio_util::sync::CancellationToken;
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Connections whose handshake is done, waiting for the server to take them.
 const ACCEPTED_BACKLOG: usize = 128;
+/// The most handshakes under way at once; past it, new connections wait in the kernel's
+/// backlog, so silent clients cannot take every file descriptor.
+const MAX_HANDSHAKES: usize = 256;
 
 /// The oldest TLS version the API accepts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -129,8 +132,16 @@ impl TlsListener {
     ) -> std::io::Result<Self> {
         let local = tcp.local_addr()?;
         let (sender, accepted) = mpsc::channel(ACCEPTED_BACKLOG);
+        let handshakes = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
         tokio::spawn(async move {
             loop {
+                let permit = tokio::select! {
+                    () = shutdown.cancelled() => return,
+                    permit = handshakes.clone().acquire_owned() => match permit {
+                        Ok(permit) => permit,
+                        Err(_) => return,
+                    },
+                };
                 let (stream, peer) = tokio::select! {
                     () = shutdown.cancelled() => return,
                     accepted = tcp.accept() => match accepted {
@@ -146,7 +157,10 @@ impl TlsListener {
                 let acceptor = acceptor.clone();
                 let sender = sender.clone();
                 tokio::spawn(async move {
-                    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+                    let handshake =
+                        tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await;
+                    drop(permit);
+                    match handshake {
                         Ok(Ok(tls)) => {
                             let _ = sender.send((tls, peer)).await;
                         }

@@ -523,6 +523,25 @@ async fn tenant_quotas_answer_429_past_their_limits_and_leave_other_tenants_alon
             .unwrap()
             .contains("at most 2 runs unfinished")
     );
+    // Repeating an accepted submission is never refused: its answer is the job it made.
+    let keyed = json!({"dataflow": ".", "queue": "nobody", "idempotency_key": "once"});
+    let (status, first) = fleet
+        .request_as(&acme, "POST", "/v1/tasks", Some(&keyed))
+        .await;
+    assert_eq!(status, 429, "{first}");
+    let (status, _) = fleet
+        .request_as(&acme, "POST", &format!("/v1/tasks/{}/cancel", ids[1]), None)
+        .await;
+    assert_eq!(status, 200);
+    let (status, first) = fleet
+        .request_as(&acme, "POST", "/v1/tasks", Some(&keyed))
+        .await;
+    assert_eq!(status, 201, "{first}");
+    let (status, again) = fleet
+        .request_as(&acme, "POST", "/v1/tasks", Some(&keyed))
+        .await;
+    assert_eq!(status, 200, "{again}");
+    assert_eq!(again["id"], first["id"], "{again}");
     // A batch larger than the quota is refused whole; another tenant is not limited.
     let batch = json!({"runs": [
         {"definition": {"steps": [{"id": "a", "dataflow": ".", "queue": "nobody"}]}},

@@ -103,6 +103,13 @@ async fn python_steps_run_within_limits_and_write_only_to_their_scratch_director
     )
     .await;
     assert_eq!(output, "EMFILE");
+    // The worker's settings (service URLs, keys) are not in a step's environment.
+    let output = run_code(
+        &fleet,
+        "import os\ndef main(_):\n    return sorted(k for k in os.environ if k.startswith('TASKFLEET_'))\n",
+    )
+    .await;
+    assert_eq!(output, json!([]));
     // The executor is still the same one, and serves.
     let output = run_code(
         &fleet,

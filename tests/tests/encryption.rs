@@ -227,3 +227,33 @@ async fn no_payload_rests_or_travels_in_clear_and_keys_rotate() {
     );
     assert!(!short.contains("AAAA"), "{short}");
 }
+
+#[tokio::test]
+async fn values_that_look_encrypted_travel_unchanged_and_break_nothing() {
+    // Encryption off, the default: a client's or a step's strings shaped like sealed values
+    // are data like any other.
+    let mut fleet = TestFleet::start_with(FleetOptions {
+        workers: 1,
+        ..FleetOptions::default()
+    })
+    .await
+    .unwrap();
+    let forged = json!({"a": "tfenc1:k1:AAAA", "b": ["tfesc:x", "tfenc1:y:z"]});
+    let definition = json!({"steps": [
+        {"id": "same", "dataflow": "."},
+        {"id": "each", "after": ["same"], "for_each": "[.b[]]", "dataflow": "."},
+        {"id": "made", "after": ["each"], "dataflow": "\"tfenc1:made:BBBB\""},
+    ]});
+    let run = fleet.run(&definition, &forged).await;
+    assert_eq!(run["status"], "succeeded", "{run}");
+    assert_eq!(run["input"], forged, "{run}");
+    assert_eq!(run["steps"]["same"]["output"], forged, "{run}");
+    assert_eq!(run["steps"]["each"]["output"], forged["b"], "{run}");
+    assert_eq!(run["output"], "tfenc1:made:BBBB", "{run}");
+    // A scheduler starts again over them.
+    fleet.restart_scheduler().await.unwrap();
+    let id = run["id"].as_str().unwrap();
+    let (status, again) = fleet.request("GET", &format!("/v1/runs/{id}"), None).await;
+    assert_eq!(status, 200, "{again}");
+    assert_eq!(again["input"], forged, "{again}");
+}

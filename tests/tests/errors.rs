@@ -536,6 +536,20 @@ async fn inputs_and_outputs_over_the_value_limit_fail_naming_size_and_limit() {
             "{message}"
         );
     }
+    // An input an `input` program makes over the limit fails its step with dataflow_error.
+    let run = fleet
+        .run(
+            &json!({"steps": [{"id": "wide", "input": "[range(1000)]", "dataflow": "."}]}),
+            &json!(null),
+        )
+        .await;
+    assert_eq!(
+        run["steps"]["wide"]["error"]["type"], "dataflow_error",
+        "{run}"
+    );
+    let message = run["steps"]["wide"]["error"]["message"].as_str().unwrap();
+    assert!(message.contains("the step's input is"), "{message}");
+    assert!(message.contains("more than the limit of 1000"), "{message}");
     // At the limit, it goes through.
     let run = fleet
         .run(

@@ -6,6 +6,8 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use taskfleet_common::RunKind;
+
 use super::{ApiError, AppState, owner};
 use crate::auth::Principal;
 use crate::store::{self, QuotaRow};
@@ -32,6 +34,39 @@ impl Quotas {
         runs: usize,
     ) -> Result<(), ApiError> {
         let quota = self.quota(state, principal).await?;
+        Self::admit_with(state, principal, quota, runs).await
+    }
+
+    /// Admits one new run or job as [`Self::admit`] does, unless its idempotency key names a
+    /// run the tenant has already: repeating a submission is never refused for its quota.
+    pub async fn admit_one(
+        &self,
+        state: &AppState,
+        principal: &Principal,
+        kind: RunKind,
+        idempotency_key: Option<&str>,
+    ) -> Result<(), ApiError> {
+        let quota = self.quota(state, principal).await?;
+        if quota == QuotaRow::default() {
+            return Ok(());
+        }
+        if let Some(key) = idempotency_key
+            && store::run_with_idempotency_key(&state.db, owner(state, principal), kind, key)
+                .await?
+                .is_some()
+        {
+            return Ok(());
+        }
+        Self::admit_with(state, principal, quota, 1).await
+    }
+
+    /// Admits `runs` new runs or jobs against `quota`.
+    async fn admit_with(
+        state: &AppState,
+        principal: &Principal,
+        quota: QuotaRow,
+        runs: usize,
+    ) -> Result<(), ApiError> {
         let runs = i64::try_from(runs).unwrap_or(i64::MAX);
         let tenant = &principal.tenant;
         if let Some(limit) = quota.runs_in_flight {

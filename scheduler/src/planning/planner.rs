@@ -284,6 +284,13 @@ fn try_decide(
             format!("the step's input cannot be sent: {error}"),
         )));
     }
+    if let Err(too_large) = taskfleet_common::value::check_size(&input, programs.max_value_bytes())
+    {
+        return Err(Blocked::Fails(StepError::new(
+            DATAFLOW_ERROR,
+            format!("the step's input is {too_large}"),
+        )));
+    }
     if let Some(when) = &step.when {
         let verdict = run_program(programs, "when", when, input.clone())?;
         if !truthy(&verdict) {
@@ -298,7 +305,10 @@ fn try_decide(
             input,
         });
     };
-    let items = items(run_program(programs, "for_each", for_each, input)?)?;
+    let items = items(
+        run_program(programs, "for_each", for_each, input)?,
+        programs.max_value_bytes(),
+    )?;
     Ok(Planned::FanOut {
         step_id: step.id.clone(),
         items,
@@ -310,7 +320,7 @@ pub const MAX_ITEMS: usize = 100_000;
 
 /// Returns the items a `for_each` program yielded: an array of at most [`MAX_ITEMS`] values
 /// that can each be sent.
-fn items(value: Value) -> Result<Vec<Value>, StepError> {
+fn items(value: Value, max_value_bytes: usize) -> Result<Vec<Value>, StepError> {
     let Value::Array(items) = value else {
         return Err(StepError::new(
             DATAFLOW_ERROR,
@@ -331,6 +341,12 @@ fn items(value: Value) -> Result<Vec<Value>, StepError> {
             return Err(StepError::new(
                 DATAFLOW_ERROR,
                 format!("`for_each` item {index} cannot be sent: {error}"),
+            ));
+        }
+        if let Err(too_large) = taskfleet_common::value::check_size(item, max_value_bytes) {
+            return Err(StepError::new(
+                DATAFLOW_ERROR,
+                format!("`for_each` item {index} is {too_large}"),
             ));
         }
     }

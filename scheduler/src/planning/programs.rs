@@ -40,6 +40,11 @@ pub trait ProgramRunner: Sync {
     fn parallelism(&self) -> usize {
         1
     }
+
+    /// The largest step input planning may make, in bytes of JSON (`TASKFLEET_MAX_VALUE_BYTES`).
+    fn max_value_bytes(&self) -> usize {
+        value::DEFAULT_MAX_BYTES
+    }
 }
 
 /// Runs every program on the calling thread, without limits: for tests of planning, whose
@@ -71,6 +76,8 @@ pub struct SandboxedPrograms {
     stop: CancellationToken,
     /// Whether every quick program runs in place, whatever the size of its input.
     quick_in_place: bool,
+    /// The largest step input planning may make.
+    max_value_bytes: usize,
 }
 
 impl SandboxedPrograms {
@@ -88,6 +95,15 @@ impl SandboxedPrograms {
             time_limit,
             stop,
             quick_in_place: false,
+            max_value_bytes: value::DEFAULT_MAX_BYTES,
+        }
+    }
+
+    /// Returns the runner with `max_value_bytes` as the largest step input planning may make.
+    pub fn with_max_value_bytes(self, max_value_bytes: usize) -> Self {
+        Self {
+            max_value_bytes,
+            ..self
         }
     }
 
@@ -111,6 +127,10 @@ impl ProgramRunner for SandboxedPrograms {
 
     fn parallelism(&self) -> usize {
         self.sandbox.settings().processes
+    }
+
+    fn max_value_bytes(&self) -> usize {
+        self.max_value_bytes
     }
 
     fn run(&self, program: &Program, input: Value) -> Result<Value, ProgramFailure> {

@@ -49,7 +49,8 @@ pub use outbox::{UndispatchedTask, claim_due, claim_undispatched, mark_dispatche
 pub use quotas::{QuotaRow, TenantQuotaRow, get_quota, list_quotas, put_quota, runs_in_flight};
 pub use runs::{
     Cancellation, NewRun, NewTask, RunFilter, RunSummaryRow, cancel_run, check_sealed, get_run,
-    get_tasks, insert_runs, insert_tasks, list_runs, runs_by_idempotency_key,
+    get_tasks, insert_runs, insert_tasks, list_runs, run_with_idempotency_key,
+    runs_by_idempotency_key,
 };
 pub use stats::{queues_with_queued_tasks, stats};
 pub use workflows::{WorkflowRow, get_workflow, list_workflows, put_workflow};
@@ -241,25 +242,16 @@ where
 }
 
 /// A payload column (an input, output or error) as read: opened when it was sealed
-/// (`common::seal`), so the scheduler holds plain values and the database sealed ones. An
-/// array whose items are sealed (a `for_each` step's output, gathered in SQL from its items'
-/// outputs) is opened item by item.
+/// (`common::seal`), so the scheduler holds plain values and the database sealed ones; a
+/// `for_each` step's output, gathered in SQL from its items' outputs, opens item by item.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 #[serde(transparent)]
 pub struct Payload(pub Value);
 
 impl Payload {
-    /// Returns a stored payload opened, item by item for an array.
+    /// Returns a stored payload opened.
     fn open(value: Value) -> Result<Self, taskfleet_common::seal::SealError> {
-        Ok(Self(match value {
-            Value::Array(items) => Value::Array(
-                items
-                    .into_iter()
-                    .map(taskfleet_common::seal::open)
-                    .collect::<Result<_, _>>()?,
-            ),
-            other => taskfleet_common::seal::open(other)?,
-        }))
+        taskfleet_common::seal::open(value).map(Self)
     }
 }
 

@@ -463,3 +463,22 @@ pub async fn check_sealed(db: &PgPool, namespace: &str) -> Result<(), StoreError
     .await?;
     Ok(())
 }
+
+/// Returns the run of `kind` of the owner that holds an idempotency key, if any.
+pub async fn run_with_idempotency_key(
+    db: &PgPool,
+    owner: Owner<'_>,
+    kind: RunKind,
+    key: &str,
+) -> Result<Option<Uuid>, StoreError> {
+    Ok(sqlx::query_scalar(
+        "SELECT id FROM runs
+         WHERE namespace = $1 AND tenant = $2 AND kind = $3 AND idempotency_key = $4",
+    )
+    .bind(owner.namespace)
+    .bind(owner.tenant)
+    .bind(kind.as_str())
+    .bind(key)
+    .fetch_optional(db)
+    .await?)
+}

@@ -180,7 +180,15 @@ pub async fn create(
     JsonBody(request): JsonBody<RunRequest>,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
     principal.require(Scope::RunsWrite)?;
-    state.quotas.admit(&state, &principal, 1).await?;
+    state
+        .quotas
+        .admit_one(
+            &state,
+            &principal,
+            RunKind::Workflow,
+            request.idempotency_key.as_deref(),
+        )
+        .await?;
     let parts = prepare(&state, &principal, request, &mut Resolved::new()).await?;
     let submission = plan_one(&state, parts).await?;
     submit_one(&state, submission).await
@@ -282,7 +290,10 @@ pub async fn create_job(
         output: None,
     };
     check_python_code(&principal, &definition)?;
-    state.quotas.admit(&state, &principal, 1).await?;
+    state
+        .quotas
+        .admit_one(&state, &principal, RunKind::Job, idempotency_key.as_deref())
+        .await?;
     let input = extra.remove("input").unwrap_or(Value::Null);
     check_input(&state, &input)?;
     let parts = NewRunParts {

@@ -74,7 +74,15 @@ impl ExecutorProcess {
                 .with_context(|| format!("creating {}", scratch.display()))?;
         }
         python.confinement.scratch = Some(scratch.clone());
-        let mut child = Command::new(&inner.settings.program)
+        let mut command = Command::new(&inner.settings.program);
+        // The worker's settings (its service URLs with their passwords, the encryption keys)
+        // are not the steps' business: the executor gets what it needs over its socket.
+        for (name, _) in std::env::vars_os() {
+            if name.to_string_lossy().starts_with("TASKFLEET_") {
+                command.env_remove(name);
+            }
+        }
+        let mut child = command
             .arg(EXECUTOR_FLAG)
             .arg(&path)
             .env("TMPDIR", &scratch)
