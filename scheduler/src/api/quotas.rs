@@ -92,7 +92,9 @@ impl Quotas {
                 .as_secs();
             let key = state.config.namespace.submissions_key(tenant, second);
             let mut redis = state.redis.clone();
+            // One transaction, so that a counter never outlives its window.
             let counted: Result<(i64,), redis::RedisError> = redis::pipe()
+                .atomic()
                 .incr(&key, runs)
                 .expire(&key, 2)
                 .ignore()

@@ -109,7 +109,8 @@ impl Confinement {
         })
     }
 
-    /// Empties the scratch directory, so that no step finds what an earlier one left.
+    /// Empties the scratch directory, so that no step finds what an earlier one left; a
+    /// directory a step made unreadable or unremovable is given back its permissions first.
     pub fn clear_scratch(&self) {
         let Some(scratch) = &self.scratch else {
             return;
@@ -120,12 +121,28 @@ impl Confinement {
         for entry in entries.flatten() {
             let path = entry.path();
             let removed = if entry.file_type().is_ok_and(|kind| kind.is_dir()) {
-                std::fs::remove_dir_all(&path)
+                std::fs::remove_dir_all(&path).or_else(|_| {
+                    restore_permissions(&path);
+                    std::fs::remove_dir_all(&path)
+                })
             } else {
                 std::fs::remove_file(&path)
             };
             if let Err(error) = removed {
                 tracing::warn!(%error, path = %path.display(), "emptying the scratch directory");
+            }
+        }
+    }
+}
+
+/// Gives the owner back every permission on `path` and everything under it, as far as it can.
+fn restore_permissions(path: &Path) {
+    use std::os::unix::fs::PermissionsExt as _;
+    let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o700));
+    if let Ok(entries) = std::fs::read_dir(path) {
+        for entry in entries.flatten() {
+            if entry.file_type().is_ok_and(|kind| kind.is_dir()) {
+                restore_permissions(&entry.path());
             }
         }
     }
