@@ -118,3 +118,45 @@ async fn python_steps_run_within_limits_and_write_only_to_their_scratch_director
     .await;
     assert_eq!(output, true);
 }
+
+#[tokio::test]
+async fn processes_a_step_starts_end_with_its_executor() {
+    let fleet = TestFleet::start_with(FleetOptions {
+        workers: 1,
+        worker_env: vec![("TASKFLEET_PYTHON_EXECUTORS".to_owned(), "1".to_owned())],
+        ..FleetOptions::default()
+    })
+    .await
+    .unwrap();
+    // A step leaves a process behind.
+    let output = run_code(
+        &fleet,
+        "import subprocess\ndef main(_):\n    return subprocess.Popen(['sleep', '600']).pid\n",
+    )
+    .await;
+    let child = output.as_u64().unwrap();
+    let alive = || std::path::Path::new(&format!("/proc/{child}")).exists();
+    assert!(
+        alive(),
+        "the step's process should run until its executor ends"
+    );
+    // A step blocked in C past its timeout gets its executor killed: the group goes with it.
+    let run = fleet
+        .run(
+            &json!({"steps": [{"id": "nap", "timeout_s": 1, "python_code": "import time\ndef main(_):\n    time.sleep(60)\n"}]}),
+            &json!(null),
+        )
+        .await;
+    assert_eq!(run["steps"]["nap"]["error"]["type"], "timeout", "{run}");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while alive() && std::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    // A killed process stays a zombie until its parent (the reaped executor's, now init)
+    // collects it; either way it no longer runs.
+    let state = std::fs::read_to_string(format!("/proc/{child}/stat")).unwrap_or_default();
+    assert!(
+        state.is_empty() || state.contains(") Z "),
+        "the step's process outlived its executor: {state}"
+    );
+}

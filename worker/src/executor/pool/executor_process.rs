@@ -43,6 +43,26 @@ pub(super) struct ExecutorProcess {
     pub(super) calls: u64,
     /// Its scratch directory, removed with it.
     _scratch: ScratchDir,
+    /// Its process group, killed with it.
+    _group: ProcessGroup,
+}
+
+/// An executor's process group: the executor and every process its steps started, which
+/// are killed when the executor is done with, so that none outlives it.
+struct ProcessGroup(u32);
+
+impl Drop for ProcessGroup {
+    fn drop(&mut self) {
+        if let Ok(id) = i32::try_from(self.0)
+            && id > 0
+        {
+            // The group may be gone already: nothing to do then.
+            let _ = nix::sys::signal::killpg(
+                nix::unistd::Pid::from_raw(id),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+    }
 }
 
 /// An executor's scratch directory, removed when dropped.
@@ -83,6 +103,8 @@ impl ExecutorProcess {
             }
         }
         let mut child = command
+            // A group of its own: the processes its steps start are killed with it.
+            .process_group(0)
             .arg(EXECUTOR_FLAG)
             .arg(&path)
             .env("TMPDIR", &scratch)
@@ -122,6 +144,7 @@ impl ExecutorProcess {
             control,
             calls: 0,
             _scratch: ScratchDir(scratch),
+            _group: ProcessGroup(pid),
         };
         executor
             .send(&ExecutorRequest::Start(python))
