@@ -11,6 +11,7 @@ mod http;
 pub mod pki;
 mod processes;
 pub mod services;
+pub mod tls_services;
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
