@@ -132,12 +132,9 @@ pub struct SetQuotaArgs {
 /// The arguments of `taskfleet audit`.
 #[derive(Debug, Args)]
 pub struct AuditArgs {
-    /// The most events listed [default: 100]
-    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=1000))]
-    pub limit: Option<u32>,
-    /// Where to go on from: the `next_cursor` of a previous listing
-    #[arg(long, value_name = "CURSOR")]
-    pub cursor: Option<String>,
+    /// The page to list.
+    #[command(flatten)]
+    pub page: PageArgs,
 }
 
 /// The arguments of `taskfleet keys`.
@@ -177,18 +174,36 @@ pub struct CompletionsArgs {
     pub shell: clap_complete::Shell,
 }
 
+/// Which page of a listing to list.
+#[derive(Debug, Args)]
+pub struct PageArgs {
+    /// The most listed, 1 to 1000 [default: the API's: 50, or 100 for audit]
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub limit: Option<u32>,
+    /// Where to go on from: the `next_cursor` of a previous listing
+    #[arg(long, value_name = "CURSOR")]
+    pub cursor: Option<String>,
+}
+
+impl PageArgs {
+    /// Returns the listing's query pairs of the page.
+    pub fn query(self) -> [(&'static str, Option<String>); 2] {
+        [
+            ("limit", self.limit.map(|limit| limit.to_string())),
+            ("cursor", self.cursor),
+        ]
+    }
+}
+
 /// The arguments of `taskfleet jobs`.
 #[derive(Debug, Args)]
 pub struct JobsArgs {
     /// Only jobs in this status (pending, running, succeeded, failed, cancelled)
     #[arg(long, value_name = "STATUS")]
     pub status: Option<String>,
-    /// The most jobs listed [default: 50]
-    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=1000))]
-    pub limit: Option<u32>,
-    /// Where to go on from: the `next_cursor` of a previous listing
-    #[arg(long, value_name = "CURSOR")]
-    pub cursor: Option<String>,
+    /// The page to list.
+    #[command(flatten)]
+    pub page: PageArgs,
 }
 
 /// The arguments of `taskfleet enqueue`.
@@ -282,12 +297,9 @@ pub struct RunsArgs {
     /// Only runs of this workflow
     #[arg(long, value_name = "NAME")]
     pub workflow: Option<String>,
-    /// The most runs listed [default: 50]
-    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=1000))]
-    pub limit: Option<u32>,
-    /// Where to go on from: the `next_cursor` of a previous listing
-    #[arg(long, value_name = "CURSOR")]
-    pub cursor: Option<String>,
+    /// The page to list.
+    #[command(flatten)]
+    pub page: PageArgs,
 }
 
 /// The arguments of `taskfleet logs`.

@@ -21,9 +21,8 @@ use std::time::Duration;
 pub use args::{Cli, Command, Output};
 
 use args::{
-    AuditArgs, CompletionsArgs, CreateKeyArgs, EnqueueArgs, JobsArgs, KeysCommand, LogsArgs,
-    RegisterArgs, RunsArgs, ShowWorkflowArgs, StatusArgs, SubmitArgs, TenantsCommand, WaitArgs,
-    WorkflowsCommand,
+    CompletionsArgs, CreateKeyArgs, EnqueueArgs, KeysCommand, LogsArgs, PageArgs, RegisterArgs,
+    ShowWorkflowArgs, StatusArgs, SubmitArgs, TenantsCommand, WaitArgs, WorkflowsCommand,
 };
 use body::InputError;
 use client::{Accepted, ApiError, Client, Kind};
@@ -170,8 +169,35 @@ async fn dispatch(
         Command::Status(status_args) => status(&client, printer, status_args).await,
         Command::Wait(wait_args) => wait(&client, printer, wait_args).await,
         Command::Cancel(cancel_args) => cancel(&client, printer, cancel_args).await,
-        Command::Runs(runs_args) => runs(&client, printer, runs_args).await,
-        Command::Jobs(jobs_args) => jobs(&client, printer, jobs_args).await,
+        Command::Runs(runs_args) => {
+            let filters = vec![
+                ("status", runs_args.status),
+                ("workflow", runs_args.workflow),
+            ];
+            let listing = (["v1", "runs"].as_slice(), "runs");
+            list_page(
+                &client,
+                printer,
+                listing,
+                filters,
+                runs_args.page,
+                text::runs,
+            )
+            .await
+        }
+        Command::Jobs(jobs_args) => {
+            let filters = vec![("status", jobs_args.status)];
+            let listing = (["v1", "tasks"].as_slice(), "jobs");
+            list_page(
+                &client,
+                printer,
+                listing,
+                filters,
+                jobs_args.page,
+                text::jobs,
+            )
+            .await
+        }
         Command::Logs(logs_args) => logs(&client, printer, logs_args).await,
         Command::Workflows(workflows_args) => match workflows_args.command {
             None | Some(WorkflowsCommand::List) => {
@@ -203,7 +229,18 @@ async fn dispatch(
                 Ok(Exit::Success)
             }
         },
-        Command::Audit(audit_args) => audit(&client, printer, audit_args).await,
+        Command::Audit(audit_args) => {
+            let listing = (["v1", "audit"].as_slice(), "audit");
+            list_page(
+                &client,
+                printer,
+                listing,
+                Vec::new(),
+                audit_args.page,
+                text::audit,
+            )
+            .await
+        }
         Command::Keys(keys_args) => match keys_args.command {
             KeysCommand::Create(create_args) => create_key(&client, printer, create_args).await,
             KeysCommand::List => show(&client, printer, &["v1", "keys"], text::keys).await,
@@ -220,20 +257,6 @@ async fn dispatch(
         },
         Command::Completions(_) => Ok(Exit::Success),
     }
-}
-
-/// `taskfleet audit`: lists what keys did, newest first.
-async fn audit(client: &Client, printer: Printer, audit_args: AuditArgs) -> Result<Exit, CliError> {
-    let answer = client
-        .get_with_query(
-            &["v1", "audit"],
-            &[
-                ("limit", audit_args.limit.map(|limit| limit.to_string())),
-                ("cursor", audit_args.cursor),
-            ],
-        )
-        .await?;
-    print_page(printer, &answer, "audit", text::audit)
 }
 
 /// `taskfleet keys create`: makes a key; as text, its secret is the last line.
@@ -276,47 +299,21 @@ fn completions(completions_args: &CompletionsArgs) -> Result<Exit, CliError> {
     Ok(Exit::Success)
 }
 
-/// `taskfleet runs`: lists workflow runs, newest first.
-async fn runs(client: &Client, printer: Printer, runs_args: RunsArgs) -> Result<Exit, CliError> {
-    let answer = client
-        .get_with_query(
-            &["v1", "runs"],
-            &[
-                ("status", runs_args.status),
-                ("workflow", runs_args.workflow),
-                ("limit", runs_args.limit.map(|limit| limit.to_string())),
-                ("cursor", runs_args.cursor),
-            ],
-        )
-        .await?;
-    print_page(printer, &answer, "runs", text::runs)
-}
-
-/// `taskfleet jobs`: lists jobs, newest first.
-async fn jobs(client: &Client, printer: Printer, jobs_args: JobsArgs) -> Result<Exit, CliError> {
-    let answer = client
-        .get_with_query(
-            &["v1", "tasks"],
-            &[
-                ("status", jobs_args.status),
-                ("limit", jobs_args.limit.map(|limit| limit.to_string())),
-                ("cursor", jobs_args.cursor),
-            ],
-        )
-        .await?;
-    print_page(printer, &answer, "jobs", text::jobs)
-}
-
-/// Prints a page of a listing; as text, says on stderr how to list the next page.
-fn print_page(
+/// `taskfleet runs`, `jobs` and `audit`: lists a page of the API's listing at `segments`,
+/// newest first, with `filters`; as text, says on stderr how to list the next page.
+async fn list_page(
+    client: &Client,
     printer: Printer,
-    answer: &Value,
-    command: &str,
+    (segments, command): (&[&str], &str),
+    filters: Vec<(&str, Option<String>)>,
+    page: PageArgs,
     render: fn(&Value) -> String,
 ) -> Result<Exit, CliError> {
-    printer.print(answer, render)?;
+    let query: Vec<(&str, Option<String>)> = filters.into_iter().chain(page.query()).collect();
+    let answer = client.get_with_query(segments, &query).await?;
+    printer.print(&answer, render)?;
     if printer.output == Output::Text
-        && let Some(line) = text::next_page(answer, command)
+        && let Some(line) = text::next_page(&answer, command)
     {
         eprintln!("{line}");
     }

@@ -5,9 +5,7 @@
 //! and a key is looked up by that hash, so no secret is ever compared. What a lookup finds is
 //! kept for [`CACHE_TTL`] at most, so a revocation takes effect on every scheduler within it.
 
-use std::collections::HashMap;
 use std::fmt;
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use axum::extract::{FromRequestParts, Request, State};
@@ -22,6 +20,7 @@ use uuid::Uuid;
 
 use crate::api::{ApiError, AppState};
 use crate::store::{self, KeyRow};
+use crate::ttl_cache::TtlCache;
 
 /// How long what a key lookup found is trusted: a revoked key stops working within this.
 pub const CACHE_TTL: Duration = Duration::from_secs(1);
@@ -255,14 +254,12 @@ pub enum AuthMode {
     Off,
 }
 
-/// What key lookups found, by the key's hash: when, and the caller (`None`: no valid key).
-type KeyCache = HashMap<Vec<u8>, (Instant, Option<Principal>)>;
-
 /// Resolves the keys of requests, remembering what it found for [`CACHE_TTL`].
 #[derive(Clone)]
 pub struct Authenticator {
     mode: AuthMode,
-    cache: Arc<Mutex<KeyCache>>,
+    /// What key lookups found, by the key's hash (`None`: no valid key).
+    cache: TtlCache<Vec<u8>, Option<Principal>>,
 }
 
 impl Authenticator {
@@ -270,7 +267,7 @@ impl Authenticator {
     pub fn new(mode: AuthMode) -> Self {
         Self {
             mode,
-            cache: Arc::default(),
+            cache: TtlCache::new(CACHE_TTL, CACHE_CAPACITY),
         }
     }
 
@@ -288,14 +285,10 @@ impl Authenticator {
             return Err(ApiError::unauthorized());
         }
         let hash = hash(secret);
-        let now = Instant::now();
-        let cached = taskfleet_common::sync::lock(&self.cache)
-            .get(&hash)
-            .filter(|(at, _)| now.duration_since(*at) < CACHE_TTL)
-            .map(|(_, principal)| principal.clone());
-        let principal = match cached {
+        let principal = match self.cache.get(&hash) {
             Some(principal) => principal,
             None => {
+                let read_at = Instant::now();
                 let row =
                     store::find_key(&state.db, state.config.namespace.as_str(), &hash).await?;
                 let principal = row.as_ref().and_then(Principal::of_key);
@@ -308,11 +301,7 @@ impl Authenticator {
                         }
                     });
                 }
-                let mut cache = taskfleet_common::sync::lock(&self.cache);
-                if cache.len() >= CACHE_CAPACITY {
-                    cache.clear();
-                }
-                cache.insert(hash, (now, principal.clone()));
+                self.cache.insert(hash, principal.clone(), read_at);
                 principal
             }
         };

@@ -17,6 +17,7 @@ pub mod planning;
 pub mod retry;
 pub mod store;
 pub mod tls;
+pub mod ttl_cache;
 pub mod views;
 
 use std::sync::Arc;

@@ -24,10 +24,9 @@ use taskfleet_tests::pki::Pki;
 use taskfleet_tests::tls_services::*;
 use taskfleet_tests::{FleetOptions, Services, TestFleet, bin_dir};
 
-#[tokio::test]
-async fn a_fleet_reaches_all_its_services_over_tls_trusting_its_ca() {
-    let tls = TlsServices::start().unwrap();
-    let fleet = TestFleet::start_with(FleetOptions {
+/// Starts a scheduler and a worker that reach `tls`'s services trusting their CA.
+async fn fleet_trusting_the_ca(tls: &TlsServices) -> TestFleet {
+    TestFleet::start_with(FleetOptions {
         workers: 1,
         scheduler_env: tls.ca_env(),
         worker_env: tls.ca_env(),
@@ -35,7 +34,13 @@ async fn a_fleet_reaches_all_its_services_over_tls_trusting_its_ca() {
         ..FleetOptions::default()
     })
     .await
-    .unwrap();
+    .unwrap()
+}
+
+#[tokio::test]
+async fn a_fleet_reaches_all_its_services_over_tls_trusting_its_ca() {
+    let tls = TlsServices::start().unwrap();
+    let fleet = fleet_trusting_the_ca(&tls).await;
     let definition = json!({"steps": [
         {"id": "double", "dataflow": ".n * 2"},
         {"id": "describe", "python_code": "def main(n):\n    return f'{n} over tls'\n",
@@ -110,15 +115,7 @@ async fn all_connections_are_tls(tls: &TlsServices, fleet: &TestFleet) -> (usize
 #[tokio::test]
 async fn connections_cut_by_the_services_come_back_over_tls() {
     let tls = TlsServices::start().unwrap();
-    let fleet = TestFleet::start_with(FleetOptions {
-        workers: 1,
-        scheduler_env: tls.ca_env(),
-        worker_env: tls.ca_env(),
-        services: tls.services(Trust::Ca),
-        ..FleetOptions::default()
-    })
-    .await
-    .unwrap();
+    let fleet = fleet_trusting_the_ca(&tls).await;
     let definition = json!({"steps": [
         {"id": "double", "dataflow": ".n * 2"},
         {"id": "half", "python_code": "def main(n):\n    return n / 2\n", "after": ["double"]},

@@ -2,8 +2,6 @@
 //! fleet, counted in Redis in one-second windows, and runs and jobs unfinished at once, counted
 //! in PostgreSQL. What a tenant's quotas are is read at most once a second per scheduler.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use taskfleet_common::RunKind;
@@ -11,6 +9,7 @@ use taskfleet_common::RunKind;
 use super::{ApiError, AppState, owner};
 use crate::auth::Principal;
 use crate::store::{self, QuotaRow};
+use crate::ttl_cache::TtlCache;
 
 /// How long a tenant's quotas, once read, are trusted: a change takes effect within this.
 const CACHE_TTL: Duration = Duration::from_secs(1);
@@ -18,9 +17,18 @@ const CACHE_TTL: Duration = Duration::from_secs(1);
 const CACHE_CAPACITY: usize = 10_000;
 
 /// Checks submissions against their tenant's quotas.
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct Quotas {
-    cache: Arc<Mutex<HashMap<String, (Instant, QuotaRow)>>>,
+    /// Each tenant's quotas, by name.
+    cache: TtlCache<String, QuotaRow>,
+}
+
+impl Default for Quotas {
+    fn default() -> Self {
+        Self {
+            cache: TtlCache::new(CACHE_TTL, CACHE_CAPACITY),
+        }
+    }
 }
 
 impl Quotas {
@@ -117,20 +125,12 @@ impl Quotas {
 
     /// Returns the caller's tenant's quotas, read at most once per [`CACHE_TTL`].
     async fn quota(&self, state: &AppState, principal: &Principal) -> Result<QuotaRow, ApiError> {
-        let now = Instant::now();
-        let cached = taskfleet_common::sync::lock(&self.cache)
-            .get(&principal.tenant)
-            .filter(|(at, _)| now.duration_since(*at) < CACHE_TTL)
-            .map(|(_, quota)| *quota);
-        if let Some(quota) = cached {
+        if let Some(quota) = self.cache.get(principal.tenant.as_str()) {
             return Ok(quota);
         }
+        let read_at = Instant::now();
         let quota = store::get_quota(&state.db, owner(state, principal)).await?;
-        let mut cache = taskfleet_common::sync::lock(&self.cache);
-        if cache.len() >= CACHE_CAPACITY {
-            cache.clear();
-        }
-        cache.insert(principal.tenant.clone(), (now, quota));
+        self.cache.insert(principal.tenant.clone(), quota, read_at);
         Ok(quota)
     }
 }
