@@ -51,3 +51,80 @@ remove_fleet_state() {
       | xargs -r redis-cli del >/dev/null 2>&1 || true
   fi
 }
+
+# test_fleet_up BIN LABEL LOGDIR: starts one scheduler and one worker from BIN with a database,
+# namespace and port of their own (named after LABEL and a random suffix), with an admin key of
+# tenant LABEL in TASKFLEET_API_KEY, and waits until the API is ready and the worker has
+# reported in. Exports TASKFLEET_API_URL, TASKFLEET_API_KEY and the fleet's settings; sets
+# `database`, `pids`, `scheduler_log` and `worker_log`. The caller's EXIT trap calls
+# test_fleet_down.
+test_fleet_up() {
+  local bin=$1 label=$2 logs=$3 suffix port
+  suffix=$(python3 -c 'import secrets; print(secrets.token_hex(6))')
+  port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+  database="taskfleet_${label}_$suffix"
+  export TASKFLEET_NAMESPACE="$label$suffix"
+  export TASKFLEET_DATABASE_URL="postgres://postgres@127.0.0.1:5432/$database"
+  export TASKFLEET_HTTP_ADDR="127.0.0.1:$port"
+  export TASKFLEET_API_URL="http://127.0.0.1:$port"
+  mkdir -p "$logs"
+  scheduler_log="$logs/scheduler.log"
+  worker_log="$logs/worker.log"
+  pids=()
+  TASKFLEET_API_KEY=$(create_api_key "$bin/taskfleet-scheduler" "$label" admin)
+  export TASKFLEET_API_KEY
+  NO_COLOR=1 "$bin/taskfleet-scheduler" >"$scheduler_log" 2>&1 &
+  pids+=($!)
+  NO_COLOR=1 "$bin/taskfleet-worker" >"$worker_log" 2>&1 &
+  pids+=($!)
+  local deadline=$((SECONDS + 60)) pid
+  until test_fleet_ready; do
+    for pid in "${pids[@]}"; do
+      if ! kill -0 "$pid" 2>/dev/null; then
+        echo "a fleet process exited before the fleet was ready" >&2
+        show_logs
+        return 1
+      fi
+    done
+    if [ "$SECONDS" -ge "$deadline" ]; then
+      echo "the fleet was not ready within 60 s ($TASKFLEET_API_URL/readyz and /v1/workers)" >&2
+      show_logs
+      return 1
+    fi
+    sleep 0.1
+  done
+  echo "== fleet up: $TASKFLEET_API_URL, namespace $TASKFLEET_NAMESPACE, database $database, logs in $logs/"
+}
+
+# Whether the fleet of test_fleet_up is ready: the scheduler answers /readyz with 200 and the
+# worker's heartbeat is listed.
+test_fleet_ready() {
+  python3 - "$TASKFLEET_API_URL" <<'PY' 2>/dev/null
+import json, os, sys, urllib.request
+base = sys.argv[1]
+urllib.request.urlopen(base + "/readyz", timeout=2)
+request = urllib.request.Request(
+    base + "/v1/workers", headers={"Authorization": "Bearer " + os.environ["TASKFLEET_API_KEY"]}
+)
+workers = json.load(urllib.request.urlopen(request, timeout=2))
+sys.exit(0 if workers.get("workers") else 1)
+PY
+}
+
+# show_logs: the last lines of the logs of the fleet of test_fleet_up.
+show_logs() {
+  local log
+  for log in "${scheduler_log:-}" "${worker_log:-}"; do
+    [ -n "$log" ] || continue
+    echo "== $log (last 200 lines)" >&2
+    tail -n 200 "$log" >&2 || true
+  done
+}
+
+# test_fleet_down: stops the fleet of test_fleet_up and removes what it left.
+test_fleet_down() {
+  stop_processes ${pids[@]+"${pids[@]}"}
+  if [ -n "${database:-}" ]; then
+    remove_fleet_state "$TASKFLEET_NAMESPACE" "$database"
+  fi
+}

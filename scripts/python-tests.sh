@@ -28,35 +28,12 @@ fi
 echo "== mypy --strict python/taskfleet"
 "$venv/bin/python" -m mypy --config-file python/pyproject.toml python/taskfleet
 
-suffix=$(python3 -c 'import secrets; print(secrets.token_hex(6))')
-port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-database="taskfleet_pytest_$suffix"
-export TASKFLEET_NAMESPACE="pytest$suffix"
-export TASKFLEET_DATABASE_URL="postgres://postgres@127.0.0.1:5432/$database"
-export TASKFLEET_HTTP_ADDR="127.0.0.1:$port"
-export TASKFLEET_API_URL="http://127.0.0.1:$port"
-# A slow step left running must not hold the worker's shutdown for long.
-export TASKFLEET_SHUTDOWN_GRACE_S=5
-logs=target/python-tests
-mkdir -p "$logs"
-scheduler_log="$logs/scheduler.log"
-worker_log="$logs/worker.log"
-
-show_logs() {
-  for log in "$scheduler_log" "$worker_log"; do
-    echo "== $log (last 200 lines)" >&2
-    tail -n 200 "$log" >&2 || true
-  done
-}
-
 # shellcheck source=scripts/fleet-lib.sh
 source scripts/fleet-lib.sh
-pids=()
 readme_dir=""
 stop_fleet() {
   local status=$?
-  stop_processes ${pids[@]+"${pids[@]}"}
-  remove_fleet_state "$TASKFLEET_NAMESPACE" "$database"
+  test_fleet_down
   if [ -n "$readme_dir" ]; then rm -rf "$readme_dir"; fi
   exit "$status"
 }
@@ -64,45 +41,11 @@ trap stop_fleet EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
 
+# A slow step left running must not hold the worker's shutdown for long.
+export TASKFLEET_SHUTDOWN_GRACE_S=5
 # The API needs a key: an admin key of its own tenant, which the client reads from the
 # environment as its users' programs do.
-TASKFLEET_API_KEY=$(create_api_key "$bin/taskfleet-scheduler" pytest admin)
-export TASKFLEET_API_KEY
-NO_COLOR=1 "$bin/taskfleet-scheduler" >"$scheduler_log" 2>&1 &
-pids+=($!)
-NO_COLOR=1 "$bin/taskfleet-worker" >"$worker_log" 2>&1 &
-pids+=($!)
-
-# Ready: the scheduler answers /readyz with 200 and the worker's heartbeat is listed.
-ready() {
-  python3 - "$TASKFLEET_API_URL" <<'PY' 2>/dev/null
-import json, os, sys, urllib.request
-base = sys.argv[1]
-urllib.request.urlopen(base + "/readyz", timeout=2)
-request = urllib.request.Request(
-    base + "/v1/workers", headers={"Authorization": "Bearer " + os.environ["TASKFLEET_API_KEY"]}
-)
-workers = json.load(urllib.request.urlopen(request, timeout=2))
-sys.exit(0 if workers.get("workers") else 1)
-PY
-}
-deadline=$((SECONDS + 60))
-until ready; do
-  for pid in "${pids[@]}"; do
-    if ! kill -0 "$pid" 2>/dev/null; then
-      echo "a fleet process exited before the fleet was ready" >&2
-      show_logs
-      exit 1
-    fi
-  done
-  if [ "$SECONDS" -ge "$deadline" ]; then
-    echo "the fleet was not ready within 60 s ($TASKFLEET_API_URL/readyz and /v1/workers)" >&2
-    show_logs
-    exit 1
-  fi
-  sleep 0.1
-done
-echo "== fleet up: $TASKFLEET_API_URL, namespace $TASKFLEET_NAMESPACE, database $database, logs in $logs/"
+test_fleet_up "$bin" pytest target/python-tests
 
 pytest_status=0
 TASKFLEET_REQUIRE_FLEET=1 "$venv/bin/python" -m pytest -q python/tests "$@" || pytest_status=$?

@@ -2,7 +2,8 @@
 # The whole test suite: starts (or installs) the services, checks formatting and lints, builds
 # the binaries once, runs every Rust test (unit and integration, against the real PostgreSQL,
 # Redis and RabbitMQ) and the Python package's tests (against a fleet started from those binaries,
-# by scripts/python-tests.sh), the demo twice (scripts/demo-test.sh), a fleet of scripts/fleet.sh
+# by scripts/python-tests.sh), the API fuzzed against its OpenAPI document (scripts/api-fuzz.sh),
+# the demo twice (scripts/demo-test.sh), a fleet of scripts/fleet.sh
 # (scripts/fleet-test.sh), then a short run of the benchmark against Celery.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -24,6 +25,9 @@ fi
 
 echo "== python package tests (against a fleet of their own, from the binaries built above)"
 scripts/python-tests.sh
+
+echo "== the API fuzzed against its OpenAPI document (schemathesis), on a fleet with keys on"
+scripts/api-fuzz.sh
 
 echo "== the demo, twice: it prints the example's result and leaves nothing behind"
 scripts/demo-test.sh

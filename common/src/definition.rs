@@ -20,6 +20,15 @@ pub const MAX_STEP_ID_LEN: usize = 64;
 
 /// A workflow: named steps with dependencies.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[cfg_attr(feature = "openapi", schema(example = json!({
+    "name": "orders",
+    "steps": [
+        {"id": "lines", "dataflow": "map(.qty * .unit_price)"},
+        {"id": "total", "dataflow": "add", "after": ["lines"], "input": ".steps.lines"}
+    ],
+    "output": "total"
+})))]
 #[serde(deny_unknown_fields)]
 pub struct WorkflowDefinition {
     /// The workflow's name; optional in an inline definition.
@@ -34,9 +43,11 @@ pub struct WorkflowDefinition {
 
 /// One step of a workflow, or a job enqueued on its own.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct StepDefinition {
     /// Unique in the workflow, `[A-Za-z0-9_-]{1,64}`.
+    #[cfg_attr(feature = "openapi", schema(pattern = "^[A-Za-z0-9_-]{1,64}$"))]
     pub id: String,
     /// A Python function, `"module.path:function"`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -70,22 +81,32 @@ pub struct StepDefinition {
     pub queue: Option<String>,
     /// 0 to 9, higher first (default 0).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "openapi", schema(maximum = 9))]
     pub priority: Option<u8>,
 }
 
 /// Exponential backoff with jitter between attempts of a failed step.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields, default)]
 pub struct RetryPolicy {
-    /// Attempts in all, the first included.
+    /// Attempts in all, the first included (1 to 100).
+    #[cfg_attr(feature = "openapi", schema(minimum = 1, maximum = 100))]
     pub max_attempts: u32,
-    /// The delay before the second attempt.
+    /// The delay before the second attempt (at most 7 days).
+    #[cfg_attr(feature = "openapi", schema(maximum = 604_800_000))]
     pub initial_backoff_ms: u64,
-    /// The longest delay between two attempts.
+    /// The longest delay between two attempts (at most 7 days).
+    #[cfg_attr(feature = "openapi", schema(maximum = 604_800_000))]
     pub max_backoff_ms: u64,
-    /// The factor by which the delay grows after each attempt.
+    /// The factor by which the delay grows after each attempt (at least 1).
+    #[cfg_attr(feature = "openapi", schema(minimum = 1))]
     pub multiplier: f64,
 }
+
+/// The longest delay between two attempts a retry policy may set: 7 days, as a step's
+/// timeout.
+pub const MAX_BACKOFF_MS: u64 = 7 * 24 * 3600 * 1000;
 
 impl Default for RetryPolicy {
     fn default() -> Self {
@@ -123,6 +144,7 @@ pub enum StepKind {
 
 /// One thing wrong with a definition.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Problem {
     /// The step concerned, if the problem belongs to one.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -264,6 +286,12 @@ impl StepDefinition {
             }
             if !(retry.multiplier.is_finite() && retry.multiplier >= 1.0) {
                 problem("`retry.multiplier` must be a number of at least 1".to_owned());
+            }
+            if retry.initial_backoff_ms > MAX_BACKOFF_MS || retry.max_backoff_ms > MAX_BACKOFF_MS {
+                problem(format!(
+                    "`retry.initial_backoff_ms` and `retry.max_backoff_ms` must be at most \
+                     {MAX_BACKOFF_MS} (7 days)"
+                ));
             }
             if retry.max_backoff_ms < retry.initial_backoff_ms {
                 problem("`retry.max_backoff_ms` is below `retry.initial_backoff_ms`".to_owned());
@@ -590,6 +618,11 @@ mod tests {
         check(
             json!({"steps": [{"id": "a", "dataflow": ".", "retry": {"max_attempts": 0}}]}),
             &["max_attempts"],
+        );
+        check(
+            json!({"steps": [{"id": "a", "dataflow": ".",
+                "retry": {"max_backoff_ms": 9_223_372_036_854_775_808_u64}}]}),
+            &["`retry.initial_backoff_ms` and `retry.max_backoff_ms` must be at most"],
         );
     }
 

@@ -36,17 +36,22 @@ const MAX_CREDENTIALS_LEN: usize = 256;
 pub const DEFAULT_TENANT: &str = "default";
 
 /// What a key may do.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, utoipa::ToSchema)]
 pub enum Scope {
     /// Read runs, jobs, workflows and the tenant's counts.
+    #[serde(rename = "runs:read")]
     RunsRead,
     /// Submit runs and jobs, and cancel them.
+    #[serde(rename = "runs:write")]
     RunsWrite,
     /// Register workflows.
+    #[serde(rename = "workflows:write")]
     WorkflowsWrite,
     /// Submit definitions with `python_code` steps: arbitrary code on every worker.
+    #[serde(rename = "python_code")]
     PythonCode,
     /// Everything: keys, quotas, the audit trail, and the fleet's views of every tenant.
+    #[serde(rename = "admin")]
     Admin,
 }
 

@@ -106,6 +106,9 @@ pub enum SchedulerCommand {
     /// Makes an API key straight in the database (the first `admin` key, say) and prints it
     /// as the last line; it is shown nowhere else
     CreateKey(CreateKeyArgs),
+    /// Prints the API's OpenAPI 3.1 document (what `GET /v1/openapi.json` serves) and exits;
+    /// needs no service
+    Openapi,
 }
 
 pub use taskfleet_common::settings::NewKeyArgs as CreateKeyArgs;

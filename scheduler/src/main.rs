@@ -14,6 +14,13 @@ fn main() -> anyhow::Result<()> {
     taskfleet_io::tls::install_crypto_provider();
     let mut settings: Settings = taskfleet_io::settings::parse();
     let command = settings.command.take();
+    if let Some(SchedulerCommand::Openapi) = command {
+        let document = taskfleet_scheduler::api::openapi::document();
+        let text = serde_json::to_string_pretty(&document)?;
+        use std::io::Write as _;
+        writeln!(std::io::stdout(), "{text}")?;
+        return Ok(());
+    }
     if let Err(message) = settings.encryption.install() {
         anyhow::bail!(message);
     }
@@ -24,7 +31,7 @@ fn main() -> anyhow::Result<()> {
         .build()?;
     match command {
         Some(SchedulerCommand::CreateKey(args)) => runtime.block_on(create_key(config, args)),
-        None => {
+        Some(SchedulerCommand::Openapi) | None => {
             if let Err(message) = config.check() {
                 anyhow::bail!(message);
             }

@@ -12,7 +12,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use redis::aio::ConnectionManager;
-use serde_json::Value;
 use taskfleet_common::sync::lock;
 use taskfleet_common::{Namespace, RunId, RunKind};
 use taskfleet_io::pubsub;
@@ -44,7 +43,7 @@ pub struct FinishedView {
     /// A workflow's run or a job.
     pub kind: RunKind,
     /// The view.
-    pub view: Value,
+    pub view: crate::views::RunView,
 }
 
 /// A local request's wait for one run; subscribed before the request reads the run, so an end

@@ -1,51 +1,123 @@
-//! The JSON shapes of runs and jobs in API answers, built from stored rows and live leases.
+//! The shapes of runs and jobs in API answers, built from stored rows and live leases.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
-use serde_json::{Map, Value, json};
-use taskfleet_common::{StepStatus, TaskStatus, WorkflowDefinition};
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use serde_json::Value;
+use taskfleet_common::{RunStatus, StepStatus, TaskStatus, WorkflowDefinition};
+use utoipa::ToSchema;
 use uuid::Uuid;
 
 use crate::store::{RunRow, TaskRow};
 
-/// Returns the API view of a run (or job): `{"id", "workflow", "status", "input", "output",
-/// "error", "created_at", "finished_at", "steps"}`. `running` holds the queued tasks a worker
-/// holds a lease on.
-pub fn run_view(run: RunRow, tasks: Vec<TaskRow>, running: &HashSet<Uuid>) -> Value {
+/// A run (or a job) as it stands, with each of its steps.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct RunView {
+    /// The run's id.
+    pub id: Uuid,
+    /// The registered workflow it runs, or the name of its inline definition.
+    pub workflow: Option<String>,
+    /// The registered workflow's version; null for an inline definition or a job.
+    pub version: Option<i32>,
+    /// Where the run stands.
+    pub status: RunStatus,
+    /// The run's input.
+    pub input: Value,
+    /// The run's output, once it succeeded.
+    pub output: Option<Value>,
+    /// Why the run failed or was cancelled: `{"step"?, "type", "message", "traceback"?}`.
+    #[schema(value_type = Option<Object>)]
+    pub error: Option<Value>,
+    /// When it was accepted.
+    pub created_at: DateTime<Utc>,
+    /// When it finished.
+    pub finished_at: Option<DateTime<Utc>>,
+    /// Each step of its definition, by id.
+    pub steps: BTreeMap<String, StepView>,
+}
+
+/// One step of a run as it stands.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct StepView {
+    /// The task that carries the step; absent until the step is planned.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub task_id: Option<Uuid>,
+    /// Where the step stands.
+    pub status: StepStatus,
+    /// Attempts started so far.
+    pub attempts: i32,
+    /// The step's output, once it succeeded.
+    pub output: Option<Value>,
+    /// Why its last attempt failed: `{"type", "message", "traceback"?}`.
+    #[schema(value_type = Option<Object>)]
+    pub error: Option<Value>,
+    /// What its Python code printed, when it printed anything.
+    pub logs: Option<String>,
+    /// When its current or last attempt started.
+    pub started_at: Option<DateTime<Utc>>,
+    /// When it finished.
+    pub finished_at: Option<DateTime<Utc>>,
+    /// A `for_each` step's items: how many are done, of how many.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub items: Option<ItemsView>,
+}
+
+/// How far a `for_each` step is through its items.
+#[derive(Debug, Clone, Copy, Serialize, ToSchema)]
+pub struct ItemsView {
+    /// Items finished.
+    pub done: i32,
+    /// Items in all.
+    pub total: i32,
+}
+
+/// Returns the API view of a run (or job). `running` holds the queued tasks a worker holds a
+/// lease on.
+pub fn run_view(run: RunRow, tasks: Vec<TaskRow>, running: &HashSet<Uuid>) -> RunView {
     let definition: Option<WorkflowDefinition> = serde_json::from_value(run.definition.0).ok();
     let mut by_step: HashMap<String, TaskRow> = tasks
         .into_iter()
         .map(|task| (task.step_id.clone(), task))
         .collect();
-    let mut steps = Map::new();
     let step_ids: Vec<String> = definition
         .map(|definition| definition.steps.into_iter().map(|step| step.id).collect())
         .unwrap_or_default();
-    for step_id in step_ids {
-        let view = match by_step.remove(&step_id) {
-            Some(task) => step_view(task, running),
-            None => json!({
-                "status": StepStatus::Pending, "attempts": 0, "output": null, "error": null,
-                "logs": null, "started_at": null, "finished_at": null,
-            }),
-        };
-        steps.insert(step_id, view);
+    let steps = step_ids
+        .into_iter()
+        .map(|step_id| {
+            let view = match by_step.remove(&step_id) {
+                Some(task) => step_view(task, running),
+                None => StepView {
+                    task_id: None,
+                    status: StepStatus::Pending,
+                    attempts: 0,
+                    output: None,
+                    error: None,
+                    logs: None,
+                    started_at: None,
+                    finished_at: None,
+                    items: None,
+                },
+            };
+            (step_id, view)
+        })
+        .collect();
+    RunView {
+        id: run.id,
+        workflow: run.workflow,
+        version: run.workflow_version,
+        status: run.status,
+        input: run.input.0,
+        output: run.output.map(|output| output.0),
+        error: run.error.map(|error| error.0),
+        created_at: run.created_at,
+        finished_at: run.finished_at,
+        steps,
     }
-    json!({
-        "id": run.id,
-        "workflow": run.workflow,
-        "version": run.workflow_version,
-        "status": run.status,
-        "input": run.input.0,
-        "output": run.output.map(|output| output.0),
-        "error": run.error.map(|error| error.0),
-        "created_at": run.created_at,
-        "finished_at": run.finished_at,
-        "steps": steps,
-    })
 }
 
-fn step_view(task: TaskRow, running: &HashSet<Uuid>) -> Value {
+fn step_view(task: TaskRow, running: &HashSet<Uuid>) -> StepView {
     let fanned_out = task.items_total.is_some_and(|total| total > 0);
     let (status, attempts) = match task.status {
         TaskStatus::Queued if fanned_out || running.contains(&task.id) => {
@@ -59,18 +131,18 @@ fn step_view(task: TaskRow, running: &HashSet<Uuid>) -> Value {
         }
         other => (other.step_status(), task.attempt),
     };
-    let mut view = json!({
-        "task_id": task.id,
-        "status": status,
-        "attempts": attempts,
-        "output": task.output.map(|output| output.0),
-        "error": task.error.map(|error| error.0),
-        "logs": task.logs,
-        "started_at": task.started_at,
-        "finished_at": task.finished_at,
-    });
-    if let Some(total) = task.items_total {
-        view["items"] = json!({"done": task.items_done, "total": total});
+    StepView {
+        task_id: Some(task.id),
+        status,
+        attempts,
+        output: task.output.map(|output| output.0),
+        error: task.error.map(|error| error.0),
+        logs: task.logs.map(|logs| logs.0),
+        started_at: task.started_at,
+        finished_at: task.finished_at,
+        items: task.items_total.map(|total| ItemsView {
+            done: task.items_done,
+            total,
+        }),
     }
-    view
 }

@@ -97,6 +97,25 @@ async fn keys_are_required_and_bad_credentials_get_a_clear_401() {
             .await;
         assert_eq!(status, 200, "{path}: {answer}");
     }
+
+    // The OpenAPI document needs a key, of any scope, and lists what the API serves.
+    let (status, _) = fleet
+        .request_with_credentials(api, None, "GET", "/v1/openapi.json", None)
+        .await;
+    assert_eq!(status, 401);
+    let (_, reader) = make_key(&fleet, "acme", &["runs:read"]).await;
+    let (status, document) = fleet
+        .request_as(&reader, "GET", "/v1/openapi.json", None)
+        .await;
+    assert_eq!(status, 200, "{document}");
+    assert_eq!(document["openapi"], "3.1.0");
+    for path in ["/v1/runs", "/v1/tasks/{id}", "/v1/keys", "/healthz"] {
+        assert!(document["paths"][path].is_object(), "{path} is not listed");
+    }
+    assert_eq!(
+        document["components"]["securitySchemes"]["bearer"]["scheme"],
+        "bearer"
+    );
 }
 
 #[tokio::test]

@@ -51,6 +51,25 @@ async fn every_bad_input_gets_its_status_and_names_the_problem() {
             .unwrap()
             .contains("not valid")
     );
+    // A body is an object: serde would read a struct from an array of its fields.
+    for (path, body) in [
+        (
+            "/v1/runs",
+            json!([null, {"steps": [{"id": "a", "dataflow": "."}]}]),
+        ),
+        ("/v1/tasks", json!(["a", null, null, "."])),
+    ] {
+        check(&fleet, "POST", path, Some(body), 400, &["JSON object"]).await;
+    }
+    check(
+        &fleet,
+        "PUT",
+        "/v1/tenants/t",
+        Some(json!([1, 1])),
+        400,
+        &["JSON object"],
+    )
+    .await;
     check(
         &fleet,
         "POST",

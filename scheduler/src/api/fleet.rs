@@ -5,9 +5,11 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use axum::Json;
 use axum::extract::State;
-use serde_json::{Value, json};
+use chrono::{DateTime, Utc};
+use serde::Serialize;
 use taskfleet_common::names::DEFAULT_QUEUE;
 use taskfleet_common::records::{HEARTBEAT_STALE_AFTER, WorkerHeartbeat};
+use utoipa::ToSchema;
 
 use super::{ApiError, AppState};
 use crate::auth::{Principal, Scope};
@@ -20,18 +22,62 @@ struct LiveWorker {
 }
 
 impl LiveWorker {
-    /// The worker as `/v1/workers` shows it.
-    fn view(&self) -> Value {
-        let heartbeat = &self.heartbeat;
-        json!({
-            "id": self.id,
-            "host": heartbeat.host,
-            "queues": heartbeat.queues,
-            "concurrency": heartbeat.concurrency,
-            "running": heartbeat.running,
-            "last_heartbeat": heartbeat.last_heartbeat(),
-        })
+    fn view(self) -> WorkerView {
+        let last_heartbeat = self.heartbeat.last_heartbeat();
+        let heartbeat = self.heartbeat;
+        WorkerView {
+            id: self.id,
+            host: heartbeat.host,
+            queues: heartbeat.queues,
+            concurrency: heartbeat.concurrency,
+            running: heartbeat.running,
+            last_heartbeat,
+        }
     }
+}
+
+/// A live worker.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct WorkerView {
+    /// The worker's id.
+    id: String,
+    /// The host it runs on.
+    host: String,
+    /// The queues it consumes.
+    queues: Vec<String>,
+    /// How many tasks it runs at once.
+    concurrency: usize,
+    /// How many it ran at its last heartbeat.
+    running: usize,
+    /// When it last reported.
+    last_heartbeat: Option<DateTime<Utc>>,
+}
+
+/// The live workers.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct WorkerList {
+    /// The workers.
+    workers: Vec<WorkerView>,
+}
+
+/// A task queue as it stands.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct QueueView {
+    /// The queue's name.
+    name: String,
+    /// Messages ready in the broker.
+    ready: u32,
+    /// Tasks delivered to live workers and not yet reported.
+    in_flight: usize,
+    /// Consumers of the queue.
+    consumers: u32,
+}
+
+/// The task queues.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct QueueList {
+    /// The queues, by name.
+    queues: Vec<QueueView>,
 }
 
 /// Reads the live workers' heartbeat records. A record that is not a worker's heartbeat (no
@@ -79,29 +125,32 @@ async fn live_workers(state: &AppState) -> Result<Vec<LiveWorker>, ApiError> {
         .collect())
 }
 
-/// `GET /v1/workers`: the live workers, with their queues, concurrency, tasks running and
-/// last heartbeat.
+/// The live workers, with their queues, concurrency, tasks running and last heartbeat.
+#[utoipa::path(get, path = "/v1/workers", operation_id = "listWorkers", tag = "fleet",
+    responses((status = 200, description = "The live workers", body = WorkerList)))]
 pub async fn workers(
     State(state): State<AppState>,
     principal: Principal,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<WorkerList>, ApiError> {
     principal.require(Scope::Admin)?;
-    let workers: Vec<Value> = live_workers(&state)
+    let workers = live_workers(&state)
         .await?
-        .iter()
+        .into_iter()
         .map(LiveWorker::view)
         .collect();
-    Ok(Json(json!({ "workers": workers })))
+    Ok(Json(WorkerList { workers }))
 }
 
-/// `GET /v1/queues`: per task queue, the messages ready in the broker (one task each, unless
+/// Per task queue, the messages ready in the broker (one task each, unless
 /// many tasks were dispatched at once and share messages), the tasks in flight (held by the
 /// live workers, delivered and not yet reported, as of their last heartbeats) and the
 /// consumers.
+#[utoipa::path(get, path = "/v1/queues", operation_id = "listQueues", tag = "fleet",
+    responses((status = 200, description = "The task queues", body = QueueList)))]
 pub async fn queues(
     State(state): State<AppState>,
     principal: Principal,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<QueueList>, ApiError> {
     principal.require(Scope::Admin)?;
     let mut names: BTreeSet<String> =
         store::queues_with_queued_tasks(&state.db, state.config.namespace.as_str())
@@ -126,12 +175,12 @@ pub async fn queues(
         let Some((ready, consumers)) = counts else {
             continue;
         };
-        queues.push(json!({
-            "name": name,
-            "ready": ready,
-            "in_flight": in_flight.get(&name).copied().unwrap_or(0),
-            "consumers": consumers,
-        }));
+        queues.push(QueueView {
+            in_flight: in_flight.get(&name).copied().unwrap_or(0),
+            name,
+            ready,
+            consumers,
+        });
     }
-    Ok(Json(json!({ "queues": queues })))
+    Ok(Json(QueueList { queues }))
 }

@@ -4,8 +4,10 @@
 use axum::Json;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
-use serde::Deserialize;
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
+use utoipa::{IntoParams, ToSchema};
 use uuid::Uuid;
 
 use super::{ApiError, AppState, JsonBody, QueryParams};
@@ -16,20 +18,71 @@ use crate::store::{self, KeyRow};
 const MAX_DESCRIPTION_LEN: usize = 1000;
 
 /// The body of `POST /v1/keys`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(example = json!({"tenant": "team-a", "scopes": ["runs:read", "runs:write"], "description": "the nightly import"}))]
 pub struct NewKeyRequest {
+    /// The tenant whose objects the key reaches.
+    #[schema(pattern = "^[A-Za-z0-9_.-]{1,64}$")]
     tenant: String,
+    /// What the key may do; at least one.
+    #[schema(value_type = Vec<Scope>, min_items = 1)]
     scopes: Vec<String>,
+    /// What the key is for, shown in listings.
+    #[schema(max_length = 1000)]
     description: Option<String>,
 }
 
-/// `POST /v1/keys`: makes a key; its secret is in this answer and nowhere else.
+/// A new key, with its secret: this answer is the only place the secret appears.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct NewKey {
+    /// The key's id.
+    id: Uuid,
+    /// The secret to send as `Authorization: Bearer <key>`.
+    key: String,
+    /// Its tenant.
+    tenant: String,
+    /// Its scopes.
+    scopes: Vec<Scope>,
+    /// Its description.
+    description: Option<String>,
+}
+
+/// An API key, without its secret.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct KeyView {
+    /// The key's id.
+    id: Uuid,
+    /// Its tenant.
+    tenant: String,
+    /// Its scopes.
+    #[schema(value_type = Vec<Scope>)]
+    scopes: Vec<String>,
+    /// Its description.
+    description: Option<String>,
+    /// When it was made.
+    created_at: DateTime<Utc>,
+    /// When it was last used (to the minute).
+    last_used_at: Option<DateTime<Utc>>,
+    /// When it was revoked.
+    revoked_at: Option<DateTime<Utc>>,
+}
+
+/// The namespace's API keys.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct KeyList {
+    /// The keys, oldest first.
+    keys: Vec<KeyView>,
+}
+
+/// Makes a key; its secret is in this answer and nowhere else.
+#[utoipa::path(post, path = "/v1/keys", operation_id = "createKey", tag = "admin", request_body = NewKeyRequest,
+    responses((status = 201, description = "The new key", body = NewKey)))]
 pub async fn create(
     State(state): State<AppState>,
     principal: Principal,
     JsonBody(request): JsonBody<NewKeyRequest>,
-) -> Result<(StatusCode, Json<Value>), ApiError> {
+) -> Result<(StatusCode, Json<NewKey>), ApiError> {
     principal.require(Scope::Admin)?;
     auth::check_tenant(&request.tenant).map_err(ApiError::bad_request)?;
     let scopes = auth::parse_scopes(&request.scopes).map_err(ApiError::bad_request)?;
@@ -61,46 +114,51 @@ pub async fn create(
     .await;
     Ok((
         StatusCode::CREATED,
-        Json(json!({
-            "id": secret.id,
-            "key": secret.secret,
-            "tenant": request.tenant,
-            "scopes": names,
-            "description": request.description,
-        })),
+        Json(NewKey {
+            id: secret.id,
+            key: secret.secret,
+            tenant: request.tenant,
+            scopes,
+            description: request.description,
+        }),
     ))
 }
 
 /// A key as listings show it: never its secret, which is not stored.
-fn key_view(row: &KeyRow) -> Value {
-    json!({
-        "id": row.id,
-        "tenant": row.tenant,
-        "scopes": row.scopes,
-        "description": row.description,
-        "created_at": row.created_at,
-        "last_used_at": row.last_used_at,
-        "revoked_at": row.revoked_at,
-    })
+fn key_view(row: KeyRow) -> KeyView {
+    KeyView {
+        id: row.id,
+        tenant: row.tenant,
+        scopes: row.scopes,
+        description: row.description,
+        created_at: row.created_at,
+        last_used_at: row.last_used_at,
+        revoked_at: row.revoked_at,
+    }
 }
 
-/// `GET /v1/keys`: every key of the namespace, oldest first, without secrets.
+/// Every key of the namespace, oldest first, without secrets.
+#[utoipa::path(get, path = "/v1/keys", operation_id = "listKeys", tag = "admin",
+    responses((status = 200, description = "The keys", body = KeyList)))]
 pub async fn list(
     State(state): State<AppState>,
     principal: Principal,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<KeyList>, ApiError> {
     principal.require(Scope::Admin)?;
     let rows = store::list_keys(&state.db, state.config.namespace.as_str()).await?;
-    let keys: Vec<Value> = rows.iter().map(key_view).collect();
-    Ok(Json(json!({ "keys": keys })))
+    let keys = rows.into_iter().map(key_view).collect();
+    Ok(Json(KeyList { keys }))
 }
 
-/// `DELETE /v1/keys/{id}`: revokes a key; every scheduler refuses it within a second.
+/// Revokes a key; every scheduler refuses it within a second.
+#[utoipa::path(delete, path = "/v1/keys/{id}", operation_id = "revokeKey", tag = "admin",
+    params(("id" = Uuid, Path, description = "The key's id")),
+    responses((status = 200, description = "The revoked key", body = KeyView)))]
 pub async fn revoke(
     State(state): State<AppState>,
     principal: Principal,
     Path(id): Path<String>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<KeyView>, ApiError> {
     principal.require(Scope::Admin)?;
     let not_found = || ApiError::not_found(format!("no API key with id {id:?}"));
     let key_id: Uuid = id.parse().map_err(|_| not_found())?;
@@ -115,42 +173,79 @@ pub async fn revoke(
         None,
     )
     .await;
-    Ok(Json(key_view(&row)))
+    Ok(Json(key_view(row)))
 }
 
 /// The query of `GET /v1/audit`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct AuditQuery {
+    /// The most events on the page (default 100).
+    #[param(minimum = 1, maximum = 1000)]
     limit: Option<i64>,
+    /// The `next_cursor` of the page before.
+    #[param(value_type = Option<Uuid>)]
     cursor: Option<String>,
 }
 
-/// `GET /v1/audit`: what keys did, newest first, with cursor pagination.
+/// A page of the audit trail, newest first.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct AuditPage {
+    /// The events.
+    events: Vec<AuditEventView>,
+    /// The cursor of the next page; null on the last page.
+    next_cursor: Option<Uuid>,
+}
+
+/// Something a key did.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct AuditEventView {
+    /// The event's id.
+    id: Uuid,
+    /// When.
+    at: DateTime<Utc>,
+    /// The key that did it; null with authentication off or for `create-key`.
+    key_id: Option<Uuid>,
+    /// The key's tenant.
+    tenant: String,
+    /// What was done: `key.create`, `key.revoke`, `tenant.quota`, `run.cancel`, `job.cancel`.
+    action: String,
+    /// What it was done to.
+    target: Option<String>,
+    /// More about it.
+    #[schema(value_type = Option<Object>)]
+    detail: Option<Value>,
+}
+
+/// What keys did, newest first, with cursor pagination.
+#[utoipa::path(get, path = "/v1/audit", operation_id = "listAuditEvents", tag = "admin", params(AuditQuery),
+    responses((status = 200, description = "A page of the audit trail", body = AuditPage)))]
 pub async fn audit(
     State(state): State<AppState>,
     principal: Principal,
     QueryParams(query): QueryParams<AuditQuery>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<AuditPage>, ApiError> {
     principal.require(Scope::Admin)?;
     let (limit, before) = super::page(query.limit, query.cursor.as_deref(), 100)?;
     let rows = store::list_audit(&state.db, state.config.namespace.as_str(), before, limit).await?;
     let next_cursor = super::next_cursor(rows.len(), limit, rows.last().map(|row| row.id));
-    let events: Vec<Value> = rows
+    let events = rows
         .into_iter()
-        .map(|row| {
-            json!({
-                "id": row.id,
-                "at": row.at,
-                "key_id": row.key_id,
-                "tenant": row.tenant,
-                "action": row.action,
-                "target": row.target,
-                "detail": row.detail.map(|detail| detail.0),
-            })
+        .map(|row| AuditEventView {
+            id: row.id,
+            at: row.at,
+            key_id: row.key_id,
+            tenant: row.tenant,
+            action: row.action,
+            target: row.target,
+            detail: row.detail.map(|detail| detail.0),
         })
         .collect();
-    Ok(Json(json!({"events": events, "next_cursor": next_cursor})))
+    Ok(Json(AuditPage {
+        events,
+        next_cursor,
+    }))
 }
 
 /// Records what a caller did in the audit trail. The action already happened, so a failure to

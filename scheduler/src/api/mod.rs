@@ -6,6 +6,7 @@
 mod error;
 mod fleet;
 pub(crate) mod keys;
+pub mod openapi;
 mod quotas;
 mod runs;
 mod tenants;
@@ -16,13 +17,14 @@ use std::sync::Arc;
 use axum::body::Bytes;
 use axum::extract::{FromRequest, Request};
 use axum::http::StatusCode;
-use axum::response::IntoResponse;
-use axum::routing::{delete, get, post};
 use axum::{Json, Router};
+use serde::Serialize;
 use serde::de::DeserializeOwned;
-use serde_json::json;
+use utoipa::ToSchema;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
-pub use error::ApiError;
+pub use error::{ApiError, ErrorBody};
 pub use quotas::Quotas;
 
 use crate::accept::Acceptor;
@@ -66,37 +68,47 @@ pub fn owner<'a>(state: &'a AppState, principal: &'a Principal) -> store::Owner<
     }
 }
 
+/// The `/v1` routes, with what the OpenAPI document says of each: the one list both the
+/// router and [`openapi::document`] are made from (with [`health_routes`]).
+fn routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(workflows::list))
+        .routes(routes!(workflows::show, workflows::register))
+        .routes(routes!(runs::create, runs::list))
+        .routes(routes!(runs::create_batch))
+        .routes(routes!(runs::show))
+        .routes(routes!(runs::cancel))
+        .routes(routes!(runs::create_job, runs::list_jobs))
+        .routes(routes!(runs::show_job))
+        .routes(routes!(runs::cancel_job))
+        .routes(routes!(stats))
+        .routes(routes!(fleet::workers))
+        .routes(routes!(fleet::queues))
+        .routes(routes!(keys::create, keys::list))
+        .routes(routes!(keys::revoke))
+        .routes(routes!(keys::audit))
+        .routes(routes!(tenants::list))
+        .routes(routes!(tenants::put))
+        .routes(routes!(openapi::openapi_json))
+}
+
+/// The health checks, which need no key.
+fn health_routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(healthz))
+        .routes(routes!(readyz))
+}
+
 /// Returns the API's router.
 pub fn router(state: AppState) -> Router {
     let limit = state.config.max_body_bytes;
-    let v1 = Router::new()
-        .route("/v1/workflows", get(workflows::list))
-        .route(
-            "/v1/workflows/{name}",
-            get(workflows::show).put(workflows::register),
-        )
-        .route("/v1/runs", post(runs::create).get(runs::list))
-        .route("/v1/runs:batch", post(runs::create_batch))
-        .route("/v1/runs/{id}", get(runs::show))
-        .route("/v1/runs/{id}/cancel", post(runs::cancel))
-        .route("/v1/tasks", post(runs::create_job).get(runs::list_jobs))
-        .route("/v1/tasks/{id}", get(runs::show_job))
-        .route("/v1/tasks/{id}/cancel", post(runs::cancel_job))
-        .route("/v1/stats", get(stats))
-        .route("/v1/workers", get(fleet::workers))
-        .route("/v1/queues", get(fleet::queues))
-        .route("/v1/keys", post(keys::create).get(keys::list))
-        .route("/v1/keys/{id}", delete(keys::revoke))
-        .route("/v1/audit", get(keys::audit))
-        .route("/v1/tenants", get(tenants::list))
-        .route("/v1/tenants/{name}", axum::routing::put(tenants::put))
-        .route_layer(axum::middleware::from_fn_with_state(
-            state.clone(),
-            auth::authenticate,
-        ));
-    Router::new()
-        .route("/healthz", get(healthz))
-        .route("/readyz", get(readyz))
+    let (v1, _) = routes().split_for_parts();
+    let (health, _) = health_routes().split_for_parts();
+    let v1 = v1.route_layer(axum::middleware::from_fn_with_state(
+        state.clone(),
+        auth::authenticate,
+    ));
+    health
         .merge(v1)
         .fallback(not_found)
         .layer(axum::extract::DefaultBodyLimit::max(limit))
@@ -131,6 +143,13 @@ impl<T: DeserializeOwned> FromRequest<AppState> for JsonBody<T> {
                     ApiError::bad_request(format!("reading the request body: {rejection}"))
                 }
             })?;
+        // Every body the API takes is an object; serde would also read a struct from an
+        // array of its fields in order, which no client means.
+        if bytes.iter().find(|byte| !byte.is_ascii_whitespace()) != Some(&b'{') {
+            return Err(ApiError::bad_request(
+                "request body is not valid: it must be a JSON object",
+            ));
+        }
         serde_json::from_slice(&bytes)
             .map(JsonBody)
             .map_err(|error| ApiError::bad_request(format!("request body is not valid: {error}")))
@@ -150,11 +169,40 @@ fn is_json(content_type: &str) -> bool {
         || (essence.starts_with("application/") && essence.ends_with("+json"))
 }
 
-async fn healthz() -> impl IntoResponse {
-    Json(json!({"status": "ok"}))
+/// The answer of `/healthz`.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Health {
+    /// Always `ok`: the process answers.
+    status: &'static str,
 }
 
-async fn readyz(axum::extract::State(state): axum::extract::State<AppState>) -> impl IntoResponse {
+/// Whether the scheduler's process answers.
+#[utoipa::path(get, path = "/healthz", operation_id = "getHealth", tag = "health",
+    responses((status = 200, description = "The scheduler answers", body = Health)))]
+async fn healthz() -> Json<Health> {
+    Json(Health { status: "ok" })
+}
+
+/// The answer of `/readyz`: whether each service is reachable.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Readiness {
+    /// PostgreSQL answers.
+    postgres: bool,
+    /// Redis answers.
+    redis: bool,
+    /// The broker connection is up.
+    rabbitmq: bool,
+}
+
+/// Whether the scheduler can serve: PostgreSQL, Redis and RabbitMQ are reachable.
+#[utoipa::path(get, path = "/readyz", operation_id = "getReadiness", tag = "health",
+    responses(
+        (status = 200, description = "Every service is reachable", body = Readiness),
+        (status = 503, description = "A service is not reachable", body = Readiness),
+    ))]
+async fn readyz(
+    axum::extract::State(state): axum::extract::State<AppState>,
+) -> (StatusCode, Json<Readiness>) {
     let database = store::ping(&state.db).await.is_ok();
     let mut redis = state.redis.clone();
     let redis_ok = redis::cmd("PING")
@@ -169,30 +217,49 @@ async fn readyz(axum::extract::State(state): axum::extract::State<AppState>) -> 
     };
     (
         status,
-        Json(json!({"postgres": database, "redis": redis_ok, "rabbitmq": broker})),
+        Json(Readiness {
+            postgres: database,
+            redis: redis_ok,
+            rabbitmq: broker,
+        }),
     )
 }
 
-/// `GET /v1/stats`: the caller's tenant's counts; an `admin` key's are of every tenant.
+/// The answer of `GET /v1/stats`.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Stats {
+    /// The scheduler's namespace.
+    namespace: String,
+    /// The tenant counted; null for an `admin` key, whose counts are of every tenant.
+    tenant: Option<String>,
+    /// Runs and jobs by status.
+    runs: std::collections::BTreeMap<String, i64>,
+    /// Tasks by status.
+    tasks: std::collections::BTreeMap<String, i64>,
+}
+
+/// The caller's tenant's counts of runs and tasks by status; an `admin` key's are of every
+/// tenant.
+#[utoipa::path(get, path = "/v1/stats", operation_id = "getStats", tag = "fleet",
+    responses((status = 200, description = "The counts", body = Stats)))]
 async fn stats(
     axum::extract::State(state): axum::extract::State<AppState>,
     principal: Principal,
-) -> Result<Json<serde_json::Value>, ApiError> {
+) -> Result<Json<Stats>, ApiError> {
     principal.require(Scope::RunsRead)?;
-    let tenant = (!principal.has(Scope::Admin)).then_some(principal.tenant.as_str());
-    let (runs, tasks) = store::stats(&state.db, state.config.namespace.as_str(), tenant).await?;
-    let to_object = |counts: Vec<(String, i64)>| {
-        counts
-            .into_iter()
-            .map(|(status, count)| (status, json!(count)))
-            .collect::<serde_json::Map<_, _>>()
-    };
-    Ok(Json(json!({
-        "namespace": state.config.namespace.as_str(),
-        "tenant": tenant,
-        "runs": to_object(runs),
-        "tasks": to_object(tasks),
-    })))
+    let tenant = (!principal.has(Scope::Admin)).then(|| principal.tenant.clone());
+    let (runs, tasks) = store::stats(
+        &state.db,
+        state.config.namespace.as_str(),
+        tenant.as_deref(),
+    )
+    .await?;
+    Ok(Json(Stats {
+        namespace: state.config.namespace.as_str().to_owned(),
+        tenant,
+        runs: runs.into_iter().collect(),
+        tasks: tasks.into_iter().collect(),
+    }))
 }
 
 async fn not_found(uri: axum::http::Uri) -> ApiError {

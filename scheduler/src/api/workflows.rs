@@ -3,17 +3,63 @@
 use axum::Json;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
-use serde::Deserialize;
-use serde_json::{Value, json};
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
 use taskfleet_common::WorkflowDefinition;
 use taskfleet_common::jq::ProgramCache;
 use taskfleet_common::names::is_valid_name;
 
+use super::ErrorBody;
 use super::runs::check_python_code;
 use super::{ApiError, AppState, JsonBody, QueryParams, owner};
 use crate::auth::{Principal, Scope};
 use crate::planning::ProgramRunner;
 use crate::store;
+use utoipa::{IntoParams, ToSchema};
+
+/// A registered workflow's name and version.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Registered {
+    /// The workflow's name.
+    name: String,
+    /// The version the definition has.
+    version: i32,
+}
+
+/// The registered workflows, each at its latest version.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct WorkflowList {
+    /// The workflows, by name.
+    workflows: Vec<WorkflowSummary>,
+}
+
+/// A registered workflow in a listing.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct WorkflowSummary {
+    /// Its name.
+    name: String,
+    /// Its latest version.
+    version: i32,
+    /// How many steps that version has.
+    steps: usize,
+    /// When that version was registered.
+    created_at: DateTime<Utc>,
+}
+
+/// A registered workflow's definition at one version.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct WorkflowView {
+    /// Its name.
+    name: String,
+    /// The version shown.
+    version: i32,
+    /// The definition, as registered.
+    #[schema(value_type = WorkflowDefinition)]
+    definition: Value,
+    /// When that version was registered.
+    created_at: DateTime<Utc>,
+}
 
 /// Checks a definition as the API accepts it.
 pub fn check_definition(
@@ -27,13 +73,23 @@ pub fn check_definition(
     Ok(())
 }
 
-/// `PUT /v1/workflows/{name}`: registers a definition; 201 for a new version, 200 if unchanged.
+/// Registers a definition under a name: a new version when it differs from the latest.
+#[utoipa::path(put, path = "/v1/workflows/{name}", operation_id = "registerWorkflow", tag = "workflows",
+    params(("name" = String, Path, description = "The workflow's name",
+        pattern = "^[A-Za-z0-9_.-]{1,64}$")),
+    request_body = WorkflowDefinition,
+    responses(
+        (status = 422, description = "The definition cannot run, or its name differs from the path's", body = ErrorBody),
+        (status = 201, description = "Registered as a new version", body = Registered),
+        (status = 200, description = "The same as the latest version, which is answered",
+            body = Registered),
+    ))]
 pub async fn register(
     State(state): State<AppState>,
     principal: Principal,
     Path(name): Path<String>,
     JsonBody(mut definition): JsonBody<WorkflowDefinition>,
-) -> Result<(StatusCode, Json<Value>), ApiError> {
+) -> Result<(StatusCode, Json<Registered>), ApiError> {
     principal.require(Scope::WorkflowsWrite)?;
     if !is_valid_name(&name) {
         return Err(ApiError::bad_request(format!(
@@ -61,44 +117,55 @@ pub async fn register(
     } else {
         StatusCode::OK
     };
-    Ok((status, Json(json!({"name": name, "version": version}))))
+    Ok((status, Json(Registered { name, version })))
 }
 
-/// `GET /v1/workflows`: the latest version of each workflow.
+/// The latest version of each registered workflow.
+#[utoipa::path(get, path = "/v1/workflows", operation_id = "listWorkflows", tag = "workflows",
+    responses((status = 200, description = "The workflows", body = WorkflowList)))]
 pub async fn list(
     State(state): State<AppState>,
     principal: Principal,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<WorkflowList>, ApiError> {
     principal.require(Scope::RunsRead)?;
     let rows = store::list_workflows(&state.db, owner(&state, &principal)).await?;
-    let workflows: Vec<Value> = rows
+    let workflows = rows
         .into_iter()
-        .map(|row| {
-            json!({
-                "name": row.name,
-                "version": row.version,
-                "steps": row.definition.0.get("steps").and_then(Value::as_array).map_or(0, Vec::len),
-                "created_at": row.created_at,
-            })
+        .map(|row| WorkflowSummary {
+            steps: row
+                .definition
+                .0
+                .get("steps")
+                .and_then(Value::as_array)
+                .map_or(0, Vec::len),
+            name: row.name,
+            version: row.version,
+            created_at: row.created_at,
         })
         .collect();
-    Ok(Json(json!({ "workflows": workflows })))
+    Ok(Json(WorkflowList { workflows }))
 }
 
 /// The query of `GET /v1/workflows/{name}`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct ShowQuery {
+    /// The version to show (default: the latest).
+    #[param(minimum = 1)]
     version: Option<i32>,
 }
 
-/// `GET /v1/workflows/{name}`: one version (the latest unless `?version=N`).
+/// One version of a registered workflow (the latest unless `?version=N`).
+#[utoipa::path(get, path = "/v1/workflows/{name}", operation_id = "getWorkflow", tag = "workflows",
+    params(("name" = String, Path, description = "The workflow's name"), ShowQuery),
+    responses((status = 200, description = "The workflow", body = WorkflowView)))]
 pub async fn show(
     State(state): State<AppState>,
     principal: Principal,
     Path(name): Path<String>,
     QueryParams(query): QueryParams<ShowQuery>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<WorkflowView>, ApiError> {
     principal.require(Scope::RunsRead)?;
     let row = if is_valid_name(&name) {
         store::get_workflow(&state.db, owner(&state, &principal), &name, query.version).await?
@@ -109,10 +176,10 @@ pub async fn show(
         Some(version) => ApiError::not_found(format!("workflow {name:?} has no version {version}")),
         None => ApiError::not_found(format!("no workflow named {name:?}")),
     })?;
-    Ok(Json(json!({
-        "name": row.name,
-        "version": row.version,
-        "definition": row.definition.0,
-        "created_at": row.created_at,
-    })))
+    Ok(Json(WorkflowView {
+        name: row.name,
+        version: row.version,
+        definition: row.definition.0,
+        created_at: row.created_at,
+    }))
 }

@@ -2,31 +2,40 @@
 
 use axum::Json;
 use axum::extract::{Path, State};
-use serde_json::{Value, json};
-
-use taskfleet_common::RunKind;
+use taskfleet_common::{RunKind, RunStatus};
 
 use super::{noun, parse_id};
+use crate::api::ErrorBody;
 use crate::api::{ApiError, AppState, owner};
 use crate::auth::{Principal, Scope};
 use crate::store;
 
-/// `POST /v1/runs/{id}/cancel`: cancels a run. No new task of it starts, tasks delivered later
-/// are dropped, and workers stop its running tasks. A finished run answers 409.
+use super::RunStatusView;
+
+/// Cancels a run. No new task of it starts, tasks delivered later are dropped, and workers
+/// stop its running tasks. A finished run answers 409.
+#[utoipa::path(post, path = "/v1/runs/{id}/cancel", operation_id = "cancelRun", tag = "runs",
+    params(("id" = Uuid, Path, description = "The run's id")),
+    responses(
+        (status = 409, description = "The run has finished already", body = ErrorBody),(status = 200, description = "Cancelled", body = RunStatusView)))]
 pub async fn cancel(
     State(state): State<AppState>,
     principal: Principal,
     Path(id): Path<String>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<RunStatusView>, ApiError> {
     cancel_kind(&state, &principal, &id, RunKind::Workflow).await
 }
 
-/// `POST /v1/tasks/{id}/cancel`: cancels a job, as a run is cancelled.
+/// Cancels a job, as a run is cancelled.
+#[utoipa::path(post, path = "/v1/tasks/{id}/cancel", operation_id = "cancelJob", tag = "jobs",
+    params(("id" = Uuid, Path, description = "The job's id")),
+    responses(
+        (status = 409, description = "The job has finished already", body = ErrorBody),(status = 200, description = "Cancelled", body = RunStatusView)))]
 pub async fn cancel_job(
     State(state): State<AppState>,
     principal: Principal,
     Path(id): Path<String>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<RunStatusView>, ApiError> {
     cancel_kind(&state, &principal, &id, RunKind::Job).await
 }
 
@@ -35,7 +44,7 @@ async fn cancel_kind(
     principal: &Principal,
     id: &str,
     kind: RunKind,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<RunStatusView>, ApiError> {
     principal.require(Scope::RunsWrite)?;
     let what = noun(kind);
     let id = parse_id(id, what)?;
@@ -54,7 +63,10 @@ async fn cancel_kind(
                 RunKind::Job => "job.cancel",
             };
             crate::api::keys::record(state, principal, action, Some(id.to_string()), None).await;
-            Ok(Json(json!({"id": id, "status": "cancelled"})))
+            Ok(Json(RunStatusView {
+                id,
+                status: RunStatus::Cancelled,
+            }))
         }
     }
 }

@@ -3,10 +3,11 @@
 
 use axum::Json;
 use axum::extract::State;
-use serde::Deserialize;
-use serde_json::{Value, json};
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
 use taskfleet_common::names::is_valid_name;
 use taskfleet_common::{RunKind, RunStatus};
+use utoipa::{IntoParams, ToSchema};
 use uuid::Uuid;
 
 use crate::api::{ApiError, AppState, QueryParams, owner};
@@ -17,30 +18,102 @@ use crate::store::{self, RunFilter, RunSummaryRow};
 const DEFAULT_LIMIT: i64 = 50;
 
 /// The query of `GET /v1/runs`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct ListQuery {
+    /// Only runs with this status.
+    #[param(value_type = Option<RunStatus>)]
     status: Option<String>,
+    /// Only runs of this workflow.
+    #[param(pattern = "^[A-Za-z0-9_.-]{1,64}$")]
     workflow: Option<String>,
+    /// The most runs on the page (default 50).
+    #[param(minimum = 1, maximum = 1000)]
     limit: Option<i64>,
+    /// The `next_cursor` of the page before.
+    #[param(value_type = Option<Uuid>)]
     cursor: Option<String>,
 }
 
 /// The query of `GET /v1/tasks`: that of runs, without a workflow.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct JobListQuery {
+    /// Only jobs with this status.
+    #[param(value_type = Option<RunStatus>)]
     status: Option<String>,
+    /// The most jobs on the page (default 50).
+    #[param(minimum = 1, maximum = 1000)]
     limit: Option<i64>,
+    /// The `next_cursor` of the page before.
+    #[param(value_type = Option<Uuid>)]
     cursor: Option<String>,
 }
 
-/// `GET /v1/runs`: workflow runs, newest first, with cursor pagination.
+/// A page of workflow runs, newest first.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct RunPage {
+    /// The runs.
+    runs: Vec<RunSummary>,
+    /// The cursor of the next page; null on the last page.
+    next_cursor: Option<Uuid>,
+}
+
+/// A workflow run in a listing.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct RunSummary {
+    /// The run's id.
+    id: Uuid,
+    /// The workflow it runs, or its inline definition's name.
+    workflow: Option<String>,
+    /// The registered workflow's version.
+    version: Option<i32>,
+    /// Where it stands.
+    status: RunStatus,
+    /// When it was accepted.
+    created_at: DateTime<Utc>,
+    /// When it finished.
+    finished_at: Option<DateTime<Utc>>,
+}
+
+/// A page of jobs, newest first.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct JobPage {
+    /// The jobs.
+    jobs: Vec<JobSummary>,
+    /// The cursor of the next page; null on the last page.
+    next_cursor: Option<Uuid>,
+}
+
+/// A job in a listing.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct JobSummary {
+    /// The job's id.
+    id: Uuid,
+    /// Its step's id.
+    step: Option<String>,
+    /// What runs it: `python`, `python_code` or `dataflow`.
+    executor: Option<String>,
+    /// The queue it is dispatched to.
+    queue: String,
+    /// Where it stands.
+    status: RunStatus,
+    /// When it was accepted.
+    created_at: DateTime<Utc>,
+    /// When it finished.
+    finished_at: Option<DateTime<Utc>>,
+}
+
+/// Workflow runs, newest first, with cursor pagination.
+#[utoipa::path(get, path = "/v1/runs", operation_id = "listRuns", tag = "runs", params(ListQuery),
+    responses((status = 200, description = "A page of runs", body = RunPage)))]
 pub async fn list(
     State(state): State<AppState>,
     principal: Principal,
     QueryParams(query): QueryParams<ListQuery>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<RunPage>, ApiError> {
     principal.require(Scope::RunsRead)?;
     if let Some(workflow) = &query.workflow
         && !is_valid_name(workflow)
@@ -58,28 +131,28 @@ pub async fn list(
     )?;
     let rows = store::list_runs(&state.db, owner(&state, &principal), &filter).await?;
     let next_cursor = next_cursor(&rows, filter.limit);
-    let runs: Vec<Value> = rows
+    let runs = rows
         .into_iter()
-        .map(|row| {
-            json!({
-                "id": row.id,
-                "workflow": row.workflow,
-                "version": row.workflow_version,
-                "status": row.status,
-                "created_at": row.created_at,
-                "finished_at": row.finished_at,
-            })
+        .map(|row| RunSummary {
+            id: row.id,
+            workflow: row.workflow,
+            version: row.workflow_version,
+            status: row.status,
+            created_at: row.created_at,
+            finished_at: row.finished_at,
         })
         .collect();
-    Ok(Json(json!({"runs": runs, "next_cursor": next_cursor})))
+    Ok(Json(RunPage { runs, next_cursor }))
 }
 
-/// `GET /v1/tasks`: jobs, newest first, with cursor pagination.
+/// Jobs, newest first, with cursor pagination.
+#[utoipa::path(get, path = "/v1/tasks", operation_id = "listJobs", tag = "jobs", params(JobListQuery),
+    responses((status = 200, description = "A page of jobs", body = JobPage)))]
 pub async fn list_jobs(
     State(state): State<AppState>,
     principal: Principal,
     QueryParams(query): QueryParams<JobListQuery>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<JobPage>, ApiError> {
     principal.require(Scope::RunsRead)?;
     let filter = filter(
         RunKind::Job,
@@ -90,21 +163,21 @@ pub async fn list_jobs(
     )?;
     let rows = store::list_runs(&state.db, owner(&state, &principal), &filter).await?;
     let next_cursor = next_cursor(&rows, filter.limit);
-    let jobs: Vec<Value> = rows
+    let jobs = rows
         .into_iter()
-        .map(|row| {
-            json!({
-                "id": row.id,
-                "step": row.step,
-                "executor": row.executor,
-                "queue": row.queue.as_deref().unwrap_or(taskfleet_common::names::DEFAULT_QUEUE),
-                "status": row.status,
-                "created_at": row.created_at,
-                "finished_at": row.finished_at,
-            })
+        .map(|row| JobSummary {
+            id: row.id,
+            step: row.step,
+            executor: row.executor,
+            queue: row
+                .queue
+                .unwrap_or_else(|| taskfleet_common::names::DEFAULT_QUEUE.to_owned()),
+            status: row.status,
+            created_at: row.created_at,
+            finished_at: row.finished_at,
         })
         .collect();
-    Ok(Json(json!({"jobs": jobs, "next_cursor": next_cursor})))
+    Ok(Json(JobPage { jobs, next_cursor }))
 }
 
 /// Returns the listing's filter from the query's fields, or the 400 naming the bad one.

@@ -11,34 +11,56 @@ mod submit;
 
 use std::collections::HashMap;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use taskfleet_common::names::is_valid_name;
-use taskfleet_common::{RunKind, WorkflowDefinition};
+use taskfleet_common::{RunKind, RunStatus, WorkflowDefinition};
+use utoipa::ToSchema;
 use uuid::Uuid;
 
 use super::{ApiError, AppState, owner};
 use crate::auth::{Principal, Scope};
 use crate::store;
 
-pub use cancel::{cancel, cancel_job};
-pub use list::{list, list_jobs};
-pub use show::{show, show_job};
-pub use submit::{create, create_batch, create_job};
+pub use cancel::{__path_cancel, __path_cancel_job, cancel, cancel_job};
+pub use list::{__path_list, __path_list_jobs, list, list_jobs};
+pub use show::{__path_show, __path_show_job, show, show_job};
+pub use submit::{
+    __path_create, __path_create_batch, __path_create_job, create, create_batch, create_job,
+};
 
 /// The longest idempotency key accepted.
 const MAX_IDEMPOTENCY_KEY_LEN: usize = 256;
 
-/// The body of `POST /v1/runs`.
-#[derive(Debug, Deserialize)]
+/// The body of `POST /v1/runs`: a registered workflow (`workflow`, optionally `version`) or an
+/// inline `definition`, and the run's input.
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(example = json!({"definition": {"steps": [{"id": "double", "dataflow": ". * 2"}]}, "input": 21}))]
 pub struct RunRequest {
+    /// The name of a registered workflow.
+    #[schema(pattern = "^[A-Za-z0-9_.-]{1,64}$")]
     workflow: Option<String>,
+    /// The registered workflow's version (default: its latest).
+    #[schema(minimum = 1)]
     version: Option<i32>,
+    /// An inline workflow definition.
     definition: Option<WorkflowDefinition>,
+    /// The run's input (default null).
     #[serde(default)]
     input: Value,
+    /// A key that makes the submission idempotent: a repeat answers the first run.
+    #[schema(min_length = 1, max_length = 256)]
     idempotency_key: Option<String>,
+}
+
+/// A run or job's id and where it stands, answered when it is submitted or cancelled.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct RunStatusView {
+    /// The run's id.
+    pub id: Uuid,
+    /// Where it stands.
+    pub status: RunStatus,
 }
 
 /// Returns what the API calls a run of this kind in messages.

@@ -7,8 +7,8 @@ use std::time::Duration;
 use axum::Json;
 use axum::extract::{Path, State};
 use serde::Deserialize;
-use serde_json::Value;
 use taskfleet_common::{RunKind, TaskId, TaskStatus};
+use utoipa::IntoParams;
 use uuid::Uuid;
 
 use super::{noun, parse_id};
@@ -16,12 +16,16 @@ use crate::api::{ApiError, AppState, QueryParams, owner};
 use crate::auth::{Principal, Scope};
 use crate::notify::Notifier;
 use crate::store;
-use crate::views::run_view;
+use crate::views::{RunView, run_view};
 
 /// The query of `GET /v1/runs/{id}` and `GET /v1/tasks/{id}`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct ShowQuery {
+    /// Seconds to wait for the run to finish before answering (capped by the scheduler's
+    /// `TASKFLEET_MAX_WAIT_S`); the answer comes as soon as it finishes.
+    #[param(minimum = 0)]
     wait: Option<f64>,
 }
 
@@ -31,7 +35,7 @@ async fn show_kind(
     id: &str,
     kind: RunKind,
     wait: Option<f64>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<RunView>, ApiError> {
     principal.require(Scope::RunsRead)?;
     let what = noun(kind);
     let id = parse_id(id, what)?;
@@ -118,22 +122,28 @@ async fn leased_tasks(state: &AppState, tasks: &[store::TaskRow]) -> HashSet<Uui
     }
 }
 
-/// `GET /v1/runs/{id}`: a run, long-polling up to `?wait=S` seconds for it to finish.
+/// A run, long-polling up to `?wait=S` seconds for it to finish.
+#[utoipa::path(get, path = "/v1/runs/{id}", operation_id = "getRun", tag = "runs",
+    params(("id" = Uuid, Path, description = "The run's id"), ShowQuery),
+    responses((status = 200, description = "The run as it stands", body = RunView)))]
 pub async fn show(
     State(state): State<AppState>,
     principal: Principal,
     Path(id): Path<String>,
     QueryParams(query): QueryParams<ShowQuery>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<RunView>, ApiError> {
     show_kind(&state, &principal, &id, RunKind::Workflow, query.wait).await
 }
 
-/// `GET /v1/tasks/{id}`: a job, with the same shape and long poll as a run.
+/// A job, with the same shape and long poll as a run.
+#[utoipa::path(get, path = "/v1/tasks/{id}", operation_id = "getJob", tag = "jobs",
+    params(("id" = Uuid, Path, description = "The job's id"), ShowQuery),
+    responses((status = 200, description = "The job as it stands", body = RunView)))]
 pub async fn show_job(
     State(state): State<AppState>,
     principal: Principal,
     Path(id): Path<String>,
     QueryParams(query): QueryParams<ShowQuery>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<RunView>, ApiError> {
     show_kind(&state, &principal, &id, RunKind::Job, query.wait).await
 }

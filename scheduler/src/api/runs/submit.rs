@@ -6,18 +6,20 @@ use std::collections::BTreeMap;
 use axum::Json;
 use axum::extract::State;
 use axum::http::StatusCode;
-use serde::Deserialize;
-use serde_json::{Map, Value, json};
-use taskfleet_common::definition::StepDefinition;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use taskfleet_common::definition::{RetryPolicy, StepDefinition};
 use taskfleet_common::jq::ProgramCache;
 use taskfleet_common::{RunKind, RunStatus, WorkflowDefinition};
+use utoipa::ToSchema;
 use uuid::Uuid;
 
 use super::{
-    NewRunParts, Resolved, RunRequest, check_idempotency_key, check_input, check_python_code,
-    prepare,
+    NewRunParts, Resolved, RunRequest, RunStatusView, check_idempotency_key, check_input,
+    check_python_code, prepare,
 };
 use crate::accept::{Accepted, Submission};
+use crate::api::ErrorBody;
 use crate::api::workflows::check_definition;
 use crate::api::{ApiError, AppState, JsonBody};
 use crate::auth::{Principal, Scope};
@@ -160,25 +162,33 @@ async fn plan_one(state: &AppState, parts: NewRunParts) -> Result<Submission, Ap
 async fn submit_one(
     state: &AppState,
     submission: Submission,
-) -> Result<(StatusCode, Json<Value>), ApiError> {
+) -> Result<(StatusCode, Json<RunStatusView>), ApiError> {
     match state.acceptor.submit(vec![submission]).await?.pop() {
-        Some(Accepted::Created { id, status }) => Ok((
-            StatusCode::CREATED,
-            Json(json!({"id": id, "status": status})),
-        )),
+        Some(Accepted::Created { id, status }) => {
+            Ok((StatusCode::CREATED, Json(RunStatusView { id, status })))
+        }
         Some(Accepted::Existing { id, status }) => {
-            Ok((StatusCode::OK, Json(json!({"id": id, "status": status}))))
+            Ok((StatusCode::OK, Json(RunStatusView { id, status })))
         }
         None => Err(ApiError::internal(&"the writer answered nothing")),
     }
 }
 
-/// `POST /v1/runs`: starts a run of a registered workflow or an inline definition.
+/// Starts a run of a registered workflow or an inline definition.
+#[utoipa::path(post, path = "/v1/runs", operation_id = "createRun", tag = "runs", request_body = RunRequest,
+    responses(
+        (status = 404, description = "No such registered workflow (or version)", body = ErrorBody),
+        (status = 422, description = "The definition cannot run; `details` lists why", body = ErrorBody),
+        (status = 429, description = "The tenant's quota is used up for now; see `Retry-After`", body = ErrorBody),
+        (status = 201, description = "The run was accepted", body = RunStatusView),
+        (status = 200, description = "A run with this idempotency key exists already; it is \
+            answered instead", body = RunStatusView),
+    ))]
 pub async fn create(
     State(state): State<AppState>,
     principal: Principal,
     JsonBody(request): JsonBody<RunRequest>,
-) -> Result<(StatusCode, Json<Value>), ApiError> {
+) -> Result<(StatusCode, Json<RunStatusView>), ApiError> {
     principal.require(Scope::RunsWrite)?;
     state
         .quotas
@@ -195,19 +205,35 @@ pub async fn create(
 }
 
 /// The body of `POST /v1/runs:batch`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(example = json!({"runs": [{"definition": {"steps": [{"id": "double", "dataflow": ". * 2"}]}, "input": 1}, {"definition": {"steps": [{"id": "double", "dataflow": ". * 2"}]}, "input": 2}]}))]
 pub struct BatchRequest {
+    /// The runs, each as the body of `POST /v1/runs`.
+    #[schema(max_items = 1000)]
     runs: Vec<RunRequest>,
 }
 
-/// `POST /v1/runs:batch`: starts many runs, all or none: every run is checked before any is
-/// written, and they are written in one transaction.
+/// The answer to `POST /v1/runs:batch`.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct BatchAccepted {
+    /// The runs' ids, in the order of the request (a repeated idempotency key answers the
+    /// first run's id).
+    ids: Vec<Uuid>,
+}
+
+/// Starts many runs, all or none: every run is checked before any is written, and they are
+/// written in one transaction.
+#[utoipa::path(post, path = "/v1/runs:batch", operation_id = "createRuns", tag = "runs", request_body = BatchRequest,
+    responses(
+        (status = 404, description = "No such registered workflow (or version)", body = ErrorBody),
+        (status = 422, description = "A definition cannot run; `details` lists why", body = ErrorBody),
+        (status = 429, description = "The tenant's quota is used up for now; see `Retry-After`", body = ErrorBody),(status = 201, description = "The runs were accepted", body = BatchAccepted)))]
 pub async fn create_batch(
     State(state): State<AppState>,
     principal: Principal,
     JsonBody(request): JsonBody<BatchRequest>,
-) -> Result<(StatusCode, Json<Value>), ApiError> {
+) -> Result<(StatusCode, Json<BatchAccepted>), ApiError> {
     principal.require(Scope::RunsWrite)?;
     if request.runs.len() > MAX_BATCH_RUNS {
         return Err(ApiError::bad_request(format!(
@@ -242,47 +268,94 @@ pub async fn create_batch(
             Accepted::Created { id, .. } | Accepted::Existing { id, .. } => id,
         })
         .collect();
-    Ok((StatusCode::CREATED, Json(json!({ "ids": ids }))))
+    Ok((StatusCode::CREATED, Json(BatchAccepted { ids })))
 }
 
-/// The fields of `POST /v1/tasks` besides the step's own.
-const JOB_FIELDS: [&str; 3] = ["input", "delay_s", "idempotency_key"];
+/// The body of `POST /v1/tasks`: one step (the fields of a workflow's step, of which exactly
+/// one of `python`, `python_code` and `dataflow`) and the job's input, delay and idempotency
+/// key.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+#[schema(example = json!({"dataflow": ". + 1", "input": 41, "idempotency_key": "order-17"}))]
+pub struct JobRequest {
+    /// The step's id, shown in the job's view (default `job`).
+    #[serde(default = "default_job_step")]
+    #[schema(pattern = "^[A-Za-z0-9_-]{1,64}$", default = "job")]
+    id: String,
+    /// A Python function, `"module.path:function"`.
+    python: Option<String>,
+    /// Python source text that defines `main(input)`.
+    python_code: Option<String>,
+    /// A jq program.
+    dataflow: Option<String>,
+    /// A jq program over the input yielding the array to fan out over.
+    for_each: Option<String>,
+    /// A jq program over the input; false skips the job.
+    when: Option<String>,
+    /// How failed attempts are retried.
+    retry: Option<RetryPolicy>,
+    /// The longest one attempt may run, in seconds.
+    timeout_s: Option<f64>,
+    /// The task queue (default `default`).
+    queue: Option<String>,
+    /// 0 to 9, higher first (default 0).
+    #[schema(maximum = 9)]
+    priority: Option<u8>,
+    /// The job's input (default null).
+    #[serde(default)]
+    input: Value,
+    /// Seconds to wait before the job is dispatched (at most a year).
+    #[schema(minimum = 0)]
+    delay_s: Option<f64>,
+    /// A key that makes the submission idempotent: a repeat answers the first job.
+    #[schema(min_length = 1, max_length = 256)]
+    idempotency_key: Option<String>,
+}
 
-/// `POST /v1/tasks`: enqueues one step as a job.
+fn default_job_step() -> String {
+    "job".to_owned()
+}
+
+/// Enqueues one step as a job.
+#[utoipa::path(post, path = "/v1/tasks", operation_id = "createJob", tag = "jobs", request_body = JobRequest,
+    responses(
+        (status = 422, description = "The step cannot run; `details` lists why", body = ErrorBody),
+        (status = 429, description = "The tenant's quota is used up for now; see `Retry-After`", body = ErrorBody),
+        (status = 201, description = "The job was accepted", body = RunStatusView),
+        (status = 200, description = "A job with this idempotency key exists already; it is \
+            answered instead", body = RunStatusView),
+    ))]
 pub async fn create_job(
     State(state): State<AppState>,
     principal: Principal,
-    JsonBody(mut body): JsonBody<Map<String, Value>>,
-) -> Result<(StatusCode, Json<Value>), ApiError> {
+    JsonBody(request): JsonBody<JobRequest>,
+) -> Result<(StatusCode, Json<RunStatusView>), ApiError> {
     principal.require(Scope::RunsWrite)?;
-    let mut extra: BTreeMap<&str, Value> = BTreeMap::new();
-    for field in JOB_FIELDS {
-        if let Some(value) = body.remove(field) {
-            extra.insert(field, value);
-        }
-    }
-    body.entry("id")
-        .or_insert_with(|| Value::String("job".to_owned()));
-    let step: StepDefinition = serde_json::from_value(Value::Object(body))
-        .map_err(|error| ApiError::bad_request(format!("request body is not valid: {error}")))?;
-    let idempotency_key = match extra.remove("idempotency_key") {
-        None | Some(Value::Null) => None,
-        Some(Value::String(key)) => Some(key),
-        Some(_) => return Err(ApiError::bad_request("idempotency_key must be a string")),
-    };
+    let idempotency_key = request.idempotency_key;
     check_idempotency_key(idempotency_key.as_ref())?;
-    let delay_s = match extra.remove("delay_s") {
-        None | Some(Value::Null) => None,
-        Some(Value::Number(delay)) => match delay.as_f64() {
-            Some(0.0) => None,
-            Some(seconds) if seconds > 0.0 && seconds <= MAX_DELAY_S => Some(seconds),
-            _ => {
-                return Err(ApiError::bad_request(format!(
-                    "delay_s must be between 0 and {MAX_DELAY_S} seconds"
-                )));
-            }
-        },
-        Some(_) => return Err(ApiError::bad_request("delay_s must be a number of seconds")),
+    let delay_s = match request.delay_s {
+        None => None,
+        Some(0.0) => None,
+        Some(seconds) if seconds > 0.0 && seconds <= MAX_DELAY_S => Some(seconds),
+        Some(_) => {
+            return Err(ApiError::bad_request(format!(
+                "delay_s must be between 0 and {MAX_DELAY_S} seconds"
+            )));
+        }
+    };
+    let step = StepDefinition {
+        id: request.id,
+        python: request.python,
+        python_code: request.python_code,
+        dataflow: request.dataflow,
+        after: Vec::new(),
+        input: None,
+        for_each: request.for_each,
+        when: request.when,
+        retry: request.retry,
+        timeout_s: request.timeout_s,
+        queue: request.queue,
+        priority: request.priority,
     };
     let definition = WorkflowDefinition {
         name: None,
@@ -294,7 +367,7 @@ pub async fn create_job(
         .quotas
         .admit_one(&state, &principal, RunKind::Job, idempotency_key.as_deref())
         .await?;
-    let input = extra.remove("input").unwrap_or(Value::Null);
+    let input = request.input;
     check_input(&state, &input)?;
     let parts = NewRunParts {
         kind: RunKind::Job,
@@ -314,6 +387,8 @@ pub async fn create_job(
 #[cfg(test)]
 mod tests {
     use taskfleet_common::jq;
+
+    use serde_json::json;
 
     use super::*;
 
