@@ -138,6 +138,26 @@ impl Broker {
         }
     }
 
+    /// Reports a completion to the completions queue, as a worker would: how the scheduler
+    /// fails a task it cannot send. Returns whether the broker confirmed it.
+    pub async fn report(&self, completion: &[u8]) -> Result<bool, lapin::Error> {
+        let link = self.link();
+        let queue = self.namespace.completions_queue();
+        match link
+            .publish_one(&queue, completion, BasicProperties::default())
+            .await
+        {
+            Ok(acked) => Ok(acked),
+            Err(error) => match self.reconnect(&link).await {
+                Some(link) => {
+                    link.publish_one(&queue, completion, BasicProperties::default())
+                        .await
+                }
+                None => Err(error),
+            },
+        }
+    }
+
     /// Consumes completions with the given prefetch, on a channel of their own, for as long as
     /// the process lives: after a lost connection the consumer is started again on the next
     /// one. Deliveries of a lost connection cannot be acknowledged; the broker hands them out
@@ -310,19 +330,31 @@ impl Link {
         body: &[u8],
         reason: &str,
     ) -> Result<bool, lapin::Error> {
-        let queue = namespace.dead_letters_queue();
         amqp::declare_dead_letters_queue(&self.publisher, namespace).await?;
         let headers = amqp::dead_letter_headers(reason, &namespace.completions_queue());
+        self.publish_one(
+            &namespace.dead_letters_queue(),
+            body,
+            BasicProperties::default().with_headers(headers),
+        )
+        .await
+    }
+
+    /// Publishes one persistent message to a queue and waits for the broker's confirm.
+    async fn publish_one(
+        &self,
+        queue: &str,
+        body: &[u8],
+        properties: BasicProperties,
+    ) -> Result<bool, lapin::Error> {
         let confirm = self
             .publisher
             .basic_publish(
                 "".into(),
-                queue.as_str().into(),
+                queue.into(),
                 BasicPublishOptions::default(),
                 body,
-                BasicProperties::default()
-                    .with_delivery_mode(2)
-                    .with_headers(headers),
+                properties.with_delivery_mode(2),
             )
             .await?
             .await?;

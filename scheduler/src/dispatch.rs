@@ -268,6 +268,7 @@ async fn publish_batch(
 /// Re-publishes tasks of `namespace` that were committed but never confirmed, every `period`.
 pub async fn relay_loop(
     dispatcher: Dispatcher,
+    broker: Arc<Broker>,
     db: sqlx::PgPool,
     namespace: String,
     older_than: Duration,
@@ -284,7 +285,7 @@ pub async fn relay_loop(
             Ok(rows) if rows.is_empty() => {}
             Ok(rows) => {
                 tracing::info!(tasks = rows.len(), "relaying undispatched tasks");
-                dispatcher.send(to_dispatches(rows));
+                send_claimed(&dispatcher, &broker, rows).await;
             }
             Err(error) => tracing::warn!(%error, "reading the outbox failed"),
         }
@@ -294,6 +295,7 @@ pub async fn relay_loop(
 /// Dispatches tasks of `namespace` whose retry is due, checking every `period`.
 pub async fn timer_loop(
     dispatcher: Dispatcher,
+    broker: Arc<Broker>,
     db: sqlx::PgPool,
     namespace: String,
     period: Duration,
@@ -310,28 +312,84 @@ pub async fn timer_loop(
             Ok(rows) if rows.is_empty() => {}
             Ok(rows) => {
                 tracing::debug!(tasks = rows.len(), "dispatching due retries");
-                dispatcher.send(to_dispatches(rows));
+                send_claimed(&dispatcher, &broker, rows).await;
             }
             Err(error) => tracing::warn!(%error, "reading due retries failed"),
         }
     }
 }
 
-/// Builds the messages of tasks read back from the database.
-fn to_dispatches(rows: Vec<store::UndispatchedTask>) -> Vec<Dispatch> {
-    rows.into_iter()
-        .filter_map(|row| {
-            let definition: WorkflowDefinition = serde_json::from_value(row.definition.0).ok()?;
-            Dispatch::new(
-                &definition,
-                row.run_id,
-                row.id,
-                &row.step_id,
-                u32::try_from(row.attempt).ok()?,
-                row.input.map_or(Value::Null, |input| input.0),
-            )
-        })
-        .collect()
+/// Sends tasks read back from the database. A task that cannot be sent (its input does not
+/// open with this scheduler's keys, or its run's definition does not read) is reported failed
+/// instead, with an `invalid_task` error, through the completions queue as a worker reports: its
+/// run ends rather than waiting for it, and the tasks claimed with it go on.
+async fn send_claimed(
+    dispatcher: &Dispatcher,
+    broker: &Broker,
+    rows: Vec<store::UndispatchedTask>,
+) {
+    let mut dispatches = Vec::with_capacity(rows.len());
+    for mut row in rows {
+        let attempt = u32::try_from(row.attempt).unwrap_or(1);
+        let built = row
+            .open_input()
+            .map_err(|error| format!("the task's input cannot be opened: {error}"))
+            .and_then(|input| {
+                let definition: WorkflowDefinition = serde_json::from_value(row.definition.0)
+                    .map_err(|error| format!("the run's definition does not read: {error}"))?;
+                Dispatch::new(
+                    &definition,
+                    row.run_id,
+                    row.id,
+                    &row.step_id,
+                    attempt,
+                    input,
+                )
+                .ok_or_else(|| format!("the run's definition has no step {:?}", row.step_id))
+            });
+        match built {
+            Ok(dispatch) => dispatches.push(dispatch),
+            Err(reason) => {
+                tracing::error!(task_id = %row.id, run_id = %row.run_id, reason, "failing a task that cannot be sent");
+                report_unsendable(broker, row.id, row.run_id, attempt, reason).await;
+            }
+        }
+    }
+    dispatcher.send(dispatches);
+}
+
+/// Reports a task that cannot be sent as failed with an `invalid_task` error (best effort: a
+/// report that does not reach the broker leaves the task to the next claim).
+async fn report_unsendable(
+    broker: &Broker,
+    task_id: Uuid,
+    run_id: Uuid,
+    attempt: u32,
+    reason: String,
+) {
+    let now = chrono::Utc::now();
+    let completion = protocol::CompletionMessage {
+        version: PROTOCOL_VERSION,
+        task_id: TaskId(task_id),
+        run_id: RunId(run_id),
+        attempt,
+        worker_id: "scheduler".to_owned(),
+        outcome: protocol::Outcome::Failed {
+            error: taskfleet_common::StepError::new(taskfleet_common::error::INVALID_TASK, reason),
+        },
+        started_at: now,
+        finished_at: now,
+        logs: None,
+        ends_run: false,
+        ran: None,
+    };
+    match broker.report(&protocol::encode(&completion)).await {
+        Ok(true) => {}
+        Ok(false) => {
+            tracing::warn!(%task_id, "the broker refused the report of an unsendable task")
+        }
+        Err(error) => tracing::warn!(%error, %task_id, "reporting an unsendable task"),
+    }
 }
 
 #[cfg(test)]

@@ -74,6 +74,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     let dispatch_task = tokio::spawn(dispatch_loop);
     tracker.spawn(dispatch::relay_loop(
         dispatcher.clone(),
+        broker.clone(),
         db.clone(),
         config.namespace.as_str().to_owned(),
         config.relay_after,
@@ -82,6 +83,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     ));
     tracker.spawn(dispatch::timer_loop(
         dispatcher.clone(),
+        broker.clone(),
         db.clone(),
         config.namespace.as_str().to_owned(),
         Duration::from_millis(100),

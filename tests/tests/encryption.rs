@@ -1,6 +1,7 @@
 //! Payload encryption against a real fleet: with `TASKFLEET_ENCRYPTION_KEYS`, no input, output,
 //! error or log is found in clear in PostgreSQL, RabbitMQ or Redis, while the API shows them;
-//! keys rotate; a wrong or missing key stops the start with a clear error.
+//! keys rotate; a wrong or missing key stops the start with a clear error; a stored value no key
+//! opens fails its own task only.
 
 #![allow(clippy::unwrap_used, missing_docs)]
 
@@ -256,4 +257,55 @@ async fn values_that_look_encrypted_travel_unchanged_and_break_nothing() {
     let (status, again) = fleet.request("GET", &format!("/v1/runs/{id}"), None).await;
     assert_eq!(status, 200, "{again}");
     assert_eq!(again["input"], forged, "{again}");
+}
+
+#[tokio::test]
+async fn a_task_whose_input_cannot_be_opened_fails_alone() {
+    let fleet = TestFleet::start_with(FleetOptions {
+        workers: 1,
+        ..FleetOptions::default()
+    })
+    .await
+    .unwrap();
+    // Two delayed jobs, due together; one's stored input is replaced, meanwhile, by a value
+    // sealed with a key no scheduler has.
+    let mut ids = Vec::new();
+    for input in [1, 2] {
+        let (status, job) = fleet
+            .request(
+                "POST",
+                "/v1/tasks",
+                Some(&json!({"dataflow": ". + 1", "input": input, "delay_s": 2})),
+            )
+            .await;
+        assert_eq!(status, 201, "{job}");
+        ids.push(job["id"].as_str().unwrap().to_owned());
+    }
+    let updated = Command::new("psql")
+        .args([
+            "-Atq",
+            &format!("{POSTGRES}/{}", fleet.database),
+            "-c",
+            &format!(
+                "UPDATE tasks SET input = '\"tfenc1:gone:AAAA\"' WHERE run_id = '{}'",
+                ids[0]
+            ),
+        ])
+        .output()
+        .unwrap();
+    assert!(updated.status.success(), "{updated:?}");
+    let (_, unreadable) = fleet
+        .request("GET", &format!("/v1/tasks/{}?wait=30", ids[0]), None)
+        .await;
+    assert_eq!(unreadable["status"], "failed", "{unreadable}");
+    let error = &unreadable["error"];
+    assert_eq!(error["type"], "invalid_task", "{unreadable}");
+    let message = error["message"].as_str().unwrap();
+    assert!(message.contains("cannot be opened"), "{message}");
+    assert!(message.contains("gone"), "{message}");
+    let (_, readable) = fleet
+        .request("GET", &format!("/v1/tasks/{}?wait=30", ids[1]), None)
+        .await;
+    assert_eq!(readable["status"], "succeeded", "{readable}");
+    assert_eq!(readable["output"], 3, "{readable}");
 }

@@ -569,6 +569,21 @@ async fn inputs_and_outputs_over_the_value_limit_fail_naming_size_and_limit() {
     let message = run["steps"]["wide"]["error"]["message"].as_str().unwrap();
     assert!(message.contains("the step's input is"), "{message}");
     assert!(message.contains("more than the limit of 1000"), "{message}");
+    // Items each under the limit whose joined output is over it fail their `for_each` step.
+    let run = fleet
+        .run(
+            &json!({"steps": [{"id": "each", "for_each": "[range(20)]",
+                               "dataflow": "\"y\" * 100"}]}),
+            &json!(null),
+        )
+        .await;
+    assert_eq!(run["status"], "failed", "{run}");
+    let error = &run["steps"]["each"]["error"];
+    assert_eq!(error["type"], "invalid_output", "{run}");
+    let message = error["message"].as_str().unwrap();
+    assert!(message.contains("joined output of the items"), "{message}");
+    assert!(message.contains("limit of 1000 bytes"), "{message}");
+    assert!(run["steps"]["each"]["output"].is_null(), "{run}");
     // At the limit, it goes through.
     let run = fleet
         .run(

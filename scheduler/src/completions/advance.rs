@@ -161,7 +161,8 @@ impl CompletionLoop {
             (runs, store::record_completions(&mut tx, &finals).await?)
         };
         let mut states = steps_recorded(&recorded);
-        let advanced = fan_in(&mut tx, recorded).await?;
+        let max_value_bytes = self.programs.max_value_bytes();
+        let advanced = fan_in(&mut tx, recorded, max_value_bytes).await?;
         let runs: Vec<RunToPlan> = runs
             .into_iter()
             .filter(|run| advanced.contains(&run.id) && run.status == RunStatus::Running)
@@ -254,11 +255,13 @@ fn steps_recorded(recorded: &[store::Recorded]) -> HashMap<Uuid, BTreeMap<String
 }
 
 /// Carries recorded item completions into their `for_each` steps: counts succeeded items, joins
-/// steps whose items all succeeded and fails steps one of whose items failed. Returns the runs
-/// whose planning may move on: those with a step that finished.
+/// steps whose items all succeeded (failing those whose joined output is over
+/// `max_value_bytes`) and fails steps one of whose items failed. Returns the runs whose
+/// planning may move on: those with a step that finished.
 async fn fan_in(
     tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
     recorded: Vec<store::Recorded>,
+    max_value_bytes: usize,
 ) -> Result<HashSet<Uuid>, StoreError> {
     let mut finished_steps = HashSet::new();
     let mut counts: HashMap<(Uuid, String), i32> = HashMap::new();
@@ -284,7 +287,7 @@ async fn fan_in(
         .map(|((run, step), added)| (run, step, added))
         .collect();
     let complete = store::count_items(tx, &counts).await?;
-    store::join_items(tx, &complete).await?;
+    store::join_items(tx, &complete, max_value_bytes).await?;
     finished_steps.extend(complete.into_iter().map(|(run, _)| run));
     Ok(finished_steps)
 }

@@ -102,27 +102,50 @@ pub async fn count_items(
 }
 
 /// Joins `for_each` steps whose items all succeeded: each step's output becomes the array of
-/// its items' outputs, in item order.
+/// its items' outputs, in item order. A step whose joined output is over `max_value_bytes`
+/// fails instead, with an `invalid_output` error naming its size and the limit; the size is
+/// that of the items' outputs as stored (sealed ones, with encryption on, are about a third
+/// larger than they are clear).
 pub async fn join_items(
     tx: &mut Transaction<'_, Postgres>,
     steps: &[(Uuid, String)],
+    max_value_bytes: usize,
 ) -> Result<(), StoreError> {
     if steps.is_empty() {
         return Ok(());
     }
     let runs: Vec<Uuid> = steps.iter().map(|(run, _)| *run).collect();
     let names: Vec<&str> = steps.iter().map(|(_, step)| step.as_str()).collect();
+    let limit = i64::try_from(max_value_bytes).unwrap_or(i64::MAX);
     sqlx::query(
-        "UPDATE tasks p SET status = 'succeeded', finished_at = now(), due_at = NULL,
-                output = (SELECT coalesce(jsonb_agg(i.output ORDER BY i.item), '[]'::jsonb)
-                          FROM tasks i
-                          WHERE i.run_id = p.run_id AND i.step_id = p.step_id AND i.item >= 0)
-         FROM UNNEST($1::uuid[], $2::text[]) AS j(run_id, step_id)
-         WHERE p.run_id = j.run_id AND p.step_id = j.step_id AND p.item = -1
+        "WITH joined AS (
+             SELECT j.run_id, j.step_id,
+                    coalesce(jsonb_agg(i.output ORDER BY i.item)
+                                 FILTER (WHERE i.item IS NOT NULL), '[]'::jsonb) AS output
+             FROM UNNEST($1::uuid[], $2::text[]) AS j(run_id, step_id)
+             LEFT JOIN tasks i
+               ON i.run_id = j.run_id AND i.step_id = j.step_id AND i.item >= 0
+             GROUP BY j.run_id, j.step_id),
+         sized AS (
+             SELECT run_id, step_id, output, octet_length(output::text) > $3 AS too_large,
+                    octet_length(output::text) AS size
+             FROM joined)
+         UPDATE tasks p
+         SET status = CASE WHEN s.too_large THEN 'failed' ELSE 'succeeded' END,
+             finished_at = now(), due_at = NULL,
+             output = CASE WHEN s.too_large THEN NULL ELSE s.output END,
+             error = CASE WHEN s.too_large THEN jsonb_build_object(
+                 'type', 'invalid_output',
+                 'message', format('the joined output of the items is %s bytes, over the \
+                                    limit of %s bytes (TASKFLEET_MAX_VALUE_BYTES)', s.size, $3))
+             END
+         FROM sized s
+         WHERE p.run_id = s.run_id AND p.step_id = s.step_id AND p.item = -1
            AND p.status = 'queued'",
     )
     .bind(&runs)
     .bind(&names)
+    .bind(limit)
     .execute(&mut **tx)
     .await?;
     Ok(())

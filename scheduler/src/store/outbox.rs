@@ -8,7 +8,7 @@ use sqlx::types::Json;
 use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
 
-use super::{Payload, StoreError};
+use super::StoreError;
 
 /// Marks tasks as confirmed by the broker, so the relay leaves them alone.
 /// Tasks that finished meanwhile are left as they are: they are out of the outbox already.
@@ -38,10 +38,21 @@ pub struct UndispatchedTask {
     pub queue: String,
     /// Its priority.
     pub priority: i16,
-    /// Its input.
-    pub input: Option<Payload>,
+    /// Its input as stored: sealed when encryption is on, opened by [`Self::open_input`], so
+    /// that one value this scheduler's keys cannot open fails its own task only.
+    pub input: Option<Json<Value>>,
     /// The definition of its run.
     pub definition: Json<Value>,
+}
+
+impl UndispatchedTask {
+    /// Returns the task's input, opened (`null` when it has none).
+    pub fn open_input(&mut self) -> Result<Value, taskfleet_common::seal::SealError> {
+        match self.input.take() {
+            Some(Json(input)) => taskfleet_common::seal::open(input),
+            None => Ok(Value::Null),
+        }
+    }
 }
 
 /// Claims queued tasks of running runs in `namespace` that no broker confirmed and that were
