@@ -119,8 +119,26 @@ async fn python_steps_run_within_limits_and_write_only_to_their_scratch_director
     assert_eq!(output, true);
 }
 
+/// Whether a process no longer runs: gone, or a zombie left to its parent.
+fn ended(pid: u64) -> bool {
+    let state = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    state.is_empty() || state.contains(") Z ")
+}
+
+/// Waits up to 10 s for processes to end; returns those still running.
+async fn still_running(pids: &[u64]) -> Vec<u64> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let running: Vec<u64> = pids.iter().copied().filter(|&pid| !ended(pid)).collect();
+        if running.is_empty() || std::time::Instant::now() >= deadline {
+            return running;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
 #[tokio::test]
-async fn processes_a_step_starts_end_with_its_executor() {
+async fn processes_a_step_starts_end_with_its_call() {
     let fleet = TestFleet::start_with(FleetOptions {
         workers: 1,
         worker_env: vec![("TASKFLEET_PYTHON_EXECUTORS".to_owned(), "1".to_owned())],
@@ -128,35 +146,61 @@ async fn processes_a_step_starts_end_with_its_executor() {
     })
     .await
     .unwrap();
-    // A step leaves a process behind.
-    let output = run_code(
-        &fleet,
-        "import subprocess\ndef main(_):\n    return subprocess.Popen(['sleep', '600']).pid\n",
-    )
-    .await;
-    let child = output.as_u64().unwrap();
-    let alive = || std::path::Path::new(&format!("/proc/{child}")).exists();
+    // A step leaves processes behind: a child, one in a session of its own, and a daemon
+    // (forked twice, its parent gone, so that it is nobody's child).
+    let code = r#"import os, subprocess
+def main(_):
+    child = subprocess.Popen(["sleep", "600"]).pid
+    detached = subprocess.Popen(["sleep", "601"], start_new_session=True).pid
+    read, write = os.pipe()
+    middle = os.fork()
+    if middle == 0:
+        os.setsid()
+        daemon = os.fork()
+        if daemon == 0:
+            os.execvp("sleep", ["sleep", "602"])
+        os.write(write, str(daemon).encode())
+        os._exit(0)
+    os.waitpid(middle, 0)
+    os.close(write)
+    daemon = int(os.read(read, 32))
+    return [child, detached, daemon]
+"#;
+    let output = run_code(&fleet, code).await;
+    let pids: Vec<u64> = output
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|pid| pid.as_u64().unwrap())
+        .collect();
+    assert_eq!(pids.len(), 3, "{output}");
+    let running = still_running(&pids).await;
     assert!(
-        alive(),
-        "the step's process should run until its executor ends"
+        running.is_empty(),
+        "processes outlived their step: {running:?}"
     );
+
     // A step blocked in C past its timeout gets its executor killed: the group goes with it.
+    // The step writes its child's pid where the test finds it (the fleet's workers may write
+    // to the temporary directory).
+    let pid_file = std::env::temp_dir().join(format!("taskfleet-nap-{}", std::process::id()));
     let run = fleet
         .run(
-            &json!({"steps": [{"id": "nap", "timeout_s": 1, "python_code": "import time\ndef main(_):\n    time.sleep(60)\n"}]}),
-            &json!(null),
+            &json!({"steps": [{"id": "nap", "timeout_s": 1, "python_code":
+                "import subprocess, time\ndef main(path):\n    child = subprocess.Popen(['sleep', '603'])\n    open(path, 'w').write(str(child.pid))\n    time.sleep(60)\n"}]}),
+            &json!(pid_file),
         )
         .await;
     assert_eq!(run["steps"]["nap"]["error"]["type"], "timeout", "{run}");
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while alive() && std::time::Instant::now() < deadline {
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
-    // A killed process stays a zombie until its parent (the reaped executor's, now init)
-    // collects it; either way it no longer runs.
-    let state = std::fs::read_to_string(format!("/proc/{child}/stat")).unwrap_or_default();
+    let child: u64 = std::fs::read_to_string(&pid_file)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let _ = std::fs::remove_file(&pid_file);
+    let running = still_running(&[child]).await;
     assert!(
-        state.is_empty() || state.contains(") Z "),
-        "the step's process outlived its executor: {state}"
+        running.is_empty(),
+        "the process of a step that timed out lived on: {running:?}"
     );
 }

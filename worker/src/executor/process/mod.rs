@@ -14,6 +14,7 @@
 
 mod confine;
 pub(crate) mod frame;
+mod leftovers;
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
@@ -167,13 +168,30 @@ pub fn serve(socket: &Path) -> anyhow::Result<()> {
             anyhow::bail!(message);
         }
     }
+    if !leftovers::adopt_orphans() {
+        tracing::warn!(
+            "this kernel does not let the python executor adopt orphans: processes a step starts and detaches may outlive it"
+        );
+    }
     let done = send.clone();
     // The first call is awaited asleep; a later one is polled for a while first if the call
     // before it asked for that (see `CALL_POLL`). Once the executor is ready only the
     // interpreter thread reads and writes this connection.
     let mut poll = Duration::ZERO;
+    // When the last call was handed to the interpreter.
+    let mut last_call: Option<Instant> = None;
     // Runs on the interpreter thread, without the GIL, between calls.
     let next_call = move || loop {
+        // Nothing a step started outlives it.
+        if last_call
+            .take()
+            .is_some_and(|started| started.elapsed() >= leftovers::SHORTEST_SPAWNING_CALL)
+        {
+            let killed = leftovers::kill_children();
+            if killed > 0 {
+                tracing::info!(killed, "killed the processes a step left running");
+            }
+        }
         // Nothing a step left in the scratch directory reaches the next one.
         confinement.clear_scratch();
         match calls.next(poll) {
@@ -187,6 +205,7 @@ pub fn serve(socket: &Path) -> anyhow::Result<()> {
                 } else {
                     Duration::ZERO
                 };
+                last_call = Some(Instant::now());
                 let done = done.clone();
                 return Some(IncomingCall {
                     id,
