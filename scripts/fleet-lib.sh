@@ -1,4 +1,5 @@
-# Shared by the scripts that start fleets of their own (demo.sh, python-tests.sh): stopping their
+# Shared by the scripts that start fleets of their own (demo.sh, python-tests.sh, api-fuzz.sh):
+# starting a test fleet (test_fleet_up/down), stopping their
 # processes, and removing what a fleet left in PostgreSQL, RabbitMQ and Redis. Sourced, not run.
 
 # create_api_key SCHEDULER_BINARY TENANT SCOPES: makes an API key in the database that

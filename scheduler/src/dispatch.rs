@@ -319,43 +319,45 @@ pub async fn timer_loop(
     }
 }
 
-/// Sends tasks read back from the database. A task that cannot be sent (its input does not
-/// open with this scheduler's keys, or its run's definition does not read) is reported failed
-/// instead, with an `invalid_task` error, through the completions queue as a worker reports: its
-/// run ends rather than waiting for it, and the tasks claimed with it go on.
-async fn send_claimed(
-    dispatcher: &Dispatcher,
-    broker: &Broker,
-    rows: Vec<store::UndispatchedTask>,
-) {
+/// Sends tasks read back from the database. A task whose input is sealed with a key this
+/// scheduler lacks is left for another scheduler (one that has the key, during a rotation) or
+/// for a later relay, and logged: it stays in the outbox, which `taskfleet_outbox_pending`
+/// shows. A task that no key could send (its input altered, or its run's definition
+/// unreadable) is reported failed instead, with an `invalid_task` error, through the
+/// completions queue as a worker reports. Either way, the tasks claimed with it go on.
+async fn send_claimed(dispatcher: &Dispatcher, broker: &Broker, rows: Vec<store::UndispatchedTask>) {
+    use taskfleet_common::seal::SealError;
     let mut dispatches = Vec::with_capacity(rows.len());
+    let mut unsendable = Vec::new();
     for mut row in rows {
         let attempt = u32::try_from(row.attempt).unwrap_or(1);
-        let built = row
-            .open_input()
-            .map_err(|error| format!("the task's input cannot be opened: {error}"))
-            .and_then(|input| {
-                let definition: WorkflowDefinition = serde_json::from_value(row.definition.0)
-                    .map_err(|error| format!("the run's definition does not read: {error}"))?;
-                Dispatch::new(
-                    &definition,
-                    row.run_id,
-                    row.id,
-                    &row.step_id,
-                    attempt,
-                    input,
-                )
-                .ok_or_else(|| format!("the run's definition has no step {:?}", row.step_id))
+        let input = match row.open_input() {
+            Ok(input) => input,
+            Err(error @ (SealError::NoKeys(_) | SealError::UnknownKey(_))) => {
+                tracing::warn!(task_id = %row.id, run_id = %row.run_id, %error, "leaving a task whose input this scheduler cannot open to a scheduler that can");
+                continue;
+            }
+            Err(error) => {
+                unsendable.push((row, attempt, format!("the task's input cannot be opened: {error}")));
+                continue;
+            }
+        };
+        let built = serde_json::from_value::<WorkflowDefinition>(row.definition.0.clone())
+            .map_err(|error| format!("the run's definition does not read: {error}"))
+            .and_then(|definition| {
+                Dispatch::new(&definition, row.run_id, row.id, &row.step_id, attempt, input)
+                    .ok_or_else(|| format!("the run's definition has no step {:?}", row.step_id))
             });
         match built {
             Ok(dispatch) => dispatches.push(dispatch),
-            Err(reason) => {
-                tracing::error!(task_id = %row.id, run_id = %row.run_id, reason, "failing a task that cannot be sent");
-                report_unsendable(broker, row.id, row.run_id, attempt, reason).await;
-            }
+            Err(reason) => unsendable.push((row, attempt, reason)),
         }
     }
     dispatcher.send(dispatches);
+    for (row, attempt, reason) in unsendable {
+        tracing::error!(task_id = %row.id, run_id = %row.run_id, reason, "failing a task that cannot be sent");
+        report_unsendable(broker, row.id, row.run_id, attempt, reason).await;
+    }
 }
 
 /// Reports a task that cannot be sent as failed with an `invalid_task` error (best effort: a

@@ -17,21 +17,25 @@ pub struct RunView {
     /// The run's id.
     pub id: Uuid,
     /// The registered workflow it runs, or the name of its inline definition.
+    #[schema(required = true)]
     pub workflow: Option<String>,
     /// The registered workflow's version; null for an inline definition or a job.
+    #[schema(required = true)]
     pub version: Option<i32>,
     /// Where the run stands.
     pub status: RunStatus,
     /// The run's input.
     pub input: Value,
     /// The run's output, once it succeeded.
+    #[schema(required = true)]
     pub output: Option<Value>,
     /// Why the run failed or was cancelled: `{"step"?, "type", "message", "traceback"?}`.
-    #[schema(value_type = Option<Object>)]
+    #[schema(value_type = Option<Object>, required = true)]
     pub error: Option<Value>,
     /// When it was accepted.
     pub created_at: DateTime<Utc>,
     /// When it finished.
+    #[schema(required = true)]
     pub finished_at: Option<DateTime<Utc>>,
     /// Each step of its definition, by id.
     pub steps: BTreeMap<String, StepView>,
@@ -48,15 +52,19 @@ pub struct StepView {
     /// Attempts started so far.
     pub attempts: i32,
     /// The step's output, once it succeeded.
+    #[schema(required = true)]
     pub output: Option<Value>,
     /// Why its last attempt failed: `{"type", "message", "traceback"?}`.
-    #[schema(value_type = Option<Object>)]
+    #[schema(value_type = Option<Object>, required = true)]
     pub error: Option<Value>,
     /// What its Python code printed, when it printed anything.
+    #[schema(required = true)]
     pub logs: Option<String>,
     /// When its current or last attempt started.
+    #[schema(required = true)]
     pub started_at: Option<DateTime<Utc>>,
     /// When it finished.
+    #[schema(required = true)]
     pub finished_at: Option<DateTime<Utc>>,
     /// A `for_each` step's items: how many are done, of how many.
     #[serde(skip_serializing_if = "Option::is_none")]

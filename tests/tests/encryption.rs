@@ -1,7 +1,7 @@
 //! Payload encryption against a real fleet: with `TASKFLEET_ENCRYPTION_KEYS`, no input, output,
 //! error or log is found in clear in PostgreSQL, RabbitMQ or Redis, while the API shows them;
-//! keys rotate; a wrong or missing key stops the start with a clear error; a stored value no key
-//! opens fails its own task only.
+//! keys rotate; a wrong or missing key stops the start with a clear error; a stored value that
+//! does not open holds up its own task only.
 
 #![allow(clippy::unwrap_used, missing_docs)]
 
@@ -260,17 +260,20 @@ async fn values_that_look_encrypted_travel_unchanged_and_break_nothing() {
 }
 
 #[tokio::test]
-async fn a_task_whose_input_cannot_be_opened_fails_alone() {
+async fn a_task_whose_input_no_key_opens_fails_or_waits_alone() {
+    let keys = ("TASKFLEET_ENCRYPTION_KEYS".to_owned(), key("k1", 7));
     let fleet = TestFleet::start_with(FleetOptions {
         workers: 1,
+        scheduler_env: vec![keys.clone()],
+        worker_env: vec![keys],
         ..FleetOptions::default()
     })
     .await
     .unwrap();
-    // Two delayed jobs, due together; one's stored input is replaced, meanwhile, by a value
-    // sealed with a key no scheduler has.
+    // Three delayed jobs, due together. Meanwhile one's stored input is altered, and another's
+    // is replaced by a value sealed with a key this scheduler does not have.
     let mut ids = Vec::new();
-    for input in [1, 2] {
+    for input in [1, 2, 3] {
         let (status, job) = fleet
             .request(
                 "POST",
@@ -281,31 +284,40 @@ async fn a_task_whose_input_cannot_be_opened_fails_alone() {
         assert_eq!(status, 201, "{job}");
         ids.push(job["id"].as_str().unwrap().to_owned());
     }
-    let updated = Command::new("psql")
-        .args([
-            "-Atq",
-            &format!("{POSTGRES}/{}", fleet.database),
-            "-c",
-            &format!(
-                "UPDATE tasks SET input = '\"tfenc1:gone:AAAA\"' WHERE run_id = '{}'",
-                ids[0]
-            ),
-        ])
-        .output()
-        .unwrap();
-    assert!(updated.status.success(), "{updated:?}");
-    let (_, unreadable) = fleet
+    for (id, stored) in [(&ids[0], "tfenc1:k1:AAAA"), (&ids[1], "tfenc1:gone:AAAA")] {
+        let updated = Command::new("psql")
+            .args([
+                "-Atq",
+                &format!("{POSTGRES}/{}", fleet.database),
+                "-c",
+                &format!("UPDATE tasks SET input = '\"{stored}\"' WHERE run_id = '{id}'"),
+            ])
+            .output()
+            .unwrap();
+        assert!(updated.status.success(), "{updated:?}");
+    }
+    // The altered one fails at once, naming why.
+    let (_, altered) = fleet
         .request("GET", &format!("/v1/tasks/{}?wait=30", ids[0]), None)
         .await;
-    assert_eq!(unreadable["status"], "failed", "{unreadable}");
-    let error = &unreadable["error"];
-    assert_eq!(error["type"], "invalid_task", "{unreadable}");
+    assert_eq!(altered["status"], "failed", "{altered}");
+    let error = &altered["error"];
+    assert_eq!(error["type"], "invalid_task", "{altered}");
     let message = error["message"].as_str().unwrap();
     assert!(message.contains("cannot be opened"), "{message}");
-    assert!(message.contains("gone"), "{message}");
+    assert!(message.contains("altered"), "{message}");
+    // The others go on: the readable one succeeds, the one sealed with another key waits for a
+    // scheduler that has it.
     let (_, readable) = fleet
-        .request("GET", &format!("/v1/tasks/{}?wait=30", ids[1]), None)
+        .request("GET", &format!("/v1/tasks/{}?wait=30", ids[2]), None)
         .await;
     assert_eq!(readable["status"], "succeeded", "{readable}");
-    assert_eq!(readable["output"], 3, "{readable}");
+    assert_eq!(readable["output"], 4, "{readable}");
+    let (_, waiting) = fleet
+        .request("GET", &format!("/v1/tasks/{}?wait=1", ids[1]), None)
+        .await;
+    assert!(
+        matches!(waiting["status"].as_str(), Some("pending" | "running")),
+        "{waiting}"
+    );
 }

@@ -45,6 +45,7 @@ pub struct NewKey {
     /// Its scopes.
     scopes: Vec<Scope>,
     /// Its description.
+    #[schema(required = true)]
     description: Option<String>,
 }
 
@@ -59,12 +60,15 @@ pub struct KeyView {
     #[schema(value_type = Vec<Scope>)]
     scopes: Vec<String>,
     /// Its description.
+    #[schema(required = true)]
     description: Option<String>,
     /// When it was made.
     created_at: DateTime<Utc>,
     /// When it was last used (to the minute).
+    #[schema(required = true)]
     last_used_at: Option<DateTime<Utc>>,
     /// When it was revoked.
+    #[schema(required = true)]
     revoked_at: Option<DateTime<Utc>>,
 }
 
@@ -195,6 +199,7 @@ pub struct AuditPage {
     /// The events.
     events: Vec<AuditEventView>,
     /// The cursor of the next page; null on the last page.
+    #[schema(required = true)]
     next_cursor: Option<Uuid>,
 }
 
@@ -206,15 +211,17 @@ pub struct AuditEventView {
     /// When.
     at: DateTime<Utc>,
     /// The key that did it; null with authentication off or for `create-key`.
+    #[schema(required = true)]
     key_id: Option<Uuid>,
     /// The key's tenant.
     tenant: String,
     /// What was done: `key.create`, `key.revoke`, `tenant.quota`, `run.cancel`, `job.cancel`.
     action: String,
     /// What it was done to.
+    #[schema(required = true)]
     target: Option<String>,
     /// More about it.
-    #[schema(value_type = Option<Object>)]
+    #[schema(value_type = Option<Object>, required = true)]
     detail: Option<Value>,
 }
 

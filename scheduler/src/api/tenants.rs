@@ -35,8 +35,10 @@ pub struct TenantQuota {
     /// The tenant.
     tenant: String,
     /// Runs and jobs it may submit per second; null for no limit.
+    #[schema(required = true)]
     submissions_per_s: Option<i32>,
     /// Runs and jobs of it that may be unfinished at once; null for no limit.
+    #[schema(required = true)]
     runs_in_flight: Option<i32>,
     /// When the quotas were last set (in listings).
     #[serde(skip_serializing_if = "Option::is_none")]

@@ -102,10 +102,14 @@ pub async fn count_items(
 }
 
 /// Joins `for_each` steps whose items all succeeded: each step's output becomes the array of
-/// its items' outputs, in item order. A step whose joined output is over `max_value_bytes`
-/// fails instead, with an `invalid_output` error naming its size and the limit; the size is
-/// that of the items' outputs as stored (sealed ones, with encryption on, are about a third
-/// larger than they are clear).
+/// its items' outputs, in item order. A step whose joined output would be over
+/// `max_value_bytes` as compact JSON fails instead, with an `invalid_output` error naming the
+/// limit, and its array is never built.
+///
+/// The items' outputs as stored give an upper bound of the joined size, read without moving
+/// them (PostgreSQL prints a space after each `,` and `:`, and a sealed value is longer than
+/// what it holds); only a step over that bound has its items read, in order, until their
+/// compact size passes the limit or they all fit.
 pub async fn join_items(
     tx: &mut Transaction<'_, Postgres>,
     steps: &[(Uuid, String)],
@@ -116,39 +120,80 @@ pub async fn join_items(
     }
     let runs: Vec<Uuid> = steps.iter().map(|(run, _)| *run).collect();
     let names: Vec<&str> = steps.iter().map(|(_, step)| step.as_str()).collect();
-    let limit = i64::try_from(max_value_bytes).unwrap_or(i64::MAX);
+    let bounds: Vec<(Uuid, String, i64)> = sqlx::query_as(
+        "SELECT j.run_id, j.step_id, coalesce(sum(octet_length(i.output::text) + 1), 0) + 1
+         FROM UNNEST($1::uuid[], $2::text[]) AS j(run_id, step_id)
+         LEFT JOIN tasks i ON i.run_id = j.run_id AND i.step_id = j.step_id AND i.item >= 0
+         GROUP BY j.run_id, j.step_id",
+    )
+    .bind(&runs)
+    .bind(&names)
+    .fetch_all(&mut **tx)
+    .await?;
+    let mut fitting = Vec::with_capacity(bounds.len());
+    let mut too_large = Vec::new();
+    for (run, step, bound) in bounds {
+        if usize::try_from(bound).is_ok_and(|bound| bound <= max_value_bytes)
+            || joined_fits(tx, run, &step, max_value_bytes).await?
+        {
+            fitting.push((run, step));
+        } else {
+            let error = serde_json::json!({
+                "type": taskfleet_common::error::INVALID_OUTPUT,
+                "message": format!(
+                    "the joined output of the items is more than the limit of \
+                     {max_value_bytes} bytes as JSON (TASKFLEET_MAX_VALUE_BYTES)"
+                ),
+            });
+            too_large.push((run, step, error));
+        }
+    }
+    fail_items(tx, &too_large).await?;
+    if fitting.is_empty() {
+        return Ok(());
+    }
+    let runs: Vec<Uuid> = fitting.iter().map(|(run, _)| *run).collect();
+    let names: Vec<&str> = fitting.iter().map(|(_, step)| step.as_str()).collect();
     sqlx::query(
-        "WITH joined AS (
-             SELECT j.run_id, j.step_id,
-                    coalesce(jsonb_agg(i.output ORDER BY i.item)
-                                 FILTER (WHERE i.item IS NOT NULL), '[]'::jsonb) AS output
-             FROM UNNEST($1::uuid[], $2::text[]) AS j(run_id, step_id)
-             LEFT JOIN tasks i
-               ON i.run_id = j.run_id AND i.step_id = j.step_id AND i.item >= 0
-             GROUP BY j.run_id, j.step_id),
-         sized AS (
-             SELECT run_id, step_id, output, octet_length(output::text) > $3 AS too_large,
-                    octet_length(output::text) AS size
-             FROM joined)
-         UPDATE tasks p
-         SET status = CASE WHEN s.too_large THEN 'failed' ELSE 'succeeded' END,
-             finished_at = now(), due_at = NULL,
-             output = CASE WHEN s.too_large THEN NULL ELSE s.output END,
-             error = CASE WHEN s.too_large THEN jsonb_build_object(
-                 'type', 'invalid_output',
-                 'message', format('the joined output of the items is %s bytes, over the \
-                                    limit of %s bytes (TASKFLEET_MAX_VALUE_BYTES)', s.size, $3))
-             END
-         FROM sized s
-         WHERE p.run_id = s.run_id AND p.step_id = s.step_id AND p.item = -1
+        "UPDATE tasks p SET status = 'succeeded', finished_at = now(), due_at = NULL,
+                output = (SELECT coalesce(jsonb_agg(i.output ORDER BY i.item), '[]'::jsonb)
+                          FROM tasks i
+                          WHERE i.run_id = p.run_id AND i.step_id = p.step_id AND i.item >= 0)
+         FROM UNNEST($1::uuid[], $2::text[]) AS j(run_id, step_id)
+         WHERE p.run_id = j.run_id AND p.step_id = j.step_id AND p.item = -1
            AND p.status = 'queued'",
     )
     .bind(&runs)
     .bind(&names)
-    .bind(limit)
     .execute(&mut **tx)
     .await?;
     Ok(())
+}
+
+/// Whether the array of a step's items' outputs is at most `limit` bytes as compact JSON:
+/// reads the items in order, opened, and stops as soon as they pass it.
+async fn joined_fits(
+    tx: &mut Transaction<'_, Postgres>,
+    run: Uuid,
+    step: &str,
+    limit: usize,
+) -> Result<bool, StoreError> {
+    use futures_util::TryStreamExt as _;
+    let mut outputs = sqlx::query_scalar::<_, Option<Payload>>(
+        "SELECT output FROM tasks WHERE run_id = $1 AND step_id = $2 AND item >= 0 ORDER BY item",
+    )
+    .bind(run)
+    .bind(step)
+    .fetch(&mut **tx);
+    // `[`, then each item and the `,` or `]` after it.
+    let mut size = 1;
+    while let Some(output) = outputs.try_next().await? {
+        size += output.map_or(4, |output| taskfleet_common::value::encoded_len(&output.0)) + 1;
+        if size > limit {
+            return Ok(false);
+        }
+    }
+    Ok(true)
 }
 
 /// Fails `for_each` steps one of whose items failed, with that item's error.

@@ -58,6 +58,7 @@ pub struct RunPage {
     /// The runs.
     runs: Vec<RunSummary>,
     /// The cursor of the next page; null on the last page.
+    #[schema(required = true)]
     next_cursor: Option<Uuid>,
 }
 
@@ -67,14 +68,17 @@ pub struct RunSummary {
     /// The run's id.
     id: Uuid,
     /// The workflow it runs, or its inline definition's name.
+    #[schema(required = true)]
     workflow: Option<String>,
     /// The registered workflow's version.
+    #[schema(required = true)]
     version: Option<i32>,
     /// Where it stands.
     status: RunStatus,
     /// When it was accepted.
     created_at: DateTime<Utc>,
     /// When it finished.
+    #[schema(required = true)]
     finished_at: Option<DateTime<Utc>>,
 }
 
@@ -84,6 +88,7 @@ pub struct JobPage {
     /// The jobs.
     jobs: Vec<JobSummary>,
     /// The cursor of the next page; null on the last page.
+    #[schema(required = true)]
     next_cursor: Option<Uuid>,
 }
 
@@ -93,8 +98,10 @@ pub struct JobSummary {
     /// The job's id.
     id: Uuid,
     /// Its step's id.
+    #[schema(required = true)]
     step: Option<String>,
     /// What runs it: `python`, `python_code` or `dataflow`.
+    #[schema(required = true)]
     executor: Option<String>,
     /// The queue it is dispatched to.
     queue: String,
@@ -103,6 +110,7 @@ pub struct JobSummary {
     /// When it was accepted.
     created_at: DateTime<Utc>,
     /// When it finished.
+    #[schema(required = true)]
     finished_at: Option<DateTime<Utc>>,
 }
 

@@ -288,6 +288,10 @@ pub struct JobRequest {
     python_code: Option<String>,
     /// A jq program.
     dataflow: Option<String>,
+    /// Accepted empty, as in a step copied from a definition: a job waits for no step.
+    #[serde(default)]
+    #[schema(max_items = 0)]
+    after: Vec<String>,
     /// A jq program over the input yielding the array to fan out over.
     for_each: Option<String>,
     /// A jq program over the input; false skips the job.
@@ -305,7 +309,7 @@ pub struct JobRequest {
     #[serde(default)]
     input: Value,
     /// Seconds to wait before the job is dispatched (at most a year).
-    #[schema(minimum = 0)]
+    #[schema(minimum = 0, maximum = 31_536_000)]
     delay_s: Option<f64>,
     /// A key that makes the submission idempotent: a repeat answers the first job.
     #[schema(min_length = 1, max_length = 256)]
@@ -331,6 +335,11 @@ pub async fn create_job(
     JsonBody(request): JsonBody<JobRequest>,
 ) -> Result<(StatusCode, Json<RunStatusView>), ApiError> {
     principal.require(Scope::RunsWrite)?;
+    if !request.after.is_empty() {
+        return Err(ApiError::bad_request(
+            "after: a job waits for no step; leave it out or empty",
+        ));
+    }
     let idempotency_key = request.idempotency_key;
     check_idempotency_key(idempotency_key.as_ref())?;
     let delay_s = match request.delay_s {

@@ -168,10 +168,8 @@ pub fn serve(socket: &Path) -> anyhow::Result<()> {
             anyhow::bail!(message);
         }
     }
-    if !leftovers::adopt_orphans() {
-        tracing::warn!(
-            "this kernel does not let the python executor adopt orphans: processes a step starts and detaches may outlive it"
-        );
+    if let Err(missing) = leftovers::adopt_orphans() {
+        tracing::warn!("{missing}: processes a step starts may outlive it");
     }
     let done = send.clone();
     // The first call is awaited asleep; a later one is polled for a while first if the call
