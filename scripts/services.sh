@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Makes sure PostgreSQL, Redis and RabbitMQ answer on their default loopback ports: starts any
 # that is installed but stopped, and installs (from Debian's packages) any that is missing.
-# Also installs what the build needs (a C compiler, Python's headers and venv) when absent.
+# Also installs what the build and the tests need (a C compiler, Python's headers and venv,
+# promtool) when absent.
 # Idempotent; safe to run on a machine where everything already runs.
 set -euo pipefail
 
@@ -36,6 +37,9 @@ python3 -c 'import sysconfig, sys; sys.exit(0 if sysconfig.get_config_var("Py_EN
   || apt_install python3-dev
 python3 -c 'import venv, ensurepip' 2>/dev/null || apt_install python3-venv
 command -v cc >/dev/null || apt_install build-essential
+# promtool checks the metrics' exposition (and, from Debian's prometheus package, nothing else
+# of it is started).
+command -v promtool >/dev/null || apt_install --no-install-recommends prometheus
 
 # PostgreSQL
 if ! port_open 5432; then

@@ -65,6 +65,53 @@ impl Security {
     }
 }
 
+/// Whether a fleet keeps Prometheus metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Metrics {
+    /// The scheduler's (the default) and the workers' (each on a port of its own), and the
+    /// scheduler's scraped every second while a workload runs.
+    On,
+    /// None (`TASKFLEET_METRICS=off`, no `TASKFLEET_METRICS_ADDR`).
+    Off,
+}
+
+impl Metrics {
+    /// The settings of every process of a fleet with metrics so.
+    pub fn env(self) -> Vec<(String, String)> {
+        match self {
+            // Each worker binds a port of its own.
+            Self::On => vec![("TASKFLEET_METRICS_ADDR".to_owned(), "127.0.0.1:0".to_owned())],
+            Self::Off => vec![("TASKFLEET_METRICS".to_owned(), "off".to_owned())],
+        }
+    }
+}
+
+/// Scrapes the scheduler's `/metrics` every second until dropped, as a Prometheus would.
+pub struct Scraper(tokio::task::JoinHandle<()>);
+
+impl Scraper {
+    /// Starts scraping `fleet`'s scheduler.
+    pub fn start(fleet: &TestFleet) -> Self {
+        let http = fleet.http.clone();
+        let url = format!("{}/metrics", fleet.api);
+        Self(tokio::spawn(async move {
+            let mut every = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                every.tick().await;
+                if let Ok(response) = http.get(&url).send().await {
+                    let _ = response.bytes().await;
+                }
+            }
+        }))
+    }
+}
+
+impl Drop for Scraper {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// Starts a fleet as [`start`] does, with `extra` settings for all its processes.
 pub async fn start_with(shape: Shape, extra: &[(String, String)]) -> Result<TestFleet> {
     let production = || {

@@ -30,7 +30,7 @@ use clap::Parser;
 use serde_json::Value;
 
 use crate::celery::Celery;
-use crate::fleet::{Security, Shape};
+use crate::fleet::{Metrics, Security, Shape};
 use crate::report::{Row, Table, median};
 
 /// Benchmarks taskfleet against Celery on this machine.
@@ -208,21 +208,25 @@ async fn main() -> Result<()> {
     // 1. Throughput: a fresh fleet (and database) for every round.
     let mut throughputs = Vec::new();
     if args.runs(Workload::Throughput) {
-        // Every fleet requires API keys, as deployed; two more rows price security: none at
-        // all, and keys with payload encryption.
-        for (label, step, security) in [
-            ("jq", fleet::jq_noop(), Security::Keys),
-            ("Python", fleet::python_noop(), Security::Keys),
+        // Every fleet requires API keys and keeps metrics (scraped every second), as
+        // deployed; three more rows price them: no security at all, keys with payload
+        // encryption, and no metrics.
+        for (label, step, security, metrics) in [
+            ("jq", fleet::jq_noop(), Security::Keys, Metrics::On),
+            ("Python", fleet::python_noop(), Security::Keys, Metrics::On),
             (
                 "jq (no API keys, no encryption)",
                 fleet::jq_noop(),
                 Security::Open,
+                Metrics::On,
             ),
             (
                 "jq (API keys and encryption)",
                 fleet::jq_noop(),
                 Security::KeysAndEncryption,
+                Metrics::On,
             ),
+            ("jq (no metrics)", fleet::jq_noop(), Security::Keys, Metrics::Off),
         ] {
             let mut rates = Vec::new();
             let mut cpu = Vec::new();
@@ -231,8 +235,12 @@ async fn main() -> Result<()> {
                     "taskfleet: throughput {label}, round {}",
                     round + 1
                 ));
-                let fleet = fleet::start_with(args.shape(), &security.env()).await?;
+                let mut env = security.env();
+                env.extend(metrics.env());
+                let fleet = fleet::start_with(args.shape(), &env).await?;
+                let scraper = (metrics == Metrics::On).then(|| fleet::Scraper::start(&fleet));
                 let measured = fleet::throughput(&fleet, args.jobs, &step).await?;
+                drop(scraper);
                 rates.push(measured.rate);
                 cpu.push(measured.cpu.per_task(args.jobs));
             }

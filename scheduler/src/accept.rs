@@ -147,8 +147,10 @@ impl Writer {
         for ((submissions, reply), outcomes) in requests.into_iter().zip(outcomes) {
             for (submission, outcome) in submissions.into_iter().zip(&outcomes) {
                 if matches!(outcome, Accepted::Created { .. }) {
+                    crate::metrics::submitted(submission.run.kind);
                     if submission.run.status != RunStatus::Running {
                         finished.push(submission.run.id);
+                        crate::metrics::finished([(submission.run.status, 0.0)]);
                     }
                     dispatches.extend(submission.dispatches);
                 }

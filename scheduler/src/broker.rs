@@ -132,7 +132,7 @@ impl Broker {
             },
         };
         match kept {
-            Ok(true) => {}
+            Ok(true) => crate::metrics::dead_lettered(),
             Ok(false) => tracing::error!(reason, "the broker refused a dead letter; dropped"),
             Err(error) => tracing::error!(%error, reason, "keeping a dead letter failed; dropped"),
         }
@@ -206,10 +206,23 @@ impl Broker {
     /// has no such queue. Each look-up uses a channel of its own: a passive declaration of a
     /// missing queue closes its channel.
     pub async fn queue_counts(&self, queue: &str) -> Result<Option<(u32, u32)>, lapin::Error> {
+        self.counts_of(self.namespace.task_queue(queue)).await
+    }
+
+    /// Returns how many messages the dead-letters queue holds, or `None` if it does not exist
+    /// (nothing was ever dead-lettered).
+    pub async fn dead_letter_count(&self) -> Result<Option<u32>, lapin::Error> {
+        let counts = self.counts_of(self.namespace.dead_letters_queue()).await?;
+        Ok(counts.map(|(messages, _)| messages))
+    }
+
+    /// Returns a queue's ready messages and consumers (a passive declare), or `None` if the
+    /// broker does not have it.
+    async fn counts_of(&self, queue: String) -> Result<Option<(u32, u32)>, lapin::Error> {
         let channel = self.link().connection.create_channel().await?;
         let declared = channel
             .queue_declare(
-                self.namespace.task_queue(queue).into(),
+                queue.into(),
                 QueueDeclareOptions {
                     passive: true,
                     ..QueueDeclareOptions::default()

@@ -95,6 +95,9 @@ pub struct Settings {
         default_value = "1.3"
     )]
     pub tls_min_version: MinVersion,
+    /// Whether to keep Prometheus metrics and serve them at /metrics.
+    #[arg(long, env = "TASKFLEET_METRICS", default_value = "on")]
+    pub metrics: taskfleet_io::metrics::Switch,
     /// What to do instead of serving.
     #[command(subcommand)]
     pub command: Option<SchedulerCommand>,
@@ -148,6 +151,8 @@ pub struct Config {
     pub auth: AuthMode,
     /// The API's certificate and key, when it serves HTTPS.
     pub tls: Option<TlsSettings>,
+    /// Whether to keep metrics and serve them at `/metrics`.
+    pub metrics: bool,
 }
 
 impl Config {
@@ -185,6 +190,7 @@ impl From<Settings> for Config {
                 .jq_sandboxes
                 .unwrap_or(NonZeroUsize::new(settings::cores()).unwrap_or(NonZeroUsize::MIN)),
             auth: settings.auth,
+            metrics: settings.metrics == taskfleet_io::metrics::Switch::On,
             tls: settings
                 .tls_cert
                 .zip(settings.tls_key)

@@ -250,12 +250,21 @@ async fn publish_batch(
             return Vec::new();
         }
     };
-    let confirmed: Vec<Uuid> = carried
-        .into_iter()
-        .zip(acked)
-        .filter(|(_, ack)| *ack)
-        .flat_map(|(ids, _)| ids)
-        .collect();
+    let mut confirmed = Vec::with_capacity(batch.len());
+    let mut counted: Vec<(&str, u64)> = Vec::new();
+    for ((ids, ack), message) in carried.into_iter().zip(acked).zip(&outgoing) {
+        if ack {
+            match counted
+                .iter_mut()
+                .find(|(queue, _)| *queue == message.queue)
+            {
+                Some((_, count)) => *count += ids.len() as u64,
+                None => counted.push((&message.queue, ids.len() as u64)),
+            }
+            confirmed.extend(ids);
+        }
+    }
+    crate::metrics::dispatched(counted);
     if confirmed.len() < batch.len() {
         tracing::warn!(
             refused = batch.len() - confirmed.len(),
@@ -325,7 +334,11 @@ pub async fn timer_loop(
 /// shows. A task that no key could send (its input altered, or its run's definition
 /// unreadable) is reported failed instead, with an `invalid_task` error, through the
 /// completions queue as a worker reports. Either way, the tasks claimed with it go on.
-async fn send_claimed(dispatcher: &Dispatcher, broker: &Broker, rows: Vec<store::UndispatchedTask>) {
+async fn send_claimed(
+    dispatcher: &Dispatcher,
+    broker: &Broker,
+    rows: Vec<store::UndispatchedTask>,
+) {
     use taskfleet_common::seal::SealError;
     let mut dispatches = Vec::with_capacity(rows.len());
     let mut unsendable = Vec::new();
@@ -338,15 +351,26 @@ async fn send_claimed(dispatcher: &Dispatcher, broker: &Broker, rows: Vec<store:
                 continue;
             }
             Err(error) => {
-                unsendable.push((row, attempt, format!("the task's input cannot be opened: {error}")));
+                unsendable.push((
+                    row,
+                    attempt,
+                    format!("the task's input cannot be opened: {error}"),
+                ));
                 continue;
             }
         };
         let built = serde_json::from_value::<WorkflowDefinition>(row.definition.0.clone())
             .map_err(|error| format!("the run's definition does not read: {error}"))
             .and_then(|definition| {
-                Dispatch::new(&definition, row.run_id, row.id, &row.step_id, attempt, input)
-                    .ok_or_else(|| format!("the run's definition has no step {:?}", row.step_id))
+                Dispatch::new(
+                    &definition,
+                    row.run_id,
+                    row.id,
+                    &row.step_id,
+                    attempt,
+                    input,
+                )
+                .ok_or_else(|| format!("the run's definition has no step {:?}", row.step_id))
             });
         match built {
             Ok(dispatch) => dispatches.push(dispatch),

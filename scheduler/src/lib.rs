@@ -12,6 +12,7 @@ pub mod completions;
 pub mod config;
 pub mod costs;
 pub mod dispatch;
+pub mod metrics;
 pub mod notify;
 pub mod planning;
 pub mod retry;
@@ -129,6 +130,20 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         shutdown.child_token(),
     ));
 
+    let metrics = if config.metrics {
+        match metrics::install() {
+            Ok(exposition) => Some(metrics::Served {
+                exposition,
+                refresh: Arc::default(),
+            }),
+            Err(error) => {
+                tracing::warn!(%error, "metrics are off");
+                None
+            }
+        }
+    } else {
+        None
+    };
     let state = api::AppState {
         config: config.clone(),
         db: db.clone(),
@@ -140,6 +155,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         shutdown: shutdown.clone(),
         authenticator: auth::Authenticator::new(config.auth),
         quotas: api::Quotas::default(),
+        metrics,
     };
     let listener = tokio::net::TcpListener::bind(config.http_addr)
         .await

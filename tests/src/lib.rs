@@ -144,7 +144,8 @@ pub fn workspace_root() -> PathBuf {
         .to_path_buf()
 }
 
-fn free_port() -> u16 {
+/// Returns a TCP port free on the loopback address now.
+pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()

@@ -7,26 +7,18 @@
 #![allow(missing_docs)]
 
 use std::fs::File;
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
-use crate::Services;
 use crate::pki::Pki;
+use crate::{Services, free_port};
 
 /// The certificate problem every connection without the CA must report.
 pub const UNKNOWN_ISSUER: &str = "UnknownIssuer";
-
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 pub fn port_open(port: u16) -> bool {
     TcpStream::connect(("127.0.0.1", port)).is_ok()

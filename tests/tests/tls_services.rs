@@ -22,7 +22,7 @@ use anyhow::{Context, Result};
 use serde_json::json;
 use taskfleet_tests::pki::Pki;
 use taskfleet_tests::tls_services::*;
-use taskfleet_tests::{FleetOptions, Services, TestFleet, bin_dir};
+use taskfleet_tests::{FleetOptions, Services, TestFleet, bin_dir, free_port};
 
 /// Starts a scheduler and a worker that reach `tls`'s services trusting their CA.
 async fn fleet_trusting_the_ca(tls: &TlsServices) -> TestFleet {

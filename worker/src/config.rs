@@ -45,6 +45,10 @@ pub struct Settings {
     /// Tasks in flight at once (default: 4 per core).
     #[arg(long, env = "TASKFLEET_CONCURRENCY")]
     pub concurrency: Option<NonZeroUsize>,
+    /// Where to serve Prometheus metrics (/metrics) and a liveness probe (/healthz), such as
+    /// 0.0.0.0:9464; unset, the worker keeps no metrics.
+    #[arg(long, env = "TASKFLEET_METRICS_ADDR")]
+    pub metrics_addr: Option<std::net::SocketAddr>,
     /// A directory prepended to Python's `sys.path`; repeat for several. The directories of
     /// TASKFLEET_PYTHON_PATH (`:`-separated) come after these: an image names its step
     /// packages in the variable and an operator adds more with the flag, so the two add up
@@ -187,6 +191,8 @@ pub struct Config {
     pub queues: Vec<String>,
     /// Tasks in flight at once.
     pub concurrency: NonZeroUsize,
+    /// Where metrics are served, if they are kept.
+    pub metrics_addr: Option<std::net::SocketAddr>,
     /// Directories prepended to Python's `sys.path`, first first.
     pub python_path: Vec<PathBuf>,
     /// The virtualenv whose packages steps may import.
@@ -249,6 +255,7 @@ impl Config {
             redis_url: settings.fleet.redis(),
             namespace: settings.fleet.namespace,
             queues: settings.queues.0,
+            metrics_addr: settings.metrics_addr,
             concurrency: settings
                 .concurrency
                 .unwrap_or(cores.saturating_mul(NonZeroUsize::new(4).unwrap_or(NonZeroUsize::MIN))),

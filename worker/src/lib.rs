@@ -5,6 +5,7 @@
 pub mod broker;
 pub mod config;
 pub mod executor;
+pub mod metrics;
 pub mod report;
 pub mod runner;
 

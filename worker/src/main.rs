@@ -7,7 +7,7 @@
 use anyhow::Context;
 use taskfleet_worker::config::{Config, PYTHON_PATH_VARIABLE, Settings};
 use taskfleet_worker::executor::process;
-use taskfleet_worker::{ExecutorSettings, Executors, runner};
+use taskfleet_worker::{ExecutorSettings, Executors, metrics, runner};
 use tokio_util::sync::CancellationToken;
 
 fn main() -> anyhow::Result<()> {
@@ -51,7 +51,22 @@ fn main() -> anyhow::Result<()> {
         let executors = Executors::start(executor_settings).await?;
         let shutdown = CancellationToken::new();
         tokio::spawn(taskfleet_io::signals::cancel_on_signal(shutdown.clone()));
-        runner::run(config, executors, shutdown).await
+        // Served until the runner has drained, so a last scrape sees the final counts.
+        let metrics_stop = CancellationToken::new();
+        let metrics = match config.metrics_addr {
+            Some(addr) => {
+                let exposition = metrics::install(&config.queues).map_err(anyhow::Error::msg)?;
+                let python = executors.python.clone();
+                Some(metrics::serve(addr, exposition, python, metrics_stop.clone()).await?)
+            }
+            None => None,
+        };
+        let ran = runner::run(config, executors, shutdown).await;
+        metrics_stop.cancel();
+        if let Some(server) = metrics {
+            let _ = server.await;
+        }
+        ran
     })
 }
 

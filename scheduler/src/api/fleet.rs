@@ -11,7 +11,7 @@ use taskfleet_common::names::DEFAULT_QUEUE;
 use taskfleet_common::records::{HEARTBEAT_STALE_AFTER, WorkerHeartbeat};
 use utoipa::ToSchema;
 
-use super::{ApiError, AppState};
+use super::{ApiError, AppState, ErrorBody};
 use crate::auth::{Principal, Scope};
 use crate::store;
 
@@ -50,6 +50,7 @@ pub struct WorkerView {
     /// How many it ran at its last heartbeat.
     running: usize,
     /// When it last reported.
+    #[schema(required = true)]
     last_heartbeat: Option<DateTime<Utc>>,
 }
 
@@ -64,13 +65,13 @@ pub struct WorkerList {
 #[derive(Debug, Serialize, ToSchema)]
 pub struct QueueView {
     /// The queue's name.
-    name: String,
+    pub(crate) name: String,
     /// Messages ready in the broker.
-    ready: u32,
+    pub(crate) ready: u32,
     /// Tasks delivered to live workers and not yet reported.
-    in_flight: usize,
+    pub(crate) in_flight: usize,
     /// Consumers of the queue.
-    consumers: u32,
+    pub(crate) consumers: u32,
 }
 
 /// The task queues.
@@ -152,14 +153,23 @@ pub async fn queues(
     principal: Principal,
 ) -> Result<Json<QueueList>, ApiError> {
     principal.require(Scope::Admin)?;
-    let mut names: BTreeSet<String> =
-        store::queues_with_queued_tasks(&state.db, state.config.namespace.as_str())
-            .await?
-            .into_iter()
-            .collect();
+    let names = store::queues_with_queued_tasks(&state.db, state.config.namespace.as_str())
+        .await?
+        .into_iter()
+        .collect();
+    let queues = queue_views(&state, names).await?;
+    Ok(Json(QueueList { queues }))
+}
+
+/// Returns the views of the queues named, of the default queue and of those the live workers
+/// consume, as the broker counts them (queues it does not have are left out).
+pub(crate) async fn queue_views(
+    state: &AppState,
+    mut names: BTreeSet<String>,
+) -> Result<Vec<QueueView>, ApiError> {
     names.insert(DEFAULT_QUEUE.to_owned());
     let mut in_flight: BTreeMap<String, usize> = BTreeMap::new();
-    for worker in live_workers(&state).await? {
+    for worker in live_workers(state).await? {
         let heartbeat = worker.heartbeat;
         names.extend(heartbeat.queues);
         for (queue, held) in heartbeat.held {
@@ -182,5 +192,68 @@ pub async fn queues(
             consumers,
         });
     }
-    Ok(Json(QueueList { queues }))
+    Ok(queues)
+}
+
+/// The scheduler's metrics in Prometheus's text format, for Prometheus to scrape; no key is
+/// needed. The gauges of the queues and of the outbox are read at most every two seconds, and
+/// the scrape is answered with what was last read if the broker or the database are slow.
+#[utoipa::path(get, path = "/metrics", operation_id = "getMetrics", tag = "health",
+    responses(
+        (status = 200, description = "Prometheus's text exposition format 0.0.4",
+            content_type = "text/plain", body = String),
+        (status = 404, description = "Metrics are off (`TASKFLEET_METRICS=off`)", body = ErrorBody),
+    ))]
+pub async fn metrics(State(state): State<AppState>) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let Some(served) = &state.metrics else {
+        return ApiError::not_found("metrics are off (TASKFLEET_METRICS=off)").into_response();
+    };
+    if let Some(known) = served.refresh.due() {
+        match tokio::time::timeout(GAUGES_TIMEOUT, read_gauges(&state, known)).await {
+            Ok(Ok(gauges)) => served.refresh.set(&gauges),
+            Ok(Err(error)) => tracing::warn!(?error, "reading the gauges of /metrics"),
+            Err(_) => tracing::warn!("reading the gauges of /metrics took too long"),
+        }
+    }
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            taskfleet_io::metrics::CONTENT_TYPE,
+        )],
+        served.exposition.render(),
+    )
+        .into_response()
+}
+
+/// The longest a scrape waits for the gauges.
+const GAUGES_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Reads what the gauges show: the counts and backlog ages of the queues with tasks queued, of
+/// those named before (`known`) and of those the workers consume, the outbox and the dead
+/// letters.
+async fn read_gauges(
+    state: &AppState,
+    known: Vec<String>,
+) -> Result<crate::metrics::Gauges, ApiError> {
+    let namespace = state.config.namespace.as_str();
+    let oldest = store::queue_ages(&state.db, namespace).await?;
+    let outbox_pending = store::outbox_pending(&state.db, namespace).await?;
+    let mut names: BTreeSet<String> = known.into_iter().collect();
+    names.extend(oldest.iter().map(|(queue, _)| queue.clone()));
+    let queues = queue_views(state, names)
+        .await?
+        .into_iter()
+        .map(|queue| (queue.name, queue.ready, queue.consumers))
+        .collect();
+    let dead_letters = state.broker.dead_letter_count().await.map_err(|error| {
+        tracing::warn!(%error, "counting dead letters");
+        ApiError::unavailable("rabbitmq is unavailable")
+    })?;
+    Ok(crate::metrics::Gauges {
+        queues,
+        oldest,
+        outbox_pending,
+        dead_letters: dead_letters.unwrap_or(0),
+    })
 }

@@ -58,6 +58,8 @@ pub struct AppState {
     pub authenticator: Authenticator,
     /// Checks submissions against their tenant's quotas.
     pub quotas: Quotas,
+    /// The metrics `/metrics` serves; `None` with `TASKFLEET_METRICS=off`.
+    pub metrics: Option<crate::metrics::Served>,
 }
 
 /// Returns whose objects a caller reaches: its tenant's, in this scheduler's namespace.
@@ -92,11 +94,12 @@ fn routes() -> OpenApiRouter<AppState> {
         .routes(routes!(openapi::openapi_json))
 }
 
-/// The health checks, which need no key.
+/// The health checks and the metrics, which need no key.
 fn health_routes() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
         .routes(routes!(healthz))
         .routes(routes!(readyz))
+        .routes(routes!(fleet::metrics))
 }
 
 /// Returns the API's router.
@@ -111,8 +114,15 @@ pub fn router(state: AppState) -> Router {
     health
         .merge(v1)
         .fallback(not_found)
+        .layer(axum::middleware::from_fn(count_request))
         .layer(axum::extract::DefaultBodyLimit::max(limit))
-        .layer(tower_http::catch_panic::CatchPanicLayer::new())
+        .layer(tower_http::catch_panic::CatchPanicLayer::custom(
+            |_: Box<dyn std::any::Any + Send>| {
+                axum::response::IntoResponse::into_response(ApiError::internal(
+                    &"a request handler panicked",
+                ))
+            },
+        ))
         .with_state(state)
 }
 
@@ -231,6 +241,7 @@ pub struct Stats {
     /// The scheduler's namespace.
     namespace: String,
     /// The tenant counted; null for an `admin` key, whose counts are of every tenant.
+    #[schema(required = true)]
     tenant: Option<String>,
     /// Runs and jobs by status.
     runs: std::collections::BTreeMap<String, i64>,
@@ -260,6 +271,24 @@ async fn stats(
         runs: runs.into_iter().collect(),
         tasks: tasks.into_iter().collect(),
     }))
+}
+
+/// Counts a request and its time in the metrics, by its route's template (`/v1/runs/{id}`, not
+/// the path; `unmatched` for a path no route has).
+async fn count_request(
+    route: Option<axum::extract::MatchedPath>,
+    request: Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let started = std::time::Instant::now();
+    let response = next.run(request).await;
+    let route = route.as_ref().map_or("unmatched", |route| route.as_str());
+    crate::metrics::http_request(
+        route,
+        response.status().as_u16(),
+        started.elapsed().as_secs_f64(),
+    );
+    response
 }
 
 async fn not_found(uri: axum::http::Uri) -> ApiError {

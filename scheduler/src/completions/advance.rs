@@ -101,6 +101,11 @@ impl CompletionLoop {
         // The runs someone waits for here come back whole, so the waiters need not read them.
         let wanted = self.notifier.watched(ending.iter().map(|c| c.run_id));
         let done = store::finish_single_steps(self.db.get().await?, &ending, &wanted).await?;
+        crate::metrics::finished(
+            done.durations
+                .iter()
+                .map(|seconds| (RunStatus::Succeeded, *seconds)),
+        );
         let views = done
             .rows
             .into_iter()
@@ -203,8 +208,9 @@ impl CompletionLoop {
         // A run that ended in this batch dispatches nothing more: its new tasks are written
         // cancelled, and `finish_runs` cancels the ones still queued from before.
         store::insert_tasks(&mut tx, &self.namespace, &materialized.tasks).await?;
-        store::finish_runs(&mut tx, &finished).await?;
+        let ended = store::finish_runs(&mut tx, &finished).await?;
         tx.commit().await.map_err(StoreError::from)?;
+        crate::metrics::finished(ended);
         self.dispatcher.send(materialized.dispatches);
         // A failed run's steps still running elsewhere are stopped.
         let failed: Vec<Uuid> = finished

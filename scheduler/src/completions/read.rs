@@ -33,6 +33,8 @@ impl Read {
         for body in bodies {
             match read_completion(body) {
                 Some((completion, ran)) => {
+                    let queue = ran.as_ref().map(|ran| ran.queue.as_str());
+                    crate::metrics::completed(queue, completion.status);
                     self.completions.push(completion);
                     self.ran.extend(ran);
                 }

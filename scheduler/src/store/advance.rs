@@ -10,6 +10,7 @@ use sqlx::{Postgres, Transaction};
 use taskfleet_common::{RunStatus, TaskStatus};
 use uuid::Uuid;
 
+use super::runs::run_status;
 use super::{Payload, StoreError, sealed};
 
 /// A run being advanced, locked for the rest of the transaction.
@@ -239,13 +240,14 @@ pub struct FinishedRun {
 }
 
 /// Records finished runs and cancels their tasks that are still queued, including those
-/// waiting for a retry, which then wait no more.
+/// waiting for a retry, which then wait no more. Returns each run's status and how many
+/// seconds it ran.
 pub async fn finish_runs(
     tx: &mut Transaction<'_, Postgres>,
     runs: &[FinishedRun],
-) -> Result<(), StoreError> {
+) -> Result<Vec<(RunStatus, f64)>, StoreError> {
     if runs.is_empty() {
-        return Ok(());
+        return Ok(Vec::new());
     }
     let ids: Vec<Uuid> = runs.iter().map(|run| run.id).collect();
     let statuses: Vec<&str> = runs.iter().map(|run| run.status.as_str()).collect();
@@ -257,23 +259,29 @@ pub async fn finish_runs(
         .iter()
         .map(|run| run.error.as_ref().map(sealed))
         .collect();
-    sqlx::query(
+    let ended: Vec<(String, f64)> = sqlx::query_as(
         "WITH finished AS (
              UPDATE runs SET status = f.status, output = f.output, error = f.error,
                     finished_at = now()
              FROM UNNEST($1::uuid[], $2::text[], $3::jsonb[], $4::jsonb[])
                   AS f(id, status, output, error)
              WHERE runs.id = f.id
-             RETURNING runs.id)
-         UPDATE tasks SET status = 'cancelled', finished_at = now(), due_at = NULL,
-                error = '{\"type\": \"cancelled\", \"message\": \"the run ended before this step finished\"}'
-         WHERE run_id = ANY($1) AND status = 'queued'",
+             RETURNING runs.status,
+                       extract(epoch FROM runs.finished_at - runs.created_at)::float8 AS seconds),
+         cancelled AS (
+             UPDATE tasks SET status = 'cancelled', finished_at = now(), due_at = NULL,
+                    error = '{\"type\": \"cancelled\", \"message\": \"the run ended before this step finished\"}'
+             WHERE run_id = ANY($1) AND status = 'queued')
+         SELECT status, seconds FROM finished",
     )
     .bind(&ids)
     .bind(&statuses)
     .bind(&outputs)
     .bind(&errors)
-    .execute(&mut **tx)
+    .fetch_all(&mut **tx)
     .await?;
-    Ok(())
+    ended
+        .into_iter()
+        .map(|(status, seconds)| Ok((run_status(status)?, seconds)))
+        .collect()
 }

@@ -177,6 +177,8 @@ pub struct SingleStepsFinished {
     pub finished: Vec<Uuid>,
     /// The rows of the finished runs that were asked for, each with its only task.
     pub rows: Vec<(RunRow, TaskRow)>,
+    /// How many seconds each finished run ran.
+    pub durations: Vec<f64>,
 }
 
 /// Records the successes among `completions` whose run is a single step that plans without
@@ -210,26 +212,34 @@ pub async fn finish_single_steps(
              FROM recorded r
              WHERE runs.id = r.run_id
              RETURNING runs.id, CASE WHEN runs.id = ANY($11) THEN to_jsonb(runs) END AS run,
-                       r.task)
-         SELECT id, false, NULL::jsonb, NULL::jsonb FROM locked
-         UNION ALL SELECT id, true, run, task FROM finished"
+                       r.task,
+                       extract(epoch FROM runs.finished_at - runs.created_at)::float8 AS seconds)
+         SELECT id, false, NULL::jsonb, NULL::jsonb, NULL::float8 FROM locked
+         UNION ALL SELECT id, true, run, task, seconds FROM finished"
     );
     let mut run_ids: Vec<Uuid> = completions.iter().map(|c| c.run_id).collect();
     run_ids.sort_unstable();
     run_ids.dedup();
-    type Row = (Uuid, bool, Option<Json<RunRow>>, Option<Json<TaskRow>>);
+    type Row = (
+        Uuid,
+        bool,
+        Option<Json<RunRow>>,
+        Option<Json<TaskRow>>,
+        Option<f64>,
+    );
     let rows: Vec<Row> = bind_completions(sqlx::query_as(sqlx::AssertSqlSafe(sql)), completions)
         .bind(run_ids)
         .bind(wanted)
         .fetch_all(&mut *conn)
         .await?;
     let mut done = SingleStepsFinished::default();
-    for (id, finished, run, task) in rows {
+    for (id, finished, run, task, seconds) in rows {
         if !finished {
             done.locked.push(id);
             continue;
         }
         done.finished.push(id);
+        done.durations.extend(seconds);
         if let (Some(Json(run)), Some(Json(task))) = (run, task) {
             done.rows.push((run, task));
         }

@@ -52,7 +52,7 @@ pub use runs::{
     get_tasks, insert_runs, insert_tasks, list_runs, run_with_idempotency_key,
     runs_by_idempotency_key,
 };
-pub use stats::{queues_with_queued_tasks, stats};
+pub use stats::{outbox_pending, queue_ages, queues_with_queued_tasks, stats};
 pub use workflows::{WorkflowRow, get_workflow, list_workflows, put_workflow};
 
 /// The schema, applied at start.

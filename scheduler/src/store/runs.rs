@@ -169,7 +169,7 @@ pub async fn runs_by_idempotency_key(
 }
 
 /// Reads a run's stored status.
-fn run_status(text: String) -> Result<RunStatus, StoreError> {
+pub(super) fn run_status(text: String) -> Result<RunStatus, StoreError> {
     RunStatus::try_from(text)
         .map_err(|error| StoreError::from(sqlx::Error::Decode(Box::new(error))))
 }
@@ -394,14 +394,14 @@ pub async fn list_runs(
 }
 
 /// What became of a cancellation.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Debug, PartialEq)]
 pub enum Cancellation {
     /// No such run (of that kind, in that namespace).
     NotFound,
     /// The run had already finished, in this status.
     Finished(RunStatus),
-    /// The run is now cancelled, with its queued and waiting tasks.
-    Cancelled,
+    /// The run is now cancelled, with its queued and waiting tasks; it ran this many seconds.
+    Cancelled(f64),
 }
 
 /// Cancels a run: records it as cancelled and cancels its tasks that have not finished, so no
@@ -428,13 +428,14 @@ pub async fn cancel_run(
         Some(status) if status.is_finished() => return Ok(Cancellation::Finished(status)),
         Some(_) => {}
     }
-    sqlx::query(
+    let seconds: f64 = sqlx::query_scalar(
         "UPDATE runs SET status = 'cancelled', finished_at = now(),
                 error = '{\"type\": \"cancelled\", \"message\": \"the run was cancelled\"}'
-         WHERE id = $1",
+         WHERE id = $1
+         RETURNING extract(epoch FROM finished_at - created_at)::float8",
     )
     .bind(id)
-    .execute(&mut *tx)
+    .fetch_one(&mut *tx)
     .await?;
     sqlx::query(
         "UPDATE tasks SET status = 'cancelled', finished_at = now(), due_at = NULL,
@@ -445,7 +446,7 @@ pub async fn cancel_run(
     .execute(&mut *tx)
     .await?;
     tx.commit().await?;
-    Ok(Cancellation::Cancelled)
+    Ok(Cancellation::Cancelled(seconds))
 }
 
 /// Reads the inputs and outputs of the namespace's newest runs, as a scheduler does at start to

@@ -1,5 +1,6 @@
-//! Counts over a whole namespace, for `/v1/stats` and `/v1/queues`: the only statements that
-//! may scan tables whole. Nothing on a run's path reads them.
+//! Counts over a whole namespace, for `/v1/stats`, `/v1/queues` and `/metrics`: the only
+//! statements that may scan tables whole (those of `/metrics` read the queued tasks' own
+//! indexes). Nothing on a run's path reads them.
 
 use sqlx::{PgPool, Postgres, Transaction};
 
@@ -61,4 +62,33 @@ pub async fn queues_with_queued_tasks(
     .await?;
     tx.commit().await?;
     Ok(queues)
+}
+
+/// Returns, per task queue of `namespace` with tasks queued to run now, the age in seconds of
+/// its oldest such task, since it was last dispatched (or committed, if it was not yet). Reads
+/// the queued tasks only, from their own index.
+pub async fn queue_ages(db: &PgPool, namespace: &str) -> Result<Vec<(String, f64)>, StoreError> {
+    Ok(sqlx::query_as(
+        "SELECT queue,
+                extract(epoch FROM now() - min(coalesce(dispatched_at, created_at)))::float8
+         FROM tasks
+         WHERE namespace = $1 AND status = 'queued' AND due_at IS NULL AND items_total IS NULL
+         GROUP BY queue",
+    )
+    .bind(namespace)
+    .fetch_all(db)
+    .await?)
+}
+
+/// Returns how many tasks of `namespace` are committed and not yet confirmed by the broker:
+/// the outbox the relay drains.
+pub async fn outbox_pending(db: &PgPool, namespace: &str) -> Result<i64, StoreError> {
+    Ok(sqlx::query_scalar(
+        "SELECT count(*) FROM tasks
+         WHERE namespace = $1 AND status = 'queued' AND dispatched_at IS NULL
+           AND due_at IS NULL AND items_total IS NULL",
+    )
+    .bind(namespace)
+    .fetch_one(db)
+    .await?)
 }

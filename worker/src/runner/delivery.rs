@@ -112,7 +112,16 @@ async fn handle_task(
         (Ok(()), Redelivery::Run) => {
             // Closed only when the worker stops, and then nothing is waiting here.
             let _slot = shared.slots.acquire().await;
-            shared.execute(&task, started_at).await
+            let _running = crate::metrics::InFlight::start();
+            let began = std::time::Instant::now();
+            let executed = shared.execute(&task, started_at).await;
+            crate::metrics::task_ran(
+                queue.map_or("unknown", |queue| queue),
+                crate::metrics::kind(&task.step),
+                &executed.0,
+                began.elapsed().as_secs_f64(),
+            );
+            executed
         }
         (Err(error), Redelivery::Run) => {
             let error = StepError::new(INVALID_TASK, format!("step input cannot be used: {error}"));

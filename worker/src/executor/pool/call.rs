@@ -14,7 +14,7 @@ use tokio::io::AsyncWriteExt;
 use tokio_util::sync::CancellationToken;
 
 use super::executor_process::{ExecutorProcess, describe_exit};
-use super::{Inner, PythonPool};
+use super::{Inner, PythonPool, Restart};
 use crate::executor::process::frame::{self, Call};
 use crate::executor::python::{PythonOutput, PythonTarget, StepContext};
 use crate::executor::{cancelled_error, timeout_error};
@@ -71,7 +71,7 @@ impl PythonPool {
                     status = describe_exit(Ok(status)),
                     "a python executor exited while idle; starting another"
                 );
-                Arc::clone(&self.inner).replace(executor);
+                Arc::clone(&self.inner).replace(executor, Restart::Died);
                 continue;
             }
             let mut held = Held {
@@ -152,7 +152,7 @@ impl Held<'_> {
         {
             tracing::warn!(pid = executor.pid, %error, "sending a call to a python executor failed");
             if let Some(executor) = self.executor.take() {
-                Arc::clone(self.inner).replace(executor);
+                Arc::clone(self.inner).replace(executor, Restart::Died);
             }
             return Err(call);
         }
@@ -179,7 +179,7 @@ impl Held<'_> {
             Some(output) => output.logs,
             None => {
                 if let Some(executor) = self.executor.take() {
-                    Arc::clone(self.inner).replace(executor);
+                    Arc::clone(self.inner).replace(executor, Restart::Stuck);
                 }
                 String::new()
             }
@@ -203,7 +203,7 @@ impl Held<'_> {
                 let pid = executor.pid;
                 tracing::warn!(pid, %error, status, "a python executor died during a call");
                 if let Some(executor) = self.executor.take() {
-                    Arc::clone(self.inner).replace(executor);
+                    Arc::clone(self.inner).replace(executor, Restart::Died);
                 }
                 lost(format!(
                     "the python executor process running this step ({pid}) died: {status}"
@@ -228,7 +228,7 @@ impl Drop for Held<'_> {
             if executor.stop(id, grace).await.is_some() {
                 inner.give_back(executor);
             } else {
-                inner.replace(executor);
+                inner.replace(executor, Restart::Stuck);
             }
         });
     }

@@ -13,7 +13,7 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio::process::{Child, Command};
 
 use super::connection::CallsConnection;
-use super::{Inner, PoolSettings};
+use super::{Inner, PoolSettings, Restart};
 use crate::executor::process::EXECUTOR_FLAG;
 use crate::executor::process::frame::{self, ExecutorReply, ExecutorRequest};
 use crate::executor::python::PythonOutput;
@@ -245,21 +245,23 @@ impl ExecutorProcess {
     }
 
     /// Why this executor should make way for a fresh one, if it should.
-    pub(super) fn should_retire(&self, settings: &PoolSettings) -> Option<String> {
+    pub(super) fn should_retire(&self, settings: &PoolSettings) -> Option<(Restart, String)> {
         if let Some(max) = settings.max_tasks
             && self.calls >= max
         {
-            return Some(format!("served {} calls, the limit is {max}", self.calls));
+            let reason = format!("served {} calls, the limit is {max}", self.calls);
+            return Some((Restart::MaxTasks, reason));
         }
         if let Some(max) = settings.max_rss_bytes
             && let Some(rss) = resident_bytes(self.pid)
             && rss > max
         {
-            return Some(format!(
+            let reason = format!(
                 "resident memory {} MiB is over the limit of {} MiB",
                 rss / (1024 * 1024),
                 max / (1024 * 1024)
-            ));
+            );
+            return Some((Restart::MaxMemory, reason));
         }
         None
     }

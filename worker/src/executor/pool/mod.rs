@@ -28,7 +28,7 @@ mod executor_process;
 use std::num::NonZeroUsize;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use anyhow::Context;
@@ -57,6 +57,60 @@ pub struct PoolSettings {
     pub python: PythonSettings,
 }
 
+/// Why an executor was replaced (the label of the restarts metric).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Restart {
+    /// It exited or died (a crash, `os._exit`, the OOM killer), or its connection broke.
+    Died,
+    /// A step it ran did not stop within the kill grace period after its timeout or its
+    /// run's cancellation, so it was killed.
+    Stuck,
+    /// It served `max_tasks` calls.
+    MaxTasks,
+    /// Its resident memory went over `max_rss_bytes`.
+    MaxMemory,
+}
+
+impl Restart {
+    /// Every reason.
+    pub const ALL: [Self; 4] = [Self::Died, Self::Stuck, Self::MaxTasks, Self::MaxMemory];
+
+    /// The reason's label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Died => "died",
+            Self::Stuck => "stuck",
+            Self::MaxTasks => "max_tasks",
+            Self::MaxMemory => "max_memory",
+        }
+    }
+}
+
+/// Where an executor stands (the label of the executors metric).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExecutorState {
+    /// Ready for a call.
+    Idle,
+    /// Running a call, or being stopped, retired or killed.
+    Busy,
+    /// A replacement starting.
+    Starting,
+}
+
+impl ExecutorState {
+    /// Every state.
+    pub const ALL: [Self; 3] = [Self::Idle, Self::Busy, Self::Starting];
+
+    /// The state's label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Idle => "idle",
+            Self::Busy => "busy",
+            Self::Starting => "starting",
+        }
+    }
+}
+
 /// A handle to the pool; cloning it is cheap. The executors stop when the last handle is dropped.
 #[derive(Clone)]
 pub struct PythonPool {
@@ -82,6 +136,8 @@ struct Inner {
     sockets: SocketDir,
     /// Numbers the sockets.
     spawned: AtomicU64,
+    /// Replacements starting.
+    starting: AtomicUsize,
 }
 
 impl PythonPool {
@@ -97,6 +153,7 @@ impl PythonPool {
             waiting: AtomicUsize::new(0),
             sockets: SocketDir::create()?,
             spawned: AtomicU64::new(0),
+            starting: AtomicUsize::new(0),
         });
         let started = futures_util::future::try_join_all(
             (0..executors).map(|_| ExecutorProcess::start(&inner)),
@@ -108,12 +165,29 @@ impl PythonPool {
         }
         Ok(Self { inner })
     }
+
+    /// How many executors stand in each state now.
+    pub fn executor_states(&self) -> [(ExecutorState, usize); 3] {
+        let idle = taskfleet_common::sync::lock(&self.inner.idle).len();
+        let starting = self.inner.starting.load(Ordering::Relaxed);
+        let busy = self
+            .inner
+            .settings
+            .executors
+            .get()
+            .saturating_sub(idle + starting);
+        [
+            (ExecutorState::Idle, idle),
+            (ExecutorState::Busy, busy),
+            (ExecutorState::Starting, starting),
+        ]
+    }
 }
 
 impl Inner {
     /// Puts an executor back for the next call, or retires it first if it has served its time.
     fn give_back(self: &Arc<Self>, executor: ExecutorProcess) {
-        if let Some(reason) = executor.should_retire(&self.settings) {
+        if let Some((restart, reason)) = executor.should_retire(&self.settings) {
             tracing::info!(
                 pid = executor.pid,
                 calls = executor.calls,
@@ -121,7 +195,7 @@ impl Inner {
                 "retiring a python executor"
             );
             tokio::spawn(executor.retire());
-            self.start_replacement();
+            self.start_replacement(restart);
             return;
         }
         taskfleet_common::sync::lock(&self.idle).push(executor);
@@ -129,14 +203,16 @@ impl Inner {
     }
 
     /// Kills an executor that is lost and starts another in its place.
-    fn replace(self: Arc<Self>, executor: ExecutorProcess) {
+    fn replace(self: Arc<Self>, executor: ExecutorProcess, reason: Restart) {
         tokio::spawn(executor.kill());
-        self.start_replacement();
+        self.start_replacement(reason);
     }
 
     /// Starts a new executor in the background, retrying with backoff while it fails to start,
     /// and adds it to the pool; gives up if the pool is dropped meanwhile.
-    fn start_replacement(self: &Arc<Self>) {
+    fn start_replacement(self: &Arc<Self>, reason: Restart) {
+        crate::metrics::executor_restarted(reason);
+        self.starting.fetch_add(1, Ordering::Relaxed);
         let pool = Arc::downgrade(self);
         tokio::spawn(async move {
             let mut failures: u32 = 0;
@@ -144,6 +220,7 @@ impl Inner {
                 let Some(inner) = pool.upgrade() else { return };
                 match ExecutorProcess::start(&inner).await {
                     Ok(executor) => {
+                        inner.starting.fetch_sub(1, Ordering::Relaxed);
                         inner.give_back(executor);
                         return;
                     }
