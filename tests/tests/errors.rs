@@ -236,6 +236,26 @@ async fn every_bad_input_gets_its_status_and_names_the_problem() {
         &["does not compile"],
     )
     .await;
+    // A job waits for no step: `after` may come empty, as in a step copied from a definition.
+    check(
+        &fleet,
+        "POST",
+        "/v1/tasks",
+        Some(json!({"dataflow": ".", "after": ["a"]})),
+        400,
+        &["after", "waits for no step"],
+    )
+    .await;
+    // (An empty one passes: this job gets as far as its program, which does not compile.)
+    check(
+        &fleet,
+        "POST",
+        "/v1/tasks",
+        Some(json!({"dataflow": "{", "after": []})),
+        422,
+        &["does not compile"],
+    )
+    .await;
     let long = vec!["1"; 5000].join("+");
     check(
         &fleet,
