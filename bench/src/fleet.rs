@@ -80,7 +80,10 @@ impl Metrics {
     pub fn env(self) -> Vec<(String, String)> {
         match self {
             // Each worker binds a port of its own.
-            Self::On => vec![("TASKFLEET_METRICS_ADDR".to_owned(), "127.0.0.1:0".to_owned())],
+            Self::On => vec![(
+                "TASKFLEET_METRICS_ADDR".to_owned(),
+                "127.0.0.1:0".to_owned(),
+            )],
             Self::Off => vec![("TASKFLEET_METRICS".to_owned(), "off".to_owned())],
         }
     }
@@ -160,37 +163,13 @@ pub struct Throughput {
 /// Submits `runs` one-step runs of `step` through `POST /v1/runs:batch` (1,000 per request, all
 /// requests at once) and waits until every one has succeeded.
 pub async fn throughput(fleet: &TestFleet, runs: usize, step: &Value) -> Result<Throughput> {
-    let definition = json!({ "steps": [step] });
-    let batches: Vec<Value> = (0..runs)
-        .collect::<Vec<_>>()
-        .chunks(1000)
-        .map(|chunk| {
-            let runs: Vec<Value> = chunk
-                .iter()
-                .map(|n| json!({"definition": definition, "input": n}))
-                .collect();
-            json!({ "runs": runs })
-        })
-        .collect();
     let groups = groups(fleet);
     let before = cpu::sample(&groups);
     let started = SystemTime::now();
-    let answers = futures_util::future::join_all(
-        batches
-            .iter()
-            .map(|batch| fleet.request("POST", "/v1/runs:batch", Some(batch))),
-    )
-    .await;
-    let mut last_ids = Vec::new();
-    for (status, body) in &answers {
-        ensure!(*status == 201, "batch submit failed: {body}");
-        if let Some(id) = body["ids"].as_array().and_then(|ids| ids.last()) {
-            last_ids.push(id.as_str().context("run id")?.to_owned());
-        }
-    }
+    let submitted = submit_jobs(fleet, runs, step).await?;
     // Long polls on the last run of each batch, which cost the database nothing while they
     // wait; then the counters, once or twice, for any run that finished later.
-    for id in &last_ids {
+    for id in &submitted.last_of_batches {
         fleet.wait_run(id, Duration::from_secs(600)).await;
     }
     wait_succeeded(fleet, runs).await?;
@@ -203,6 +182,54 @@ pub async fn throughput(fleet: &TestFleet, runs: usize, step: &Value) -> Result<
         rate: runs as f64 / span.as_secs_f64(),
         cpu: used,
     })
+}
+
+/// The runs a throughput workload submitted.
+pub struct Submitted {
+    /// Every run's id.
+    pub ids: Vec<String>,
+    /// The last run of each batch request.
+    pub last_of_batches: Vec<String>,
+}
+
+/// Submits `runs` one-step runs of `step` through `POST /v1/runs:batch`, 1,000 per request,
+/// all requests at once.
+pub async fn submit_jobs(fleet: &TestFleet, runs: usize, step: &Value) -> Result<Submitted> {
+    let definition = json!({ "steps": [step] });
+    let batches: Vec<Value> = (0..runs)
+        .collect::<Vec<_>>()
+        .chunks(1000)
+        .map(|chunk| {
+            let runs: Vec<Value> = chunk
+                .iter()
+                .map(|n| json!({"definition": definition, "input": n}))
+                .collect();
+            json!({ "runs": runs })
+        })
+        .collect();
+    let answers = futures_util::future::join_all(
+        batches
+            .iter()
+            .map(|batch| fleet.request("POST", "/v1/runs:batch", Some(batch))),
+    )
+    .await;
+    let mut submitted = Submitted {
+        ids: Vec::with_capacity(runs),
+        last_of_batches: Vec::new(),
+    };
+    for (status, body) in &answers {
+        ensure!(*status == 201, "batch submit failed: {body}");
+        let ids = body["ids"].as_array().context("run ids")?;
+        for id in ids {
+            submitted
+                .ids
+                .push(id.as_str().context("run id")?.to_owned());
+        }
+        if let Some(last) = submitted.ids.last() {
+            submitted.last_of_batches.push(last.clone());
+        }
+    }
+    Ok(submitted)
 }
 
 /// Polls the fleet's counters until `runs` runs have succeeded; fails on any failed run.
@@ -226,7 +253,7 @@ async fn wait_succeeded(fleet: &TestFleet, runs: usize) -> Result<()> {
 }
 
 /// The time the fleet's last run finished, from its own record.
-async fn last_finished(fleet: &TestFleet) -> Result<SystemTime> {
+pub async fn last_finished(fleet: &TestFleet) -> Result<SystemTime> {
     let db_url = format!("{}/{}", taskfleet_tests::POSTGRES, fleet.database);
     let pool = sqlx::PgPool::connect(&db_url).await?;
     let epoch: f64 =

@@ -22,6 +22,7 @@ mod celery;
 mod cpu;
 mod fleet;
 mod report;
+mod retention;
 
 use std::time::Duration;
 
@@ -61,6 +62,12 @@ struct Args {
     /// Sequential calls of each kind timed for the executor cost.
     #[arg(long, default_value_t = 20_000)]
     executor_calls: usize,
+    /// Finished runs the retention workload's sweeper deletes while its jobs run.
+    #[arg(long, default_value_t = 100_000)]
+    retention_backlog: usize,
+    /// Runs of the retention soak, under a 5 s retention.
+    #[arg(long, default_value_t = 500_000)]
+    soak_runs: usize,
     /// Worker processes of the fleet.
     #[arg(long, default_value_t = 1)]
     workers: usize,
@@ -93,6 +100,8 @@ enum Workload {
     Chain,
     /// The executor cost of a Python step over a jq step.
     PythonCost,
+    /// Throughput while retention deletes, and a soak whose tables stay the same size.
+    Retention,
 }
 
 impl Args {
@@ -109,6 +118,8 @@ impl Args {
         self.fan_out_items = 500;
         self.chain_steps = 10;
         self.executor_calls = 1000;
+        self.retention_backlog = 2000;
+        self.soak_runs = 4000;
     }
 
     fn shape(&self) -> Shape {
@@ -226,7 +237,12 @@ async fn main() -> Result<()> {
                 Security::KeysAndEncryption,
                 Metrics::On,
             ),
-            ("jq (no metrics)", fleet::jq_noop(), Security::Keys, Metrics::Off),
+            (
+                "jq (no metrics)",
+                fleet::jq_noop(),
+                Security::Keys,
+                Metrics::Off,
+            ),
         ] {
             let mut rates = Vec::new();
             let mut cpu = Vec::new();
@@ -375,7 +391,36 @@ async fn main() -> Result<()> {
             table.push(Row::alone(what.to_owned(), median(figures), "µs"));
         }
     }
-    if let [(_, jq), (_, python)] = throughputs.as_slice() {
+    // 7. Retention: throughput while the sweeper deletes, and a soak.
+    let mut soak = None;
+    if args.runs(Workload::Retention) {
+        let measured = retention::measure(
+            args.shape(),
+            args.jobs,
+            args.retention_backlog,
+            args.soak_runs,
+            (args.soak_runs / 20).max(1),
+        )
+        .await?;
+        table.push(Row::alone(
+            format!(
+                "throughput: {} no-op jq jobs over {} finished runs, retention off",
+                args.jobs, args.retention_backlog
+            ),
+            measured.without,
+            "jobs/s",
+        ));
+        table.push(Row::alone(
+            format!(
+                "throughput: the same while retention deletes them ({} deleted meanwhile)",
+                measured.deleted_meanwhile
+            ),
+            measured.while_deleting,
+            "jobs/s",
+        ));
+        soak = Some(measured.soak);
+    }
+    if let [(_, jq), (_, python), ..] = throughputs.as_slice() {
         table.push(Row::alone(
             "Python step over a jq step: per job at full throughput".to_owned(),
             (1.0 / python - 1.0 / jq) * 1e6,
@@ -401,11 +446,15 @@ async fn main() -> Result<()> {
         println!();
         print!("{}", report::render_cpu(&cpu_rows, celery_drain_cpu));
     }
+    if let Some(soak) = soak {
+        println!();
+        print!("{}", report::render_soak(&soak));
+    }
     Ok(())
 }
 
 /// Tells the operator what runs now, on stderr, so stdout holds only the report.
-fn progress(what: &str) {
+pub(crate) fn progress(what: &str) {
     #[allow(clippy::print_stderr, reason = "progress of a long benchmark")]
     {
         eprintln!("== {what}");

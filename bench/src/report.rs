@@ -199,6 +199,27 @@ pub fn machine() -> String {
     format!("{cores} cores{memory}, everything on this one machine")
 }
 
+/// The soak of the retention workload: the tables after each wave.
+pub fn render_soak(waves: &[crate::retention::Wave]) -> String {
+    let mib = |bytes: i64| bytes as f64 / (1024.0 * 1024.0);
+    let mut out = String::from(
+        "Retention soak (5 s retention): the tables after each wave\n\n\
+         | runs submitted | rows in runs | rows in tasks | runs (MiB) | tasks (MiB) |\n\
+         | ---: | ---: | ---: | ---: | ---: |\n",
+    );
+    for wave in waves {
+        out.push_str(&format!(
+            "| {} | {} | {} | {:.1} | {:.1} |\n",
+            wave.submitted,
+            wave.rows.0,
+            wave.rows.1,
+            mib(wave.bytes.0),
+            mib(wave.bytes.1)
+        ));
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

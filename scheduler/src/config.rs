@@ -95,6 +95,15 @@ pub struct Settings {
         default_value = "1.3"
     )]
     pub tls_min_version: MinVersion,
+    /// How long finished runs and jobs are kept, in seconds, before they are deleted with
+    /// their tasks; 0 keeps them forever.
+    #[arg(
+        long = "retention-s",
+        value_name = "SECONDS",
+        env = "TASKFLEET_RETENTION_S",
+        default_value = "604800"
+    )]
+    pub retention_s: u64,
     /// Whether to keep Prometheus metrics and serve them at /metrics.
     #[arg(long, env = "TASKFLEET_METRICS", default_value = "on")]
     pub metrics: taskfleet_io::metrics::Switch,
@@ -153,6 +162,8 @@ pub struct Config {
     pub tls: Option<TlsSettings>,
     /// Whether to keep metrics and serve them at `/metrics`.
     pub metrics: bool,
+    /// How long finished runs are kept; `None`: forever.
+    pub retention: Option<Duration>,
 }
 
 impl Config {
@@ -191,6 +202,8 @@ impl From<Settings> for Config {
                 .unwrap_or(NonZeroUsize::new(settings::cores()).unwrap_or(NonZeroUsize::MIN)),
             auth: settings.auth,
             metrics: settings.metrics == taskfleet_io::metrics::Switch::On,
+            retention: (settings.retention_s > 0)
+                .then(|| Duration::from_secs(settings.retention_s)),
             tls: settings
                 .tls_cert
                 .zip(settings.tls_key)

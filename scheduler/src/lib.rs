@@ -15,6 +15,7 @@ pub mod dispatch;
 pub mod metrics;
 pub mod notify;
 pub mod planning;
+pub mod retention;
 pub mod retry;
 pub mod store;
 pub mod tls;
@@ -90,6 +91,14 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         Duration::from_millis(100),
         shutdown.child_token(),
     ));
+    if let Some(retention) = config.retention {
+        tracker.spawn(retention::sweep_loop(
+            db.clone(),
+            config.namespace.as_str().to_owned(),
+            retention,
+            shutdown.child_token(),
+        ));
+    }
     let (acceptor, writer) = accept::acceptor(
         db.clone(),
         config.namespace.as_str().to_owned(),

@@ -35,6 +35,8 @@ pub const OUTBOX_PENDING: &str = "taskfleet_outbox_pending";
 pub const DEAD_LETTER_MESSAGES: &str = "taskfleet_dead_letter_messages";
 /// Messages the scheduler moved to the dead-letters queue.
 pub const DEAD_LETTERED: &str = "taskfleet_dead_letters_total";
+/// Finished runs and jobs deleted past their retention.
+pub const RUNS_DELETED: &str = "taskfleet_runs_deleted_total";
 /// HTTP requests answered, by route template and status code.
 pub const HTTP_REQUESTS: &str = "taskfleet_http_requests_total";
 /// Seconds to answer an HTTP request, by route template.
@@ -76,13 +78,14 @@ pub fn install() -> Result<Exposition, String> {
         OUTBOX_PENDING,
         "Tasks committed and not yet confirmed by the broker (the relay publishes them)."
     );
-    describe_gauge!(
-        DEAD_LETTER_MESSAGES,
-        "Messages in the dead-letters queue."
-    );
+    describe_gauge!(DEAD_LETTER_MESSAGES, "Messages in the dead-letters queue.");
     describe_counter!(
         DEAD_LETTERED,
         "Messages this scheduler moved to the dead-letters queue."
+    );
+    describe_counter!(
+        RUNS_DELETED,
+        "Finished runs and jobs this scheduler deleted past their retention."
     );
     describe_counter!(
         HTTP_REQUESTS,
@@ -96,7 +99,11 @@ pub fn install() -> Result<Exposition, String> {
     for kind in [RunKind::Workflow, RunKind::Job] {
         counter!(RUNS_SUBMITTED, "kind" => kind.as_str()).absolute(0);
     }
-    for status in [RunStatus::Succeeded, RunStatus::Failed, RunStatus::Cancelled] {
+    for status in [
+        RunStatus::Succeeded,
+        RunStatus::Failed,
+        RunStatus::Cancelled,
+    ] {
         counter!(RUNS_FINISHED, "status" => status.as_str()).absolute(0);
     }
     let default = taskfleet_common::names::DEFAULT_QUEUE;
@@ -108,6 +115,7 @@ pub fn install() -> Result<Exposition, String> {
         gauge!(family, "queue" => default).set(0.0);
     }
     counter!(DEAD_LETTERED).absolute(0);
+    counter!(RUNS_DELETED).absolute(0);
     gauge!(OUTBOX_PENDING).set(0.0);
     gauge!(DEAD_LETTER_MESSAGES).set(0.0);
     // The histograms' families appear with their first observations; these are not counted as
@@ -148,6 +156,11 @@ pub fn completed(queue: Option<&str>, status: TaskStatus) {
 /// Counts a message moved to the dead-letters queue.
 pub fn dead_lettered() {
     counter!(DEAD_LETTERED).increment(1);
+}
+
+/// Counts runs deleted past their retention.
+pub fn runs_deleted(count: u64) {
+    counter!(RUNS_DELETED).increment(count);
 }
 
 /// Counts an HTTP request answered.

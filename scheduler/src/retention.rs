@@ -1,0 +1,80 @@
+//! The retention sweeper: deletes finished runs and jobs older than `TASKFLEET_RETENTION_S`,
+//! with their tasks, in batches (see [`store::delete_finished_runs`]). Every scheduler runs
+//! one; at each sweep only one of a namespace deletes, the others find its lock held and wait
+//! for the next. A full batch is followed by the next at once, after a pause that leaves the
+//! database to the hot path; otherwise the sweeper sleeps until the next period.
+//!
+//! Deleted rows leave dead space in the tables; the scheduler that deleted them vacuums
+//! `runs` and `tasks` once it has deleted many, or a minute after it last did, so that new
+//! rows reuse the space and the tables stay the same size.
+
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+use crate::store;
+
+/// The most runs one sweep deletes, in one transaction.
+pub const BATCH: i64 = 1000;
+/// The pause between two full batches.
+const PAUSE: Duration = Duration::from_millis(50);
+/// The longest time between two sweeps.
+const MAX_PERIOD: Duration = Duration::from_secs(10);
+/// Runs deleted by this scheduler after which it vacuums the tables at once.
+const VACUUM_AFTER: u64 = 100_000;
+/// The longest a scheduler that deleted runs waits before it vacuums.
+const VACUUM_WITHIN: Duration = Duration::from_secs(60);
+
+/// Deletes finished runs older than `retention` until `shutdown`.
+pub async fn sweep_loop(
+    db: sqlx::PgPool,
+    namespace: String,
+    retention: Duration,
+    shutdown: CancellationToken,
+) {
+    // A short retention (in tests, say) is swept as often as a tenth of it, at least every
+    // 100 ms; a long one every 10 s.
+    let period = (retention / 10).clamp(Duration::from_millis(100), MAX_PERIOD);
+    let Ok(retention) = chrono::Duration::from_std(retention) else {
+        return;
+    };
+    // The first sweep comes at once: a scheduler that starts over a backlog deletes it.
+    let mut wait = Duration::ZERO;
+    let mut unvacuumed: u64 = 0;
+    let mut last_vacuum = std::time::Instant::now();
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep(wait) => {}
+            () = shutdown.cancelled() => return,
+        }
+        let cutoff = chrono::Utc::now() - retention;
+        wait = match store::delete_finished_runs(&db, &namespace, cutoff, BATCH).await {
+            Ok(Some(deleted)) => {
+                crate::metrics::runs_deleted(deleted);
+                unvacuumed += deleted;
+                let full = deleted == BATCH.unsigned_abs();
+                // Deleted rows leave dead space that only a vacuum makes reusable: after many,
+                // or a minute after the last, vacuum now rather than when autovacuum comes
+                // round, so the tables stop growing.
+                if unvacuumed >= VACUUM_AFTER
+                    || (unvacuumed > 0 && last_vacuum.elapsed() >= VACUUM_WITHIN)
+                {
+                    match store::vacuum(&db).await {
+                        Ok(()) => {
+                            tracing::debug!(deleted = unvacuumed, "vacuumed after deleting runs")
+                        }
+                        Err(error) => tracing::warn!(%error, "vacuuming after deleting runs"),
+                    }
+                    unvacuumed = 0;
+                    last_vacuum = std::time::Instant::now();
+                }
+                if full { PAUSE } else { period }
+            }
+            Ok(None) => period,
+            Err(error) => {
+                tracing::warn!(%error, "deleting runs past their retention");
+                period
+            }
+        };
+    }
+}
