@@ -1,4 +1,5 @@
-# Shared by the scripts that start fleets of their own (demo.sh, python-tests.sh, api-fuzz.sh):
+# Shared by the scripts that start fleets of their own (demo.sh, python-tests.sh, api-fuzz.sh,
+# deploy-check.sh):
 # starting a test fleet (test_fleet_up/down), stopping their
 # processes, and removing what a fleet left in PostgreSQL, RabbitMQ and Redis. Sourced, not run.
 

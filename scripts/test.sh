@@ -3,8 +3,8 @@
 # the binaries once, runs every Rust test (unit and integration, against the real PostgreSQL,
 # Redis and RabbitMQ) and the Python package's tests (against a fleet started from those binaries,
 # by scripts/python-tests.sh), the API fuzzed against its OpenAPI document (scripts/api-fuzz.sh),
-# the demo twice (scripts/demo-test.sh), a fleet of scripts/fleet.sh
-# (scripts/fleet-test.sh), then a short run of the benchmark against Celery.
+# the deploy files (scripts/deploy-check.sh), the demo twice (scripts/demo-test.sh), a fleet of
+# scripts/fleet.sh (scripts/fleet-test.sh), then a short run of the benchmark against Celery.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -30,6 +30,9 @@ scripts/python-tests.sh
 
 echo "== the API fuzzed against its OpenAPI document (schemathesis), on a fleet with keys on"
 scripts/api-fuzz.sh
+
+echo "== the deploy files: alert rules and their tests, dashboard, Kubernetes and compose manifests"
+scripts/deploy-check.sh
 
 echo "== the demo, twice: it prints the example's result and leaves nothing behind"
 scripts/demo-test.sh
