@@ -286,8 +286,13 @@ def dashboard_queries(dashboard):
 
 def command_dashboard_rules(args):
     dashboard = json.loads(pathlib.Path(args.dashboard).read_text())
-    if dashboard.get("templating", {}).get("list", [{}])[0].get("name") != "datasource":
-        sys.exit(f"{args.dashboard}: its first variable is not the datasource")
+    variables = dashboard.get("templating", {}).get("list", [])
+    if not any(variable.get("name") == "datasource" and variable.get("type") == "datasource"
+               and variable.get("query") == "prometheus" for variable in variables):
+        sys.exit(f"{args.dashboard}: no variable `datasource` of type prometheus")
+    for panel in dashboard.get("panels", []):
+        if panel.get("type") != "row" and panel.get("datasource", {}).get("uid") != "${datasource}":
+            sys.exit(f"{args.dashboard}: panel {panel.get('title')!r} does not use ${{datasource}}")
     rules = []
     for number, query in enumerate(dashboard_queries(dashboard)):
         if query.startswith("label_values("):
