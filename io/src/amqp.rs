@@ -1,7 +1,7 @@
 //! RabbitMQ policy the scheduler and the worker share: how they reach the broker (the URL with
 //! the CA certificate its `amqps://` connections trust, and backoff from 0.1 to 2 s, for as long
 //! as it takes, until shutdown), the queues both declare and the arguments they declare them
-//! with, and the headers of a dead letter.
+//! with, and the properties of a dead letter, as they are written and as they are read.
 //!
 //! Both sides declare the queues they use, so whichever comes first creates them, and a queue
 //! declared again with other arguments is refused by the broker (`PRECONDITION_FAILED`): the
@@ -9,13 +9,13 @@
 //! connection and publishes nothing; each binary's `broker` owns its connections and channels.
 
 use std::fmt::Display;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use backon::{ExponentialBuilder, Retryable};
 use lapin::options::QueueDeclareOptions;
 use lapin::tcp::OwnedTLSConfig;
 use lapin::types::{AMQPValue, FieldTable};
-use lapin::{Channel, Connection, ConnectionProperties};
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 use taskfleet_common::Namespace;
 use taskfleet_common::names::MAX_PRIORITY;
 use tokio_util::sync::CancellationToken;
@@ -157,8 +157,20 @@ async fn declare_plain_queue(channel: &Channel, name: String) -> Result<(), lapi
     Ok(())
 }
 
+/// Returns the properties of a dead letter: why nobody can read it and the queue it came from
+/// (its headers), and when it was moved there (its `timestamp`, in seconds since the Unix epoch).
+/// Every dead letter is labelled here, by the scheduler and the workers alike.
+pub fn dead_letter_properties(reason: &str, source: &str, at: SystemTime) -> BasicProperties {
+    let seconds = at
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |since| since.as_secs());
+    BasicProperties::default()
+        .with_headers(dead_letter_headers(reason, source))
+        .with_timestamp(seconds)
+}
+
 /// Returns the headers of a dead letter: why nobody can read it, and the queue it came from.
-pub fn dead_letter_headers(reason: &str, source: &str) -> FieldTable {
+fn dead_letter_headers(reason: &str, source: &str) -> FieldTable {
     let mut headers = FieldTable::default();
     headers.insert(
         DEAD_LETTER_REASON_HEADER.into(),
@@ -169,6 +181,36 @@ pub fn dead_letter_headers(reason: &str, source: &str) -> FieldTable {
         AMQPValue::LongString(source.into()),
     );
     headers
+}
+
+/// What a dead letter's properties say of it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DeadLetterLabel {
+    /// Why nobody can read it.
+    pub reason: Option<String>,
+    /// The queue it came from.
+    pub source: Option<String>,
+    /// When it was moved to the dead letters, in seconds since the Unix epoch; `None` for one
+    /// kept before this was recorded.
+    pub at: Option<u64>,
+}
+
+/// Returns what a dead letter's properties say of it (see [`dead_letter_properties`]); a header
+/// that is missing or not text is `None`, so a message put there by hand reads too.
+pub fn read_dead_letter(properties: &BasicProperties) -> DeadLetterLabel {
+    let header = |name: &str| {
+        let headers = properties.headers().as_ref()?;
+        match headers.inner().get(name)? {
+            AMQPValue::LongString(text) => Some(String::from_utf8_lossy(text.as_bytes()).into()),
+            AMQPValue::ShortString(text) => Some(text.as_str().to_owned()),
+            _ => None,
+        }
+    };
+    DeadLetterLabel {
+        reason: header(DEAD_LETTER_REASON_HEADER),
+        source: header(DEAD_LETTER_SOURCE_HEADER),
+        at: *properties.timestamp(),
+    }
 }
 
 #[cfg(test)]
@@ -202,8 +244,10 @@ mod tests {
     }
 
     #[test]
-    fn dead_letter_headers_say_why_and_where_from() {
-        let headers = dead_letter_headers("bad json", "ns.completions");
+    fn dead_letters_say_why_where_from_and_when() {
+        let at = SystemTime::UNIX_EPOCH + Duration::from_millis(1_700_000_000_900);
+        let properties = dead_letter_properties("bad json", "ns.completions", at);
+        let headers = properties.headers().clone().unwrap_or_default();
         let headers = headers.inner();
         assert_eq!(
             headers.get("x-taskfleet-reason"),
@@ -213,6 +257,31 @@ mod tests {
             headers.get("x-taskfleet-source"),
             Some(&AMQPValue::LongString("ns.completions".into()))
         );
+        assert_eq!(
+            read_dead_letter(&properties),
+            DeadLetterLabel {
+                reason: Some("bad json".to_owned()),
+                source: Some("ns.completions".to_owned()),
+                at: Some(1_700_000_000),
+            }
+        );
+    }
+
+    #[test]
+    fn a_dead_letter_without_labels_reads_as_unknown() {
+        assert_eq!(
+            read_dead_letter(&BasicProperties::default()),
+            DeadLetterLabel::default()
+        );
+        let mut headers = FieldTable::default();
+        headers.insert(DEAD_LETTER_REASON_HEADER.into(), AMQPValue::LongLongInt(7));
+        headers.insert(
+            DEAD_LETTER_SOURCE_HEADER.into(),
+            AMQPValue::ShortString("by hand".into()),
+        );
+        let label = read_dead_letter(&BasicProperties::default().with_headers(headers));
+        assert_eq!(label.reason, None);
+        assert_eq!(label.source.as_deref(), Some("by hand"));
     }
 
     #[tokio::test]

@@ -344,13 +344,13 @@ impl Link {
         reason: &str,
     ) -> Result<bool, lapin::Error> {
         amqp::declare_dead_letters_queue(&self.publisher, namespace).await?;
-        let headers = amqp::dead_letter_headers(reason, &namespace.completions_queue());
-        self.publish_one(
-            &namespace.dead_letters_queue(),
-            body,
-            BasicProperties::default().with_headers(headers),
-        )
-        .await
+        let properties = amqp::dead_letter_properties(
+            reason,
+            &namespace.completions_queue(),
+            std::time::SystemTime::now(),
+        );
+        self.publish_one(&namespace.dead_letters_queue(), body, properties)
+            .await
     }
 
     /// Publishes one persistent message to a queue and waits for the broker's confirm.

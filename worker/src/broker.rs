@@ -99,7 +99,7 @@ impl Broker {
     }
 
     /// Keeps a message nobody can read in the dead-letters queue, with why and where it came
-    /// from in its headers, and waits for the broker's confirm.
+    /// from in its headers and when in its timestamp, and waits for the broker's confirm.
     pub async fn dead_letter(
         &self,
         body: &[u8],
@@ -107,13 +107,9 @@ impl Broker {
         source: &str,
     ) -> Result<(), PublishError> {
         amqp::declare_dead_letters_queue(&self.publisher, &self.namespace).await?;
-        let headers = amqp::dead_letter_headers(reason, source);
-        self.publish_confirmed(
-            &self.namespace.dead_letters_queue(),
-            body,
-            BasicProperties::default().with_headers(headers),
-        )
-        .await
+        let properties = amqp::dead_letter_properties(reason, source, std::time::SystemTime::now());
+        self.publish_confirmed(&self.namespace.dead_letters_queue(), body, properties)
+            .await
     }
 
     /// Puts a task message back in its queue with the given properties (persistent) and waits
