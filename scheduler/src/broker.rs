@@ -1,5 +1,6 @@
 //! RabbitMQ for the scheduler: the connection (re-established in place when lost), publishing
-//! tasks with publisher confirms, and the consumer of completions.
+//! tasks with publisher confirms, the consumer of completions, and the dead-letters queue (kept,
+//! counted, read without being consumed, purged).
 //!
 //! Task queues are declared before the first publish to them on each connection, with the
 //! declarations the workers use (`taskfleet_io::amqp`), so whichever side comes first creates
@@ -11,8 +12,8 @@ use std::sync::Arc;
 use futures_util::{Stream, StreamExt};
 use lapin::message::Delivery;
 use lapin::options::{
-    BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions,
-    QueueDeclareOptions,
+    BasicConsumeOptions, BasicGetOptions, BasicPublishOptions, BasicQosOptions,
+    ConfirmSelectOptions, QueueDeclareOptions, QueuePurgeOptions,
 };
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Connection, Consumer};
@@ -30,7 +31,34 @@ pub struct Broker {
     link: std::sync::RwLock<Arc<Link>>,
     /// Held while reconnecting, so one caller reconnects and the others wait for it.
     reconnecting: Mutex<()>,
+    /// Held while the dead letters are read or purged: a listing holds the messages it reads
+    /// until it ends, and another listing (or a purge) of this scheduler meanwhile would miss
+    /// them.
+    dead_letters: Mutex<()>,
     shutdown: CancellationToken,
+}
+
+/// The most bytes of a dead letter's body that [`Broker::peek_dead_letters`] keeps.
+pub const DEAD_LETTER_PREFIX_BYTES: usize = 256;
+
+/// A message of the dead-letters queue, as a listing read it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeekedLetter {
+    /// Why, from where and when it was moved there, as its properties say.
+    pub label: amqp::DeadLetterLabel,
+    /// Its body's size in bytes.
+    pub size: usize,
+    /// The first [`DEAD_LETTER_PREFIX_BYTES`] bytes of its body (all of it, if shorter).
+    pub prefix: Vec<u8>,
+}
+
+/// The start of the dead-letters queue, as a listing read it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PeekedLetters {
+    /// The messages the queue held when the listing began (at least as many as it read).
+    pub total: u32,
+    /// The first messages, oldest first.
+    pub letters: Vec<PeekedLetter>,
 }
 
 /// One connection with a publishing channel in confirm mode.
@@ -68,6 +96,7 @@ impl Broker {
             namespace,
             link: std::sync::RwLock::new(Arc::new(link)),
             reconnecting: Mutex::new(()),
+            dead_letters: Mutex::new(()),
             shutdown,
         })
     }
@@ -216,6 +245,48 @@ impl Broker {
         Ok(counts.map(|(messages, _)| messages))
     }
 
+    /// Returns the first `limit` messages of the dead-letters queue, oldest first, and how many
+    /// it holds, without taking any off it. The queue is declared first, as its writers declare
+    /// it, so a namespace that never dead-lettered anything has an empty one.
+    ///
+    /// The messages are got without acknowledgement on a channel of their own, which is then
+    /// closed: the broker puts every message a channel did not acknowledge back in its queue,
+    /// at its place, all at once. Until then they are the listing's, so another listing (of
+    /// another scheduler) at that moment sees the queue without them, and a purge leaves them.
+    /// A call dropped halfway (its caller's timeout) drops the channel, which lapin then closes,
+    /// and a lost connection closes it too: either way the broker puts the messages back.
+    pub async fn peek_dead_letters(&self, limit: usize) -> Result<PeekedLetters, lapin::Error> {
+        let _one_at_a_time = self.dead_letters.lock().await;
+        let channel = self.link().connection.create_channel().await?;
+        let peeked = match amqp::declare_dead_letters_queue(&channel, &self.namespace).await {
+            Ok(()) => peek(&channel, &self.namespace.dead_letters_queue(), limit).await,
+            Err(error) => Err(error),
+        };
+        if let Err(error) = channel.close(200, "listed".into()).await {
+            tracing::debug!(%error, "closing the channel of a dead-letters listing");
+        }
+        peeked
+    }
+
+    /// Removes every message ready in the dead-letters queue (declared first, as for a listing)
+    /// and returns how many there were. Messages a listing of another scheduler holds at that
+    /// moment are not ready, and stay.
+    pub async fn purge_dead_letters(&self) -> Result<u32, lapin::Error> {
+        let _one_at_a_time = self.dead_letters.lock().await;
+        let channel = self.link().connection.create_channel().await?;
+        amqp::declare_dead_letters_queue(&channel, &self.namespace).await?;
+        let purged = channel
+            .queue_purge(
+                self.namespace.dead_letters_queue().into(),
+                QueuePurgeOptions::default(),
+            )
+            .await?;
+        if let Err(error) = channel.close(200, "purged".into()).await {
+            tracing::debug!(%error, "closing the channel of a dead-letters purge");
+        }
+        Ok(purged)
+    }
+
     /// Returns a queue's ready messages and consumers (a passive declare), or `None` if the
     /// broker does not have it.
     async fn counts_of(&self, queue: String) -> Result<Option<(u32, u32)>, lapin::Error> {
@@ -257,6 +328,32 @@ impl Broker {
             tracing::debug!(%error, "closing rabbitmq connection");
         }
     }
+}
+
+/// Gets the first `limit` messages of `queue` on `channel` without acknowledging them, keeping
+/// of each its label, size and first bytes.
+async fn peek(channel: &Channel, queue: &str, limit: usize) -> Result<PeekedLetters, lapin::Error> {
+    let mut peeked = PeekedLetters::default();
+    while peeked.letters.len() < limit {
+        let options = BasicGetOptions { no_ack: false };
+        let Some(message) = channel.basic_get(queue.into(), options).await? else {
+            break;
+        };
+        if peeked.letters.is_empty() {
+            // What is left after the first message, and the first.
+            peeked.total = message.message_count.saturating_add(1);
+        }
+        let body = &message.delivery.data;
+        peeked.letters.push(PeekedLetter {
+            label: amqp::read_dead_letter(&message.delivery.properties),
+            size: body.len(),
+            prefix: body[..body.len().min(DEAD_LETTER_PREFIX_BYTES)].to_vec(),
+        });
+    }
+    // Messages dead-lettered while the listing ran may be among those it read.
+    let read = u32::try_from(peeked.letters.len()).unwrap_or(u32::MAX);
+    peeked.total = peeked.total.max(read);
+    Ok(peeked)
 }
 
 impl Link {

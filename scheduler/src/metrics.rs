@@ -37,6 +37,8 @@ pub const DEAD_LETTER_MESSAGES: &str = "taskfleet_dead_letter_messages";
 pub const DEAD_LETTERED: &str = "taskfleet_dead_letters_total";
 /// Finished runs and jobs deleted past their retention.
 pub const RUNS_DELETED: &str = "taskfleet_runs_deleted_total";
+/// Messages removed from the dead-letters queue by `POST /v1/dead-letters:purge`.
+pub const DEAD_LETTERS_PURGED: &str = "taskfleet_dead_letters_purged_total";
 /// HTTP requests answered, by route template and status code.
 pub const HTTP_REQUESTS: &str = "taskfleet_http_requests_total";
 /// Seconds to answer an HTTP request, by route template.
@@ -88,6 +90,10 @@ pub fn install() -> Result<Exposition, String> {
         "Finished runs and jobs this scheduler deleted past their retention."
     );
     describe_counter!(
+        DEAD_LETTERS_PURGED,
+        "Messages purged from the dead-letters queue through this scheduler's API."
+    );
+    describe_counter!(
         HTTP_REQUESTS,
         "HTTP requests answered, by route template and status code."
     );
@@ -116,6 +122,7 @@ pub fn install() -> Result<Exposition, String> {
     }
     counter!(DEAD_LETTERED).absolute(0);
     counter!(RUNS_DELETED).absolute(0);
+    counter!(DEAD_LETTERS_PURGED).absolute(0);
     gauge!(OUTBOX_PENDING).set(0.0);
     gauge!(DEAD_LETTER_MESSAGES).set(0.0);
     // The histograms' families appear with their first observations; these are not counted as
@@ -161,6 +168,11 @@ pub fn dead_lettered() {
 /// Counts runs deleted past their retention.
 pub fn runs_deleted(count: u64) {
     counter!(RUNS_DELETED).increment(count);
+}
+
+/// Counts the messages a purge of the dead-letters queue removed.
+pub fn dead_letters_purged(count: u32) {
+    counter!(DEAD_LETTERS_PURGED).increment(u64::from(count));
 }
 
 /// Counts an HTTP request answered.

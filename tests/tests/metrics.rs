@@ -128,6 +128,7 @@ async fn the_scheduler_and_the_workers_count_what_the_fleet_did() {
         "taskfleet_outbox_pending",
         "taskfleet_dead_letter_messages",
         "taskfleet_dead_letters_total",
+        "taskfleet_dead_letters_purged_total",
     ] {
         assert!(
             scheduler.contains(&format!("# TYPE {family} ")),

@@ -215,7 +215,8 @@ pub struct AuditEventView {
     key_id: Option<Uuid>,
     /// The key's tenant.
     tenant: String,
-    /// What was done: `key.create`, `key.revoke`, `tenant.quota`, `run.cancel`, `job.cancel`.
+    /// What was done: `key.create`, `key.revoke`, `tenant.quota`, `run.cancel`, `job.cancel`,
+    /// `dead_letters.purge`.
     action: String,
     /// What it was done to.
     #[schema(required = true)]

@@ -3,6 +3,7 @@
 //! Handlers parse and validate, plan through [`crate::planning`], and read or write through
 //! [`crate::store`] and [`crate::accept`]; they hold no SQL.
 
+mod dead_letters;
 mod error;
 mod fleet;
 pub(crate) mod keys;
@@ -86,6 +87,8 @@ fn routes() -> OpenApiRouter<AppState> {
         .routes(routes!(stats))
         .routes(routes!(fleet::workers))
         .routes(routes!(fleet::queues))
+        .routes(routes!(dead_letters::list))
+        .routes(routes!(dead_letters::purge))
         .routes(routes!(keys::create, keys::list))
         .routes(routes!(keys::revoke))
         .routes(routes!(keys::audit))

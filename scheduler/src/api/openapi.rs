@@ -41,7 +41,7 @@ static DOCUMENT: LazyLock<String> = LazyLock::new(|| document().to_string());
         (name = "jobs", description = "Single steps enqueued on their own"),
         (name = "workflows", description = "Registered workflow definitions"),
         (name = "fleet", description = "Counts, workers and queues"),
-        (name = "admin", description = "Keys, tenants' quotas and the audit trail (scope `admin`)"),
+        (name = "admin", description = "Keys, tenants' quotas, the audit trail and the dead letters (scope `admin`)"),
         (name = "health", description = "Liveness and readiness, without a key"),
     )
 )]

@@ -128,7 +128,8 @@ pub struct AuditEvent<'a> {
     pub key_id: Option<Uuid>,
     /// That key's tenant.
     pub tenant: &'a str,
-    /// What it did: `key.create`, `key.revoke`, `run.cancel`, `job.cancel`, `tenant.quota`.
+    /// What it did: `key.create`, `key.revoke`, `run.cancel`, `job.cancel`, `tenant.quota`,
+    /// `dead_letters.purge`.
     pub action: &'a str,
     /// What it did it to: a key's, run's or job's id, a tenant's name.
     pub target: Option<String>,
