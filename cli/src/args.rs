@@ -92,6 +92,9 @@ pub enum Command {
     Tenants(TenantsArgs),
     /// Lists what keys did: keys made and revoked, cancellations, quota changes (admin)
     Audit(AuditArgs),
+    /// Lists the dead letters, messages that name no task, without taking them off their queue,
+    /// or purges them (admin; without a subcommand: lists them)
+    DeadLetters(DeadLettersArgs),
     /// Prints a shell completion script (bash, zsh, fish, elvish, powershell)
     ///
     /// For example: taskfleet completions bash > /etc/bash_completion.d/taskfleet
@@ -135,6 +138,36 @@ pub struct AuditArgs {
     /// The page to list.
     #[command(flatten)]
     pub page: PageArgs,
+}
+
+/// The arguments of `taskfleet dead-letters`: a subcommand, or those of `list`.
+#[derive(Debug, Args)]
+#[command(args_conflicts_with_subcommands = true)]
+pub struct DeadLettersArgs {
+    /// What to do with the dead letters.
+    #[command(subcommand)]
+    pub command: Option<DeadLettersCommand>,
+    /// Listing them without a subcommand.
+    #[command(flatten)]
+    pub list: ListDeadLettersArgs,
+}
+
+/// The subcommands of `taskfleet dead-letters`.
+#[derive(Debug, Subcommand)]
+pub enum DeadLettersCommand {
+    /// Lists the first messages (oldest first) with their reason, source, time, size and the
+    /// start of their body, and how many there are; nothing is taken off the queue
+    List(ListDeadLettersArgs),
+    /// Removes every message from the dead-letters queue and prints how many there were
+    Purge,
+}
+
+/// The arguments of `taskfleet dead-letters list`.
+#[derive(Debug, Args)]
+pub struct ListDeadLettersArgs {
+    /// The most messages listed, 1 to 1000 [default: the API's: 50]
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub limit: Option<u32>,
 }
 
 /// The arguments of `taskfleet keys`.

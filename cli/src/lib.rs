@@ -21,8 +21,9 @@ use std::time::Duration;
 pub use args::{Cli, Command, Output};
 
 use args::{
-    CompletionsArgs, CreateKeyArgs, EnqueueArgs, KeysCommand, LogsArgs, PageArgs, RegisterArgs,
-    ShowWorkflowArgs, StatusArgs, SubmitArgs, TenantsCommand, WaitArgs, WorkflowsCommand,
+    CompletionsArgs, CreateKeyArgs, DeadLettersCommand, EnqueueArgs, KeysCommand, LogsArgs,
+    PageArgs, RegisterArgs, ShowWorkflowArgs, StatusArgs, SubmitArgs, TenantsCommand, WaitArgs,
+    WorkflowsCommand,
 };
 use body::InputError;
 use client::{Accepted, ApiError, Client, Kind};
@@ -241,6 +242,19 @@ async fn dispatch(
             )
             .await
         }
+        Command::DeadLetters(dead_letters_args) => match dead_letters_args.command {
+            None => list_dead_letters(&client, printer, dead_letters_args.list.limit).await,
+            Some(DeadLettersCommand::List(list_args)) => {
+                list_dead_letters(&client, printer, list_args.limit).await
+            }
+            Some(DeadLettersCommand::Purge) => {
+                let answer = client
+                    .post(&["v1", "dead-letters:purge"], &json!({}))
+                    .await?;
+                printer.print(&answer, text::purged_dead_letters)?;
+                Ok(Exit::Success)
+            }
+        },
         Command::Keys(keys_args) => match keys_args.command {
             KeysCommand::Create(create_args) => create_key(&client, printer, create_args).await,
             KeysCommand::List => show(&client, printer, &["v1", "keys"], text::keys).await,
@@ -283,6 +297,20 @@ async fn create_key(
             answer["key"].as_str().unwrap_or("?")
         )
     })?;
+    Ok(Exit::Success)
+}
+
+/// `taskfleet dead-letters [list]`: lists the first dead letters, and how many there are.
+async fn list_dead_letters(
+    client: &Client,
+    printer: Printer,
+    limit: Option<u32>,
+) -> Result<Exit, CliError> {
+    let query = [("limit", limit.map(|limit| limit.to_string()))];
+    let answer = client
+        .get_with_query(&["v1", "dead-letters"], &query)
+        .await?;
+    printer.print(&answer, text::dead_letters)?;
     Ok(Exit::Success)
 }
 
@@ -584,6 +612,26 @@ mod tests {
         );
         assert!(parse_args(&["taskfleet", "enqueue", "step.json", "--step", "{}"]).is_err());
         assert!(parse_args(&["taskfleet", "enqueue", "--dataflow", ".", "--queue", "q"]).is_ok());
+    }
+
+    #[test]
+    fn dead_letters_lists_without_a_subcommand() {
+        let cli = parse_args(&["taskfleet", "dead-letters", "--limit", "5"])
+            .expect("the command line parses");
+        assert!(matches!(
+            cli.command,
+            Command::DeadLetters(args) if args.command.is_none() && args.list.limit == Some(5)
+        ));
+        let cli = parse_args(&["taskfleet", "dead-letters", "list", "--limit", "7"])
+            .expect("the command line parses");
+        assert!(matches!(
+            cli.command,
+            Command::DeadLetters(args)
+                if matches!(&args.command, Some(DeadLettersCommand::List(list)) if list.limit == Some(7))
+        ));
+        assert!(parse_args(&["taskfleet", "dead-letters", "purge"]).is_ok());
+        assert!(parse_args(&["taskfleet", "dead-letters", "purge", "--limit", "5"]).is_err());
+        assert!(parse_args(&["taskfleet", "dead-letters", "--limit", "0"]).is_err());
     }
 
     #[test]

@@ -1,5 +1,5 @@
 //! What the commands print for people (`--output text`): tables of runs, jobs, workflows,
-//! workers and queues, a run's summary, the counts of the statistics. Pure formatting of the
+//! workers, queues and dead letters, a run's summary, the counts of the statistics. Pure formatting of the
 //! API's answers; `--output json` prints those answers as they are instead.
 
 use std::fmt::Write as _;
@@ -12,6 +12,8 @@ use crate::report::describe_error;
 
 /// The most characters of a run's output shown in its summary.
 const MAX_OUTPUT_SHOWN: usize = 400;
+/// The most characters of a dead letter's body shown in its row.
+const MAX_BODY_SHOWN: usize = 60;
 
 /// Returns rows as a table under `headers`: columns padded to their widest cell, two spaces
 /// apart, the last one unpadded.
@@ -321,6 +323,72 @@ pub fn audit(answer: &Value) -> String {
     )
 }
 
+/// Returns the answer of `GET /v1/dead-letters` as a table, under a line saying how many
+/// messages the queue holds.
+pub fn dead_letters(answer: &Value) -> String {
+    let letters = items(answer, "messages");
+    let rows: Vec<Vec<String>> = letters
+        .iter()
+        .map(|letter| {
+            let body = letter
+                .get("body_prefix")
+                .and_then(Value::as_str)
+                .unwrap_or_default();
+            vec![
+                time_cell(letter, "dead_lettered_at"),
+                cell(letter, "source"),
+                cell(letter, "size"),
+                cell(letter, "reason"),
+                one_line(body, MAX_BODY_SHOWN),
+            ]
+        })
+        .collect();
+    let total = answer.get("total").and_then(Value::as_u64).unwrap_or(0);
+    let noun = if total == 1 { "letter" } else { "letters" };
+    let heading = if u64::try_from(letters.len()).is_ok_and(|shown| shown >= total) {
+        format!("{total} dead {noun}")
+    } else {
+        format!(
+            "{total} dead {noun}, the first {} shown (--limit shows more)",
+            letters.len()
+        )
+    };
+    let listing = table_or_none(
+        &["DEAD-LETTERED (UTC)", "SOURCE", "SIZE", "REASON", "BODY"],
+        &rows,
+        "no dead letters",
+    );
+    format!("{heading}\n{listing}")
+}
+
+/// Returns the answer of `POST /v1/dead-letters:purge` as a sentence.
+pub fn purged_dead_letters(answer: &Value) -> String {
+    let purged = cell(answer, "purged");
+    let noun = if purged == "1" { "letter" } else { "letters" };
+    format!("purged {purged} dead {noun}")
+}
+
+/// Returns `text` on one line, control characters escaped, cut to its first `most`
+/// characters with `…` after.
+fn one_line(text: &str, most: usize) -> String {
+    let escaped: String = text
+        .chars()
+        .flat_map(|c| {
+            if c.is_control() {
+                c.escape_default().collect::<Vec<_>>()
+            } else {
+                vec![c]
+            }
+        })
+        .collect();
+    if escaped.chars().count() <= most {
+        escaped
+    } else {
+        let start: String = escaped.chars().take(most).collect();
+        format!("{start}…")
+    }
+}
+
 /// Returns the answer of `GET /v1/stats`: the namespace, then runs and tasks by status.
 pub fn stats(answer: &Value) -> String {
     let counts = |field: &str| {
@@ -510,6 +578,46 @@ mod tests {
         let shown = shortened(&long);
         assert!(shown.ends_with("… (5 more characters; --output json shows all of it)"));
         assert_eq!(shortened("7.0"), "7.0");
+    }
+
+    #[test]
+    fn dead_letters_show_on_one_line_each_under_their_count() {
+        let answer = json!({"total": 3, "messages": [{
+            "reason": "not json", "source": "ns.tasks.default",
+            "dead_lettered_at": "2026-12-05T22:10:11Z", "size": 20,
+            "body_prefix": "line one\nline\ttwo",
+        }, {
+            "reason": null, "source": null, "dead_lettered_at": null, "size": 300,
+            "body_prefix": "x".repeat(256),
+        }]});
+        let text = dead_letters(&answer);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(
+            lines[0],
+            "3 dead letters, the first 2 shown (--limit shows more)"
+        );
+        assert!(
+            lines[1].starts_with("DEAD-LETTERED (UTC)  SOURCE"),
+            "{text}"
+        );
+        assert!(
+            lines[2].starts_with("2026-12-05 22:10:11  ns.tasks.default  20"),
+            "{text}"
+        );
+        assert!(lines[2].ends_with("line one\\nline\\ttwo"), "{text}");
+        assert!(
+            lines[3].ends_with(&format!("{}…", "x".repeat(MAX_BODY_SHOWN))),
+            "{text}"
+        );
+        assert_eq!(lines.len(), 4, "{text}");
+        assert_eq!(
+            dead_letters(&json!({"total": 0, "messages": []})),
+            "0 dead letters\n(no dead letters)"
+        );
+        assert_eq!(
+            purged_dead_letters(&json!({"purged": 4})),
+            "purged 4 dead letters"
+        );
     }
 
     #[test]
