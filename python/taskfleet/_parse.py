@@ -14,6 +14,8 @@ from datetime import datetime
 from typing import Any, Callable, Dict, List, Optional, TypeVar
 
 from taskfleet.models import (
+    DeadLetter,
+    DeadLetters,
     Items,
     JobPage,
     JobSummary,
@@ -318,3 +320,25 @@ def _queue(value: Any, where: str) -> Queue:
         in_flight=fields.integer("in_flight"),
         consumers=fields.integer("consumers"),
     )
+
+
+def _dead_letter(value: Any, where: str) -> DeadLetter:
+    fields = _Fields(value, where)
+    return DeadLetter(
+        reason=fields.opt_text("reason"),
+        source=fields.opt_text("source"),
+        dead_lettered_at=fields.opt_timestamp("dead_lettered_at"),
+        size=fields.integer("size"),
+        body_prefix=fields.text("body_prefix"),
+    )
+
+
+def _dead_letters(value: Any) -> DeadLetters:
+    fields = _Fields(value, "answer")
+    return DeadLetters(
+        total=fields.integer("total"), messages=fields.each("messages", _dead_letter)
+    )
+
+
+def _purged(value: Any) -> int:
+    return _Fields(value, "answer").integer("purged")

@@ -33,7 +33,6 @@ import http.client
 import json
 import math
 import os
-import socket
 import ssl
 import time
 import urllib.error
@@ -56,9 +55,11 @@ from typing import (
 )
 
 from taskfleet._parse import (
+    _dead_letters,
     _Fields,
     _ids,
     _job_page,
+    _purged,
     _queue,
     _run,
     _run_page,
@@ -84,9 +85,12 @@ from taskfleet.errors import (
     UnexpectedResponse,
     WaitTimeout,
     _api_error,
+    _describe_failure,
 )
 from taskfleet.models import (
     FINISHED_STATUSES,
+    DeadLetter,
+    DeadLetters,
     Items,
     JobPage,
     JobSummary,
@@ -113,6 +117,8 @@ __all__ = [
     "ApiError",
     "Client",
     "Conflict",
+    "DeadLetter",
+    "DeadLetters",
     "Forbidden",
     "InvalidRequest",
     "Items",
@@ -177,23 +183,6 @@ class _Answer:
 
 
 _NO_BODY = object()
-
-
-def _describe_failure(error: BaseException, timeout: float) -> str:
-    """Returns why a request got no answer, in a few words."""
-    if isinstance(error, urllib.error.URLError) and isinstance(error.reason, BaseException):
-        return _describe_failure(error.reason, timeout)
-    if isinstance(error, (socket.timeout, TimeoutError)):
-        return f"timed out after {timeout:g} s"
-    if isinstance(error, ConnectionRefusedError):
-        return "connection refused"
-    if isinstance(error, socket.gaierror):
-        return f"cannot resolve the host name: {error.strerror or error}"
-    if isinstance(error, urllib.error.URLError):
-        return str(error.reason)
-    if isinstance(error, OSError) and error.strerror:
-        return error.strerror.lower()
-    return str(error) or type(error).__name__
 
 
 def _wait_parameter(seconds: float) -> str:
@@ -568,6 +557,21 @@ class Client:
         return self._read(
             answer, "GET", "/v1/queues", lambda body: _Fields(body, "answer").each("queues", _queue)
         )
+
+    def dead_letters(self, limit: Optional[int] = None) -> DeadLetters:
+        """Returns the first messages of the dead-letters queue, oldest first, and how many it
+        holds, without taking any off it (``GET /v1/dead-letters``; an ``admin`` key).
+
+        Args:
+            limit: The most messages listed, 1 to 1000 (the API's default is 50).
+        """
+        return self._list("/v1/dead-letters", _dead_letters, limit=limit)
+
+    def purge_dead_letters(self) -> int:
+        """Empties the dead-letters queue and returns how many messages it removed
+        (``POST /v1/dead-letters:purge``; an ``admin`` key). The purge is audited."""
+        answer = self._call("POST", "/v1/dead-letters:purge")
+        return self._read(answer, "POST", "/v1/dead-letters:purge", _purged)
 
     def stats(self) -> Dict[str, Any]:
         """Returns counts of runs and tasks by status (``GET /v1/stats``), as the API gives

@@ -6,8 +6,8 @@ answers with something the client does not understand, :class:`WaitTimeout` when
 out of time, and :class:`RunFailed` (:class:`RunCancelled`) from :meth:`Client.result` when a
 run did not succeed.
 
-This module declares them and reads an error answer into the fitting :class:`ApiError`; it
-sends no request, and :mod:`taskfleet.client` decides when a request raises which. Every public
+This module declares them, reads an error answer into the fitting :class:`ApiError` and says
+why a request got no answer; it sends no request, and :mod:`taskfleet.client` decides when a request raises which. Every public
 name here is also importable from :mod:`taskfleet.client` and from ``taskfleet``. Like the rest
 of the client, it is not part of the copy of the package that workers bundle.
 """
@@ -15,6 +15,8 @@ of the client, it is not part of the copy of the package that workers bundle.
 from __future__ import annotations
 
 import json
+import socket
+import urllib.error
 from typing import Any, Dict, Optional, Type
 
 from taskfleet.models import Run
@@ -221,3 +223,20 @@ class RunCancelled(RunFailed):
 
     def _describe(self) -> str:
         return f"{self.run.kind} {self.run.id} was cancelled"
+
+
+def _describe_failure(error: BaseException, timeout: float) -> str:
+    """Returns why a request got no answer, in a few words."""
+    if isinstance(error, urllib.error.URLError) and isinstance(error.reason, BaseException):
+        return _describe_failure(error.reason, timeout)
+    if isinstance(error, (socket.timeout, TimeoutError)):
+        return f"timed out after {timeout:g} s"
+    if isinstance(error, ConnectionRefusedError):
+        return "connection refused"
+    if isinstance(error, socket.gaierror):
+        return f"cannot resolve the host name: {error.strerror or error}"
+    if isinstance(error, urllib.error.URLError):
+        return str(error.reason)
+    if isinstance(error, OSError) and error.strerror:
+        return error.strerror.lower()
+    return str(error) or type(error).__name__

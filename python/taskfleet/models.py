@@ -20,6 +20,8 @@ from typing import Any, Dict, List, Mapping, Optional, Union
 
 __all__ = [
     "FINISHED_STATUSES",
+    "DeadLetter",
+    "DeadLetters",
     "Items",
     "JobPage",
     "JobSummary",
@@ -314,3 +316,32 @@ class Queue:
     ready: int
     in_flight: int
     consumers: int
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    """A message in the dead-letters queue: one that names no task, which nothing can handle.
+
+    Attributes:
+        reason: Why nobody could read it, as the scheduler or worker that moved it there said.
+        source: The queue it came from, such as ``"taskfleet.completions"``.
+        dead_lettered_at: When it was moved there, to the second; ``None`` if not recorded.
+        size: Its body's size in bytes.
+        body_prefix: Its body's first 256 bytes at most, as text. With payload encryption on,
+            payloads in it stay sealed.
+    """
+
+    reason: Optional[str]
+    source: Optional[str]
+    dead_lettered_at: Optional[datetime]
+    size: int
+    body_prefix: str
+
+
+@dataclass(frozen=True)
+class DeadLetters:
+    """The start of the dead-letters queue: ``messages``, oldest first, and the ``total``
+    the queue holds (more than listed when it holds more than the limit)."""
+
+    total: int
+    messages: List[DeadLetter]

@@ -560,6 +560,16 @@ def test_fleet_endpoints_show_the_worker(client: Client) -> None:
     assert isinstance(stats["runs"], dict) and isinstance(stats["tasks"], dict)
 
 
+def test_dead_letters_are_listed_and_purged(client: Client) -> None:
+    # Nothing this fleet was sent names no task, so it has no dead letters; the integration
+    # tests of the scheduler put some there.
+    listed = client.dead_letters(limit=10)
+    assert listed.total == len(listed.messages) == 0
+    assert client.purge_dead_letters() == 0
+    with pytest.raises(InvalidRequest):
+        client.dead_letters(limit=0)
+
+
 def test_unreachable_scheduler_raises_a_connection_error() -> None:
     unreachable = Client("http://127.0.0.1:1", timeout=5)
 

@@ -17,6 +17,8 @@ from taskfleet import (
     ApiError,
     Client,
     Conflict,
+    DeadLetter,
+    DeadLetters,
     Forbidden,
     InvalidRequest,
     JobPage,
@@ -334,6 +336,50 @@ def test_jobs_listing_is_read_into_types(stub: Any) -> None:
     assert server.requests == [("GET", "/v1/tasks", b"")]
     last = stub(lambda method, path, body: json_answer(200, {"jobs": [], "next_cursor": None}))
     assert Client(last.url).list_jobs() == JobPage(jobs=[], next_cursor=None)
+
+
+def test_dead_letters_are_read_into_types_and_purged(stub: Any) -> None:
+    listing = {
+        "total": 3,
+        "messages": [
+            {
+                "reason": "message is not valid JSON",
+                "source": "ns.tasks.default",
+                "dead_lettered_at": "2026-11-26T12:00:00Z",
+                "size": 15,
+                "body_prefix": "not json at all",
+            },
+            {
+                "reason": None,
+                "source": None,
+                "dead_lettered_at": None,
+                "size": 0,
+                "body_prefix": "",
+            },
+        ],
+    }
+    answers = {
+        "/v1/dead-letters": json_answer(200, listing),
+        "/v1/dead-letters:purge": json_answer(200, {"purged": 3}),
+    }
+    server = stub(lambda method, path, body: answers[urlsplit(path).path])
+    client = Client(server.url)
+
+    at = datetime(2026, 11, 26, 12, 0, 0, tzinfo=timezone.utc)
+    assert client.dead_letters(limit=2) == DeadLetters(
+        total=3,
+        messages=[
+            DeadLetter("message is not valid JSON", "ns.tasks.default", at, 15, "not json at all"),
+            DeadLetter(None, None, None, 0, ""),
+        ],
+    )
+    assert client.purge_dead_letters() == 3
+    client.dead_letters()
+    assert [(method, path) for method, path, _ in server.requests] == [
+        ("GET", "/v1/dead-letters?limit=2"),
+        ("POST", "/v1/dead-letters:purge"),
+        ("GET", "/v1/dead-letters"),
+    ]
 
 
 def test_listings_send_only_the_parameters_given(stub: Any) -> None:
