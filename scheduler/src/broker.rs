@@ -238,11 +238,14 @@ impl Broker {
         self.counts_of(self.namespace.task_queue(queue)).await
     }
 
-    /// Returns how many messages the dead-letters queue holds, or `None` if it does not exist
-    /// (nothing was ever dead-lettered).
-    pub async fn dead_letter_count(&self) -> Result<Option<u32>, lapin::Error> {
+    /// Returns how many messages the dead-letters queue holds (declaring it, empty, if nothing
+    /// was ever dead-lettered).
+    pub async fn dead_letter_count(&self) -> Result<u32, lapin::Error> {
+        // Declared first, as its writers declare it: looking up a queue that does not exist
+        // closes the channel, which lapin logs as an error at every scrape.
+        amqp::declare_dead_letters_queue(&self.link().publisher, &self.namespace).await?;
         let counts = self.counts_of(self.namespace.dead_letters_queue()).await?;
-        Ok(counts.map(|(messages, _)| messages))
+        Ok(counts.map_or(0, |(messages, _)| messages))
     }
 
     /// Returns the first `limit` messages of the dead-letters queue, oldest first, and how many

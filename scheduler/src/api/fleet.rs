@@ -254,6 +254,6 @@ async fn read_gauges(
         queues,
         oldest,
         outbox_pending,
-        dead_letters: dead_letters.unwrap_or(0),
+        dead_letters,
     })
 }
