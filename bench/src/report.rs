@@ -203,7 +203,7 @@ pub fn machine() -> String {
 pub fn render_soak(waves: &[crate::retention::Wave]) -> String {
     let mib = |bytes: i64| bytes as f64 / (1024.0 * 1024.0);
     let mut out = String::from(
-        "Retention soak (5 s retention): the tables after each wave\n\n\
+        "Retention soak (5 s retention): the tables 6 s after each wave\n\n\
          | runs submitted | rows in runs | rows in tasks | runs (MiB) | tasks (MiB) |\n\
          | ---: | ---: | ---: | ---: | ---: |\n",
     );

@@ -76,10 +76,13 @@ pub async fn measure(
     let pool = connect(&fleet).await?;
     let mut soak = Vec::new();
     let mut submitted = 0;
+    // Waves at full speed, each followed by the retention period and a second, in which the
+    // sweeper deletes the wave before: what is left is what is retained.
     while submitted < soak_runs {
         let size = wave.min(soak_runs - submitted);
         run_all(&fleet, &pool, size).await?;
         submitted += size;
+        tokio::time::sleep(Duration::from_secs(RETENTION_S + 1)).await;
         soak.push(Wave {
             submitted,
             rows: (count(&pool, "runs").await?, count(&pool, "tasks").await?),

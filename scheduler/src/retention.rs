@@ -1,26 +1,31 @@
 //! The retention sweeper: deletes finished runs and jobs older than `TASKFLEET_RETENTION_S`,
 //! with their tasks, in batches (see [`store::delete_finished_runs`]). Every scheduler runs
 //! one; at each sweep only one of a namespace deletes, the others find its lock held and wait
-//! for the next. A full batch is followed by the next at once, after a pause that leaves the
-//! database to the hot path; otherwise the sweeper sleeps until the next period.
+//! for the next. A full batch is followed by the next after a rest of half its time, which
+//! leaves the database to the hot path; otherwise the sweeper sleeps until the next period.
 //!
 //! Deleted rows leave dead space in the tables; the scheduler that deleted them vacuums
-//! `runs` and `tasks` once it has deleted many, or a minute after it last did, so that new
-//! rows reuse the space and the tables stay the same size.
+//! `runs` and `tasks` (beside its deletes, one vacuum at a time) once it has deleted many, or
+//! a minute after it last did, so that new rows reuse the space and the tables stay the same
+//! size.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
 
 use crate::store;
 
 /// The most runs one sweep deletes, in one transaction.
-pub const BATCH: i64 = 1000;
-/// The pause between two full batches.
-const PAUSE: Duration = Duration::from_millis(50);
+pub const BATCH: i64 = 2000;
+/// After a full batch the sweeper rests this share of the batch's time before the next (at
+/// least 10 ms): deleting a backlog takes at most two thirds of one connection's time, and
+/// leaves the rest of the database to the hot path.
+const REST_SHARE: u32 = 2;
+/// The shortest rest between two full batches.
+const MIN_REST: Duration = Duration::from_millis(10);
 /// The longest time between two sweeps.
 const MAX_PERIOD: Duration = Duration::from_secs(10);
-/// Runs deleted by this scheduler after which it vacuums the tables at once.
+/// Runs deleted by this scheduler after which it vacuums the tables.
 const VACUUM_AFTER: u64 = 100_000;
 /// The longest a scheduler that deleted runs waits before it vacuums.
 const VACUUM_WITHIN: Duration = Duration::from_secs(60);
@@ -41,34 +46,42 @@ pub async fn sweep_loop(
     // The first sweep comes at once: a scheduler that starts over a backlog deletes it.
     let mut wait = Duration::ZERO;
     let mut unvacuumed: u64 = 0;
-    let mut last_vacuum = std::time::Instant::now();
+    let mut last_vacuum = Instant::now();
+    // Vacuums run beside the deletes, one at a time.
+    let mut vacuuming: Option<tokio::task::JoinHandle<()>> = None;
     loop {
         tokio::select! {
             () = tokio::time::sleep(wait) => {}
             () = shutdown.cancelled() => return,
         }
         let cutoff = chrono::Utc::now() - retention;
+        let started = Instant::now();
         wait = match store::delete_finished_runs(&db, &namespace, cutoff, BATCH).await {
             Ok(Some(deleted)) => {
                 crate::metrics::runs_deleted(deleted);
                 unvacuumed += deleted;
-                let full = deleted == BATCH.unsigned_abs();
                 // Deleted rows leave dead space that only a vacuum makes reusable: after many,
                 // or a minute after the last, vacuum now rather than when autovacuum comes
                 // round, so the tables stop growing.
-                if unvacuumed >= VACUUM_AFTER
-                    || (unvacuumed > 0 && last_vacuum.elapsed() >= VACUUM_WITHIN)
-                {
-                    match store::vacuum(&db).await {
-                        Ok(()) => {
-                            tracing::debug!(deleted = unvacuumed, "vacuumed after deleting runs")
+                let due = unvacuumed >= VACUUM_AFTER
+                    || (unvacuumed > 0 && last_vacuum.elapsed() >= VACUUM_WITHIN);
+                if due && vacuuming.as_ref().is_none_or(tokio::task::JoinHandle::is_finished) {
+                    let db = db.clone();
+                    let deleted = unvacuumed;
+                    vacuuming = Some(tokio::spawn(async move {
+                        match store::vacuum(&db).await {
+                            Ok(()) => tracing::debug!(deleted, "vacuumed after deleting runs"),
+                            Err(error) => tracing::warn!(%error, "vacuuming after deleting runs"),
                         }
-                        Err(error) => tracing::warn!(%error, "vacuuming after deleting runs"),
-                    }
+                    }));
                     unvacuumed = 0;
-                    last_vacuum = std::time::Instant::now();
+                    last_vacuum = Instant::now();
                 }
-                if full { PAUSE } else { period }
+                if deleted == BATCH.unsigned_abs() {
+                    (started.elapsed() / REST_SHARE).max(MIN_REST)
+                } else {
+                    period
+                }
             }
             Ok(None) => period,
             Err(error) => {
