@@ -49,6 +49,9 @@ pub async fn sweep_loop(
     let mut last_vacuum = Instant::now();
     // Vacuums run beside the deletes, one at a time.
     let mut vacuuming: Option<tokio::task::JoinHandle<()>> = None;
+    // Where the next batch goes on from, after a full one; a sweep that finds less than a
+    // batch starts again from the oldest run (some still going there may have finished).
+    let mut after = None;
     loop {
         tokio::select! {
             () = tokio::time::sleep(wait) => {}
@@ -56,8 +59,11 @@ pub async fn sweep_loop(
         }
         let cutoff = chrono::Utc::now() - retention;
         let started = Instant::now();
-        wait = match store::delete_finished_runs(&db, &namespace, cutoff, BATCH).await {
-            Ok(Some(deleted)) => {
+        wait = match store::delete_finished_runs(&db, &namespace, cutoff, BATCH, after).await {
+            Ok(Some(store::Deleted {
+                count: deleted,
+                last,
+            })) => {
                 crate::metrics::runs_deleted(deleted);
                 unvacuumed += deleted;
                 // Deleted rows leave dead space that only a vacuum makes reusable: after many,
@@ -78,14 +84,17 @@ pub async fn sweep_loop(
                     last_vacuum = Instant::now();
                 }
                 if deleted == BATCH.unsigned_abs() {
+                    after = last;
                     (started.elapsed() / REST_SHARE).max(MIN_REST)
                 } else {
+                    after = None;
                     period
                 }
             }
             Ok(None) => period,
             Err(error) => {
                 tracing::warn!(%error, "deleting runs past their retention");
+                after = None;
                 period
             }
         };

@@ -48,7 +48,7 @@ pub use keys::{
 };
 pub use outbox::{UndispatchedTask, claim_due, claim_undispatched, mark_dispatched};
 pub use quotas::{QuotaRow, TenantQuotaRow, get_quota, list_quotas, put_quota, runs_in_flight};
-pub use retention::{delete_finished_runs, vacuum};
+pub use retention::{Deleted, delete_finished_runs, vacuum};
 pub use runs::{
     Cancellation, NewRun, NewTask, RunFilter, RunSummaryRow, cancel_run, check_sealed, get_run,
     get_tasks, insert_runs, insert_tasks, list_runs, run_with_idempotency_key,

@@ -12,15 +12,19 @@ use super::StoreError;
 /// Returns how many were deleted.
 ///
 /// Run ids are UUIDv7, ordered by creation: a run that finished before `cutoff` was created
-/// before it, so the candidates are read along the primary key from its start, up to the id
-/// of `cutoff`, and runs still going (or finished since) are passed over there. The runs are
-/// locked as they are taken, skipping any another transaction holds (one being advanced).
+/// before it, so the candidates are read along the primary key, from `after` (the last id of
+/// the batch before; from the start without one) up to the id of `cutoff`, and runs still
+/// going (or finished since) are passed over there. Going on from `after` keeps each batch
+/// from walking again over the index entries of the runs the batches before deleted, which
+/// stay until a vacuum. The runs are locked as they are taken, skipping any another
+/// transaction holds (one being advanced).
 pub async fn delete_finished_runs(
     db: &PgPool,
     namespace: &str,
     cutoff: DateTime<Utc>,
     batch: i64,
-) -> Result<Option<u64>, StoreError> {
+    after: Option<Uuid>,
+) -> Result<Option<Deleted>, StoreError> {
     let mut tx = db.begin().await?;
     // One sweeper per namespace: the lock goes with the transaction.
     let held: bool = sqlx::query_scalar("SELECT pg_try_advisory_xact_lock(7301, hashtext($1))")
@@ -32,25 +36,38 @@ pub async fn delete_finished_runs(
     }
     // Tasks reference their run without a foreign key (writes are cheaper without one): they
     // are deleted in the same statement, through their index on the run's id.
-    let deleted: i64 = sqlx::query_scalar(
+    let (count, last): (i64, Option<Uuid>) = sqlx::query_as(
         "WITH doomed AS (
              SELECT id FROM runs
-             WHERE id < $2 AND namespace = $1
+             WHERE id > $5 AND id < $2 AND namespace = $1
                AND status IN ('succeeded', 'failed', 'cancelled') AND finished_at < $3
              ORDER BY id LIMIT $4
              FOR UPDATE SKIP LOCKED),
          runs_gone AS (DELETE FROM runs WHERE id IN (SELECT id FROM doomed) RETURNING id),
          tasks_gone AS (DELETE FROM tasks WHERE run_id IN (SELECT id FROM runs_gone))
-         SELECT count(*) FROM runs_gone",
+         SELECT count(*), (SELECT id FROM runs_gone ORDER BY id DESC LIMIT 1) FROM runs_gone",
     )
     .bind(namespace)
     .bind(first_id_at(cutoff))
     .bind(cutoff)
     .bind(batch)
+    .bind(after.unwrap_or(Uuid::nil()))
     .fetch_one(&mut *tx)
     .await?;
     tx.commit().await?;
-    Ok(Some(deleted.unsigned_abs()))
+    Ok(Some(Deleted {
+        count: count.unsigned_abs(),
+        last,
+    }))
+}
+
+/// What one batch of [`delete_finished_runs`] deleted.
+#[derive(Debug, Clone, Copy)]
+pub struct Deleted {
+    /// How many runs.
+    pub count: u64,
+    /// The greatest id among them: where the next batch may go on from.
+    pub last: Option<Uuid>,
 }
 
 /// Vacuums the tables retention deletes from, so that the space of deleted rows is reused at
