@@ -403,6 +403,7 @@ pub async fn executor_cost(calls: usize) -> Result<ExecutorTimings> {
         input: json!({"n": 1}),
         timeout_s: None,
         ends_run: false,
+        trace_id: None,
     };
     let jq = task(StepKind::Dataflow {
         program: ".".to_owned(),

@@ -1,6 +1,6 @@
 //! Shared vocabulary of taskfleet: workflow definitions, the wire protocol between scheduler and
-//! workers, identifiers, statuses, error types, the names of queues and Redis keys, and the
-//! records kept under those keys.
+//! workers, identifiers (W3C trace ids among them), statuses, error types, the names of queues
+//! and Redis keys, and the records kept under those keys.
 //!
 //! This crate does no I/O: it never talks to a network, a database or a Python interpreter.
 
@@ -16,6 +16,7 @@ pub mod seal;
 pub mod settings;
 pub mod status;
 pub mod sync;
+pub mod trace;
 pub mod value;
 
 pub use definition::{StepDefinition, StepKind, WorkflowDefinition};
@@ -23,3 +24,4 @@ pub use error::StepError;
 pub use ids::{RunId, TaskId};
 pub use names::Namespace;
 pub use status::{RunKind, RunStatus, StepStatus, TaskStatus};
+pub use trace::TraceId;

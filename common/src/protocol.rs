@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 use crate::definition::StepKind;
 use crate::error::StepError;
 use crate::ids::{RunId, TaskId};
+use crate::trace::TraceId;
 
 /// The protocol version this build writes and reads.
 pub const PROTOCOL_VERSION: u32 = 1;
@@ -43,6 +44,12 @@ pub struct TaskMessage {
     /// records the success and finishes the run in one statement.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub ends_run: bool,
+    /// The W3C trace the run belongs to, for the worker's logs and the step's `ctx.trace_id`.
+    /// Optional, so that it needs no new version: a message without it (from a build that
+    /// predates it, or of a run made before runs had traces) reads as none, and a build that
+    /// predates it skips it, as it skips every field it does not know.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trace_id: Option<TraceId>,
 }
 
 /// How an attempt ended.
@@ -198,9 +205,20 @@ mod tests {
             input: json!({"a": [1, 2]}),
             timeout_s: None,
             ends_run: true,
+            trace_id: Some(TraceId::random()),
         };
         let decoded: TaskMessage = decode(&encode(&task)).expect("decodes");
         assert_eq!(decoded, task);
+        // Written by a build that predates trace ids, or for a run that has none: none.
+        let mut older = serde_json::to_value(&task).expect("a value");
+        older.as_object_mut().expect("an object").remove("trace_id");
+        let older: TaskMessage = decode(older.to_string().as_bytes()).expect("decodes");
+        assert_eq!(older.trace_id, None);
+        // A field this build does not know (written by a newer one) is skipped.
+        let mut newer = serde_json::to_value(&task).expect("a value");
+        newer["trace_flags"] = json!(1);
+        let newer: TaskMessage = decode(newer.to_string().as_bytes()).expect("decodes");
+        assert_eq!(newer, task);
         // Written without the flag (it is false, or by a build that predates it): false.
         let without = encode(&TaskMessage {
             ends_run: false,

@@ -42,6 +42,9 @@ class Context:
         attempt: Which attempt this is, counting from 1 for the first try.
             Retries get 2, 3, ...; delivery is at least once, so a step should
             be idempotent whatever the attempt number.
+        trace_id: The W3C trace id of the run (32 lowercase hex digits): the
+            ``traceparent`` its submission carried, or one the scheduler made.
+            ``None`` for a run made before runs had trace ids.
         logger: A :class:`logging.Logger` named ``taskfleet.step.<step_id>``.
             Records written to it are kept with the attempt.
     """
@@ -50,6 +53,7 @@ class Context:
     task_id: str
     step_id: str
     attempt: int
+    trace_id: Optional[str]
     logger: logging.Logger
 
     def __init__(
@@ -59,12 +63,14 @@ class Context:
         step_id: str,
         attempt: int,
         logger: Optional[logging.Logger] = None,
+        trace_id: Optional[str] = None,
     ) -> None:
         """Creates a context; the logger defaults to ``taskfleet.step.<step_id>``."""
         self.run_id = run_id
         self.task_id = task_id
         self.step_id = step_id
         self.attempt = attempt
+        self.trace_id = trace_id
         self.logger = (
             logger if logger is not None else logging.getLogger(f"taskfleet.step.{step_id}")
         )
@@ -72,5 +78,6 @@ class Context:
     def __repr__(self) -> str:
         return (
             f"Context(run_id={self.run_id!r}, task_id={self.task_id!r}, "
-            f"step_id={self.step_id!r}, attempt={self.attempt!r})"
+            f"step_id={self.step_id!r}, attempt={self.attempt!r}, "
+            f"trace_id={self.trace_id!r})"
         )

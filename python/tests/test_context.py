@@ -45,7 +45,13 @@ def test_logger_records_reach_handlers(caplog):
 
 def test_repr_names_the_fields():
     text = repr(Context("r", "t", "s", 3))
-    assert text == "Context(run_id='r', task_id='t', step_id='s', attempt=3)"
+    assert text == "Context(run_id='r', task_id='t', step_id='s', attempt=3, trace_id=None)"
+
+
+def test_trace_id_defaults_to_none_and_is_kept():
+    assert make_context().trace_id is None
+    trace_id = "4bf92f3577b34da6a3ce929d0e0e4736"
+    assert make_context(trace_id=trace_id).trace_id == trace_id
 
 
 def test_package_exports_context_and_version():

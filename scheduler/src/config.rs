@@ -34,6 +34,9 @@ pub struct Settings {
     /// Payload encryption.
     #[command(flatten)]
     pub encryption: EncryptionSettings,
+    /// How log lines are written.
+    #[command(flatten)]
+    pub log: taskfleet_io::logging::LogSettings,
     /// Where the HTTP API listens.
     #[arg(long, env = "TASKFLEET_HTTP_ADDR", default_value = "127.0.0.1:8080")]
     pub http_addr: SocketAddr,

@@ -12,7 +12,7 @@ use std::time::Duration;
 use serde_json::Value;
 use taskfleet_common::definition::WorkflowDefinition;
 use taskfleet_common::protocol::{self, PROTOCOL_VERSION, TaskMessage};
-use taskfleet_common::{RunId, TaskId};
+use taskfleet_common::{RunId, TaskId, TraceId};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
@@ -44,6 +44,7 @@ impl Dispatch {
     pub fn new(
         definition: &WorkflowDefinition,
         run_id: Uuid,
+        trace_id: Option<TraceId>,
         task_id: Uuid,
         step_id: &str,
         attempt: u32,
@@ -60,6 +61,7 @@ impl Dispatch {
             input,
             timeout_s: step.timeout_s,
             ends_run: definition.steps.len() == 1 && !definition.plans_with_programs(),
+            trace_id,
         };
         Some(Self {
             task_id,
@@ -365,6 +367,7 @@ async fn send_claimed(
                 Dispatch::new(
                     &definition,
                     row.run_id,
+                    row.trace_id(),
                     row.id,
                     &row.step_id,
                     attempt,
@@ -436,6 +439,7 @@ mod tests {
             input: serde_json::json!(n),
             timeout_s: None,
             ends_run: false,
+            trace_id: None,
         };
         Dispatch {
             task_id: message.task_id.0,
@@ -477,6 +481,7 @@ mod tests {
             let dispatch = Dispatch::new(
                 &definition,
                 Uuid::now_v7(),
+                None,
                 Uuid::now_v7(),
                 &step,
                 1,

@@ -2,6 +2,7 @@
 //! SIGTERM or Ctrl-C. Started as `taskfleet-scheduler --jq-sandbox BYTES`, it is one of the
 //! sandbox processes that run planning's jq programs instead, and reads no setting.
 
+use taskfleet_io::logging::LogFormat;
 use taskfleet_scheduler::config::{Config, CreateKeyArgs, SchedulerCommand, Settings};
 use tokio_util::sync::CancellationToken;
 
@@ -24,6 +25,7 @@ fn main() -> anyhow::Result<()> {
     if let Err(message) = settings.encryption.install() {
         anyhow::bail!(message);
     }
+    let log_format = settings.log.log_format;
     let config = Config::from(settings);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -35,7 +37,7 @@ fn main() -> anyhow::Result<()> {
             if let Err(message) = config.check() {
                 anyhow::bail!(message);
             }
-            runtime.block_on(serve(config))
+            runtime.block_on(serve(config, log_format))
         }
     }
 }
@@ -88,15 +90,8 @@ async fn create_key(config: Config, args: CreateKeyArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn serve(config: Config) -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        // Colours only on a terminal, not in files or the journal.
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
-        .init();
+async fn serve(config: Config, log_format: LogFormat) -> anyhow::Result<()> {
+    taskfleet_io::logging::install(log_format);
     let shutdown = CancellationToken::new();
     tokio::spawn(taskfleet_io::signals::cancel_on_signal(shutdown.clone()));
     taskfleet_scheduler::run(config, shutdown).await

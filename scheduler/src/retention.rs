@@ -71,7 +71,11 @@ pub async fn sweep_loop(
                 // round, so the tables stop growing.
                 let due = unvacuumed >= VACUUM_AFTER
                     || (unvacuumed > 0 && last_vacuum.elapsed() >= VACUUM_WITHIN);
-                if due && vacuuming.as_ref().is_none_or(tokio::task::JoinHandle::is_finished) {
+                if due
+                    && vacuuming
+                        .as_ref()
+                        .is_none_or(tokio::task::JoinHandle::is_finished)
+                {
                     let db = db.clone();
                     let deleted = unvacuumed;
                     vacuuming = Some(tokio::spawn(async move {

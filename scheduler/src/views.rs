@@ -39,6 +39,10 @@ pub struct RunView {
     pub finished_at: Option<DateTime<Utc>>,
     /// Each step of its definition, by id.
     pub steps: BTreeMap<String, StepView>,
+    /// The W3C trace id the run belongs to (32 lowercase hex digits): its submission's
+    /// `traceparent`, or one the scheduler made; null for a run made before runs had one.
+    #[schema(required = true, pattern = "^[0-9a-f]{32}$")]
+    pub trace_id: Option<String>,
 }
 
 /// One step of a run as it stands.
@@ -122,6 +126,7 @@ pub fn run_view(run: RunRow, tasks: Vec<TaskRow>, running: &HashSet<Uuid>) -> Ru
         created_at: run.created_at,
         finished_at: run.finished_at,
         steps,
+        trace_id: run.trace_id,
     }
 }
 

@@ -100,6 +100,12 @@ impl TestFleet {
         )
     }
 
+    /// Returns the file a process of this fleet writes its output to: `scheduler`, or
+    /// `worker-{n}` for the n-th worker started (from 0).
+    pub fn log_path(&self, name: &str) -> PathBuf {
+        self.log_dir.join(format!("{name}.log"))
+    }
+
     fn log(&self, name: &str) -> Result<(Stdio, Stdio)> {
         let file = File::create(self.log_dir.join(format!("{name}.log")))?;
         Ok((file.try_clone()?.into(), file.into()))

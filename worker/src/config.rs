@@ -39,6 +39,9 @@ pub struct Settings {
     /// Payload encryption.
     #[command(flatten)]
     pub encryption: EncryptionSettings,
+    /// How log lines are written.
+    #[command(flatten)]
+    pub log: taskfleet_io::logging::LogSettings,
     /// Task queues to consume, comma separated.
     #[arg(long, env = "TASKFLEET_QUEUES", default_value = DEFAULT_QUEUE, value_parser = parse_queues)]
     pub queues: Queues,

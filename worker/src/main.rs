@@ -5,6 +5,7 @@
 //! Neither reads the worker's settings.
 
 use anyhow::Context;
+use taskfleet_io::logging::LogFormat;
 use taskfleet_worker::config::{Config, PYTHON_PATH_VARIABLE, Settings};
 use taskfleet_worker::executor::process;
 use taskfleet_worker::{ExecutorSettings, Executors, metrics, runner};
@@ -12,16 +13,9 @@ use tokio_util::sync::CancellationToken;
 
 fn main() -> anyhow::Result<()> {
     taskfleet_io::jq_sandbox::serve_if_started_as_one();
-    let executor_socket = started_as_executor();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        // Colours only on a terminal, not in files or the journal.
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
-        .init();
-    if let Some(socket) = executor_socket {
+    if let Some(socket) = started_as_executor() {
+        // An executor reads no setting: its rare lines of its own are text.
+        taskfleet_io::logging::install(LogFormat::Text);
         // The executor leaves as soon as its worker closes the connection, even with a step
         // still running on its interpreter thread.
         process::serve(&socket)?;
@@ -29,6 +23,7 @@ fn main() -> anyhow::Result<()> {
     }
     taskfleet_io::tls::install_crypto_provider();
     let settings: Settings = taskfleet_io::settings::parse();
+    taskfleet_io::logging::install(settings.log.log_format);
     if let Err(message) = settings.encryption.install() {
         anyhow::bail!(message);
     }

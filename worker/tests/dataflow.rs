@@ -40,6 +40,7 @@ fn task(program: &str, input: Value) -> TaskMessage {
         input,
         timeout_s: None,
         ends_run: false,
+        trace_id: None,
     }
 }
 

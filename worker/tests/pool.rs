@@ -34,6 +34,7 @@ fn ctx() -> StepContext {
         task_id: "task".to_owned(),
         step_id: "step".to_owned(),
         attempt: 1,
+        trace_id: None,
     }
 }
 

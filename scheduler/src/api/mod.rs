@@ -11,6 +11,7 @@ pub mod openapi;
 mod quotas;
 mod runs;
 mod tenants;
+pub mod trace;
 mod workflows;
 
 use std::sync::Arc;
@@ -117,7 +118,7 @@ pub fn router(state: AppState) -> Router {
     health
         .merge(v1)
         .fallback(not_found)
-        .layer(axum::middleware::from_fn(count_request))
+        .layer(axum::middleware::from_fn(trace::observe_request))
         .layer(axum::extract::DefaultBodyLimit::max(limit))
         .layer(tower_http::catch_panic::CatchPanicLayer::custom(
             |_: Box<dyn std::any::Any + Send>| {
@@ -274,24 +275,6 @@ async fn stats(
         runs: runs.into_iter().collect(),
         tasks: tasks.into_iter().collect(),
     }))
-}
-
-/// Counts a request and its time in the metrics, by its route's template (`/v1/runs/{id}`, not
-/// the path; `unmatched` for a path no route has).
-async fn count_request(
-    route: Option<axum::extract::MatchedPath>,
-    request: Request,
-    next: axum::middleware::Next,
-) -> axum::response::Response {
-    let started = std::time::Instant::now();
-    let response = next.run(request).await;
-    let route = route.as_ref().map_or("unmatched", |route| route.as_str());
-    crate::metrics::http_request(
-        route,
-        response.status().as_u16(),
-        started.elapsed().as_secs_f64(),
-    );
-    response
 }
 
 async fn not_found(uri: axum::http::Uri) -> ApiError {

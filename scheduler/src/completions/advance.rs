@@ -304,6 +304,7 @@ struct RunToPlan {
     definition: WorkflowDefinition,
     input: Value,
     status: RunStatus,
+    trace_id: Option<taskfleet_common::TraceId>,
 }
 
 impl RunToPlan {
@@ -318,6 +319,7 @@ impl RunToPlan {
                 definition,
                 input: run.input.0,
                 status: run.status,
+                trace_id: run.trace_id.as_deref().and_then(|id| id.parse().ok()),
             }),
             Err(error) => {
                 tracing::error!(run_id = %run.id, %error, "stored definition does not parse");
@@ -339,6 +341,7 @@ fn plan_runs(
         planning::plan_run(
             programs,
             run.id,
+            run.trace_id,
             &run.definition,
             &run.input,
             states.get(&run.id).unwrap_or(&empty),
@@ -384,6 +387,7 @@ mod tests {
             definition: serde_json::from_value(json!({ "steps": steps })).expect("a definition"),
             input,
             status: RunStatus::Running,
+            trace_id: None,
         }
     }
 

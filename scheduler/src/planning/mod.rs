@@ -39,19 +39,20 @@ pub struct PlannedRun {
     pub end: Option<FinishedRun>,
 }
 
-/// Plans the next steps of run `run_id` and turns the decisions into rows. A run that ends
+/// Plans the next steps of run `run_id` (of trace `trace_id`) and turns the decisions into rows. A run that ends
 /// while it is planned (a step failed at once, or every step is done) dispatches nothing more:
 /// its newly planned tasks are written cancelled.
 pub fn plan_run(
     programs: &dyn ProgramRunner,
     run_id: Uuid,
+    trace_id: Option<taskfleet_common::TraceId>,
     definition: &WorkflowDefinition,
     input: &Value,
     states: &BTreeMap<String, StepState>,
 ) -> Result<PlannedRun, Halted> {
     let advance = planner::advance(programs, definition, input, states)?;
     let mut rows = Materialized::default();
-    rows.add(definition, run_id, advance.planned);
+    rows.add(definition, run_id, trace_id, advance.planned);
     let end = advance.end.map(|end| finished_run(run_id, end));
     if end.is_some() {
         rows.cancel_dispatches();
@@ -185,6 +186,7 @@ mod tests {
         let planned = plan_run(
             &ProgramCache::default(),
             Uuid::now_v7(),
+            None,
             &definition,
             &json!(1),
             &BTreeMap::new(),

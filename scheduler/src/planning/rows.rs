@@ -2,7 +2,7 @@
 
 use serde_json::Value;
 use taskfleet_common::definition::WorkflowDefinition;
-use taskfleet_common::{RunStatus, TaskStatus};
+use taskfleet_common::{RunStatus, TaskStatus, TraceId};
 use uuid::Uuid;
 
 use super::planner::{Planned, RunEnd};
@@ -19,14 +19,21 @@ pub struct Materialized {
 }
 
 impl Materialized {
-    /// Adds the rows and messages for `planned`, decisions about steps of run `run_id`.
-    pub fn add(&mut self, definition: &WorkflowDefinition, run_id: Uuid, planned: Vec<Planned>) {
+    /// Adds the rows and messages for `planned`, decisions about steps of run `run_id`, whose
+    /// messages carry the run's `trace_id`.
+    pub fn add(
+        &mut self,
+        definition: &WorkflowDefinition,
+        run_id: Uuid,
+        trace_id: Option<TraceId>,
+        planned: Vec<Planned>,
+    ) {
         for decision in planned {
             match decision {
                 Planned::Dispatch { step_id, input } => {
                     self.task(
                         definition,
-                        run_id,
+                        (run_id, trace_id),
                         &step_id,
                         -1,
                         TaskStatus::Queued,
@@ -37,7 +44,7 @@ impl Materialized {
                 Planned::Skip { step_id } => {
                     self.task(
                         definition,
-                        run_id,
+                        (run_id, trace_id),
                         &step_id,
                         -1,
                         TaskStatus::Skipped,
@@ -49,7 +56,7 @@ impl Materialized {
                     let error = serde_json::to_value(&error).unwrap_or(Value::Null);
                     self.task(
                         definition,
-                        run_id,
+                        (run_id, trace_id),
                         &step_id,
                         -1,
                         TaskStatus::Failed,
@@ -58,7 +65,7 @@ impl Materialized {
                     );
                 }
                 Planned::FanOut { step_id, items } => {
-                    self.fan_out(definition, run_id, &step_id, items);
+                    self.fan_out(definition, (run_id, trace_id), &step_id, items);
                 }
             }
         }
@@ -69,7 +76,7 @@ impl Materialized {
     fn fan_out(
         &mut self,
         definition: &WorkflowDefinition,
-        run_id: Uuid,
+        run: (Uuid, Option<TraceId>),
         step_id: &str,
         items: Vec<Value>,
     ) {
@@ -79,7 +86,7 @@ impl Materialized {
         } else {
             TaskStatus::Queued
         };
-        let Some(parent) = self.task(definition, run_id, step_id, -1, status, None, None) else {
+        let Some(parent) = self.task(definition, run, step_id, -1, status, None, None) else {
             return;
         };
         parent.items_total = Some(total);
@@ -90,7 +97,7 @@ impl Materialized {
             let index = i32::try_from(index).unwrap_or(i32::MAX);
             self.task(
                 definition,
-                run_id,
+                run,
                 step_id,
                 index,
                 TaskStatus::Queued,
@@ -100,12 +107,13 @@ impl Materialized {
         }
     }
 
-    /// Adds one task row (and its dispatch, if it is queued with an input) and returns it.
+    /// Adds one task row (and its dispatch, if it is queued with an input) and returns it; `run`
+    /// is the run's id and trace id.
     #[allow(clippy::too_many_arguments, reason = "the columns of one row")]
     fn task(
         &mut self,
         definition: &WorkflowDefinition,
-        run_id: Uuid,
+        (run_id, trace_id): (Uuid, Option<TraceId>),
         step_id: &str,
         item: i32,
         status: TaskStatus,
@@ -116,8 +124,15 @@ impl Materialized {
         let task_id = Uuid::now_v7();
         if status == TaskStatus::Queued
             && let Some(input) = &input
-            && let Some(dispatch) =
-                Dispatch::new(definition, run_id, task_id, step_id, 1, input.clone())
+            && let Some(dispatch) = Dispatch::new(
+                definition,
+                run_id,
+                trace_id,
+                task_id,
+                step_id,
+                1,
+                input.clone(),
+            )
         {
             self.dispatches.push(dispatch);
         }

@@ -25,6 +25,8 @@ pub struct LockedRun {
     /// Its status.
     #[sqlx(try_from = "String")]
     pub status: RunStatus,
+    /// Its trace id, as stored (none for a run made before runs had one).
+    pub trace_id: Option<String>,
 }
 
 /// Locks the given runs (in id order, so two schedulers cannot deadlock) and returns them.
@@ -33,7 +35,8 @@ pub async fn lock_runs(
     ids: &[Uuid],
 ) -> Result<Vec<LockedRun>, StoreError> {
     Ok(sqlx::query_as(
-        "SELECT id, definition, input, status FROM runs WHERE id = ANY($1) ORDER BY id FOR UPDATE",
+        "SELECT id, definition, input, status, trace_id FROM runs
+         WHERE id = ANY($1) ORDER BY id FOR UPDATE",
     )
     .bind(ids)
     .fetch_all(&mut **tx)

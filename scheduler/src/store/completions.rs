@@ -253,6 +253,7 @@ struct LockedOrRecorded {
     run_id: Uuid,
     definition: Option<Json<Value>>,
     input: Option<Payload>,
+    trace_id: Option<String>,
     status: String,
     step_id: Option<String>,
     item: Option<i32>,
@@ -271,7 +272,7 @@ pub async fn lock_and_record(
 ) -> Result<(Vec<LockedRun>, Vec<Recorded>), StoreError> {
     let sql = format!(
         "WITH locked AS MATERIALIZED (
-             SELECT id, definition, input, status FROM runs
+             SELECT id, definition, input, status, trace_id FROM runs
              WHERE id = ANY($10) ORDER BY id FOR UPDATE),
          recorded AS (
              {RECORD_COMPLETIONS}
@@ -279,11 +280,11 @@ pub async fn lock_and_record(
              WHERE tasks.id = c.id AND tasks.attempt = c.attempt AND tasks.status = 'queued'
                AND tasks.run_id = ANY (ARRAY(SELECT id FROM locked))
              RETURNING {RECORDED_COLUMNS})
-         SELECT id AS run_id, definition, input, status, NULL::text AS step_id,
+         SELECT id AS run_id, definition, input, trace_id, status, NULL::text AS step_id,
                 NULL::integer AS item, NULL::jsonb AS output, NULL::jsonb AS error
          FROM locked
          UNION ALL
-         SELECT run_id, NULL, NULL, status, step_id, item, output, error FROM recorded"
+         SELECT run_id, NULL, NULL, NULL, status, step_id, item, output, error FROM recorded"
     );
     let rows: Vec<LockedOrRecorded> =
         bind_completions(sqlx::query_as(sqlx::AssertSqlSafe(sql)), completions)
@@ -311,6 +312,7 @@ pub async fn lock_and_record(
                 definition,
                 input,
                 status: row.status.parse::<RunStatus>().map_err(unknown)?,
+                trace_id: row.trace_id,
             }),
             (None, _, _) => {}
         }

@@ -357,6 +357,9 @@ pub struct RunRow {
     pub created_at: DateTime<Utc>,
     /// When it finished.
     pub finished_at: Option<DateTime<Utc>>,
+    /// Its W3C trace id; none for a run made before runs had one.
+    #[serde(default)]
+    pub trace_id: Option<String>,
 }
 
 /// A task as the API shows it.

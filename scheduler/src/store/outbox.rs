@@ -43,9 +43,16 @@ pub struct UndispatchedTask {
     pub input: Option<Json<Value>>,
     /// The definition of its run.
     pub definition: Json<Value>,
+    /// Its run's trace id, as stored; see [`Self::trace_id`].
+    pub run_trace_id: Option<String>,
 }
 
 impl UndispatchedTask {
+    /// Returns its run's trace id; none for a run made before runs had one.
+    pub fn trace_id(&self) -> Option<taskfleet_common::TraceId> {
+        self.run_trace_id.as_deref().and_then(|id| id.parse().ok())
+    }
+
     /// Returns the task's input, opened (`null` when it has none).
     pub fn open_input(&mut self) -> Result<Value, taskfleet_common::seal::SealError> {
         match self.input.take() {
@@ -83,7 +90,8 @@ pub async fn claim_undispatched(
          UPDATE tasks t SET relayed_at = now()
          FROM claimed, runs r
          WHERE t.id = claimed.id AND r.id = t.run_id
-         RETURNING t.id, t.run_id, t.step_id, t.attempt, t.queue, t.priority, t.input, r.definition",
+         RETURNING t.id, t.run_id, t.step_id, t.attempt, t.queue, t.priority, t.input, r.definition,
+                   r.trace_id AS run_trace_id",
     )
     .bind(namespace)
     .bind(older_than.as_secs_f64())
@@ -111,7 +119,8 @@ pub async fn claim_due(
          UPDATE tasks t SET due_at = NULL, relayed_at = now()
          FROM due, runs r
          WHERE t.id = due.id AND r.id = t.run_id
-         RETURNING t.id, t.run_id, t.step_id, t.attempt, t.queue, t.priority, t.input, r.definition",
+         RETURNING t.id, t.run_id, t.step_id, t.attempt, t.queue, t.priority, t.input, r.definition,
+                   r.trace_id AS run_trace_id",
     )
     .bind(namespace)
     .bind(limit)

@@ -40,6 +40,8 @@ pub struct NewRun {
     pub error: Option<Value>,
     /// The client's idempotency key.
     pub idempotency_key: Option<String>,
+    /// The W3C trace it belongs to.
+    pub trace_id: Option<taskfleet_common::TraceId>,
 }
 
 /// A task to insert.
@@ -100,25 +102,31 @@ pub async fn insert_runs(
         .collect();
     let keys: Vec<Option<String>> = runs.iter().map(|run| run.idempotency_key.clone()).collect();
     let tenants: Vec<&str> = runs.iter().map(|run| run.tenant.as_str()).collect();
+    let trace_ids: Vec<Option<String>> = runs
+        .iter()
+        .map(|run| run.trace_id.map(|id| id.to_string()))
+        .collect();
     let columns = TaskColumns::of(namespace, tasks);
     let sql = format!(
         "WITH inserted AS (
              INSERT INTO runs (namespace, id, kind, workflow, workflow_version, definition, input,
-                               status, output, error, idempotency_key, tenant, finished_at)
+                               status, output, error, idempotency_key, tenant, finished_at,
+                               trace_id)
              SELECT $11, id, kind, workflow, version, definition, input, status, output, error,
-                    key, tenant, CASE WHEN status IN ('succeeded', 'failed') THEN now() END
+                    key, tenant, CASE WHEN status IN ('succeeded', 'failed') THEN now() END,
+                    trace_id
              FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::integer[], $5::jsonb[],
                          $6::jsonb[], $7::text[], $8::jsonb[], $9::jsonb[], $10::text[],
-                         $12::text[])
+                         $12::text[], $13::text[])
                   AS t(id, kind, workflow, version, definition, input, status, output, error, key,
-                       tenant)
+                       tenant, trace_id)
              ON CONFLICT (namespace, tenant, kind, idempotency_key)
                 WHERE idempotency_key IS NOT NULL
              DO NOTHING
              RETURNING id),
          first_tasks AS ({} WHERE t.run_id IN (SELECT id FROM inserted))
          SELECT id FROM inserted",
-        TaskColumns::insert_sql(13)
+        TaskColumns::insert_sql(14)
     );
     let mut arguments = PgArguments::default();
     add(&mut arguments, &ids)?;
@@ -133,6 +141,7 @@ pub async fn insert_runs(
     add(&mut arguments, &keys)?;
     add(&mut arguments, namespace)?;
     add(&mut arguments, &tenants)?;
+    add(&mut arguments, &trace_ids)?;
     columns.add_to(&mut arguments)?;
     Ok(sqlx::query_scalar_with(sqlx::AssertSqlSafe(sql), arguments)
         .fetch_all(conn)
@@ -288,7 +297,7 @@ pub async fn insert_tasks(
 
 /// The columns of a [`RunRow`].
 const RUN_COLUMNS: &str = "id, kind, workflow, workflow_version, definition, input, status, \
-                           output, error, created_at, finished_at";
+                           output, error, created_at, finished_at, trace_id";
 
 /// Returns a run of the given kind, if the owner has it.
 pub async fn get_run(

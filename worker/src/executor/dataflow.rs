@@ -113,6 +113,7 @@ mod tests {
             input,
             timeout_s: None,
             ends_run: false,
+            trace_id: None,
         }
     }
 

@@ -17,6 +17,8 @@ use taskfleet_common::protocol::{
 };
 use taskfleet_common::{RunId, StepError, TaskId, value};
 
+use tracing::Instrument as _;
+
 use super::Shared;
 use super::redelivery::{Redelivery, is_copy};
 use crate::report::{PendingDelivery, Report};
@@ -87,6 +89,38 @@ async fn handle_task(
             return;
         }
     };
+    let span = task_span(&task);
+    run_task(shared, pending, task, body, bundled, queue)
+        .instrument(span)
+        .await;
+}
+
+/// Returns the span of a task, whose fields every line logged while it is handled carries.
+fn task_span(task: &TaskMessage) -> tracing::Span {
+    let span = tracing::info_span!(
+        "task",
+        trace_id = tracing::field::Empty,
+        run_id = %task.run_id,
+        task_id = %task.task_id,
+        step = %task.step_id,
+        attempt = task.attempt,
+    );
+    if let Some(trace_id) = task.trace_id {
+        span.record("trace_id", tracing::field::display(trace_id));
+    }
+    span
+}
+
+/// Runs and reports one task read from `body`, part of `pending`'s delivery.
+async fn run_task(
+    shared: &Shared,
+    pending: &Arc<PendingDelivery>,
+    task: TaskMessage,
+    body: &[u8],
+    bundled: bool,
+    queue: Option<&Arc<str>>,
+) {
+    let delivery = pending.delivery();
     shared.until_requeued(&task, delivery).await;
     let started_at = Utc::now();
     let checked = value::check(&task.input);
@@ -133,10 +167,8 @@ async fn handle_task(
         micros: u64::try_from(ran.as_micros()).unwrap_or(u64::MAX),
     });
     let finished_at = Utc::now();
+    // The task's span carries its ids.
     tracing::debug!(
-        task_id = %task.task_id,
-        step = %task.step_id,
-        attempt = task.attempt,
         succeeded = matches!(outcome, Outcome::Succeeded { .. }),
         "task finished"
     );

@@ -129,6 +129,7 @@ impl Executors {
             task_id: task.task_id.to_string(),
             step_id: task.step_id.clone(),
             attempt: task.attempt,
+            trace_id: task.trace_id.map(|id| id.to_string()),
         };
         let (output, ran) = self
             .python

@@ -14,7 +14,7 @@ use std::collections::HashMap;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use taskfleet_common::names::is_valid_name;
-use taskfleet_common::{RunKind, RunStatus, WorkflowDefinition};
+use taskfleet_common::{RunKind, RunStatus, TraceId, WorkflowDefinition};
 use utoipa::ToSchema;
 use uuid::Uuid;
 
@@ -103,6 +103,7 @@ async fn prepare(
     state: &AppState,
     principal: &Principal,
     request: RunRequest,
+    trace_id: TraceId,
     resolved: &mut Resolved,
 ) -> Result<NewRunParts, ApiError> {
     check_idempotency_key(request.idempotency_key.as_ref())?;
@@ -153,6 +154,7 @@ async fn prepare(
         input: request.input,
         idempotency_key: request.idempotency_key,
         delay_s: None,
+        trace_id,
     })
 }
 
@@ -192,6 +194,8 @@ struct NewRunParts {
     idempotency_key: Option<String>,
     /// Seconds before the first steps are dispatched (jobs' `delay_s`).
     delay_s: Option<f64>,
+    /// The W3C trace of the request that made it.
+    trace_id: TraceId,
 }
 
 /// Returns the 403 naming the first step with `python_code` unless the caller may submit

@@ -3,9 +3,9 @@
 
 use std::collections::BTreeMap;
 
-use axum::Json;
 use axum::extract::State;
 use axum::http::StatusCode;
+use axum::{Extension, Json};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use taskfleet_common::definition::{RetryPolicy, StepDefinition};
@@ -20,6 +20,7 @@ use super::{
 };
 use crate::accept::{Accepted, Submission};
 use crate::api::ErrorBody;
+use crate::api::trace::{RequestTrace, TraceHeader};
 use crate::api::workflows::check_definition;
 use crate::api::{ApiError, AppState, JsonBody};
 use crate::auth::{Principal, Scope};
@@ -117,6 +118,7 @@ fn plan_submission(
     let planned = planning::plan_run(
         programs,
         id,
+        Some(parts.trace_id),
         &parts.definition,
         &parts.input,
         &BTreeMap::new(),
@@ -144,6 +146,7 @@ fn plan_submission(
             output,
             error,
             idempotency_key: parts.idempotency_key,
+            trace_id: Some(parts.trace_id),
         },
         tasks: rows.tasks,
         dispatches: rows.dispatches,
@@ -175,7 +178,7 @@ async fn submit_one(
 }
 
 /// Starts a run of a registered workflow or an inline definition.
-#[utoipa::path(post, path = "/v1/runs", operation_id = "createRun", tag = "runs", request_body = RunRequest,
+#[utoipa::path(post, path = "/v1/runs", operation_id = "createRun", params(TraceHeader), tag = "runs", request_body = RunRequest,
     responses(
         (status = 404, description = "No such registered workflow (or version)", body = ErrorBody),
         (status = 422, description = "The definition cannot run; `details` lists why", body = ErrorBody),
@@ -187,6 +190,7 @@ async fn submit_one(
 pub async fn create(
     State(state): State<AppState>,
     principal: Principal,
+    Extension(trace): Extension<RequestTrace>,
     JsonBody(request): JsonBody<RunRequest>,
 ) -> Result<(StatusCode, Json<RunStatusView>), ApiError> {
     principal.require(Scope::RunsWrite)?;
@@ -199,7 +203,14 @@ pub async fn create(
             request.idempotency_key.as_deref(),
         )
         .await?;
-    let parts = prepare(&state, &principal, request, &mut Resolved::new()).await?;
+    let parts = prepare(
+        &state,
+        &principal,
+        request,
+        trace.trace_id,
+        &mut Resolved::new(),
+    )
+    .await?;
     let submission = plan_one(&state, parts).await?;
     submit_one(&state, submission).await
 }
@@ -224,7 +235,7 @@ pub struct BatchAccepted {
 
 /// Starts many runs, all or none: every run is checked before any is written, and they are
 /// written in one transaction.
-#[utoipa::path(post, path = "/v1/runs:batch", operation_id = "createRuns", tag = "runs", request_body = BatchRequest,
+#[utoipa::path(post, path = "/v1/runs:batch", operation_id = "createRuns", params(TraceHeader), tag = "runs", request_body = BatchRequest,
     responses(
         (status = 404, description = "No such registered workflow (or version)", body = ErrorBody),
         (status = 422, description = "A definition cannot run; `details` lists why", body = ErrorBody),
@@ -232,6 +243,7 @@ pub struct BatchAccepted {
 pub async fn create_batch(
     State(state): State<AppState>,
     principal: Principal,
+    Extension(trace): Extension<RequestTrace>,
     JsonBody(request): JsonBody<BatchRequest>,
 ) -> Result<(StatusCode, Json<BatchAccepted>), ApiError> {
     principal.require(Scope::RunsWrite)?;
@@ -248,7 +260,7 @@ pub async fn create_batch(
     let mut runs = Vec::with_capacity(request.runs.len());
     let mut resolved = Resolved::new();
     for (index, run) in request.runs.into_iter().enumerate() {
-        let parts = prepare(&state, &principal, run, &mut resolved)
+        let parts = prepare(&state, &principal, run, trace.trace_id, &mut resolved)
             .await
             .map_err(|error| error.in_batch(index))?;
         runs.push(parts);
@@ -321,7 +333,7 @@ fn default_job_step() -> String {
 }
 
 /// Enqueues one step as a job.
-#[utoipa::path(post, path = "/v1/tasks", operation_id = "createJob", tag = "jobs", request_body = JobRequest,
+#[utoipa::path(post, path = "/v1/tasks", operation_id = "createJob", params(TraceHeader), tag = "jobs", request_body = JobRequest,
     responses(
         (status = 422, description = "The step cannot run; `details` lists why", body = ErrorBody),
         (status = 429, description = "The tenant's quota is used up for now; see `Retry-After`", body = ErrorBody),
@@ -332,6 +344,7 @@ fn default_job_step() -> String {
 pub async fn create_job(
     State(state): State<AppState>,
     principal: Principal,
+    Extension(trace): Extension<RequestTrace>,
     JsonBody(request): JsonBody<JobRequest>,
 ) -> Result<(StatusCode, Json<RunStatusView>), ApiError> {
     principal.require(Scope::RunsWrite)?;
@@ -388,6 +401,7 @@ pub async fn create_job(
         input,
         idempotency_key,
         delay_s,
+        trace_id: trace.trace_id,
     };
     let submission = plan_one(&state, parts).await?;
     submit_one(&state, submission).await
@@ -395,7 +409,7 @@ pub async fn create_job(
 
 #[cfg(test)]
 mod tests {
-    use taskfleet_common::jq;
+    use taskfleet_common::{TraceId, jq};
 
     use serde_json::json;
 
@@ -412,6 +426,7 @@ mod tests {
             input: json!({}),
             idempotency_key: None,
             delay_s: None,
+            trace_id: TraceId::random(),
         }
     }
 

@@ -166,6 +166,7 @@ mod tests {
                 task_id: "t".to_owned(),
                 step_id: "s".to_owned(),
                 attempt: 1,
+                trace_id: None,
             },
         };
         let frame = encode_run(7, &call, true);

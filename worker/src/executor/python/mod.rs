@@ -94,6 +94,9 @@ pub struct StepContext {
     pub step_id: String,
     /// The attempt number, 1 for the first try.
     pub attempt: u32,
+    /// The W3C trace id of the run (32 lowercase hex digits), if it has one.
+    #[serde(default)]
+    pub trace_id: Option<String>,
 }
 
 /// Describes why the interpreter could not be started.

@@ -104,7 +104,14 @@ impl Runtime {
             .and_then(|()| kwargs.set_item("task_id", &ctx.task_id))
             .and_then(|()| kwargs.set_item("step_id", &ctx.step_id))
             .and_then(|()| kwargs.set_item("attempt", ctx.attempt))
-            .and_then(|()| self.context_type.bind(py).call((), Some(&kwargs)));
+            .and_then(|()| self.context_type.bind(py).call((), Some(&kwargs)))
+            // Set after construction rather than passed: an installed `taskfleet` older than
+            // trace ids has a `Context` that takes no such argument.
+            .and_then(|context| {
+                context
+                    .setattr("trace_id", ctx.trace_id.as_deref())
+                    .map(|()| context)
+            });
         built.map_err(|error| exception_error(py, &error))
     }
 }
@@ -242,6 +249,7 @@ mod tests {
                 "task_id": "task-1",
                 "step_id": "price",
                 "attempt": 2,
+                "trace_id": "4bf92f3577b34da6a3ce929d0e0e4736",
                 "logger": "taskfleet.step.price",
             }))
         );

@@ -19,6 +19,7 @@ def describe_ctx(data, ctx):
         "task_id": ctx.task_id,
         "step_id": ctx.step_id,
         "attempt": ctx.attempt,
+        "trace_id": ctx.trace_id,
         "logger": ctx.logger.name,
     }
 

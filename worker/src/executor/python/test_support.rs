@@ -141,6 +141,7 @@ pub(super) fn ctx() -> StepContext {
         task_id: "task-1".to_owned(),
         step_id: "price".to_owned(),
         attempt: 2,
+        trace_id: Some("4bf92f3577b34da6a3ce929d0e0e4736".to_owned()),
     }
 }
 
