@@ -1,8 +1,10 @@
 //! The retention sweeper: deletes finished runs and jobs older than `TASKFLEET_RETENTION_S`,
 //! with their tasks, in batches (see [`store::delete_finished_runs`]). Every scheduler runs
 //! one; at each sweep only one of a namespace deletes, the others find its lock held and wait
-//! for the next. A full batch is followed by the next after a rest of half its time, which
-//! leaves the database to the hot path; otherwise the sweeper sleeps until the next period.
+//! for the next. A batch reads a window of 2,000 runs along the primary key and deletes those
+//! finished past the retention; a batch that read a whole window is followed by the next,
+//! from where it stopped, after a rest of half its time, which leaves the database to the hot
+//! path; otherwise the sweeper sleeps until the next period.
 //!
 //! Deleted rows leave dead space in the tables; the scheduler that deleted them vacuums
 //! `runs` and `tasks` (beside its deletes, one vacuum at a time) once it has deleted many, or
@@ -15,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::store;
 
-/// The most runs one sweep deletes, in one transaction.
+/// The most runs one sweep reads (and deletes), in one transaction.
 pub const BATCH: i64 = 2000;
 /// After a full batch the sweeper rests this share of the batch's time before the next (at
 /// least 10 ms): deleting a backlog takes at most two thirds of one connection's time, and
@@ -49,8 +51,9 @@ pub async fn sweep_loop(
     let mut last_vacuum = Instant::now();
     // Vacuums run beside the deletes, one at a time.
     let mut vacuuming: Option<tokio::task::JoinHandle<()>> = None;
-    // Where the next batch goes on from, after a full one; a sweep that finds less than a
-    // batch starts again from the oldest run (some still going there may have finished).
+    // Where the next batch goes on from, after one that read a whole window of runs; once a
+    // sweep reaches the cutoff, the next starts again from the oldest run (some still going
+    // there may have finished since).
     let mut after = None;
     loop {
         tokio::select! {
@@ -62,7 +65,7 @@ pub async fn sweep_loop(
         wait = match store::delete_finished_runs(&db, &namespace, cutoff, BATCH, after).await {
             Ok(Some(store::Deleted {
                 count: deleted,
-                last,
+                next,
             })) => {
                 crate::metrics::runs_deleted(deleted);
                 unvacuumed += deleted;
@@ -87,11 +90,10 @@ pub async fn sweep_loop(
                     unvacuumed = 0;
                     last_vacuum = Instant::now();
                 }
-                if deleted == BATCH.unsigned_abs() {
-                    after = last;
+                after = next;
+                if next.is_some() {
                     (started.elapsed() / REST_SHARE).max(MIN_REST)
                 } else {
-                    after = None;
                     period
                 }
             }

@@ -7,17 +7,16 @@ use uuid::Uuid;
 
 use super::StoreError;
 
-/// Deletes up to `batch` runs of `namespace` that finished before `cutoff`, oldest first, with
-/// their tasks, unless another scheduler of the namespace is deleting now (then `None`).
-/// Returns how many were deleted.
+/// Deletes the runs of `namespace` among the next `batch` runs after `after` (from the oldest
+/// without it) that finished before `cutoff`, with their tasks, unless another scheduler of
+/// the namespace is deleting now (then `None`).
 ///
 /// Run ids are UUIDv7, ordered by creation: a run that finished before `cutoff` was created
-/// before it, so the candidates are read along the primary key, from `after` (the last id of
-/// the batch before; from the start without one) up to the id of `cutoff`, and runs still
-/// going (or finished since) are passed over there. Going on from `after` keeps each batch
-/// from walking again over the index entries of the runs the batches before deleted, which
-/// stay until a vacuum. The runs are locked as they are taken, skipping any another
-/// transaction holds (one being advanced).
+/// before it, so the candidates are a window of ids read along the primary key, up to the id
+/// of `cutoff`; runs still going (or finished since) are passed over. Going on from the end of
+/// the window before keeps each batch from walking again over the index entries of the runs
+/// deleted before, which stay until a vacuum. The runs are locked as they are taken, skipping
+/// any another transaction holds (one being advanced).
 pub async fn delete_finished_runs(
     db: &PgPool,
     namespace: &str,
@@ -34,30 +33,50 @@ pub async fn delete_finished_runs(
     if !held {
         return Ok(None);
     }
-    // Tasks reference their run without a foreign key (writes are cheaper without one): they
-    // are deleted in the same statement, through their index on the run's id.
-    let (count, last): (i64, Option<Uuid>) = sqlx::query_as(
-        "WITH doomed AS (
+    // The window: the next ids along the primary key, read by themselves so that nothing
+    // but the primary key can serve them (a filter on the namespace could otherwise lead the
+    // planner to another index and a sort of every run, at every batch).
+    let window: Vec<Uuid> =
+        sqlx::query_scalar("SELECT id FROM runs WHERE id > $1 AND id < $2 ORDER BY id LIMIT $3")
+            .bind(after.unwrap_or(Uuid::nil()))
+            .bind(first_id_at(cutoff))
+            .bind(batch)
+            .persistent(false)
+            .fetch_all(&mut *tx)
+            .await?;
+    let gone: Vec<Uuid> = sqlx::query_scalar(
+        "DELETE FROM runs WHERE id IN (
              SELECT id FROM runs
-             WHERE id > $5 AND id < $2 AND namespace = $1
+             WHERE id = ANY($2) AND namespace = $1
                AND status IN ('succeeded', 'failed', 'cancelled') AND finished_at < $3
-             ORDER BY id LIMIT $4
-             FOR UPDATE SKIP LOCKED),
-         runs_gone AS (DELETE FROM runs WHERE id IN (SELECT id FROM doomed) RETURNING id),
-         tasks_gone AS (DELETE FROM tasks WHERE run_id IN (SELECT id FROM runs_gone))
-         SELECT count(*), (SELECT id FROM runs_gone ORDER BY id DESC LIMIT 1) FROM runs_gone",
+             FOR UPDATE SKIP LOCKED)
+         RETURNING id",
     )
     .bind(namespace)
-    .bind(first_id_at(cutoff))
+    .bind(&window)
     .bind(cutoff)
-    .bind(batch)
-    .bind(after.unwrap_or(Uuid::nil()))
-    .fetch_one(&mut *tx)
+    // Planned for its actual window every time: a plan made once for any array (and for the
+    // tables' statistics of that moment, an emptied table's after a vacuum) can scan every
+    // run of the namespace and test each against the whole window.
+    .persistent(false)
+    .fetch_all(&mut *tx)
     .await?;
+    // Tasks reference their run without a foreign key (writes are cheaper without one): they
+    // are deleted by their runs' ids given as an array, which PostgreSQL looks up in the index
+    // on `run_id` one by one (a join with the deleted runs may be planned as a scan of a whole
+    // index instead, whose time grows with the table).
+    if !gone.is_empty() {
+        sqlx::query("DELETE FROM tasks WHERE run_id = ANY($1)")
+            .bind(&gone)
+            .persistent(false)
+            .execute(&mut *tx)
+            .await?;
+    }
     tx.commit().await?;
+    let full = usize::try_from(batch).is_ok_and(|batch| window.len() == batch);
     Ok(Some(Deleted {
-        count: count.unsigned_abs(),
-        last,
+        count: u64::try_from(gone.len()).unwrap_or(u64::MAX),
+        next: full.then(|| window.last().copied()).flatten(),
     }))
 }
 
@@ -66,14 +85,16 @@ pub async fn delete_finished_runs(
 pub struct Deleted {
     /// How many runs.
     pub count: u64,
-    /// The greatest id among them: where the next batch may go on from.
-    pub last: Option<Uuid>,
+    /// Where the next batch goes on from, when this one read a whole window of ids; `None`
+    /// when it reached the cutoff (the next sweep starts again from the oldest run).
+    pub next: Option<Uuid>,
 }
 
 /// Vacuums the tables retention deletes from, so that the space of deleted rows is reused at
-/// once rather than at autovacuum's next turn; tables another vacuum holds are skipped.
+/// once rather than at autovacuum's next turn, and analyzes them, so that the planner's
+/// statistics follow what the deletes left; tables another vacuum holds are skipped.
 pub async fn vacuum(db: &PgPool) -> Result<(), StoreError> {
-    sqlx::query("VACUUM (SKIP_LOCKED) runs, tasks")
+    sqlx::query("VACUUM (ANALYZE, SKIP_LOCKED) runs, tasks")
         .execute(db)
         .await?;
     Ok(())
