@@ -104,7 +104,8 @@ pub struct Settings {
         long = "retention-s",
         value_name = "SECONDS",
         env = "TASKFLEET_RETENTION_S",
-        default_value = "604800"
+        default_value = "604800",
+        value_parser = clap::value_parser!(u64).range(0..=MAX_RETENTION_S)
     )]
     pub retention_s: u64,
     /// Whether to keep Prometheus metrics and serve them at /metrics.
@@ -127,6 +128,9 @@ pub enum SchedulerCommand {
 }
 
 pub use taskfleet_common::settings::NewKeyArgs as CreateKeyArgs;
+
+/// The longest retention accepted: 100 years (0 keeps runs forever).
+const MAX_RETENTION_S: u64 = 100 * 365 * 24 * 3600;
 
 /// Everything the scheduler needs to know to start.
 #[derive(Debug, Clone)]

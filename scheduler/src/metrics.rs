@@ -198,6 +198,18 @@ pub struct Gauges {
 /// Sets the gauges from what a scrape read, and adds the queues it named to `known`. A queue
 /// with no task queued any more has an oldest task of age 0, not its last age.
 fn set_gauges(gauges: &Gauges, known: &mut Vec<String>) {
+    // A queue the broker no longer has shows nothing ready and no consumers, once, and is
+    // then forgotten.
+    known.retain(|queue| {
+        let listed = gauges.queues.iter().any(|(name, _, _)| name == queue)
+            || gauges.oldest.iter().any(|(name, _)| name == queue);
+        if !listed {
+            gauge!(QUEUE_READY, "queue" => queue.clone()).set(0.0);
+            gauge!(QUEUE_CONSUMERS, "queue" => queue.clone()).set(0.0);
+            gauge!(QUEUE_OLDEST_AGE, "queue" => queue.clone()).set(0.0);
+        }
+        listed
+    });
     for (queue, ready, consumers) in &gauges.queues {
         gauge!(QUEUE_READY, "queue" => queue.clone()).set(f64::from(*ready));
         gauge!(QUEUE_CONSUMERS, "queue" => queue.clone()).set(f64::from(*consumers));

@@ -58,7 +58,14 @@ pub async fn sweep_loop(
     loop {
         tokio::select! {
             () = tokio::time::sleep(wait) => {}
-            () = shutdown.cancelled() => return,
+            () = shutdown.cancelled() => {
+                // A vacuum of large tables may take minutes; the scheduler does not wait for
+                // it (dropping its connection ends it in PostgreSQL).
+                if let Some(vacuum) = vacuuming {
+                    vacuum.abort();
+                }
+                return;
+            }
         }
         let cutoff = chrono::Utc::now() - retention;
         let started = Instant::now();

@@ -118,8 +118,7 @@ pub fn router(state: AppState) -> Router {
     health
         .merge(v1)
         .fallback(not_found)
-        .layer(axum::middleware::from_fn(trace::observe_request))
-        .layer(axum::extract::DefaultBodyLimit::max(limit))
+        // Inside the request's observation, so that a panic's 500 is logged and counted too.
         .layer(tower_http::catch_panic::CatchPanicLayer::custom(
             |_: Box<dyn std::any::Any + Send>| {
                 axum::response::IntoResponse::into_response(ApiError::internal(
@@ -127,6 +126,8 @@ pub fn router(state: AppState) -> Router {
                 ))
             },
         ))
+        .layer(axum::middleware::from_fn(trace::observe_request))
+        .layer(axum::extract::DefaultBodyLimit::max(limit))
         .with_state(state)
 }
 
