@@ -12,13 +12,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# shellcheck source=scripts/fleet-lib.sh
+source scripts/fleet-lib.sh
 bin=target/debug
-for binary in taskfleet-scheduler taskfleet-worker; do
-  if [ ! -x "$bin/$binary" ]; then
-    echo "$bin/$binary is missing: run cargo build --workspace --bins first" >&2
-    exit 1
-  fi
-done
+require_binaries "$bin" taskfleet-scheduler taskfleet-worker
 
 venv=target/fuzz-venv
 if [ ! -x "$venv/bin/schemathesis" ]; then
@@ -26,8 +23,6 @@ if [ ! -x "$venv/bin/schemathesis" ]; then
   "$venv/bin/python" -m pip install --quiet --disable-pip-version-check "schemathesis==4.32.5"
 fi
 
-# shellcheck source=scripts/fleet-lib.sh
-source scripts/fleet-lib.sh
 trap test_fleet_down EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM

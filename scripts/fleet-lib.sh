@@ -130,3 +130,15 @@ test_fleet_down() {
     remove_fleet_state "$TASKFLEET_NAMESPACE" "$database"
   fi
 }
+
+# require_binaries BIN NAME...: fails, saying how to build them, unless every NAME is in BIN.
+require_binaries() {
+  local bin=$1 binary
+  shift
+  for binary in "$@"; do
+    if [ ! -x "$bin/$binary" ]; then
+      echo "$bin/$binary is missing: run cargo build --workspace --bins first" >&2
+      return 1
+    fi
+  done
+}

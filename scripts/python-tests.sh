@@ -9,13 +9,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# shellcheck source=scripts/fleet-lib.sh
+source scripts/fleet-lib.sh
 bin=target/debug
-for binary in taskfleet-scheduler taskfleet-worker; do
-  if [ ! -x "$bin/$binary" ]; then
-    echo "$bin/$binary is missing: run cargo build --workspace --bins first" >&2
-    exit 1
-  fi
-done
+require_binaries "$bin" taskfleet-scheduler taskfleet-worker
 
 venv=target/python-venv
 if [ ! -x "$venv/bin/python" ]; then
@@ -28,8 +25,6 @@ fi
 echo "== mypy --strict python/taskfleet"
 "$venv/bin/python" -m mypy --config-file python/pyproject.toml python/taskfleet
 
-# shellcheck source=scripts/fleet-lib.sh
-source scripts/fleet-lib.sh
 readme_dir=""
 stop_fleet() {
   local status=$?

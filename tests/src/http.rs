@@ -139,3 +139,36 @@ impl TestFleet {
         self.wait_run(&id, Duration::from_secs(60)).await
     }
 }
+
+impl TestFleet {
+    /// Returns the scheduler's `/metrics` exposition.
+    pub async fn metrics_text(&self) -> String {
+        let url = format!("{}/metrics", self.api);
+        let response = self.http.get(&url).send().await.unwrap();
+        assert_eq!(response.status(), 200, "{url}");
+        response.text().await.unwrap()
+    }
+
+    /// Declares the fleet's queue `queue` (named without its namespace) on `channel`, durable
+    /// and with the arguments the fleet declares it with, so that what is published to it is
+    /// kept even if no process of the fleet declared it yet; returns its full name.
+    pub async fn declare_queue(&self, channel: &lapin::Channel, queue: &str) -> String {
+        let name = format!("{}.{queue}", self.namespace);
+        let mut arguments = lapin::types::FieldTable::default();
+        if queue.starts_with("tasks.") {
+            arguments.insert(
+                "x-max-priority".into(),
+                lapin::types::AMQPValue::ShortShortUInt(9),
+            );
+        }
+        channel
+            .queue_declare(
+                name.as_str().into(),
+                lapin::options::QueueDeclareOptions::durable(),
+                arguments,
+            )
+            .await
+            .unwrap();
+        name
+    }
+}

@@ -9,7 +9,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use lapin::options::{BasicPublishOptions, QueueDeclareOptions};
-use lapin::types::{AMQPValue, FieldTable};
+use lapin::types::FieldTable;
 use lapin::{BasicProperties, ConnectionProperties};
 use serde_json::{Value, json};
 use taskfleet_tests::{AMQP, FleetOptions, TestFleet};
@@ -17,19 +17,7 @@ use taskfleet_tests::{AMQP, FleetOptions, TestFleet};
 /// Publishes `body`, persistent, to the fleet's queue `queue` (named without its namespace),
 /// declared first with the arguments the fleet declares it with.
 async fn publish(channel: &lapin::Channel, fleet: &TestFleet, queue: &str, body: &[u8]) {
-    let name = format!("{}.{queue}", fleet.namespace);
-    let mut arguments = FieldTable::default();
-    if queue.starts_with("tasks.") {
-        arguments.insert("x-max-priority".into(), AMQPValue::ShortShortUInt(9));
-    }
-    channel
-        .queue_declare(
-            name.as_str().into(),
-            QueueDeclareOptions::durable(),
-            arguments,
-        )
-        .await
-        .unwrap();
+    let name = fleet.declare_queue(channel, queue).await;
     channel
         .basic_publish(
             "".into(),
@@ -185,15 +173,7 @@ async fn dead_letters_are_listed_in_place_and_purged_by_an_admin() {
     );
     assert_eq!(event["detail"], json!({"purged": 3}));
     assert!(event["key_id"].is_string(), "{event}");
-    let metrics = fleet
-        .http
-        .get(format!("{}/metrics", fleet.api))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = fleet.metrics_text().await;
     assert!(
         metrics.contains("\ntaskfleet_dead_letters_purged_total 3\n"),
         "{metrics}"

@@ -112,15 +112,7 @@ async fn finished_runs_past_their_retention_are_deleted_with_their_tasks_and_not
         .await;
     assert_eq!(status, 200, "{going}");
     assert_eq!(going["status"], "running", "{going}");
-    let metrics = fleet
-        .http
-        .get(format!("{}/metrics", fleet.api))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = fleet.metrics_text().await;
     assert!(
         metrics.contains("taskfleet_runs_deleted_total 4"),
         "{metrics}"

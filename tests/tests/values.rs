@@ -8,10 +8,7 @@
 use std::time::{Duration, Instant};
 
 use lapin::message::Delivery;
-use lapin::options::{
-    BasicGetOptions, BasicPublishOptions, QueueDeclareOptions, QueueDeleteOptions,
-};
-use lapin::types::{AMQPValue, FieldTable};
+use lapin::options::{BasicGetOptions, BasicPublishOptions, QueueDeleteOptions};
 use lapin::{BasicProperties, ConnectionProperties};
 use serde_json::{Value, json};
 use taskfleet_tests::{AMQP, TestFleet};
@@ -118,27 +115,7 @@ async fn broker() -> (lapin::Connection, lapin::Channel) {
 /// Declares a task queue no worker consumes, `<namespace>.tasks.held`, where steps with
 /// `"queue": "held"` wait for the test to take them.
 async fn hold(channel: &lapin::Channel, fleet: &TestFleet) -> String {
-    declare(channel, fleet, "tasks.held").await
-}
-
-/// Declares the fleet's queue `queue` (named without its namespace) with the arguments the fleet
-/// declares it with, so that what is published to it is kept even if no process of the fleet
-/// has declared it yet; returns its full name.
-async fn declare(channel: &lapin::Channel, fleet: &TestFleet, queue: &str) -> String {
-    let name = format!("{}.{queue}", fleet.namespace);
-    let mut arguments = FieldTable::default();
-    if queue.starts_with("tasks.") {
-        arguments.insert("x-max-priority".into(), AMQPValue::ShortShortUInt(9));
-    }
-    channel
-        .queue_declare(
-            name.as_str().into(),
-            QueueDeclareOptions::durable(),
-            arguments,
-        )
-        .await
-        .unwrap();
-    name
+    fleet.declare_queue(channel, "tasks.held").await
 }
 
 /// Takes `count` messages from `queue`, waiting for them up to 30 s.
@@ -202,14 +179,14 @@ async fn take_dead_letters(
     fleet: &TestFleet,
     count: usize,
 ) -> Vec<Delivery> {
-    let dead = declare(channel, fleet, "dead-letters").await;
+    let dead = fleet.declare_queue(channel, "dead-letters").await;
     take(channel, &dead, count).await
 }
 
 /// Publishes `body`, persistent, to the fleet's queue `queue` (named without its namespace),
 /// declared first: a worker still starting may not have declared its queue yet.
 async fn publish(channel: &lapin::Channel, fleet: &TestFleet, queue: &str, body: &[u8]) {
-    let name = declare(channel, fleet, queue).await;
+    let name = fleet.declare_queue(channel, queue).await;
     channel
         .basic_publish(
             "".into(),
