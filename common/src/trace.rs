@@ -1,6 +1,7 @@
 //! W3C Trace Context (<https://www.w3.org/TR/trace-context/>): the trace id a run carries from
 //! the request that started it to every task it dispatches, read from a `traceparent` header or
-//! made anew. This module parses and writes the ids; it exports no span anywhere.
+//! made anew, and the ids of the spans that make up a run's trace. This module parses, writes
+//! and makes the ids; `taskfleet_io::spans` exports the spans.
 
 use std::fmt;
 
@@ -30,6 +31,11 @@ pub struct TraceParent {
 #[error("a trace id is 32 lowercase hex digits, not all zero")]
 pub struct InvalidTraceId;
 
+/// Describes why a span id does not read.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("a span id is 16 lowercase hex digits, not all zero")]
+pub struct InvalidSpanId;
+
 impl TraceId {
     /// Returns a new random trace id (all 128 bits random, as the specification recommends).
     pub fn random() -> Self {
@@ -55,6 +61,33 @@ impl TraceId {
 }
 
 impl SpanId {
+    /// Returns a new random span id.
+    pub fn random() -> Self {
+        let bytes = TraceId::random().to_bytes();
+        let (high, low) = bytes.split_at(8);
+        let mut id = [0_u8; 8];
+        id.copy_from_slice(if high == [0; 8] { low } else { high });
+        Self(id)
+    }
+
+    /// Returns the id of run `run`'s own span: the same in every process, so that the scheduler
+    /// that ends the run and the workers that run its steps agree on it without telling each
+    /// other (a hash of the run id, never zero).
+    pub fn of_run(run: uuid::Uuid) -> Self {
+        let digest = ring::digest::digest(
+            &ring::digest::SHA256,
+            &[b"taskfleet run span ".as_slice(), run.as_bytes()].concat(),
+        );
+        let mut id = [0_u8; 8];
+        for chunk in digest.as_ref().chunks_exact(8) {
+            id.copy_from_slice(chunk);
+            if id != [0; 8] {
+                break;
+            }
+        }
+        Self(id)
+    }
+
     /// Returns the id's bytes.
     pub fn to_bytes(self) -> [u8; 8] {
         self.0
@@ -148,6 +181,14 @@ impl std::str::FromStr for TraceId {
     }
 }
 
+impl std::str::FromStr for SpanId {
+    type Err = InvalidSpanId;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        non_zero_hex(text).map(Self).ok_or(InvalidSpanId)
+    }
+}
+
 impl Serialize for TraceId {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
         serializer.collect_str(self)
@@ -182,6 +223,17 @@ mod tests {
         if let Some(parsed) = parsed {
             assert_eq!(parsed.to_string(), header, "written back as read");
         }
+    }
+
+    #[test]
+    fn span_ids_are_random_or_the_run_s_own() {
+        let run = uuid::Uuid::new_v4();
+        assert_eq!(SpanId::of_run(run), SpanId::of_run(run));
+        assert_ne!(SpanId::of_run(run), SpanId::of_run(uuid::Uuid::new_v4()));
+        assert_ne!(SpanId::random(), SpanId::random());
+        let id = SpanId::random();
+        assert_eq!(id.to_string().parse::<SpanId>(), Ok(id));
+        assert!("0000000000000000".parse::<SpanId>().is_err());
     }
 
     #[test]

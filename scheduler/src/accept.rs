@@ -150,7 +150,15 @@ impl Writer {
                     crate::metrics::submitted(submission.run.kind);
                     if submission.run.status != RunStatus::Running {
                         finished.push(submission.run.id);
-                        crate::metrics::finished([(submission.run.status, 0.0)]);
+                        let run = &submission.run;
+                        crate::ended::runs(&[store::EndedRun {
+                            id: run.id,
+                            kind: run.kind,
+                            status: run.status,
+                            seconds: 0.0,
+                            trace_id: run.trace_id.map(|id| id.to_string()),
+                            trace_span_id: run.trace_span_id.map(|id| id.to_string()),
+                        }]);
                     }
                     dispatches.extend(submission.dispatches);
                 }

@@ -37,6 +37,9 @@ pub struct Settings {
     /// How log lines are written.
     #[command(flatten)]
     pub log: taskfleet_io::logging::LogSettings,
+    /// Where spans are exported (OTLP).
+    #[command(flatten)]
+    pub spans: taskfleet_io::spans::SpanSettings,
     /// Where the HTTP API listens.
     #[arg(long, env = "TASKFLEET_HTTP_ADDR", default_value = "127.0.0.1:8080")]
     pub http_addr: SocketAddr,
@@ -324,8 +327,9 @@ mod tests {
                 .get_env()
                 .and_then(|env| env.to_str())
                 .unwrap_or_default();
+            // The OpenTelemetry settings keep the specification's names.
             assert!(
-                env.starts_with("TASKFLEET_"),
+                env.starts_with("TASKFLEET_") || env.starts_with("OTEL_"),
                 "{} has no variable",
                 arg.get_id()
             );

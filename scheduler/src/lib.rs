@@ -12,6 +12,7 @@ pub mod completions;
 pub mod config;
 pub mod costs;
 pub mod dispatch;
+pub mod ended;
 pub mod metrics;
 pub mod notify;
 pub mod planning;

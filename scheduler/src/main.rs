@@ -2,7 +2,6 @@
 //! SIGTERM or Ctrl-C. Started as `taskfleet-scheduler --jq-sandbox BYTES`, it is one of the
 //! sandbox processes that run planning's jq programs instead, and reads no setting.
 
-use taskfleet_io::logging::LogFormat;
 use taskfleet_scheduler::config::{Config, CreateKeyArgs, SchedulerCommand, Settings};
 use tokio_util::sync::CancellationToken;
 
@@ -26,6 +25,7 @@ fn main() -> anyhow::Result<()> {
         anyhow::bail!(message);
     }
     let log_format = settings.log.log_format;
+    let span_settings = settings.spans.clone();
     let config = Config::from(settings);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -37,7 +37,15 @@ fn main() -> anyhow::Result<()> {
             if let Err(message) = config.check() {
                 anyhow::bail!(message);
             }
-            runtime.block_on(serve(config, log_format))
+            taskfleet_io::logging::install(log_format);
+            let spans = taskfleet_io::spans::install(&span_settings, "taskfleet-scheduler")?;
+            let served = runtime.block_on(serve(config));
+            // The spans still queued are sent once the runtime has stopped.
+            drop(runtime);
+            if let Some(spans) = spans {
+                spans.finish();
+            }
+            served
         }
     }
 }
@@ -90,8 +98,7 @@ async fn create_key(config: Config, args: CreateKeyArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn serve(config: Config, log_format: LogFormat) -> anyhow::Result<()> {
-    taskfleet_io::logging::install(log_format);
+async fn serve(config: Config) -> anyhow::Result<()> {
     let shutdown = CancellationToken::new();
     tokio::spawn(taskfleet_io::signals::cancel_on_signal(shutdown.clone()));
     taskfleet_scheduler::run(config, shutdown).await

@@ -135,8 +135,8 @@ pub fn submitted(kind: RunKind) {
     counter!(RUNS_SUBMITTED, "kind" => kind.as_str()).increment(1);
 }
 
-/// Counts runs finished, with their durations in seconds.
-pub fn finished(runs: impl IntoIterator<Item = (RunStatus, f64)>) {
+/// Counts runs finished, with their durations in seconds (through [`crate::ended::runs`]).
+pub(crate) fn finished(runs: impl IntoIterator<Item = (RunStatus, f64)>) {
     for (status, seconds) in runs {
         counter!(RUNS_FINISHED, "status" => status.as_str()).increment(1);
         histogram!(RUN_DURATION).record(seconds);

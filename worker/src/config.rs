@@ -42,6 +42,9 @@ pub struct Settings {
     /// How log lines are written.
     #[command(flatten)]
     pub log: taskfleet_io::logging::LogSettings,
+    /// Where spans are exported (OTLP).
+    #[command(flatten)]
+    pub spans: taskfleet_io::spans::SpanSettings,
     /// Task queues to consume, comma separated.
     #[arg(long, env = "TASKFLEET_QUEUES", default_value = DEFAULT_QUEUE, value_parser = parse_queues)]
     pub queues: Queues,

@@ -27,6 +27,7 @@ fn main() -> anyhow::Result<()> {
     if let Err(message) = settings.encryption.install() {
         anyhow::bail!(message);
     }
+    let spans = taskfleet_io::spans::install(&settings.spans, "taskfleet-worker")?;
     let python_path = std::env::var(PYTHON_PATH_VARIABLE).ok();
     let config = Config::new(
         settings,
@@ -42,7 +43,7 @@ fn main() -> anyhow::Result<()> {
         .thread_stack_size(32 * 1024 * 1024)
         .build()
         .context("starting the tokio runtime")?;
-    runtime.block_on(async {
+    let ran = runtime.block_on(async {
         let executors = Executors::start(executor_settings).await?;
         let shutdown = CancellationToken::new();
         tokio::spawn(taskfleet_io::signals::cancel_on_signal(shutdown.clone()));
@@ -62,7 +63,13 @@ fn main() -> anyhow::Result<()> {
             let _ = server.await;
         }
         ran
-    })
+    });
+    // The spans still queued are sent once the runtime has stopped.
+    drop(runtime);
+    if let Some(spans) = spans {
+        spans.finish();
+    }
+    ran
 }
 
 /// The socket of the worker this process serves as a Python executor, when it was started as

@@ -1,18 +1,19 @@
-//! Each request's W3C trace and its line in the access log.
+//! Each request's W3C trace, its span and its line in the access log.
 //!
 //! [`observe_request`] reads a request's `traceparent` header (or starts a new trace when it
 //! has none, or one that does not read: the specification's rule, never an error), hands the
 //! trace to handlers as a [`RequestTrace`] extension, runs the request in a span that carries
-//! its `trace_id`, then writes the access log line and counts the request in the metrics. A run
-//! submitted keeps its request's trace id. Nothing is exported: spans stay in this process's
-//! logs.
+//! its `trace_id`, then writes the access log line, counts the request in the metrics and
+//! exports its span (when spans are exported). A run submitted keeps its request's trace id,
+//! and its own span is a child of the request's.
 
 use axum::extract::{MatchedPath, Request};
 use axum::middleware::Next;
 use axum::response::Response;
 use serde::Deserialize;
 use taskfleet_common::TraceId;
-use taskfleet_common::trace::TraceParent;
+use taskfleet_common::trace::{SpanId, TraceParent};
+use taskfleet_io::spans;
 use tracing::Instrument as _;
 use utoipa::IntoParams;
 
@@ -26,6 +27,8 @@ pub struct RequestTrace {
     pub trace_id: TraceId,
     /// The caller's `traceparent`, when it sent one that reads.
     pub parent: Option<TraceParent>,
+    /// The request's own span.
+    pub span_id: SpanId,
 }
 
 impl RequestTrace {
@@ -40,6 +43,7 @@ impl RequestTrace {
         Self {
             trace_id: parent.map_or_else(TraceId::random, |parent| parent.trace_id),
             parent,
+            span_id: SpanId::random(),
         }
     }
 }
@@ -69,6 +73,7 @@ pub async fn observe_request(
     next: Next,
 ) -> Response {
     let started = std::time::Instant::now();
+    let start = std::time::SystemTime::now();
     let trace = RequestTrace::of(request.headers());
     request.extensions_mut().insert(trace);
     let method = request.method().clone();
@@ -87,7 +92,36 @@ pub async fn observe_request(
         trace_id = %trace.trace_id,
         "request"
     );
+    if spans::enabled() {
+        export_span(&trace, &method, route, status, start, elapsed);
+    }
     response
+}
+
+/// Exports the span of a request that answered `status` after `elapsed`.
+fn export_span(
+    trace: &RequestTrace,
+    method: &axum::http::Method,
+    route: &str,
+    status: u16,
+    start: std::time::SystemTime,
+    elapsed: std::time::Duration,
+) {
+    spans::export(spans::Span {
+        name: format!("{method} {route}").into(),
+        kind: spans::Kind::Server,
+        trace_id: trace.trace_id,
+        span_id: trace.span_id,
+        parent: trace.parent.map(|parent| (parent.parent_id, true)),
+        start,
+        end: start + elapsed,
+        attributes: vec![
+            spans::KeyValue::new("http.request.method", method.to_string()),
+            spans::KeyValue::new("http.route", route.to_owned()),
+            spans::KeyValue::new("http.response.status_code", i64::from(status)),
+        ],
+        error: (status >= 500).then(|| format!("answered {status}")),
+    });
 }
 
 #[cfg(test)]

@@ -101,11 +101,7 @@ impl CompletionLoop {
         // The runs someone waits for here come back whole, so the waiters need not read them.
         let wanted = self.notifier.watched(ending.iter().map(|c| c.run_id));
         let done = store::finish_single_steps(self.db.get().await?, &ending, &wanted).await?;
-        crate::metrics::finished(
-            done.durations
-                .iter()
-                .map(|seconds| (RunStatus::Succeeded, *seconds)),
-        );
+        crate::ended::runs(&done.ended);
         let views = done
             .rows
             .into_iter()
@@ -210,7 +206,7 @@ impl CompletionLoop {
         store::insert_tasks(&mut tx, &self.namespace, &materialized.tasks).await?;
         let ended = store::finish_runs(&mut tx, &finished).await?;
         tx.commit().await.map_err(StoreError::from)?;
-        crate::metrics::finished(ended);
+        crate::ended::runs(&ended);
         self.dispatcher.send(materialized.dispatches);
         // A failed run's steps still running elsewhere are stopped.
         let failed: Vec<Uuid> = finished

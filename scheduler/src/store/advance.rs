@@ -10,8 +10,7 @@ use sqlx::{Postgres, Transaction};
 use taskfleet_common::{RunStatus, TaskStatus};
 use uuid::Uuid;
 
-use super::runs::run_status;
-use super::{Payload, StoreError, sealed};
+use super::{ENDED_RUN, EndedRun, Payload, StoreError, sealed};
 
 /// A run being advanced, locked for the rest of the transaction.
 #[derive(Debug, sqlx::FromRow)]
@@ -243,12 +242,11 @@ pub struct FinishedRun {
 }
 
 /// Records finished runs and cancels their tasks that are still queued, including those
-/// waiting for a retry, which then wait no more. Returns each run's status and how many
-/// seconds it ran.
+/// waiting for a retry, which then wait no more. Returns the runs as they ended.
 pub async fn finish_runs(
     tx: &mut Transaction<'_, Postgres>,
     runs: &[FinishedRun],
-) -> Result<Vec<(RunStatus, f64)>, StoreError> {
+) -> Result<Vec<EndedRun>, StoreError> {
     if runs.is_empty() {
         return Ok(Vec::new());
     }
@@ -262,29 +260,25 @@ pub async fn finish_runs(
         .iter()
         .map(|run| run.error.as_ref().map(sealed))
         .collect();
-    let ended: Vec<(String, f64)> = sqlx::query_as(
+    let sql = format!(
         "WITH finished AS (
              UPDATE runs SET status = f.status, output = f.output, error = f.error,
                     finished_at = now()
              FROM UNNEST($1::uuid[], $2::text[], $3::jsonb[], $4::jsonb[])
                   AS f(id, status, output, error)
              WHERE runs.id = f.id
-             RETURNING runs.status,
-                       extract(epoch FROM runs.finished_at - runs.created_at)::float8 AS seconds),
+             RETURNING {ENDED_RUN}),
          cancelled AS (
              UPDATE tasks SET status = 'cancelled', finished_at = now(), due_at = NULL,
-                    error = '{\"type\": \"cancelled\", \"message\": \"the run ended before this step finished\"}'
+                    error = '{{\"type\": \"cancelled\", \"message\": \"the run ended before this step finished\"}}'
              WHERE run_id = ANY($1) AND status = 'queued')
-         SELECT status, seconds FROM finished",
-    )
-    .bind(&ids)
-    .bind(&statuses)
-    .bind(&outputs)
-    .bind(&errors)
-    .fetch_all(&mut **tx)
-    .await?;
-    ended
-        .into_iter()
-        .map(|(status, seconds)| Ok((run_status(status)?, seconds)))
-        .collect()
+         SELECT * FROM finished"
+    );
+    Ok(sqlx::query_as(sqlx::AssertSqlSafe(sql))
+        .bind(&ids)
+        .bind(&statuses)
+        .bind(&outputs)
+        .bind(&errors)
+        .fetch_all(&mut **tx)
+        .await?)
 }

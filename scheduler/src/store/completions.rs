@@ -9,10 +9,10 @@ use serde_json::Value;
 use sqlx::postgres::PgArguments;
 use sqlx::types::Json;
 use sqlx::{PgConnection, Postgres, Transaction};
-use taskfleet_common::{RunStatus, TaskStatus};
+use taskfleet_common::{RunKind, RunStatus, TaskStatus};
 use uuid::Uuid;
 
-use super::{LockedRun, Payload, RunRow, StoreError, TaskRow, sealed, sealed_text};
+use super::{EndedRun, LockedRun, Payload, RunRow, StoreError, TaskRow, sealed, sealed_text};
 
 /// A completion to record.
 #[derive(Debug, Clone)]
@@ -177,8 +177,8 @@ pub struct SingleStepsFinished {
     pub finished: Vec<Uuid>,
     /// The rows of the finished runs that were asked for, each with its only task.
     pub rows: Vec<(RunRow, TaskRow)>,
-    /// How many seconds each finished run ran.
-    pub durations: Vec<f64>,
+    /// The finished runs, as they ended.
+    pub ended: Vec<EndedRun>,
 }
 
 /// Records the successes among `completions` whose run is a single step that plans without
@@ -213,9 +213,13 @@ pub async fn finish_single_steps(
              WHERE runs.id = r.run_id
              RETURNING runs.id, CASE WHEN runs.id = ANY($11) THEN to_jsonb(runs) END AS run,
                        r.task,
-                       extract(epoch FROM runs.finished_at - runs.created_at)::float8 AS seconds)
-         SELECT id, false, NULL::jsonb, NULL::jsonb, NULL::float8 FROM locked
-         UNION ALL SELECT id, true, run, task, seconds FROM finished"
+                       extract(epoch FROM runs.finished_at - runs.created_at)::float8 AS seconds,
+                       runs.kind, runs.trace_id, runs.trace_span_id)
+         SELECT id, false, NULL::jsonb, NULL::jsonb, NULL::float8, NULL::text, NULL::text,
+                NULL::text
+         FROM locked
+         UNION ALL
+         SELECT id, true, run, task, seconds, kind, trace_id, trace_span_id FROM finished"
     );
     let mut run_ids: Vec<Uuid> = completions.iter().map(|c| c.run_id).collect();
     run_ids.sort_unstable();
@@ -226,6 +230,9 @@ pub async fn finish_single_steps(
         Option<Json<RunRow>>,
         Option<Json<TaskRow>>,
         Option<f64>,
+        Option<String>,
+        Option<String>,
+        Option<String>,
     );
     let rows: Vec<Row> = bind_completions(sqlx::query_as(sqlx::AssertSqlSafe(sql)), completions)
         .bind(run_ids)
@@ -233,13 +240,23 @@ pub async fn finish_single_steps(
         .fetch_all(&mut *conn)
         .await?;
     let mut done = SingleStepsFinished::default();
-    for (id, finished, run, task, seconds) in rows {
+    for (id, finished, run, task, seconds, kind, trace_id, trace_span_id) in rows {
         if !finished {
             done.locked.push(id);
             continue;
         }
         done.finished.push(id);
-        done.durations.extend(seconds);
+        done.ended.push(EndedRun {
+            id,
+            // Every stored kind reads.
+            kind: kind
+                .and_then(|kind| RunKind::try_from(kind).ok())
+                .unwrap_or(RunKind::Workflow),
+            status: RunStatus::Succeeded,
+            seconds: seconds.unwrap_or_default(),
+            trace_id,
+            trace_span_id,
+        });
         if let (Some(Json(run)), Some(Json(task))) = (run, task) {
             done.rows.push((run, task));
         }

@@ -362,6 +362,30 @@ pub struct RunRow {
     pub trace_id: Option<String>,
 }
 
+/// A run that has just ended: how, after how long, and where its span goes in its trace.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct EndedRun {
+    /// Its id.
+    pub id: Uuid,
+    /// A workflow's run or a job.
+    #[sqlx(try_from = "String")]
+    pub kind: RunKind,
+    /// How it ended.
+    #[sqlx(try_from = "String")]
+    pub status: RunStatus,
+    /// How many seconds it ran.
+    pub seconds: f64,
+    /// Its W3C trace id; none for a run made before runs had one.
+    pub trace_id: Option<String>,
+    /// The span its own span is a child of.
+    pub trace_span_id: Option<String>,
+}
+
+/// The columns of an [`EndedRun`], read from `runs` after it was finished.
+const ENDED_RUN: &str = "runs.id, runs.kind, runs.status,
+    extract(epoch FROM runs.finished_at - runs.created_at)::float8 AS seconds,
+    runs.trace_id, runs.trace_span_id";
+
 /// A task as the API shows it.
 #[derive(Debug, sqlx::FromRow, serde::Deserialize)]
 pub struct TaskRow {

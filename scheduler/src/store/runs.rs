@@ -13,7 +13,7 @@ use sqlx::{PgConnection, PgPool};
 use taskfleet_common::{RunKind, RunStatus, TaskStatus};
 use uuid::Uuid;
 
-use super::{Owner, Payload, RunRow, StoreError, TaskRow, add, sealed};
+use super::{ENDED_RUN, EndedRun, Owner, Payload, RunRow, StoreError, TaskRow, add, sealed};
 
 /// A run to insert.
 #[derive(Debug, Clone)]
@@ -42,6 +42,8 @@ pub struct NewRun {
     pub idempotency_key: Option<String>,
     /// The W3C trace it belongs to.
     pub trace_id: Option<taskfleet_common::TraceId>,
+    /// The span its own span is a child of: the request's.
+    pub trace_span_id: Option<taskfleet_common::trace::SpanId>,
 }
 
 /// A task to insert.
@@ -106,27 +108,31 @@ pub async fn insert_runs(
         .iter()
         .map(|run| run.trace_id.map(|id| id.to_string()))
         .collect();
+    let span_ids: Vec<Option<String>> = runs
+        .iter()
+        .map(|run| run.trace_span_id.map(|id| id.to_string()))
+        .collect();
     let columns = TaskColumns::of(namespace, tasks);
     let sql = format!(
         "WITH inserted AS (
              INSERT INTO runs (namespace, id, kind, workflow, workflow_version, definition, input,
                                status, output, error, idempotency_key, tenant, finished_at,
-                               trace_id)
+                               trace_id, trace_span_id)
              SELECT $11, id, kind, workflow, version, definition, input, status, output, error,
                     key, tenant, CASE WHEN status IN ('succeeded', 'failed') THEN now() END,
-                    trace_id
+                    trace_id, span_id
              FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::integer[], $5::jsonb[],
                          $6::jsonb[], $7::text[], $8::jsonb[], $9::jsonb[], $10::text[],
-                         $12::text[], $13::text[])
+                         $12::text[], $13::text[], $14::text[])
                   AS t(id, kind, workflow, version, definition, input, status, output, error, key,
-                       tenant, trace_id)
+                       tenant, trace_id, span_id)
              ON CONFLICT (namespace, tenant, kind, idempotency_key)
                 WHERE idempotency_key IS NOT NULL
              DO NOTHING
              RETURNING id),
          first_tasks AS ({} WHERE t.run_id IN (SELECT id FROM inserted))
          SELECT id FROM inserted",
-        TaskColumns::insert_sql(14)
+        TaskColumns::insert_sql(15)
     );
     let mut arguments = PgArguments::default();
     add(&mut arguments, &ids)?;
@@ -142,6 +148,7 @@ pub async fn insert_runs(
     add(&mut arguments, namespace)?;
     add(&mut arguments, &tenants)?;
     add(&mut arguments, &trace_ids)?;
+    add(&mut arguments, &span_ids)?;
     columns.add_to(&mut arguments)?;
     Ok(sqlx::query_scalar_with(sqlx::AssertSqlSafe(sql), arguments)
         .fetch_all(conn)
@@ -403,14 +410,14 @@ pub async fn list_runs(
 }
 
 /// What became of a cancellation.
-#[derive(Debug, PartialEq)]
+#[derive(Debug)]
 pub enum Cancellation {
     /// No such run (of that kind, in that namespace).
     NotFound,
     /// The run had already finished, in this status.
     Finished(RunStatus),
-    /// The run is now cancelled, with its queued and waiting tasks; it ran this many seconds.
-    Cancelled(f64),
+    /// The run is now cancelled, with its queued and waiting tasks.
+    Cancelled(EndedRun),
 }
 
 /// Cancels a run: records it as cancelled and cancels its tasks that have not finished, so no
@@ -437,15 +444,16 @@ pub async fn cancel_run(
         Some(status) if status.is_finished() => return Ok(Cancellation::Finished(status)),
         Some(_) => {}
     }
-    let seconds: f64 = sqlx::query_scalar(
+    let sql = format!(
         "UPDATE runs SET status = 'cancelled', finished_at = now(),
-                error = '{\"type\": \"cancelled\", \"message\": \"the run was cancelled\"}'
+                error = '{{\"type\": \"cancelled\", \"message\": \"the run was cancelled\"}}'
          WHERE id = $1
-         RETURNING extract(epoch FROM finished_at - created_at)::float8",
-    )
-    .bind(id)
-    .fetch_one(&mut *tx)
-    .await?;
+         RETURNING {ENDED_RUN}"
+    );
+    let ended: EndedRun = sqlx::query_as(sqlx::AssertSqlSafe(sql))
+        .bind(id)
+        .fetch_one(&mut *tx)
+        .await?;
     sqlx::query(
         "UPDATE tasks SET status = 'cancelled', finished_at = now(), due_at = NULL,
                 error = '{\"type\": \"cancelled\", \"message\": \"the run was cancelled\"}'
@@ -455,7 +463,7 @@ pub async fn cancel_run(
     .execute(&mut *tx)
     .await?;
     tx.commit().await?;
-    Ok(Cancellation::Cancelled(seconds))
+    Ok(Cancellation::Cancelled(ended))
 }
 
 /// Reads the inputs and outputs of the namespace's newest runs, as a scheduler does at start to

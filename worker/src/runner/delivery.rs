@@ -130,6 +130,8 @@ async fn run_task(
         }
         _ => Redelivery::Run,
     };
+    // An outcome another delivery reached already had its span.
+    let repeated = matches!(redelivery, Redelivery::Finished(_));
     let (outcome, logs, ran) = match (checked, redelivery) {
         (_, Redelivery::Requeued) => return,
         (_, Redelivery::Finished(outcome)) => (outcome, None, None),
@@ -162,6 +164,7 @@ async fn run_task(
             (Outcome::Failed { error }, None, None)
         }
     };
+    let executor_time = ran;
     let ran = ran.zip(queue).map(|(ran, queue)| Ran {
         queue: queue.to_string(),
         micros: u64::try_from(ran.as_micros()).unwrap_or(u64::MAX),
@@ -172,6 +175,17 @@ async fn run_task(
         succeeded = matches!(outcome, Outcome::Succeeded { .. }),
         "task finished"
     );
+    if !repeated {
+        super::spans::export(&super::spans::Attempt {
+            task: &task,
+            queue: queue.map(|queue| &**queue),
+            worker_id: &shared.worker_id,
+            outcome: &outcome,
+            started_at,
+            finished_at,
+            ran: executor_time,
+        });
+    }
     let completion = CompletionMessage {
         version: PROTOCOL_VERSION,
         task_id: task.task_id,

@@ -16,7 +16,8 @@
 //! Its parts: `main_loop` (connecting, consuming, reconnecting, draining), `delivery` (the tasks
 //! of a delivery, read, run and reported), `redelivery` (tasks that come back from a lost
 //! worker), `execute` (the executors, and a task run under its lease), `lease` (leases and the
-//! heartbeat), `held` (the tasks held per queue), `cancel` (the cancel listener). Publishing
+//! heartbeat), `held` (the tasks held per queue), `cancel` (the cancel listener), `spans` (an attempt's
+//! exported spans). Publishing
 //! completions and storing results are the report loop's, never this module's.
 
 mod cancel;
@@ -26,6 +27,7 @@ mod held;
 mod lease;
 mod main_loop;
 mod redelivery;
+mod spans;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};

@@ -55,8 +55,8 @@ async fn cancel_kind(
         store::Cancellation::Finished(status) => Err(ApiError::conflict(format!(
             "{what} {id} has already finished ({status})"
         ))),
-        store::Cancellation::Cancelled(seconds) => {
-            crate::metrics::finished([(RunStatus::Cancelled, seconds)]);
+        store::Cancellation::Cancelled(ended) => {
+            crate::ended::runs(&[ended]);
             state.notifier.stop_runs(&[id]).await;
             state.notifier.announce(&[id]).await;
             let action = match kind {

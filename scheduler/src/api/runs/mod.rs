@@ -14,11 +14,12 @@ use std::collections::HashMap;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use taskfleet_common::names::is_valid_name;
-use taskfleet_common::{RunKind, RunStatus, TraceId, WorkflowDefinition};
+use taskfleet_common::{RunKind, RunStatus, WorkflowDefinition};
 use utoipa::ToSchema;
 use uuid::Uuid;
 
 use super::{ApiError, AppState, owner};
+use crate::api::trace::RequestTrace;
 use crate::auth::{Principal, Scope};
 use crate::store;
 
@@ -103,7 +104,7 @@ async fn prepare(
     state: &AppState,
     principal: &Principal,
     request: RunRequest,
-    trace_id: TraceId,
+    trace: RequestTrace,
     resolved: &mut Resolved,
 ) -> Result<NewRunParts, ApiError> {
     check_idempotency_key(request.idempotency_key.as_ref())?;
@@ -154,7 +155,7 @@ async fn prepare(
         input: request.input,
         idempotency_key: request.idempotency_key,
         delay_s: None,
-        trace_id,
+        trace,
     })
 }
 
@@ -194,8 +195,8 @@ struct NewRunParts {
     idempotency_key: Option<String>,
     /// Seconds before the first steps are dispatched (jobs' `delay_s`).
     delay_s: Option<f64>,
-    /// The W3C trace of the request that made it.
-    trace_id: TraceId,
+    /// The W3C trace of the request that made it, and its span.
+    trace: RequestTrace,
 }
 
 /// Returns the 403 naming the first step with `python_code` unless the caller may submit

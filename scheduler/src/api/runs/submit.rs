@@ -118,7 +118,7 @@ fn plan_submission(
     let planned = planning::plan_run(
         programs,
         id,
-        Some(parts.trace_id),
+        Some(parts.trace.trace_id),
         &parts.definition,
         &parts.input,
         &BTreeMap::new(),
@@ -146,7 +146,8 @@ fn plan_submission(
             output,
             error,
             idempotency_key: parts.idempotency_key,
-            trace_id: Some(parts.trace_id),
+            trace_id: Some(parts.trace.trace_id),
+            trace_span_id: Some(parts.trace.span_id),
         },
         tasks: rows.tasks,
         dispatches: rows.dispatches,
@@ -203,14 +204,7 @@ pub async fn create(
             request.idempotency_key.as_deref(),
         )
         .await?;
-    let parts = prepare(
-        &state,
-        &principal,
-        request,
-        trace.trace_id,
-        &mut Resolved::new(),
-    )
-    .await?;
+    let parts = prepare(&state, &principal, request, trace, &mut Resolved::new()).await?;
     let submission = plan_one(&state, parts).await?;
     submit_one(&state, submission).await
 }
@@ -260,7 +254,7 @@ pub async fn create_batch(
     let mut runs = Vec::with_capacity(request.runs.len());
     let mut resolved = Resolved::new();
     for (index, run) in request.runs.into_iter().enumerate() {
-        let parts = prepare(&state, &principal, run, trace.trace_id, &mut resolved)
+        let parts = prepare(&state, &principal, run, trace, &mut resolved)
             .await
             .map_err(|error| error.in_batch(index))?;
         runs.push(parts);
@@ -401,7 +395,7 @@ pub async fn create_job(
         input,
         idempotency_key,
         delay_s,
-        trace_id: trace.trace_id,
+        trace,
     };
     let submission = plan_one(&state, parts).await?;
     submit_one(&state, submission).await
@@ -409,7 +403,7 @@ pub async fn create_job(
 
 #[cfg(test)]
 mod tests {
-    use taskfleet_common::{TraceId, jq};
+    use taskfleet_common::jq;
 
     use serde_json::json;
 
@@ -426,7 +420,7 @@ mod tests {
             input: json!({}),
             idempotency_key: None,
             delay_s: None,
-            trace_id: TraceId::random(),
+            trace: RequestTrace::of(&axum::http::HeaderMap::new()),
         }
     }
 

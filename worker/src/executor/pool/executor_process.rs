@@ -95,10 +95,12 @@ impl ExecutorProcess {
         }
         python.confinement.scratch = Some(scratch.clone());
         let mut command = Command::new(&inner.settings.program);
-        // The worker's settings (its service URLs with their passwords, the encryption keys)
-        // are not the steps' business: the executor gets what it needs over its socket.
+        // The worker's settings (its service URLs with their passwords, the encryption keys,
+        // the span exporter's endpoint and headers) are not the steps' business: the executor
+        // gets what it needs over its socket.
         for (name, _) in std::env::vars_os() {
-            if name.to_string_lossy().starts_with("TASKFLEET_") {
+            let name_text = name.to_string_lossy();
+            if name_text.starts_with("TASKFLEET_") || name_text.starts_with("OTEL_EXPORTER_OTLP_") {
                 command.env_remove(name);
             }
         }
