@@ -192,7 +192,8 @@ async fn mark_loop(
 /// up to `most(queue)` tasks (and [`MAX_BUNDLE_BYTES`]) once the batch holds [`SPREAD`]
 /// messages' worth of them, so a large batch costs the broker one message per bundle instead
 /// of one per task, while a few tasks travel alone and spread over every worker. Returns each
-/// message with the tasks it carries, in the batch's order within each queue.
+/// message with the tasks it carries, in the batch's order within each queue and priority, the
+/// highest priority first: a batch publishes its urgent tasks before the others.
 fn pack(batch: &[Dispatch], most: impl Fn(&str) -> usize) -> Vec<(Outgoing, Vec<Uuid>)> {
     let mut groups: Vec<((&str, u8), Vec<&Dispatch>)> = Vec::new();
     for dispatch in batch {
@@ -202,6 +203,8 @@ fn pack(batch: &[Dispatch], most: impl Fn(&str) -> usize) -> Vec<(Outgoing, Vec<
             None => groups.push((key, vec![dispatch])),
         }
     }
+    // Stable: groups of one priority keep the order of their first task.
+    groups.sort_by_key(|((_, priority), _)| std::cmp::Reverse(*priority));
     let mut messages = Vec::new();
     for ((queue, priority), members) in groups {
         let per_message = (members.len() / SPREAD).clamp(1, most(queue).max(1));
@@ -535,6 +538,14 @@ mod tests {
         assert_eq!(a.len(), 63);
         assert_eq!(a.concat(), (0..1000).collect::<Vec<u64>>());
         assert_eq!(of("a", 5), vec![vec![1000], vec![1001], vec![1002]]);
+        assert_eq!(
+            messages[..3]
+                .iter()
+                .map(|(_, priority, _)| *priority)
+                .collect::<Vec<_>>(),
+            vec![5, 5, 5],
+            "the highest priority goes first"
+        );
         let b = of("b", 0);
         assert!(
             b.iter()

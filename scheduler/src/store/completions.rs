@@ -70,7 +70,7 @@ const COMPLETION_ROWS: &str = "(SELECT DISTINCT ON (u.id, u.attempt) u.*
 
 /// Writes the completions of `c` on their tasks still queued at that attempt. Like every
 /// statement that finishes a task, it clears `due_at`: a finished task waits for nothing, and
-/// the timer's index (`tasks_due_in_namespace`) holds only tasks that do.
+/// the timer's index (`tasks_due_by_priority`) holds only tasks that do.
 const RECORD_COMPLETIONS: &str = "UPDATE tasks SET status = c.status, output = c.output,
                 error = c.error, worker_id = c.worker, started_at = c.started,
                 finished_at = c.finished, logs = c.logs, due_at = NULL";

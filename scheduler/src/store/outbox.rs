@@ -63,9 +63,10 @@ impl UndispatchedTask {
 }
 
 /// Claims queued tasks of running runs in `namespace` that no broker confirmed and that were
-/// committed (or last relayed) more than `older_than` ago, oldest first, moving their relay time
-/// forward so that no other relay takes them in the same period. Delayed jobs, waiting retries
-/// and `for_each` steps' own rows are never claimed, however many of them are older.
+/// committed (or last relayed) more than `older_than` ago, highest priority first and oldest
+/// first within a priority, moving their relay time forward so that no other relay takes them
+/// in the same period. Delayed jobs, waiting retries and `for_each` steps' own rows are never
+/// claimed, however many of them are older.
 pub async fn claim_undispatched(
     db: &PgPool,
     namespace: &str,
@@ -73,20 +74,26 @@ pub async fn claim_undispatched(
     limit: i64,
 ) -> Result<Vec<UndispatchedTask>, StoreError> {
     Ok(sqlx::query_as(
-        // The candidates come in order from `tasks_sendable_in_namespace`, which holds only
-        // rows that can be sent, by namespace: no other namespace's row is read. Each
-        // candidate's run is read by its id in a scalar subquery, which PostgreSQL evaluates per
-        // candidate and never turns into a join: the plan never reads the namespace's runs,
-        // whatever the statistics of a young table say, and it stops at the limit.
+        // The candidates of each priority, highest first, come in order from one range of
+        // `tasks_sendable_by_priority`, which holds only rows that can be sent, by namespace and
+        // priority: no other namespace's row is read, and a backlog of low priorities is not
+        // read before the higher ones. Each candidate's run is read by its id in a scalar
+        // subquery, which PostgreSQL evaluates per candidate and never turns into a join: the
+        // plan never reads the namespace's runs, whatever the statistics of a young table say,
+        // and it stops at the limit.
         "WITH claimed AS (
-             SELECT t.id FROM tasks t
-             WHERE t.namespace = $1
-               AND t.status = 'queued' AND t.dispatched_at IS NULL AND t.due_at IS NULL
-               AND t.items_total IS NULL
-               AND coalesce(t.relayed_at, t.created_at) < now() - make_interval(secs => $2)
-               AND (SELECT r.status = 'running' FROM runs r WHERE r.id = t.run_id)
-             ORDER BY coalesce(t.relayed_at, t.created_at) LIMIT $3
-             FOR UPDATE OF t SKIP LOCKED)
+             SELECT c.id
+             FROM generate_series($4::integer, 0, -1) AS p(priority)
+             CROSS JOIN LATERAL (
+                 SELECT t.id FROM tasks t
+                 WHERE t.namespace = $1 AND t.priority = p.priority
+                   AND t.status = 'queued' AND t.dispatched_at IS NULL AND t.due_at IS NULL
+                   AND t.items_total IS NULL
+                   AND coalesce(t.relayed_at, t.created_at) < now() - make_interval(secs => $2)
+                   AND (SELECT r.status = 'running' FROM runs r WHERE r.id = t.run_id)
+                 ORDER BY coalesce(t.relayed_at, t.created_at) LIMIT $3
+                 FOR UPDATE OF t SKIP LOCKED) c
+             LIMIT $3)
          UPDATE tasks t SET relayed_at = now()
          FROM claimed, runs r
          WHERE t.id = claimed.id AND r.id = t.run_id
@@ -96,26 +103,33 @@ pub async fn claim_undispatched(
     .bind(namespace)
     .bind(older_than.as_secs_f64())
     .bind(limit)
+    .bind(i32::from(taskfleet_common::names::MAX_PRIORITY))
     .fetch_all(db)
     .await?)
 }
 
-/// Claims queued tasks of running runs in `namespace` whose retry or delay is due, earliest
-/// first, clearing their due time so they are dispatched once.
+/// Claims queued tasks of running runs in `namespace` whose retry or delay is due, highest
+/// priority first and earliest first within a priority, clearing their due time so they are
+/// dispatched once.
 pub async fn claim_due(
     db: &PgPool,
     namespace: &str,
     limit: i64,
 ) -> Result<Vec<UndispatchedTask>, StoreError> {
     Ok(sqlx::query_as(
-        // As in `claim_undispatched`: candidates of this namespace in order from
-        // `tasks_due_in_namespace`, each run read by id.
+        // As in `claim_undispatched`: candidates of this namespace, one range of
+        // `tasks_due_by_priority` per priority, highest first, each run read by id.
         "WITH due AS (
-             SELECT t.id FROM tasks t
-             WHERE t.namespace = $1 AND t.due_at <= now() AND t.status = 'queued'
-               AND (SELECT r.status = 'running' FROM runs r WHERE r.id = t.run_id)
-             ORDER BY t.due_at LIMIT $2
-             FOR UPDATE OF t SKIP LOCKED)
+             SELECT c.id
+             FROM generate_series($3::integer, 0, -1) AS p(priority)
+             CROSS JOIN LATERAL (
+                 SELECT t.id FROM tasks t
+                 WHERE t.namespace = $1 AND t.priority = p.priority AND t.due_at <= now()
+                   AND t.status = 'queued'
+                   AND (SELECT r.status = 'running' FROM runs r WHERE r.id = t.run_id)
+                 ORDER BY t.due_at LIMIT $2
+                 FOR UPDATE OF t SKIP LOCKED) c
+             LIMIT $2)
          UPDATE tasks t SET due_at = NULL, relayed_at = now()
          FROM due, runs r
          WHERE t.id = due.id AND r.id = t.run_id
@@ -124,6 +138,7 @@ pub async fn claim_due(
     )
     .bind(namespace)
     .bind(limit)
+    .bind(i32::from(taskfleet_common::names::MAX_PRIORITY))
     .fetch_all(db)
     .await?)
 }
