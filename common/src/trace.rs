@@ -74,10 +74,27 @@ impl SpanId {
     /// that ends the run and the workers that run its steps agree on it without telling each
     /// other (a hash of the run id, never zero).
     pub fn of_run(run: uuid::Uuid) -> Self {
-        let digest = ring::digest::digest(
-            &ring::digest::SHA256,
-            &[b"taskfleet run span ".as_slice(), run.as_bytes()].concat(),
-        );
+        Self::derived(b"taskfleet run span ", run.as_bytes())
+    }
+
+    /// Returns the id of the span of attempt `attempt` of task `task`, or with `executor`, of
+    /// that attempt's executor call: derived from them as a run's is, so it costs no system
+    /// call and names the attempt whichever process exports it.
+    pub fn of_attempt(task: uuid::Uuid, attempt: u32, executor: bool) -> Self {
+        let label: &[u8] = if executor {
+            b"taskfleet executor span "
+        } else {
+            b"taskfleet attempt span "
+        };
+        Self::derived(
+            label,
+            &[task.as_bytes().as_slice(), &attempt.to_be_bytes()].concat(),
+        )
+    }
+
+    /// Returns an id hashed from `label` and `bytes`, never zero.
+    fn derived(label: &[u8], bytes: &[u8]) -> Self {
+        let digest = ring::digest::digest(&ring::digest::SHA256, &[label, bytes].concat());
         let mut id = [0_u8; 8];
         for chunk in digest.as_ref().chunks_exact(8) {
             id.copy_from_slice(chunk);
@@ -231,6 +248,18 @@ mod tests {
         assert_eq!(SpanId::of_run(run), SpanId::of_run(run));
         assert_ne!(SpanId::of_run(run), SpanId::of_run(uuid::Uuid::new_v4()));
         assert_ne!(SpanId::random(), SpanId::random());
+        let task = uuid::Uuid::new_v4();
+        let ids = [
+            SpanId::of_attempt(task, 1, false),
+            SpanId::of_attempt(task, 2, false),
+            SpanId::of_attempt(task, 1, true),
+            SpanId::of_run(task),
+        ];
+        assert_eq!(ids[0], SpanId::of_attempt(task, 1, false));
+        assert_eq!(
+            ids.iter().collect::<std::collections::HashSet<_>>().len(),
+            4
+        );
         let id = SpanId::random();
         assert_eq!(id.to_string().parse::<SpanId>(), Ok(id));
         assert!("0000000000000000".parse::<SpanId>().is_err());

@@ -5,10 +5,12 @@
 //! child of the request that started it and the parent of its steps' attempts, though these are
 //! ended by different processes at different times, so ids and times are given rather than
 //! taken from a live span. The OpenTelemetry SDK's batch processor queues, batches and sends
-//! them from a thread of its own (`OTEL_BSP_*` tune it; a full queue drops spans, never waits),
-//! and its sampler (`OTEL_TRACES_SAMPLER`) decides by trace id alone, so every process of the
-//! fleet keeps or drops the same traces. Without an endpoint nothing is installed and
-//! [`export`] returns at once.
+//! them from a thread of its own (`OTEL_BSP_SCHEDULE_DELAY`, `OTEL_BSP_MAX_QUEUE_SIZE` and
+//! `OTEL_BSP_MAX_EXPORT_BATCH_SIZE` tune it; a full queue drops spans, never waits), and its
+//! sampler (`OTEL_TRACES_SAMPLER`) decides by trace id alone, so every process of the fleet
+//! keeps or drops the same traces. The SDK's own warnings (a collector that refuses spans, a
+//! full queue) are logged. Without an endpoint nothing is installed, and [`sampled`] answers
+//! false at once.
 
 use std::borrow::Cow;
 use std::sync::OnceLock;
@@ -32,8 +34,8 @@ const FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
 #[derive(Debug, Clone, Default, clap::Args)]
 pub struct SpanSettings {
     /// The OTLP/HTTP collector spans are sent to (`http://collector:4318`; spans go to its
-    /// `/v1/traces`). Unset: no span is exported. The other `OTEL_*` variables of the OTLP
-    /// exporter and the SDK apply (headers, timeout, sampler, batching).
+    /// `/v1/traces`). Unset: no span is exported. The exporter and the SDK also read their
+    /// headers, timeout, sampler and batching variables (`docs/operations.md`).
     #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT", value_parser = endpoint)]
     pub otlp_endpoint: Option<String>,
     /// The full URL spans are posted to, in place of `{otlp_endpoint}/v1/traces`.
@@ -77,8 +79,10 @@ impl Flush {
     /// Sends the spans still queued (waiting at most a few seconds) and stops the exporter's
     /// thread. It blocks: call it off the async threads, or after the runtime ends.
     pub fn finish(self) {
-        if let Some(exporter) = EXPORTER.get() {
-            let _ = exporter.processor.shutdown_with_timeout(FLUSH_TIMEOUT);
+        if let Some(exporter) = EXPORTER.get()
+            && let Err(error) = exporter.processor.shutdown_with_timeout(FLUSH_TIMEOUT)
+        {
+            tracing::warn!(%error, "sending the last spans failed");
         }
     }
 }
@@ -163,11 +167,31 @@ pub struct Span {
     pub end: SystemTime,
     /// Its attributes.
     pub attributes: Vec<KeyValue>,
-    /// Why it failed, if it did.
+    /// Why it failed, if it did: a description that holds no payload (an error type, a status),
+    /// for spans leave the process unencrypted.
     pub error: Option<String>,
 }
 
-/// Queues `span` for export when spans are exported and its trace is sampled.
+/// Whether spans of trace `trace_id` are exported: spans are exported and the sampler keeps
+/// the trace. Callers ask before building spans. The decision depends on the trace id alone (no
+/// parent context is given to the sampler, so a `parentbased_*` sampler acts as its root
+/// sampler), so that every process keeps or drops the same traces.
+pub fn sampled(trace_id: TraceId) -> bool {
+    EXPORTER.get().is_some_and(|exporter| {
+        let sampling = exporter.sampler.should_sample(
+            None,
+            otel::TraceId::from_bytes(trace_id.to_bytes()),
+            "",
+            &SpanKind::Internal,
+            &[],
+            &[],
+        );
+        sampling.decision == SamplingDecision::RecordAndSample
+    })
+}
+
+/// Queues `span` for export when spans are exported (its trace is taken as sampled: see
+/// [`sampled`]). A full queue drops it.
 pub fn export(span: Span) {
     let Some(exporter) = EXPORTER.get() else {
         return;
@@ -178,15 +202,6 @@ pub fn export(span: Span) {
         Kind::Consumer => SpanKind::Consumer,
         Kind::Internal => SpanKind::Internal,
     };
-    // The decision depends on the trace id alone (no parent context is given), so that every
-    // process keeps or drops the same traces.
-    let sampling =
-        exporter
-            .sampler
-            .should_sample(None, trace_id, &span.name, &kind, &span.attributes, &[]);
-    if sampling.decision != SamplingDecision::RecordAndSample {
-        return;
-    }
     let (parent_span_id, parent_span_is_remote) = match span.parent {
         Some((parent, remote)) => (otel::SpanId::from_bytes(parent.to_bytes()), remote),
         None => (otel::SpanId::INVALID, false),

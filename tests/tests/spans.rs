@@ -107,6 +107,28 @@ fn exporting_to(endpoint: &str) -> Vec<(String, String)> {
     ]
 }
 
+/// Starts a run of `definition` in trace `trace_id` and returns its id.
+async fn start_in_trace(
+    fleet: &TestFleet,
+    definition: serde_json::Value,
+    trace_id: &str,
+) -> String {
+    let response = fleet
+        .http
+        .post(format!("{}/v1/runs", fleet.api))
+        .header("content-type", "application/json")
+        .header("traceparent", format!("00-{trace_id}-{CALLER_SPAN}-01"))
+        .body(json!({"definition": definition, "input": 1}).to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 201);
+    response.json::<serde_json::Value>().await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned()
+}
+
 /// Waits until the spans received satisfy `complete`, and returns them.
 async fn wait_spans(
     spans: &Mutex<Vec<Received>>,
@@ -216,6 +238,65 @@ async fn a_run_s_trace_holds_its_request_run_attempts_and_executor_calls() {
         .collect();
     assert_eq!(ids.len(), 6, "{received:#?}");
 
+    // A run of one step ends through the completion loop's shortcut; a cancelled run ends
+    // through the API: each has its span, with how it ended.
+    let single_trace = "0af7651916cd43dd8448eb211c80319c";
+    let single = start_in_trace(
+        &fleet,
+        json!({"steps": [{"id": "one", "dataflow": ". + 1"}]}),
+        single_trace,
+    )
+    .await;
+    assert_eq!(
+        fleet.wait_run(&single, Duration::from_secs(60)).await["status"],
+        "succeeded"
+    );
+    let cancelled_trace = "1bf92f3577b34da6a3ce929d0e0e4737";
+    let cancelled = start_in_trace(
+        &fleet,
+        json!({"steps": [{"id": "slow", "python_code": "import time\ndef main(_):\n    time.sleep(30)\n"}]}),
+        cancelled_trace,
+    )
+    .await;
+    let (status, answer) = fleet
+        .request("POST", &format!("/v1/runs/{cancelled}/cancel"), None)
+        .await;
+    assert_eq!(status, 200, "{answer}");
+    let received = wait_spans(&spans, |received| {
+        [single_trace, cancelled_trace].iter().all(|trace| {
+            received
+                .iter()
+                .any(|span| span.trace_id == *trace && span.name == "run")
+        }) && received
+            .iter()
+            .any(|span| span.trace_id == single_trace && span.name == "step")
+    })
+    .await;
+    let run_of = |trace: &str| {
+        received
+            .iter()
+            .find(|span| span.trace_id == trace && span.name == "run")
+            .unwrap()
+            .clone()
+    };
+    let single_run = run_of(single_trace);
+    assert_eq!(single_run.attributes["taskfleet.run.status"], "succeeded");
+    assert_eq!(single_run.status, 0, "{single_run:?}");
+    let cancelled_run = run_of(cancelled_trace);
+    assert_eq!(
+        cancelled_run.attributes["taskfleet.run.status"],
+        "cancelled"
+    );
+    assert_eq!(cancelled_run.status, 2, "{cancelled_run:?}");
+
+    // Probes and scrapes make no span.
+    assert!(
+        received
+            .iter()
+            .all(|span| !span.name.contains("/healthz") && !span.name.contains("/readyz")),
+        "{received:#?}"
+    );
+
     // A failing step and its run are marked as errors.
     let failing = json!({"python_code": "def main(input, ctx):\n    raise ValueError('no')\n"});
     let (status, answer) = fleet.request("POST", "/v1/tasks", Some(&failing)).await;
@@ -237,6 +318,38 @@ async fn a_run_s_trace_holds_its_request_run_attempts_and_executor_calls() {
             assert_eq!(span.status, 2, "{span:?}");
         }
     }
+}
+
+#[tokio::test]
+async fn a_worker_stopped_with_sigterm_sends_its_last_spans() {
+    let (endpoint, spans) = start_receiver().await;
+    // The batch is sent only every 5 s (the default): the spans of the job below are still
+    // queued when the worker is told to stop.
+    let mut fleet = TestFleet::start_with(FleetOptions {
+        workers: 1,
+        worker_env: vec![("OTEL_EXPORTER_OTLP_ENDPOINT".to_owned(), endpoint)],
+        ..FleetOptions::default()
+    })
+    .await
+    .unwrap();
+    let job = json!({"dataflow": ". + 1", "input": 1});
+    let (status, answer) = fleet.request("POST", "/v1/tasks", Some(&job)).await;
+    assert_eq!(status, 201, "{answer}");
+    let view = fleet
+        .wait_job(answer["id"].as_str().unwrap(), Duration::from_secs(60))
+        .await;
+    let trace_id = view["trace_id"].as_str().unwrap().to_owned();
+    fleet
+        .terminate_oldest_worker(Duration::from_secs(20))
+        .await
+        .unwrap();
+    let received = spans.lock().unwrap().clone();
+    assert!(
+        received
+            .iter()
+            .any(|span| span.trace_id == trace_id && span.name == "step"),
+        "{received:#?}"
+    );
 }
 
 #[tokio::test]

@@ -27,8 +27,8 @@ pub struct RequestTrace {
     pub trace_id: TraceId,
     /// The caller's `traceparent`, when it sent one that reads.
     pub parent: Option<TraceParent>,
-    /// The request's own span.
-    pub span_id: SpanId,
+    /// The request's own span, when its trace's spans are exported.
+    pub span_id: Option<SpanId>,
 }
 
 impl RequestTrace {
@@ -40,10 +40,11 @@ impl RequestTrace {
             (Some(value), None) => value.to_str().ok().and_then(TraceParent::parse),
             _ => None,
         };
+        let trace_id = parent.map_or_else(TraceId::random, |parent| parent.trace_id);
         Self {
-            trace_id: parent.map_or_else(TraceId::random, |parent| parent.trace_id),
+            trace_id,
             parent,
-            span_id: SpanId::random(),
+            span_id: spans::sampled(trace_id).then(SpanId::random),
         }
     }
 }
@@ -92,8 +93,11 @@ pub async fn observe_request(
         trace_id = %trace.trace_id,
         "request"
     );
-    if spans::enabled() {
-        export_span(&trace, &method, route, status, start, elapsed);
+    // Probes and scrapes are not traced.
+    if let Some(span_id) = trace.span_id
+        && !matches!(route, "/healthz" | "/readyz" | "/metrics")
+    {
+        export_span(&trace, span_id, &method, route, status, start, elapsed);
     }
     response
 }
@@ -101,22 +105,35 @@ pub async fn observe_request(
 /// Exports the span of a request that answered `status` after `elapsed`.
 fn export_span(
     trace: &RequestTrace,
+    span_id: SpanId,
     method: &axum::http::Method,
     route: &str,
     status: u16,
     start: std::time::SystemTime,
     elapsed: std::time::Duration,
 ) {
+    use axum::http::Method;
+    // A method of the caller's own invention is not repeated (the semantic conventions' rule).
+    let method = match *method {
+        Method::GET
+        | Method::POST
+        | Method::PUT
+        | Method::DELETE
+        | Method::PATCH
+        | Method::HEAD
+        | Method::OPTIONS => method.as_str(),
+        _ => "_OTHER",
+    };
     spans::export(spans::Span {
         name: format!("{method} {route}").into(),
         kind: spans::Kind::Server,
         trace_id: trace.trace_id,
-        span_id: trace.span_id,
+        span_id,
         parent: trace.parent.map(|parent| (parent.parent_id, true)),
         start,
         end: start + elapsed,
         attributes: vec![
-            spans::KeyValue::new("http.request.method", method.to_string()),
+            spans::KeyValue::new("http.request.method", method.to_owned()),
             spans::KeyValue::new("http.route", route.to_owned()),
             spans::KeyValue::new("http.response.status_code", i64::from(status)),
         ],

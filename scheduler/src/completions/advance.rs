@@ -363,11 +363,11 @@ pub fn step_state(
     output: Option<crate::store::Payload>,
     error: Option<crate::store::Payload>,
 ) -> StepState {
-    StepState {
-        status: status.step_status(),
-        output: output.map(|output| output.0),
-        error: error.and_then(|error| serde_json::from_value::<StepError>(error.0).ok()),
-    }
+    planning::stored_state(
+        status,
+        output.map(|output| output.0),
+        error.map(|error| error.0),
+    )
 }
 
 #[cfg(test)]

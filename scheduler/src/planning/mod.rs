@@ -60,6 +60,19 @@ pub fn plan_run(
     Ok(PlannedRun { rows, end })
 }
 
+/// Returns the state of a step as stored: its task's status, output and error.
+pub fn stored_state(
+    status: taskfleet_common::TaskStatus,
+    output: Option<Value>,
+    error: Option<Value>,
+) -> StepState {
+    StepState {
+        status: status.step_status(),
+        output,
+        error: error.and_then(|error| serde_json::from_value(error).ok()),
+    }
+}
+
 /// What a run's planning reads: its definition and the values its programs run on.
 pub struct PlanningLoad<'a> {
     /// The run's definition.

@@ -165,9 +165,9 @@ async fn run_task(
         }
     };
     let executor_time = ran;
-    let ran = ran.zip(queue).map(|(ran, queue)| Ran {
+    let ran = ran.zip(queue).map(|(time, queue)| Ran {
         queue: queue.to_string(),
-        micros: u64::try_from(ran.as_micros()).unwrap_or(u64::MAX),
+        micros: u64::try_from(time.ran.as_micros()).unwrap_or(u64::MAX),
     });
     let finished_at = Utc::now();
     // The task's span carries its ids.
@@ -183,7 +183,7 @@ async fn run_task(
             outcome: &outcome,
             started_at,
             finished_at,
-            ran: executor_time,
+            executor: executor_time,
         });
     }
     let completion = CompletionMessage {

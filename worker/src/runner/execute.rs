@@ -30,7 +30,26 @@ pub struct Executed {
     pub logs: Option<String>,
     /// How long it ran, from the moment its executor took it (not counting a wait for a free
     /// Python executor); `None` if no executor took it.
-    pub ran: Option<Duration>,
+    pub ran: Option<ExecutorTime>,
+}
+
+/// How long a step ran on its executor, and when it ended there.
+#[derive(Debug, Clone, Copy)]
+pub struct ExecutorTime {
+    /// How long it ran.
+    pub ran: Duration,
+    /// When its executor gave its outcome.
+    pub ended: std::time::SystemTime,
+}
+
+impl ExecutorTime {
+    /// The time of a step that ran `ran` and ended now.
+    fn until_now(ran: Duration) -> Self {
+        Self {
+            ran,
+            ended: std::time::SystemTime::now(),
+        }
+    }
 }
 
 /// How a worker's executors start: its Python executor processes and its jq sandboxes are both
@@ -113,7 +132,7 @@ impl Executors {
                 return Executed {
                     result,
                     logs: None,
-                    ran: Some(started.elapsed()),
+                    ran: Some(ExecutorTime::until_now(started.elapsed())),
                 };
             }
             StepKind::Python { module, function } => PythonTarget::Function {
@@ -138,7 +157,7 @@ impl Executors {
         Executed {
             result: output.result,
             logs: (!output.logs.is_empty()).then_some(output.logs),
-            ran,
+            ran: ran.map(ExecutorTime::until_now),
         }
     }
 }
@@ -155,7 +174,7 @@ impl Shared {
         &self,
         task: &TaskMessage,
         started_at: chrono::DateTime<Utc>,
-    ) -> (Outcome, Option<String>, Option<Duration>) {
+    ) -> (Outcome, Option<String>, Option<ExecutorTime>) {
         let cancelled = self.register(task);
         let limit = task
             .timeout_s

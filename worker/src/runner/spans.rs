@@ -1,13 +1,16 @@
-//! The spans of a task's attempt, exported when spans are exported (`taskfleet_io::spans`): the
-//! attempt's own, a child of its run's span (whose id every process derives from the run id),
-//! and, when the step ran on an executor, the executor call's, a child of the attempt's.
+//! The spans of a task's attempt, exported when spans are exported and its trace is sampled
+//! (`taskfleet_io::spans`): the attempt's own, a child of its run's span (whose id every
+//! process derives from the run id), and, when the step ran on an executor, the executor
+//! call's, a child of the attempt's. Their ids are derived from the task and the attempt.
 
-use std::time::{Duration, SystemTime};
+use std::time::SystemTime;
 
 use chrono::{DateTime, Utc};
 use taskfleet_common::protocol::{Outcome, TaskMessage};
 use taskfleet_common::trace::SpanId;
 use taskfleet_io::spans::{self, KeyValue};
+
+use super::execute::ExecutorTime;
 
 /// An attempt that ended, as its spans show it.
 pub(super) struct Attempt<'a> {
@@ -19,25 +22,25 @@ pub(super) struct Attempt<'a> {
     pub worker_id: &'a str,
     /// How it ended.
     pub outcome: &'a Outcome,
-    /// When it started and ended.
+    /// When it started.
     pub started_at: DateTime<Utc>,
     /// When it ended.
     pub finished_at: DateTime<Utc>,
-    /// How long its executor ran it, if one did.
-    pub ran: Option<Duration>,
+    /// How long its executor ran it, and when, if one did.
+    pub executor: Option<ExecutorTime>,
 }
 
-/// Exports the spans of `attempt`, if spans are exported and its task carries a trace.
+/// Exports the spans of `attempt`, if its task carries a trace whose spans are exported.
 pub(super) fn export(attempt: &Attempt<'_>) {
-    let Some(trace_id) = attempt.task.trace_id.filter(|_| spans::enabled()) else {
+    let Some(trace_id) = attempt.task.trace_id.filter(|id| spans::sampled(*id)) else {
         return;
     };
     let task = attempt.task;
     let kind = crate::metrics::kind(&task.step);
-    let end = SystemTime::from(attempt.finished_at);
-    let span_id = SpanId::random();
+    let span_id = SpanId::of_attempt(task.task_id.0, task.attempt, false);
+    // The error's type only: its message may hold payload, and spans leave unencrypted.
     let error = match attempt.outcome {
-        Outcome::Failed { error } => Some(format!("{}: {}", error.kind, error.message)),
+        Outcome::Failed { error } => Some(error.kind.clone()),
         _ => None,
     };
     spans::export(spans::Span {
@@ -47,7 +50,7 @@ pub(super) fn export(attempt: &Attempt<'_>) {
         span_id,
         parent: Some((SpanId::of_run(task.run_id.0), true)),
         start: SystemTime::from(attempt.started_at),
-        end,
+        end: SystemTime::from(attempt.finished_at),
         attributes: vec![
             KeyValue::new("taskfleet.run.id", task.run_id.to_string()),
             KeyValue::new("taskfleet.task.id", task.task_id.to_string()),
@@ -62,16 +65,18 @@ pub(super) fn export(attempt: &Attempt<'_>) {
         ],
         error: error.clone(),
     });
-    if let Some(ran) = attempt.ran {
-        // The executor's time ends where the attempt's does, less the moments spent reporting.
+    if let Some(executor) = attempt.executor {
         spans::export(spans::Span {
             name: "executor call".into(),
             kind: spans::Kind::Internal,
             trace_id,
-            span_id: SpanId::random(),
+            span_id: SpanId::of_attempt(task.task_id.0, task.attempt, true),
             parent: Some((span_id, false)),
-            start: end.checked_sub(ran).unwrap_or(end),
-            end,
+            start: executor
+                .ended
+                .checked_sub(executor.ran)
+                .unwrap_or(executor.ended),
+            end: executor.ended,
             attributes: vec![KeyValue::new("taskfleet.step.kind", kind)],
             error,
         });

@@ -147,7 +147,7 @@ fn plan_submission(
             error,
             idempotency_key: parts.idempotency_key,
             trace_id: Some(parts.trace.trace_id),
-            trace_span_id: Some(parts.trace.span_id),
+            trace_span_id: parts.trace.span_id,
         },
         tasks: rows.tasks,
         dispatches: rows.dispatches,
