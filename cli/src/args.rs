@@ -72,6 +72,9 @@ pub enum Command {
     Wait(WaitArgs),
     /// Cancels a run (or, with --job, a job): no new step starts and running ones are stopped
     Cancel(StatusArgs),
+    /// Runs a failed or cancelled run (or, with --job, a job) again from its failed, cancelled
+    /// and unstarted steps; the steps that succeeded keep their outputs
+    Retry(StatusArgs),
     /// Lists workflow runs, newest first
     Runs(RunsArgs),
     /// Lists jobs, newest first

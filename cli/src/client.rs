@@ -322,9 +322,9 @@ impl Client {
         self.send(Method::DELETE, &url, request).await
     }
 
-    /// Cancels a run or job with `POST /v1/{runs|tasks}/{id}/cancel`.
-    pub async fn cancel(&self, kind: Kind, id: &str) -> Result<Value, ApiError> {
-        let url = self.url(&["v1", kind.collection(), id, "cancel"]);
+    /// Acts on a run or job with `POST /v1/{runs|tasks}/{id}/{action}` (`cancel`, `retry`).
+    pub async fn act(&self, kind: Kind, id: &str, action: &str) -> Result<Value, ApiError> {
+        let url = self.url(&["v1", kind.collection(), id, action]);
         let request = self.http.post(url.clone()).timeout(REQUEST_TIMEOUT);
         self.send(Method::POST, &url, request).await
     }

@@ -169,7 +169,8 @@ async fn dispatch(
         Command::Enqueue(enqueue_args) => enqueue(&client, printer, enqueue_args).await,
         Command::Status(status_args) => status(&client, printer, status_args).await,
         Command::Wait(wait_args) => wait(&client, printer, wait_args).await,
-        Command::Cancel(cancel_args) => cancel(&client, printer, cancel_args).await,
+        Command::Cancel(args) => act(&client, printer, args, "cancel").await,
+        Command::Retry(args) => act(&client, printer, args, "retry").await,
         Command::Runs(runs_args) => {
             let filters = vec![
                 ("status", runs_args.status),
@@ -377,20 +378,22 @@ async fn show(
     Ok(Exit::Success)
 }
 
-/// `taskfleet cancel`: cancels a run or job and prints the answer.
-async fn cancel(
+/// `taskfleet cancel` and `taskfleet retry`: does `action` to a run or job and prints the
+/// answer, its status.
+async fn act(
     client: &Client,
     printer: Printer,
-    cancel_args: StatusArgs,
+    args: StatusArgs,
+    action: &str,
 ) -> Result<Exit, CliError> {
-    let kind = Kind::from_job_flag(cancel_args.job);
+    let kind = Kind::from_job_flag(args.job);
     let answer = client
-        .cancel(kind, &cancel_args.id)
+        .act(kind, &args.id, action)
         .await
         .map_err(|error| lookup_error(kind, error))?;
     printer.print(&answer, |answer| {
-        let status = answer["status"].as_str().unwrap_or("cancelled");
-        format!("{} {} {status}", kind.noun(), cancel_args.id)
+        let status = answer["status"].as_str().unwrap_or_default();
+        format!("{} {} {status}", kind.noun(), args.id)
     })?;
     Ok(Exit::Success)
 }

@@ -369,6 +369,20 @@ class Client:
         """
         self._call("POST", f"/v1/runs/{_segment(run_id)}/cancel")
 
+    def retry(self, run_id: str) -> str:
+        """Runs a failed or cancelled run again with ``POST /v1/runs/{id}/retry``, from its
+        failed, cancelled and unstarted steps; the steps that succeeded keep their outputs.
+        Asked again while the re-run is under way, it answers the same.
+
+        Raises:
+            Conflict: The run succeeded, or is running and was never re-run.
+            NotFound: No run with that id.
+
+        Returns:
+            The run's status: ``running``, or how it ended if it ended at once.
+        """
+        return self._act("runs", run_id, "retry")
+
     def list_runs(
         self,
         *,
@@ -458,6 +472,11 @@ class Client:
     def cancel_job(self, job_id: str) -> None:
         """Cancels the job with ``POST /v1/tasks/{id}/cancel``, as :meth:`cancel` does a run."""
         self._call("POST", f"/v1/tasks/{_segment(job_id)}/cancel")
+
+    def retry_job(self, job_id: str) -> str:
+        """Runs a failed or cancelled job again with ``POST /v1/tasks/{id}/retry``, as
+        :meth:`retry` does a run, and returns its status."""
+        return self._act("tasks", job_id, "retry")
 
     def list_jobs(
         self,
@@ -613,6 +632,12 @@ class Client:
                 next_poll = min(next_poll, deadline)
             if next_poll > now:
                 time.sleep(next_poll - now)
+
+    def _act(self, collection: str, run_id: str, action: str) -> str:
+        """Posts ``action`` to a run or job and returns the status it answers."""
+        path = f"/v1/{collection}/{_segment(run_id)}/{action}"
+        answer = self._call("POST", path)
+        return self._read(answer, "POST", path, lambda body: _submitted(body, False).status)
 
     def _read(self, answer: _Answer, method: str, path: str, parse: Callable[[Any], _T]) -> _T:
         """Returns the answer's body parsed, or raises UnexpectedResponse naming what is wrong."""

@@ -308,6 +308,24 @@ def test_cancel_stops_a_run_with_a_slow_step(client: Client, slow_run: str) -> N
     assert slow_run in conflict.value.message and "already finished" in conflict.value.message
 
 
+def test_a_failed_run_and_a_failed_job_run_again(client: Client) -> None:
+    failing = workflow({"id": "boom", "dataflow": "error(\"no\")"})
+    submitted = client.submit(failing, None)
+    assert client.wait(submitted.id, timeout=WAIT_S).status == "failed"
+    assert client.retry(submitted.id) == "running"
+    assert client.wait(submitted.id, timeout=WAIT_S).status == "failed"
+
+    job = client.submit_job({"dataflow": "error(\"no\")"}, None)
+    assert client.wait_job(job.id, timeout=WAIT_S).status == "failed"
+    assert client.retry_job(job.id) == "running"
+
+    done = client.submit(workflow({"id": "echo", "dataflow": "."}), "done")
+    assert client.result(done.id, timeout=WAIT_S) == "done"
+    with pytest.raises(Conflict) as conflict:
+        client.retry(done.id)
+    assert "succeeded" in conflict.value.message
+
+
 def test_cancelling_a_finished_run_is_a_conflict(client: Client) -> None:
     submitted = client.submit(workflow({"id": "echo", "dataflow": "."}), "done")
     assert client.result(submitted.id, timeout=WAIT_S) == "done"

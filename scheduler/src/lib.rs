@@ -160,6 +160,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         redis,
         broker: broker.clone(),
         acceptor,
+        dispatcher: dispatcher.clone(),
         notifier,
         programs: submission_programs,
         shutdown: shutdown.clone(),

@@ -108,6 +108,15 @@ impl Notifier {
         }
     }
 
+    /// Clears the flag of a stopped run that runs again, so that workers take its new tasks.
+    pub async fn resume_run(&self, run_id: Uuid) -> Result<(), redis::RedisError> {
+        let mut redis = self.redis.clone();
+        redis::cmd("DEL")
+            .arg(self.namespace.cancelled_key(RunId(run_id)))
+            .query_async::<()>(&mut redis)
+            .await
+    }
+
     /// Announces that these runs finished.
     pub async fn announce(&self, run_ids: &[Uuid]) {
         self.announce_with_views(run_ids, HashMap::new()).await;

@@ -50,6 +50,8 @@ pub struct AppState {
     pub broker: Arc<Broker>,
     /// Where accepted runs are written.
     pub acceptor: Acceptor,
+    /// Hands committed tasks to the publisher (tasks written outside the acceptor: re-runs).
+    pub dispatcher: crate::dispatch::Dispatcher,
     /// Run-finished notifications for long polls.
     pub notifier: Notifier,
     /// Compiled jq programs, and where planning runs them.
@@ -85,6 +87,8 @@ fn routes() -> OpenApiRouter<AppState> {
         .routes(routes!(runs::create_job, runs::list_jobs))
         .routes(routes!(runs::show_job))
         .routes(routes!(runs::cancel_job))
+        .routes(routes!(runs::retry))
+        .routes(routes!(runs::retry_job))
         .routes(routes!(stats))
         .routes(routes!(fleet::workers))
         .routes(routes!(fleet::queues))

@@ -1,11 +1,13 @@
 //! `/v1/runs` and `/v1/tasks`: starting runs and jobs ([`submit`]), showing them with long
-//! polling ([`show`]), listing them ([`list`]) and cancelling them ([`cancel`]).
+//! polling ([`show`]), listing them ([`list`]), cancelling them ([`cancel`]) and running them
+//! again ([`retry`]).
 //!
 //! A job is a run of a one-step definition, kept apart from workflow runs by its kind. This
 //! module holds what those share: the request, the run's kind and the checks of its fields.
 
 mod cancel;
 mod list;
+mod retry;
 mod show;
 mod submit;
 
@@ -25,6 +27,7 @@ use crate::store;
 
 pub use cancel::{__path_cancel, __path_cancel_job, cancel, cancel_job};
 pub use list::{__path_list, __path_list_jobs, list, list_jobs};
+pub use retry::{__path_retry, __path_retry_job, retry, retry_job};
 pub use show::{__path_show, __path_show_job, show, show_job};
 pub use submit::{
     __path_create, __path_create_batch, __path_create_job, create, create_batch, create_job,
