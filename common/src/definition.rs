@@ -39,7 +39,18 @@ pub struct WorkflowDefinition {
     /// The id of the step whose output is the run's output.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub output: Option<String>,
+    /// Seconds a run may take, from its start, at most a year: a run still unfinished then is
+    /// cancelled with error type `run_timeout`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(
+        feature = "openapi",
+        schema(exclusive_minimum = 0.0, maximum = 31536000.0)
+    )]
+    pub timeout_s: Option<f64>,
 }
+
+/// The longest `timeout_s` a run may set: a year.
+pub const MAX_RUN_TIMEOUT_S: f64 = 365.0 * 24.0 * 3600.0;
 
 /// One step of a workflow, or a job enqueued on its own.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -364,6 +375,17 @@ impl WorkflowDefinition {
                 message: "a workflow needs at least one step".to_owned(),
             });
         }
+        if let Some(timeout) = self.timeout_s
+            && !(timeout.is_finite() && timeout > 0.0 && timeout <= MAX_RUN_TIMEOUT_S)
+        {
+            problems.push(Problem {
+                step: None,
+                message: format!(
+                    "the workflow's `timeout_s` must be a positive number of seconds, at most \
+                     {MAX_RUN_TIMEOUT_S} (a year)"
+                ),
+            });
+        }
         let mut seen = BTreeSet::new();
         for step in &self.steps {
             step.check(programs, &mut problems);
@@ -606,6 +628,14 @@ mod tests {
         check(
             json!({"steps": [{"id": "a", "dataflow": ".", "timeout_s": 0}]}),
             &["`timeout_s`"],
+        );
+        check(
+            json!({"steps": [{"id": "a", "dataflow": "."}], "timeout_s": 0}),
+            &["the workflow's `timeout_s` must be a positive number of seconds"],
+        );
+        check(
+            json!({"steps": [{"id": "a", "dataflow": "."}], "timeout_s": 4e7}),
+            &["the workflow's `timeout_s`"],
         );
         check(
             json!({"steps": [{"id": "a", "dataflow": ".", "timeout_s": 1e12}]}),

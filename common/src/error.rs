@@ -6,6 +6,9 @@ use serde::{Deserialize, Serialize};
 
 /// The error type recorded when a step attempt ran longer than its `timeout_s`.
 pub const TIMEOUT: &str = "timeout";
+/// The error type recorded when a run took longer than its definition's `timeout_s`, and of
+/// the steps it stopped.
+pub const RUN_TIMEOUT: &str = "run_timeout";
 /// The error type recorded when a step was cancelled.
 pub const CANCELLED: &str = "cancelled";
 /// The error type recorded when a task lost its worker too many times.

@@ -11,6 +11,7 @@ pub mod broker;
 pub mod completions;
 pub mod config;
 pub mod costs;
+pub mod deadlines;
 pub mod dispatch;
 pub mod ended;
 pub mod metrics;
@@ -90,6 +91,12 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         db.clone(),
         config.namespace.as_str().to_owned(),
         Duration::from_millis(100),
+        shutdown.child_token(),
+    ));
+    tracker.spawn(deadlines::deadline_loop(
+        db.clone(),
+        config.namespace.as_str().to_owned(),
+        notifier.clone(),
         shutdown.child_token(),
     ));
     if let Some(retention) = config.retention {

@@ -25,6 +25,7 @@ use uuid::Uuid;
 
 mod advance;
 mod completions;
+mod deadlines;
 mod keys;
 mod outbox;
 mod quotas;
@@ -43,6 +44,7 @@ pub use completions::{
     finish_single_steps, keep_logs_of_cancelled, lock_and_record, record_completions,
     schedule_retries,
 };
+pub use deadlines::time_out_runs;
 pub use keys::{
     AuditEvent, AuditRow, KeyRow, NewKey, audit, find_key, insert_key, list_audit, list_keys,
     revoke_key, touch_key,
@@ -382,6 +384,10 @@ pub struct EndedRun {
     /// The span its own span is a child of.
     pub trace_span_id: Option<String>,
 }
+
+/// A run's deadline from now, where its definition sets `timeout_s` (else null), in statements
+/// that write `runs.deadline_at` with the run's `definition` at hand.
+const DEADLINE: &str = "now() + make_interval(secs => (definition->>'timeout_s')::float8)";
 
 /// The columns of an [`EndedRun`], read from `runs` after it was finished.
 const ENDED_RUN: &str = "runs.id, runs.kind, runs.status,

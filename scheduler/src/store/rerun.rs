@@ -1,7 +1,8 @@
 //! Running a failed or cancelled run again from its failed, cancelled and unstarted steps: the
 //! rows of its steps that did not succeed (nor were skipped) are deleted with their items, so
 //! planning finds those steps unstarted and plans them anew, while the steps that succeeded keep
-//! their outputs and are not run again.
+//! their outputs and are not run again. Its deadline, if its definition sets `timeout_s`,
+//! starts again.
 
 use serde_json::Value;
 use sqlx::types::Json;
@@ -11,7 +12,7 @@ use uuid::Uuid;
 
 use super::advance::{FinishedRun, TaskState};
 use super::runs::run_status;
-use super::{EndedRun, NewTask, Owner, Payload, StoreError};
+use super::{DEADLINE, EndedRun, NewTask, Owner, Payload, StoreError};
 
 /// Where a run stands when it is asked to run again.
 #[derive(Debug)]
@@ -102,14 +103,15 @@ pub async fn restart_run(
     tasks: &[NewTask],
     end: Option<FinishedRun>,
 ) -> Result<Option<EndedRun>, StoreError> {
-    sqlx::query(
+    let sql = format!(
         "UPDATE runs SET status = 'running', output = NULL, error = NULL, finished_at = NULL,
-                reruns = reruns + 1
-         WHERE id = $1",
-    )
-    .bind(id)
-    .execute(&mut **tx)
-    .await?;
+                reruns = reruns + 1, deadline_at = {DEADLINE}
+         WHERE id = $1"
+    );
+    sqlx::query(sqlx::AssertSqlSafe(sql))
+        .bind(id)
+        .execute(&mut **tx)
+        .await?;
     super::insert_tasks(tx, namespace, tasks).await?;
     Ok(match end {
         Some(end) => super::finish_runs(tx, &[end]).await?.pop(),

@@ -13,7 +13,9 @@ use sqlx::{PgConnection, PgPool};
 use taskfleet_common::{RunKind, RunStatus, TaskStatus};
 use uuid::Uuid;
 
-use super::{ENDED_RUN, EndedRun, Owner, Payload, RunRow, StoreError, TaskRow, add, sealed};
+use super::{
+    DEADLINE, ENDED_RUN, EndedRun, Owner, Payload, RunRow, StoreError, TaskRow, add, sealed,
+};
 
 /// A run to insert.
 #[derive(Debug, Clone)]
@@ -117,10 +119,10 @@ pub async fn insert_runs(
         "WITH inserted AS (
              INSERT INTO runs (namespace, id, kind, workflow, workflow_version, definition, input,
                                status, output, error, idempotency_key, tenant, finished_at,
-                               trace_id, trace_span_id)
+                               trace_id, trace_span_id, deadline_at)
              SELECT $11, id, kind, workflow, version, definition, input, status, output, error,
                     key, tenant, CASE WHEN status IN ('succeeded', 'failed') THEN now() END,
-                    trace_id, span_id
+                    trace_id, span_id, {DEADLINE}
              FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::integer[], $5::jsonb[],
                          $6::jsonb[], $7::text[], $8::jsonb[], $9::jsonb[], $10::text[],
                          $12::text[], $13::text[], $14::text[])

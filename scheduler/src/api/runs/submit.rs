@@ -377,6 +377,7 @@ pub async fn create_job(
         name: None,
         steps: vec![step],
         output: None,
+        timeout_s: None,
     };
     check_python_code(&principal, &definition)?;
     state
