@@ -78,12 +78,14 @@ async fn a_bad_timeout_is_refused_naming_it() {
     .await
     .unwrap();
     for timeout in [json!(0), json!(-1), json!(1e9)] {
-        let body = json!({"definition": {"timeout_s": timeout, "steps": [{"id": "a", "dataflow": "."}]}});
+        let body =
+            json!({"definition": {"timeout_s": timeout, "steps": [{"id": "a", "dataflow": "."}]}});
         let (status, answer) = fleet.request("POST", "/v1/runs", Some(&body)).await;
         assert_eq!(status, 422, "{timeout}: {answer}");
         assert!(answer.to_string().contains("timeout_s"), "{answer}");
     }
-    let body = json!({"definition": {"timeout_s": "soon", "steps": [{"id": "a", "dataflow": "."}]}});
+    let body =
+        json!({"definition": {"timeout_s": "soon", "steps": [{"id": "a", "dataflow": "."}]}});
     let (status, answer) = fleet.request("POST", "/v1/runs", Some(&body)).await;
     assert_eq!(status, 400, "{answer}");
 }
