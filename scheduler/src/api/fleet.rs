@@ -5,6 +5,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use axum::Json;
 use axum::extract::State;
+use futures_util::StreamExt as _;
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 use taskfleet_common::names::DEFAULT_QUEUE;
@@ -161,6 +162,9 @@ pub async fn queues(
     Ok(Json(QueueList { queues }))
 }
 
+/// How many queues' counts are looked up at once.
+const QUEUE_LOOKUPS_AT_ONCE: usize = 16;
+
 /// Returns the views of the queues named, of the default queue and of those the live workers
 /// consume, as the broker counts them (queues it does not have are left out).
 pub(crate) async fn queue_views(
@@ -176,9 +180,18 @@ pub(crate) async fn queue_views(
             *in_flight.entry(queue).or_default() += held;
         }
     }
+    // Each look-up is a few round trips on a channel of its own: several go at once, in order.
+    let counted: Vec<_> = futures_util::stream::iter(names)
+        .map(|name| async move {
+            let counts = state.broker.queue_counts(&name).await;
+            (name, counts)
+        })
+        .buffered(QUEUE_LOOKUPS_AT_ONCE)
+        .collect()
+        .await;
     let mut queues = Vec::new();
-    for name in names {
-        let counts = state.broker.queue_counts(&name).await.map_err(|error| {
+    for (name, counts) in counted {
+        let counts = counts.map_err(|error| {
             tracing::warn!(%error, "reading queue counts");
             ApiError::unavailable("rabbitmq is unavailable; try again")
         })?;
