@@ -5,8 +5,8 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use axum::Json;
 use axum::extract::State;
-use futures_util::StreamExt as _;
 use chrono::{DateTime, Utc};
+use futures_util::StreamExt as _;
 use serde::Serialize;
 use taskfleet_common::names::DEFAULT_QUEUE;
 use taskfleet_common::records::{HEARTBEAT_STALE_AFTER, WorkerHeartbeat};

@@ -6,6 +6,7 @@
 //! - [`programs`] runs the jq programs the decisions need (in place when quick, else in a
 //!   sandbox process);
 //! - [`rows`] turns decisions into task rows and dispatches;
+//! - [`submission`] plans new runs, submitted or started by a schedule's tick;
 //! - this module joins them ([`plan_run`]) and chooses where planning runs ([`run_planning`]):
 //!   on the calling async thread when it is quick work on values, else on the blocking pool.
 //!
@@ -14,6 +15,7 @@
 pub mod planner;
 pub mod programs;
 pub mod rows;
+pub mod submission;
 
 use std::collections::BTreeMap;
 
@@ -29,6 +31,7 @@ use crate::store::FinishedRun;
 pub use planner::{Halted, StepState};
 pub use programs::{ProgramRunner, SandboxedPrograms};
 pub use rows::{Materialized, finished_run};
+pub use submission::{NewRunParts, plan_new_run};
 
 /// What planning a run came to.
 #[derive(Debug, Default)]

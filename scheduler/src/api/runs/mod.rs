@@ -23,6 +23,7 @@ use uuid::Uuid;
 use super::{ApiError, AppState, owner};
 use crate::api::trace::RequestTrace;
 use crate::auth::{Principal, Scope};
+use crate::planning::NewRunParts;
 use crate::store;
 
 pub use cancel::{__path_cancel, __path_cancel_job, cancel, cancel_job};
@@ -56,6 +57,57 @@ pub struct RunRequest {
     /// A key that makes the submission idempotent: a repeat answers the first run.
     #[schema(min_length = 1, max_length = 256)]
     idempotency_key: Option<String>,
+    /// Seconds to wait before the run's first steps are dispatched (at most a year); not with
+    /// `not_before`.
+    #[schema(minimum = 0, maximum = 31_536_000)]
+    delay_s: Option<f64>,
+    /// The time (RFC 3339) before which the run's first steps are not dispatched; a time past
+    /// is now. Not with `delay_s`.
+    #[schema(value_type = Option<String>, format = DateTime)]
+    not_before: Option<String>,
+}
+
+/// The longest delay accepted (`delay_s`, or `not_before` from now): a year.
+const MAX_DELAY_S: f64 = 365.0 * 24.0 * 3600.0;
+
+/// Returns the seconds before a new run's or job's first steps are dispatched, from its
+/// `delay_s` or its `not_before` (none: at once). Both at once answer 422 naming them; a
+/// delay out of range or a time that does not read answers 400 naming the field.
+fn start_delay(delay_s: Option<f64>, not_before: Option<&str>) -> Result<Option<f64>, ApiError> {
+    let seconds = match (delay_s, not_before) {
+        (Some(_), Some(_)) => {
+            return Err(ApiError::invalid(
+                "give \"delay_s\" or \"not_before\", not both",
+                Some(serde_json::json!([{"field": "delay_s"}, {"field": "not_before"}])),
+            ));
+        }
+        (None, None) => return Ok(None),
+        (Some(seconds), None) => {
+            if !(seconds.is_finite() && (0.0..=MAX_DELAY_S).contains(&seconds)) {
+                return Err(ApiError::bad_request(format!(
+                    "delay_s must be between 0 and {MAX_DELAY_S} seconds"
+                )));
+            }
+            seconds
+        }
+        (None, Some(text)) => {
+            let at = chrono::DateTime::parse_from_rfc3339(text).map_err(|error| {
+                ApiError::bad_request(format!(
+                    "not_before {text:?} is not an RFC 3339 time (such as \"2026-12-24T18:00:00Z\"): {error}"
+                ))
+            })?;
+            let seconds = (at.with_timezone(&chrono::Utc) - chrono::Utc::now()).num_milliseconds()
+                as f64
+                / 1000.0;
+            if seconds > MAX_DELAY_S {
+                return Err(ApiError::bad_request(format!(
+                    "not_before {text:?} is more than a year ahead"
+                )));
+            }
+            seconds.max(0.0)
+        }
+    };
+    Ok((seconds > 0.0).then_some(seconds))
 }
 
 /// A run or job's id and where it stands, answered when it is submitted or cancelled.
@@ -91,7 +143,7 @@ fn check_idempotency_key(key: Option<&String>) -> Result<(), ApiError> {
 }
 
 /// Checks that a run input can be stored and sent, and is within the size limit.
-fn check_input(state: &AppState, input: &Value) -> Result<(), ApiError> {
+pub(super) fn check_input(state: &AppState, input: &Value) -> Result<(), ApiError> {
     taskfleet_common::value::check(input)
         .map_err(|error| ApiError::bad_request(format!("input: {error}")))?;
     taskfleet_common::value::check_size(input, state.config.max_value_bytes)
@@ -111,6 +163,7 @@ async fn prepare(
     resolved: &mut Resolved,
 ) -> Result<NewRunParts, ApiError> {
     check_idempotency_key(request.idempotency_key.as_ref())?;
+    let delay_s = start_delay(request.delay_s, request.not_before.as_deref())?;
     check_input(state, &request.input)?;
     let (definition, workflow, version) = match (request.workflow, request.definition) {
         (Some(_), Some(_)) => {
@@ -157,13 +210,14 @@ async fn prepare(
         version,
         input: request.input,
         idempotency_key: request.idempotency_key,
-        delay_s: None,
-        trace,
+        delay_s,
+        trace_id: trace.trace_id,
+        trace_span_id: trace.span_id,
     })
 }
 
 /// Returns a registered workflow's definition and version.
-async fn resolve(
+pub(super) async fn resolve(
     state: &AppState,
     principal: &Principal,
     name: &str,
@@ -182,24 +236,6 @@ async fn resolve(
     let definition =
         serde_json::from_value(row.definition.0).map_err(|error| ApiError::internal(&error))?;
     Ok((definition, row.version))
-}
-
-/// What a new run is made of, before planning.
-struct NewRunParts {
-    kind: RunKind,
-    /// The tenant it belongs to.
-    tenant: String,
-    definition: WorkflowDefinition,
-    /// Whether the definition came inline and is still to be checked.
-    unchecked: bool,
-    workflow: Option<String>,
-    version: Option<i32>,
-    input: Value,
-    idempotency_key: Option<String>,
-    /// Seconds before the first steps are dispatched (jobs' `delay_s`).
-    delay_s: Option<f64>,
-    /// The W3C trace of the request that made it, and its span.
-    trace: RequestTrace,
 }
 
 /// Returns the 403 naming the first step with `python_code` unless the caller may submit

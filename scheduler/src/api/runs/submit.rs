@@ -1,8 +1,6 @@
 //! `POST /v1/runs`, `POST /v1/runs:batch` and `POST /v1/tasks`: checks new runs and jobs, plans
 //! their first steps (through [`crate::planning`]) and hands them to the accept writer.
 
-use std::collections::BTreeMap;
-
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::{Extension, Json};
@@ -10,13 +8,13 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use taskfleet_common::definition::{RetryPolicy, StepDefinition};
 use taskfleet_common::jq::ProgramCache;
-use taskfleet_common::{RunKind, RunStatus, WorkflowDefinition};
+use taskfleet_common::{RunKind, WorkflowDefinition};
 use utoipa::ToSchema;
 use uuid::Uuid;
 
 use super::{
-    NewRunParts, Resolved, RunRequest, RunStatusView, check_idempotency_key, check_input,
-    check_python_code, prepare,
+    Resolved, RunRequest, RunStatusView, check_idempotency_key, check_input, check_python_code,
+    prepare, start_delay,
 };
 use crate::accept::{Accepted, Submission};
 use crate::api::ErrorBody;
@@ -25,12 +23,9 @@ use crate::api::workflows::check_definition;
 use crate::api::{ApiError, AppState, JsonBody};
 use crate::auth::{Principal, Scope};
 use crate::planning::{
-    self, Halted, PlanningError, PlanningLoad, ProgramRunner, SandboxedPrograms,
+    self, Halted, NewRunParts, PlanningError, PlanningLoad, ProgramRunner, SandboxedPrograms,
 };
-use crate::store::NewRun;
 
-/// The longest `delay_s` accepted: a year.
-const MAX_DELAY_S: f64 = 365.0 * 24.0 * 3600.0;
 /// The most runs in one batch request.
 const MAX_BATCH_RUNS: usize = 1000;
 
@@ -114,44 +109,7 @@ fn plan_submission(
     {
         return Ok(Err(error));
     }
-    let id = Uuid::now_v7();
-    let planned = planning::plan_run(
-        programs,
-        id,
-        Some(parts.trace.trace_id),
-        &parts.definition,
-        &parts.input,
-        &BTreeMap::new(),
-    )?;
-    let mut rows = planned.rows;
-    let (status, output, error) = match planned.end {
-        Some(finished) => (finished.status, finished.output, finished.error),
-        None => {
-            if let Some(seconds) = parts.delay_s {
-                rows.delay(seconds);
-            }
-            (RunStatus::Running, None, None)
-        }
-    };
-    Ok(Ok(Submission {
-        run: NewRun {
-            id,
-            kind: parts.kind,
-            tenant: parts.tenant,
-            workflow: parts.workflow,
-            workflow_version: parts.version,
-            definition: serde_json::to_value(&parts.definition).unwrap_or(Value::Null),
-            input: parts.input,
-            status,
-            output,
-            error,
-            idempotency_key: parts.idempotency_key,
-            trace_id: Some(parts.trace.trace_id),
-            trace_span_id: parts.trace.span_id,
-        },
-        tasks: rows.tasks,
-        dispatches: rows.dispatches,
-    }))
+    Ok(Ok(planning::plan_new_run(programs, parts)?))
 }
 
 /// Plans one new run and returns what to write.
@@ -314,9 +272,13 @@ pub struct JobRequest {
     /// The job's input (default null).
     #[serde(default)]
     input: Value,
-    /// Seconds to wait before the job is dispatched (at most a year).
+    /// Seconds to wait before the job is dispatched (at most a year); not with `not_before`.
     #[schema(minimum = 0, maximum = 31_536_000)]
     delay_s: Option<f64>,
+    /// The time (RFC 3339) before which the job is not dispatched; a time past is now. Not
+    /// with `delay_s`.
+    #[schema(value_type = Option<String>, format = DateTime)]
+    not_before: Option<String>,
     /// A key that makes the submission idempotent: a repeat answers the first job.
     #[schema(min_length = 1, max_length = 256)]
     idempotency_key: Option<String>,
@@ -349,16 +311,7 @@ pub async fn create_job(
     }
     let idempotency_key = request.idempotency_key;
     check_idempotency_key(idempotency_key.as_ref())?;
-    let delay_s = match request.delay_s {
-        None => None,
-        Some(0.0) => None,
-        Some(seconds) if seconds > 0.0 && seconds <= MAX_DELAY_S => Some(seconds),
-        Some(_) => {
-            return Err(ApiError::bad_request(format!(
-                "delay_s must be between 0 and {MAX_DELAY_S} seconds"
-            )));
-        }
-    };
+    let delay_s = start_delay(request.delay_s, request.not_before.as_deref())?;
     let step = StepDefinition {
         id: request.id,
         python: request.python,
@@ -396,7 +349,8 @@ pub async fn create_job(
         input,
         idempotency_key,
         delay_s,
-        trace,
+        trace_id: trace.trace_id,
+        trace_span_id: trace.span_id,
     };
     let submission = plan_one(&state, parts).await?;
     submit_one(&state, submission).await
@@ -404,7 +358,7 @@ pub async fn create_job(
 
 #[cfg(test)]
 mod tests {
-    use taskfleet_common::jq;
+    use taskfleet_common::{TraceId, jq};
 
     use serde_json::json;
 
@@ -421,7 +375,8 @@ mod tests {
             input: json!({}),
             idempotency_key: None,
             delay_s: None,
-            trace: RequestTrace::of(&axum::http::HeaderMap::new()),
+            trace_id: TraceId::random(),
+            trace_span_id: None,
         }
     }
 
