@@ -111,6 +111,16 @@ pub struct Settings {
         value_parser = clap::value_parser!(u64).range(0..=MAX_RETENTION_S)
     )]
     pub retention_s: u64,
+    /// How late a schedule's tick may be and still fire as it is; a schedule further behind
+    /// (its schedulers were down) missed its ticks, and its `catch_up` decides.
+    #[arg(
+        long = "schedule-grace-s",
+        value_name = "SECONDS",
+        env = "TASKFLEET_SCHEDULE_GRACE_S",
+        default_value = "10",
+        value_parser = clap::value_parser!(u64).range(1..=86_400)
+    )]
+    pub schedule_grace_s: u64,
     /// Whether to keep Prometheus metrics and serve them at /metrics.
     #[arg(long, env = "TASKFLEET_METRICS", default_value = "on")]
     pub metrics: taskfleet_io::metrics::Switch,
@@ -174,6 +184,8 @@ pub struct Config {
     pub metrics: bool,
     /// How long finished runs are kept; `None`: forever.
     pub retention: Option<Duration>,
+    /// How late a schedule's tick may fire; later, its ticks were missed.
+    pub schedule_grace: Duration,
 }
 
 impl Config {
@@ -214,6 +226,7 @@ impl From<Settings> for Config {
             metrics: settings.metrics == taskfleet_io::metrics::Switch::On,
             retention: (settings.retention_s > 0)
                 .then(|| Duration::from_secs(settings.retention_s)),
+            schedule_grace: Duration::from_secs(settings.schedule_grace_s),
             tls: settings
                 .tls_cert
                 .zip(settings.tls_key)

@@ -19,6 +19,7 @@ pub mod notify;
 pub mod planning;
 pub mod retention;
 pub mod retry;
+pub mod schedules;
 pub mod store;
 pub mod tls;
 pub mod ttl_cache;
@@ -161,6 +162,19 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     } else {
         None
     };
+    let schedule_wake = Arc::new(tokio::sync::Notify::new());
+    tracker.spawn(
+        schedules::Firing {
+            db: db.clone(),
+            namespace: config.namespace.as_str().to_owned(),
+            programs: submission_programs.clone(),
+            dispatcher: dispatcher.clone(),
+            notifier: notifier.clone(),
+            grace: config.schedule_grace,
+            wake: schedule_wake.clone(),
+        }
+        .run(shutdown.child_token()),
+    );
     let state = api::AppState {
         config: config.clone(),
         db: db.clone(),
@@ -174,6 +188,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         authenticator: auth::Authenticator::new(config.auth),
         quotas: api::Quotas::default(),
         metrics,
+        schedule_wake,
     };
     let listener = tokio::net::TcpListener::bind(config.http_addr)
         .await

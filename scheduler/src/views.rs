@@ -43,6 +43,12 @@ pub struct RunView {
     /// `traceparent`, or one the scheduler made; null for a run made before runs had one.
     #[schema(required = true, pattern = "^[0-9a-f]{32}$")]
     pub trace_id: Option<String>,
+    /// The schedule that started the run; null for a run submitted through the API.
+    #[schema(required = true)]
+    pub schedule: Option<String>,
+    /// The tick of that schedule the run was started for.
+    #[schema(required = true)]
+    pub scheduled_for: Option<DateTime<Utc>>,
 }
 
 /// One step of a run as it stands.
@@ -127,6 +133,8 @@ pub fn run_view(run: RunRow, tasks: Vec<TaskRow>, running: &HashSet<Uuid>) -> Ru
         finished_at: run.finished_at,
         steps,
         trace_id: run.trace_id,
+        schedule: run.schedule,
+        scheduled_for: run.scheduled_for,
     }
 }
 

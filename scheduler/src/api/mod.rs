@@ -10,6 +10,7 @@ pub(crate) mod keys;
 pub mod openapi;
 mod quotas;
 mod runs;
+mod schedules;
 mod tenants;
 pub mod trace;
 mod workflows;
@@ -64,6 +65,8 @@ pub struct AppState {
     pub quotas: Quotas,
     /// The metrics `/metrics` serves; `None` with `TASKFLEET_METRICS=off`.
     pub metrics: Option<crate::metrics::Served>,
+    /// Wakes this scheduler's firing loop of schedules when one is set.
+    pub schedule_wake: Arc<tokio::sync::Notify>,
 }
 
 /// Returns whose objects a caller reaches: its tenant's, in this scheduler's namespace.
@@ -89,6 +92,8 @@ fn routes() -> OpenApiRouter<AppState> {
         .routes(routes!(runs::cancel_job))
         .routes(routes!(runs::retry))
         .routes(routes!(runs::retry_job))
+        .routes(routes!(schedules::list))
+        .routes(routes!(schedules::show, schedules::put, schedules::delete))
         .routes(routes!(stats))
         .routes(routes!(fleet::workers))
         .routes(routes!(fleet::queues))

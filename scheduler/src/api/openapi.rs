@@ -40,6 +40,7 @@ static DOCUMENT: LazyLock<String> = LazyLock::new(|| document().to_string());
         (name = "runs", description = "Runs of workflows"),
         (name = "jobs", description = "Single steps enqueued on their own"),
         (name = "workflows", description = "Registered workflow definitions"),
+        (name = "schedules", description = "Runs started on a cron expression, in a time zone"),
         (name = "fleet", description = "Counts, workers and queues"),
         (name = "admin", description = "Keys, tenants' quotas, the audit trail and the dead letters (scope `admin`)"),
         (name = "health", description = "Liveness and readiness, without a key"),
@@ -112,6 +113,8 @@ const LINKS: &[(&str, &str, &str, &str)] = &[
     ("createJob", "201", "getJob", "id"),
     ("createJob", "201", "cancelJob", "id"),
     ("registerWorkflow", "201", "getWorkflow", "name"),
+    ("setSchedule", "201", "getSchedule", "name"),
+    ("setSchedule", "201", "deleteSchedule", "name"),
     ("createKey", "201", "revokeKey", "id"),
 ];
 

@@ -10,7 +10,8 @@
 //! `runs` (new runs and tasks, the API's reads of runs, cancellation), `completions` (what a
 //! completion or a retry writes on its task), `advance` (runs locked while they are advanced,
 //! their steps' states, `for_each` fan-in, finished runs), `outbox` (dispatch marks, the relay's
-//! and the retry timer's claims) and `stats` (the counts of `/v1/stats` and `/v1/queues`).
+//! and the retry timer's claims), `schedules` (schedules, and the firing loop's claims of due
+//! ones) and `stats` (the counts of `/v1/stats` and `/v1/queues`).
 
 use std::str::FromStr;
 
@@ -32,6 +33,7 @@ mod quotas;
 mod rerun;
 mod retention;
 mod runs;
+mod schedules;
 mod stats;
 mod workflows;
 
@@ -57,6 +59,11 @@ pub use runs::{
     Cancellation, NewRun, NewTask, RunFilter, RunSummaryRow, cancel_run, check_sealed, get_run,
     get_tasks, insert_runs, insert_tasks, list_runs, run_with_idempotency_key,
     runs_by_idempotency_key,
+};
+pub use schedules::{
+    NewSchedule, ScheduleRow, TickOutcome, advance_schedule, claim_due_schedules, delete_schedule,
+    get_schedule, list_schedules, mark_scheduled_run, put_schedule, run_unfinished,
+    seconds_to_next_tick,
 };
 pub use stats::{outbox_pending, queue_ages, queues_with_queued_tasks, stats};
 pub use workflows::{WorkflowRow, get_workflow, list_workflows, put_workflow};
@@ -364,6 +371,14 @@ pub struct RunRow {
     /// Its W3C trace id; none for a run made before runs had one.
     #[serde(default)]
     pub trace_id: Option<String>,
+    /// The schedule that started it, if one did.
+    #[serde(default)]
+    #[sqlx(default)]
+    pub schedule: Option<String>,
+    /// The tick of that schedule it was started for.
+    #[serde(default)]
+    #[sqlx(default)]
+    pub scheduled_for: Option<DateTime<Utc>>,
 }
 
 /// A run that has just ended: how, after how long, and where its span goes in its trace.

@@ -306,7 +306,8 @@ pub async fn insert_tasks(
 
 /// The columns of a [`RunRow`].
 const RUN_COLUMNS: &str = "id, kind, workflow, workflow_version, definition, input, status, \
-                           output, error, created_at, finished_at, trace_id";
+                           output, error, created_at, finished_at, trace_id, schedule, \
+                           scheduled_for";
 
 /// Returns a run of the given kind, if the owner has it.
 pub async fn get_run(
