@@ -89,6 +89,9 @@ pub enum Command {
     Queues,
     /// Prints the counts of runs and tasks by status
     Stats,
+    /// Lists, shows, sets, pauses, resumes and deletes schedules (without a subcommand: lists
+    /// them)
+    Schedules(SchedulesArgs),
     /// Makes, lists and revokes API keys (an admin key's work)
     Keys(KeysArgs),
     /// Lists and sets tenants' quotas (an admin key's work)
@@ -102,6 +105,78 @@ pub enum Command {
     ///
     /// For example: taskfleet completions bash > /etc/bash_completion.d/taskfleet
     Completions(CompletionsArgs),
+}
+
+/// The arguments of `taskfleet schedules`.
+#[derive(Debug, Args)]
+pub struct SchedulesArgs {
+    /// What to do with schedules.
+    #[command(subcommand)]
+    pub command: Option<SchedulesCommand>,
+}
+
+/// The subcommands of `taskfleet schedules`.
+#[derive(Debug, Subcommand)]
+pub enum SchedulesCommand {
+    /// Lists the schedules with their next fire time
+    List,
+    /// Shows a schedule: what it runs, when, its next fire times and its last ticks
+    Show(ScheduleNameArgs),
+    /// Makes a schedule, or replaces what it says
+    ///
+    /// For example: taskfleet schedules set nightly --workflow orders --cron '0 2 * * *'
+    /// --timezone Europe/Paris --overlap skip
+    Set(Box<SetScheduleArgs>),
+    /// Deletes a schedule (its runs stay)
+    Delete(ScheduleNameArgs),
+    /// Pauses a schedule: no tick fires until it is resumed
+    Pause(ScheduleNameArgs),
+    /// Resumes a paused schedule from its next tick to come
+    Resume(ScheduleNameArgs),
+}
+
+/// A schedule's name.
+#[derive(Debug, Args)]
+pub struct ScheduleNameArgs {
+    /// The schedule's name
+    #[arg(value_name = "NAME")]
+    pub name: String,
+}
+
+/// The arguments of `taskfleet schedules set`.
+#[derive(Debug, Args)]
+pub struct SetScheduleArgs {
+    /// The schedule's name
+    #[arg(value_name = "NAME")]
+    pub name: String,
+    /// A cron expression: 5 fields (minute hour day-of-month month day-of-week) or 6 (seconds
+    /// first)
+    #[arg(long, value_name = "EXPR")]
+    pub cron: String,
+    /// The registered workflow to run
+    #[arg(long, value_name = "NAME", required_unless_present = "definition")]
+    pub workflow: Option<String>,
+    /// The registered workflow's version [default: its latest at each tick]
+    #[arg(long, value_name = "N", requires = "workflow", value_parser = clap::value_parser!(u32).range(1..=i64::from(i32::MAX)))]
+    pub version: Option<u32>,
+    /// A file holding the definition to run (- for standard input)
+    #[arg(long, value_name = "FILE", conflicts_with = "workflow")]
+    pub definition: Option<PathBuf>,
+    /// The runs' input.
+    #[command(flatten)]
+    pub input: InputArgs,
+    /// The IANA time zone the expression is read in [default: UTC]
+    #[arg(long, value_name = "TZ")]
+    pub timezone: Option<String>,
+    /// What a tick does while the previous run is unfinished [default: allow]
+    #[arg(long, value_name = "POLICY", value_parser = ["allow", "skip"])]
+    pub overlap: Option<String>,
+    /// What happens to ticks missed while no scheduler ran [default: none]
+    #[arg(long, value_name = "POLICY", value_parser = ["none", "last"])]
+    pub catch_up: Option<String>,
+    /// Makes (or leaves) the schedule paused
+    #[arg(long)]
+    pub paused: bool,
 }
 
 /// The arguments of `taskfleet tenants`.

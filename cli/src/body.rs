@@ -265,7 +265,7 @@ fn read_file(path: &Path, what: &str) -> Result<String, InputError> {
 }
 
 /// Returns the definition held in the file at `path`.
-fn read_definition(path: &Path) -> Result<Value, InputError> {
+pub(crate) fn read_definition(path: &Path) -> Result<Value, InputError> {
     let what = format!("definition file {}", path.display());
     parse_json(&read_file(path, &what)?, what)
 }
@@ -287,7 +287,7 @@ pub fn read_input(input_args: &InputArgs) -> Result<Value, InputError> {
 }
 
 /// Reads all of standard input; `what` names it in the error.
-fn read_stdin(what: &str) -> Result<String, InputError> {
+pub(crate) fn read_stdin(what: &str) -> Result<String, InputError> {
     let mut text = String::new();
     std::io::stdin()
         .read_to_string(&mut text)

@@ -12,6 +12,7 @@ mod body;
 mod client;
 mod poll;
 mod report;
+mod schedules;
 mod text;
 
 use std::fmt;
@@ -256,6 +257,9 @@ async fn dispatch(
                 Ok(Exit::Success)
             }
         },
+        Command::Schedules(schedules_args) => {
+            schedules::run(&client, printer, schedules_args.command).await
+        }
         Command::Keys(keys_args) => match keys_args.command {
             KeysCommand::Create(create_args) => create_key(&client, printer, create_args).await,
             KeysCommand::List => show(&client, printer, &["v1", "keys"], text::keys).await,
