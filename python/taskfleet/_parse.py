@@ -23,6 +23,7 @@ from taskfleet.models import (
     Run,
     RunPage,
     RunSummary,
+    Schedule,
     Step,
     StepError,
     Submitted,
@@ -342,3 +343,34 @@ def _dead_letters(value: Any) -> DeadLetters:
 
 def _purged(value: Any) -> int:
     return _Fields(value, "answer").integer("purged")
+
+
+def _schedule(value: Any, where: str) -> Schedule:
+    fields = _Fields(value, where)
+    definition = fields.value.get("definition")
+    if definition is not None and not isinstance(definition, dict):
+        raise _ShapeError(f"{where}['definition'] is {_json_type(definition)}, not an object")
+    paused = fields.value.get("paused")
+    if not isinstance(paused, bool):
+        raise _ShapeError(f"{where}['paused'] is {_json_type(paused)}, not a boolean")
+    times = fields.array("next_fire_times")
+    if not all(isinstance(time, str) for time in times):
+        raise _ShapeError(f"{where}['next_fire_times'] holds something other than strings")
+    return Schedule(
+        name=fields.text("name"),
+        workflow=fields.opt_text("workflow"),
+        version=fields.opt_integer("version"),
+        definition=definition,
+        input=fields.value.get("input"),
+        cron=fields.text("cron"),
+        timezone=fields.text("timezone"),
+        overlap=fields.text("overlap"),
+        catch_up=fields.text("catch_up"),
+        paused=paused,
+        next_fire_times=[fields._time(time, "next_fire_times") for time in times],
+        last_run_id=fields.opt_text("last_run_id"),
+        last_fired_at=fields.opt_timestamp("last_fired_at"),
+        skipped_ticks=fields.integer("skipped_ticks"),
+        last_error=fields.opt_text("last_error"),
+        raw=fields.value,
+    )

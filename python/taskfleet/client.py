@@ -70,6 +70,7 @@ from taskfleet._parse import (
     _workflow_summary,
     _workflow_version,
 )
+from taskfleet._schedules import _ScheduleMethods
 from taskfleet.errors import (
     ApiError,
     Conflict,
@@ -99,6 +100,7 @@ from taskfleet.models import (
     RunPage,
     RunRequest,
     RunSummary,
+    Schedule,
     Step,
     StepError,
     Submitted,
@@ -132,6 +134,7 @@ __all__ = [
     "RunPage",
     "RunRequest",
     "RunSummary",
+    "Schedule",
     "SchedulerUnreachable",
     "Step",
     "StepError",
@@ -202,7 +205,7 @@ def _check_wait_timeout(timeout: Optional[float]) -> None:
         )
 
 
-class Client:
+class Client(_ScheduleMethods):
     """A client of one scheduler's HTTP API.
 
     Args:

@@ -30,6 +30,7 @@ __all__ = [
     "RunPage",
     "RunRequest",
     "RunSummary",
+    "Schedule",
     "Step",
     "StepError",
     "Submitted",
@@ -345,3 +346,37 @@ class DeadLetters:
 
     total: int
     messages: List[DeadLetter]
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """A schedule: what it runs (a registered ``workflow``, at ``version`` or its latest, or
+    an inline ``definition``), with which ``input``, at each tick of ``cron`` in
+    ``timezone``; its policies; its next fire times; and what its last ticks came to.
+
+    Attributes:
+        overlap: ``"allow"``, or ``"skip"``: a tick while the previous run is unfinished
+            starts nothing.
+        catch_up: ``"none"``, or ``"last"``: one run for the ticks missed while no scheduler
+            ran.
+        next_fire_times: Up to 5 next ticks, in the schedule's time zone; none while paused.
+        last_error: Why the last tick that failed could not start its run.
+        raw: The JSON object it was read from.
+    """
+
+    name: str
+    workflow: Optional[str]
+    version: Optional[int]
+    definition: Optional[Dict[str, Any]]
+    input: Any
+    cron: str
+    timezone: str
+    overlap: str
+    catch_up: str
+    paused: bool
+    next_fire_times: List[datetime]
+    last_run_id: Optional[str]
+    last_fired_at: Optional[datetime]
+    skipped_ticks: int
+    last_error: Optional[str]
+    raw: Dict[str, Any] = field(default_factory=dict, repr=False, compare=False)

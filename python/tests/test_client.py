@@ -612,3 +612,28 @@ def test_a_wrong_key_is_refused_and_the_fleets_key_works() -> None:
     with pytest.raises(Unauthorized):
         Client(API_URL, api_key="tfk_not-a-key").list_runs()
     Client(API_URL).list_runs(limit=1)
+
+
+def test_schedules_are_set_listed_fire_and_are_deleted(client: Client) -> None:
+    name = unique_name("schedule")
+    definition = workflow({"id": "a", "dataflow": ". + 1"})
+    made = client.set_schedule(
+        name, cron="* * * * * *", definition=definition, input=1, overlap="skip"
+    )
+    assert made.name == name and made.timezone == "UTC" and made.overlap == "skip"
+    assert len(made.next_fire_times) == 5
+    assert name in [schedule.name for schedule in client.schedules()]
+    deadline = time.monotonic() + WAIT_S
+    while client.schedule(name).last_run_id is None:
+        assert time.monotonic() < deadline, "the schedule never fired"
+        time.sleep(0.1)
+    paused = client.set_schedule(name, cron="* * * * * *", definition=definition, paused=True)
+    assert paused.paused and paused.next_fire_times == []
+    run = client.wait(str(client.schedule(name).last_run_id), timeout=WAIT_S)
+    assert run.output == 2 and run.raw["schedule"] == name
+    with pytest.raises(InvalidRequest) as refused:
+        client.set_schedule(name, cron="* * * *", definition=definition)
+    assert "cron" in str(refused.value)
+    client.delete_schedule(name)
+    with pytest.raises(NotFound):
+        client.schedule(name)
