@@ -125,6 +125,15 @@ impl TestFleet {
         }
     }
 
+    /// Kills every scheduler started by [`start_another_scheduler`](Self::start_another_scheduler)
+    /// with SIGKILL.
+    pub fn kill_other_schedulers(&mut self) {
+        for mut scheduler in self.other_schedulers.drain(..) {
+            let _ = scheduler.kill();
+            let _ = scheduler.wait();
+        }
+    }
+
     /// Starts the scheduler again on its address (after [`kill_scheduler`](Self::kill_scheduler))
     /// and waits until it is ready.
     pub async fn restart_scheduler(&mut self) -> Result<()> {
