@@ -345,8 +345,11 @@ pub struct EnqueueArgs {
     #[command(flatten)]
     pub input: InputArgs,
     /// Seconds before the job is dispatched
-    #[arg(long, value_name = "SECONDS")]
+    #[arg(long, value_name = "SECONDS", conflicts_with = "not_before")]
     pub delay: Option<f64>,
+    /// The time (RFC 3339, such as 2026-12-24T18:00:00Z) before which the job is not dispatched
+    #[arg(long, value_name = "TIME")]
+    pub not_before: Option<String>,
     /// A key that makes the enqueueing idempotent: repeating it returns the existing job
     #[arg(long, value_name = "K")]
     pub idempotency_key: Option<String>,
@@ -450,6 +453,13 @@ pub struct SubmitArgs {
     /// A key that makes the submission idempotent: repeating it returns the existing run
     #[arg(long, value_name = "K")]
     pub idempotency_key: Option<String>,
+    /// Seconds before the run's first steps are dispatched
+    #[arg(long, value_name = "SECONDS", conflicts_with = "not_before")]
+    pub delay: Option<f64>,
+    /// The time (RFC 3339, such as 2026-12-24T18:00:00Z) before which the run's first steps
+    /// are not dispatched
+    #[arg(long, value_name = "TIME")]
+    pub not_before: Option<String>,
     /// Waits for the run to finish and prints its output
     #[arg(long)]
     pub wait: bool,

@@ -147,11 +147,14 @@ pub fn run_request(submit_args: &SubmitArgs) -> Result<Value, InputError> {
         },
     };
     let input = read_input(&submit_args.input)?;
-    Ok(build_request(
-        source,
-        input,
-        submit_args.idempotency_key.as_deref(),
-    ))
+    let mut request = build_request(source, input, submit_args.idempotency_key.as_deref());
+    if let Some(delay) = submit_args.delay {
+        request["delay_s"] = Value::from(delay);
+    }
+    if let Some(time) = &submit_args.not_before {
+        request["not_before"] = Value::String(time.clone());
+    }
+    Ok(request)
 }
 
 /// Returns the body of `POST /v1/runs`: the source's fields, `input` and any idempotency key.
@@ -215,6 +218,9 @@ pub fn job_request(enqueue_args: &EnqueueArgs) -> Result<Value, InputError> {
     }
     if let Some(delay) = enqueue_args.delay {
         step.insert("delay_s".to_owned(), Value::from(delay));
+    }
+    if let Some(time) = &enqueue_args.not_before {
+        step.insert("not_before".to_owned(), Value::String(time.clone()));
     }
     if let Some(key) = &enqueue_args.idempotency_key {
         step.insert("idempotency_key".to_owned(), Value::String(key.clone()));
@@ -416,9 +422,29 @@ mod tests {
             },
             version,
             idempotency_key: None,
+            delay: None,
+            not_before: None,
             wait: false,
             timeout: None,
         }
+    }
+
+    #[test]
+    fn a_delay_or_a_time_goes_into_the_body() {
+        let delayed = SubmitArgs {
+            delay: Some(2.5),
+            ..submit_args("orders", None)
+        };
+        let body = run_request(&delayed).expect("a body");
+        assert_eq!(body["delay_s"], 2.5);
+        assert_eq!(body["workflow"], "orders");
+        let later = SubmitArgs {
+            not_before: Some("2026-12-24T18:00:00Z".to_owned()),
+            ..submit_args("orders", None)
+        };
+        let body = run_request(&later).expect("a body");
+        assert_eq!(body["not_before"], "2026-12-24T18:00:00Z");
+        assert!(body.get("delay_s").is_none());
     }
 
     #[test]
