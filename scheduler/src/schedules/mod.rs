@@ -89,13 +89,23 @@ struct Fired {
 impl Firing {
     /// Fires due ticks until `shutdown`.
     pub async fn run(self, shutdown: CancellationToken) {
+        use futures_util::FutureExt as _;
         loop {
-            let wait = match self.fire_due(&shutdown).await {
-                Ok(claimed) if claimed as i64 == MAX_CLAIM => Duration::ZERO,
-                Ok(_) => self.time_to_next_tick().await,
-                Err(FireError::Stopped) => return,
-                Err(FireError::Store(error)) => {
+            // A panic (a bug) rolls the batch back and is logged; the loop goes on, so no
+            // schedule stops firing without a word.
+            let fired = std::panic::AssertUnwindSafe(self.fire_due(&shutdown))
+                .catch_unwind()
+                .await;
+            let wait = match fired {
+                Ok(Ok(claimed)) if claimed as i64 == MAX_CLAIM => Duration::ZERO,
+                Ok(Ok(_)) => self.time_to_next_tick().await,
+                Ok(Err(FireError::Stopped)) => return,
+                Ok(Err(FireError::Store(error))) => {
                     tracing::warn!(%error, "firing due schedules");
+                    FAILURE_RETRY
+                }
+                Err(_) => {
+                    tracing::error!("firing due schedules panicked; the ticks stay due");
                     FAILURE_RETRY
                 }
             };
