@@ -53,6 +53,19 @@ async fn a_run_past_its_timeout_is_cancelled_with_run_timeout() {
     );
     assert!(started.elapsed() < Duration::from_secs(10));
 
+    // A delayed run's time counts from the end of its delay.
+    let delayed = json!({
+        "definition": {"timeout_s": 1.5, "steps": [{"id": "a", "dataflow": ". + 1"}]},
+        "input": 1,
+        "delay_s": 2,
+    });
+    let (status, answer) = fleet.request("POST", "/v1/runs", Some(&delayed)).await;
+    assert_eq!(status, 201, "{answer}");
+    let view = fleet
+        .wait_run(answer["id"].as_str().unwrap(), Duration::from_secs(20))
+        .await;
+    assert_eq!(view["status"], "succeeded", "{view:#}");
+
     // Run again, the run has a new deadline: it runs its slow step anew, and times out again
     // about as long after the re-run.
     let retried = Instant::now();

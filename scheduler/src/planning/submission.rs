@@ -55,13 +55,13 @@ pub fn plan_new_run(
         &BTreeMap::new(),
     )?;
     let mut rows = planned.rows;
-    let (status, output, error) = match planned.end {
-        Some(finished) => (finished.status, finished.output, finished.error),
+    let (status, output, error, delay_s) = match planned.end {
+        Some(finished) => (finished.status, finished.output, finished.error, None),
         None => {
             if let Some(seconds) = parts.delay_s {
                 rows.delay(seconds);
             }
-            (RunStatus::Running, None, None)
+            (RunStatus::Running, None, None, parts.delay_s)
         }
     };
     Ok(Submission {
@@ -79,6 +79,7 @@ pub fn plan_new_run(
             idempotency_key: parts.idempotency_key,
             trace_id: Some(parts.trace_id),
             trace_span_id: parts.trace_span_id,
+            delay_s,
         },
         tasks: rows.tasks,
         dispatches: rows.dispatches,

@@ -401,7 +401,7 @@ pub struct EndedRun {
 }
 
 /// A run's deadline from now, where its definition sets `timeout_s` (else null), in statements
-/// that write `runs.deadline_at` with the run's `definition` at hand.
+/// that start a run again with its `definition` at hand (a new run's counts from its delay).
 const DEADLINE: &str = "now() + make_interval(secs => (definition->>'timeout_s')::float8)";
 
 /// The columns of an [`EndedRun`], read from `runs` after it was finished.

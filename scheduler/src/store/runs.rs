@@ -13,9 +13,7 @@ use sqlx::{PgConnection, PgPool};
 use taskfleet_common::{RunKind, RunStatus, TaskStatus};
 use uuid::Uuid;
 
-use super::{
-    DEADLINE, ENDED_RUN, EndedRun, Owner, Payload, RunRow, StoreError, TaskRow, add, sealed,
-};
+use super::{ENDED_RUN, EndedRun, Owner, Payload, RunRow, StoreError, TaskRow, add, sealed};
 
 /// A run to insert.
 #[derive(Debug, Clone)]
@@ -46,6 +44,9 @@ pub struct NewRun {
     pub trace_id: Option<taskfleet_common::TraceId>,
     /// The span its own span is a child of: the request's.
     pub trace_span_id: Option<taskfleet_common::trace::SpanId>,
+    /// Seconds before its first steps are dispatched: its start, from which its definition's
+    /// `timeout_s` counts.
+    pub delay_s: Option<f64>,
 }
 
 /// A task to insert.
@@ -114,6 +115,7 @@ pub async fn insert_runs(
         .iter()
         .map(|run| run.trace_span_id.map(|id| id.to_string()))
         .collect();
+    let delays: Vec<Option<f64>> = runs.iter().map(|run| run.delay_s).collect();
     let columns = TaskColumns::of(namespace, tasks);
     let sql = format!(
         "WITH inserted AS (
@@ -122,19 +124,21 @@ pub async fn insert_runs(
                                trace_id, trace_span_id, deadline_at)
              SELECT $11, id, kind, workflow, version, definition, input, status, output, error,
                     key, tenant, CASE WHEN status IN ('succeeded', 'failed') THEN now() END,
-                    trace_id, span_id, {DEADLINE}
+                    trace_id, span_id,
+                    now() + make_interval(secs => coalesce(delay, 0)
+                                                  + (definition->>'timeout_s')::float8)
              FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::integer[], $5::jsonb[],
                          $6::jsonb[], $7::text[], $8::jsonb[], $9::jsonb[], $10::text[],
-                         $12::text[], $13::text[], $14::text[])
+                         $12::text[], $13::text[], $14::text[], $15::float8[])
                   AS t(id, kind, workflow, version, definition, input, status, output, error, key,
-                       tenant, trace_id, span_id)
+                       tenant, trace_id, span_id, delay)
              ON CONFLICT (namespace, tenant, kind, idempotency_key)
                 WHERE idempotency_key IS NOT NULL
              DO NOTHING
              RETURNING id),
          first_tasks AS ({} WHERE t.run_id IN (SELECT id FROM inserted))
          SELECT id FROM inserted",
-        TaskColumns::insert_sql(15)
+        TaskColumns::insert_sql(16)
     );
     let mut arguments = PgArguments::default();
     add(&mut arguments, &ids)?;
@@ -151,6 +155,7 @@ pub async fn insert_runs(
     add(&mut arguments, &tenants)?;
     add(&mut arguments, &trace_ids)?;
     add(&mut arguments, &span_ids)?;
+    add(&mut arguments, &delays)?;
     columns.add_to(&mut arguments)?;
     Ok(sqlx::query_scalar_with(sqlx::AssertSqlSafe(sql), arguments)
         .fetch_all(conn)
