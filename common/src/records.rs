@@ -206,6 +206,75 @@ impl WorkerHeartbeat {
     }
 }
 
+/// A stopped run's flag (`Namespace::cancelled_key`): when the run was stopped, in milliseconds
+/// since the epoch. A task of the run made at or before that moment (a task id is a version 7
+/// UUID, which holds the milliseconds of its making) is dropped when delivered, and stopped
+/// when running; a task made after it belongs to a re-run of the run and goes on. A flag that is
+/// no plausible time (the `1` of earlier versions) stops every task of the run.
+pub mod stop_flag {
+    use crate::ids::TaskId;
+
+    /// The earliest value read as a time (2001): anything below stops every task.
+    const EARLIEST_MS: u64 = 1_000_000_000_000;
+
+    /// The script that sets a flag to a stop time unless it holds a later one, so that a stop
+    /// announced late never lowers the flag below a later stop's. KEYS: the flag; ARGV: the stop
+    /// time in milliseconds, the flag's lifetime in seconds.
+    pub const SET_SCRIPT: &str = "local current = tonumber(redis.call('GET', KEYS[1]) or '0') or 0
+if current < tonumber(ARGV[1]) then redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2]) end
+return 0";
+
+    /// Whether a run stopped at `stopped_at_ms` (a flag's value) stops `task`.
+    pub fn stops(stopped_at_ms: u64, task: TaskId) -> bool {
+        if stopped_at_ms < EARLIEST_MS {
+            return true;
+        }
+        match task.0.get_timestamp() {
+            Some(made) => {
+                let (seconds, nanos) = made.to_unix();
+                seconds
+                    .saturating_mul(1000)
+                    .saturating_add(u64::from(nanos / 1_000_000))
+                    <= stopped_at_ms
+            }
+            None => true,
+        }
+    }
+
+    /// Whether a flag as read from Redis stops `task`: no flag stops nothing.
+    pub fn read_stops(flag: Option<&str>, task: TaskId) -> bool {
+        flag.is_some_and(|value| stops(value.trim().parse().unwrap_or(0), task))
+    }
+
+    /// Returns the milliseconds since the epoch now: a stop's time.
+    pub fn now_ms() -> u64 {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |since| {
+                u64::try_from(since.as_millis()).unwrap_or(u64::MAX)
+            })
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn a_flag_stops_the_tasks_made_before_it_and_legacy_flags_stop_all() {
+            let before = TaskId::new();
+            std::thread::sleep(std::time::Duration::from_millis(5));
+            let now = now_ms();
+            std::thread::sleep(std::time::Duration::from_millis(5));
+            let after = TaskId::new();
+            assert!(stops(now, before));
+            assert!(!stops(now, after));
+            assert!(read_stops(Some("1"), after), "a flag of earlier versions");
+            assert!(read_stops(Some("garbage"), after));
+            assert!(!read_stops(None, before));
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -2,8 +2,8 @@
 //! their deadline (a definition's `timeout_s` from the run's start) and cancels them with error
 //! type `run_timeout`, as a cancellation through the API does: their tasks not yet finished are
 //! cancelled in the same statement, then workers are told to stop the ones running, and waiters
-//! learn that the runs ended. Runs another scheduler is advancing are skipped, not waited for,
-//! and taken at the next pass.
+//! learn that the runs ended. A run another scheduler is advancing is waited for, the length
+//! of one batch.
 
 use std::time::Duration;
 

@@ -12,6 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use redis::aio::ConnectionManager;
+use taskfleet_common::records::stop_flag;
 use taskfleet_common::sync::lock;
 use taskfleet_common::{Namespace, RunId, RunKind};
 use taskfleet_io::pubsub;
@@ -89,32 +90,27 @@ impl Notifier {
         if run_ids.is_empty() {
             return;
         }
+        // The flag and the announcement carry the moment of the stop: a re-run's tasks, made
+        // after it, go on (`records::stop_flag`).
+        let stopped_at = stop_flag::now_ms();
         let mut pipe = redis::pipe();
         for id in run_ids {
-            pipe.cmd("SET")
-                .arg(self.namespace.cancelled_key(RunId(*id)))
+            pipe.cmd("EVAL")
+                .arg(stop_flag::SET_SCRIPT)
                 .arg(1)
-                .arg("EX")
+                .arg(self.namespace.cancelled_key(RunId(*id)))
+                .arg(stopped_at)
                 .arg(STOPPED_FLAG_TTL_S)
                 .ignore()
                 .cmd("PUBLISH")
                 .arg(self.namespace.cancel_channel())
-                .arg(id.to_string())
+                .arg(format!("{id} {stopped_at}"))
                 .ignore();
         }
         let mut redis = self.redis.clone();
         if let Err(error) = pipe.query_async::<()>(&mut redis).await {
             tracing::warn!(%error, "telling workers to stop runs");
         }
-    }
-
-    /// Clears the flag of a stopped run that runs again, so that workers take its new tasks.
-    pub async fn resume_run(&self, run_id: Uuid) -> Result<(), redis::RedisError> {
-        let mut redis = self.redis.clone();
-        redis::cmd("DEL")
-            .arg(self.namespace.cancelled_key(RunId(run_id)))
-            .query_async::<()>(&mut redis)
-            .await
     }
 
     /// Announces that these runs finished.

@@ -42,7 +42,8 @@ async fn a_failed_run_runs_again_from_its_failed_and_unstarted_steps() {
         {"id": "last", "after": ["check"],
          "python_code": "import time\ndef main(input):\n    time.sleep(1.5)\n    return input * 10\n"},
     ]});
-    let until = now() + 2.0;
+    // Long enough for the run to fail twice first, even on a loaded machine.
+    let until = now() + 8.0;
     let id = fleet
         .submit(&definition, &json!({"n": 5, "until": until}))
         .await;

@@ -229,8 +229,9 @@ async fn a_long_poll_answered_as_its_run_finishes_shows_what_a_later_read_shows(
 
 /// Returns how many sequential scans of `runs` and of `tasks` the fleet's database counts.
 async fn sequential_scans(fleet: &TestFleet) -> Vec<(String, i64)> {
-    // Backends report their counters within a second of going idle.
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // A backend that reported its counters less than a second ago reports the next ones once
+    // idle for 10 s (PostgreSQL 15's PGSTAT_IDLE_INTERVAL).
+    tokio::time::sleep(Duration::from_secs(11)).await;
     let pool = sqlx::PgPool::connect(&format!("{POSTGRES}/{}", fleet.database))
         .await
         .unwrap();

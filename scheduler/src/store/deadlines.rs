@@ -5,8 +5,10 @@ use sqlx::PgPool;
 use super::{ENDED_RUN, EndedRun, StoreError};
 
 /// Cancels up to `limit` running runs of `namespace` past their deadline, with error type
-/// `run_timeout`, and their tasks not finished, in one statement; runs another scheduler holds
-/// locked (advancing them) are left for the next pass. Returns the runs as they ended.
+/// `run_timeout`, and their tasks not finished, in one statement. The runs are locked in id
+/// order, as the completion loop locks them, so a run another scheduler is advancing is waited
+/// for (the length of one batch) rather than skipped, and no two of these deadlock. Returns the
+/// runs as they ended.
 pub async fn time_out_runs(
     db: &PgPool,
     namespace: &str,
@@ -16,8 +18,8 @@ pub async fn time_out_runs(
         "WITH late AS (
              SELECT id FROM runs
              WHERE namespace = $1 AND status = 'running' AND deadline_at <= now()
-             ORDER BY deadline_at LIMIT $2
-             FOR UPDATE SKIP LOCKED),
+             ORDER BY id LIMIT $2
+             FOR UPDATE),
          timed_out AS (
              UPDATE runs SET status = 'cancelled', finished_at = now(),
                     error = jsonb_build_object(

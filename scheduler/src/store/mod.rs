@@ -53,7 +53,7 @@ pub use keys::{
 };
 pub use outbox::{UndispatchedTask, claim_due, claim_undispatched, mark_dispatched};
 pub use quotas::{QuotaRow, TenantQuotaRow, get_quota, list_quotas, put_quota, runs_in_flight};
-pub use rerun::{Rerun, RerunLoad, clear_for_rerun, restart_run};
+pub use rerun::{RerunRead, Restart, read_for_rerun, restart_run};
 pub use retention::{Deleted, delete_finished_runs, vacuum};
 pub use runs::{
     Cancellation, NewRun, NewTask, RunFilter, RunSummaryRow, cancel_run, check_sealed, get_run,

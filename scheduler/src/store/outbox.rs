@@ -8,6 +8,8 @@ use sqlx::types::Json;
 use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
 
+use taskfleet_common::names::MAX_PRIORITY;
+
 use super::StoreError;
 
 /// Marks tasks as confirmed by the broker, so the relay leaves them alone.
@@ -73,17 +75,17 @@ pub async fn claim_undispatched(
     older_than: std::time::Duration,
     limit: i64,
 ) -> Result<Vec<UndispatchedTask>, StoreError> {
-    Ok(sqlx::query_as(
-        // The candidates of each priority, highest first, come in order from one range of
-        // `tasks_sendable_by_priority`, which holds only rows that can be sent, by namespace and
-        // priority: no other namespace's row is read, and a backlog of low priorities is not
-        // read before the higher ones. Each candidate's run is read by its id in a scalar
-        // subquery, which PostgreSQL evaluates per candidate and never turns into a join: the
-        // plan never reads the namespace's runs, whatever the statistics of a young table say,
-        // and it stops at the limit.
+    // The candidates of each priority, highest first, come in order from one range of
+    // `tasks_sendable_by_priority`, which holds only rows that can be sent, by namespace and
+    // priority: no other namespace's row is read, and a backlog of low priorities is not
+    // read before the higher ones. Each candidate's run is read by its id in a scalar
+    // subquery, which PostgreSQL evaluates per candidate and never turns into a join: the
+    // plan never reads the namespace's runs, whatever the statistics of a young table say,
+    // and it stops at the limit.
+    let sql = format!(
         "WITH claimed AS (
              SELECT c.id
-             FROM generate_series($4::integer, 0, -1) AS p(priority)
+             FROM generate_series({MAX_PRIORITY}, 0, -1) AS p(priority)
              CROSS JOIN LATERAL (
                  SELECT t.id FROM tasks t
                  WHERE t.namespace = $1 AND t.priority = p.priority
@@ -98,14 +100,14 @@ pub async fn claim_undispatched(
          FROM claimed, runs r
          WHERE t.id = claimed.id AND r.id = t.run_id
          RETURNING t.id, t.run_id, t.step_id, t.attempt, t.queue, t.priority, t.input, r.definition,
-                   r.trace_id AS run_trace_id",
-    )
-    .bind(namespace)
-    .bind(older_than.as_secs_f64())
-    .bind(limit)
-    .bind(i32::from(taskfleet_common::names::MAX_PRIORITY))
-    .fetch_all(db)
-    .await?)
+                   r.trace_id AS run_trace_id"
+    );
+    Ok(sqlx::query_as(sqlx::AssertSqlSafe(sql))
+        .bind(namespace)
+        .bind(older_than.as_secs_f64())
+        .bind(limit)
+        .fetch_all(db)
+        .await?)
 }
 
 /// Claims queued tasks of running runs in `namespace` whose retry or delay is due, highest
@@ -116,12 +118,12 @@ pub async fn claim_due(
     namespace: &str,
     limit: i64,
 ) -> Result<Vec<UndispatchedTask>, StoreError> {
-    Ok(sqlx::query_as(
-        // As in `claim_undispatched`: candidates of this namespace, one range of
-        // `tasks_due_by_priority` per priority, highest first, each run read by id.
+    // As in `claim_undispatched`: candidates of this namespace, one range of
+    // `tasks_due_by_priority` per priority, highest first, each run read by id.
+    let sql = format!(
         "WITH due AS (
              SELECT c.id
-             FROM generate_series($3::integer, 0, -1) AS p(priority)
+             FROM generate_series({MAX_PRIORITY}, 0, -1) AS p(priority)
              CROSS JOIN LATERAL (
                  SELECT t.id FROM tasks t
                  WHERE t.namespace = $1 AND t.priority = p.priority AND t.due_at <= now()
@@ -134,11 +136,11 @@ pub async fn claim_due(
          FROM due, runs r
          WHERE t.id = due.id AND r.id = t.run_id
          RETURNING t.id, t.run_id, t.step_id, t.attempt, t.queue, t.priority, t.input, r.definition,
-                   r.trace_id AS run_trace_id",
-    )
-    .bind(namespace)
-    .bind(limit)
-    .bind(i32::from(taskfleet_common::names::MAX_PRIORITY))
-    .fetch_all(db)
-    .await?)
+                   r.trace_id AS run_trace_id"
+    );
+    Ok(sqlx::query_as(sqlx::AssertSqlSafe(sql))
+        .bind(namespace)
+        .bind(limit)
+        .fetch_all(db)
+        .await?)
 }

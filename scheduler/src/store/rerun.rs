@@ -1,12 +1,14 @@
-//! Running a failed or cancelled run again from its failed, cancelled and unstarted steps: the
-//! rows of its steps that did not succeed (nor were skipped) are deleted with their items, so
-//! planning finds those steps unstarted and plans them anew, while the steps that succeeded keep
-//! their outputs and are not run again. Its deadline, if its definition sets `timeout_s`,
-//! starts again.
+//! Running a failed or cancelled run again from its failed, cancelled and unstarted steps. The
+//! run and the steps it keeps (those that succeeded or were skipped) are read first, without a
+//! lock, so that planning holds nothing; then, in one short transaction, the run is locked and
+//! found as it was read, the rows of its other steps are deleted with their items, the newly
+//! planned tasks inserted and the run written running again. The steps it keeps keep their
+//! outputs and are not run again. Its deadline, if its definition sets `timeout_s`, starts
+//! again.
 
 use serde_json::Value;
 use sqlx::types::Json;
-use sqlx::{Postgres, Transaction};
+use sqlx::{PgPool, Postgres, Transaction};
 use taskfleet_common::{RunKind, RunStatus};
 use uuid::Uuid;
 
@@ -14,59 +16,94 @@ use super::advance::{FinishedRun, TaskState};
 use super::runs::run_status;
 use super::{DEADLINE, EndedRun, NewTask, Owner, Payload, StoreError};
 
-/// Where a run stands when it is asked to run again.
+/// A run as a re-run reads it.
 #[derive(Debug)]
-pub enum Rerun {
-    /// No such run (of that kind, for that owner).
-    NotFound,
-    /// It runs again already, after an earlier request: nothing more to do.
-    UnderWay,
-    /// It cannot run again: it is running for the first time, or it succeeded.
-    Refused(RunStatus),
-    /// Its steps that did not succeed are cleared: plan it from these states.
-    Cleared(RerunLoad),
-}
-
-/// What planning a run again reads.
-#[derive(Debug)]
-pub struct RerunLoad {
+pub struct RerunRead {
+    /// Its status.
+    pub status: RunStatus,
+    /// How many times it was run again already.
+    pub reruns: i32,
     /// Its definition.
     pub definition: Json<Value>,
     /// Its input.
     pub input: Payload,
     /// Its W3C trace id.
     pub trace_id: Option<String>,
-    /// The steps it keeps, with their states.
+    /// The steps it keeps (succeeded or skipped), with their states.
     pub kept: Vec<TaskState>,
 }
 
-/// Locks run `id` and, if it failed or was cancelled, deletes the rows of its steps that
-/// neither succeeded nor were skipped, items included; the caller then plans it and writes it
-/// with [`restart_run`] in the same transaction.
-pub async fn clear_for_rerun(
-    tx: &mut Transaction<'_, Postgres>,
+/// Reads run `id` (of `kind`, for `owner`) and the steps a re-run keeps; `None` if there is no
+/// such run.
+pub async fn read_for_rerun(
+    db: &PgPool,
     owner: Owner<'_>,
     id: Uuid,
     kind: RunKind,
-) -> Result<Rerun, StoreError> {
+) -> Result<Option<RerunRead>, StoreError> {
     type Row = (String, i32, Json<Value>, Payload, Option<String>);
     let row: Option<Row> = sqlx::query_as(
         "SELECT status, reruns, definition, input, trace_id FROM runs
-         WHERE id = $1 AND kind = $2 AND namespace = $3 AND tenant = $4 FOR UPDATE",
+         WHERE id = $1 AND kind = $2 AND namespace = $3 AND tenant = $4",
     )
     .bind(id)
     .bind(kind.as_str())
     .bind(owner.namespace)
     .bind(owner.tenant)
-    .fetch_optional(&mut **tx)
+    .fetch_optional(db)
     .await?;
     let Some((status, reruns, definition, input, trace_id)) = row else {
-        return Ok(Rerun::NotFound);
+        return Ok(None);
     };
-    match run_status(status)? {
-        RunStatus::Failed | RunStatus::Cancelled => {}
-        RunStatus::Running if reruns > 0 => return Ok(Rerun::UnderWay),
-        status => return Ok(Rerun::Refused(status)),
+    let kept: Vec<TaskState> = sqlx::query_as(
+        "SELECT run_id, step_id, status, output, error FROM tasks
+         WHERE run_id = $1 AND item = -1 AND status IN ('succeeded', 'skipped')",
+    )
+    .bind(id)
+    .fetch_all(db)
+    .await?;
+    Ok(Some(RerunRead {
+        status: run_status(status)?,
+        reruns,
+        definition,
+        input,
+        trace_id,
+        kept,
+    }))
+}
+
+/// What became of a restart.
+#[derive(Debug)]
+pub enum Restart {
+    /// The run is no longer as it was read (another request ran it again, or it is gone):
+    /// nothing was written. Its status and re-runs now, if it still exists.
+    Changed(Option<(RunStatus, i32)>),
+    /// The run runs again; how it ended, if planning ended it at once.
+    Restarted(Option<EndedRun>),
+}
+
+/// Locks run `id` and, if it still has the status and count of re-runs it was read with,
+/// deletes the rows of its steps that neither succeeded nor were skipped (items included),
+/// inserts its newly planned `tasks` (of `namespace`) and writes it running again, counting the
+/// re-run; when planning ended it at once (`end`), it is finished again.
+pub async fn restart_run(
+    tx: &mut Transaction<'_, Postgres>,
+    namespace: &str,
+    id: Uuid,
+    read: (RunStatus, i32),
+    tasks: &[NewTask],
+    end: Option<FinishedRun>,
+) -> Result<Restart, StoreError> {
+    let row: Option<(String, i32)> =
+        sqlx::query_as("SELECT status, reruns FROM runs WHERE id = $1 FOR UPDATE")
+            .bind(id)
+            .fetch_optional(&mut **tx)
+            .await?;
+    let now = row
+        .map(|(status, reruns)| Ok::<_, StoreError>((run_status(status)?, reruns)))
+        .transpose()?;
+    if now != Some(read) {
+        return Ok(Restart::Changed(now));
     }
     sqlx::query(
         "DELETE FROM tasks
@@ -78,31 +115,6 @@ pub async fn clear_for_rerun(
     .bind(id)
     .execute(&mut **tx)
     .await?;
-    let kept: Vec<TaskState> = sqlx::query_as(
-        "SELECT run_id, step_id, status, output, error FROM tasks
-         WHERE run_id = $1 AND item = -1",
-    )
-    .bind(id)
-    .fetch_all(&mut **tx)
-    .await?;
-    Ok(Rerun::Cleared(RerunLoad {
-        definition,
-        input,
-        trace_id,
-        kept,
-    }))
-}
-
-/// Writes run `id` running again with its newly planned `tasks` (of `namespace`), counting the
-/// re-run; when planning ended it at once (`end`), it is finished again. Returns how it ended in
-/// that case.
-pub async fn restart_run(
-    tx: &mut Transaction<'_, Postgres>,
-    namespace: &str,
-    id: Uuid,
-    tasks: &[NewTask],
-    end: Option<FinishedRun>,
-) -> Result<Option<EndedRun>, StoreError> {
     let sql = format!(
         "UPDATE runs SET status = 'running', output = NULL, error = NULL, finished_at = NULL,
                 reruns = reruns + 1, deadline_at = {DEADLINE}
@@ -113,8 +125,8 @@ pub async fn restart_run(
         .execute(&mut **tx)
         .await?;
     super::insert_tasks(tx, namespace, tasks).await?;
-    Ok(match end {
+    Ok(Restart::Restarted(match end {
         Some(end) => super::finish_runs(tx, &[end]).await?.pop(),
         None => None,
-    })
+    }))
 }

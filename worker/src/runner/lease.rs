@@ -9,7 +9,7 @@ use std::sync::Arc;
 use chrono::Utc;
 use taskfleet_common::TaskId;
 use taskfleet_common::protocol::TaskMessage;
-use taskfleet_common::records::{self, Lease, WorkerHeartbeat};
+use taskfleet_common::records::{self, Lease, WorkerHeartbeat, stop_flag};
 use taskfleet_common::sync::lock;
 use tokio_util::sync::CancellationToken;
 
@@ -40,7 +40,7 @@ impl Shared {
         };
         let mut redis = self.redis.clone();
         let result = redis::pipe()
-            .cmd("EXISTS")
+            .cmd("GET")
             .arg(self.namespace.cancelled_key(task.run_id))
             .cmd("SET")
             .arg(self.namespace.lease_key(task.task_id))
@@ -48,10 +48,11 @@ impl Shared {
             .arg("PX")
             .arg(self.lease_ttl.as_millis() as u64)
             .ignore()
-            .query_async::<(bool,)>(&mut redis)
+            .query_async::<(Option<String>,)>(&mut redis)
             .await;
         match result {
-            Ok((cancelled,)) => !cancelled,
+            // A stop before a re-run of the run does not stop the re-run's tasks.
+            Ok((flag,)) => !stop_flag::read_stops(flag.as_deref(), task.task_id),
             Err(error) => {
                 tracing::warn!(task_id = %task.task_id, %error, "taking the lease");
                 true

@@ -1,13 +1,15 @@
 //! `POST /v1/runs/{id}/retry` and `POST /v1/tasks/{id}/retry`: running a failed or cancelled
 //! run again from its failed, cancelled and unstarted steps.
 //!
-//! In one transaction the run is locked, the rows of its steps that neither succeeded nor were
-//! skipped are deleted (with their items), the run is planned again from the states it keeps
-//! (so the steps that succeeded keep their outputs and are not run again, and the others are
-//! planned as if new: first attempt, new task ids, so a late report of an old attempt matches
-//! nothing) and written running again. The flag that told workers to drop the run's tasks is
-//! cleared before the commit; the new tasks are dispatched after it. A retry while the re-run
-//! is under way answers as the first did.
+//! The run and the steps it keeps are read, and the run planned again from them, holding
+//! nothing (see `store::rerun`); then one short transaction locks the run, finds it as it was
+//! read, deletes the rows of its steps that neither succeeded nor were skipped, inserts the new
+//! tasks and writes it running. The steps that succeeded keep their outputs and are not run
+//! again; the others are planned as if new: first attempt, new task ids, so a late report of an
+//! old attempt matches nothing. The new tasks are made after the run was stopped, so the
+//! workers' stop flag of the run, which stops the tasks made before it
+//! (`records::stop_flag`), lets them run. A retry while the re-run is under way answers as the
+//! first did, and only a run that runs again counts against the tenant's quotas.
 
 use std::collections::BTreeMap;
 
@@ -20,7 +22,7 @@ use super::{RunStatusView, noun, parse_id};
 use crate::api::{ApiError, AppState, ErrorBody, owner};
 use crate::auth::{Principal, Scope};
 use crate::planning::{self, PlanningError};
-use crate::store::{self, Rerun, StoreError};
+use crate::store::{self, Restart, StoreError};
 
 /// Runs a failed or cancelled run again from its failed, cancelled and unstarted steps; the
 /// steps that succeeded keep their outputs. Asked again while the re-run is under way, it
@@ -63,35 +65,22 @@ async fn retry_kind(
     principal.require(Scope::RunsWrite)?;
     let what = noun(kind);
     let id = parse_id(id, what)?;
-    state.quotas.admit_one(state, principal, kind, None).await?;
-    let mut tx = state.db.begin().await.map_err(StoreError::from)?;
-    let load = match store::clear_for_rerun(&mut tx, owner(state, principal), id, kind).await? {
-        Rerun::NotFound => return Err(ApiError::not_found(format!("no {what} with id {id}"))),
-        Rerun::UnderWay => {
-            return Ok(Json(RunStatusView {
-                id,
-                status: RunStatus::Running,
-            }));
-        }
-        Rerun::Refused(RunStatus::Running) => {
-            return Err(ApiError::conflict(format!(
-                "{what} {id} is still running: only a failed or cancelled {what} runs again"
-            )));
-        }
-        Rerun::Refused(status) => {
-            return Err(ApiError::conflict(format!(
-                "{what} {id} has {status}: only a failed or cancelled {what} runs again"
-            )));
-        }
-        Rerun::Cleared(load) => load,
+    let Some(read) = store::read_for_rerun(&state.db, owner(state, principal), id, kind).await?
+    else {
+        return Err(ApiError::not_found(format!("no {what} with id {id}")));
     };
+    if let Some(answer) = refuse_unless_ended(what, id, (read.status, read.reruns))? {
+        return Ok(Json(answer));
+    }
+    // Only a run that will run again counts against the quotas.
+    state.quotas.admit_one(state, principal, kind, None).await?;
     let definition: WorkflowDefinition =
-        serde_json::from_value(load.definition.0).map_err(|error| ApiError::internal(&error))?;
-    let trace_id = load
+        serde_json::from_value(read.definition.0).map_err(|error| ApiError::internal(&error))?;
+    let trace_id = read
         .trace_id
         .as_deref()
         .and_then(|id| id.parse::<TraceId>().ok());
-    let states: BTreeMap<_, _> = load
+    let states: BTreeMap<_, _> = read
         .kept
         .into_iter()
         .map(|row| {
@@ -103,7 +92,7 @@ async fn retry_kind(
             (row.step_id, state)
         })
         .collect();
-    let input = load.input.0;
+    let input = read.input.0;
     let programs = state.programs.clone();
     let planned = planning::run_planning(false, move || {
         planning::plan_run(&programs, id, trace_id, &definition, &input, &states)
@@ -113,20 +102,28 @@ async fn retry_kind(
         PlanningError::Halted(halted) => ApiError::unavailable(halted.to_string()),
         error @ PlanningError::Panicked(_) => ApiError::internal(&error),
     })?;
-    let ended = store::restart_run(
+    let mut tx = state.db.begin().await.map_err(StoreError::from)?;
+    let restart = store::restart_run(
         &mut tx,
         state.config.namespace.as_str(),
         id,
+        (read.status, read.reruns),
         &planned.rows.tasks,
         planned.end,
     )
     .await?;
-    // Workers drop the tasks of a run whose flag is set: it goes before the tasks exist.
-    state.notifier.resume_run(id).await.map_err(|error| {
-        ApiError::unavailable(format!(
-            "redis cannot clear the {what}'s stop flag: {error}"
-        ))
-    })?;
+    let ended = match restart {
+        Restart::Restarted(ended) => ended,
+        // Another request ran it again meanwhile (or it is gone): answered as it now stands.
+        Restart::Changed(None) => {
+            return Err(ApiError::not_found(format!("no {what} with id {id}")));
+        }
+        Restart::Changed(Some(now)) => {
+            let answer =
+                refuse_unless_ended(what, id, now)?.unwrap_or(RunStatusView { id, status: now.0 });
+            return Ok(Json(answer));
+        }
+    };
     tx.commit().await.map_err(StoreError::from)?;
     state.dispatcher.send(planned.rows.dispatches);
     let status = match &ended {
@@ -143,4 +140,27 @@ async fn retry_kind(
     };
     crate::api::keys::record(state, principal, action, Some(id.to_string()), None).await;
     Ok(Json(RunStatusView { id, status }))
+}
+
+/// Returns what a retry of a run with this status and count of re-runs answers at once:
+/// nothing for a run that failed or was cancelled (it runs again), the first answer while a
+/// re-run is under way, else 409.
+fn refuse_unless_ended(
+    what: &str,
+    id: uuid::Uuid,
+    (status, reruns): (RunStatus, i32),
+) -> Result<Option<RunStatusView>, ApiError> {
+    match status {
+        RunStatus::Failed | RunStatus::Cancelled => Ok(None),
+        RunStatus::Running if reruns > 0 => Ok(Some(RunStatusView {
+            id,
+            status: RunStatus::Running,
+        })),
+        RunStatus::Running | RunStatus::Pending => Err(ApiError::conflict(format!(
+            "{what} {id} is still running: only a failed or cancelled {what} runs again"
+        ))),
+        status => Err(ApiError::conflict(format!(
+            "{what} {id} has {status}: only a failed or cancelled {what} runs again"
+        ))),
+    }
 }
