@@ -54,18 +54,15 @@ from typing import (
     Union,
 )
 
+from taskfleet._fleet import _FleetMethods
 from taskfleet._parse import (
-    _dead_letters,
     _Fields,
     _ids,
     _job_page,
-    _purged,
-    _queue,
     _run,
     _run_page,
     _ShapeError,
     _submitted,
-    _worker,
     _workflow,
     _workflow_summary,
     _workflow_version,
@@ -205,7 +202,7 @@ def _check_wait_timeout(timeout: Optional[float]) -> None:
         )
 
 
-class Client(_ScheduleMethods):
+class Client(_ScheduleMethods, _FleetMethods):
     """A client of one scheduler's HTTP API.
 
     Args:
@@ -560,46 +557,6 @@ class Client(_ScheduleMethods):
         query = {"version": str(version)} if version is not None else None
         answer = self._call("GET", path, query=query)
         return self._read(answer, "GET", path, _workflow)
-
-    # The fleet
-
-    def workers(self) -> List[Worker]:
-        """Returns the live workers, from their heartbeats (``GET /v1/workers``)."""
-        answer = self._call("GET", "/v1/workers")
-        return self._read(
-            answer,
-            "GET",
-            "/v1/workers",
-            lambda body: _Fields(body, "answer").each("workers", _worker),
-        )
-
-    def queues(self) -> List[Queue]:
-        """Returns the task queues with their counts (``GET /v1/queues``)."""
-        answer = self._call("GET", "/v1/queues")
-        return self._read(
-            answer, "GET", "/v1/queues", lambda body: _Fields(body, "answer").each("queues", _queue)
-        )
-
-    def dead_letters(self, limit: Optional[int] = None) -> DeadLetters:
-        """Returns the first messages of the dead-letters queue, oldest first, and how many it
-        holds, without taking any off it (``GET /v1/dead-letters``; an ``admin`` key).
-
-        Args:
-            limit: The most messages listed, 1 to 1000 (the API's default is 50).
-        """
-        return self._list("/v1/dead-letters", _dead_letters, limit=limit)
-
-    def purge_dead_letters(self) -> int:
-        """Empties the dead-letters queue and returns how many messages it removed
-        (``POST /v1/dead-letters:purge``; an ``admin`` key). The purge is audited."""
-        answer = self._call("POST", "/v1/dead-letters:purge")
-        return self._read(answer, "POST", "/v1/dead-letters:purge", _purged)
-
-    def stats(self) -> Dict[str, Any]:
-        """Returns counts of runs and tasks by status (``GET /v1/stats``), as the API gives
-        them: ``{"namespace", "runs": {status: n}, "tasks": {status: n}}``."""
-        answer = self._call("GET", "/v1/stats")
-        return self._read(answer, "GET", "/v1/stats", lambda body: _Fields(body, "answer").value)
 
     # Plumbing
 
