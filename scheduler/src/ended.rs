@@ -24,13 +24,14 @@ pub fn runs(ended: &[EndedRun]) {
     }
 }
 
-/// Exports the span of `run`, which ended at `end`.
+/// Exports the span of `run`, which ended at `end`, if its trace's spans are exported.
 fn export_span(run: &EndedRun, end: SystemTime) {
     // A run made before runs had a trace has no span.
     let Some(trace_id) = run
         .trace_id
         .as_deref()
         .and_then(|id| id.parse::<TraceId>().ok())
+        .filter(|id| spans::sampled(*id))
     else {
         return;
     };
