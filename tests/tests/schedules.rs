@@ -84,10 +84,17 @@ async fn two_schedulers_start_one_run_per_tick_when_one_is_killed() {
     let (status, made) = set(&fleet, "every-second", &every_second).await;
     assert_eq!(status, 201, "{made}");
     wait_for_ticks(&db, "every-second", 4, Duration::from_secs(15)).await;
-    // The scheduler that has fired most is killed, whatever it is doing: maybe in the middle
-    // of a tick's transaction. The other takes over.
-    let killed = fired_by(&fleet, "scheduler");
-    assert!(killed > 0, "the first scheduler fired no tick");
+    // The first scheduler is killed once it has fired ticks, whatever it is doing: maybe in the
+    // middle of a tick's transaction. The other takes over. Both claim every tick, so the
+    // first wins some within a few seconds.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while fired_by(&fleet, "scheduler") == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the first scheduler fired no tick"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     fleet.kill_scheduler();
     let killed_at = ticks(&db, "every-second").await.len();
     wait_for_ticks(&db, "every-second", killed_at + 5, Duration::from_secs(15)).await;
@@ -519,7 +526,8 @@ async fn runs_and_jobs_wait_for_their_delay_or_not_before() {
     .await
     .unwrap();
     let db = database(&fleet).await;
-    let soon = time_from_now(&db, 2.0).await;
+    // Far enough ahead that the requests below are all made before it, even on a busy machine.
+    let soon = time_from_now(&db, 4.0).await;
     let past = time_from_now(&db, -60.0).await;
     let requests = [
         (
@@ -560,7 +568,7 @@ async fn runs_and_jobs_wait_for_their_delay_or_not_before() {
         let waited = waited(&run, "a");
         assert!(waited >= *at_least, "{body}: started after {waited} s");
         if *at_least == 0.0 {
-            assert!(waited < 1.0, "{body}: started after {waited} s");
+            assert!(waited < 3.0, "{body}: started after {waited} s");
         }
     }
     for path in ["/v1/runs", "/v1/tasks"] {

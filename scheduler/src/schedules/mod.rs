@@ -52,6 +52,10 @@ enum FireError {
     /// The scheduler is stopping; the ticks are left due for the next one.
     #[error("the scheduler is shutting down")]
     Stopped,
+    /// Planning could not run its programs now (no sandbox could be had); the transaction
+    /// rolled back and the ticks are still due.
+    #[error("planning a tick's run: {0}")]
+    Planning(String),
 }
 
 impl From<sqlx::Error> for FireError {
@@ -96,11 +100,14 @@ impl Firing {
             let fired = std::panic::AssertUnwindSafe(self.fire_due(&shutdown))
                 .catch_unwind()
                 .await;
+            if shutdown.is_cancelled() {
+                return;
+            }
             let wait = match fired {
                 Ok(Ok(claimed)) if claimed as i64 == MAX_CLAIM => Duration::ZERO,
                 Ok(Ok(_)) => self.time_to_next_tick().await,
                 Ok(Err(FireError::Stopped)) => return,
-                Ok(Err(FireError::Store(error))) => {
+                Ok(Err(error)) => {
                     tracing::warn!(%error, "firing due schedules");
                     FAILURE_RETRY
                 }
@@ -244,6 +251,10 @@ impl Firing {
             Ok(target) => target,
             Err(error) => return Ok(Err(error)),
         };
+        let input = match store::schedule_input(tx, owner, &schedule.name).await? {
+            Ok(input) => input,
+            Err(error) => return Ok(Err(error)),
+        };
         let quota = store::get_quota(&self.db, owner).await?;
         if let Some(limit) = quota.runs_in_flight {
             let unfinished = store::runs_in_flight(&self.db, owner, i64::from(limit)).await?;
@@ -260,7 +271,7 @@ impl Firing {
             unchecked: false,
             workflow,
             version,
-            input: schedule.input.0.clone(),
+            input,
             idempotency_key: None,
             delay_s: None,
             // A tick starts a trace of its own: its run's span is the trace's root.
@@ -273,7 +284,11 @@ impl Firing {
                 .await
             {
                 Ok(submission) => submission,
-                Err(PlanningError::Halted(_)) => return Err(FireError::Stopped),
+                // Halted by the scheduler's end, or by a sandbox that could not be had: the
+                // batch rolls back either way, and only shutdown ends the loop.
+                Err(PlanningError::Halted(halted)) => {
+                    return Err(FireError::Planning(halted.to_string()));
+                }
                 Err(error @ PlanningError::Panicked(_)) => return Ok(Err(error.to_string())),
             };
         let id = submission.run.id;

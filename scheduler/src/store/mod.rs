@@ -62,7 +62,7 @@ pub use runs::{
 };
 pub use schedules::{
     NewSchedule, ScheduleRow, TickOutcome, advance_schedule, claim_due_schedules, delete_schedule,
-    get_schedule, list_schedules, mark_scheduled_run, put_schedule, run_unfinished,
+    get_schedule, list_schedules, mark_scheduled_run, put_schedule, run_unfinished, schedule_input,
     seconds_to_next_tick,
 };
 pub use stats::{outbox_pending, queue_ages, queues_with_queued_tasks, stats};

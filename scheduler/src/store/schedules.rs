@@ -68,7 +68,8 @@ pub struct ScheduleRow {
     pub last_fired_at: Option<DateTime<Utc>>,
     /// The last tick it skipped.
     pub last_skipped_at: Option<DateTime<Utc>>,
-    /// Ticks skipped (overlap) or missed (catch-up) so far.
+    /// Ticks skipped so far because the previous run was unfinished (`overlap: skip`); ticks
+    /// passed over by `catch_up` are logged, not counted.
     pub skipped_ticks: i64,
     /// Why the last tick that failed could not start its run.
     pub last_error: Option<String>,
@@ -182,14 +183,17 @@ pub async fn delete_schedule(
 
 /// Claims up to `limit` due schedules of `namespace` (not paused, cursor at or before now),
 /// earliest first, locking them until the transaction ends; schedules another transaction
-/// holds are passed over. Returns them with the database's time.
+/// holds are passed over. Returns them with the database's time, without their inputs (read,
+/// and opened, schedule by schedule with [`schedule_input`], so that one input no key opens
+/// fails its own tick only).
 pub async fn claim_due_schedules(
     conn: &mut PgConnection,
     namespace: &str,
     limit: i64,
 ) -> Result<(Vec<ScheduleRow>, DateTime<Utc>), StoreError> {
+    let columns = SCHEDULE_COLUMNS.replacen(", input,", ", 'null'::jsonb AS input,", 1);
     let sql = format!(
-        "SELECT {SCHEDULE_COLUMNS} FROM schedules
+        "SELECT {columns} FROM schedules
          WHERE namespace = $1 AND NOT paused AND next_fire_at <= now()
          ORDER BY next_fire_at LIMIT $2
          FOR UPDATE SKIP LOCKED"
@@ -203,6 +207,28 @@ pub async fn claim_due_schedules(
         .fetch_one(&mut *conn)
         .await?;
     Ok((rows, now))
+}
+
+/// Returns a schedule's input, opened, or why it cannot be (sealed with a key this scheduler
+/// does not have, or altered).
+pub async fn schedule_input(
+    conn: &mut PgConnection,
+    owner: Owner<'_>,
+    name: &str,
+) -> Result<Result<Value, String>, StoreError> {
+    let input: Option<Json<Value>> = sqlx::query_scalar(
+        "SELECT input FROM schedules WHERE namespace = $1 AND tenant = $2 AND name = $3",
+    )
+    .bind(owner.namespace)
+    .bind(owner.tenant)
+    .bind(name)
+    .fetch_optional(conn)
+    .await?;
+    Ok(match input {
+        Some(Json(input)) => taskfleet_common::seal::open(input)
+            .map_err(|error| format!("the schedule's input cannot be opened: {error}")),
+        None => Err("the schedule is gone".to_owned()),
+    })
 }
 
 /// Returns whether a run has not finished yet (false for a run that is gone).
