@@ -247,7 +247,9 @@ impl Firing {
         owner: Owner<'_>,
         at: DateTime<Utc>,
     ) -> Result<Result<(uuid::Uuid, Fired), String>, FireError> {
-        let (definition, workflow, version) = match self.target(schedule, owner).await? {
+        // Read on the transaction's connection: while it holds the claimed schedules, waiting
+        // for another connection of the pool could wait for requests that wait for them.
+        let (definition, workflow, version) = match Self::target(tx, schedule, owner).await? {
             Ok(target) => target,
             Err(error) => return Ok(Err(error)),
         };
@@ -255,9 +257,9 @@ impl Firing {
             Ok(input) => input,
             Err(error) => return Ok(Err(error)),
         };
-        let quota = store::get_quota(&self.db, owner).await?;
+        let quota = store::get_quota(&mut *tx, owner).await?;
         if let Some(limit) = quota.runs_in_flight {
-            let unfinished = store::runs_in_flight(&self.db, owner, i64::from(limit)).await?;
+            let unfinished = store::runs_in_flight(&mut *tx, owner, i64::from(limit)).await?;
             if unfinished >= i64::from(limit) {
                 return Ok(Err(format!(
                     "the tenant's quota of {limit} runs in flight is used up"
@@ -327,13 +329,13 @@ impl Firing {
     /// Returns the definition a schedule starts, with the run's workflow name and version, or
     /// why there is none.
     async fn target(
-        &self,
+        tx: &mut sqlx::PgConnection,
         schedule: &ScheduleRow,
         owner: Owner<'_>,
     ) -> Result<Result<(WorkflowDefinition, Option<String>, Option<i32>), String>, FireError> {
         if let Some(name) = &schedule.workflow {
             let Some(row) =
-                store::get_workflow(&self.db, owner, name, schedule.workflow_version).await?
+                store::get_workflow(&mut *tx, owner, name, schedule.workflow_version).await?
             else {
                 return Ok(Err(match schedule.workflow_version {
                     Some(version) => format!("workflow {name:?} has no version {version}"),

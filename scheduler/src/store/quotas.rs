@@ -44,7 +44,10 @@ pub async fn put_quota(db: &PgPool, owner: Owner<'_>, quota: QuotaRow) -> Result
 }
 
 /// Returns a tenant's quotas (none set: no limits).
-pub async fn get_quota(db: &PgPool, owner: Owner<'_>) -> Result<QuotaRow, StoreError> {
+pub async fn get_quota(
+    db: impl sqlx::PgExecutor<'_>,
+    owner: Owner<'_>,
+) -> Result<QuotaRow, StoreError> {
     let row: Option<QuotaRow> = sqlx::query_as(
         "SELECT submissions_per_s, runs_in_flight FROM tenant_quotas
          WHERE namespace = $1 AND tenant = $2",
@@ -69,7 +72,11 @@ pub async fn list_quotas(db: &PgPool, namespace: &str) -> Result<Vec<TenantQuota
 
 /// Returns how many of a tenant's runs and jobs are unfinished, counting no further than
 /// `up_to` (so the count costs no more than the quota it is checked against).
-pub async fn runs_in_flight(db: &PgPool, owner: Owner<'_>, up_to: i64) -> Result<i64, StoreError> {
+pub async fn runs_in_flight(
+    db: impl sqlx::PgExecutor<'_>,
+    owner: Owner<'_>,
+    up_to: i64,
+) -> Result<i64, StoreError> {
     Ok(sqlx::query_scalar(
         "SELECT count(*) FROM (
              SELECT 1 FROM runs

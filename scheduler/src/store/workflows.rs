@@ -73,7 +73,7 @@ pub async fn put_workflow(
 
 /// Returns one version of a workflow (the latest if `version` is `None`).
 pub async fn get_workflow(
-    db: &PgPool,
+    db: impl sqlx::PgExecutor<'_>,
     owner: Owner<'_>,
     name: &str,
     version: Option<i32>,
