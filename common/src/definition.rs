@@ -359,6 +359,15 @@ impl WorkflowDefinition {
     /// work, so they are compiled through `programs` (and kept there).
     pub fn validate(&self, programs: &jq::ProgramCache) -> Result<(), ValidationError> {
         let mut problems = Vec::new();
+        // Stored as JSON in PostgreSQL, which refuses a NUL character in any string.
+        if let Ok(json) = serde_json::to_value(self)
+            && let Err(error) = crate::value::check(&json)
+        {
+            problems.push(Problem {
+                step: None,
+                message: format!("the definition cannot be stored: {error}"),
+            });
+        }
         if let Some(name) = &self.name
             && !names::is_valid_name(name)
         {

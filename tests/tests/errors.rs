@@ -276,6 +276,16 @@ async fn every_bad_input_gets_its_status_and_names_the_problem() {
         &["nested deeper"],
     )
     .await;
+    // PostgreSQL stores no NUL character: a definition holding one is refused, not a 500.
+    check(
+        &fleet,
+        "POST",
+        "/v1/tasks",
+        Some(json!({"python_code": "def main(x):\n    return '\u{0}'\n"})),
+        422,
+        &["cannot be stored"],
+    )
+    .await;
 
     // 404: unknown workflows, versions, runs, jobs and routes.
     check(

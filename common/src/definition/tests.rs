@@ -182,3 +182,11 @@ fn run_output_follows_the_rules() {
         parse(json!({"steps": [{"id": "a", "dataflow": "."}, {"id": "b", "dataflow": "."}]}));
     assert_eq!(two_sinks.run_output(&outputs), json!({"a": 1, "b": 2}));
 }
+
+#[test]
+fn a_definition_with_a_nul_character_is_refused() {
+    check(
+        json!({"steps": [{"id": "a", "python_code": "def main(x):\n    return '\u{0}'\n"}]}),
+        &["the definition cannot be stored"],
+    );
+}
