@@ -25,6 +25,23 @@ async fn wait_ended(fleet: &TestFleet, id: &str, job: bool) -> Value {
     }
 }
 
+/// Asks for run (or, with `job`, job) `id` to run again; returns the answer.
+async fn retry(fleet: &TestFleet, id: &str, job: bool) -> (u16, Value) {
+    let collection = if job { "tasks" } else { "runs" };
+    fleet
+        .request("POST", &format!("/v1/{collection}/{id}/retry"), None)
+        .await
+}
+
+/// Asserts that a retry was answered with the run running (again).
+fn assert_running((status, answer): &(u16, Value)) {
+    assert_eq!(
+        (*status, &answer["status"]),
+        (200, &json!("running")),
+        "{answer}"
+    );
+}
+
 #[tokio::test]
 async fn a_failed_run_runs_again_from_its_failed_and_unstarted_steps() {
     let fleet = TestFleet::start_with(FleetOptions {
@@ -60,35 +77,14 @@ async fn a_failed_run_runs_again_from_its_failed_and_unstarted_steps() {
     let check_task = failed["steps"]["check"]["task_id"].clone();
 
     // Still failing: the re-run fails again, and may be run once more.
-    let (status, answer) = fleet
-        .request("POST", &format!("/v1/runs/{id}/retry"), None)
-        .await;
-    assert_eq!(
-        (status, &answer["status"]),
-        (200, &json!("running")),
-        "{answer}"
-    );
+    assert_running(&retry(&fleet, &id, false).await);
     let again = wait_ended(&fleet, &id, false).await;
     assert_eq!(again["status"], "failed", "{again:#}");
 
     tokio::time::sleep(Duration::from_secs_f64((until - now()).max(0.0) + 0.1)).await;
-    let (status, answer) = fleet
-        .request("POST", &format!("/v1/runs/{id}/retry"), None)
-        .await;
-    assert_eq!(
-        (status, &answer["status"]),
-        (200, &json!("running")),
-        "{answer}"
-    );
+    assert_running(&retry(&fleet, &id, false).await);
     // Asked again while under way: the same answer, and no second re-run.
-    let (status, answer) = fleet
-        .request("POST", &format!("/v1/runs/{id}/retry"), None)
-        .await;
-    assert_eq!(
-        (status, &answer["status"]),
-        (200, &json!("running")),
-        "{answer}"
-    );
+    assert_running(&retry(&fleet, &id, false).await);
 
     let done = wait_ended(&fleet, &id, false).await;
     assert_eq!(done["status"], "succeeded", "{done:#}");
@@ -103,9 +99,7 @@ async fn a_failed_run_runs_again_from_its_failed_and_unstarted_steps() {
 
     // A run that succeeded does not run again; nor does one that is running and never
     // failed; a run that does not exist is not found.
-    let (status, answer) = fleet
-        .request("POST", &format!("/v1/runs/{id}/retry"), None)
-        .await;
+    let (status, answer) = retry(&fleet, &id, false).await;
     assert_eq!(status, 409, "{answer}");
     assert!(
         answer["error"]["message"]
@@ -120,9 +114,7 @@ async fn a_failed_run_runs_again_from_its_failed_and_unstarted_steps() {
             &json!(null),
         )
         .await;
-    let (status, answer) = fleet
-        .request("POST", &format!("/v1/runs/{running}/retry"), None)
-        .await;
+    let (status, answer) = retry(&fleet, &running, false).await;
     assert_eq!(status, 409, "{answer}");
     let (status, answer) = fleet
         .request(
@@ -161,14 +153,7 @@ async fn a_cancelled_job_runs_again() {
     assert_eq!(wait_ended(&fleet, &id, true).await["status"], "cancelled");
 
     // The workers were told to drop the job's tasks: its new task runs all the same.
-    let (status, answer) = fleet
-        .request("POST", &format!("/v1/tasks/{id}/retry"), None)
-        .await;
-    assert_eq!(
-        (status, &answer["status"]),
-        (200, &json!("running")),
-        "{answer}"
-    );
+    assert_running(&retry(&fleet, &id, true).await);
     let done = wait_ended(&fleet, &id, true).await;
     assert_eq!(done["status"], "succeeded", "{done:#}");
     assert_eq!(done["output"], "done", "{done:#}");
