@@ -404,6 +404,7 @@ pub async fn executor_cost(calls: usize) -> Result<ExecutorTimings> {
         timeout_s: None,
         ends_run: false,
         trace_id: None,
+        rate_limit: None,
     };
     let jq = task(StepKind::Dataflow {
         program: ".".to_owned(),

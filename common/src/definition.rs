@@ -11,6 +11,10 @@ use serde::{Deserialize, Serialize};
 use crate::jq;
 use crate::names;
 
+pub mod limits;
+
+pub use limits::{Concurrency, RateLimit};
+
 /// The longest `timeout_s` a step may set: 7 days. A longer attempt would outlive any lease and
 /// any broker's patience, and a larger number is almost always a unit mistake.
 pub const MAX_TIMEOUT_S: f64 = 7.0 * 24.0 * 3600.0;
@@ -94,6 +98,12 @@ pub struct StepDefinition {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[cfg_attr(feature = "openapi", schema(maximum = 9))]
     pub priority: Option<u8>,
+    /// At most this many starts per second across the fleet (per key value).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limit: Option<RateLimit>,
+    /// At most this many attempts at once across the fleet (per key value).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub concurrency: Option<Concurrency>,
 }
 
 /// Exponential backoff with jitter between attempts of a failed step.
@@ -328,6 +338,12 @@ impl StepDefinition {
                 names::MAX_PRIORITY
             ));
         }
+        limits::check(
+            self.rate_limit.as_ref(),
+            self.concurrency.as_ref(),
+            programs,
+            &mut problem,
+        );
     }
 }
 

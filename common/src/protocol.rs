@@ -50,6 +50,32 @@ pub struct TaskMessage {
     /// predates it skips it, as it skips every field it does not know.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub trace_id: Option<TraceId>,
+    /// The rate limits the attempt's start counts against, for a step with a `rate_limit` or a
+    /// task of a queue with one; optional, as `trace_id` is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limit: Option<RateGate>,
+}
+
+/// The rate limits a task's start counts against, and the start the scheduler reserved for it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RateGate {
+    /// Each limit: the step's, its queue's.
+    pub limits: Vec<RateSpec>,
+    /// The time (milliseconds since the Unix epoch) the scheduler reserved the start for; none
+    /// until it has reserved one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub slot_ms: Option<i64>,
+}
+
+/// One rate limit: starts per second in a group, with a burst.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RateSpec {
+    /// The group the starts count in (`crate::definition::limits::group`).
+    pub group: String,
+    /// Starts per second.
+    pub per_second: f64,
+    /// How many may start at once after a quiet time.
+    pub burst: u32,
 }
 
 /// How an attempt ended.
@@ -206,6 +232,7 @@ mod tests {
             timeout_s: None,
             ends_run: true,
             trace_id: Some(TraceId::random()),
+            rate_limit: None,
         };
         let decoded: TaskMessage = decode(&encode(&task)).expect("decodes");
         assert_eq!(decoded, task);

@@ -36,6 +36,24 @@ pub struct Dispatch {
     pub task_id: Uuid,
     /// The message.
     pub outgoing: Outgoing,
+    /// Whether the message carries a step's rate limit (`TaskMessage::rate_limit`).
+    pub rate_limited: bool,
+}
+
+/// The task a [`Dispatch`] sends: its run, its id and step, and the group its starts count in
+/// when its step has a rate limit.
+#[derive(Debug, Clone, Copy)]
+pub struct TaskRef<'a> {
+    /// The run.
+    pub run_id: Uuid,
+    /// The run's trace.
+    pub trace_id: Option<TraceId>,
+    /// The task.
+    pub task_id: Uuid,
+    /// Its step.
+    pub step_id: &'a str,
+    /// The group of the step's rate limit (`NewTask::rate_group`).
+    pub rate_group: Option<&'a str>,
 }
 
 impl Dispatch {
@@ -43,14 +61,30 @@ impl Dispatch {
     /// definition has no such step (which validation rules out).
     pub fn new(
         definition: &WorkflowDefinition,
-        run_id: Uuid,
-        trace_id: Option<TraceId>,
-        task_id: Uuid,
-        step_id: &str,
+        task: TaskRef<'_>,
         attempt: u32,
         input: Value,
     ) -> Option<Self> {
+        let TaskRef {
+            run_id,
+            trace_id,
+            task_id,
+            step_id,
+            rate_group,
+        } = task;
         let step = definition.step(step_id)?;
+        let rate_limit = step
+            .rate_limit
+            .as_ref()
+            .zip(rate_group)
+            .map(|(rate, group)| protocol::RateGate {
+                limits: vec![protocol::RateSpec {
+                    group: group.to_owned(),
+                    per_second: rate.per_second,
+                    burst: rate.burst(),
+                }],
+                slot_ms: None,
+            });
         let message = TaskMessage {
             version: PROTOCOL_VERSION,
             task_id: TaskId(task_id),
@@ -62,6 +96,7 @@ impl Dispatch {
             timeout_s: step.timeout_s,
             ends_run: definition.steps.len() == 1 && !definition.plans_with_programs(),
             trace_id,
+            rate_limit,
         };
         Some(Self {
             task_id,
@@ -70,6 +105,7 @@ impl Dispatch {
                 priority: step.priority(),
                 body: protocol::encode(&message),
             },
+            rate_limited: message.rate_limit.is_some(),
         })
     }
 }
@@ -367,16 +403,15 @@ async fn send_claimed(
         let built = serde_json::from_value::<WorkflowDefinition>(row.definition.0.clone())
             .map_err(|error| format!("the run's definition does not read: {error}"))
             .and_then(|definition| {
-                Dispatch::new(
-                    &definition,
-                    row.run_id,
-                    row.trace_id(),
-                    row.id,
-                    &row.step_id,
-                    attempt,
-                    input,
-                )
-                .ok_or_else(|| format!("the run's definition has no step {:?}", row.step_id))
+                let task = TaskRef {
+                    run_id: row.run_id,
+                    trace_id: row.trace_id(),
+                    task_id: row.id,
+                    step_id: &row.step_id,
+                    rate_group: row.rate_group.as_deref(),
+                };
+                Dispatch::new(&definition, task, attempt, input)
+                    .ok_or_else(|| format!("the run's definition has no step {:?}", row.step_id))
             });
         match built {
             Ok(dispatch) => dispatches.push(dispatch),
@@ -443,6 +478,7 @@ mod tests {
             timeout_s: None,
             ends_run: false,
             trace_id: None,
+            rate_limit: None,
         };
         Dispatch {
             task_id: message.task_id.0,
@@ -451,6 +487,7 @@ mod tests {
                 priority,
                 body: protocol::encode(&message),
             },
+            rate_limited: false,
         }
     }
 
@@ -481,16 +518,15 @@ mod tests {
             let definition: WorkflowDefinition =
                 serde_json::from_value(definition).expect("parses");
             let step = definition.steps[0].id.clone();
-            let dispatch = Dispatch::new(
-                &definition,
-                Uuid::now_v7(),
-                None,
-                Uuid::now_v7(),
-                &step,
-                1,
-                serde_json::json!(1),
-            )
-            .expect("the step exists");
+            let task = TaskRef {
+                run_id: Uuid::now_v7(),
+                trace_id: None,
+                task_id: Uuid::now_v7(),
+                step_id: &step,
+                rate_group: None,
+            };
+            let dispatch =
+                Dispatch::new(&definition, task, 1, serde_json::json!(1)).expect("the step exists");
             protocol::decode::<TaskMessage>(&dispatch.outgoing.body)
                 .expect("decodes")
                 .ends_run

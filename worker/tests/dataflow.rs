@@ -41,6 +41,7 @@ fn task(program: &str, input: Value) -> TaskMessage {
         timeout_s: None,
         ends_run: false,
         trace_id: None,
+        rate_limit: None,
     }
 }
 

@@ -301,6 +301,7 @@ struct RunToPlan {
     input: Value,
     status: RunStatus,
     trace_id: Option<taskfleet_common::TraceId>,
+    tenant: String,
 }
 
 impl RunToPlan {
@@ -316,6 +317,7 @@ impl RunToPlan {
                 input: run.input.0,
                 status: run.status,
                 trace_id: run.trace_id.as_deref().and_then(|id| id.parse().ok()),
+                tenant: run.tenant,
             }),
             Err(error) => {
                 tracing::error!(run_id = %run.id, %error, "stored definition does not parse");
@@ -336,8 +338,11 @@ fn plan_runs(
     let planned = planning::plan_each(threads, runs, |run| {
         planning::plan_run(
             programs,
-            run.id,
-            run.trace_id,
+            planning::RunRef {
+                id: run.id,
+                trace_id: run.trace_id,
+                tenant: &run.tenant,
+            },
             &run.definition,
             &run.input,
             states.get(&run.id).unwrap_or(&empty),
@@ -384,6 +389,7 @@ mod tests {
             input,
             status: RunStatus::Running,
             trace_id: None,
+            tenant: "t".to_owned(),
         }
     }
 

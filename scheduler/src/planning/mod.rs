@@ -22,15 +22,13 @@ use std::collections::BTreeMap;
 use serde_json::Value;
 use taskfleet_common::definition::WorkflowDefinition;
 use taskfleet_common::jq::{self, ProgramCache};
-use taskfleet_common::value;
-use uuid::Uuid;
-
 use taskfleet_common::sync::lock;
+use taskfleet_common::value;
 
 use crate::store::FinishedRun;
 pub use planner::{Halted, StepState};
 pub use programs::{ProgramRunner, SandboxedPrograms};
-pub use rows::{Materialized, finished_run};
+pub use rows::{Materialized, RunRef, finished_run};
 pub use submission::{NewRunParts, plan_new_run};
 
 /// What planning a run came to.
@@ -42,21 +40,20 @@ pub struct PlannedRun {
     pub end: Option<FinishedRun>,
 }
 
-/// Plans the next steps of run `run_id` (of trace `trace_id`) and turns the decisions into rows. A run that ends
-/// while it is planned (a step failed at once, or every step is done) dispatches nothing more:
-/// its newly planned tasks are written cancelled.
+/// Plans the next steps of `run` and turns the decisions into rows. A run that ends while it
+/// is planned (a step failed at once, or every step is done) dispatches nothing more: its newly
+/// planned tasks are written cancelled.
 pub fn plan_run(
     programs: &dyn ProgramRunner,
-    run_id: Uuid,
-    trace_id: Option<taskfleet_common::TraceId>,
+    run: RunRef<'_>,
     definition: &WorkflowDefinition,
     input: &Value,
     states: &BTreeMap<String, StepState>,
 ) -> Result<PlannedRun, Halted> {
     let advance = planner::advance(programs, definition, input, states)?;
     let mut rows = Materialized::default();
-    rows.add(definition, run_id, trace_id, advance.planned);
-    let end = advance.end.map(|end| finished_run(run_id, end));
+    rows.add(definition, run, advance.planned);
+    let end = advance.end.map(|end| finished_run(run.id, end));
     if end.is_some() {
         rows.cancel_dispatches();
     }
@@ -187,6 +184,8 @@ mod tests {
     use serde_json::json;
     use taskfleet_common::TaskStatus;
 
+    use uuid::Uuid;
+
     use super::*;
 
     fn definition(steps: Value) -> WorkflowDefinition {
@@ -199,10 +198,14 @@ mod tests {
             {"id": "a", "dataflow": "."},
             {"id": "b", "dataflow": ".", "input": "error(\"no\")"}
         ]));
+        let run = RunRef {
+            id: Uuid::now_v7(),
+            trace_id: None,
+            tenant: "t",
+        };
         let planned = plan_run(
             &ProgramCache::default(),
-            Uuid::now_v7(),
-            None,
+            run,
             &definition,
             &json!(1),
             &BTreeMap::new(),

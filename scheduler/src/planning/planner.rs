@@ -8,7 +8,7 @@
 use std::collections::BTreeMap;
 
 use serde_json::{Map, Value, json};
-use taskfleet_common::definition::{StepDefinition, WorkflowDefinition};
+use taskfleet_common::definition::{StepDefinition, WorkflowDefinition, limits};
 use taskfleet_common::error::DATAFLOW_ERROR;
 use taskfleet_common::{StepError, StepStatus};
 
@@ -71,6 +71,8 @@ pub enum Planned {
         step_id: String,
         /// Its input.
         input: Value,
+        /// The values of its limits' key programs.
+        keys: Keys,
     },
     /// The step runs once per item, in parallel; an empty `items` means it succeeded at once
     /// with the output `[]`.
@@ -79,6 +81,9 @@ pub enum Planned {
         step_id: String,
         /// The items, each the input of one task.
         items: Vec<Value>,
+        /// The values of the limits' key programs for each item, in the order of `items`;
+        /// empty when the step's limits have no key program.
+        keys: Vec<Keys>,
     },
     /// The step does not run; its output is null.
     Skip {
@@ -92,6 +97,16 @@ pub enum Planned {
         /// Why.
         error: StepError,
     },
+}
+
+/// The values a step's limit key programs (`rate_limit.key`, `concurrency.key`) yielded for
+/// one task's input, as JSON; none for a limit without a key program.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Keys {
+    /// `rate_limit.key`'s value.
+    pub rate: Option<String>,
+    /// `concurrency.key`'s value.
+    pub concurrency: Option<String>,
 }
 
 /// How a run ended.
@@ -300,18 +315,67 @@ fn try_decide(
         }
     }
     let Some(for_each) = &step.for_each else {
+        let keys = keys(programs, step, &input)?;
         return Ok(Planned::Dispatch {
             step_id: step.id.clone(),
             input,
+            keys,
         });
     };
     let items = items(
         run_program(programs, "for_each", for_each, input)?,
         programs.max_value_bytes(),
     )?;
+    let keyed = step
+        .rate_limit
+        .as_ref()
+        .is_some_and(|rate| rate.key.is_some())
+        || step
+            .concurrency
+            .as_ref()
+            .is_some_and(|limit| limit.key.is_some());
+    let keys = if keyed {
+        items
+            .iter()
+            .map(|item| keys(programs, step, item))
+            .collect::<Result<_, _>>()?
+    } else {
+        Vec::new()
+    };
     Ok(Planned::FanOut {
         step_id: step.id.clone(),
         items,
+        keys,
+    })
+}
+
+/// Runs the step's limit key programs on one task's input; a program that fails, or yields
+/// anything but a string, number or boolean, fails the step.
+fn keys(
+    programs: &dyn ProgramRunner,
+    step: &StepDefinition,
+    input: &Value,
+) -> Result<Keys, Blocked> {
+    let key = |field: &str, source: Option<&String>| -> Result<Option<String>, Blocked> {
+        let Some(source) = source else {
+            return Ok(None);
+        };
+        let value = run_program(programs, field, source, input.clone())?;
+        limits::key_value(field, &value)
+            .map(Some)
+            .map_err(|message| Blocked::Fails(StepError::new(DATAFLOW_ERROR, message)))
+    };
+    Ok(Keys {
+        rate: key(
+            "rate_limit.key",
+            step.rate_limit.as_ref().and_then(|rate| rate.key.as_ref()),
+        )?,
+        concurrency: key(
+            "concurrency.key",
+            step.concurrency
+                .as_ref()
+                .and_then(|limit| limit.key.as_ref()),
+        )?,
     })
 }
 
@@ -453,6 +517,7 @@ mod tests {
         Planned::Dispatch {
             step_id: step.into(),
             input,
+            keys: Keys::default(),
         }
     }
 

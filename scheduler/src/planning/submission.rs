@@ -46,10 +46,14 @@ pub fn plan_new_run(
     parts: NewRunParts,
 ) -> Result<Submission, Halted> {
     let id = Uuid::now_v7();
+    let run = super::RunRef {
+        id,
+        trace_id: Some(parts.trace_id),
+        tenant: &parts.tenant,
+    };
     let planned = plan_run(
         programs,
-        id,
-        Some(parts.trace_id),
+        run,
         &parts.definition,
         &parts.input,
         &BTreeMap::new(),

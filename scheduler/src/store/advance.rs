@@ -26,6 +26,8 @@ pub struct LockedRun {
     pub status: RunStatus,
     /// Its trace id, as stored (none for a run made before runs had one).
     pub trace_id: Option<String>,
+    /// Its tenant.
+    pub tenant: String,
 }
 
 /// Locks the given runs (in id order, so two schedulers cannot deadlock) and returns them.
@@ -34,7 +36,7 @@ pub async fn lock_runs(
     ids: &[Uuid],
 ) -> Result<Vec<LockedRun>, StoreError> {
     Ok(sqlx::query_as(
-        "SELECT id, definition, input, status, trace_id FROM runs
+        "SELECT id, definition, input, status, trace_id, tenant FROM runs
          WHERE id = ANY($1) ORDER BY id FOR UPDATE",
     )
     .bind(ids)

@@ -271,6 +271,7 @@ struct LockedOrRecorded {
     definition: Option<Json<Value>>,
     input: Option<Payload>,
     trace_id: Option<String>,
+    tenant: Option<String>,
     status: String,
     step_id: Option<String>,
     item: Option<i32>,
@@ -289,7 +290,7 @@ pub async fn lock_and_record(
 ) -> Result<(Vec<LockedRun>, Vec<Recorded>), StoreError> {
     let sql = format!(
         "WITH locked AS MATERIALIZED (
-             SELECT id, definition, input, status, trace_id FROM runs
+             SELECT id, definition, input, status, trace_id, tenant FROM runs
              WHERE id = ANY($10) ORDER BY id FOR UPDATE),
          recorded AS (
              {RECORD_COMPLETIONS}
@@ -297,11 +298,13 @@ pub async fn lock_and_record(
              WHERE tasks.id = c.id AND tasks.attempt = c.attempt AND tasks.status = 'queued'
                AND tasks.run_id = ANY (ARRAY(SELECT id FROM locked))
              RETURNING {RECORDED_COLUMNS})
-         SELECT id AS run_id, definition, input, trace_id, status, NULL::text AS step_id,
-                NULL::integer AS item, NULL::jsonb AS output, NULL::jsonb AS error
+         SELECT id AS run_id, definition, input, trace_id, tenant, status,
+                NULL::text AS step_id, NULL::integer AS item, NULL::jsonb AS output,
+                NULL::jsonb AS error
          FROM locked
          UNION ALL
-         SELECT run_id, NULL, NULL, NULL, status, step_id, item, output, error FROM recorded"
+         SELECT run_id, NULL, NULL, NULL, NULL, status, step_id, item, output, error
+         FROM recorded"
     );
     let rows: Vec<LockedOrRecorded> =
         bind_completions(sqlx::query_as(sqlx::AssertSqlSafe(sql)), completions)
@@ -330,6 +333,7 @@ pub async fn lock_and_record(
                 input,
                 status: row.status.parse::<RunStatus>().map_err(unknown)?,
                 trace_id: row.trace_id,
+                tenant: row.tenant.unwrap_or_default(),
             }),
             (None, _, _) => {}
         }

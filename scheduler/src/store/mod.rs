@@ -29,6 +29,7 @@ mod completions;
 mod deadlines;
 mod keys;
 mod outbox;
+mod queue_settings;
 mod quotas;
 mod rerun;
 mod retention;
@@ -52,6 +53,7 @@ pub use keys::{
     revoke_key, touch_key,
 };
 pub use outbox::{UndispatchedTask, claim_due, claim_undispatched, mark_dispatched};
+pub use queue_settings::{QueueSettings, queue_settings, set_queue_settings};
 pub use quotas::{QuotaRow, TenantQuotaRow, get_quota, list_quotas, put_quota, runs_in_flight};
 pub use rerun::{RerunRead, Restart, read_for_rerun, restart_run};
 pub use retention::{Deleted, delete_finished_runs, vacuum};

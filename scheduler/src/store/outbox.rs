@@ -47,6 +47,8 @@ pub struct UndispatchedTask {
     pub definition: Json<Value>,
     /// Its run's trace id, as stored; see [`Self::trace_id`].
     pub run_trace_id: Option<String>,
+    /// The group its starts count in, for a step with a rate limit.
+    pub rate_group: Option<String>,
 }
 
 impl UndispatchedTask {
@@ -100,7 +102,7 @@ pub async fn claim_undispatched(
          FROM claimed, runs r
          WHERE t.id = claimed.id AND r.id = t.run_id
          RETURNING t.id, t.run_id, t.step_id, t.attempt, t.queue, t.priority, t.input, r.definition,
-                   r.trace_id AS run_trace_id"
+                   r.trace_id AS run_trace_id, t.rate_group"
     );
     Ok(sqlx::query_as(sqlx::AssertSqlSafe(sql))
         .bind(namespace)
@@ -136,7 +138,7 @@ pub async fn claim_due(
          FROM due, runs r
          WHERE t.id = due.id AND r.id = t.run_id
          RETURNING t.id, t.run_id, t.step_id, t.attempt, t.queue, t.priority, t.input, r.definition,
-                   r.trace_id AS run_trace_id"
+                   r.trace_id AS run_trace_id, t.rate_group"
     );
     Ok(sqlx::query_as(sqlx::AssertSqlSafe(sql))
         .bind(namespace)

@@ -76,6 +76,21 @@ pub struct NewTask {
     pub items_total: Option<i32>,
     /// The output of a step that finished while being planned (a `for_each` over nothing).
     pub output: Option<Value>,
+    /// The group its starts count in, for a step with a `rate_limit`.
+    pub rate_group: Option<String>,
+    /// The group and limit of a step with a `concurrency` limit: the task waits until a
+    /// scheduler admits it.
+    pub concurrency: Option<(String, i32)>,
+}
+
+impl NewTask {
+    /// The concurrency group of a task that waits to be admitted.
+    pub fn waiting_group(&self) -> Option<&str> {
+        match &self.concurrency {
+            Some((group, _)) if self.status == TaskStatus::Queued => Some(group),
+            _ => None,
+        }
+    }
 }
 
 /// Inserts runs with their first tasks, in one statement (so all or none of them, and one
@@ -212,6 +227,9 @@ struct TaskColumns<'a> {
     items: Vec<i32>,
     totals: Vec<Option<i32>>,
     outputs: Vec<Option<Json<Cow<'a, Value>>>>,
+    rate_groups: Vec<Option<&'a str>>,
+    concurrency_groups: Vec<Option<&'a str>>,
+    concurrency_limits: Vec<Option<i32>>,
 }
 
 impl<'a> TaskColumns<'a> {
@@ -239,26 +257,45 @@ impl<'a> TaskColumns<'a> {
                 .iter()
                 .map(|task| task.output.as_ref().map(sealed))
                 .collect(),
+            rate_groups: tasks
+                .iter()
+                .map(|task| task.rate_group.as_deref())
+                .collect(),
+            concurrency_groups: tasks
+                .iter()
+                .map(|task| task.concurrency.as_ref().map(|(group, _)| group.as_str()))
+                .collect(),
+            concurrency_limits: tasks
+                .iter()
+                .map(|task| task.concurrency.as_ref().map(|(_, limit)| *limit))
+                .collect(),
         }
     }
 
     /// The `INSERT` of the tasks, their arrays bound from parameter `$first` on; the rows come
-    /// from `t`, which a caller may filter with a `WHERE` appended.
+    /// from `t`, which a caller may filter with a `WHERE` appended. A queued task of a step
+    /// with a concurrency limit waits to be admitted (`due_at` 'infinity'), from the end of its
+    /// delay (`ready_at`).
     fn insert_sql(first: usize) -> String {
         let p = |offset: usize| format!("${}", first + offset);
         format!(
             "INSERT INTO tasks (namespace, id, run_id, step_id, status, queue, priority, input,
-                                error, finished_at, due_at, item, items_total, output)
+                                error, finished_at, due_at, item, items_total, output,
+                                rate_group, concurrency_group, concurrency_limit, ready_at)
              SELECT {}::text, id, run_id, step_id, status, queue, priority, input, error,
                     CASE WHEN status = 'queued' THEN NULL ELSE now() END,
-                    CASE WHEN status = 'queued' THEN now() + make_interval(secs => delay) END,
-                    item, items_total, output
+                    CASE WHEN status <> 'queued' THEN NULL
+                         WHEN concurrency_group IS NOT NULL THEN 'infinity'::timestamptz
+                         ELSE now() + make_interval(secs => delay) END,
+                    item, items_total, output, rate_group, concurrency_group, concurrency_limit,
+                    CASE WHEN concurrency_group IS NOT NULL
+                         THEN now() + make_interval(secs => coalesce(delay, 0)) END
              FROM UNNEST({}::uuid[], {}::uuid[], {}::text[], {}::text[], {}::text[],
                          {}::smallint[], {}::jsonb[], {}::jsonb[], {}::float8[], {}::integer[],
-                         {}::integer[], {}::jsonb[])
+                         {}::integer[], {}::jsonb[], {}::text[], {}::text[], {}::integer[])
                   AS t(id, run_id, step_id, status, queue, priority, input, error, delay, item,
-                       items_total, output)",
-            p(12),
+                       items_total, output, rate_group, concurrency_group, concurrency_limit)",
+            p(15),
             p(0),
             p(1),
             p(2),
@@ -270,7 +307,10 @@ impl<'a> TaskColumns<'a> {
             p(8),
             p(9),
             p(10),
-            p(11)
+            p(11),
+            p(12),
+            p(13),
+            p(14)
         )
     }
 
@@ -288,6 +328,9 @@ impl<'a> TaskColumns<'a> {
         add(arguments, &self.items)?;
         add(arguments, &self.totals)?;
         add(arguments, &self.outputs)?;
+        add(arguments, &self.rate_groups)?;
+        add(arguments, &self.concurrency_groups)?;
+        add(arguments, &self.concurrency_limits)?;
         add(arguments, self.namespace)
     }
 }

@@ -114,6 +114,7 @@ mod tests {
             timeout_s: None,
             ends_run: false,
             trace_id: None,
+            rate_limit: None,
         }
     }
 

@@ -94,8 +94,14 @@ async fn retry_kind(
         .collect();
     let input = read.input.0;
     let programs = state.programs.clone();
+    let tenant = principal.tenant.clone();
     let planned = planning::run_planning(false, move || {
-        planning::plan_run(&programs, id, trace_id, &definition, &input, &states)
+        let run = planning::RunRef {
+            id,
+            trace_id,
+            tenant: &tenant,
+        };
+        planning::plan_run(&programs, run, &definition, &input, &states)
     })
     .await
     .map_err(|error| match error {

@@ -6,7 +6,7 @@ use axum::http::StatusCode;
 use axum::{Extension, Json};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
-use taskfleet_common::definition::{RetryPolicy, StepDefinition};
+use taskfleet_common::definition::{Concurrency, RateLimit, RetryPolicy, StepDefinition};
 use taskfleet_common::jq::ProgramCache;
 use taskfleet_common::{RunKind, WorkflowDefinition};
 use utoipa::ToSchema;
@@ -269,6 +269,10 @@ pub struct JobRequest {
     /// 0 to 9, higher first (default 0).
     #[schema(maximum = 9)]
     priority: Option<u8>,
+    /// At most this many starts per second across the fleet (per key value).
+    rate_limit: Option<RateLimit>,
+    /// At most this many attempts at once across the fleet (per key value).
+    concurrency: Option<Concurrency>,
     /// The job's input (default null).
     #[serde(default)]
     input: Value,
@@ -325,6 +329,8 @@ pub async fn create_job(
         timeout_s: request.timeout_s,
         queue: request.queue,
         priority: request.priority,
+        rate_limit: request.rate_limit,
+        concurrency: request.concurrency,
     };
     let definition = WorkflowDefinition {
         name: None,
