@@ -85,8 +85,9 @@ pub enum Command {
     Workflows(WorkflowsArgs),
     /// Lists the live workers: queues, concurrency, tasks running, last heartbeat
     Workers,
-    /// Lists the task queues: tasks ready, in flight, consumers
-    Queues,
+    /// Lists the task queues (tasks ready, in flight, consumers), shows or sets a queue's rate
+    /// limit (without a subcommand: lists them)
+    Queues(QueuesArgs),
     /// Prints the counts of runs and tasks by status
     Stats,
     /// Lists, shows, sets, pauses, resumes and deletes schedules (without a subcommand: lists
@@ -208,6 +209,42 @@ pub struct SetQuotaArgs {
     /// The most of its runs and jobs unfinished at once
     #[arg(long, value_name = "N")]
     pub runs_in_flight: Option<u32>,
+}
+
+/// The arguments of `taskfleet queues`.
+#[derive(Debug, Args)]
+pub struct QueuesArgs {
+    /// What to do with queues (default: list them).
+    #[command(subcommand)]
+    pub command: Option<QueuesCommand>,
+}
+
+/// The subcommands of `taskfleet queues`.
+#[derive(Debug, Subcommand)]
+pub enum QueuesCommand {
+    /// Lists the task queues: tasks ready, in flight, consumers
+    List,
+    /// Shows a queue's settings (an admin key's work)
+    Show {
+        /// The queue
+        #[arg(value_name = "QUEUE")]
+        queue: String,
+    },
+    /// Sets a queue's rate limit across the fleet; without --rate-limit-per-s, none (an admin
+    /// key's work)
+    Set(SetQueueArgs),
+}
+
+/// The arguments of `taskfleet queues set`.
+#[derive(Debug, Args)]
+pub struct SetQueueArgs {
+    /// The queue
+    #[arg(value_name = "QUEUE")]
+    pub queue: String,
+    /// The most starts per second of the queue's tasks, of every tenant, across the fleet
+    /// (fractions allowed)
+    #[arg(long, value_name = "N")]
+    pub rate_limit_per_s: Option<f64>,
 }
 
 /// The arguments of `taskfleet audit`.

@@ -23,8 +23,8 @@ pub use args::{Cli, Command, Output};
 
 use args::{
     CompletionsArgs, CreateKeyArgs, DeadLettersCommand, EnqueueArgs, KeysCommand, LogsArgs,
-    PageArgs, RegisterArgs, ShowWorkflowArgs, StatusArgs, SubmitArgs, TenantsCommand, WaitArgs,
-    WorkflowsCommand,
+    PageArgs, QueuesCommand, RegisterArgs, ShowWorkflowArgs, StatusArgs, SubmitArgs,
+    TenantsCommand, WaitArgs, WorkflowsCommand,
 };
 use body::InputError;
 use client::{Accepted, ApiError, Client, Kind};
@@ -214,7 +214,28 @@ async fn dispatch(
             }
         },
         Command::Workers => show(&client, printer, &["v1", "workers"], text::workers).await,
-        Command::Queues => show(&client, printer, &["v1", "queues"], text::queues).await,
+        Command::Queues(queues_args) => match queues_args.command {
+            None | Some(QueuesCommand::List) => {
+                show(&client, printer, &["v1", "queues"], text::queues).await
+            }
+            Some(QueuesCommand::Show { queue }) => {
+                show(
+                    &client,
+                    printer,
+                    &["v1", "queues", &queue],
+                    text::queue_settings,
+                )
+                .await
+            }
+            Some(QueuesCommand::Set(set_args)) => {
+                let body = json!({ "rate_limit_per_s": set_args.rate_limit_per_s });
+                let answer = client
+                    .put(&["v1", "queues", &set_args.queue], &body)
+                    .await?;
+                printer.print(&answer, text::queue_settings)?;
+                Ok(Exit::Success)
+            }
+        },
         Command::Stats => show(&client, printer, &["v1", "stats"], text::stats).await,
         Command::Tenants(tenants_args) => match tenants_args.command {
             TenantsCommand::List => show(&client, printer, &["v1", "tenants"], text::tenants).await,

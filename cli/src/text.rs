@@ -302,6 +302,15 @@ pub fn tenants(answer: &Value) -> String {
     )
 }
 
+/// Returns a queue's settings (`GET` or `PUT /v1/queues/{name}`) as a sentence.
+pub fn queue_settings(answer: &Value) -> String {
+    let queue = cell(answer, "queue");
+    match answer.get("rate_limit_per_s").and_then(Value::as_f64) {
+        Some(rate) => format!("queue {queue}: at most {rate} starts per second across the fleet"),
+        None => format!("queue {queue}: no rate limit"),
+    }
+}
+
 /// Returns the answer of `GET /v1/audit` as a table.
 pub fn audit(answer: &Value) -> String {
     let rows: Vec<Vec<String>> = items(answer, "events")

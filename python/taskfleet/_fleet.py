@@ -5,6 +5,7 @@ use them through ``Client``.
 
 from __future__ import annotations
 
+import urllib.parse
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, TypeVar, Union
 
 from taskfleet._parse import _dead_letters, _Fields, _purged, _queue, _worker
@@ -16,12 +17,16 @@ if TYPE_CHECKING:
 _T = TypeVar("_T")
 
 
+def _queue_path(name: str) -> str:
+    return "/v1/queues/" + urllib.parse.quote(name, safe="")
+
+
 class _FleetMethods:
     """The live workers, the task queues, the dead letters and the counts by status."""
 
     if TYPE_CHECKING:
 
-        def _call(self, method: str, path: str) -> _Answer: ...
+        def _call(self, method: str, path: str, *, body: Any = ...) -> _Answer: ...
 
         def _read(
             self, answer: _Answer, method: str, path: str, parse: Callable[[Any], _T]
@@ -47,6 +52,28 @@ class _FleetMethods:
         return self._read(
             answer, "GET", "/v1/queues", lambda body: _Fields(body, "answer").each("queues", _queue)
         )
+
+    def queue_settings(self, name: str) -> Dict[str, Any]:
+        """Returns a queue's settings (``GET /v1/queues/{name}``; an ``admin`` key):
+        ``{"queue", "rate_limit_per_s", "updated_at"}``, ``None`` where unset."""
+        path = _queue_path(name)
+        answer = self._call("GET", path)
+        return self._read(answer, "GET", path, lambda body: _Fields(body, "answer").value)
+
+    def set_queue_settings(
+        self, name: str, *, rate_limit_per_s: Optional[float] = None
+    ) -> Dict[str, Any]:
+        """Sets a queue's settings (``PUT /v1/queues/{name}``; an ``admin`` key) and returns
+        them as :meth:`queue_settings` does. Every scheduler applies them within two seconds.
+
+        Args:
+            name: The task queue.
+            rate_limit_per_s: The most starts per second of the queue's tasks, of every
+                tenant, across the fleet (fractions allowed); ``None`` for no limit.
+        """
+        path = _queue_path(name)
+        answer = self._call("PUT", path, body={"rate_limit_per_s": rate_limit_per_s})
+        return self._read(answer, "PUT", path, lambda body: _Fields(body, "answer").value)
 
     def dead_letters(self, limit: Optional[int] = None) -> DeadLetters:
         """Returns the first messages of the dead-letters queue, oldest first, and how many it

@@ -8,6 +8,7 @@ mod error;
 mod fleet;
 pub(crate) mod keys;
 pub mod openapi;
+mod queues;
 mod quotas;
 mod runs;
 mod schedules;
@@ -97,6 +98,7 @@ fn routes() -> OpenApiRouter<AppState> {
         .routes(routes!(stats))
         .routes(routes!(fleet::workers))
         .routes(routes!(fleet::queues))
+        .routes(routes!(queues::show, queues::put))
         .routes(routes!(dead_letters::list))
         .routes(routes!(dead_letters::purge))
         .routes(routes!(keys::create, keys::list))
