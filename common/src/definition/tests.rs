@@ -190,3 +190,40 @@ fn a_definition_with_a_nul_character_is_refused() {
         &["the definition cannot be stored"],
     );
 }
+
+#[test]
+fn limits_as_documented_are_valid_and_bad_ones_are_named() {
+    let documented = json!({"steps": [
+        {"id": "charge", "python": "billing:charge",
+         "rate_limit": {"per_second": 10.0, "burst": 5, "key": ".customer_id"},
+         "concurrency": {"limit": 2, "key": ".customer_id"}},
+        {"id": "export", "python": "etl.orders:export", "concurrency": {"limit": 2, "key": ".tenant"}},
+        {"id": "slow", "dataflow": ".", "rate_limit": {"per_second": 0.5}}
+    ]});
+    let definition = parse(documented.clone());
+    definition
+        .validate(&jq::ProgramCache::default())
+        .expect("valid");
+    assert_eq!(
+        serde_json::to_value(&definition).expect("serializes"),
+        documented
+    );
+    assert_eq!(
+        definition.steps[2]
+            .rate_limit
+            .as_ref()
+            .map(RateLimit::burst),
+        Some(1)
+    );
+    check(
+        json!({"steps": [{"id": "a", "dataflow": ".",
+            "rate_limit": {"per_second": 0, "burst": 0, "key": "."},
+            "concurrency": {"limit": 0, "key": "{"}}]}),
+        &[
+            "`rate_limit.per_second`",
+            "`rate_limit.burst`",
+            "`concurrency.limit`",
+            "`concurrency.key`",
+        ],
+    );
+}
