@@ -578,6 +578,18 @@ def test_fleet_endpoints_show_the_worker(client: Client) -> None:
     assert isinstance(stats["runs"], dict) and isinstance(stats["tasks"], dict)
 
 
+def test_a_queue_rate_limit_is_set_read_and_refused_out_of_range(client: Client) -> None:
+    queue = unique_name("queue")
+    assert client.queue_settings(queue)["rate_limit_per_s"] is None
+    settings = client.set_queue_settings(queue, rate_limit_per_s=2.5)
+    assert (settings["queue"], settings["rate_limit_per_s"]) == (queue, 2.5)
+    assert client.queue_settings(queue)["rate_limit_per_s"] == 2.5
+    with pytest.raises(InvalidRequest) as caught:
+        client.set_queue_settings(queue, rate_limit_per_s=0)
+    assert caught.value.status == 422 and "rate_limit_per_s" in caught.value.message
+    assert client.set_queue_settings(queue)["rate_limit_per_s"] is None
+
+
 def test_dead_letters_are_listed_and_purged(client: Client) -> None:
     # Nothing this fleet was sent names no task, so it has no dead letters; the integration
     # tests of the scheduler put some there.
