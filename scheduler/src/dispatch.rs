@@ -114,9 +114,28 @@ impl Dispatch {
 #[derive(Clone)]
 pub struct Dispatcher {
     tx: mpsc::UnboundedSender<Vec<Dispatch>>,
+    /// The admission loop its users wake for tasks that wait for a concurrency permit (see
+    /// [`Self::admit`]).
+    admission: Option<crate::admission::Admission>,
 }
 
 impl Dispatcher {
+    /// Returns this dispatcher with the admission loop its users wake.
+    pub fn with_admission(self, admission: crate::admission::Admission) -> Self {
+        Self {
+            admission: Some(admission),
+            ..self
+        }
+    }
+
+    /// Wakes the admission loop, if this dispatcher has one, for the groups of tasks that wait
+    /// for a concurrency permit or of permits freed: called after the commit that wrote them.
+    pub fn admit(&self, wakes: Vec<crate::admission::Wake>) {
+        if let Some(admission) = &self.admission {
+            admission.wake(wakes);
+        }
+    }
+
     /// Hands committed tasks to the dispatch loop.
     pub fn send(&self, dispatches: Vec<Dispatch>) {
         if dispatches.is_empty() {
@@ -149,7 +168,10 @@ pub fn dispatcher(
     // accept path is bounded upstream by its own channel.
     let (tx, rx) = mpsc::unbounded_channel();
     (
-        Dispatcher { tx },
+        Dispatcher {
+            tx,
+            admission: None,
+        },
         dispatch_loop(
             broker,
             db,

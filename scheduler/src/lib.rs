@@ -5,6 +5,7 @@
 //! [`run`] wires the parts together and runs them until the shutdown token is cancelled.
 
 pub mod accept;
+pub mod admission;
 pub mod api;
 pub mod auth;
 pub mod broker;
@@ -76,6 +77,15 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         config.relay_after,
         costs.clone(),
     );
+    // Tasks that wait for a concurrency permit are admitted by this loop; whoever writes them
+    // (or frees permits) wakes it through the dispatcher.
+    let (admission, admission_loop) = admission::admission(
+        db.clone(),
+        config.namespace.as_str().to_owned(),
+        shutdown.child_token(),
+    );
+    tracker.spawn(admission_loop);
+    let dispatcher = dispatcher.with_admission(admission);
     let dispatch_task = tokio::spawn(dispatch_loop);
     tracker.spawn(dispatch::relay_loop(
         dispatcher.clone(),

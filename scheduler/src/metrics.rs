@@ -39,6 +39,8 @@ pub const DEAD_LETTERED: &str = "taskfleet_dead_letters_total";
 pub const RUNS_DELETED: &str = "taskfleet_runs_deleted_total";
 /// Messages removed from the dead-letters queue by `POST /v1/dead-letters:purge`.
 pub const DEAD_LETTERS_PURGED: &str = "taskfleet_dead_letters_purged_total";
+/// Tasks admitted to a concurrency permit (they waited for their step's `concurrency` limit).
+pub const TASKS_ADMITTED: &str = "taskfleet_tasks_admitted_total";
 /// HTTP requests answered, by route template and status code.
 pub const HTTP_REQUESTS: &str = "taskfleet_http_requests_total";
 /// Seconds to answer an HTTP request, by route template.
@@ -92,6 +94,10 @@ pub fn install() -> Result<Exposition, String> {
     describe_counter!(
         DEAD_LETTERS_PURGED,
         "Messages purged from the dead-letters queue through this scheduler's API."
+    );
+    describe_counter!(
+        TASKS_ADMITTED,
+        "Tasks this scheduler admitted to a permit of their step's concurrency limit."
     );
     describe_counter!(
         HTTP_REQUESTS,
@@ -173,6 +179,11 @@ pub fn runs_deleted(count: u64) {
 /// Counts the messages a purge of the dead-letters queue removed.
 pub fn dead_letters_purged(count: u32) {
     counter!(DEAD_LETTERS_PURGED).increment(u64::from(count));
+}
+
+/// Counts tasks admitted to concurrency permits.
+pub fn admitted(count: u64) {
+    counter!(TASKS_ADMITTED).increment(count);
 }
 
 /// Counts an HTTP request answered.

@@ -11,7 +11,8 @@
 //! completion or a retry writes on its task), `advance` (runs locked while they are advanced,
 //! their steps' states, `for_each` fan-in, finished runs), `outbox` (dispatch marks, the relay's
 //! and the retry timer's claims), `schedules` (schedules, and the firing loop's claims of due
-//! ones) and `stats` (the counts of `/v1/stats` and `/v1/queues`).
+//! ones), `admission` (concurrency permits: admitting waiting tasks) and `stats` (the counts of
+//! `/v1/stats` and `/v1/queues`).
 
 use std::str::FromStr;
 
@@ -24,6 +25,7 @@ use sqlx::{ConnectOptions, Connection, PgConnection, PgPool, Postgres};
 use taskfleet_common::{RunKind, RunStatus, TaskStatus};
 use uuid::Uuid;
 
+mod admission;
 mod advance;
 mod completions;
 mod deadlines;
@@ -38,6 +40,7 @@ mod schedules;
 mod stats;
 mod workflows;
 
+pub use admission::{admit, groups_to_admit};
 pub use advance::{
     FinishedRun, LockedRun, TaskState, count_items, fail_items, finish_runs, join_items, lock_runs,
     task_states,
