@@ -6,7 +6,8 @@
 //! transaction fails for a reason other than the database being unreachable, each request is
 //! written again in a transaction of its own, so one bad request never fails the others. Tasks
 //! are handed to the dispatcher only after the commit, so nothing is published that is not
-//! durable. The loop ends when every [`Acceptor`] is dropped, after answering what it holds.
+//! durable; tasks that wait for a concurrency permit wake the admission loop instead. The loop
+//! ends when every [`Acceptor`] is dropped, after answering what it holds.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -15,6 +16,7 @@ use taskfleet_common::{RunKind, RunStatus};
 use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
+use crate::admission;
 use crate::dispatch::{Dispatch, Dispatcher};
 use crate::notify::Notifier;
 use crate::store::{self, HeldConnection, NewRun, NewTask, StoreError};
@@ -144,6 +146,7 @@ impl Writer {
     async fn finish(&self, requests: Vec<(Vec<Submission>, Reply)>, outcomes: Vec<Vec<Accepted>>) {
         let mut finished = Vec::new();
         let mut dispatches = Vec::new();
+        let mut waiting = Vec::new();
         for ((submissions, reply), outcomes) in requests.into_iter().zip(outcomes) {
             for (submission, outcome) in submissions.into_iter().zip(&outcomes) {
                 if matches!(outcome, Accepted::Created { .. }) {
@@ -161,12 +164,14 @@ impl Writer {
                         }]);
                     }
                     dispatches.extend(submission.dispatches);
+                    waiting.extend(admission::waiting(&submission.tasks));
                 }
             }
             let _ = reply.send(Ok(outcomes));
         }
         // One hand-over for the whole commit: its tasks are published in the same rounds.
         self.dispatcher.send(dispatches);
+        self.dispatcher.admit(waiting);
         self.notifier.announce(&finished).await;
     }
 

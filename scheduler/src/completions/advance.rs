@@ -14,6 +14,7 @@ use taskfleet_common::{RunStatus, StepError, TaskStatus};
 use uuid::Uuid;
 
 use super::{AdvanceError, CompletionLoop};
+use crate::admission::{self, Wake};
 use crate::notify::FinishedView;
 use crate::planning::{self, Halted, Materialized, PlanningLoad, ProgramRunner, StepState};
 use crate::retry;
@@ -115,6 +116,9 @@ impl CompletionLoop {
         self.notifier
             .announce_with_views(&done.finished, views)
             .await;
+        // Their tasks' permits are free once the statement committed.
+        self.dispatcher
+            .admit(done.freed.into_iter().map(Wake::now).collect());
         let handled = done.locked;
         if handled.is_empty() {
             return Ok(Cow::Borrowed(completions));
@@ -161,6 +165,10 @@ impl CompletionLoop {
             store::keep_logs_of_cancelled(&mut tx, &stopped).await?;
             (runs, store::record_completions(&mut tx, &finals).await?)
         };
+        let freed: Vec<Wake> = recorded
+            .iter()
+            .filter_map(|task| task.concurrency_group.clone().map(Wake::now))
+            .collect();
         let mut states = steps_recorded(&recorded);
         let max_value_bytes = self.programs.max_value_bytes();
         let advanced = fan_in(&mut tx, recorded, max_value_bytes).await?;
@@ -208,6 +216,10 @@ impl CompletionLoop {
         tx.commit().await.map_err(StoreError::from)?;
         crate::ended::runs(&ended);
         self.dispatcher.send(materialized.dispatches);
+        // Permits freed by the tasks recorded, and the groups of new tasks that wait for one.
+        let mut wakes = freed;
+        wakes.extend(admission::waiting(&materialized.tasks));
+        self.dispatcher.admit(wakes);
         // A failed run's steps still running elsewhere are stopped.
         let failed: Vec<Uuid> = finished
             .iter()

@@ -28,6 +28,7 @@ use taskfleet_common::{RunKind, RunStatus, TraceId, WorkflowDefinition};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
+use crate::admission::{self, Wake};
 use crate::dispatch::{Dispatch, Dispatcher};
 use crate::notify::Notifier;
 use crate::planning::{self, NewRunParts, PlanningError, SandboxedPrograms};
@@ -86,6 +87,9 @@ pub struct Firing {
 struct Fired {
     /// The tasks to dispatch after the commit.
     dispatches: Vec<Dispatch>,
+    /// The groups of its tasks that wait for a concurrency permit, to admit into after the
+    /// commit.
+    waiting: Vec<Wake>,
     /// The run, if it ended as soon as it was planned.
     finished: Option<(uuid::Uuid, RunStatus)>,
 }
@@ -152,6 +156,7 @@ impl Firing {
         }
         let claimed = due.len();
         let mut dispatches = Vec::new();
+        let mut waiting = Vec::new();
         let mut finished = Vec::new();
         for schedule in &due {
             if shutdown.is_cancelled() {
@@ -159,6 +164,7 @@ impl Firing {
             }
             let fired = self.fire(&mut tx, schedule, now).await?;
             dispatches.extend(fired.dispatches);
+            waiting.extend(fired.waiting);
             finished.extend(fired.finished);
         }
         tx.commit().await?;
@@ -166,6 +172,7 @@ impl Firing {
             crate::metrics::finished([(*status, 0.0)]);
         }
         self.dispatcher.send(dispatches);
+        self.dispatcher.admit(waiting);
         let finished: Vec<uuid::Uuid> = finished.into_iter().map(|(id, _)| id).collect();
         self.notifier.announce(&finished).await;
         Ok(claimed)
@@ -185,6 +192,7 @@ impl Firing {
         let name = schedule.name.as_str();
         let nothing = || Fired {
             dispatches: Vec::new(),
+            waiting: Vec::new(),
             finished: None,
         };
         let cursor = schedule.next_fire_at.unwrap_or(now);
@@ -320,6 +328,7 @@ impl Firing {
         Ok(Ok((
             id,
             Fired {
+                waiting: admission::waiting(&submission.tasks).collect(),
                 dispatches: submission.dispatches,
                 finished,
             },

@@ -57,6 +57,9 @@ pub struct Recorded {
     pub output: Option<Payload>,
     /// The error of a failure.
     pub error: Option<Payload>,
+    /// The concurrency group whose permit the task held, for a step with a `concurrency`
+    /// limit: recorded, it no longer holds it.
+    pub concurrency_group: Option<String>,
 }
 
 /// The completions, bound as arrays (`$1` to `$9`), one row per attempt of a task (a batch
@@ -77,7 +80,7 @@ const RECORD_COMPLETIONS: &str = "UPDATE tasks SET status = c.status, output = c
 
 /// What a recorded completion returns.
 const RECORDED_COLUMNS: &str = "tasks.run_id, tasks.step_id, tasks.item, tasks.status,
-                tasks.output, tasks.error";
+                tasks.output, tasks.error, tasks.concurrency_group";
 
 /// Binds `completions` as the arrays `$1` to `$9` of [`COMPLETION_ROWS`].
 fn bind_completions<'q, O, C: std::borrow::Borrow<Completion>>(
@@ -179,6 +182,8 @@ pub struct SingleStepsFinished {
     pub rows: Vec<(RunRow, TaskRow)>,
     /// The finished runs, as they ended.
     pub ended: Vec<EndedRun>,
+    /// The concurrency groups of the tasks recorded that held a permit, one per task.
+    pub freed: Vec<String>,
 }
 
 /// Records the successes among `completions` whose run is a single step that plans without
@@ -205,7 +210,7 @@ pub async fn finish_single_steps(
              WHERE tasks.id = c.id AND tasks.attempt = c.attempt AND tasks.status = 'queued'
                AND tasks.item = -1 AND c.status = 'succeeded'
                AND tasks.run_id = ANY (ARRAY(SELECT id FROM locked))
-             RETURNING tasks.run_id, tasks.output,
+             RETURNING tasks.run_id, tasks.output, tasks.concurrency_group,
                        CASE WHEN tasks.run_id = ANY($11) THEN to_jsonb(tasks) END AS task),
          finished AS (
              UPDATE runs SET status = 'succeeded', output = r.output, finished_at = now()
@@ -214,12 +219,13 @@ pub async fn finish_single_steps(
              RETURNING runs.id, CASE WHEN runs.id = ANY($11) THEN to_jsonb(runs) END AS run,
                        r.task,
                        extract(epoch FROM runs.finished_at - runs.created_at)::float8 AS seconds,
-                       runs.kind, runs.trace_id, runs.trace_span_id)
+                       runs.kind, runs.trace_id, runs.trace_span_id, r.concurrency_group)
          SELECT id, false, NULL::jsonb, NULL::jsonb, NULL::float8, NULL::text, NULL::text,
-                NULL::text
+                NULL::text, NULL::text
          FROM locked
          UNION ALL
-         SELECT id, true, run, task, seconds, kind, trace_id, trace_span_id FROM finished"
+         SELECT id, true, run, task, seconds, kind, trace_id, trace_span_id, concurrency_group
+         FROM finished"
     );
     let mut run_ids: Vec<Uuid> = completions.iter().map(|c| c.run_id).collect();
     run_ids.sort_unstable();
@@ -233,6 +239,7 @@ pub async fn finish_single_steps(
         Option<String>,
         Option<String>,
         Option<String>,
+        Option<String>,
     );
     let rows: Vec<Row> = bind_completions(sqlx::query_as(sqlx::AssertSqlSafe(sql)), completions)
         .bind(run_ids)
@@ -240,12 +247,13 @@ pub async fn finish_single_steps(
         .fetch_all(&mut *conn)
         .await?;
     let mut done = SingleStepsFinished::default();
-    for (id, finished, run, task, seconds, kind, trace_id, trace_span_id) in rows {
+    for (id, finished, run, task, seconds, kind, trace_id, trace_span_id, group) in rows {
         if !finished {
             done.locked.push(id);
             continue;
         }
         done.finished.push(id);
+        done.freed.extend(group);
         done.ended.push(EndedRun {
             id,
             // Every stored kind reads.
@@ -277,6 +285,7 @@ struct LockedOrRecorded {
     item: Option<i32>,
     output: Option<Payload>,
     error: Option<Payload>,
+    concurrency_group: Option<String>,
 }
 
 /// Locks the runs of `completions` (as [`lock_runs`](super::lock_runs) does) and records the
@@ -300,10 +309,11 @@ pub async fn lock_and_record(
              RETURNING {RECORDED_COLUMNS})
          SELECT id AS run_id, definition, input, trace_id, tenant, status,
                 NULL::text AS step_id, NULL::integer AS item, NULL::jsonb AS output,
-                NULL::jsonb AS error
+                NULL::jsonb AS error, NULL::text AS concurrency_group
          FROM locked
          UNION ALL
-         SELECT run_id, NULL, NULL, NULL, NULL, status, step_id, item, output, error
+         SELECT run_id, NULL, NULL, NULL, NULL, status, step_id, item, output, error,
+                concurrency_group
          FROM recorded"
     );
     let rows: Vec<LockedOrRecorded> =
@@ -326,6 +336,7 @@ pub async fn lock_and_record(
                 status: row.status.parse::<TaskStatus>().map_err(unknown)?,
                 output: row.output,
                 error: row.error,
+                concurrency_group: row.concurrency_group,
             }),
             (None, Some(definition), Some(input)) => locked.push(LockedRun {
                 id: row.run_id,

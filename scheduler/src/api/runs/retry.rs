@@ -132,6 +132,9 @@ async fn retry_kind(
     };
     tx.commit().await.map_err(StoreError::from)?;
     state.dispatcher.send(planned.rows.dispatches);
+    state
+        .dispatcher
+        .admit(crate::admission::waiting(&planned.rows.tasks).collect());
     let status = match &ended {
         Some(ended) => ended.status,
         None => RunStatus::Running,
