@@ -440,3 +440,44 @@ async fn waiters_are_admitted_by_priority_then_in_submission_order() {
     let order: Vec<u64> = intervals.iter().map(|i| i.n).collect();
     assert_eq!(order, [0, 4, 6, 1, 2, 3, 5], "{intervals:?}");
 }
+
+#[tokio::test]
+async fn limited_steps_planned_later_or_delayed_start_once_ready() {
+    let fleet = TestFleet::start_with(FleetOptions {
+        workers: 1,
+        concurrency: 4,
+        ..FleetOptions::default()
+    })
+    .await
+    .unwrap();
+    // A limited step planned by the completion loop, after a step without a limit.
+    let definition = json!({"steps": [
+        {"id": "first", "python_code": "def main(input):\n    return input\n"},
+        {"id": "second", "after": ["first"], "input": ".steps.first",
+         "concurrency": {"limit": 1}, "python_code": TIMED},
+    ]});
+    let mut latencies = Vec::new();
+    for n in 0..3 {
+        let submitted = now();
+        let id = fleet
+            .submit(&definition, &json!({"n": n, "sleep": 0.1}))
+            .await;
+        let run = fleet.wait_run(&id, Duration::from_secs(30)).await;
+        assert_eq!(run["status"], "succeeded", "{run:#}");
+        latencies.push(interval(&run["output"]).start - submitted);
+    }
+    latencies.sort_by(f64::total_cmp);
+    // A delayed limited job is admitted once its delay is over, not before.
+    let submitted = now();
+    let mut job = timed_job("delayed", json!({"limit": 1}), 0, 0.1);
+    job["delay_s"] = json!(1.5);
+    let id = submit_job(&fleet, &fleet.api, &job).await;
+    let view = fleet.wait_job(&id, Duration::from_secs(30)).await;
+    assert_eq!(view["status"], "succeeded", "{view:#}");
+    let delayed = interval(&view["output"]).start - submitted;
+    eprintln!(
+        "limited second steps started {latencies:?} s after submission; the delayed job {delayed:.3} s"
+    );
+    assert!(latencies[1] < 1.0, "{latencies:?}");
+    assert!((1.5..3.0).contains(&delayed), "{delayed}");
+}
