@@ -246,6 +246,17 @@ impl StepDefinition {
         self.queue.as_deref().unwrap_or(names::DEFAULT_QUEUE)
     }
 
+    /// Returns the key programs of the step's limits (`rate_limit.key`, `concurrency.key`),
+    /// which planning runs on each of its tasks' inputs.
+    pub fn key_programs(&self) -> impl Iterator<Item = &String> {
+        let rate = self.rate_limit.as_ref().and_then(|rate| rate.key.as_ref());
+        let concurrency = self
+            .concurrency
+            .as_ref()
+            .and_then(|limit| limit.key.as_ref());
+        rate.into_iter().chain(concurrency)
+    }
+
     /// Returns the step's priority, 0 to 9.
     pub fn priority(&self) -> u8 {
         self.priority.unwrap_or(0)
@@ -348,24 +359,28 @@ impl StepDefinition {
 }
 
 impl WorkflowDefinition {
-    /// Whether planning its steps runs jq programs (an `input`, `for_each` or `when`); without
-    /// them planning is quick work on values.
+    /// Whether planning its steps runs jq programs (an `input`, `for_each`, `when`, or a
+    /// limit's `key`); without them planning is quick work on values.
     pub fn plans_with_programs(&self) -> bool {
-        self.steps
-            .iter()
-            .any(|step| step.input.is_some() || step.for_each.is_some() || step.when.is_some())
+        self.steps.iter().any(|step| {
+            step.input.is_some()
+                || step.for_each.is_some()
+                || step.when.is_some()
+                || step.key_programs().next().is_some()
+        })
     }
 
     /// Whether the programs its planning runs, if any, are all quick and compiled already
-    /// ([`jq::ProgramCache::is_quick`]): only `input` and `when` programs, no `for_each`,
-    /// whose planning may make thousands of tasks. On small values such planning is quick work;
-    /// without programs it always is.
+    /// ([`jq::ProgramCache::is_quick`]): only `input`, `when` and limit `key` programs, no
+    /// `for_each`, whose planning may make thousands of tasks. On small values such planning
+    /// is quick work; without programs it always is.
     pub fn plans_with_quick_programs(&self, programs: &jq::ProgramCache) -> bool {
         self.steps.iter().all(|step| {
             step.for_each.is_none()
                 && [&step.input, &step.when]
                     .into_iter()
                     .flatten()
+                    .chain(step.key_programs())
                     .all(|source| programs.is_quick(source))
         })
     }

@@ -35,6 +35,31 @@ fn planning_needs_programs_only_for_input_for_each_and_when() {
         let definition = parse(json!({"steps": [{"id": "a", "dataflow": "."}, step]}));
         assert!(definition.plans_with_programs(), "{field}");
     }
+    for limit in [
+        json!({"rate_limit": {"per_second": 1, "key": ".k"}}),
+        json!({"concurrency": {"limit": 1, "key": ".k"}}),
+    ] {
+        let mut step = json!({"id": "b", "python": "m:f"});
+        for (field, value) in limit.as_object().expect("an object") {
+            step[field] = value.clone();
+        }
+        let definition = parse(json!({"steps": [step]}));
+        assert!(definition.plans_with_programs(), "{limit}");
+        let programs = jq::ProgramCache::default();
+        assert!(
+            !definition.plans_with_quick_programs(&programs),
+            "not compiled"
+        );
+        programs.get(".k").expect("compiles");
+        assert!(definition.plans_with_quick_programs(&programs), "{limit}");
+        let slow = json!({"steps": [{"id": "b", "python": "m:f",
+            "concurrency": {"limit": 1, "key": "[.[] | .k] | length"}}]});
+        programs.get("[.[] | .k] | length").expect("compiles");
+        assert!(!parse(slow).plans_with_quick_programs(&programs), "{limit}");
+    }
+    let unkeyed = parse(json!({"steps": [{"id": "b", "python": "m:f",
+        "rate_limit": {"per_second": 1}, "concurrency": {"limit": 1}}]}));
+    assert!(!unkeyed.plans_with_programs());
 }
 
 #[test]

@@ -326,15 +326,7 @@ fn try_decide(
         run_program(programs, "for_each", for_each, input)?,
         programs.max_value_bytes(),
     )?;
-    let keyed = step
-        .rate_limit
-        .as_ref()
-        .is_some_and(|rate| rate.key.is_some())
-        || step
-            .concurrency
-            .as_ref()
-            .is_some_and(|limit| limit.key.is_some());
-    let keys = if keyed {
+    let keys = if step.key_programs().next().is_some() {
         items
             .iter()
             .map(|item| keys(programs, step, item))
