@@ -123,6 +123,12 @@ impl Namespace {
         format!("{}:run-finished", self.0)
     }
 
+    /// Returns the Redis key holding the state of a rate limit's group
+    /// (`crate::definition::limits::group` or `queue_group`): its reservations of starts.
+    pub fn rate_key(&self, group: &str) -> String {
+        format!("{}:rate:{group}", self.0)
+    }
+
     /// The Redis counter of a tenant's submissions in one second (Unix time).
     pub fn submissions_key(&self, tenant: &str, second: u64) -> String {
         format!("{}:submissions:{tenant}:{second}", self.0)
@@ -169,5 +175,6 @@ mod tests {
         assert_eq!(ns.task_queue_name("ns1.tasks."), None);
         assert_eq!(ns.completions_queue(), "ns1.completions");
         assert!(ns.result_key(TaskId::new()).starts_with("ns1:result:"));
+        assert_eq!(ns.rate_key(r#"["queue","q"]"#), r#"ns1:rate:["queue","q"]"#);
     }
 }
