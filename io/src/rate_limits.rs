@@ -74,6 +74,10 @@ end
 return out
 ";
 
+/// How far ahead the scheduler reserves starts, holding them until their slot; a late start
+/// on a worker is let through if a slot is free within it too (see the worker's `rate`).
+pub const HORIZON: Duration = Duration::from_millis(500);
+
 /// One limit a start counts against: the key of its state, and its rate.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Limit<'a> {

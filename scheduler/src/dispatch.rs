@@ -4,6 +4,8 @@
 //! commit; a relay loop re-publishes rows that stayed undispatched (a crash between commit and
 //! publish, a broker error), so no committed task is ever left behind. A task published twice is
 //! harmless: the attempt number fences its completion.
+//!
+//! Tasks under a rate limit are reserved their start before they are published (`rate`).
 
 use std::num::NonZeroUsize;
 use std::sync::Arc;
@@ -20,6 +22,11 @@ use uuid::Uuid;
 use crate::broker::{Broker, Outgoing};
 use crate::costs::TaskCosts;
 use crate::store::{self, HeldConnection};
+
+mod rate;
+
+use rate::Limiter;
+pub use rate::RateLimiting;
 
 /// The most tasks published in one round of confirms.
 const MAX_BATCH: usize = 1024;
@@ -157,9 +164,13 @@ impl Dispatcher {
 /// confirm, and only if it is still queued by then: most tasks finish sooner, and a task that
 /// finished needs no mark, its row leaves the outbox with its completion. Half leaves the mark
 /// as much time again to be written before the relay would take the task.
+///
+/// Tasks under a rate limit (their step's, their queue's) are reserved their start in Redis
+/// (`limits`) first, and wait for it (see `rate`).
 pub fn dispatcher(
     broker: Arc<Broker>,
     db: sqlx::PgPool,
+    limits: RateLimiting,
     tasks_per_message: NonZeroUsize,
     relay_after: Duration,
     costs: TaskCosts,
@@ -175,6 +186,7 @@ pub fn dispatcher(
         dispatch_loop(
             broker,
             db,
+            limits,
             rx,
             move |queue: &str| costs.per_message(queue, tasks_per_message.get()),
             relay_after / 2,
@@ -185,30 +197,67 @@ pub fn dispatcher(
 async fn dispatch_loop(
     broker: Arc<Broker>,
     db: sqlx::PgPool,
+    limits: RateLimiting,
     mut rx: mpsc::UnboundedReceiver<Vec<Dispatch>>,
     tasks_per_message: impl Fn(&str) -> usize,
     mark_after: Duration,
 ) {
     let (marks, confirmed) = mpsc::unbounded_channel();
     let stopping = CancellationToken::new();
-    let marker = tokio::spawn(mark_loop(db, confirmed, mark_after, stopping.clone()));
-    while let Some(mut batch) = rx.recv().await {
-        while batch.len() < MAX_BATCH {
-            match rx.try_recv() {
-                Ok(more) => batch.extend(more),
-                Err(_) => break,
+    let marker = tokio::spawn(mark_loop(
+        db.clone(),
+        confirmed,
+        mark_after,
+        stopping.clone(),
+    ));
+    let mut limiter = Limiter::start(limits, db, stopping.clone());
+    loop {
+        let (mut batch, reserved) = tokio::select! {
+            received = rx.recv() => match received {
+                Some(batch) => (batch, Vec::new()),
+                None => break,
+            },
+            reserved = limiter.ready() => (Vec::new(), reserved),
+        };
+        if !batch.is_empty() {
+            while batch.len() < MAX_BATCH {
+                match rx.try_recv() {
+                    Ok(more) => batch.extend(more),
+                    Err(_) => break,
+                }
             }
+            batch = limiter.gate(batch).await;
         }
-        let confirmed = publish_batch(&broker, &batch, &tasks_per_message).await;
-        if !confirmed.is_empty() {
-            let _ = marks.send((tokio::time::Instant::now(), confirmed));
-        }
+        // Starts whose reserved slot has come are not reserved again.
+        batch.extend(reserved);
+        publish_and_mark(&broker, &batch, &tasks_per_message, &marks).await;
     }
-    // Stopping: what is left to mark is marked now.
+    // Stopping: the starts held for their slot (at most `rate::HORIZON` away) go at their slot.
+    while limiter.holds_any() {
+        let reserved = limiter.ready().await;
+        publish_and_mark(&broker, &reserved, &tasks_per_message, &marks).await;
+    }
+    // What is left to mark is marked now.
     stopping.cancel();
     drop(marks);
     if let Err(error) = marker.await {
         tracing::error!(%error, "the dispatch marker failed");
+    }
+}
+
+/// Publishes a batch and hands what the broker confirmed to the mark loop.
+async fn publish_and_mark(
+    broker: &Broker,
+    batch: &[Dispatch],
+    tasks_per_message: impl Fn(&str) -> usize,
+    marks: &mpsc::UnboundedSender<(tokio::time::Instant, Vec<Uuid>)>,
+) {
+    if batch.is_empty() {
+        return;
+    }
+    let confirmed = publish_batch(broker, batch, tasks_per_message).await;
+    if !confirmed.is_empty() {
+        let _ = marks.send((tokio::time::Instant::now(), confirmed));
     }
 }
 

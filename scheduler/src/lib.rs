@@ -73,6 +73,10 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     let (dispatcher, dispatch_loop) = dispatch::dispatcher(
         broker.clone(),
         db.clone(),
+        dispatch::RateLimiting {
+            redis: redis.clone(),
+            namespace: config.namespace.clone(),
+        },
         config.max_tasks_per_message,
         config.relay_after,
         costs.clone(),

@@ -23,6 +23,12 @@ pub const RUN_DURATION: &str = "taskfleet_run_duration_seconds";
 pub const TASKS_DISPATCHED: &str = "taskfleet_tasks_dispatched_total";
 /// Task attempts reported by workers, by queue and status.
 pub const TASKS_COMPLETED: &str = "taskfleet_tasks_completed_total";
+/// Starts of tasks delayed by a rate limit at dispatch (held for their slot or sent back to the
+/// timer), by queue.
+pub const RATE_LIMITED: &str = "taskfleet_rate_limited_total";
+/// Attempts a worker did not start because their late start was over a rate limit; each is
+/// sent again later.
+pub const TASKS_DEFERRED: &str = "taskfleet_tasks_deferred_total";
 /// Messages ready in a task queue.
 pub const QUEUE_READY: &str = "taskfleet_queue_ready_messages";
 /// Consumers of a task queue.
@@ -70,6 +76,14 @@ pub fn install() -> Result<Exposition, String> {
     describe_counter!(
         TASKS_COMPLETED,
         "Task attempts reported by workers, by queue and status (queue unknown for attempts that did not run to their end)."
+    );
+    describe_counter!(
+        RATE_LIMITED,
+        "Starts of tasks delayed by a rate limit at dispatch (held for their slot or sent back to wait), by queue."
+    );
+    describe_counter!(
+        TASKS_DEFERRED,
+        "Attempts a worker did not start because their late start was over a rate limit (sent again later)."
     );
     describe_gauge!(QUEUE_READY, "Messages ready in a task queue.");
     describe_gauge!(QUEUE_CONSUMERS, "Consumers of a task queue.");
@@ -126,6 +140,8 @@ pub fn install() -> Result<Exposition, String> {
     for family in [QUEUE_READY, QUEUE_CONSUMERS, QUEUE_OLDEST_AGE] {
         gauge!(family, "queue" => default).set(0.0);
     }
+    counter!(RATE_LIMITED, "queue" => default).absolute(0);
+    counter!(TASKS_DEFERRED).absolute(0);
     counter!(DEAD_LETTERED).absolute(0);
     counter!(RUNS_DELETED).absolute(0);
     counter!(DEAD_LETTERS_PURGED).absolute(0);
@@ -164,6 +180,16 @@ pub fn completed(queue: Option<&str>, status: TaskStatus) {
         "status" => status.as_str(),
     )
     .increment(1);
+}
+
+/// Counts a task of `queue` whose start a rate limit delayed at dispatch.
+pub fn rate_limited(queue: &str) {
+    counter!(RATE_LIMITED, "queue" => queue.to_owned()).increment(1);
+}
+
+/// Counts attempts a worker deferred: their late start was over a rate limit.
+pub fn deferred(count: u64) {
+    counter!(TASKS_DEFERRED).increment(count);
 }
 
 /// Counts a message moved to the dead-letters queue.

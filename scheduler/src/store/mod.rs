@@ -55,7 +55,9 @@ pub use keys::{
     AuditEvent, AuditRow, KeyRow, NewKey, audit, find_key, insert_key, list_audit, list_keys,
     revoke_key, touch_key,
 };
-pub use outbox::{UndispatchedTask, claim_due, claim_undispatched, mark_dispatched};
+pub use outbox::{
+    Deferral, UndispatchedTask, claim_due, claim_undispatched, defer_tasks, mark_dispatched,
+};
 pub use queue_settings::{QueueSettings, queue_settings, set_queue_settings};
 pub use quotas::{QuotaRow, TenantQuotaRow, get_quota, list_quotas, put_quota, runs_in_flight};
 pub use rerun::{RerunRead, Restart, read_for_rerun, restart_run};

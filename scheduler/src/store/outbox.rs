@@ -1,7 +1,8 @@
 //! The outbox: task rows committed but not yet confirmed by the broker. Marking tasks dispatched
-//! once confirmed, the relay's claim of rows left unpublished, and the retry timer's claim of
-//! tasks whose due time has passed. Each claim reads its own index in order and claims only
-//! rows of its namespace that can be sent now.
+//! once confirmed, the relay's claim of rows left unpublished, the retry timer's claim of
+//! tasks whose due time has passed, and tasks sent back to the timer because their start is
+//! over a rate limit. Each claim reads its own index in order and claims only rows of its
+//! namespace that can be sent now.
 
 use serde_json::Value;
 use sqlx::types::Json;
@@ -114,7 +115,9 @@ pub async fn claim_undispatched(
 
 /// Claims queued tasks of running runs in `namespace` whose retry or delay is due, highest
 /// priority first and earliest first within a priority, clearing their due time so they are
-/// dispatched once.
+/// dispatched once. A claimed task is not dispatched until the broker confirms it again, so
+/// that the relay takes it if this claim never publishes it (a task sent back to the timer
+/// after a dispatch may have been marked dispatched since).
 pub async fn claim_due(
     db: &PgPool,
     namespace: &str,
@@ -134,7 +137,7 @@ pub async fn claim_due(
                  ORDER BY t.due_at LIMIT $2
                  FOR UPDATE OF t SKIP LOCKED) c
              LIMIT $2)
-         UPDATE tasks t SET due_at = NULL, relayed_at = now()
+         UPDATE tasks t SET due_at = NULL, relayed_at = now(), dispatched_at = NULL
          FROM due, runs r
          WHERE t.id = due.id AND r.id = t.run_id
          RETURNING t.id, t.run_id, t.step_id, t.attempt, t.queue, t.priority, t.input, r.definition,
@@ -145,4 +148,43 @@ pub async fn claim_due(
         .bind(limit)
         .fetch_all(db)
         .await?)
+}
+
+/// A task whose start waits: sent back to the timer, due after `delay`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Deferral {
+    /// The task.
+    pub task_id: Uuid,
+    /// The attempt that waits; the task moves only if it is still at this attempt.
+    pub attempt: i32,
+    /// How long it waits.
+    pub delay: std::time::Duration,
+}
+
+/// Sends tasks back to the timer, each due after its delay: a start over its rate limit, or
+/// one that could not be checked. Nothing else of the task changes (its attempt stays); fenced
+/// like completions, only a task still queued at that attempt moves. Not dispatched any more,
+/// the task is claimed again by the timer only ([`claim_due`]), not by the relay.
+pub async fn defer_tasks(
+    conn: &mut PgConnection,
+    deferrals: &[Deferral],
+) -> Result<(), StoreError> {
+    if deferrals.is_empty() {
+        return Ok(());
+    }
+    let ids: Vec<Uuid> = deferrals.iter().map(|d| d.task_id).collect();
+    let attempts: Vec<i32> = deferrals.iter().map(|d| d.attempt).collect();
+    let delays: Vec<f64> = deferrals.iter().map(|d| d.delay.as_secs_f64()).collect();
+    sqlx::query(
+        "UPDATE tasks SET due_at = now() + make_interval(secs => d.delay), dispatched_at = NULL,
+                relayed_at = NULL
+         FROM UNNEST($1::uuid[], $2::integer[], $3::float8[]) AS d(id, attempt, delay)
+         WHERE tasks.id = d.id AND tasks.attempt = d.attempt AND tasks.status = 'queued'",
+    )
+    .bind(ids)
+    .bind(attempts)
+    .bind(delays)
+    .execute(conn)
+    .await?;
+    Ok(())
 }
