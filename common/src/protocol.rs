@@ -94,6 +94,15 @@ pub enum Outcome {
         #[serde(with = "crate::seal::payload")]
         error: StepError,
     },
+    /// The attempt did not start: its start came late and is over a rate limit
+    /// ([`TaskMessage::rate_limit`]). Not an attempt: the scheduler sends the same attempt again
+    /// after `delay_ms`, and nothing else of it is recorded.
+    Deferred {
+        /// How long to wait before sending it again, in milliseconds.
+        delay_ms: u64,
+        /// Why, for the logs.
+        reason: String,
+    },
 }
 
 /// The report of one finished attempt, as sent by a worker.
@@ -283,6 +292,22 @@ mod tests {
         let older: CompletionMessage =
             decode(older.to_string().as_bytes()).expect("decodes without ran");
         assert_eq!(older.ran, None);
+        let deferred = CompletionMessage {
+            outcome: Outcome::Deferred {
+                delay_ms: 750,
+                reason: "over the rate limit".into(),
+            },
+            ran: None,
+            ..completion
+        };
+        let encoded = encode(&deferred);
+        assert!(
+            String::from_utf8_lossy(&encoded).contains(r#""status":"deferred","delay_ms":750"#)
+        );
+        assert_eq!(
+            decode::<CompletionMessage>(&encoded).expect("decodes"),
+            deferred
+        );
     }
 
     #[test]

@@ -31,8 +31,9 @@ pub const EXECUTORS: &str = "taskfleet_python_executors";
 /// Python executor processes replaced, by reason.
 pub const EXECUTOR_RESTARTS: &str = "taskfleet_python_executor_restarts_total";
 
-/// The statuses of an attempt.
-const STATUSES: [&str; 4] = ["succeeded", "failed", "timeout", "cancelled"];
+/// The statuses of an attempt; `deferred` counts attempts that did not start because their late
+/// start was over a rate limit.
+const STATUSES: [&str; 5] = ["succeeded", "failed", "timeout", "cancelled", "deferred"];
 
 /// Installs the recorder and names every family, with the series known in advance at zero.
 pub fn install(queues: &[String]) -> Result<Exposition, String> {
@@ -80,9 +81,16 @@ pub fn task_ran(queue: &str, kind: &'static str, outcome: &Outcome, seconds: f64
         Outcome::Failed { error } if error.kind == TIMEOUT => "timeout",
         Outcome::Failed { error } if error.kind == CANCELLED => "cancelled",
         Outcome::Failed { .. } => "failed",
+        Outcome::Deferred { .. } => "deferred",
     };
     counter!(TASKS, "queue" => queue.to_owned(), "kind" => kind, "status" => status).increment(1);
     histogram!(TASK_DURATION, "queue" => queue.to_owned(), "kind" => kind).record(seconds);
+}
+
+/// Counts an attempt deferred without running: its late start was over a rate limit.
+pub fn task_deferred(queue: &str, kind: &'static str) {
+    counter!(TASKS, "queue" => queue.to_owned(), "kind" => kind, "status" => "deferred")
+        .increment(1);
 }
 
 /// Counts an attempt running while it lives.

@@ -21,7 +21,7 @@ use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicNackOptions};
 use redis::aio::ConnectionManager;
 use taskfleet_common::Namespace;
-use taskfleet_common::protocol::{self, CompletionMessage};
+use taskfleet_common::protocol::{self, CompletionMessage, Outcome};
 use taskfleet_common::records::{RESULT_TTL, StoredResult};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
@@ -264,11 +264,15 @@ async fn publish(
     }
 }
 
-/// Writes the results for fast reads and drops the leases, in one round trip.
+/// Writes the results for fast reads and drops the leases, in one round trip. A deferred
+/// attempt took no lease and has no result: it is sent again, and must then run.
 async fn store_results(targets: &ReportTargets, batch: &[Report]) {
     let mut pipe = redis::pipe();
     for report in batch {
         let completion = &report.completion;
+        if matches!(completion.outcome, Outcome::Deferred { .. }) {
+            continue;
+        }
         let result = StoredResult {
             attempt: completion.attempt,
             outcome: completion.outcome.clone(),

@@ -2,6 +2,9 @@
 //! per batch records the results (fenced by attempt), plans the next steps and finishes runs;
 //! then the new tasks are published and the batch is acknowledged.
 //!
+//! An attempt a worker deferred (its late start was over a rate limit) is not recorded: its
+//! task goes back to the timer, due after the delay the worker gave, and nothing is planned.
+//!
 //! Runs touched by a batch are locked in id order, so two schedulers consuming the same queue
 //! never plan the same run at once. A completion the database refuses (rather than a database
 //! that is down) never blocks the others: the batch is retried one completion at a time, and a
@@ -28,7 +31,7 @@ use crate::costs::TaskCosts;
 use crate::dispatch::Dispatcher;
 use crate::notify::Notifier;
 use crate::planning::{Halted, PlanningError, SandboxedPrograms};
-use crate::store::{Completion, HeldConnection, StoreError};
+use crate::store::{self, Completion, HeldConnection, StoreError};
 
 use read::Read;
 
@@ -138,6 +141,9 @@ impl CompletionLoop {
                 .dead_letter(body, "a completion that names no task")
                 .await;
         }
+        if !self.defer_with_retries(&read.deferred, shutdown).await {
+            return false;
+        }
         let completions = read.completions;
         match self.record_with_retries(&completions, shutdown).await {
             Some(Ok(())) => true,
@@ -184,6 +190,50 @@ impl CompletionLoop {
             Some(Err(error)) => {
                 tracing::error!(task_id = %failed.task_id, %error, "dropping a completion that cannot be recorded");
                 true
+            }
+        }
+    }
+
+    /// Sends deferred attempts back to the timer, retrying with backoff while the database is
+    /// unreachable; returns false if shutdown came first. A refusal is logged and the
+    /// deferrals dropped: their tasks are left as they were, undispatched or dispatched, to the
+    /// relay.
+    async fn defer_with_retries(
+        &mut self,
+        deferrals: &[store::Deferral],
+        shutdown: &CancellationToken,
+    ) -> bool {
+        if deferrals.is_empty() {
+            return true;
+        }
+        let mut delays = ExponentialBuilder::default()
+            .with_min_delay(Duration::from_millis(100))
+            .with_max_delay(Duration::from_secs(5))
+            .without_max_times()
+            .build();
+        loop {
+            let deferred = match self.db.get().await {
+                Ok(conn) => store::defer_tasks(conn, deferrals).await,
+                Err(error) => Err(error),
+            };
+            match deferred {
+                Ok(()) => {
+                    crate::metrics::deferred(deferrals.len() as u64);
+                    return true;
+                }
+                Err(error) if error.is_unavailable() => {
+                    let delay = delays.next().unwrap_or(Duration::from_secs(5));
+                    tracing::warn!(%error, ?delay, "cannot send deferred tasks back for now; retrying");
+                    self.db.discard();
+                    tokio::select! {
+                        () = tokio::time::sleep(delay) => {}
+                        () = shutdown.cancelled() => return false,
+                    }
+                }
+                Err(error) => {
+                    tracing::error!(%error, tasks = deferrals.len(), "sending deferred tasks back failed; dropping the deferrals");
+                    return true;
+                }
             }
         }
     }

@@ -1,5 +1,6 @@
 //! Reads completion messages: every completion a broker message carries (one, or a bundle), each
-//! on its own, and what identifies one that cannot be read whole.
+//! on its own, and what identifies one that cannot be read whole. An attempt a worker deferred
+//! (its late start was over a rate limit) is no completion: it is read as a deferral.
 
 use chrono::Utc;
 use lapin::message::Delivery;
@@ -9,12 +10,14 @@ use taskfleet_common::error::INVALID_OUTPUT;
 use taskfleet_common::protocol::{self, CompletionMessage, Outcome, Ran};
 use taskfleet_common::{RunId, TaskId, TaskStatus};
 
-use crate::store::Completion;
+use crate::store::{Completion, Deferral};
 
 /// The completions read from a batch of messages, and the bodies that name no task.
 #[derive(Default)]
 pub(super) struct Read {
     pub(super) completions: Vec<Completion>,
+    /// Attempts that did not start, to be sent again after their delay.
+    pub(super) deferred: Vec<Deferral>,
     pub(super) unreadable: Vec<Vec<u8>>,
     /// How long the steps that ran took, and on which queue.
     pub(super) ran: Vec<Ran>,
@@ -32,12 +35,13 @@ impl Read {
         };
         for body in bodies {
             match read_completion(body) {
-                Some((completion, ran)) => {
+                Some(Body::Completion(completion, ran)) => {
                     let queue = ran.as_ref().map(|ran| ran.queue.as_str());
                     crate::metrics::completed(queue, completion.status);
                     self.completions.push(completion);
                     self.ran.extend(ran);
                 }
+                Some(Body::Deferred(deferral)) => self.deferred.push(deferral),
                 None => self.unreadable.push(body.to_vec()),
             }
         }
@@ -45,8 +49,16 @@ impl Read {
 
     /// How many messages it holds.
     pub(super) fn len(&self) -> usize {
-        self.completions.len() + self.unreadable.len()
+        self.completions.len() + self.deferred.len() + self.unreadable.len()
     }
+}
+
+/// What a completion body says.
+enum Body {
+    /// An attempt ended, and, if it says so, how long its step ran.
+    Completion(Completion, Option<Ran>),
+    /// An attempt did not start; it is sent again after a delay.
+    Deferred(Deferral),
 }
 
 /// The identity of a completion, readable even when the rest of the message is not.
@@ -58,11 +70,43 @@ struct CompletionIdentity {
 }
 
 /// Reads a completion body. One that cannot be read but names its task becomes a failure of
-/// that attempt, so its run still ends; one that names nothing is logged and dropped. Returns
-/// the completion and, if it says so, how long the step ran.
-fn read_completion(body: &[u8]) -> Option<(Completion, Option<Ran>)> {
+/// that attempt, so its run still ends; one that names nothing is logged and dropped.
+fn read_completion(body: &[u8]) -> Option<Body> {
     match protocol::decode::<CompletionMessage>(body) {
-        Ok(message) => Some((to_completion(&message), message.ran)),
+        Ok(message) => {
+            let (status, output, error) = match &message.outcome {
+                Outcome::Succeeded { output } => {
+                    (TaskStatus::Succeeded, Some(output.clone()), None)
+                }
+                Outcome::Failed { error } => (
+                    TaskStatus::Failed,
+                    None,
+                    Some(serde_json::to_value(error).unwrap_or(Value::Null)),
+                ),
+                Outcome::Deferred { delay_ms, reason } => {
+                    tracing::debug!(task_id = %message.task_id, attempt = message.attempt, delay_ms, reason, "a worker deferred a task");
+                    return Some(Body::Deferred(Deferral {
+                        task_id: message.task_id.0,
+                        attempt: i32::try_from(message.attempt).unwrap_or(i32::MAX),
+                        delay: std::time::Duration::from_millis(*delay_ms),
+                    }));
+                }
+            };
+            let completion = Completion {
+                task_id: message.task_id.0,
+                run_id: message.run_id.0,
+                attempt: i32::try_from(message.attempt).unwrap_or(i32::MAX),
+                status,
+                output,
+                error,
+                worker_id: message.worker_id,
+                started_at: message.started_at,
+                finished_at: message.finished_at,
+                logs: message.logs,
+                ends_run: message.ends_run,
+            };
+            Some(Body::Completion(completion, message.ran))
+        }
         Err(error) => match serde_json::from_slice::<CompletionIdentity>(body) {
             Ok(identity) => {
                 tracing::error!(task_id = %identity.task_id, %error, "failing the step of an unreadable completion");
@@ -83,36 +127,12 @@ fn read_completion(body: &[u8]) -> Option<(Completion, Option<Ran>)> {
                     logs: None,
                     ends_run: false,
                 };
-                Some((completion, None))
+                Some(Body::Completion(completion, None))
             }
             Err(_) => {
                 tracing::error!(%error, "a completion names no task; moving it to the dead letters");
                 None
             }
         },
-    }
-}
-
-fn to_completion(message: &CompletionMessage) -> Completion {
-    let (status, output, error) = match &message.outcome {
-        Outcome::Succeeded { output } => (TaskStatus::Succeeded, Some(output.clone()), None),
-        Outcome::Failed { error } => (
-            TaskStatus::Failed,
-            None,
-            Some(serde_json::to_value(error).unwrap_or(Value::Null)),
-        ),
-    };
-    Completion {
-        task_id: message.task_id.0,
-        run_id: message.run_id.0,
-        attempt: i32::try_from(message.attempt).unwrap_or(i32::MAX),
-        status,
-        output,
-        error,
-        worker_id: message.worker_id.clone(),
-        started_at: message.started_at,
-        finished_at: message.finished_at,
-        logs: message.logs.clone(),
-        ends_run: message.ends_run,
     }
 }

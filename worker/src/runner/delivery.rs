@@ -1,7 +1,8 @@
 //! Deliveries: reads the tasks a delivery carries (one, or a bundle of several), runs each (see
 //! `execute`) and hands its completion to the report loop. Every task message ends in a
 //! completion: one this worker cannot read fails with `invalid_task`, and one that names no task
-//! at all goes to the dead-letters queue. What a redelivered task does is `redelivery`'s. This
+//! at all goes to the dead-letters queue. What a redelivered task does is `redelivery`'s; a task
+//! that starts late under a rate limit may be deferred instead of run (`rate`). This
 //! module never acknowledges a delivery directly: its `PendingDelivery` (see `crate::report`)
 //! does, once every task it carried is reported or dead-lettered.
 
@@ -148,6 +149,14 @@ async fn run_task(
         (Ok(()), Redelivery::Run) => {
             // Closed only when the worker stops, and then nothing is waiting here.
             let _slot = shared.slots.acquire().await;
+            if let Some(deferred) = shared.over_rate_limit(&task).await {
+                crate::metrics::task_deferred(
+                    queue.map_or("unknown", |queue| queue),
+                    crate::metrics::kind(&task.step),
+                );
+                report(shared, pending, &task, deferred, started_at);
+                return;
+            }
             let _running = crate::metrics::InFlight::start();
             let began = std::time::Instant::now();
             let executed = shared.execute(&task, started_at).await;
@@ -198,6 +207,33 @@ async fn run_task(
         logs,
         ends_run: task.ends_run,
         ran,
+    };
+    shared.reporter.send(Report {
+        completion,
+        delivery: pending.clone(),
+    });
+}
+
+/// Reports an attempt that did not start: no span, no time, nothing it ran.
+fn report(
+    shared: &Shared,
+    pending: &Arc<PendingDelivery>,
+    task: &TaskMessage,
+    outcome: Outcome,
+    started_at: chrono::DateTime<Utc>,
+) {
+    let completion = CompletionMessage {
+        version: PROTOCOL_VERSION,
+        task_id: task.task_id,
+        run_id: task.run_id,
+        attempt: task.attempt,
+        worker_id: shared.worker_id.clone(),
+        outcome,
+        started_at,
+        finished_at: Utc::now(),
+        logs: None,
+        ends_run: task.ends_run,
+        ran: None,
     };
     shared.reporter.send(Report {
         completion,

@@ -16,7 +16,7 @@
 //! Its parts: `main_loop` (connecting, consuming, reconnecting, draining), `delivery` (the tasks
 //! of a delivery, read, run and reported), `redelivery` (tasks that come back from a lost
 //! worker), `execute` (the executors, and a task run under its lease), `lease` (leases and the
-//! heartbeat), `held` (the tasks held per queue), `cancel` (the cancel listener), `spans` (an attempt's
+//! heartbeat), `rate` (late starts under a rate limit, checked again and maybe deferred), `held` (the tasks held per queue), `cancel` (the cancel listener), `spans` (an attempt's
 //! exported spans). Publishing
 //! completions and storing results are the report loop's, never this module's.
 
@@ -26,6 +26,7 @@ mod execute;
 mod held;
 mod lease;
 mod main_loop;
+mod rate;
 mod redelivery;
 mod spans;
 
