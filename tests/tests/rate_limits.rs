@@ -1,0 +1,398 @@
+//! Rate limits on a real fleet: a step's `rate_limit` (for the whole step, or per key) and a
+//! queue's, held across workers, measured by the times Python steps start; tasks that no
+//! limit holds run meanwhile; the limits' state lost from Redis stalls nothing; a late start
+//! is checked again and deferred; bad limits are refused.
+
+#![allow(clippy::unwrap_used, missing_docs)]
+
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt as _;
+use serde_json::{Value, json};
+use taskfleet_tests::{FleetOptions, POSTGRES, REDIS, TestFleet};
+
+/// A Python step that returns when it started, its worker (the executor's parent process) and
+/// its input.
+const RECORD_START: &str = "import os, time\ndef main(input, ctx):\n    return {\"t\": time.time(), \"worker\": os.getppid(), \"input\": input}\n";
+
+/// Submits `jobs` (each a job's body) and returns their ids, in order.
+async fn submit_jobs(fleet: &TestFleet, jobs: Vec<Value>) -> Vec<String> {
+    futures_util::stream::iter(jobs)
+        .map(|job| async move {
+            let (status, answer) = fleet.request("POST", "/v1/tasks", Some(&job)).await;
+            assert_eq!(status, 201, "{answer}");
+            answer["id"].as_str().unwrap().to_owned()
+        })
+        .buffered(16)
+        .collect()
+        .await
+}
+
+/// A job recording its start, with `rate_limit` (if any) and `input`.
+fn recording_job(rate_limit: Option<Value>, input: Value) -> Value {
+    let mut job = json!({"python_code": RECORD_START, "input": input});
+    if let Some(rate_limit) = rate_limit {
+        job["rate_limit"] = rate_limit;
+    }
+    job
+}
+
+/// One recorded start.
+#[derive(Debug, Clone)]
+struct Start {
+    /// Seconds since the Unix epoch.
+    t: f64,
+    worker: i64,
+    input: Value,
+}
+
+/// Waits for each job to succeed in one attempt and returns its recorded start.
+async fn starts(fleet: &TestFleet, ids: &[String], within: Duration) -> Vec<Start> {
+    let mut starts = Vec::new();
+    for id in ids {
+        let view = fleet.wait_job(id, within).await;
+        assert_eq!(view["status"], "succeeded", "{view:#}");
+        for (_, step) in view["steps"].as_object().unwrap() {
+            assert_eq!(step["attempts"], 1, "a deferral is no attempt: {view:#}");
+        }
+        let output = &view["output"];
+        starts.push(Start {
+            t: output["t"].as_f64().unwrap(),
+            worker: output["worker"].as_i64().unwrap(),
+            input: output["input"].clone(),
+        });
+    }
+    starts
+}
+
+/// The most starts within any window of `window` seconds (from one start on).
+fn most_in_window(starts: &[Start], window: f64) -> usize {
+    let mut times: Vec<f64> = starts.iter().map(|start| start.t).collect();
+    times.sort_by(f64::total_cmp);
+    (0..times.len())
+        .map(|first| {
+            times[first..]
+                .iter()
+                .take_while(|t| **t < times[first] + window)
+                .count()
+        })
+        .max()
+        .unwrap_or(0)
+}
+
+/// Seconds from the first start to the last.
+fn span(starts: &[Start]) -> f64 {
+    let times = starts.iter().map(|start| start.t);
+    times.clone().fold(f64::MIN, f64::max) - times.fold(f64::MAX, f64::min)
+}
+
+/// The namespace's rate limit keys in Redis.
+async fn rate_keys(fleet: &TestFleet) -> Vec<String> {
+    let client = redis::Client::open(REDIS).unwrap();
+    let mut redis = client.get_multiplexed_async_connection().await.unwrap();
+    let mut keys = Vec::new();
+    let mut cursor = 0u64;
+    loop {
+        let (next, batch): (u64, Vec<String>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(format!("{}:rate:*", fleet.namespace))
+            .arg("COUNT")
+            .arg(1000)
+            .query_async(&mut redis)
+            .await
+            .unwrap();
+        keys.extend(batch);
+        if next == 0 {
+            return keys;
+        }
+        cursor = next;
+    }
+}
+
+/// The value of a metric without labels in the scheduler's exposition.
+async fn scheduler_metric(fleet: &TestFleet, name: &str) -> f64 {
+    let text = fleet.metrics_text().await;
+    text.lines()
+        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or(0.0)
+}
+
+#[tokio::test]
+async fn a_global_limit_holds_across_two_workers() {
+    let mut fleet = TestFleet::start().await.unwrap();
+    let (per_second, burst, count) = (4.0, 1, 16);
+    let limit = json!({"per_second": per_second, "burst": burst});
+    let jobs = (0..count)
+        .map(|n| recording_job(Some(limit.clone()), json!(n)))
+        .collect();
+    let ids = submit_jobs(&fleet, jobs).await;
+    let starts = starts(&fleet, &ids, Duration::from_secs(60)).await;
+
+    let most = most_in_window(&starts, 1.0);
+    assert!(
+        most <= per_second as usize + burst,
+        "{most} starts within one second, limit {per_second}/s burst {burst}: {starts:?}"
+    );
+    let expected = f64::from(count - 1) / per_second;
+    let took = span(&starts);
+    assert!(
+        took >= expected - 0.25 && took <= expected + 2.5,
+        "{count} starts took {took:.2} s, expected about {expected:.2} s"
+    );
+    let pids = fleet.worker_pids();
+    let mut workers: Vec<i64> = starts.iter().map(|start| start.worker).collect();
+    workers.sort_unstable();
+    workers.dedup();
+    assert_eq!(
+        workers.len(),
+        2,
+        "both workers ran some: {workers:?}, {pids:?}"
+    );
+    assert!(
+        workers
+            .iter()
+            .all(|worker| pids.contains(&u32::try_from(*worker).unwrap()))
+    );
+    assert!(
+        scheduler_metric(&fleet, "taskfleet_rate_limited_total{queue=\"default\"}").await
+            >= f64::from(count - 2),
+        "the waits are counted"
+    );
+
+    // An idle limit leaves nothing behind in Redis.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !rate_keys(&fleet).await.is_empty() {
+        assert!(Instant::now() < deadline, "{:?}", rate_keys(&fleet).await);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    fleet.kill_workers();
+}
+
+#[tokio::test]
+async fn each_key_has_its_own_rate() {
+    let fleet = TestFleet::start().await.unwrap();
+    let (per_second, count) = (2.0, 6);
+    let limit = json!({"per_second": per_second, "key": ".k"});
+    let jobs = (0..count)
+        .flat_map(|n| {
+            ["a", "b"].map(|k| recording_job(Some(limit.clone()), json!({"k": k, "n": n})))
+        })
+        .collect();
+    let ids = submit_jobs(&fleet, jobs).await;
+    let starts = starts(&fleet, &ids, Duration::from_secs(60)).await;
+    let expected = f64::from(count - 1) / per_second;
+    for k in ["a", "b"] {
+        let of_key: Vec<Start> = starts
+            .iter()
+            .filter(|start| start.input["k"] == k)
+            .cloned()
+            .collect();
+        let most = most_in_window(&of_key, 1.0);
+        assert!(most <= 3, "{most} starts of key {k} within one second");
+        let took = span(&of_key);
+        assert!(
+            took >= expected - 0.25,
+            "key {k}: {count} starts took {took:.2} s, expected about {expected:.2} s"
+        );
+    }
+    // Together they ran twice as fast as one limit would let them.
+    let took = span(&starts);
+    assert!(
+        took < expected + 1.5,
+        "{} starts of two keys took {took:.2} s; one shared limit takes {:.2} s",
+        2 * count,
+        f64::from(2 * count - 1) / per_second
+    );
+}
+
+#[tokio::test]
+async fn a_queue_limit_holds_every_task_of_the_queue() {
+    let fleet = TestFleet::start().await.unwrap();
+    let (per_second, count) = (3.0, 10);
+    let db = sqlx::PgPool::connect(&format!("{POSTGRES}/{}", fleet.database))
+        .await
+        .unwrap();
+    // What `PUT /v1/queues/{name}` writes.
+    sqlx::query(
+        "INSERT INTO queue_settings (namespace, queue, rate_limit_per_s) VALUES ($1, 'default', $2)",
+    )
+    .bind(&fleet.namespace)
+    .bind(per_second)
+    .execute(&db)
+    .await
+    .unwrap();
+    db.close().await;
+    // A scheduler reads its queues' limits every second.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    let jobs = (0..count).map(|n| recording_job(None, json!(n))).collect();
+    let ids = submit_jobs(&fleet, jobs).await;
+    let starts = starts(&fleet, &ids, Duration::from_secs(60)).await;
+    let most = most_in_window(&starts, 1.0);
+    assert!(most <= 4, "{most} starts within one second: {starts:?}");
+    let expected = f64::from(count - 1) / per_second;
+    let took = span(&starts);
+    assert!(
+        took >= expected - 0.25 && took <= expected + 2.5,
+        "{count} starts took {took:.2} s, expected about {expected:.2} s"
+    );
+}
+
+#[tokio::test]
+async fn unlimited_tasks_run_at_full_speed_while_limited_ones_wait() {
+    let fleet = TestFleet::start().await.unwrap();
+    let limited_count = 10;
+    let limited = (0..limited_count)
+        .map(|n| json!({"dataflow": ".", "input": n, "rate_limit": {"per_second": 1}}))
+        .collect();
+    let limited = submit_jobs(&fleet, limited).await;
+    let started = Instant::now();
+    let free = (0..200)
+        .map(|n| json!({"dataflow": ". + 1", "input": n}))
+        .collect();
+    let free = submit_jobs(&fleet, free).await;
+    for id in &free {
+        let view = fleet.wait_job(id, Duration::from_secs(30)).await;
+        assert_eq!(view["status"], "succeeded", "{view:#}");
+    }
+    let took = started.elapsed();
+    let mut finished = 0;
+    for id in &limited {
+        let (status, view) = fleet.request("GET", &format!("/v1/tasks/{id}"), None).await;
+        assert_eq!(status, 200, "{view}");
+        if view["status"] == "succeeded" {
+            finished += 1;
+        }
+    }
+    assert!(
+        took < Duration::from_secs(8),
+        "200 tasks no limit holds took {took:?}"
+    );
+    // At one start a second, no more than the seconds passed (and the first) have started.
+    let allowed = usize::try_from(took.as_secs()).unwrap() + 2;
+    assert!(
+        finished <= allowed && finished < limited_count,
+        "{finished} of {limited_count} limited tasks finished within {took:?}"
+    );
+    for id in &limited {
+        let view = fleet.wait_job(id, Duration::from_secs(30)).await;
+        assert_eq!(view["status"], "succeeded", "{view:#}");
+    }
+}
+
+#[tokio::test]
+async fn limits_lost_from_redis_stall_nothing() {
+    let fleet = TestFleet::start().await.unwrap();
+    let (per_second, count) = (3.0, 12);
+    let limit = json!({"per_second": per_second});
+    let jobs = (0..count)
+        .map(|n| recording_job(Some(limit.clone()), json!(n)))
+        .collect();
+    let ids = submit_jobs(&fleet, jobs).await;
+    // Mid-way, the limits' state is lost, as a Redis restart would lose it.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let keys = rate_keys(&fleet).await;
+    assert!(!keys.is_empty(), "the limit is kept in Redis");
+    let client = redis::Client::open(REDIS).unwrap();
+    let mut redis = client.get_multiplexed_async_connection().await.unwrap();
+    let _: () = redis::cmd("DEL")
+        .arg(&keys)
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+
+    let starts = starts(&fleet, &ids, Duration::from_secs(30)).await;
+    let expected = f64::from(count - 1) / per_second;
+    let took = span(&starts);
+    // It may let a little more through, never all at once, and never stalls.
+    assert!(
+        took >= expected - 1.5 && took <= expected + 3.0,
+        "{count} starts took {took:.2} s, expected about {expected:.2} s"
+    );
+    let most = most_in_window(&starts, 1.0);
+    assert!(most <= 8, "{most} starts within one second: {starts:?}");
+}
+
+#[tokio::test]
+async fn a_late_start_is_checked_again_and_deferred_without_an_attempt() {
+    let fleet = TestFleet::start_with(FleetOptions {
+        workers: 1,
+        concurrency: 2,
+        worker_env: vec![("TASKFLEET_PYTHON_EXECUTORS".into(), "2".into())],
+        ..FleetOptions::default()
+    })
+    .await
+    .unwrap();
+    // Two long steps take both of the worker's slots.
+    let blockers = submit_jobs(
+        &fleet,
+        (0..2)
+            .map(|n| {
+                json!({"python_code": "import time\ndef main(input, ctx):\n    time.sleep(2.5)\n    return input\n", "input": n})
+            })
+            .collect(),
+    )
+    .await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    for id in &blockers {
+        loop {
+            let (_, view) = fleet.request("GET", &format!("/v1/tasks/{id}"), None).await;
+            let running = view["steps"]
+                .as_object()
+                .is_some_and(|steps| steps.values().all(|step| step["status"] == "running"));
+            if running {
+                break;
+            }
+            assert!(Instant::now() < deadline, "{view:#}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    // Published at their slots, these wait in the queue behind them, and all come late.
+    let (per_second, count) = (2.0, 6);
+    let limit = json!({"per_second": per_second});
+    let jobs = (0..count)
+        .map(|n| recording_job(Some(limit.clone()), json!(n)))
+        .collect();
+    let ids = submit_jobs(&fleet, jobs).await;
+    let starts = starts(&fleet, &ids, Duration::from_secs(60)).await;
+    let deferred = scheduler_metric(&fleet, "taskfleet_tasks_deferred_total").await;
+    assert!(deferred >= 1.0, "no late start was deferred: {starts:?}");
+    // Late starts go together only as far as the horizon (0.5 s) lets them.
+    let most = most_in_window(&starts, 1.0);
+    assert!(most <= 4, "{most} starts within one second: {starts:?}");
+}
+
+#[tokio::test]
+async fn bad_limits_are_refused_naming_the_field() {
+    let fleet = TestFleet::start_with(FleetOptions {
+        workers: 0,
+        ..FleetOptions::default()
+    })
+    .await
+    .unwrap();
+    for (rate_limit, field) in [
+        (json!({"per_second": 0}), "rate_limit.per_second"),
+        (json!({"per_second": -2}), "rate_limit.per_second"),
+        (json!({"per_second": 1, "burst": 0}), "rate_limit.burst"),
+        (
+            json!({"per_second": 1, "key": ".a | ((("}),
+            "rate_limit.key",
+        ),
+    ] {
+        let definition = json!({"steps": [{"id": "s", "dataflow": ".", "rate_limit": rate_limit}]});
+        let (status, answer) = fleet
+            .request(
+                "POST",
+                "/v1/runs",
+                Some(&json!({"definition": definition, "input": 1})),
+            )
+            .await;
+        assert_eq!(status, 422, "{rate_limit}: {answer}");
+        assert!(answer.to_string().contains(field), "{rate_limit}: {answer}");
+        let job = json!({"dataflow": ".", "input": 1, "rate_limit": rate_limit});
+        let (status, answer) = fleet.request("POST", "/v1/tasks", Some(&job)).await;
+        assert_eq!(status, 422, "{rate_limit}: {answer}");
+        assert!(answer.to_string().contains(field), "{rate_limit}: {answer}");
+    }
+}
