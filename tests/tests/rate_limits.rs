@@ -5,11 +5,13 @@
 
 #![allow(clippy::unwrap_used, missing_docs)]
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt as _;
 use serde_json::{Value, json};
-use taskfleet_tests::{FleetOptions, POSTGRES, REDIS, TestFleet};
+use taskfleet_tests::{FleetOptions, POSTGRES, REDIS, Services, TestFleet};
 
 /// A Python step that returns when it started, its worker (the executor's parent process) and
 /// its input.
@@ -361,6 +363,165 @@ async fn a_late_start_is_checked_again_and_deferred_without_an_attempt() {
     // Late starts go together only as far as the horizon (0.5 s) lets them.
     let most = most_in_window(&starts, 1.0);
     assert!(most <= 4, "{most} starts within one second: {starts:?}");
+}
+
+/// A TCP proxy to Redis that can be taken down (its connections cut, new ones refused) and
+/// brought back, as a Redis outage seen by one fleet only.
+struct RedisProxy {
+    port: u16,
+    up: Arc<AtomicBool>,
+    connections: Arc<Mutex<Vec<tokio::task::JoinHandle<()>>>>,
+}
+
+impl RedisProxy {
+    async fn start() -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let up = Arc::new(AtomicBool::new(true));
+        let connections: Arc<Mutex<Vec<tokio::task::JoinHandle<()>>>> = Arc::default();
+        let (accepting, accepted) = (up.clone(), connections.clone());
+        tokio::spawn(async move {
+            while let Ok((mut client, _)) = listener.accept().await {
+                if !accepting.load(Ordering::SeqCst) {
+                    continue;
+                }
+                let connection = tokio::spawn(async move {
+                    let mut redis = tokio::net::TcpStream::connect("127.0.0.1:6379")
+                        .await
+                        .unwrap();
+                    let _ = tokio::io::copy_bidirectional(&mut client, &mut redis).await;
+                });
+                accepted.lock().unwrap().push(connection);
+            }
+        });
+        Self {
+            port,
+            up,
+            connections,
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/0", self.port)
+    }
+
+    fn down(&self) {
+        self.up.store(false, Ordering::SeqCst);
+        for connection in self.connections.lock().unwrap().drain(..) {
+            connection.abort();
+        }
+    }
+
+    fn up(&self) {
+        self.up.store(true, Ordering::SeqCst);
+    }
+}
+
+#[tokio::test]
+async fn without_redis_limited_tasks_wait_and_none_is_lost() {
+    let proxy = RedisProxy::start().await;
+    let mut services = Services::shared();
+    services.redis = proxy.url();
+    let fleet = TestFleet::start_with(FleetOptions {
+        services,
+        ..FleetOptions::default()
+    })
+    .await
+    .unwrap();
+    // The workers connect first (a worker that cannot reach Redis at its start stops).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (status, body) = fleet.request("GET", "/v1/workers", None).await;
+        assert_eq!(status, 200, "{body}");
+        if body["workers"].as_array().unwrap().len() == 2 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "workers never appeared: {body}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    proxy.down();
+    let (per_second, count) = (2.0, 6);
+    let limit = json!({"per_second": per_second});
+    let jobs = (0..count)
+        .map(|n| recording_job(Some(limit.clone()), json!(n)))
+        .collect();
+    let ids = submit_jobs(&fleet, jobs).await;
+    // Redis stays out of reach for 3 s (reading a task through the API would wait on Redis).
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let back = now_since(0.0).as_secs_f64();
+    proxy.up();
+    let starts = starts(&fleet, &ids, Duration::from_secs(30)).await;
+    // Nothing started unchecked while Redis was out of reach, and nothing was lost.
+    assert!(
+        starts.iter().all(|start| start.t >= back),
+        "started before Redis came back at {back}: {starts:?}"
+    );
+    let most = most_in_window(&starts, 1.0);
+    assert!(most <= 3, "{most} starts within one second: {starts:?}");
+}
+
+#[tokio::test]
+async fn a_re_run_respects_the_limit() {
+    let fleet = TestFleet::start().await.unwrap();
+    let (per_second, count) = (2.0, 6);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    // Every first run fails (they all start within 2.5 s); the re-runs come after `until`.
+    let until = now + 4.0;
+    let code = "import time\ndef main(input, ctx):\n    if time.time() < input['until']:\n        raise RuntimeError('too early')\n    return {'t': time.time()}\n";
+    let jobs = (0..count)
+        .map(|n| {
+            json!({"python_code": code, "input": {"until": until, "n": n},
+                   "rate_limit": {"per_second": per_second}})
+        })
+        .collect();
+    let ids = submit_jobs(&fleet, jobs).await;
+    for id in &ids {
+        let view = fleet.wait_job(id, Duration::from_secs(30)).await;
+        assert_eq!(view["status"], "failed", "{view:#}");
+    }
+    let left = until - now + 0.2;
+    tokio::time::sleep(Duration::from_secs_f64(left).saturating_sub(now_since(now))).await;
+    let fleet = &fleet;
+    futures_util::future::join_all(ids.iter().map(|id| async move {
+        let (status, answer) = fleet
+            .request("POST", &format!("/v1/tasks/{id}/retry"), None)
+            .await;
+        assert_eq!(status, 200, "{answer}");
+    }))
+    .await;
+    let mut starts = Vec::new();
+    for id in &ids {
+        let view = fleet.wait_job(id, Duration::from_secs(30)).await;
+        assert_eq!(view["status"], "succeeded", "{view:#}");
+        starts.push(Start {
+            t: view["output"]["t"].as_f64().unwrap(),
+            worker: 0,
+            input: Value::Null,
+        });
+    }
+    let most = most_in_window(&starts, 1.0);
+    assert!(
+        most <= 3,
+        "{most} re-run starts within one second: {starts:?}"
+    );
+    let expected = f64::from(count - 1) / per_second;
+    let took = span(&starts);
+    assert!(
+        took >= expected - 0.25,
+        "{count} re-run starts took {took:.2} s, expected about {expected:.2} s"
+    );
+}
+
+/// Seconds since `then` (seconds since the Unix epoch).
+fn now_since(then: f64) -> Duration {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    Duration::from_secs_f64((now - then).max(0.0))
 }
 
 #[tokio::test]
