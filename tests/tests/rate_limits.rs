@@ -446,8 +446,15 @@ async fn without_redis_limited_tasks_wait_and_none_is_lost() {
         .map(|n| recording_job(Some(limit.clone()), json!(n)))
         .collect();
     let ids = submit_jobs(&fleet, jobs).await;
-    // Redis stays out of reach for 3 s (reading a task through the API would wait on Redis).
+    // Redis stays out of reach for 3 s (reading a task through the API would wait on Redis),
+    // and no task is published meanwhile (a worker could not start one anyway: its lease waits).
     tokio::time::sleep(Duration::from_secs(3)).await;
+    let published = scheduler_metric(
+        &fleet,
+        "taskfleet_tasks_dispatched_total{queue=\"default\"}",
+    )
+    .await;
+    assert_eq!(published, 0.0, "tasks were published unchecked");
     let back = now_since(0.0).as_secs_f64();
     proxy.up();
     let starts = starts(&fleet, &ids, Duration::from_secs(30)).await;
@@ -456,8 +463,10 @@ async fn without_redis_limited_tasks_wait_and_none_is_lost() {
         starts.iter().all(|start| start.t >= back),
         "started before Redis came back at {back}: {starts:?}"
     );
+    // One more than the limit allows: a task published at its slot may still wait for its
+    // worker's own connection to Redis (its lease) to come back, and start later, off its slot.
     let most = most_in_window(&starts, 1.0);
-    assert!(most <= 3, "{most} starts within one second: {starts:?}");
+    assert!(most <= 4, "{most} starts within one second: {starts:?}");
 }
 
 #[tokio::test]
