@@ -1,7 +1,8 @@
 //! Concurrency limits against a real fleet: a step's `concurrency` holds across workers and
 //! schedulers (measured by the times its attempts record), per key value, without waiting tasks
-//! holding worker slots, through a worker killed mid-task, a cancellation and a re-run, and
-//! admits waiters in order.
+//! holding worker slots, through a worker killed mid-task, a cancellation (whose attempt keeps
+//! its permit until it has stopped) and a re-run, with tasks of different limits in one group,
+//! and admits waiters in order.
 
 #![allow(clippy::unwrap_used, missing_docs)]
 #![allow(
@@ -293,8 +294,53 @@ async fn a_worker_killed_mid_task_leaks_no_permit() {
     assert_eq!(max_overlap(&after), 2, "{intervals:?}");
 }
 
+/// Python source of a step that appends `time.time()` to the file `input['path']` every 20 ms
+/// and never ends, not even when it is stopped (it catches the interrupt): it runs until its
+/// process is killed, and the file's last line says when it last ran. If the file is there
+/// already (a later attempt, or a re-run), it runs as [`TIMED`] for 0.3 s instead.
+const STUBBORN: &str = "import os, time\n\
+def main(input):\n    \
+    if os.path.exists(input['path']):\n        \
+        start = time.time()\n        \
+        time.sleep(0.3)\n        \
+        return {'n': input['n'], 'start': start, 'end': time.time()}\n    \
+    while True:\n        \
+        try:\n            \
+            with open(input['path'], 'a') as f:\n                \
+                f.write('%.6f\\n' % time.time())\n            \
+            time.sleep(0.02)\n        \
+        except BaseException:\n            \
+            pass\n";
+
+/// A job of step `step` running [`STUBBORN`] with limit 1, writing to `path`.
+fn stubborn_job(step: &str, path: &std::path::Path) -> Value {
+    json!({
+        "id": step,
+        "python_code": STUBBORN,
+        "concurrency": {"limit": 1},
+        "input": {"n": 0, "path": path.to_str().unwrap()},
+    })
+}
+
+/// Waits until the [`STUBBORN`] step writing to `path` runs.
+async fn until_it_beats(path: &std::path::Path) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while heartbeats(path).is_none() {
+        assert!(Instant::now() < deadline, "the stubborn job never ran");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The first and last times a [`STUBBORN`] step wrote to `path` (lines cut short by an interrupt
+/// are passed over).
+fn heartbeats(path: &std::path::Path) -> Option<(f64, f64)> {
+    let text = std::fs::read_to_string(path).ok()?;
+    let times: Vec<f64> = text.lines().filter_map(|line| line.parse().ok()).collect();
+    Some((*times.first()?, *times.last()?))
+}
+
 #[tokio::test]
-async fn a_cancelled_run_frees_its_permit() {
+async fn a_cancelled_attempt_holds_its_permit_until_it_has_stopped() {
     let fleet = TestFleet::start_with(FleetOptions {
         workers: 1,
         concurrency: 2,
@@ -302,26 +348,10 @@ async fn a_cancelled_run_frees_its_permit() {
     })
     .await
     .unwrap();
-    let blocker = submit_job(
-        &fleet,
-        &fleet.api,
-        &timed_job("one", json!({"limit": 1}), 0, 60.0),
-    )
-    .await;
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let (_, view) = fleet
-            .request("GET", &format!("/v1/tasks/{blocker}"), None)
-            .await;
-        if view["steps"]["one"]["status"] == "running" {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the first job never ran: {view:#}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let path = std::env::temp_dir().join(format!("taskfleet-stubborn-{}", fleet.namespace));
+    let _ = std::fs::remove_file(&path);
+    let blocker = submit_job(&fleet, &fleet.api, &stubborn_job("one", &path)).await;
+    until_it_beats(&path).await;
     let next: Vec<Value> = (1..3)
         .map(|n| timed_job("one", json!({"limit": 1}), n, 0.3))
         .collect();
@@ -337,21 +367,128 @@ async fn a_cancelled_run_frees_its_permit() {
         .request("POST", &format!("/v1/tasks/{blocker}/cancel"), None)
         .await;
     assert_eq!(status, 200, "{answer}");
+    // The cancelled attempt goes on until the worker kills it, past the cancel; the next job
+    // starts only after that, and soon after (the grace, then the backstop's next look).
     let intervals = intervals(&fleet, &next, Duration::from_secs(30)).await;
+    let (first_beat, last_beat) = heartbeats(&path).unwrap();
+    let _ = std::fs::remove_file(&path);
     let first_start = intervals
         .iter()
         .map(|i| i.start)
         .fold(f64::INFINITY, f64::min);
     eprintln!(
-        "the next job started {:.3} s after the cancel",
+        "the cancelled attempt ran {:.3} s after the cancel; the next job started {:.3} s after it",
+        last_beat - cancelled_at,
         first_start - cancelled_at
     );
     assert!(
-        first_start - cancelled_at < 5.0,
-        "the permit came back {} s after the cancel",
+        last_beat > cancelled_at + 0.5,
+        "the cancelled attempt stopped at once ({:.3} s after the cancel)",
+        last_beat - cancelled_at
+    );
+    let blocker = Interval {
+        n: 0,
+        start: first_beat,
+        end: last_beat,
+    };
+    assert!(
+        first_start > last_beat,
+        "the next job started {:.3} s before the cancelled attempt stopped",
+        last_beat - first_start
+    );
+    assert!(
+        first_start - cancelled_at < 12.0,
+        "the permit came back {:.3} s after the cancel",
         first_start - cancelled_at
     );
-    assert_eq!(max_overlap(&intervals), 1, "{intervals:?}");
+    let mut all = intervals.clone();
+    all.push(blocker);
+    assert_eq!(max_overlap(&all), 1, "{all:?}");
+}
+
+#[tokio::test]
+async fn a_rerun_within_the_grace_waits_for_the_cancelled_attempt() {
+    let fleet = TestFleet::start_with(FleetOptions {
+        workers: 1,
+        concurrency: 2,
+        ..FleetOptions::default()
+    })
+    .await
+    .unwrap();
+    let path = std::env::temp_dir().join(format!("taskfleet-rerun-{}", fleet.namespace));
+    let _ = std::fs::remove_file(&path);
+    let id = submit_job(&fleet, &fleet.api, &stubborn_job("again", &path)).await;
+    until_it_beats(&path).await;
+    let cancelled_at = now();
+    let (status, answer) = fleet
+        .request("POST", &format!("/v1/tasks/{id}/cancel"), None)
+        .await;
+    assert_eq!(status, 200, "{answer}");
+    // Run again at once: its new attempt takes the permit only once the cancelled one stopped.
+    let (status, answer) = fleet
+        .request("POST", &format!("/v1/tasks/{id}/retry"), None)
+        .await;
+    assert_eq!(status, 200, "{answer}");
+    let again = intervals(&fleet, std::slice::from_ref(&id), Duration::from_secs(30)).await[0];
+    let (_, last_beat) = heartbeats(&path).unwrap();
+    let _ = std::fs::remove_file(&path);
+    eprintln!(
+        "the cancelled attempt ran {:.3} s after the cancel; the re-run started {:.3} s after it",
+        last_beat - cancelled_at,
+        again.start - cancelled_at
+    );
+    assert!(
+        again.start > last_beat,
+        "the re-run started {:.3} s before the cancelled attempt stopped",
+        last_beat - again.start
+    );
+    assert!(
+        again.start - cancelled_at < 12.0,
+        "the permit came back {:.3} s after the cancel",
+        again.start - cancelled_at
+    );
+}
+
+/// Whether `a` and `b` ran at the same time.
+fn overlap(a: &Interval, b: &Interval) -> bool {
+    a.start < b.end && b.start < a.end
+}
+
+#[tokio::test]
+async fn tasks_with_different_limits_in_one_group_each_keep_their_own() {
+    let fleet = TestFleet::start_with(FleetOptions {
+        workers: 1,
+        concurrency: 4,
+        ..FleetOptions::default()
+    })
+    .await
+    .unwrap();
+    // One group (the step id), three limits: a job of limit 3 first in admission order (its
+    // priority), but ready last; two of limit 1, ready before it.
+    let job = |n: usize, limit: u32, priority: u8, delay_s: f64| {
+        let mut job = timed_job("mixed", json!({"limit": limit}), n, 2.0);
+        job["priority"] = json!(priority);
+        job["delay_s"] = json!(delay_s);
+        job
+    };
+    let jobs = [job(0, 3, 5, 2.5), job(1, 1, 0, 1.5), job(2, 1, 0, 1.5)];
+    let mut ids = Vec::new();
+    for job in &jobs {
+        ids.push(submit_job(&fleet, &fleet.api, job).await);
+    }
+    let intervals = intervals(&fleet, &ids, Duration::from_secs(40)).await;
+    eprintln!("{intervals:?}");
+    // A job of limit 1 never ran beside another.
+    for limited in intervals.iter().filter(|i| i.n != 0) {
+        for other in intervals.iter().filter(|i| i.n != limited.n) {
+            assert!(
+                !overlap(limited, other),
+                "job {} (limit 1) ran beside job {}: {intervals:?}",
+                limited.n,
+                other.n
+            );
+        }
+    }
 }
 
 #[tokio::test]

@@ -83,9 +83,10 @@ pub enum Restart {
 }
 
 /// Locks run `id` and, if it still has the status and count of re-runs it was read with,
-/// deletes the rows of its steps that neither succeeded nor were skipped (items included),
-/// inserts its newly planned `tasks` (of `namespace`) and writes it running again, counting the
-/// re-run; when planning ended it at once (`end`), it is finished again.
+/// deletes the rows of its steps that neither succeeded nor were skipped (items included; the
+/// permits of those cancelled within [`STOP_GRACE`](super::STOP_GRACE) are kept), inserts its
+/// newly planned `tasks` (of `namespace`) and writes it running again, counting the re-run;
+/// when planning ended it at once (`end`), it is finished again.
 pub async fn restart_run(
     tx: &mut Transaction<'_, Postgres>,
     namespace: &str,
@@ -105,14 +106,28 @@ pub async fn restart_run(
     if now != Some(read) {
         return Ok(Restart::Changed(now));
     }
+    // An attempt cancelled with the run may still be stopping on a worker, holding its
+    // concurrency permit for a grace after the cancel: its row goes, its permit stays (in
+    // `lingering_permits`, until the same end), so the new tasks, and any other waiter of its
+    // group, are admitted only once it is free.
     sqlx::query(
-        "DELETE FROM tasks
-         WHERE run_id = $1
-           AND step_id IN (SELECT step_id FROM tasks
-                           WHERE run_id = $1 AND item = -1
-                             AND status NOT IN ('succeeded', 'skipped'))",
+        "WITH gone AS (
+             DELETE FROM tasks
+             WHERE run_id = $1
+               AND step_id IN (SELECT step_id FROM tasks
+                               WHERE run_id = $1 AND item = -1
+                                 AND status NOT IN ('succeeded', 'skipped'))
+             RETURNING namespace, status, concurrency_group, concurrency_limit, admitted_at,
+                       finished_at)
+         INSERT INTO lingering_permits (namespace, concurrency_group, concurrency_limit, until)
+         SELECT namespace, concurrency_group, concurrency_limit,
+                finished_at + make_interval(secs => $2)
+         FROM gone
+         WHERE status = 'cancelled' AND concurrency_group IS NOT NULL
+           AND admitted_at IS NOT NULL AND finished_at > now() - make_interval(secs => $2)",
     )
     .bind(id)
+    .bind(super::admission::STOP_GRACE.as_secs_f64())
     .execute(&mut **tx)
     .await?;
     let sql = format!(
