@@ -44,6 +44,13 @@ CREATE TABLE lingering_permits (
 );
 CREATE INDEX lingering_permits_by_group ON lingering_permits (namespace, concurrency_group, until);
 
+-- When a scheduler of the namespace last looked for groups to admit into without a wake (the
+-- backstop): one look per period serves the whole fleet.
+CREATE TABLE admission_backstop (
+    namespace     text        PRIMARY KEY,
+    last_round_at timestamptz NOT NULL
+);
+
 -- A queue's settings, set by an admin (`PUT /v1/queues/{name}`): its rate limit across the
 -- fleet, for every task of every tenant sent to it.
 CREATE TABLE queue_settings (

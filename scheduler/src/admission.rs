@@ -7,8 +7,11 @@
 //! admitted tasks due, and the timer loop dispatches them. A wake names a group, never a task, and is in
 //! memory only: a backstop every [`BACKSTOP`] looks for the namespace's groups that have ready
 //! waiters and free permits, which covers whatever frees a permit without a wake (a run
-//! cancelled, timed out or failed by another step; retention), delays that end, and a
-//! scheduler that stopped between a commit and its wake. Nothing polls per waiting task.
+//! cancelled, timed out or failed by another step, whose admitted tasks keep their permits for
+//! [`store::STOP_GRACE`] after; retention), delays that end, and a scheduler that stopped
+//! between a commit and its wake. One scheduler of the namespace looks at a time, about once
+//! per [`BACKSTOP`] for the whole fleet (`store::claim_backstop_round`); every scheduler admits
+//! what it is woken for. Nothing polls per waiting task.
 //!
 //! The loop never decides how many may run: the count and the admission are one statement
 //! under the group's lock, so any number of schedulers may admit into one group.
@@ -25,6 +28,11 @@ use crate::store::{self, NewTask};
 
 /// How often the loop looks for groups to admit into without being woken.
 pub const BACKSTOP: Duration = Duration::from_secs(2);
+
+/// The least time between two looks of the backstop by the namespace's schedulers, whichever
+/// looks: a little less than [`BACKSTOP`], so that a lone scheduler whose tick comes a little
+/// early still looks at every tick, while a fleet of them looks about as often as one.
+const BACKSTOP_GAP: Duration = Duration::from_millis(1500);
 
 /// The most groups one look of the backstop reads; a full look is followed by the next.
 const BACKSTOP_BATCH: i64 = 512;
@@ -132,7 +140,7 @@ async fn admission_loop(
         }
         admit_all(&db, &namespace, std::mem::take(&mut now)).await;
         if look {
-            backstop_look(&db, &namespace).await;
+            backstop_round(&db, &namespace).await;
         }
     }
 }
@@ -173,6 +181,23 @@ async fn admit_all(db: &sqlx::PgPool, namespace: &str, groups: BTreeSet<String>)
             }
         })
         .await;
+}
+
+/// Looks for groups to admit into, unless another scheduler of the namespace looks now or
+/// looked less than [`BACKSTOP_GAP`] ago.
+async fn backstop_round(db: &sqlx::PgPool, namespace: &str) {
+    let round = match store::claim_backstop_round(db, namespace, BACKSTOP_GAP).await {
+        Ok(Some(round)) => round,
+        Ok(None) => return,
+        Err(error) => {
+            tracing::warn!(%error, "claiming a look for groups to admit into failed");
+            return;
+        }
+    };
+    backstop_look(db, namespace).await;
+    if let Err(error) = round.finish().await {
+        tracing::warn!(%error, "ending a look for groups to admit into failed");
+    }
 }
 
 /// Admits into every group of the namespace that has ready waiters and free permits, a batch

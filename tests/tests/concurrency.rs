@@ -14,7 +14,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use futures_util::StreamExt as _;
 use serde_json::{Value, json};
-use taskfleet_tests::{FleetOptions, TestFleet};
+use taskfleet_tests::{FleetOptions, POSTGRES, TestFleet};
 
 /// Python source of a step that sleeps `input['sleep']` seconds and returns when it started and
 /// ended (`time.time()`), with its input's `n`.
@@ -617,4 +617,41 @@ async fn limited_steps_planned_later_or_delayed_start_once_ready() {
     );
     assert!(latencies[1] < 1.0, "{latencies:?}");
     assert!((1.5..3.0).contains(&delayed), "{delayed}");
+}
+
+#[tokio::test]
+async fn the_backstop_looks_about_once_per_period_for_a_fleet_of_schedulers() {
+    let mut fleet = TestFleet::start_with(FleetOptions {
+        workers: 1,
+        concurrency: 2,
+        ..FleetOptions::default()
+    })
+    .await
+    .unwrap();
+    fleet.start_another_scheduler().await.unwrap();
+    fleet.start_another_scheduler().await.unwrap();
+    // Each look the backstop claims is recorded, by whichever scheduler claims it.
+    let db = sqlx::PgPool::connect(&format!("{POSTGRES}/{}", fleet.database))
+        .await
+        .unwrap();
+    sqlx::raw_sql(
+        "CREATE TABLE looks (at timestamptz NOT NULL DEFAULT clock_timestamp());
+         CREATE FUNCTION record_look() RETURNS trigger LANGUAGE plpgsql
+             AS $$ BEGIN INSERT INTO looks DEFAULT VALUES; RETURN NULL; END $$;
+         CREATE TRIGGER record_look AFTER INSERT OR UPDATE ON admission_backstop
+             FOR EACH ROW EXECUTE FUNCTION record_look();",
+    )
+    .execute(&db)
+    .await
+    .unwrap();
+    let window = Duration::from_secs(8);
+    tokio::time::sleep(window).await;
+    let looks: i64 = sqlx::query_scalar("SELECT count(*) FROM looks")
+        .fetch_one(&db)
+        .await
+        .unwrap();
+    eprintln!("three schedulers looked {looks} times in {window:?}");
+    // One scheduler looks every 2 s (4 times in 8 s), three at most once per 1.5 s (6): had
+    // each looked at its own pace, they would have looked about 12 times.
+    assert!((2..=7).contains(&looks), "{looks} looks in {window:?}");
 }

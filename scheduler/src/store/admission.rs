@@ -18,7 +18,7 @@
 
 use std::time::Duration;
 
-use sqlx::PgPool;
+use sqlx::{PgPool, Postgres, Transaction};
 
 use super::StoreError;
 
@@ -115,6 +115,54 @@ pub async fn admit(db: &PgPool, namespace: &str, group: &str) -> Result<u64, Sto
         .rows_affected();
     tx.commit().await?;
     Ok(admitted)
+}
+
+/// A claimed look of the backstop: the namespace's lock on it is held until [`Self::finish`]
+/// (or until it is dropped).
+pub struct BackstopRound(Transaction<'static, Postgres>);
+
+impl BackstopRound {
+    /// Ends the look, releasing the namespace's lock on it.
+    pub async fn finish(self) -> Result<(), StoreError> {
+        Ok(self.0.commit().await?)
+    }
+}
+
+/// Claims the backstop's look for groups to admit into of `namespace`, unless another
+/// scheduler looks now or one looked less than `every` ago (then `None`), so that a fleet of
+/// schedulers looks about as often as one does. A claim also forgets the namespace's
+/// `lingering_permits` that have expired.
+pub async fn claim_backstop_round(
+    db: &PgPool,
+    namespace: &str,
+    every: Duration,
+) -> Result<Option<BackstopRound>, StoreError> {
+    let mut tx = db.begin().await?;
+    let held: bool = sqlx::query_scalar("SELECT pg_try_advisory_xact_lock(7304, hashtext($1))")
+        .bind(namespace)
+        .fetch_one(&mut *tx)
+        .await?;
+    if !held {
+        return Ok(None);
+    }
+    let claimed: Option<bool> = sqlx::query_scalar(
+        "INSERT INTO admission_backstop AS b (namespace, last_round_at) VALUES ($1, now())
+         ON CONFLICT (namespace) DO UPDATE SET last_round_at = excluded.last_round_at
+         WHERE b.last_round_at <= now() - make_interval(secs => $2)
+         RETURNING true",
+    )
+    .bind(namespace)
+    .bind(every.as_secs_f64())
+    .fetch_optional(&mut *tx)
+    .await?;
+    if claimed.is_none() {
+        return Ok(None);
+    }
+    sqlx::query("DELETE FROM lingering_permits WHERE namespace = $1 AND until <= now()")
+        .bind(namespace)
+        .execute(&mut *tx)
+        .await?;
+    Ok(Some(BackstopRound(tx)))
 }
 
 /// Returns up to `limit` groups of `namespace` after `after` (in their order; from the first

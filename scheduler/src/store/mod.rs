@@ -40,7 +40,7 @@ mod schedules;
 mod stats;
 mod workflows;
 
-pub use admission::{STOP_GRACE, admit, groups_to_admit};
+pub use admission::{BackstopRound, STOP_GRACE, admit, claim_backstop_round, groups_to_admit};
 pub use advance::{
     FinishedRun, LockedRun, TaskState, count_items, fail_items, finish_runs, join_items, lock_runs,
     task_states,
