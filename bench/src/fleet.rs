@@ -405,6 +405,7 @@ pub async fn executor_cost(calls: usize) -> Result<ExecutorTimings> {
         ends_run: false,
         trace_id: None,
         rate_limit: None,
+        exclusive: false,
     };
     let jq = task(StepKind::Dataflow {
         program: ".".to_owned(),

@@ -54,6 +54,12 @@ pub struct TaskMessage {
     /// task of a queue with one; optional, as `trace_id` is.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rate_limit: Option<RateGate>,
+    /// Set for a step with a concurrency limit: the attempt runs only under a lease no other
+    /// delivery of it holds, so that a task delivered twice (its worker cut off from the broker
+    /// while it still runs it, or sent again by the relay) never runs twice at once and takes
+    /// no second permit. Optional, as `trace_id` is.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub exclusive: bool,
 }
 
 /// The rate limits a task's start counts against, and the start the scheduler reserved for it.
@@ -242,6 +248,7 @@ mod tests {
             ends_run: true,
             trace_id: Some(TraceId::random()),
             rate_limit: None,
+            exclusive: false,
         };
         let decoded: TaskMessage = decode(&encode(&task)).expect("decodes");
         assert_eq!(decoded, task);

@@ -104,6 +104,7 @@ impl Dispatch {
             ends_run: definition.steps.len() == 1 && !definition.plans_with_programs(),
             trace_id,
             rate_limit,
+            exclusive: step.concurrency.is_some(),
         };
         Some(Self {
             task_id,
@@ -550,6 +551,7 @@ mod tests {
             ends_run: false,
             trace_id: None,
             rate_limit: None,
+            exclusive: false,
         };
         Dispatch {
             task_id: message.task_id.0,

@@ -42,6 +42,7 @@ fn task(program: &str, input: Value) -> TaskMessage {
         ends_run: false,
         trace_id: None,
         rate_limit: None,
+        exclusive: false,
     }
 }
 

@@ -115,6 +115,7 @@ mod tests {
             ends_run: false,
             trace_id: None,
             rate_limit: None,
+            exclusive: false,
         }
     }
 

@@ -15,6 +15,7 @@ use taskfleet_io::jq_sandbox::{JqSandbox, SandboxSettings};
 use tokio_util::sync::CancellationToken;
 
 use super::Shared;
+use super::lease::ExclusiveLease;
 use crate::config::Config;
 use crate::executor::cancelled_error;
 use crate::executor::dataflow::DataflowExecutor;
@@ -162,6 +163,15 @@ impl Executors {
     }
 }
 
+/// The least a task whose lease another delivery holds waits before it is sent again.
+const HELD_LEASE_LEAST_WAIT: Duration = Duration::from_millis(100);
+
+/// The outcome of a task whose run was cancelled before it started.
+fn cancelled_before_start() -> (Outcome, Option<String>, Option<ExecutorTime>) {
+    let error = StepError::new(CANCELLED, "the run was cancelled before this task started");
+    (Outcome::Failed { error }, None, None)
+}
+
 impl Shared {
     /// Runs `task` under a lease and returns how it ended, what it logged and, if it ran to
     /// its end on an executor, how long it ran there; an output that cannot be stored or sent
@@ -175,11 +185,32 @@ impl Shared {
         task: &TaskMessage,
         started_at: chrono::DateTime<Utc>,
     ) -> (Outcome, Option<String>, Option<ExecutorTime>) {
+        // A step with a concurrency limit runs under a lease no other delivery holds, taken
+        // before it starts whatever it runs.
+        let exclusive = task.exclusive;
+        if exclusive {
+            match self.take_exclusive_lease(task, started_at).await {
+                ExclusiveLease::Taken => {}
+                ExclusiveLease::Cancelled => return cancelled_before_start(),
+                ExclusiveLease::Held(ttl) => {
+                    tracing::info!(task_id = %task.task_id, attempt = task.attempt, "another delivery of this task holds its lease; sending it back until the lease is free");
+                    let outcome = Outcome::Deferred {
+                        delay_ms: u64::try_from(ttl.max(HELD_LEASE_LEAST_WAIT).as_millis())
+                            .unwrap_or(u64::MAX),
+                        reason: "another delivery of this task holds its lease".to_owned(),
+                    };
+                    return (outcome, None, None);
+                }
+            }
+        }
         let cancelled = self.register(task);
         let limit = task
             .timeout_s
             .and_then(|seconds| Duration::try_from_secs_f64(seconds).ok());
-        let lease = self.take_lease(task, started_at);
+        let lease = async {
+            // An exclusive lease was taken above.
+            exclusive || self.take_lease(task, started_at).await
+        };
         let executed = if matches!(task.step, StepKind::Dataflow { .. }) {
             // A cancelled run stops its step at once, as it would if cancelled while it ran.
             let lease = async {
@@ -199,8 +230,7 @@ impl Shared {
         };
         self.release(task.task_id);
         let Some(executed) = executed else {
-            let error = StepError::new(CANCELLED, "the run was cancelled before this task started");
-            return (Outcome::Failed { error }, None, None);
+            return cancelled_before_start();
         };
         let Executed { result, logs, ran } = executed;
         let outcome = match result {

@@ -5,6 +5,7 @@
 //! reported, not here.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use chrono::Utc;
 use taskfleet_common::TaskId;
@@ -60,11 +61,83 @@ impl Shared {
         }
     }
 
+    /// Takes the lease on a task of a step with a concurrency limit
+    /// ([`TaskMessage::exclusive`]) unless another delivery of the same attempt (or of a later
+    /// one) holds it, in the same round trip as checking that its run was not cancelled. A
+    /// lease of an earlier attempt is taken over. Best effort as [`Self::take_lease`]: without
+    /// Redis the task runs.
+    pub(super) async fn take_exclusive_lease(
+        &self,
+        task: &TaskMessage,
+        started_at: chrono::DateTime<Utc>,
+    ) -> ExclusiveLease {
+        let lease = Lease {
+            worker_id: self.worker_id.clone(),
+            attempt: task.attempt,
+            started_at,
+        };
+        let mut redis = self.redis.clone();
+        let result = EXCLUSIVE_LEASE
+            .key(self.namespace.cancelled_key(task.run_id))
+            .key(self.namespace.lease_key(task.task_id))
+            .arg(lease.to_json())
+            .arg(task.attempt)
+            .arg(self.lease_ttl.as_millis() as u64)
+            .invoke_async::<(Option<String>, i64)>(&mut redis)
+            .await;
+        match result {
+            Ok((flag, _)) if stop_flag::read_stops(flag.as_deref(), task.task_id) => {
+                ExclusiveLease::Cancelled
+            }
+            Ok((_, held_ms)) if held_ms >= 0 => {
+                ExclusiveLease::Held(Duration::from_millis(held_ms.unsigned_abs()))
+            }
+            Ok(_) => ExclusiveLease::Taken,
+            Err(error) => {
+                tracing::warn!(task_id = %task.task_id, %error, "taking the exclusive lease");
+                ExclusiveLease::Taken
+            }
+        }
+    }
+
     /// Counts `task_id` out of the running tasks: its lease is no longer renewed.
     pub(super) fn release(&self, task_id: TaskId) {
         lock(&self.running).remove(&task_id);
     }
 }
+
+/// What taking an exclusive lease came to.
+pub(super) enum ExclusiveLease {
+    /// The lease is this delivery's: run the task.
+    Taken,
+    /// The task's run was cancelled.
+    Cancelled,
+    /// Another delivery of the attempt holds the lease, which lives this much longer: the task
+    /// runs there, or its lease expires with its lost worker and it may run here after.
+    Held(Duration),
+}
+
+/// Takes a lease unless a delivery of the same or a later attempt holds it; returns the run's
+/// stop flag and -1 when taken, or the flag and the held lease's time to live in
+/// milliseconds. KEYS: the run's stop flag, the task's lease; ARGV: the lease, its attempt, its
+/// time to live in milliseconds.
+static EXCLUSIVE_LEASE: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
+    redis::Script::new(
+        r"
+local flag = redis.call('GET', KEYS[1])
+local held = redis.call('GET', KEYS[2])
+if held then
+  local ok, lease = pcall(cjson.decode, held)
+  local attempt = ok and type(lease) == 'table' and tonumber(lease['attempt'])
+  if attempt and attempt >= tonumber(ARGV[2]) then
+    return {flag, math.max(redis.call('PTTL', KEYS[2]), 0)}
+  end
+end
+redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[3])
+return {flag, -1}
+",
+    )
+});
 
 /// Every third of the lease time: renews the leases of running tasks and records the worker's
 /// heartbeat. On the way out, removes the worker's record.

@@ -105,6 +105,7 @@ mod tests {
             ends_run: false,
             trace_id: None,
             rate_limit,
+            exclusive: false,
         }
     }
 
