@@ -83,7 +83,7 @@ pub fn install() -> Result<Exposition, String> {
     );
     describe_counter!(
         TASKS_DEFERRED,
-        "Attempts a worker did not start because their late start was over a rate limit (sent again later)."
+        "Attempts a worker sent back without starting them (sent again later): a late start over a rate limit, or a lease another delivery of the task holds."
     );
     describe_gauge!(QUEUE_READY, "Messages ready in a task queue.");
     describe_gauge!(QUEUE_CONSUMERS, "Consumers of a task queue.");
@@ -187,7 +187,8 @@ pub fn rate_limited(queue: &str) {
     counter!(RATE_LIMITED, "queue" => queue.to_owned()).increment(1);
 }
 
-/// Counts attempts a worker deferred: their late start was over a rate limit.
+/// Counts attempts a worker deferred: a late start over a rate limit, or a lease held
+/// elsewhere.
 pub fn deferred(count: u64) {
     counter!(TASKS_DEFERRED).increment(count);
 }
