@@ -18,64 +18,112 @@ use redis::aio::ConnectionLike;
 
 /// The script. For each start in order: the time it may start is the latest of now and, over
 /// its limits, `tat - tolerance`; within the horizon it is reserved (each limit's `tat` moves to
-/// the later of itself and that time, plus the interval), else its projected time is the same
-/// computed over `tail`, which moves likewise. Hashes are written once, at the end.
+/// the later of itself and that time, plus the interval, and `last` to that time), else its
+/// projected time is the same computed over `tail`, which moves likewise. A limit none of whose
+/// slots was taken for over an interval (`tat + interval < now`) first has its `tail` brought
+/// back to now: tasks told to come back and never seen again (cancelled) project nothing.
+///
+/// A start with a slot (`slot >= 0`, a late start's check on its worker) is judged on Redis's
+/// clock: within `late_after` of its slot (or before it) it starts, changing nothing; later, if
+/// no start was reserved after its slot (`last <= slot` on each limit) it starts now, its
+/// reservation moved to now; else it is reserved like any other start (with the caller's
+/// horizon, zero for a late start). Hashes are written once, at the end.
 const SCRIPT: &str = r"
 local clock = redis.call('TIME')
 local now = tonumber(clock[1]) * 1000000 + tonumber(clock[2])
 local horizon = tonumber(ARGV[1])
-local starts = tonumber(ARGV[2])
-local tat, tail, changed = {}, {}, {}
+local late_after = tonumber(ARGV[2])
+local starts = tonumber(ARGV[3])
+local tat, tail, last, fresh, changed = {}, {}, {}, {}, {}
 for k = 1, #KEYS do
-  local stored = redis.call('HMGET', KEYS[k], 'tat', 'tail')
+  local stored = redis.call('HMGET', KEYS[k], 'tat', 'tail', 'last')
   tat[k] = tonumber(stored[1]) or 0
   tail[k] = math.max(tonumber(stored[2]) or 0, tat[k])
+  last[k] = tonumber(stored[3]) or 0
 end
 local out = {now}
-local i = 3
+local i = 4
 for s = 1, starts do
-  local count = tonumber(ARGV[i])
-  local first = i + 1
+  local slot = tonumber(ARGV[i])
+  local count = tonumber(ARGV[i + 1])
+  local first = i + 2
   i = first + 3 * count
-  local at = now
   for j = first, i - 1, 3 do
     local k = tonumber(ARGV[j])
-    at = math.max(at, tat[k] - tonumber(ARGV[j + 2]))
+    if not fresh[k] then
+      fresh[k] = true
+      if tat[k] + tonumber(ARGV[j + 1]) < now then
+        tail[k] = math.max(tat[k], now)
+      end
+    end
   end
-  if at - now <= horizon then
-    for j = first, i - 1, 3 do
-      local k = tonumber(ARGV[j])
-      tat[k] = math.max(tat[k], at) + tonumber(ARGV[j + 1])
-      tail[k] = math.max(tail[k], tat[k])
-      changed[k] = true
+  local decided = false
+  if slot >= 0 then
+    if now - slot <= late_after then
+      out[#out + 1] = 1
+      out[#out + 1] = now
+      decided = true
+    else
+      local untaken = true
+      for j = first, i - 1, 3 do
+        if last[tonumber(ARGV[j])] > slot then untaken = false end
+      end
+      if untaken then
+        for j = first, i - 1, 3 do
+          local k = tonumber(ARGV[j])
+          tat[k] = math.max(tat[k], now + tonumber(ARGV[j + 1]))
+          tail[k] = math.max(tail[k], tat[k])
+          last[k] = now
+          changed[k] = true
+        end
+        out[#out + 1] = 1
+        out[#out + 1] = now
+        decided = true
+      end
     end
-    out[#out + 1] = 1
-  else
-    at = now
-    for j = first, i - 1, 3 do
-      local k = tonumber(ARGV[j])
-      at = math.max(at, tail[k] - tonumber(ARGV[j + 2]))
-    end
-    for j = first, i - 1, 3 do
-      local k = tonumber(ARGV[j])
-      tail[k] = math.max(tail[k], at) + tonumber(ARGV[j + 1])
-      changed[k] = true
-    end
-    out[#out + 1] = 0
   end
-  out[#out + 1] = at
+  if not decided then
+    local at = now
+    for j = first, i - 1, 3 do
+      local k = tonumber(ARGV[j])
+      at = math.max(at, tat[k] - tonumber(ARGV[j + 2]))
+    end
+    if at - now <= horizon then
+      for j = first, i - 1, 3 do
+        local k = tonumber(ARGV[j])
+        tat[k] = math.max(tat[k], at) + tonumber(ARGV[j + 1])
+        tail[k] = math.max(tail[k], tat[k])
+        last[k] = math.max(last[k], at)
+        changed[k] = true
+      end
+      out[#out + 1] = 1
+    else
+      at = now
+      for j = first, i - 1, 3 do
+        local k = tonumber(ARGV[j])
+        at = math.max(at, tail[k] - tonumber(ARGV[j + 2]))
+      end
+      for j = first, i - 1, 3 do
+        local k = tonumber(ARGV[j])
+        tail[k] = math.max(tail[k], at) + tonumber(ARGV[j + 1])
+        changed[k] = true
+      end
+      out[#out + 1] = 0
+    end
+    out[#out + 1] = at
+  end
 end
 for k, _ in pairs(changed) do
   local ttl = math.floor((math.max(tat[k], tail[k]) - now) / 1000) + 1000
   redis.call('HSET', KEYS[k], 'tat', string.format('%.0f', tat[k]),
-             'tail', string.format('%.0f', tail[k]))
+             'tail', string.format('%.0f', tail[k]), 'last', string.format('%.0f', last[k]))
   redis.call('PEXPIRE', KEYS[k], ttl)
 end
 return out
 ";
 
-/// How far ahead the scheduler reserves starts, holding them until their slot; a late start
-/// on a worker is let through if a slot is free within it too (see the worker's `rate`).
+/// How far ahead the scheduler reserves starts, holding them until their slot. A late start on
+/// a worker is reserved with no horizon at all: it starts now or not at all.
 pub const HORIZON: Duration = Duration::from_millis(500);
 
 /// One limit a start counts against: the key of its state, and its rate.
@@ -154,17 +202,30 @@ fn script() -> &'static redis::Script {
     SCRIPT_ONCE.get_or_init(|| redis::Script::new(SCRIPT))
 }
 
-/// The keys and arguments of one call: the distinct keys, and the horizon, the count of starts
-/// and for each start its count of limits and each limit's key index (from 1), interval and
-/// tolerance.
-fn arguments<'a>(starts: &[Vec<Limit<'a>>], horizon: Duration) -> (Vec<&'a str>, Vec<u64>) {
+/// One start to reserve: its slot when it is a late start's check (see [`check_late_start`]),
+/// and the limits it counts against.
+type Start<'s, 'a> = (Option<i64>, &'s [Limit<'a>]);
+
+/// The keys and arguments of one call: the distinct keys, and the horizon, the late start's
+/// allowance, the count of starts and for each start its slot (-1 for none), its count of
+/// limits and each limit's key index (from 1), interval and tolerance.
+fn arguments<'a>(
+    starts: &[Start<'_, 'a>],
+    horizon: Duration,
+    late_after: Duration,
+) -> (Vec<&'a str>, Vec<i64>) {
     let mut keys: Vec<&'a str> = Vec::new();
-    let mut args = Vec::with_capacity(2 + starts.iter().map(|s| 1 + 3 * s.len()).sum::<usize>());
-    args.push(u64::try_from(horizon.as_micros()).unwrap_or(u64::MAX));
-    args.push(starts.len() as u64);
-    for limits in starts {
-        args.push(limits.len() as u64);
-        for limit in limits {
+    let mut args =
+        Vec::with_capacity(3 + starts.iter().map(|(_, s)| 2 + 3 * s.len()).sum::<usize>());
+    let micros = |span: Duration| i64::try_from(span.as_micros()).unwrap_or(i64::MAX);
+    let whole = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
+    args.push(micros(horizon));
+    args.push(micros(late_after));
+    args.push(starts.len() as i64);
+    for (slot, limits) in starts {
+        args.push(slot.map_or(-1, |slot| slot.max(0)));
+        args.push(limits.len() as i64);
+        for limit in *limits {
             let index = match keys.iter().position(|key| *key == limit.key) {
                 Some(index) => index,
                 None => {
@@ -172,7 +233,11 @@ fn arguments<'a>(starts: &[Vec<Limit<'a>>], horizon: Duration) -> (Vec<&'a str>,
                     keys.len() - 1
                 }
             };
-            args.extend([index as u64 + 1, limit.interval_us(), limit.tolerance_us()]);
+            args.extend([
+                index as i64 + 1,
+                whole(limit.interval_us()),
+                whole(limit.tolerance_us()),
+            ]);
         }
     }
     (keys, args)
@@ -212,13 +277,48 @@ pub async fn reserve<C: ConnectionLike + Send>(
     horizon: Duration,
     timeout: Duration,
 ) -> Result<Reservations, RateLimitError> {
+    let starts: Vec<Start<'_, '_>> = starts.iter().map(|limits| (None, &limits[..])).collect();
+    call(redis, &starts, horizon, Duration::ZERO, timeout).await
+}
+
+/// Checks the start of a task reserved at `slot_us` (microseconds, Redis's clock; `None` if it
+/// was never reserved) that is about to start, all judged on Redis's clock so that a worker's
+/// own clock does not matter: within `late_after` of its slot (or before it) it is reserved
+/// now, changing nothing; later, it is reserved now, its reservation moved to now, if no start
+/// was reserved after its slot; else it is reserved now only if its limits allow a start now,
+/// and otherwise not, with the time its turn is projected to come.
+pub async fn check_late_start<C: ConnectionLike + Send>(
+    redis: &mut C,
+    limits: &[Limit<'_>],
+    slot_us: Option<i64>,
+    late_after: Duration,
+    timeout: Duration,
+) -> Result<Reservations, RateLimitError> {
+    call(
+        redis,
+        &[(slot_us, limits)],
+        Duration::ZERO,
+        late_after,
+        timeout,
+    )
+    .await
+}
+
+/// Runs the script for `starts`.
+async fn call<C: ConnectionLike + Send>(
+    redis: &mut C,
+    starts: &[Start<'_, '_>],
+    horizon: Duration,
+    late_after: Duration,
+    timeout: Duration,
+) -> Result<Reservations, RateLimitError> {
     if starts.is_empty() {
         return Ok(Reservations {
             now_us: 0,
             each: Vec::new(),
         });
     }
-    let (keys, args) = arguments(starts, horizon);
+    let (keys, args) = arguments(starts, horizon, late_after);
     let mut invocation = script().prepare_invoke();
     for key in keys {
         invocation.key(key);
@@ -262,20 +362,24 @@ mod tests {
 
     #[test]
     fn keys_are_sent_once_and_named_by_index() {
-        let starts = vec![
+        let (a, ba) = (
             vec![limit("a", 1.0, 1)],
             vec![limit("b", 2.0, 2), limit("a", 1.0, 1)],
-            vec![],
-        ];
-        let (keys, args) = arguments(&starts, Duration::from_millis(500));
+        );
+        let starts: Vec<Start<'_, '_>> = vec![(None, &a), (Some(7), &ba), (Some(-3), &[])];
+        let (keys, args) = arguments(
+            &starts,
+            Duration::from_millis(500),
+            Duration::from_millis(100),
+        );
         assert_eq!(keys, vec!["a", "b"]);
         assert_eq!(
             args,
             vec![
-                500_000, 3, // horizon, starts
-                1, 1, 1_000_000, 0, // a
-                2, 2, 500_000, 500_000, 1, 1_000_000, 0, // b, a
-                0, // none
+                500_000, 100_000, 3, // horizon, late allowance, starts
+                -1, 1, 1, 1_000_000, 0, // no slot: a
+                7, 2, 2, 500_000, 500_000, 1, 1_000_000, 0, // slot 7: b, a
+                0, 0, // a slot before the epoch reads as 0; no limits
             ]
         );
     }

@@ -304,8 +304,13 @@ async fn limits_lost_from_redis_stall_nothing() {
         took >= expected - 1.5 && took <= expected + 3.0,
         "{count} starts took {took:.2} s, expected about {expected:.2} s"
     );
+    // A burst more at most: the limit's 3 a second, 1 more as after a quiet time (the state is
+    // lost), and 1 reserved before the loss and still held for its slot.
     let most = most_in_window(&starts, 1.0);
-    assert!(most <= 8, "{most} starts within one second: {starts:?}");
+    assert!(
+        most <= per_second as usize + 2,
+        "{most} starts within one second: {starts:?}"
+    );
 }
 
 #[tokio::test]
@@ -342,8 +347,9 @@ async fn a_late_start_is_checked_again_and_deferred_without_an_attempt() {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
-    // Published at their slots, these wait in the queue behind them, and all come late.
-    let (per_second, count) = (2.0, 6);
+    // Published at their slots, these wait in the queue behind them, and all come late; at 4/s
+    // several starts fall within the 0.5 s the scheduler reserves ahead.
+    let (per_second, count) = (4.0, 10);
     let limit = json!({"per_second": per_second});
     let jobs = (0..count)
         .map(|n| recording_job(Some(limit.clone()), json!(n)))
@@ -352,9 +358,12 @@ async fn a_late_start_is_checked_again_and_deferred_without_an_attempt() {
     let starts = starts(&fleet, &ids, Duration::from_secs(60)).await;
     let deferred = scheduler_metric(&fleet, "taskfleet_tasks_deferred_total").await;
     assert!(deferred >= 1.0, "no late start was deferred: {starts:?}");
-    // Late starts go together only as far as the horizon (0.5 s) lets them.
+    // Late starts never go together: no more than the rate and the burst in any second.
     let most = most_in_window(&starts, 1.0);
-    assert!(most <= 4, "{most} starts within one second: {starts:?}");
+    assert!(
+        most <= per_second as usize + 1,
+        "{most} starts within one second: {starts:?}"
+    );
 }
 
 /// A TCP proxy to Redis that can be taken down (its connections cut, new ones refused) and

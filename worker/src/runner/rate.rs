@@ -1,32 +1,27 @@
 //! Late starts under a rate limit: a task whose message carries rate limits was published at
-//! the start the scheduler reserved for it (`RateGate::slot_ms`). One that starts more than
-//! [`LATE_AFTER`] after that slot (it waited in its queue behind other work), or that carries
-//! no slot, asks Redis again (`taskfleet_io::rate_limits`, one round trip): if a start is free
-//! within the horizon it runs now, else it is deferred, so that tasks held up together do not
-//! all start at once. Redis out of reach, the task runs: it was reserved once already.
+//! the start the scheduler reserved for it (`RateGate::slot_ms`). Before it starts, its worker
+//! asks Redis (`taskfleet_io::rate_limits::check_late_start`, one round trip), which judges on
+//! its own clock, the one the slot was reserved on, so that a worker's clock ahead of or behind
+//! Redis's changes nothing: within [`LATE_AFTER`] of its slot the task starts; later (it waited
+//! in its queue behind other work), it starts if no other start was reserved after its slot,
+//! or if its limits allow a start right now, and is otherwise deferred to its projected turn,
+//! so that tasks held up together do not all start at once. A task that carries no slot starts
+//! only if its limits allow a start now. Redis out of reach, the task runs: it was reserved
+//! once already.
 
 use std::time::Duration;
 
-use chrono::Utc;
 use taskfleet_common::protocol::{Outcome, TaskMessage};
 use taskfleet_io::rate_limits::{self, HORIZON, Limit, Reservation};
 
 use super::Shared;
 
-/// How long after its slot a task still starts without asking again.
+/// How long after its slot, on Redis's clock, a task still starts on that slot.
 pub(super) const LATE_AFTER: Duration = Duration::from_millis(100);
 /// The longest the check may take before Redis counts as out of reach.
 const REDIS_TIMEOUT: Duration = Duration::from_secs(1);
 /// The least a deferred task waits.
 const LEAST_DELAY: Duration = Duration::from_millis(10);
-
-/// Whether a task's start, `now_ms` (milliseconds since the Unix epoch), has to be checked.
-fn is_late(task: &TaskMessage, now_ms: i64) -> bool {
-    task.rate_limit.as_ref().is_some_and(|gate| {
-        gate.slot_ms
-            .is_none_or(|slot| now_ms - slot > LATE_AFTER.as_millis() as i64)
-    })
-}
 
 /// How long a start whose turn is projected `turn_us` microseconds away waits: until the
 /// scheduler, which reserves [`HORIZON`] ahead, can reserve it.
@@ -40,9 +35,6 @@ impl Shared {
     /// Returns the outcome of a late start over its rate limit (deferred), or `None` if the
     /// task may start now.
     pub(super) async fn over_rate_limit(&self, task: &TaskMessage) -> Option<Outcome> {
-        if !is_late(task, Utc::now().timestamp_millis()) {
-            return None;
-        }
         let gate = task.rate_limit.as_ref()?;
         let keys: Vec<String> = gate
             .limits
@@ -60,7 +52,10 @@ impl Shared {
             })
             .collect();
         let mut redis = self.redis.clone();
-        let reserved = rate_limits::reserve(&mut redis, &[limits], HORIZON, REDIS_TIMEOUT).await;
+        let slot_us = gate.slot_ms.map(|slot| slot.saturating_mul(1000));
+        let reserved =
+            rate_limits::check_late_start(&mut redis, &limits, slot_us, LATE_AFTER, REDIS_TIMEOUT)
+                .await;
         match reserved.map(|reservations| (reservations.now_us, reservations.each.first().copied()))
         {
             Ok((_, Some(Reservation::Reserved { .. }) | None)) => None,
@@ -87,48 +82,6 @@ impl Shared {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use taskfleet_common::protocol::{PROTOCOL_VERSION, RateGate, RateSpec};
-    use taskfleet_common::{RunId, TaskId};
-
-    fn task(rate_limit: Option<RateGate>) -> TaskMessage {
-        TaskMessage {
-            version: PROTOCOL_VERSION,
-            task_id: TaskId::new(),
-            run_id: RunId::new(),
-            step_id: "s".to_owned(),
-            attempt: 1,
-            step: taskfleet_common::definition::StepKind::Dataflow {
-                program: ".".to_owned(),
-            },
-            input: serde_json::json!(1),
-            timeout_s: None,
-            ends_run: false,
-            trace_id: None,
-            rate_limit,
-            exclusive: false,
-        }
-    }
-
-    fn gate(slot_ms: Option<i64>) -> Option<RateGate> {
-        Some(RateGate {
-            limits: vec![RateSpec {
-                group: "g".to_owned(),
-                per_second: 1.0,
-                burst: 1,
-            }],
-            slot_ms,
-        })
-    }
-
-    #[test]
-    fn only_a_start_well_past_its_slot_or_without_one_is_checked() {
-        assert!(!is_late(&task(None), 10_000));
-        assert!(!is_late(&task(gate(Some(10_000))), 10_000));
-        assert!(!is_late(&task(gate(Some(10_000))), 10_100));
-        assert!(!is_late(&task(gate(Some(10_000))), 9_000), "early");
-        assert!(is_late(&task(gate(Some(10_000))), 10_101));
-        assert!(is_late(&task(gate(None)), 0));
-    }
 
     #[test]
     fn a_deferred_start_comes_back_when_the_scheduler_can_reserve_it() {
