@@ -13,14 +13,27 @@ use taskfleet_common::names::MAX_PRIORITY;
 
 use super::StoreError;
 
-/// Marks tasks as confirmed by the broker, so the relay leaves them alone.
-/// Tasks that finished meanwhile are left as they are: they are out of the outbox already.
-pub async fn mark_dispatched(conn: &mut PgConnection, task_ids: &[Uuid]) -> Result<(), StoreError> {
+/// Marks tasks as confirmed by the broker, so the relay leaves them alone: each task with how
+/// long ago the broker confirmed it. Tasks that finished meanwhile are left as they are: they
+/// are out of the outbox already. So is a task claimed again since its confirm (by the timer,
+/// after a deferral or for a retry; by the relay): its new publish has not been confirmed, and
+/// a mark would leave it undispatched for good if that publish never happens. A claim sets
+/// `relayed_at`, and every claim of a confirmed publish came before its confirm, so the mark
+/// requires `relayed_at` (or `created_at`, never claimed) no later than the confirm.
+pub async fn mark_dispatched(
+    conn: &mut PgConnection,
+    confirmed: &[(Uuid, std::time::Duration)],
+) -> Result<(), StoreError> {
+    let ids: Vec<Uuid> = confirmed.iter().map(|(id, _)| *id).collect();
+    let ages: Vec<f64> = confirmed.iter().map(|(_, age)| age.as_secs_f64()).collect();
     sqlx::query(
         "UPDATE tasks SET dispatched_at = now()
-         WHERE id = ANY($1) AND dispatched_at IS NULL AND status = 'queued'",
+         FROM UNNEST($1::uuid[], $2::float8[]) AS c(id, age)
+         WHERE tasks.id = c.id AND tasks.dispatched_at IS NULL AND tasks.status = 'queued'
+           AND coalesce(tasks.relayed_at, tasks.created_at) <= now() - make_interval(secs => c.age)",
     )
-    .bind(task_ids)
+    .bind(ids)
+    .bind(ages)
     .execute(conn)
     .await?;
     Ok(())
