@@ -55,8 +55,9 @@ pub struct Settings {
     /// PostgreSQL connections in the pool.
     #[arg(long, env = "TASKFLEET_DATABASE_POOL_SIZE", default_value = "16")]
     pub database_pool_size: u32,
-    /// Age in seconds at which a committed task the broker never confirmed is published again.
-    #[arg(long = "relay-after-s", value_name = "SECONDS", env = "TASKFLEET_RELAY_AFTER_S", default_value = "10", value_parser = settings::seconds)]
+    /// Age in seconds at which a committed task the broker never confirmed is published again;
+    /// at least [`MIN_RELAY_AFTER`].
+    #[arg(long = "relay-after-s", value_name = "SECONDS", env = "TASKFLEET_RELAY_AFTER_S", default_value = "10", value_parser = relay_after)]
     pub relay_after: Duration,
     /// The most tasks one broker message carries when many are dispatched at once.
     #[arg(long, env = "TASKFLEET_MAX_TASKS_PER_MESSAGE", default_value = "64")]
@@ -239,6 +240,24 @@ impl From<Settings> for Config {
     }
 }
 
+/// The shortest `relay_after`: well above how far ahead rate-limited starts are reserved and
+/// held in memory (`dispatch::rate::HORIZON`, 0.5 s), so that the relay never publishes a task
+/// a scheduler holds for its slot.
+pub const MIN_RELAY_AFTER: Duration = Duration::from_secs(2);
+
+/// Parses `--relay-after-s`: whole seconds, at least [`MIN_RELAY_AFTER`].
+fn relay_after(text: &str) -> Result<Duration, String> {
+    let relay_after = settings::seconds(text)?;
+    if relay_after < MIN_RELAY_AFTER {
+        return Err(format!(
+            "--relay-after-s must be at least {} s (rate-limited tasks are held up to 0.5 s \
+             before they are published, and must not be relayed meanwhile)",
+            MIN_RELAY_AFTER.as_secs()
+        ));
+    }
+    Ok(relay_after)
+}
+
 #[cfg(test)]
 mod tests {
     use clap::CommandFactory;
@@ -287,10 +306,14 @@ mod tests {
             ("--planning-jq-time-limit-ms", "0"),
             ("--planning-jq-memory-mb", "0"),
             ("--planning-jq-sandboxes", "0"),
+            ("--relay-after-s", "1"),
+            ("--relay-after-s", "0"),
         ] {
             let error = load(&[flag, value]).expect_err("a bad value");
             assert!(error.to_string().contains(flag), "{flag}: {error}");
         }
+        let shortest = load(&["--relay-after-s", "2"]).expect("loads");
+        assert_eq!(shortest.relay_after, MIN_RELAY_AFTER);
     }
 
     #[test]

@@ -147,7 +147,7 @@ async fn the_relay_leaves_a_fan_out_step_waiting_for_its_items_alone() {
     let fleet = TestFleet::start_with(FleetOptions {
         workers: 1,
         concurrency: 2,
-        scheduler_env: vec![("TASKFLEET_RELAY_AFTER_S".into(), "1".into())],
+        scheduler_env: vec![("TASKFLEET_RELAY_AFTER_S".into(), "2".into())],
         ..FleetOptions::default()
     })
     .await

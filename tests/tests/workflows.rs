@@ -393,7 +393,7 @@ async fn a_batch_of_runs_and_a_repeated_idempotency_key_give_one_run() {
 #[tokio::test]
 async fn a_run_that_fails_while_planned_never_runs_its_other_steps() {
     let fleet = TestFleet::start_with(taskfleet_tests::FleetOptions {
-        scheduler_env: vec![("TASKFLEET_RELAY_AFTER_S".into(), "1".into())],
+        scheduler_env: vec![("TASKFLEET_RELAY_AFTER_S".into(), "2".into())],
         ..taskfleet_tests::FleetOptions::default()
     })
     .await
