@@ -35,6 +35,9 @@ pub const UNCHECKED_DELAY: Duration = Duration::from_secs(1);
 const REDIS_TIMEOUT: Duration = Duration::from_secs(1);
 /// How often the queues' rate limits are read again.
 const QUEUE_SETTINGS_EVERY: Duration = Duration::from_secs(1);
+/// The longest a starting scheduler waits for its first read of the queues' limits before it
+/// dispatches without them.
+const FIRST_READ_WITHIN: Duration = Duration::from_secs(2);
 /// The least time a task sent back to the timer waits.
 const LEAST_DELAY: Duration = Duration::from_millis(10);
 
@@ -55,6 +58,9 @@ pub(super) struct Limiter {
     limits: RateLimiting,
     db: sqlx::PgPool,
     queues: watch::Receiver<QueueLimits>,
+    /// Until the queues' limits are first read (or [`FIRST_READ_WITHIN`] has passed): when
+    /// that wait ends. A task of a limited queue is not dispatched unchecked meanwhile.
+    first_read_by: Option<Instant>,
     /// Reserved starts waiting for their slot, by slot (and order of arrival).
     held: BTreeMap<(Instant, u64), Dispatch>,
     arrivals: u64,
@@ -84,6 +90,7 @@ impl Limiter {
             limits,
             db,
             queues,
+            first_read_by: Some(Instant::now() + FIRST_READ_WITHIN),
             held: BTreeMap::new(),
             arrivals: 0,
         }
@@ -116,6 +123,7 @@ impl Limiter {
     /// is, and the rate-limited ones reserved for now, with their slot. The others are held
     /// until their slot, or sent back to the timer.
     pub(super) async fn gate(&mut self, batch: Vec<Dispatch>) -> Vec<Dispatch> {
+        self.first_read().await;
         let queues = self.queues.borrow().clone();
         let is_gated = |dispatch: &Dispatch| {
             dispatch.rate_limited
@@ -155,6 +163,20 @@ impl Limiter {
             }
         }
         now
+    }
+
+    /// Waits, the first time only, for the first read of the queues' limits, up to
+    /// [`FIRST_READ_WITHIN`] after the start.
+    async fn first_read(&mut self) {
+        let Some(by) = self.first_read_by.take() else {
+            return;
+        };
+        if tokio::time::timeout_at(by, self.queues.changed())
+            .await
+            .is_err()
+        {
+            tracing::warn!("the queues' rate limits are not read yet; dispatching without them");
+        }
     }
 
     /// Reserves the starts in one call; pushes those reserved for now onto `now`, holds those
@@ -286,6 +308,7 @@ async fn read_queue_limits(
 ) {
     let mut interval = tokio::time::interval(QUEUE_SETTINGS_EVERY);
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut read = false;
     loop {
         tokio::select! {
             _ = interval.tick() => {}
@@ -297,8 +320,11 @@ async fn read_queue_limits(
                     .into_iter()
                     .filter_map(|row| Some((row.queue, row.rate_limit_per_s?)))
                     .collect();
+                // The first read is always sent: the dispatch loop waits for it.
+                let first = !read;
+                read = true;
                 tx.send_if_modified(|current| {
-                    let changed = **current != limits;
+                    let changed = first || **current != limits;
                     if changed {
                         *current = Arc::new(limits);
                     }
