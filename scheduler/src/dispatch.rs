@@ -21,10 +21,12 @@ use uuid::Uuid;
 
 use crate::broker::{Broker, Outgoing};
 use crate::costs::TaskCosts;
-use crate::store::{self, HeldConnection};
+use crate::store;
 
+mod mark;
 mod rate;
 
+use mark::mark_loop;
 use rate::Limiter;
 pub use rate::RateLimiting;
 
@@ -80,18 +82,7 @@ impl Dispatch {
             rate_group,
         } = task;
         let step = definition.step(step_id)?;
-        let rate_limit = step
-            .rate_limit
-            .as_ref()
-            .zip(rate_group)
-            .map(|(rate, group)| protocol::RateGate {
-                limits: vec![protocol::RateSpec {
-                    group: group.to_owned(),
-                    per_second: rate.per_second,
-                    burst: rate.burst(),
-                }],
-                slot_ms: None,
-            });
+        let rate_limit = rate::step_gate(step.rate_limit.as_ref(), rate_group);
         let message = TaskMessage {
             version: PROTOCOL_VERSION,
             task_id: TaskId(task_id),
@@ -227,7 +218,14 @@ async fn dispatch_loop(
                     Err(_) => break,
                 }
             }
-            batch = limiter.gate(batch).await;
+            // What no rate limit holds goes first: it never waits for Redis or the database.
+            let (free, gated) = limiter.split(batch).await;
+            if gated.is_empty() {
+                batch = free;
+            } else {
+                publish_and_mark(&broker, &free, &tasks_per_message, &marks).await;
+                batch = limiter.gate(gated).await;
+            }
         }
         // Starts whose reserved slot has come are not reserved again.
         batch.extend(reserved);
@@ -259,46 +257,6 @@ async fn publish_and_mark(
     let confirmed = publish_batch(broker, batch, tasks_per_message).await;
     if !confirmed.is_empty() {
         let _ = marks.send((tokio::time::Instant::now(), confirmed));
-    }
-}
-
-/// Marks confirmed tasks dispatched `mark_after` their confirm, on a connection of its own; at
-/// `stopping`, marks everything left at once.
-async fn mark_loop(
-    db: sqlx::PgPool,
-    mut confirmed: mpsc::UnboundedReceiver<(tokio::time::Instant, Vec<Uuid>)>,
-    mark_after: Duration,
-    stopping: CancellationToken,
-) {
-    let mut conn = HeldConnection::new(db);
-    while let Some((at, due)) = confirmed.recv().await {
-        tokio::select! {
-            () = tokio::time::sleep_until(at + mark_after) => {}
-            () = stopping.cancelled() => {}
-        }
-        // Everything else due joins this statement, and so does the first entry not yet due,
-        // a moment early, rather than be held back for a statement of its own. Each task goes
-        // with the time since its confirm, which fences the mark (see `mark_dispatched`).
-        let now = tokio::time::Instant::now();
-        let age = now.saturating_duration_since(at);
-        let mut marks: Vec<(Uuid, Duration)> = due.into_iter().map(|id| (id, age)).collect();
-        while let Ok((at, ids)) = confirmed.try_recv() {
-            marks.extend(
-                ids.into_iter()
-                    .map(|id| (id, now.saturating_duration_since(at))),
-            );
-            if at + mark_after > now && !stopping.is_cancelled() {
-                break;
-            }
-        }
-        let marked = match conn.get().await {
-            Ok(conn) => store::mark_dispatched(conn, &marks).await,
-            Err(error) => Err(error),
-        };
-        if let Err(error) = conn.check(marked) {
-            // They are published; the relay may publish them again, which fencing makes harmless.
-            tracing::warn!(%error, tasks = marks.len(), "marking tasks dispatched failed");
-        }
     }
 }
 

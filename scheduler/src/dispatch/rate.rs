@@ -29,7 +29,9 @@ use crate::store;
 /// How far ahead a start is reserved and held in memory; well under the relay's age
 /// (`relay_after`, 10 s by default), so that a held task is never relayed meanwhile.
 pub const HORIZON: Duration = rate_limits::HORIZON;
-/// How long a start waits when Redis cannot be asked.
+/// How long a start waits, at least, when Redis cannot be asked: each waits a time of its own
+/// between this and three times this (see [`unchecked_delay`]), so that tasks sent back
+/// together do not all come back together.
 pub const UNCHECKED_DELAY: Duration = Duration::from_secs(1);
 /// The longest a reservation may take before Redis counts as out of reach.
 const REDIS_TIMEOUT: Duration = Duration::from_secs(1);
@@ -119,10 +121,9 @@ impl Limiter {
         ready
     }
 
-    /// Returns what of `batch` to publish now: every dispatch that no rate limit holds, as it
-    /// is, and the rate-limited ones reserved for now, with their slot. The others are held
-    /// until their slot, or sent back to the timer.
-    pub(super) async fn gate(&mut self, batch: Vec<Dispatch>) -> Vec<Dispatch> {
+    /// Splits `batch` into the dispatches no rate limit holds, to publish as they are, and the
+    /// rate-limited ones, for [`Self::gate`]. The first time, waits for the queues' limits.
+    pub(super) async fn split(&mut self, batch: Vec<Dispatch>) -> (Vec<Dispatch>, Vec<Dispatch>) {
         self.first_read().await;
         let queues = self.queues.borrow().clone();
         let is_gated = |dispatch: &Dispatch| {
@@ -130,10 +131,17 @@ impl Limiter {
                 || (!queues.is_empty() && queues.contains_key(&dispatch.outgoing.queue))
         };
         if !batch.iter().any(is_gated) {
-            return batch;
+            return (batch, Vec::new());
         }
-        let (gated, mut now): (Vec<Dispatch>, Vec<Dispatch>) =
-            batch.into_iter().partition(is_gated);
+        let (gated, free) = batch.into_iter().partition(is_gated);
+        (free, gated)
+    }
+
+    /// Returns what of `gated` (rate-limited dispatches) to publish now: those reserved for
+    /// now, with their slot. The others are held until their slot, or sent back to the timer.
+    pub(super) async fn gate(&mut self, gated: Vec<Dispatch>) -> Vec<Dispatch> {
+        let queues = self.queues.borrow().clone();
+        let mut now = Vec::new();
         let mut starts = Vec::with_capacity(gated.len());
         for dispatch in gated {
             match protocol::decode::<TaskMessage>(&dispatch.outgoing.body) {
@@ -226,7 +234,7 @@ impl Limiter {
                     .iter()
                     .map(|start| {
                         crate::metrics::rate_limited(&start.dispatch.outgoing.queue);
-                        deferral(&start.message, UNCHECKED_DELAY)
+                        deferral(&start.message, unchecked_delay(start.dispatch.task_id))
                     })
                     .collect();
             }
@@ -260,6 +268,30 @@ impl Limiter {
         }
         deferrals
     }
+}
+
+/// How long a start that could not be checked waits: [`UNCHECKED_DELAY`] and a random part of
+/// up to twice as much again.
+fn unchecked_delay(task_id: uuid::Uuid) -> Duration {
+    use std::hash::BuildHasher;
+    // Each `RandomState` is keyed afresh, so the same task draws anew each time.
+    let draw = std::collections::hash_map::RandomState::new().hash_one(task_id);
+    UNCHECKED_DELAY + UNCHECKED_DELAY.mul_f64(2.0 * (draw % 1_000_000) as f64 / 1_000_000.0)
+}
+
+/// The rate gate of a step's own limit (`rate_limit`) when its task has a group.
+pub(super) fn step_gate(
+    rate_limit: Option<&taskfleet_common::definition::limits::RateLimit>,
+    rate_group: Option<&str>,
+) -> Option<RateGate> {
+    rate_limit.zip(rate_group).map(|(rate, group)| RateGate {
+        limits: vec![RateSpec {
+            group: group.to_owned(),
+            per_second: rate.per_second,
+            burst: rate.burst(),
+        }],
+        slot_ms: None,
+    })
 }
 
 /// Adds its queue's rate limit, if it has one, to a message's limits.
@@ -389,6 +421,25 @@ mod tests {
         with_queue_limit(&mut limited, "q", Some(2.0));
         let limits = limited.rate_limit.expect("limited").limits;
         assert_eq!(limits, vec![spec("g", 5.0), spec(&queue_group("q"), 2.0)]);
+    }
+
+    #[test]
+    fn starts_that_could_not_be_checked_come_back_spread_over_two_seconds() {
+        let task_id = uuid::Uuid::now_v7();
+        let delays: Vec<Duration> = (0..200).map(|_| unchecked_delay(task_id)).collect();
+        assert!(
+            delays
+                .iter()
+                .all(|delay| (UNCHECKED_DELAY..UNCHECKED_DELAY * 3).contains(delay))
+        );
+        let early = delays
+            .iter()
+            .filter(|delay| **delay < UNCHECKED_DELAY * 2)
+            .count();
+        assert!(
+            (50..150).contains(&early),
+            "{early} of 200 in the first second"
+        );
     }
 
     #[test]
