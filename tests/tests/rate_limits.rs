@@ -139,7 +139,8 @@ async fn a_global_limit_holds_across_two_workers() {
     let expected = f64::from(count - 1) / per_second;
     let took = span(&starts);
     assert!(
-        took >= expected - 0.25 && took <= expected + 2.5,
+        // The upper bound leaves room for a loaded machine of two cores.
+        took >= expected - 0.25 && took <= expected + 5.0,
         "{count} starts took {took:.2} s, expected about {expected:.2} s"
     );
     let pids = fleet.worker_pids();
@@ -201,7 +202,7 @@ async fn each_key_has_its_own_rate() {
     // Together they ran twice as fast as one limit would let them.
     let took = span(&starts);
     assert!(
-        took < expected + 1.5,
+        took < expected + 2.0,
         "{} starts of two keys took {took:.2} s; one shared limit takes {:.2} s",
         2 * count,
         f64::from(2 * count - 1) / per_second
@@ -228,7 +229,8 @@ async fn a_queue_limit_holds_every_task_of_the_queue() {
     let expected = f64::from(count - 1) / per_second;
     let took = span(&starts);
     assert!(
-        took >= expected - 0.25 && took <= expected + 2.5,
+        // The upper bound leaves room for a loaded machine of two cores.
+        took >= expected - 0.25 && took <= expected + 5.0,
         "{count} starts took {took:.2} s, expected about {expected:.2} s"
     );
 }
@@ -301,7 +303,7 @@ async fn limits_lost_from_redis_stall_nothing() {
     let took = span(&starts);
     // It may let a little more through, never all at once, and never stalls.
     assert!(
-        took >= expected - 1.5 && took <= expected + 3.0,
+        took >= expected - 1.5 && took <= expected + 5.0,
         "{count} starts took {took:.2} s, expected about {expected:.2} s"
     );
     // A burst more at most: the limit's 3 a second, 1 more as after a quiet time (the state is
@@ -474,16 +476,12 @@ async fn without_redis_limited_tasks_wait_and_none_is_lost() {
 async fn a_re_run_respects_the_limit() {
     let fleet = TestFleet::start().await.unwrap();
     let (per_second, count) = (2.0, 6);
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs_f64();
-    // Every first run fails (they all start within 2.5 s); the re-runs come after `until`.
-    let until = now + 4.0;
-    let code = "import time\ndef main(input, ctx):\n    if time.time() < input['until']:\n        raise RuntimeError('too early')\n    return {'t': time.time()}\n";
+    // Every first run fails, however long they take, until a file exists; the re-runs find it.
+    let go = std::env::temp_dir().join(format!("taskfleet-rate-re-run-{}", fleet.namespace));
+    let code = "import os, time\ndef main(input, ctx):\n    if not os.path.exists(input['go']):\n        raise RuntimeError('not yet')\n    return {'t': time.time()}\n";
     let jobs = (0..count)
         .map(|n| {
-            json!({"python_code": code, "input": {"until": until, "n": n},
+            json!({"python_code": code, "input": {"go": go, "n": n},
                    "rate_limit": {"per_second": per_second}})
         })
         .collect();
@@ -492,8 +490,7 @@ async fn a_re_run_respects_the_limit() {
         let view = fleet.wait_job(id, Duration::from_secs(30)).await;
         assert_eq!(view["status"], "failed", "{view:#}");
     }
-    let left = until - now + 0.2;
-    tokio::time::sleep(Duration::from_secs_f64(left).saturating_sub(now_since(now))).await;
+    std::fs::write(&go, b"").unwrap();
     let fleet = &fleet;
     futures_util::future::join_all(ids.iter().map(|id| async move {
         let (status, answer) = fleet
@@ -523,6 +520,7 @@ async fn a_re_run_respects_the_limit() {
         took >= expected - 0.25,
         "{count} re-run starts took {took:.2} s, expected about {expected:.2} s"
     );
+    std::fs::remove_file(&go).unwrap();
 }
 
 /// Seconds since `then` (seconds since the Unix epoch).
