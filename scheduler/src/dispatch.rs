@@ -236,6 +236,7 @@ async fn dispatch_loop(
         let reserved = limiter.ready().await;
         publish_and_mark(&broker, &reserved, &tasks_per_message, &marks).await;
     }
+    limiter.written().await;
     // What is left to mark is marked now.
     stopping.cancel();
     drop(marks);

@@ -22,6 +22,7 @@ use taskfleet_io::rate_limits::{self, Limit, Reservation};
 use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use super::Dispatch;
 use crate::store;
@@ -66,6 +67,8 @@ pub(super) struct Limiter {
     /// Reserved starts waiting for their slot, by slot (and order of arrival).
     held: BTreeMap<(Instant, u64), Dispatch>,
     arrivals: u64,
+    /// The deferrals being written.
+    writes: TaskTracker,
 }
 
 /// A start to reserve: its dispatch and its message.
@@ -95,6 +98,7 @@ impl Limiter {
             first_read_by: Some(Instant::now() + FIRST_READ_WITHIN),
             held: BTreeMap::new(),
             arrivals: 0,
+            writes: TaskTracker::new(),
         }
     }
 
@@ -159,18 +163,16 @@ impl Limiter {
         }
         let deferrals = self.reserve(starts, &mut now).await;
         if !deferrals.is_empty() {
-            let deferred = match self.db.acquire().await {
-                Ok(mut conn) => store::defer_tasks(&mut conn, &deferrals)
-                    .await
-                    .map_err(|error| error.to_string()),
-                Err(error) => Err(error.to_string()),
-            };
-            if let Err(error) = deferred {
-                // Their rows stay undispatched: the relay sends them again, reserving again.
-                tracing::warn!(%error, tasks = deferrals.len(), "sending rate-limited tasks back to the timer failed; the relay will retry");
-            }
+            // Written aside, so that the dispatch loop never waits for the database.
+            self.writes.spawn(defer(self.db.clone(), deferrals));
         }
         now
+    }
+
+    /// Waits for the deferrals being written.
+    pub(super) async fn written(&self) {
+        self.writes.close();
+        self.writes.wait().await;
     }
 
     /// Waits, the first time only, for the first read of the queues' limits, up to
@@ -292,6 +294,20 @@ pub(super) fn step_gate(
         }],
         slot_ms: None,
     })
+}
+
+/// Sends tasks back to the timer.
+async fn defer(db: sqlx::PgPool, deferrals: Vec<store::Deferral>) {
+    let deferred = match db.acquire().await {
+        Ok(mut conn) => store::defer_tasks(&mut conn, &deferrals)
+            .await
+            .map_err(|error| error.to_string()),
+        Err(error) => Err(error.to_string()),
+    };
+    if let Err(error) = deferred {
+        // Their rows stay undispatched: the relay sends them again, reserving again.
+        tracing::warn!(%error, tasks = deferrals.len(), "sending rate-limited tasks back to the timer failed; the relay will retry");
+    }
 }
 
 /// Adds its queue's rate limit, if it has one, to a message's limits.
