@@ -226,6 +226,30 @@ async fn a_late_start_is_judged_on_redis_clock_and_never_reserved_ahead() {
         "projected {offset} ms after {elapsed} ms"
     );
 
+    // Nor when a start is free a quarter of a second from now, well within the horizon the
+    // scheduler reserves with: a late start starts now or not at all.
+    let b = key("b");
+    let quick = vec![limit(&b, 4.0, 1)];
+    let reserved = reserve(
+        &mut redis,
+        &[quick.clone(), quick.clone()],
+        Duration::from_millis(500),
+        TIMEOUT,
+    )
+    .await
+    .unwrap();
+    assert_eq!(offsets(&reserved), vec![(true, 0), (true, 250)]);
+    let late = check_late_start(
+        &mut redis,
+        &quick,
+        Some(reserved.now_us - 1_000_000),
+        LATE_AFTER,
+        TIMEOUT,
+    )
+    .await
+    .unwrap();
+    assert!(!offsets(&late)[0].0, "reserved ahead: {late:?}");
+
     // Late, but no start was reserved after its slot: it starts now, and the next start is
     // spaced from now rather than from its slot.
     let c = key("c");
