@@ -295,3 +295,40 @@ async fn jobs_workflows_and_scripts_through_the_cli() {
     assert!(checked.status.success(), "{}", stderr(&checked));
     let _ = std::fs::remove_dir_all(&directory);
 }
+
+#[tokio::test]
+async fn a_queue_rate_limit_through_the_cli() {
+    let fleet = TestFleet::start_with(FleetOptions {
+        workers: 0,
+        ..FleetOptions::default()
+    })
+    .await
+    .unwrap();
+    let set = taskfleet(
+        &fleet,
+        &["queues", "set", "emails", "--rate-limit-per-s", "2.5"],
+    );
+    assert!(set.status.success(), "{}", stderr(&set));
+    assert_eq!(
+        stdout(&set).trim(),
+        "queue emails: at most 2.5 starts per second across the fleet"
+    );
+    let shown = json_of(&fleet, &["queues", "show", "emails"]);
+    assert_eq!(shown["rate_limit_per_s"], 2.5, "{shown}");
+    let refused = taskfleet(
+        &fleet,
+        &["queues", "set", "emails", "--rate-limit-per-s", "0"],
+    );
+    assert!(!refused.status.success());
+    assert!(
+        stderr(&refused).contains("rate_limit_per_s"),
+        "{}",
+        stderr(&refused)
+    );
+    let cleared = taskfleet(&fleet, &["queues", "set", "emails"]);
+    assert!(cleared.status.success(), "{}", stderr(&cleared));
+    assert_eq!(stdout(&cleared).trim(), "queue emails: no rate limit");
+    // Without a subcommand, the list, as before.
+    let listed = json_of(&fleet, &["queues"]);
+    assert!(listed["queues"].is_array(), "{listed}");
+}

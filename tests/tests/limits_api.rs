@@ -190,6 +190,8 @@ async fn a_queue_rate_limit_is_set_and_read_by_an_admin() {
         )
         .await;
     assert_eq!(status, 400);
+    let (status, _) = fleet.request("GET", "/v1/queues/bad%20name", None).await;
+    assert_eq!(status, 404);
     // Only an admin sets or reads a queue's settings.
     let key = fleet.create_key("acme", "runs:read,runs:write").unwrap();
     let (status, _) = fleet

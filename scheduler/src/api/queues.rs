@@ -114,7 +114,9 @@ pub async fn show(
     Path(name): Path<String>,
 ) -> Result<Json<QueueSettingsView>, ApiError> {
     principal.require(Scope::Admin)?;
-    queue_name(&name)?;
+    // A name no queue can have names no queue: 404, as for any other path.
+    names::check_queue_name(&name)
+        .map_err(|error| ApiError::not_found(format!("no queue: {error}")))?;
     let view = store::queue_settings(&state.db, state.config.namespace.as_str())
         .await?
         .into_iter()
