@@ -351,8 +351,9 @@ fn heartbeats(path: &std::path::Path) -> Option<(f64, f64)> {
     Some((*times.first()?, *times.last()?))
 }
 
-#[tokio::test]
-async fn a_cancelled_attempt_holds_its_permit_until_it_has_stopped() {
+/// Starts a fleet of one worker with two slots and a [`STUBBORN`] job of `step` on it, and
+/// returns the fleet, the file the job writes to and the job's id once it is running.
+async fn stubborn_running(step: &str) -> (TestFleet, std::path::PathBuf, String) {
     let fleet = TestFleet::start_with(FleetOptions {
         workers: 1,
         concurrency: 2,
@@ -360,10 +361,16 @@ async fn a_cancelled_attempt_holds_its_permit_until_it_has_stopped() {
     })
     .await
     .unwrap();
-    let path = std::env::temp_dir().join(format!("taskfleet-stubborn-{}", fleet.namespace));
+    let path = std::env::temp_dir().join(format!("taskfleet-{step}-{}", fleet.namespace));
     let _ = std::fs::remove_file(&path);
-    let blocker = submit_job(&fleet, &fleet.api, &stubborn_job("one", &path)).await;
+    let id = submit_job(&fleet, &fleet.api, &stubborn_job(step, &path)).await;
     until_it_beats(&path).await;
+    (fleet, path, id)
+}
+
+#[tokio::test]
+async fn a_cancelled_attempt_holds_its_permit_until_it_has_stopped() {
+    let (fleet, path, blocker) = stubborn_running("one").await;
     let next: Vec<Value> = (1..3)
         .map(|n| timed_job("one", json!({"limit": 1}), n, 0.3))
         .collect();
@@ -420,17 +427,7 @@ async fn a_cancelled_attempt_holds_its_permit_until_it_has_stopped() {
 
 #[tokio::test]
 async fn a_rerun_within_the_grace_waits_for_the_cancelled_attempt() {
-    let fleet = TestFleet::start_with(FleetOptions {
-        workers: 1,
-        concurrency: 2,
-        ..FleetOptions::default()
-    })
-    .await
-    .unwrap();
-    let path = std::env::temp_dir().join(format!("taskfleet-rerun-{}", fleet.namespace));
-    let _ = std::fs::remove_file(&path);
-    let id = submit_job(&fleet, &fleet.api, &stubborn_job("again", &path)).await;
-    until_it_beats(&path).await;
+    let (fleet, path, id) = stubborn_running("again").await;
     let cancelled_at = now();
     let (status, answer) = fleet
         .request("POST", &format!("/v1/tasks/{id}/cancel"), None)

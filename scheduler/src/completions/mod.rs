@@ -206,11 +206,7 @@ impl CompletionLoop {
         if deferrals.is_empty() {
             return true;
         }
-        let mut delays = ExponentialBuilder::default()
-            .with_min_delay(Duration::from_millis(100))
-            .with_max_delay(Duration::from_secs(5))
-            .without_max_times()
-            .build();
+        let mut unavailable = Unavailable::default();
         loop {
             let deferred = match self.db.get().await {
                 Ok(conn) => store::defer_tasks(conn, deferrals).await,
@@ -222,12 +218,9 @@ impl CompletionLoop {
                     return true;
                 }
                 Err(error) if error.is_unavailable() => {
-                    let delay = delays.next().unwrap_or(Duration::from_secs(5));
-                    tracing::warn!(%error, ?delay, "cannot send deferred tasks back for now; retrying");
-                    self.db.discard();
-                    tokio::select! {
-                        () = tokio::time::sleep(delay) => {}
-                        () = shutdown.cancelled() => return false,
+                    let what = "cannot send deferred tasks back for now; retrying";
+                    if !unavailable.wait(&mut self.db, &error, what, shutdown).await {
+                        return false;
                     }
                 }
                 Err(error) => {
@@ -245,27 +238,55 @@ impl CompletionLoop {
         completions: &[Completion],
         shutdown: &CancellationToken,
     ) -> Option<Result<(), AdvanceError>> {
-        let mut delays = ExponentialBuilder::default()
-            .with_min_delay(Duration::from_millis(100))
-            .with_max_delay(Duration::from_secs(5))
-            .without_max_times()
-            .build();
+        let mut unavailable = Unavailable::default();
         loop {
             match self.advance(completions).await {
                 // The batch is left unacknowledged; the broker hands it out again.
                 Err(AdvanceError::Halted(Halted::ShuttingDown)) => return None,
                 Err(error) if error.is_unavailable() => {
-                    let delay = delays.next().unwrap_or(Duration::from_secs(5));
-                    tracing::warn!(%error, ?delay, "cannot record completions for now; retrying");
-                    // The held connection may be the broken part: the next try takes another.
-                    self.db.discard();
-                    tokio::select! {
-                        () = tokio::time::sleep(delay) => {}
-                        () = shutdown.cancelled() => return None,
+                    let what = "cannot record completions for now; retrying";
+                    if !unavailable.wait(&mut self.db, &error, what, shutdown).await {
+                        return None;
                     }
                 }
                 outcome => return Some(outcome),
             }
+        }
+    }
+}
+
+/// The waits between tries while the database is unreachable: exponential from 100 ms to 5 s,
+/// without end.
+struct Unavailable(backon::ExponentialBackoff);
+
+impl Default for Unavailable {
+    fn default() -> Self {
+        Self(
+            ExponentialBuilder::default()
+                .with_min_delay(Duration::from_millis(100))
+                .with_max_delay(Duration::from_secs(5))
+                .without_max_times()
+                .build(),
+        )
+    }
+}
+
+impl Unavailable {
+    /// Logs `error` with `what`, gives up the held connection (it may be the broken part: the
+    /// next try takes another) and waits the next delay; returns false if shutdown came first.
+    async fn wait(
+        &mut self,
+        db: &mut HeldConnection,
+        error: &(dyn std::fmt::Display + Sync),
+        what: &str,
+        shutdown: &CancellationToken,
+    ) -> bool {
+        let delay = self.0.next().unwrap_or(Duration::from_secs(5));
+        tracing::warn!(%error, ?delay, "{what}");
+        db.discard();
+        tokio::select! {
+            () = tokio::time::sleep(delay) => true,
+            () = shutdown.cancelled() => false,
         }
     }
 }

@@ -196,17 +196,10 @@ async fn run_task(
         });
     }
     let completion = CompletionMessage {
-        version: PROTOCOL_VERSION,
-        task_id: task.task_id,
-        run_id: task.run_id,
-        attempt: task.attempt,
-        worker_id: shared.worker_id.clone(),
-        outcome,
-        started_at,
         finished_at,
         logs,
-        ends_run: task.ends_run,
         ran,
+        ..completion(shared, &task, outcome, started_at)
     };
     shared.reporter.send(Report {
         completion,
@@ -214,15 +207,15 @@ async fn run_task(
     });
 }
 
-/// Reports an attempt that did not start: no span, no time, nothing it ran.
-fn report(
+/// The completion of one attempt of `task` that ended now with `outcome`, without logs or an
+/// executor's time.
+fn completion(
     shared: &Shared,
-    pending: &Arc<PendingDelivery>,
     task: &TaskMessage,
     outcome: Outcome,
     started_at: chrono::DateTime<Utc>,
-) {
-    let completion = CompletionMessage {
+) -> CompletionMessage {
+    CompletionMessage {
         version: PROTOCOL_VERSION,
         task_id: task.task_id,
         run_id: task.run_id,
@@ -234,9 +227,19 @@ fn report(
         logs: None,
         ends_run: task.ends_run,
         ran: None,
-    };
+    }
+}
+
+/// Reports an attempt that did not start: no span, no time, nothing it ran.
+fn report(
+    shared: &Shared,
+    pending: &Arc<PendingDelivery>,
+    task: &TaskMessage,
+    outcome: Outcome,
+    started_at: chrono::DateTime<Utc>,
+) {
     shared.reporter.send(Report {
-        completion,
+        completion: completion(shared, task, outcome, started_at),
         delivery: pending.clone(),
     });
 }
